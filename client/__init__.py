@@ -1,0 +1,1 @@
+"""convserve.client: a light client for convserve and any Open Inference Protocol server."""

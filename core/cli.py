@@ -1,0 +1,29 @@
+"""Core subcommands: `convserve summary` (and `convserve train`, from the trainer)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    summary = subparsers.add_parser("summary", help="print a model file's layers, shapes and parameter counts")
+    summary.add_argument("model_file", metavar="MODEL_FILE", help="a convserve/1 .safetensors file")
+    summary.set_defaults(func=run_summary)
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    from convserve.core.architecture import parse_architecture
+    from convserve.core.errors import ModelError
+    from convserve.core.model import check_weights, summarize
+    from convserve.core.modelfile import read_model_file
+
+    try:
+        document, tensors = read_model_file(args.model_file)
+        arch = parse_architecture(document)
+        check_weights(arch, tensors)
+    except ModelError as exc:
+        print(f"convserve summary: {exc}", file=sys.stderr)
+        return 1
+    print(summarize(arch))
+    return 0

@@ -1,0 +1,166 @@
+"""`Model`: a validated architecture plus its weights, ready to predict."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from convserve.core.architecture import Architecture, parse_architecture
+from convserve.core.errors import ModelError
+from convserve.core.inference import InferencePlan
+from convserve.core.modelfile import read_model_file, write_model_file
+
+
+def check_weights(architecture: Architecture, weights: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Check names, shapes, dtypes and finiteness; returns C-contiguous float32 arrays."""
+    if not isinstance(weights, dict):
+        raise ModelError(f"weights: expected a dict of name -> array, got {type(weights).__name__}")
+    expected = architecture.weight_shapes()
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        shapes = ", ".join(f"{n} {list(expected[n])}" for n in missing)
+        raise ModelError(f"weights: missing tensor(s): {shapes}")
+    extra = sorted(set(weights) - set(expected))
+    if extra:
+        raise ModelError(f"weights: unexpected tensor(s) {extra}; the architecture expects {sorted(expected)}")
+    checked: dict[str, np.ndarray] = {}
+    for name, shape in expected.items():
+        value = weights[name]
+        if not isinstance(value, np.ndarray):
+            raise ModelError(f"weights: tensor '{name}' must be a numpy array, got {type(value).__name__}")
+        if value.dtype != np.float32:
+            raise ModelError(f"weights: tensor '{name}' has dtype {value.dtype}, expected float32")
+        if value.shape != shape:
+            raise ModelError(f"weights: tensor '{name}' has shape {list(value.shape)}, expected {list(shape)}")
+        if not np.isfinite(value).all():
+            raise ModelError(f"weights: tensor '{name}' contains NaN or Inf")
+        checked[name] = np.ascontiguousarray(value)
+    return checked
+
+
+class Model:
+    """A CNN classifier. `Model(architecture, weights)` validates both and infers all shapes."""
+
+    def __init__(self, architecture: dict[str, Any], weights: dict[str, np.ndarray]):
+        self.architecture: Architecture = parse_architecture(architecture)
+        self.weights: dict[str, np.ndarray] = check_weights(self.architecture, weights)
+        arch = self.architecture
+        self._scale = (np.float32(arch.scale) / np.asarray(arch.std, np.float32)).astype(np.float32)
+        self._shift = (-np.asarray(arch.mean, np.float32) / np.asarray(arch.std, np.float32)).astype(np.float32)
+        self._plan = InferencePlan(arch, self.weights)
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.architecture.name
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.architecture.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.architecture.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.architecture.num_outputs
+
+    # -- files ----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Model":
+        """Load a `convserve/1` model file; any problem raises `ModelError` naming the file."""
+        document, tensors = read_model_file(path)
+        try:
+            return cls(document, tensors)
+        except ModelError as exc:
+            raise ModelError(f"model file {path}: {exc}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this model as a `convserve/1` file (atomically)."""
+        write_model_file(path, self.architecture.to_dict(), self.weights)
+
+    # -- compute --------------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Run a preprocessed float32 NHWC batch; returns float32 (N, outputs)."""
+        self._check_batch(x, floating_only=True, what="forward input")
+        if not np.isfinite(x).all():
+            raise ModelError("forward input contains NaN or Inf")
+        return self._plan.run(np.ascontiguousarray(x))
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Classify raw pixels: uint8 or float, (N, H, W, C) or one (H, W, C) image.
+
+        Applies the model's preprocessing `(p * scale - mean) / std`; returns float32
+        probabilities (or the last layer's output) of shape (N, outputs).
+        """
+        if isinstance(images, np.ndarray) and images.ndim == 3:
+            images = images[None]
+        self._check_batch(images, floating_only=False, what="predict input")
+        if images.dtype.kind == "f" and not np.isfinite(images).all():
+            raise ModelError("predict input contains NaN or Inf")
+        x = np.empty(images.shape, np.float32)
+        np.multiply(images, self._scale, out=x, casting="unsafe")
+        x += self._shift
+        return self._plan.run(x)
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Compile every kernel the model needs (and run each batch size once)."""
+        self._plan.warmup(tuple(batch_sizes))
+
+    def _check_batch(self, x: Any, *, floating_only: bool, what: str) -> None:
+        expected = (self.input_shape)
+        if not isinstance(x, np.ndarray):
+            raise ModelError(f"{what}: expected a numpy array, got {type(x).__name__}")
+        if floating_only and x.dtype != np.float32:
+            raise ModelError(f"{what}: dtype is {x.dtype}, expected float32")
+        if not floating_only and x.dtype.kind not in "uif" or x.dtype.kind == "b":
+            raise ModelError(f"{what}: dtype is {x.dtype}, expected uint8 or a float type")
+        if x.ndim != 4:
+            raise ModelError(f"{what}: expected shape [N, {', '.join(map(str, expected))}], got {list(x.shape)} (rank {x.ndim})")
+        if x.shape[1:] != expected:
+            raise ModelError(f"{what}: expected shape [N, {', '.join(map(str, expected))}], got {list(x.shape)}")
+        if x.shape[0] < 1:
+            raise ModelError(f"{what}: the batch is empty (shape {list(x.shape)})")
+
+    # -- description ----------------------------------------------------------------------
+    def summary(self) -> str:
+        """A Keras-like table: layer, output shape, parameters, with totals."""
+        return summarize(self.architecture)
+
+
+def summarize(arch: Architecture) -> str:
+    rows = [("Layer (type)", "Output shape", "Param #")]
+    rows.append(("input", _shape(arch.input_shape), "0"))
+    for layer in arch.layers:
+        desc = f"{layer.index}: {layer.type}"
+        if layer.type == "conv2d":
+            desc += f" {layer.kernel_size[0]}x{layer.kernel_size[1]}/{layer.strides[0]} {layer.padding} {layer.activation}"
+        elif layer.type in ("max_pooling2d", "average_pooling2d"):
+            desc += f" {layer.pool_size[0]}x{layer.pool_size[1]}/{layer.strides[0]} {layer.padding}"
+        elif layer.type in ("dense", "activation"):
+            desc += f" {layer.activation}"
+        elif layer.type == "dropout":
+            desc += f" {layer.rate:g}"
+        rows.append((desc, _shape(layer.output_shape), f"{layer.param_count():,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    line = "-" * (sum(widths) + 6)
+    out = [f'Model: "{arch.name}"', line]
+    for i, row in enumerate(rows):
+        out.append(f"{row[0]:<{widths[0]}}   {row[1]:<{widths[1]}}   {row[2]:>{widths[2]}}")
+        if i == 0:
+            out.append("=" * len(line))
+    total = arch.param_count()
+    out += [
+        "=" * len(line),
+        f"Total params: {total:,} ({total * 4 / 1024:.1f} KiB as float32)",
+        f"Input: {_shape(arch.input_shape)}, scale {arch.scale:g}, mean {list(arch.mean)}, std {list(arch.std)}",
+        f"Classes: {len(arch.labels)} ({', '.join(arch.labels[:10])}{', ...' if len(arch.labels) > 10 else ''})",
+    ]
+    return "\n".join(out)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in shape)

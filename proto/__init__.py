@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules for the Open Inference Protocol (see *.proto)."""

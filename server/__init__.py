@@ -1,0 +1,1 @@
+"""convserve.server: the gRPC inference server (Open Inference Protocol)."""
