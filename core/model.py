@@ -96,9 +96,11 @@ class Model:
         Applies the model's preprocessing `(p * scale - mean) / std`; returns float32
         probabilities (or the last layer's output) of shape (N, outputs).
         """
-        if isinstance(images, np.ndarray) and images.ndim == 3:
+        single = isinstance(images, np.ndarray) and images.ndim == 3
+        self._check_batch(images[None] if single else images, floating_only=False, what="predict input",
+                          given=images.shape if single else None)
+        if single:
             images = images[None]
-        self._check_batch(images, floating_only=False, what="predict input")
         if images.dtype.kind == "f" and not np.isfinite(images).all():
             raise ModelError("predict input contains NaN or Inf")
         x = np.empty(images.shape, np.float32)
@@ -110,8 +112,11 @@ class Model:
         """Compile every kernel the model needs (and run each batch size once)."""
         self._plan.warmup(tuple(batch_sizes))
 
-    def _check_batch(self, x: Any, *, floating_only: bool, what: str) -> None:
-        expected = (self.input_shape)
+    def _check_batch(self, x: Any, *, floating_only: bool, what: str, given: tuple | None = None) -> None:
+        expected = self.input_shape
+        if given is not None and given != expected:
+            dims = ", ".join(map(str, expected))
+            raise ModelError(f"{what}: expected one image [{dims}] or a batch [N, {dims}], got {list(given)}")
         if not isinstance(x, np.ndarray):
             raise ModelError(f"{what}: expected a numpy array, got {type(x).__name__}")
         if floating_only and x.dtype != np.float32:
