@@ -1,0 +1,36 @@
+"""`convserve summary` and the command dispatcher, run as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "convserve", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_summary_prints_the_table(tmp_path, reference_model):
+    path = tmp_path / "m.safetensors"
+    reference_model.save(path)
+    result = run("summary", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "Total params: 243,786" in result.stdout
+    assert "11x11x64" in result.stdout
+
+
+def test_summary_of_a_bad_file_is_one_clear_line(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
+    result = run("summary", str(path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("convserve summary: ") and "not valid JSON" in result.stderr
+
+
+def test_help_lists_subcommands_without_importing_numba():
+    code = "import sys; from convserve.cli import build_parser; build_parser(); print('numba' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+    assert "summary" in run("--help").stdout
