@@ -1,0 +1,287 @@
+"""The one place that wires config, repository, batchers, metrics, health and the gRPC server.
+
+Lifecycle: listen at once (ServerLive true, health NOT_SERVING) -> load and warm every model
+version in a thread -> SERVING / ServerReady true -> on SIGTERM or SIGINT: health NOT_SERVING at
+once, keep serving for the drain window, then refuse new calls (UNAVAILABLE), finish every accepted
+request, stop the batchers and return 0 within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+
+from convserve import __version__
+from convserve.server.config import ServerConfig, resolve_repository
+
+log = logging.getLogger("convserve.server")
+
+AUTO_MESSAGE_FLOOR = 64 * 1024 * 1024
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why (no traceback is shown)."""
+
+
+def message_limit(config: ServerConfig, repository) -> int:
+    """Configured limit, or: 4 full batches of the largest model's FP32 images plus 1 MiB, >= 64 MiB."""
+    if config.max_message_bytes:
+        return config.max_message_bytes
+    largest = 0
+    for entry in repository.entries():
+        if entry.model is not None:
+            h, w, c = entry.model.input_shape
+            largest = max(largest, h * w * c * 4)
+    return min(max(AUTO_MESSAGE_FLOOR, 4 * config.max_batch_size * largest + (1 << 20)), 2**31 - 1)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("convserve").setLevel(getattr(logging, level))
+
+
+def threading_layer() -> str:
+    try:
+        import numba
+
+        return f"numba {numba.__version__}, threading layer {numba.threading_layer()}, {numba.get_num_threads()} threads"
+    except Exception as exc:  # noqa: BLE001 - informational only (no parallel kernel run yet)
+        return f"numba threading layer unknown ({exc})"
+
+
+class _Observer:
+    """Batch hooks: Prometheus histograms and ModelStatistics counters (worker thread)."""
+
+    def __init__(self, metrics, stats):
+        self.metrics = metrics
+        self.stats = stats
+
+    def on_batch(self, batch_size: int, compute_ns: int) -> None:
+        self.metrics.compute_duration.observe(compute_ns / 1e9)
+        self.metrics.batch_size.observe(batch_size)
+        s = self.stats
+        s.execution_count += 1
+        s.compute_count += 1
+        s.compute_ns += compute_ns
+        slot = s.batches.get(batch_size)
+        if slot is None:
+            s.batches[batch_size] = [1, compute_ns]
+        else:
+            slot[0] += 1
+            slot[1] += compute_ns
+
+
+class InferenceServer:
+    """A running server: `await start()`, `await wait()`; `request_shutdown()` from a signal."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.bound_port: int | None = None
+        self.metrics_port: int | None = None
+        self._shutdown = asyncio.Event()
+        self._signals = 0
+
+    async def run(self) -> int:
+        from convserve.server.metrics import ServerMetrics
+        from convserve.server.repository import ModelRepository, RepositoryError
+        from convserve.server.servicer import ServerState
+
+        cfg = self.config
+        t_start = time.perf_counter()
+        try:
+            root = resolve_repository(cfg.model_repository)
+            repository = ModelRepository(root)
+        except (FileNotFoundError, RepositoryError) as exc:
+            raise StartupError(str(exc)) from None
+        warmup = cfg.warmup_batch_sizes or tuple(sorted({1, cfg.max_batch_size}))
+        shown = dict(cfg.as_dict(), model_repository=str(root), warmup_batch_sizes=",".join(map(str, warmup)))
+        log.info("convserve %s starting: %s", __version__, ", ".join(f"{k}={v}" for k, v in shown.items()))
+        log.info("model repository %s: %s", root,
+                 "; ".join(f"{name} (versions {', '.join(map(str, sorted(v)))})" for name, v in repository.models.items()))
+        self.metrics = ServerMetrics()
+        self.state = ServerState()
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+
+        # Listen first so that liveness and health (NOT_SERVING) answer during the warm-up.
+        limit_hint = cfg.max_message_bytes or AUTO_MESSAGE_FLOOR
+        self.repository = repository
+        self.signatures, self.model_metrics = {}, {}
+        server, health = await self._start_grpc(limit_hint)
+        self._start_metrics()
+
+        def make_batcher(entry):
+            from convserve.server.batcher import DynamicBatcher
+            from convserve.server.servicer import resolve_jobs
+
+            metrics = self.metrics.for_model(entry.name, entry.version_str)
+            batcher = DynamicBatcher(entry.model.predict, name=entry.name, max_batch_size=cfg.max_batch_size,
+                                     max_queue_delay_us=cfg.max_queue_delay_us, max_queue_size=cfg.max_queue_size,
+                                     on_complete=lambda jobs: loop.call_soon_threadsafe(resolve_jobs, jobs),
+                                     observer=_Observer(metrics, entry.stats))
+            metrics.track_queue(lambda: batcher.queued_requests)
+            return batcher
+
+        load = loop.run_in_executor(None, repository.load, make_batcher, warmup, cfg.skip_bad_models)
+        stop = asyncio.ensure_future(self._shutdown.wait())
+        await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():
+            log.info("shutdown requested during start-up; exiting once the model being loaded is done")
+            await server.stop(0)
+            return 0
+        stop.cancel()
+        try:
+            load.result()
+        except RepositoryError as exc:
+            await server.stop(0)
+            raise StartupError(str(exc)) from None
+        from convserve.server.protocol import signature_for
+
+        for entry in repository.ready_entries():
+            key = (entry.name, entry.version)
+            self.signatures[key] = signature_for(entry.name, entry.model, cfg.max_request_images)
+            mm = self.metrics.for_model(entry.name, entry.version_str)
+            mm.loaded(entry.load_seconds, entry.warmup_seconds)
+            self.model_metrics[key] = mm
+        limit = message_limit(cfg, repository)
+        if limit > limit_hint:
+            log.warning("message limit %d B exceeds the %d B the listener was started with; "
+                        "pass --max-message-bytes to raise it", limit, limit_hint)
+        log.info("%s", threading_layer())
+        await self._set_serving(health, True)
+        self.state.ready = True
+        self.metrics.ready.set(1)
+        log.info("ready: %d model version(s) on %s:%d (gRPC), metrics %s, started in %.2f s",
+                 len(repository.ready_entries()), cfg.host, self.bound_port,
+                 f"http://{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "disabled",
+                 time.perf_counter() - t_start)
+
+        await self._shutdown.wait()
+        return await self._drain(server, health)
+
+    # -- pieces ----------------------------------------------------------------------------
+    async def _start_grpc(self, limit: int):
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from grpc_health.v1._async import HealthServicer
+        from grpc_reflection.v1alpha import reflection
+
+        from convserve.proto import grpc_service_pb2 as pb
+        from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+        from convserve.server.servicer import InferenceServicer
+
+        cfg = self.config
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                   ("grpc.so_reuseport", 0)]
+        server = grpc.aio.server(options=options)
+        servicer = InferenceServicer(self.repository, self.state, self.signatures, self.model_metrics,
+                                     cfg.max_queue_delay_us, cfg.max_queue_size)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        await self._set_serving(health, False)
+        service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+        reflection.enable_server_reflection(
+            [service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server, pool=_reflection_pool())
+        address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+        try:
+            self.bound_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"cannot listen on {address}: {exc}") from None
+        await server.start()
+        log.info("listening on %s:%d (gRPC, max message %d B); health NOT_SERVING until models are warm",
+                 cfg.host, self.bound_port, limit)
+        self._health_services = ("", service_name)
+        return server, health
+
+    async def _set_serving(self, health, serving: bool) -> None:
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", "inference.GRPCInferenceService"):
+            await health.set(name, status)
+
+    def _start_metrics(self) -> None:
+        cfg = self.config
+        if not cfg.metrics_port:
+            return
+        from prometheus_client import start_http_server
+
+        try:
+            self._metrics_server, _ = start_http_server(cfg.metrics_port, cfg.host, registry=self.metrics.registry)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from None
+        self.metrics_port = self._metrics_server.server_port
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_shutdown, sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
+                pass
+
+    def request_shutdown(self, sig: int | None = None) -> None:
+        self._signals += 1
+        name = signal.Signals(sig).name if sig else "request"
+        if self._signals == 1:
+            log.info("%s received: health NOT_SERVING, draining", name)
+        else:
+            log.warning("%s received again: stopping without waiting for the drain window", name)
+            self._hurry = True
+        self._shutdown.set()
+
+    _hurry = False
+
+    async def _drain(self, server, health) -> int:
+        cfg = self.config
+        t0 = time.monotonic()
+        self.state.exiting = True
+        self.metrics.ready.set(0)
+        await self._set_serving(health, False)
+        drain = min(cfg.drain_seconds, cfg.grace_period / 2)
+        deadline = t0 + cfg.grace_period
+        if drain > 0 and not self._hurry:
+            log.info("drain window: serving new requests for %.1f s more", drain)
+            await asyncio.sleep(drain)
+        log.info("refusing new requests; finishing the accepted ones (at most %.1f s)",
+                 max(0.0, deadline - time.monotonic()))
+        await server.stop(max(0.1, deadline - time.monotonic() - 0.5))
+        stopped = True
+        for entry in self.repository.ready_entries():
+            stopped &= entry.batcher.close(timeout=max(0.1, deadline - time.monotonic()))
+        if getattr(self, "_metrics_server", None) is not None:
+            self._metrics_server.shutdown()
+        log.info("shutdown complete in %.2f s%s", time.monotonic() - t0,
+                 "" if stopped else " (a batcher did not stop in time)")
+        return 0 if stopped else 1
+
+
+def _reflection_pool():
+    """A descriptor pool holding our service (private pool, see proto/generate.py) plus health and reflection."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from convserve.proto import grpc_service_pb2 as pb
+
+    pool = descriptor_pool.DescriptorPool()
+    for module in (pb, health_pb2, reflection_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
+
+
+def serve(config: ServerConfig) -> int:
+    """Run a server until SIGTERM/SIGINT; returns the process exit code."""
+    configure_logging(config.log_level)
+    server = InferenceServer(config)
+    try:
+        return asyncio.run(server.run())
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 2

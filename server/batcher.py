@@ -1,0 +1,309 @@
+"""Dynamic batching of image requests in front of one model version.
+
+The batcher knows NumPy arrays and futures, nothing of gRPC or protobuf. One worker thread per
+model version takes queued requests and runs `predict` (Numba releases the GIL) on their stacked
+images:
+
+* a request that arrives while the worker is idle starts at once: there is no artificial wait;
+* requests queued while the model computes form the next batch, oldest first (a higher
+  `priority`, i.e. a smaller positive number, goes ahead of the default 0), up to
+  `max_batch_size` images; several multi-image requests share one batch;
+* with `max_queue_delay_us` > 0, a batch formed after a busy period that is not full may wait
+  for more requests until its oldest request has waited that long;
+* a request with more images than `max_batch_size` is split into chunks of at most
+  `max_batch_size` images, queued one after the other; its result is reassembled in order;
+* a full queue (`max_queue_size` requests) rejects at once (`QueueFull`);
+* requests that were cancelled, whose deadline passed, or whose queue `timeout` expired leave
+  the queue before compute;
+* if a batch raises, each member is re-run alone, so only the culprit fails.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from convserve.server.errors import (Cancelled, DeadlineExceeded, InvalidRequest, QueueFull, RequestTimeout,
+                                     ServingError, Unavailable)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRIORITY_LEVEL = 1 << 62  # priority 0 ("model default") sorts after every explicit level
+
+
+class Job:
+    """One request: its images, its limits, and (when done) its result or error."""
+
+    __slots__ = ("images", "size", "deadline_ns", "timeout_ns", "level", "arrival_ns", "future", "cancelled",
+                 "result", "error", "queue_ns", "compute_ns", "batch_size", "_parts_left", "_queued_parts")
+
+    def __init__(self, images: np.ndarray, deadline_ns: int | None, timeout_ns: int | None, level: int,
+                 future: Any):
+        self.images = images
+        self.size = images.shape[0]
+        self.deadline_ns = deadline_ns      # absolute time.monotonic_ns(); None = no deadline
+        self.timeout_ns = timeout_ns        # absolute queue timeout (Triton `timeout`); None = none
+        self.level = level
+        self.arrival_ns = time.monotonic_ns()
+        self.future = future
+        self.cancelled = False
+        self.result: np.ndarray | None = None
+        self.error: BaseException | None = None
+        self.queue_ns = 0       # arrival -> start of (first) compute
+        self.compute_ns = 0     # compute time of the batch(es) it ran in
+        self.batch_size = 0     # images in the (largest) batch it ran in
+        self._parts_left = 0
+        self._queued_parts = 0
+
+    def cancel(self) -> None:
+        """Mark the job abandoned by its caller; it leaves the queue before compute."""
+        self.cancelled = True
+
+
+def _set_concurrent_future(jobs: list[Job]) -> None:
+    for job in jobs:
+        fut = job.future
+        if isinstance(fut, Future) and not fut.done():
+            fut.set_result(job)
+
+
+class BatchObserver:
+    """Hooks for metrics; the default does nothing."""
+
+    def on_batch(self, batch_size: int, compute_ns: int) -> None:  # pragma: no cover - trivial
+        pass
+
+
+class DynamicBatcher:
+    """A queue and a worker thread running `predict` on batches of up to `max_batch_size` images.
+
+    `on_complete(jobs)` is called from the worker thread with every finished job (success or
+    error); the default sets `job.future` (a `concurrent.futures.Future`) to the job itself.
+    """
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], *, name: str = "model",
+                 max_batch_size: int = 64, max_queue_delay_us: int = 0, max_queue_size: int = 0,
+                 on_complete: Callable[[list[Job]], None] | None = None,
+                 observer: BatchObserver | None = None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_delay_us < 0 or max_queue_size < 0:
+            raise ValueError("max_queue_delay_us and max_queue_size must be >= 0")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_us = max_queue_delay_us
+        self.max_queue_size = max_queue_size  # requests; 0 = unbounded
+        self._predict = predict
+        self._on_complete = on_complete or _set_concurrent_future
+        self._observer = observer or BatchObserver()
+        self._delay_ns = max_queue_delay_us * 1000
+        self._heap: list[tuple[int, int, Job, int, int]] = []  # (level, seq, job, start, stop)
+        self._seq = itertools.count()
+        self._queued_requests = 0
+        self._queued_images = 0
+        self._closed = False
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    # -- queue side ------------------------------------------------------------------------
+    @property
+    def queued_requests(self) -> int:
+        return self._queued_requests
+
+    def submit(self, images: np.ndarray, *, deadline_ns: int | None = None, timeout_ns: int | None = None,
+               priority: int = 0, future: Any = None) -> Job:
+        """Queue `images` (N, H, W, C); returns the job, whose `future` completes with it.
+
+        Raises `QueueFull` at once when `max_queue_size` requests are already waiting, and
+        `Unavailable` once the batcher is closed.
+        """
+        level = priority if priority > 0 else DEFAULT_PRIORITY_LEVEL
+        job = Job(images, deadline_ns, timeout_ns, level, Future() if future is None else future)
+        n = job.size
+        step = self.max_batch_size
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"Server exiting: model '{self.name}' no longer accepts requests")
+            if self.max_queue_size and self._queued_requests >= self.max_queue_size:
+                raise QueueFull(
+                    f"Exceeds maximum queue size: {self._queued_requests} requests are queued for model "
+                    f"'{self.name}', the maximum is {self.max_queue_size}")
+            if n <= step:
+                job._parts_left = job._queued_parts = 1
+                heapq.heappush(self._heap, (level, next(self._seq), job, 0, n))
+            else:
+                parts = range(0, n, step)
+                job._parts_left = job._queued_parts = len(parts)
+                for start in parts:
+                    heapq.heappush(self._heap, (level, next(self._seq), job, start, min(start + step, n)))
+            self._queued_requests += 1
+            self._queued_images += n
+            self._cond.notify()
+        return job
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Refuse new requests, finish the queued ones, stop the worker; True if it stopped in time."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- worker side -----------------------------------------------------------------------
+    def _run(self) -> None:
+        idle = True
+        while True:
+            with self._cond:
+                while not self._heap:
+                    if self._closed:
+                        return
+                    idle = True
+                    self._cond.wait()
+                if not idle and self._delay_ns:
+                    self._wait_for_more()
+                batch, dropped = self._take()
+            idle = False
+            if dropped:
+                self._on_complete(dropped)
+            if batch:
+                self._execute(batch)
+
+    def _wait_for_more(self) -> None:
+        """Hold an under-full batch until its oldest request has waited `max_queue_delay_us`."""
+        while self._queued_images < self.max_batch_size and not self._closed:
+            oldest = min(entry[2].arrival_ns for entry in self._heap)
+            remaining = oldest + self._delay_ns - time.monotonic_ns()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining / 1e9)
+
+    def _take(self) -> tuple[list[tuple[Job, int, int]], list[Job]]:
+        """Pop live entries (oldest first within a priority) up to max_batch_size images."""
+        batch: list[tuple[Job, int, int]] = []
+        dropped: list[Job] = []
+        images = 0
+        now = time.monotonic_ns()
+        heap = self._heap
+        while heap:
+            _, _, job, start, stop = heap[0]
+            if images + (stop - start) > self.max_batch_size:
+                break
+            heapq.heappop(heap)
+            self._queued_images -= stop - start
+            job._queued_parts -= 1
+            if job._queued_parts == 0:
+                self._queued_requests -= 1
+            if job.error is not None:  # an earlier chunk of this job already failed
+                continue
+            error = self._dead(job, now)
+            if error is not None:
+                job.error = error
+                self._forget_parts(job)
+                dropped.append(job)
+                continue
+            batch.append((job, start, stop))
+            images += stop - start
+        return batch, dropped
+
+    def _dead(self, job: Job, now: int) -> ServingError | None:
+        if job.cancelled:
+            return Cancelled(f"request for model '{self.name}' was cancelled by the client")
+        if job.deadline_ns is not None and now >= job.deadline_ns:
+            waited = (now - job.arrival_ns) / 1e6
+            return DeadlineExceeded(f"Deadline Exceeded: the request's deadline passed after {waited:.1f} ms "
+                                    f"in the queue of model '{self.name}', before compute")
+        if job.timeout_ns is not None and now >= job.timeout_ns:
+            waited = (now - job.arrival_ns) / 1e6
+            return RequestTimeout(f"Request timeout expired: the request waited {waited:.1f} ms in the queue "
+                                  f"of model '{self.name}', longer than its 'timeout' parameter")
+        return None
+
+    def _forget_parts(self, job: Job) -> None:
+        """Remove a failed job's other queued chunks (they are skipped lazily when popped)."""
+        job._parts_left = 0
+
+    def _execute(self, batch: list[tuple[Job, int, int]]) -> None:
+        started = time.monotonic_ns()
+        if len(batch) == 1:
+            job, start, stop = batch[0]
+            x = job.images if (start == 0 and stop == job.size) else job.images[start:stop]
+        else:
+            x = np.concatenate([job.images[start:stop] for job, start, stop in batch])
+        try:
+            out = self._predict(x)
+            failed = False
+        except Exception:  # noqa: BLE001 - isolated below
+            failed = True
+        finished = time.monotonic_ns()
+        compute = finished - started
+        total = x.shape[0]
+        self._observer.on_batch(total, compute)
+        done: list[Job] = []
+        if failed:
+            if len(batch) > 1:
+                log.warning("model '%s': a batch of %d images from %d requests failed; re-running each alone",
+                            self.name, total, len(batch))
+            for job, start, stop in batch:
+                self._execute_alone(job, start, stop, started, done)
+        else:
+            offset = 0
+            for job, start, stop in batch:
+                n = stop - start
+                self._deliver(job, start, stop, out[offset:offset + n], started, compute, total, done)
+                offset += n
+        if done:
+            self._on_complete(done)
+
+    def _execute_alone(self, job: Job, start: int, stop: int, batch_started: int, done: list[Job]) -> None:
+        t0 = time.monotonic_ns()
+        try:
+            out = self._predict(job.images[start:stop])
+        except Exception as exc:  # noqa: BLE001 - reported to this request only
+            if job.error is None:
+                job.error = _as_serving_error(exc, self.name)
+                job._parts_left = 0
+                done.append(job)
+            return
+        compute = time.monotonic_ns() - t0
+        self._observer.on_batch(stop - start, compute)
+        self._deliver(job, start, stop, out, batch_started, compute, stop - start, done)
+
+    @staticmethod
+    def _deliver(job: Job, start: int, stop: int, rows: np.ndarray, started: int, compute: int, batch: int,
+                 done: list[Job]) -> None:
+        if job.error is not None:
+            return
+        if job._parts_left == 1 and start == 0 and stop == job.size:
+            job.result = rows
+        else:
+            if job.result is None:
+                job.result = np.empty((job.size, rows.shape[1]), rows.dtype)
+            job.result[start:stop] = rows
+        if job.queue_ns == 0:
+            job.queue_ns = started - job.arrival_ns
+        job.compute_ns += compute
+        job.batch_size = max(job.batch_size, batch)
+        job._parts_left -= 1
+        if job._parts_left == 0:
+            done.append(job)
+
+
+def _as_serving_error(exc: BaseException, model: str) -> ServingError:
+    if isinstance(exc, ServingError):
+        return exc
+    if isinstance(exc, ValueError):  # convserve.core.ModelError: the input was unusable
+        return InvalidRequest(f"model '{model}' rejected the input: {exc}")
+    return ServingError(f"model '{model}' failed: {type(exc).__name__}: {exc}", code="INTERNAL", reason="error")
+
+
+def wait_all(jobs: Iterable[Job], timeout: float | None = None) -> list[Job]:
+    """Block until every job's (concurrent) future is done; a helper for tests and scripts."""
+    return [job.future.result(timeout) for job in jobs]

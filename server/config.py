@@ -1,0 +1,194 @@
+"""Server configuration: one table of options, read from flags with `CONVSERVE_*` variables as defaults.
+
+Every option `--some-flag` can also be set by the environment variable `CONVSERVE_SOME_FLAG`;
+a flag given on the command line wins over the variable, which wins over the built-in default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ENV_PREFIX = "CONVSERVE_"
+MODEL_FILENAME = "model.safetensors"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _pos_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"expected a port 0-65535, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
+    sizes = tuple(int(part) for part in text.replace(" ", "").split(","))
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"expected comma-separated batch sizes >= 1, got {text!r}")
+    return sizes
+
+
+def _level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--model-repository", str, None,
+           "model repository <dir>/<model>/<version>/model.safetensors "
+           "(default: the bundled models/ folder)", "DIR"),
+    Option("--host", str, "0.0.0.0", "address to listen on for gRPC and metrics", "HOST"),
+    Option("--port", _port, 8001, "gRPC port (0: pick a free one)", "PORT"),
+    Option("--metrics-port", _port, 8002, "Prometheus /metrics HTTP port (0: disabled)", "PORT"),
+    Option("--max-batch-size", _pos_int, 64, "most images per model execution (1: no batching)", "N"),
+    Option("--max-queue-delay-us", _nonneg_int, 0,
+           "after a busy period, how long an under-full batch may wait for more requests, counted "
+           "from its oldest request (0: take what is queued)", "US"),
+    Option("--max-queue-size", _nonneg_int, 1024,
+           "most requests waiting per model; more are refused with UNAVAILABLE (0: unbounded)", "N"),
+    Option("--max-request-images", _pos_int, 8192,
+           "most images in one request (larger requests run in chunks of --max-batch-size)", "N"),
+    Option("--max-message-bytes", _nonneg_int, 0,
+           "gRPC message size limit in bytes (0: automatic, at least 64 MiB)", "BYTES"),
+    Option("--warmup-batch-sizes", _sizes, None,
+           "batch sizes to run at start-up, comma-separated (default: 1 and --max-batch-size)", "LIST"),
+    Option("--grace-period", _nonneg_float, 30.0,
+           "seconds from SIGTERM/SIGINT to exit, including the drain window", "S"),
+    Option("--drain-seconds", _nonneg_float, 2.0,
+           "after SIGTERM: seconds health reports NOT_SERVING while new requests are still served", "S"),
+    Option("--skip-bad-models", _bool, False,
+           "start even if a model file cannot be loaded (it is listed as UNAVAILABLE) instead of exiting",
+           "BOOL"),
+    Option("--log-level", _level, "INFO", f"log level: {', '.join(LOG_LEVELS)}", "LEVEL"),
+)
+
+
+@dataclass
+class ServerConfig:
+    """Effective configuration of one server (see OPTIONS for the meaning of each field)."""
+
+    model_repository: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8001
+    metrics_port: int = 8002
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024
+    max_request_images: int = 8192
+    max_message_bytes: int = 0
+    warmup_batch_sizes: tuple[int, ...] | None = None
+    grace_period: float = 30.0
+    drain_seconds: float = 2.0
+    skip_bad_models: bool = False
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> None:
+    """Add every option; defaults come from `CONVSERVE_*` variables when set (parse errors reported)."""
+    environ = os.environ if environ is None else environ
+    for opt in OPTIONS:
+        raw = environ.get(opt.env)
+        # A string default is parsed by argparse only when the flag is absent: the flag wins.
+        default = raw if raw is not None else opt.default
+        shown = "" if opt.default is None else f" [default: {opt.default}]"
+        parser.add_argument(opt.flag, type=_argtype(opt, raw), default=default, metavar=opt.metavar,
+                            help=f"{opt.help}{shown} (env {opt.env})")
+
+
+def _argtype(opt: Option, env_value: str | None) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return opt.parse(text)
+        except ValueError as exc:
+            source = f" (from the environment variable {opt.env})" if text is env_value else ""
+            raise argparse.ArgumentTypeError(f"{exc}{source}") from None
+    parse.__name__ = opt.dest
+    return parse
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(**{opt.dest: getattr(args, opt.dest) for opt in OPTIONS})
+
+
+def candidate_repositories() -> list[Path]:
+    """Where the bundled repository may be: next to the source tree (editable install), then ./models."""
+    import convserve
+
+    source_root = Path(convserve.__file__).resolve().parent.parent
+    return [source_root / "models", Path.cwd() / "models"]
+
+
+def resolve_repository(configured: str | None) -> Path:
+    """The model repository to serve; raises FileNotFoundError with a message saying what to do."""
+    if configured:
+        path = Path(configured).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"model repository {path} is not a directory "
+                                    f"(from --model-repository or {ENV_PREFIX}MODEL_REPOSITORY)")
+        return path.resolve()
+    tried = candidate_repositories()
+    for path in tried:
+        if path.is_dir():
+            return path.resolve()
+    raise FileNotFoundError(
+        "no model repository: pass --model-repository DIR or set CONVSERVE_MODEL_REPOSITORY "
+        f"(the bundled repository was not found at {', '.join(str(p) for p in tried)})")

@@ -1,0 +1,73 @@
+"""Prometheus metrics of the server, in a registry of its own, served on http://HOST:PORT/metrics.
+
+Per request the servicer touches a pre-bound counter child and three histogram children; the
+queue depth is read by Prometheus from the batcher on scrape (no per-request cost).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OUTCOMES = ("success", "invalid", "rejected", "timeout", "cancelled", "error")
+DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServerMetrics:
+    """The collectors; `for_model()` returns pre-bound children for one model version."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        labels = ("model", "version")
+        self.requests = Counter("convserve_requests", "Inference requests by outcome "
+                                "(success, invalid, rejected, timeout, cancelled, error)",
+                                labels + ("outcome",), registry=r)
+        self.images = Counter("convserve_inference_images", "Images inferred successfully", labels, registry=r)
+        self.request_duration = Histogram("convserve_request_duration_seconds",
+                                          "Request time in the server, from decoding to response (successful requests)",
+                                          labels, buckets=DURATION_BUCKETS, registry=r)
+        self.queue_duration = Histogram("convserve_queue_duration_seconds",
+                                        "Time a request waited in the batch queue", labels,
+                                        buckets=DURATION_BUCKETS, registry=r)
+        self.compute_duration = Histogram("convserve_compute_duration_seconds",
+                                          "Model execution time per batch", labels,
+                                          buckets=DURATION_BUCKETS, registry=r)
+        self.batch_size = Histogram("convserve_batch_size", "Images per model execution", labels,
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("convserve_queue_depth", "Requests waiting in the batch queue", labels,
+                                 registry=r)
+        self.load_seconds = Gauge("convserve_model_load_seconds", "Time to load the model file", labels,
+                                  registry=r)
+        self.warmup_seconds = Gauge("convserve_model_warmup_seconds", "Time to compile and warm the model up",
+                                    labels, registry=r)
+        self.ready = Gauge("convserve_server_ready", "1 when the server is ready (all models loaded and warm)",
+                           registry=r)
+
+    def for_model(self, model: str, version: str) -> "ModelMetrics":
+        return ModelMetrics(self, model, version)
+
+
+class ModelMetrics:
+    """Children bound to one model version (label lookups done once)."""
+
+    def __init__(self, metrics: ServerMetrics, model: str, version: str):
+        self.outcome = {o: metrics.requests.labels(model, version, o) for o in OUTCOMES}
+        self.images = metrics.images.labels(model, version)
+        self.request_duration = metrics.request_duration.labels(model, version)
+        self.queue_duration = metrics.queue_duration.labels(model, version)
+        self.compute_duration = metrics.compute_duration.labels(model, version)
+        self.batch_size = metrics.batch_size.labels(model, version)
+        self._queue_depth = metrics.queue_depth.labels(model, version)
+        self._load = metrics.load_seconds.labels(model, version)
+        self._warmup = metrics.warmup_seconds.labels(model, version)
+
+    def track_queue(self, depth: Callable[[], float]) -> None:
+        self._queue_depth.set_function(depth)
+
+    def loaded(self, load_seconds: float, warmup_seconds: float) -> None:
+        self._load.set(load_seconds)
+        self._warmup.set(warmup_seconds)

@@ -1,0 +1,232 @@
+"""The `inference.GRPCInferenceService` servicer (grpc.aio): thin glue between protobuf and the batcher.
+
+Every RPC that Triton's service declares and convserve does not serve answers UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from convserve import __version__
+from convserve.proto import grpc_service_pb2 as pb
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+from convserve.server.batcher import Job
+from convserve.server.errors import ServingError, Unavailable
+from convserve.server.protocol import (ADVERTISED_INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME, Signature, decode_request,
+                                       encode_response)
+from convserve.server.repository import ModelRepository, ModelVersion
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "convserve"
+PLATFORM = "convserve_numba"
+BACKEND = "convserve"
+EXTENSIONS = ("classification", "schedule_policy", "parameters", "model_configuration", "statistics")
+_STATUS = {code.name: code for code in grpc.StatusCode}
+
+
+class ServerState:
+    """Lifecycle flags shared by the servicer and the wiring (single event-loop thread)."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.exiting = False
+        self.loading_message = "Server not ready: models are loading"
+
+
+def resolve_jobs(jobs: list[Job]) -> None:
+    """Runs on the event loop: hand each finished job to its awaiting handler."""
+    for job in jobs:
+        fut = job.future
+        if not fut.done():
+            fut.set_result(job)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Open Inference Protocol over the repository's models."""
+
+    def __init__(self, repository: ModelRepository, state: ServerState, signatures: dict[tuple[str, int], Signature],
+                 model_metrics: dict[tuple[str, int], Any], max_queue_delay_us: int, max_queue_size: int):
+        self.repository = repository
+        self.state = state
+        self.signatures = signatures
+        self.model_metrics = model_metrics
+        self.max_queue_delay_us = max_queue_delay_us
+        self.max_queue_size = max_queue_size
+
+    # -- helpers ---------------------------------------------------------------------------
+    async def _fail(self, context, error: ServingError) -> None:
+        await context.abort(_STATUS.get(error.code, grpc.StatusCode.INTERNAL), str(error))
+
+    async def _require_ready(self, context) -> None:
+        if not self.state.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.loading_message)
+
+    async def _entry(self, context, name: str, version: str) -> ModelVersion:
+        await self._require_ready(context)
+        try:
+            return self.repository.get(name, version)
+        except ServingError as exc:
+            await self._fail(context, exc)
+            raise  # unreachable: abort raises
+
+    # -- health and metadata ---------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.state.ready and not self.state.exiting)
+
+    async def ModelReady(self, request, context):
+        if not self.state.ready:
+            return pb.ModelReadyResponse(ready=False)
+        try:
+            entry = self.repository.get(request.name, request.version)
+        except ServingError as exc:
+            if exc.code == "NOT_FOUND":
+                return pb.ModelReadyResponse(ready=False)
+            await self._fail(context, exc)  # unknown model: Triton answers an error
+        return pb.ModelReadyResponse(ready=entry.ready and not self.state.exiting)
+
+    async def ServerMetadata(self, request, context):
+        await self._require_ready(context)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):
+        entry = await self._entry(context, request.name, request.version)
+        sig = self.signatures[(entry.name, entry.version)]
+        tm = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=entry.name, versions=self.repository.ready_versions(entry.name), platform=PLATFORM,
+            inputs=[tm(name=INPUT_NAME, datatype=ADVERTISED_INPUT_DTYPE,
+                       shape=[-1, sig.height, sig.width, sig.channels])],
+            outputs=[tm(name=OUTPUT_NAME, datatype="FP32", shape=[-1, sig.classes])])
+
+    async def ModelConfig(self, request, context):
+        entry = await self._entry(context, request.name, request.version)
+        sig = self.signatures[(entry.name, entry.version)]
+        config = pb.ModelConfig(
+            name=entry.name, platform=PLATFORM, backend=BACKEND, max_batch_size=entry.batcher.max_batch_size,
+            input=[pb.ModelInput(name=INPUT_NAME, data_type=pb.TYPE_UINT8, format=pb.ModelInput.FORMAT_NHWC,
+                                 dims=[sig.height, sig.width, sig.channels])],
+            output=[pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[sig.classes])],
+            dynamic_batching=pb.ModelDynamicBatching(
+                max_queue_delay_microseconds=self.max_queue_delay_us,
+                default_queue_policy=pb.ModelQueuePolicy(
+                    timeout_action=pb.ModelQueuePolicy.REJECT, allow_timeout_override=True,
+                    max_queue_size=self.max_queue_size)))
+        return pb.ModelConfigResponse(config=config)
+
+    # -- inference -------------------------------------------------------------------------
+    async def ModelInfer(self, request: pb.ModelInferRequest, context):
+        t0 = time.perf_counter_ns()
+        if not self.state.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.loading_message)
+        try:
+            entry = self.repository.get(request.model_name, request.model_version)
+        except ServingError as exc:
+            await self._fail(context, exc)
+        key = (entry.name, entry.version)
+        metrics = self.model_metrics[key]
+        sig = self.signatures[key]
+        stats = entry.stats
+        try:
+            decoded = decode_request(request, sig)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
+            timeout = None if decoded.timeout_us is None else time.monotonic_ns() + decoded.timeout_us * 1000
+            fut = asyncio.get_running_loop().create_future()
+            job = entry.batcher.submit(decoded.images, deadline_ns=deadline, timeout_ns=timeout,
+                                       priority=decoded.priority, future=fut)
+        except ServingError as exc:
+            metrics.outcome[exc.reason].inc()
+            stats.fail_count += 1
+            stats.fail_ns += time.perf_counter_ns() - t0
+            await self._fail(context, exc)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            job.cancel()
+            remaining = context.time_remaining()
+            metrics.outcome["timeout" if remaining is not None and remaining <= 0 else "cancelled"].inc()
+            stats.fail_count += 1
+            raise
+        if job.error is not None:
+            error = job.error
+            reason = getattr(error, "reason", "error")
+            metrics.outcome[reason].inc()
+            stats.fail_count += 1
+            stats.fail_ns += time.perf_counter_ns() - t0
+            if not isinstance(error, ServingError):
+                error = ServingError(f"model '{entry.name}' failed: {error}")
+            if error.code == "INTERNAL":
+                log.error("model '%s' version %d: %s", entry.name, entry.version, error)
+            await self._fail(context, error)
+        response = encode_response(request, entry.version_str, decoded, job.result, sig, job.queue_ns // 1000,
+                                   job.compute_ns // 1000, job.batch_size)
+        elapsed = time.perf_counter_ns() - t0
+        metrics.outcome["success"].inc()
+        metrics.images.inc(job.size)
+        metrics.request_duration.observe(elapsed / 1e9)
+        metrics.queue_duration.observe(job.queue_ns / 1e9)
+        stats.success_count += 1
+        stats.success_ns += elapsed
+        stats.queue_count += 1
+        stats.queue_ns += job.queue_ns
+        stats.inference_count += job.size
+        stats.last_inference_ms = int(time.time() * 1000)
+        return response
+
+    # -- statistics and repository ---------------------------------------------------------
+    async def ModelStatistics(self, request, context):
+        await self._require_ready(context)
+        if request.name:
+            entries = [await self._entry(context, request.name, request.version)]
+            if not request.version:  # Triton: all versions of the model
+                entries = [e for e in self.repository.entries() if e.name == request.name and e.ready]
+        else:
+            entries = self.repository.ready_entries()
+        response = pb.ModelStatisticsResponse()
+        for entry in entries:
+            s = entry.stats
+            d = pb.StatisticDuration
+            stat = response.model_stats.add(
+                name=entry.name, version=entry.version_str, last_inference=s.last_inference_ms,
+                inference_count=s.inference_count, execution_count=s.execution_count)
+            inf = stat.inference_stats
+            inf.success.CopyFrom(d(count=s.success_count, ns=s.success_ns))
+            inf.fail.CopyFrom(d(count=s.fail_count, ns=s.fail_ns))
+            inf.queue.CopyFrom(d(count=s.queue_count, ns=s.queue_ns))
+            inf.compute_infer.CopyFrom(d(count=s.compute_count, ns=s.compute_ns))
+            for size, (count, ns) in sorted(dict(s.batches).items()):
+                stat.batch_stats.add(batch_size=size, compute_infer=d(count=count, ns=ns))
+        return response
+
+    async def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for entry in self.repository.entries():
+            if request.ready and not entry.ready:
+                continue
+            response.models.add(name=entry.name, version=entry.version_str, state=entry.state, reason=entry.reason)
+        return response
+
+
+def _unimplemented(name: str, streaming: bool):
+    message = (f"{name} is not implemented by {SERVER_NAME}; served RPCs: ServerLive, ServerReady, ModelReady, "
+               "ServerMetadata, ModelMetadata, ModelInfer, ModelConfig, ModelStatistics, RepositoryIndex")
+
+    async def handler(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    handler.__name__ = name
+    return handler
+
+
+for _method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+    if _method.name not in InferenceServicer.__dict__:
+        setattr(InferenceServicer, _method.name, _unimplemented(_method.name, _method.client_streaming))
