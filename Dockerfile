@@ -1,0 +1,83 @@
+# convserve: batched image classification over the Open Inference Protocol (gRPC).
+#
+#   docker build -t convserve .
+#   docker run -d --name convserve -p 8001:8001 -p 8002:8002 convserve
+#   docker stop convserve        # SIGTERM: health NOT_SERVING, drain, exit 0
+#
+# The Numba kernels are compiled here, at build time, into /var/cache/convserve/numba, so a
+# container answers SERVING about a second after it starts instead of after ~10 s of JIT.
+# That cache is keyed by the CPU's features: on a host with another CPU the kernels compile
+# once at start-up (into the same writable directory) and the container still works.
+
+# ---------------------------------------------------------------------------- build stage
+FROM python:3.11-slim AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# A virtual environment at the path it keeps in the runtime stage (its scripts name it).
+RUN python3 -m venv /opt/convserve
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY convserve/ convserve/
+COPY core/ core/
+COPY server/ server/
+COPY client/ client/
+COPY proto/ proto/
+# A regular (not editable) install: the code lives in the venv's site-packages, compiled to
+# .pyc by pip. pip and setuptools are of no use at run time (25 MB): out they go.
+RUN /opt/convserve/bin/pip install . \
+ && /opt/convserve/bin/pip uninstall -y -q pip setuptools
+
+# The model repository, readable by the runtime user whatever the checkout's file modes.
+COPY models/ /models/
+RUN chmod -R u=rwX,go=rX /models
+
+# -------------------------------------------------------------------------- runtime stage
+FROM python:3.11-slim
+
+# libgomp1: Numba's OpenMP threading layer (the core requires it; the fallback is ~10x slower
+# per parallel region). Not pinned: its version is whatever the base's Debian release ships.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin convserve \
+ && install -d -o convserve -g convserve -m 0755 /var/cache/convserve/numba
+
+COPY --from=build /opt/convserve /opt/convserve
+COPY --from=build /models /models
+
+ENV PATH=/opt/convserve/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    NUMBA_CACHE_DIR=/var/cache/convserve/numba \
+    CONVSERVE_MODEL_REPOSITORY=/models \
+    CONVSERVE_HOST=0.0.0.0 \
+    CONVSERVE_PORT=8001 \
+    CONVSERVE_METRICS_PORT=8002 \
+    CONVSERVE_GRACE_PERIOD=8
+
+# Numeric, so that Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+
+# Compile every kernel the server's start-up warm-up runs (batch 1 and the default
+# --max-batch-size 64), as the runtime user, into the runtime cache directory and against the
+# installed files: numba keys its cache by source path and mtime and by the CPU's features.
+RUN python3 -c "import glob; from convserve.core import Model; \
+[Model.load(p).warmup((1, 64)) for p in sorted(glob.glob('/models/*/*/model.safetensors'))]"
+
+EXPOSE 8001 8002
+
+# `convserve health` asks grpc.health.v1 of the server on CONVSERVE_PORT: no curl, no probe binary.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["sh", "-c", "exec convserve health --target 127.0.0.1:${CONVSERVE_PORT} --timeout 3"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["convserve"]
+CMD ["serve"]
