@@ -11,6 +11,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     summary.add_argument("model_file", metavar="MODEL_FILE", help="a convserve/1 .safetensors file")
     summary.set_defaults(func=run_summary)
 
+    from convserve.core.training import cli as training_cli
+
+    training_cli.register(subparsers)
+
 
 def run_summary(args: argparse.Namespace) -> int:
     from convserve.core.architecture import parse_architecture

@@ -1,0 +1,592 @@
+"""Numba kernels for training: train-mode forward and backward of every layer, loss, optimizers.
+
+Module-level pure functions on arrays with explicit output buffers (see docs/performance.md,
+sections 3 and 7). They run in float32 for training and in float64 for the gradient checks.
+Layouts: activations NHWC; conv weights packed as `wd[CO, KH*KW*CI]` in (ky, kx, ci) order;
+dense weights as `W[units, in_features]`. Every reduction runs in a fixed order over a fixed
+partition of the work (never "whichever thread comes first"), so results are bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Activation codes shared with layers.py.
+LINEAR, RELU, TANH, SIGMOID, SOFTMAX = 0, 1, 2, 3, 4
+# Work partitions for per-chunk gradient partials: fixed, so results do not depend on thread count.
+NCHUNKS = 4
+
+_JIT = {"fastmath": True, "cache": True}
+
+
+# --------------------------------------------------------------------------------- helpers
+@njit(inline="always", **_JIT)
+def _axpy(y, a, x):
+    """y += a * x on contiguous 1-D arrays of the same length."""
+    for i in range(y.shape[0]):
+        y[i] += a * x[i]
+
+
+@njit(inline="always", **_JIT)
+def _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, dst):
+    """Copy the receptive field of output pixel (oy, ox) of image n into dst (K,), zeros outside."""
+    h = x.shape[1]
+    w = x.shape[2]
+    c_in = x.shape[3]
+    z = dst.dtype.type(0)
+    k = 0
+    for ky in range(kh):
+        iy = oy * sh - pt + ky
+        for kx in range(kw):
+            ix = ox * sw - pl + kx
+            if iy >= 0 and iy < h and ix >= 0 and ix < w:
+                src = x[n, iy, ix]
+                for c in range(c_in):
+                    dst[k + c] = src[c]
+            else:
+                for c in range(c_in):
+                    dst[k + c] = z
+            k += c_in
+
+
+@njit(inline="always", **_JIT)
+def _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, src):
+    """dx[n] += src (K,) over the receptive field of output pixel (oy, ox), skipping padding."""
+    h = dx.shape[1]
+    w = dx.shape[2]
+    c_in = dx.shape[3]
+    k = 0
+    for ky in range(kh):
+        iy = oy * sh - pt + ky
+        for kx in range(kw):
+            ix = ox * sw - pl + kx
+            if iy >= 0 and iy < h and ix >= 0 and ix < w:
+                dst = dx[n, iy, ix]
+                for c in range(c_in):
+                    dst[c] += src[k + c]
+            k += c_in
+
+
+@njit(inline="always", **_JIT)
+def _gemm_nt_rows(a, rows, b, bias, out2, out_row0):
+    """out2[out_row0 + i, j] = bias[j] + sum_k a[i, k] * b[j, k] for i < rows.
+
+    `a` (R4, K) has R4 >= rows, a multiple of 4 (extra rows are ignored on output);
+    4 rows x 4 columns of scalar accumulators, the register-blocked micro-kernel.
+    """
+    kdim = a.shape[1]
+    cols = b.shape[0]
+    r4 = a.shape[0]
+    z = out2.dtype.type(0)
+    for r0 in range(0, r4, 4):
+        a0 = a[r0]
+        a1 = a[r0 + 1]
+        a2 = a[r0 + 2]
+        a3 = a[r0 + 3]
+        j = 0
+        while j + 4 <= cols:
+            b0 = b[j]
+            b1 = b[j + 1]
+            b2 = b[j + 2]
+            b3 = b[j + 3]
+            s00 = z; s01 = z; s02 = z; s03 = z
+            s10 = z; s11 = z; s12 = z; s13 = z
+            s20 = z; s21 = z; s22 = z; s23 = z
+            s30 = z; s31 = z; s32 = z; s33 = z
+            for k in range(kdim):
+                v0 = a0[k]; v1 = a1[k]; v2 = a2[k]; v3 = a3[k]
+                w0 = b0[k]; w1 = b1[k]; w2 = b2[k]; w3 = b3[k]
+                s00 += v0 * w0; s01 += v0 * w1; s02 += v0 * w2; s03 += v0 * w3
+                s10 += v1 * w0; s11 += v1 * w1; s12 += v1 * w2; s13 += v1 * w3
+                s20 += v2 * w0; s21 += v2 * w1; s22 += v2 * w2; s23 += v2 * w3
+                s30 += v3 * w0; s31 += v3 * w1; s32 += v3 * w2; s33 += v3 * w3
+            c0 = bias[j]; c1 = bias[j + 1]; c2 = bias[j + 2]; c3 = bias[j + 3]
+            if r0 < rows:
+                o = out2[out_row0 + r0]
+                o[j] = s00 + c0; o[j + 1] = s01 + c1; o[j + 2] = s02 + c2; o[j + 3] = s03 + c3
+            if r0 + 1 < rows:
+                o = out2[out_row0 + r0 + 1]
+                o[j] = s10 + c0; o[j + 1] = s11 + c1; o[j + 2] = s12 + c2; o[j + 3] = s13 + c3
+            if r0 + 2 < rows:
+                o = out2[out_row0 + r0 + 2]
+                o[j] = s20 + c0; o[j + 1] = s21 + c1; o[j + 2] = s22 + c2; o[j + 3] = s23 + c3
+            if r0 + 3 < rows:
+                o = out2[out_row0 + r0 + 3]
+                o[j] = s30 + c0; o[j + 1] = s31 + c1; o[j + 2] = s32 + c2; o[j + 3] = s33 + c3
+            j += 4
+        while j < cols:
+            bj = b[j]
+            s0 = z; s1 = z; s2 = z; s3 = z
+            for k in range(kdim):
+                w0 = bj[k]
+                s0 += a0[k] * w0; s1 += a1[k] * w0; s2 += a2[k] * w0; s3 += a3[k] * w0
+            c0 = bias[j]
+            if r0 < rows:
+                out2[out_row0 + r0, j] = s0 + c0
+            if r0 + 1 < rows:
+                out2[out_row0 + r0 + 1, j] = s1 + c0
+            if r0 + 2 < rows:
+                out2[out_row0 + r0 + 2, j] = s2 + c0
+            if r0 + 3 < rows:
+                out2[out_row0 + r0 + 3, j] = s3 + c0
+            j += 1
+
+
+# --------------------------------------------------------------------------------- conv2d
+@njit(parallel=True, **_JIT)
+def conv2d_forward(x, wd, bias, out, kh, kw, sh, sw, pt, pl):
+    """out (N, OH, OW, CO) = conv(x (N, H, W, CI), wd (CO, K)) + bias; no activation."""
+    n_img = x.shape[0]
+    oh = out.shape[1]
+    ow = out.shape[2]
+    co = out.shape[3]
+    kdim = wd.shape[1]
+    ow4 = (ow + 3) // 4 * 4
+    for task in prange(n_img * oh):
+        n = task // oh
+        oy = task - n * oh
+        patch = np.zeros((ow4, kdim), x.dtype)
+        for ox in range(ow):
+            _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch[ox])
+        row = out[n, oy]
+        _gemm_nt_rows(patch, ow, wd, bias, row, 0)
+    return co
+
+
+@njit(parallel=True, **_JIT)
+def conv2d_backward(x, wd, dout, dx, dw_part, db_part, kh, kw, sh, sw, pt, pl, need_dx):
+    """Sparse backward: only output cells with a non-zero gradient cost anything.
+
+    dw_part (NCHUNKS, CO, K) and db_part (NCHUNKS, CO) receive per-chunk partial sums (the caller
+    adds them in order); dx (N, H, W, CI) is overwritten when need_dx.
+    """
+    n_img = x.shape[0]
+    oh = dout.shape[1]
+    ow = dout.shape[2]
+    co_n = dout.shape[3]
+    kdim = wd.shape[1]
+    nchunks = dw_part.shape[0]
+    z = dw_part.dtype.type(0)
+    for chunk in prange(nchunks):
+        dwc = dw_part[chunk]
+        dbc = db_part[chunk]
+        dwc[:] = z
+        dbc[:] = z
+        n0 = chunk * n_img // nchunks
+        n1 = (chunk + 1) * n_img // nchunks
+        patch = np.empty(kdim, x.dtype)
+        gpatch = np.empty(kdim, x.dtype)
+        for n in range(n0, n1):
+            if need_dx:
+                dx[n] = z
+            for oy in range(oh):
+                for ox in range(ow):
+                    g_row = dout[n, oy, ox]
+                    gathered = False
+                    for co in range(co_n):
+                        g = g_row[co]
+                        if g != z:
+                            if not gathered:
+                                _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch)
+                                gpatch[:] = z
+                                gathered = True
+                            _axpy(dwc[co], g, patch)
+                            dbc[co] += g
+                            if need_dx:
+                                _axpy(gpatch, g, wd[co])
+                    if gathered and need_dx:
+                        _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, gpatch)
+
+
+@njit(parallel=True, **_JIT)
+def conv2d_forward_small(x, wt, bias, out, kh, kw, sh, sw, pt, pl):
+    """conv2d_forward for a short reduction (K = KH*KW*CI small, e.g. a first layer).
+
+    wt is the transposed kernel (K, CO); each output pixel is bias + sum_k patch[k] * wt[k],
+    vectorised over the output channels.
+    """
+    n_img = x.shape[0]
+    oh = out.shape[1]
+    ow = out.shape[2]
+    kdim = wt.shape[0]
+    for task in prange(n_img * oh):
+        n = task // oh
+        oy = task - n * oh
+        patch = np.empty(kdim, x.dtype)
+        for ox in range(ow):
+            _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch)
+            row = out[n, oy, ox]
+            row[:] = bias
+            for k in range(kdim):
+                _axpy(row, patch[k], wt[k])
+
+
+@njit(parallel=True, **_JIT)
+def conv2d_backward_small(x, wt, dout, dx, dwt_part, db_part, kh, kw, sh, sw, pt, pl, need_dx):
+    """conv2d_backward for a short reduction: per pixel, outer products over the output channels.
+
+    wt (K, CO) is the transposed kernel; dwt_part (NCHUNKS, K, CO) receives transposed partials.
+    """
+    n_img = x.shape[0]
+    oh = dout.shape[1]
+    ow = dout.shape[2]
+    co_n = dout.shape[3]
+    kdim = wt.shape[0]
+    nchunks = dwt_part.shape[0]
+    z = dwt_part.dtype.type(0)
+    for chunk in prange(nchunks):
+        dwc = dwt_part[chunk]
+        dbc = db_part[chunk]
+        dwc[:] = z
+        dbc[:] = z
+        n0 = chunk * n_img // nchunks
+        n1 = (chunk + 1) * n_img // nchunks
+        patch = np.empty(kdim, x.dtype)
+        gpatch = np.empty(kdim, x.dtype)
+        for n in range(n0, n1):
+            if need_dx:
+                dx[n] = z
+            for oy in range(oh):
+                for ox in range(ow):
+                    g_row = dout[n, oy, ox]
+                    nonzero = False
+                    for co in range(co_n):
+                        if g_row[co] != z:
+                            nonzero = True
+                            break
+                    if not nonzero:
+                        continue
+                    _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch)
+                    for k in range(kdim):
+                        pk = patch[k]
+                        if pk != z:
+                            _axpy(dwc[k], pk, g_row)
+                    for co in range(co_n):
+                        dbc[co] += g_row[co]
+                    if need_dx:
+                        for k in range(kdim):
+                            wk = wt[k]
+                            s = z
+                            for co in range(co_n):
+                                s += g_row[co] * wk[co]
+                            gpatch[k] = s
+                        _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, gpatch)
+
+
+@njit(**_JIT)
+def sum_partials(parts, out):
+    """out = parts[0] + parts[1] + ... in a fixed order (flat, contiguous)."""
+    out[:] = parts[0]
+    for c in range(1, parts.shape[0]):
+        p = parts[c]
+        for i in range(out.shape[0]):
+            out[i] += p[i]
+
+
+# --------------------------------------------------------------------------------- pooling
+@njit(parallel=True, **_JIT)
+def maxpool_forward(x, out, arg, ph, pw, sh, sw, pt, pl):
+    """Max over each window (padding ignored); arg records the winner as iy * W + ix."""
+    n_img, h, w, c_n = x.shape
+    oh = out.shape[1]
+    ow = out.shape[2]
+    for task in prange(n_img * oh):
+        n = task // oh
+        oy = task - n * oh
+        for ox in range(ow):
+            o = out[n, oy, ox]
+            a = arg[n, oy, ox]
+            first = True
+            for ky in range(ph):
+                iy = oy * sh - pt + ky
+                if iy < 0 or iy >= h:
+                    continue
+                for kx in range(pw):
+                    ix = ox * sw - pl + kx
+                    if ix < 0 or ix >= w:
+                        continue
+                    src = x[n, iy, ix]
+                    pos = iy * w + ix
+                    if first:
+                        for c in range(c_n):
+                            o[c] = src[c]
+                            a[c] = pos
+                        first = False
+                    else:
+                        for c in range(c_n):
+                            if src[c] > o[c]:
+                                o[c] = src[c]
+                                a[c] = pos
+
+
+@njit(parallel=True, **_JIT)
+def maxpool_backward(dout, arg, dx):
+    """dx (overwritten) receives each window's gradient at its recorded winner."""
+    n_img = dout.shape[0]
+    oh = dout.shape[1]
+    ow = dout.shape[2]
+    c_n = dout.shape[3]
+    w = dx.shape[2]
+    z = dx.dtype.type(0)
+    for n in prange(n_img):
+        dx[n] = z
+        for oy in range(oh):
+            for ox in range(ow):
+                g = dout[n, oy, ox]
+                a = arg[n, oy, ox]
+                for c in range(c_n):
+                    pos = a[c]
+                    iy = pos // w
+                    dx[n, iy, pos - iy * w, c] += g[c]
+
+
+@njit(parallel=True, **_JIT)
+def avgpool_forward(x, out, ph, pw, sh, sw, pt, pl):
+    """Mean over each window's real (unpadded) cells."""
+    n_img, h, w, c_n = x.shape
+    oh = out.shape[1]
+    ow = out.shape[2]
+    z = out.dtype.type(0)
+    for task in prange(n_img * oh):
+        n = task // oh
+        oy = task - n * oh
+        for ox in range(ow):
+            o = out[n, oy, ox]
+            o[:] = z
+            count = 0
+            for ky in range(ph):
+                iy = oy * sh - pt + ky
+                if iy < 0 or iy >= h:
+                    continue
+                for kx in range(pw):
+                    ix = ox * sw - pl + kx
+                    if ix < 0 or ix >= w:
+                        continue
+                    count += 1
+                    src = x[n, iy, ix]
+                    for c in range(c_n):
+                        o[c] += src[c]
+            inv = out.dtype.type(1) / out.dtype.type(count)
+            for c in range(c_n):
+                o[c] *= inv
+
+
+@njit(parallel=True, **_JIT)
+def avgpool_backward(dout, dx, ph, pw, sh, sw, pt, pl):
+    """dx (overwritten): each window's gradient shared equally among its real cells."""
+    n_img, h, w, c_n = dx.shape
+    oh = dout.shape[1]
+    ow = dout.shape[2]
+    z = dx.dtype.type(0)
+    for n in prange(n_img):
+        dx[n] = z
+        for oy in range(oh):
+            y0 = max(oy * sh - pt, 0)
+            y1 = min(oy * sh - pt + ph, h)
+            for ox in range(ow):
+                x0 = max(ox * sw - pl, 0)
+                x1 = min(ox * sw - pl + pw, w)
+                inv = dx.dtype.type(1) / dx.dtype.type((y1 - y0) * (x1 - x0))
+                g = dout[n, oy, ox]
+                for iy in range(y0, y1):
+                    for ix in range(x0, x1):
+                        d = dx[n, iy, ix]
+                        for c in range(c_n):
+                            d[c] += g[c] * inv
+
+
+# --------------------------------------------------------------------------------- dense
+@njit(parallel=True, **_JIT)
+def dense_forward(x, w, bias, out):
+    """out (N, U) = x (N, I) @ w (U, I).T + bias; 4 samples x 4 units per micro-kernel step."""
+    n_img = x.shape[0]
+    kdim = x.shape[1]
+    blocks = (n_img + 3) // 4
+    for blk in prange(blocks):
+        r0 = blk * 4
+        rows = min(4, n_img - r0)
+        a = np.zeros((4, kdim), x.dtype)
+        for r in range(rows):
+            a[r] = x[r0 + r]
+        _gemm_nt_rows(a, rows, w, bias, out, r0)
+
+
+@njit(parallel=True, **_JIT)
+def dense_backward_params(x, dout, dw, db):
+    """dw (U, I) = dout.T @ x, db = sum of dout over the batch (zero rows of dout skipped)."""
+    n_img = x.shape[0]
+    units = dout.shape[1]
+    z = dw.dtype.type(0)
+    for j in prange(units):
+        row = dw[j]
+        row[:] = z
+        s = z
+        for n in range(n_img):
+            g = dout[n, j]
+            if g != z:
+                _axpy(row, g, x[n])
+                s += g
+        db[j] = s
+
+
+@njit(parallel=True, **_JIT)
+def dense_backward_input(w, dout, dx):
+    """dx (N, I) = dout @ w."""
+    n_img = dout.shape[0]
+    units = dout.shape[1]
+    z = dx.dtype.type(0)
+    for n in prange(n_img):
+        row = dx[n]
+        row[:] = z
+        for j in range(units):
+            g = dout[n, j]
+            if g != z:
+                _axpy(row, g, w[j])
+
+
+# --------------------------------------------------------------------------------- activations
+@njit(parallel=True, **_JIT)
+def activation_forward(y, kind):
+    """In place on a 2-D (rows, features) view; softmax is per row."""
+    rows = y.shape[0]
+    cols = y.shape[1]
+    z = y.dtype.type(0)
+    one = y.dtype.type(1)
+    for r in prange(rows):
+        v = y[r]
+        if kind == RELU:
+            for i in range(cols):
+                if v[i] < z:
+                    v[i] = z
+        elif kind == TANH:
+            for i in range(cols):
+                v[i] = np.tanh(v[i])
+        elif kind == SIGMOID:
+            for i in range(cols):
+                v[i] = one / (one + np.exp(-v[i]))
+        elif kind == SOFTMAX:
+            m = v[0]
+            for i in range(1, cols):
+                m = max(m, v[i])
+            s = z
+            for i in range(cols):
+                e = np.exp(v[i] - m)
+                v[i] = e
+                s += e
+            inv = one / s
+            for i in range(cols):
+                v[i] *= inv
+
+
+@njit(parallel=True, **_JIT)
+def activation_backward(dy, y, kind, dz):
+    """dz = dL/dz from dy = dL/dy and the activation's output y (2-D views)."""
+    rows = y.shape[0]
+    cols = y.shape[1]
+    z = y.dtype.type(0)
+    one = y.dtype.type(1)
+    for r in prange(rows):
+        g = dy[r]
+        v = y[r]
+        d = dz[r]
+        if kind == RELU:
+            for i in range(cols):
+                d[i] = g[i] if v[i] > z else z
+        elif kind == TANH:
+            for i in range(cols):
+                d[i] = g[i] * (one - v[i] * v[i])
+        elif kind == SIGMOID:
+            for i in range(cols):
+                d[i] = g[i] * v[i] * (one - v[i])
+        elif kind == SOFTMAX:
+            s = z
+            for i in range(cols):
+                s += g[i] * v[i]
+            for i in range(cols):
+                d[i] = v[i] * (g[i] - s)
+        else:
+            for i in range(cols):
+                d[i] = g[i]
+
+
+# --------------------------------------------------------------------------------- loss
+@njit(**_JIT)
+def softmax_cross_entropy(logits, labels, dlogits):
+    """Mean cross-entropy of softmax(logits); dlogits = (softmax - onehot) / N.
+
+    Returns (summed loss as float64, number of correct argmax predictions).
+    """
+    n_img = logits.shape[0]
+    classes = logits.shape[1]
+    inv_n = dlogits.dtype.type(1.0 / n_img)
+    total = 0.0
+    correct = 0
+    for n in range(n_img):
+        v = logits[n]
+        d = dlogits[n]
+        m = v[0]
+        best = 0
+        for i in range(1, classes):
+            if v[i] > m:
+                m = v[i]
+                best = i
+        s = 0.0
+        for i in range(classes):
+            e = np.exp(v[i] - m)
+            d[i] = e
+            s += e
+        lab = labels[n]
+        total += np.log(s) - (v[lab] - m)
+        if best == lab:
+            correct += 1
+        inv = 1.0 / s
+        for i in range(classes):
+            d[i] = d[i] * inv * inv_n
+        d[lab] -= inv_n
+    return total, correct
+
+
+# --------------------------------------------------------------------------------- optimizers
+@njit(parallel=True, **_JIT)
+def adam_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """AdamW-style decoupled weight decay when weight_decay > 0 (p -= lr * wd * p)."""
+    size = p.shape[0]
+    f = p.dtype.type
+    b1 = f(beta1)
+    b2 = f(beta2)
+    c1 = f(1.0 / (1.0 - beta1 ** step))
+    c2 = f(1.0 / (1.0 - beta2 ** step))
+    lr_f = f(lr)
+    e = f(eps)
+    decay = f(lr * weight_decay)
+    one = f(1)
+    blocks = (size + 4095) // 4096
+    for blk in prange(blocks):
+        for i in range(blk * 4096, min(size, blk * 4096 + 4096)):
+            gi = g[i]
+            mi = b1 * m[i] + (one - b1) * gi
+            vi = b2 * v[i] + (one - b2) * gi * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] -= lr_f * (mi * c1) / (np.sqrt(vi * c2) + e) + decay * p[i]
+
+
+@njit(parallel=True, **_JIT)
+def sgd_step(p, g, vel, lr, momentum, nesterov, weight_decay):
+    """SGD with momentum (classic or Nesterov) and L2 weight decay added to the gradient."""
+    size = p.shape[0]
+    f = p.dtype.type
+    lr_f = f(lr)
+    mu = f(momentum)
+    wd = f(weight_decay)
+    blocks = (size + 4095) // 4096
+    for blk in prange(blocks):
+        for i in range(blk * 4096, min(size, blk * 4096 + 4096)):
+            gi = g[i] + wd * p[i]
+            vi = mu * vel[i] + gi
+            vel[i] = vi
+            if nesterov:
+                p[i] -= lr_f * (gi + mu * vi)
+            else:
+                p[i] -= lr_f * vi

@@ -1,0 +1,217 @@
+"""Train-mode layers: `forward(x, rng) -> (out, cache)` and `backward(dout, cache) -> (dx, grads)`.
+
+Each layer owns its configuration (a `LayerSpec`) and views into the network's flat parameter
+and gradient buffers (bound by `Network`); the arithmetic lives in `kernels.py`. Parameters are
+kept in the kernels' layouts: conv `(CO, KH*KW*CI)`, dense `(units, in_features)`; `Network`
+converts to the model file's Keras layouts on export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from convserve.core.architecture import LayerSpec
+from convserve.core.training import kernels as K
+
+ACTIVATION_CODES = {"linear": K.LINEAR, "relu": K.RELU, "tanh": K.TANH, "sigmoid": K.SIGMOID, "softmax": K.SOFTMAX}
+
+Cache = Any
+Grads = dict[str, np.ndarray]
+
+
+class Layer:
+    """Base: no parameters, identity."""
+
+    def __init__(self, spec: LayerSpec):
+        self.spec = spec
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter shapes in training layout, by short name (`kernel`, `bias`)."""
+        return {}
+
+    def forward(self, x: np.ndarray, rng: np.random.Generator | None = None) -> tuple[np.ndarray, Cache]:
+        return x, None
+
+    def backward(self, dout: np.ndarray, cache: Cache, need_dx: bool = True) -> tuple[np.ndarray | None, Grads]:
+        return dout, {}
+
+
+def _activate(z: np.ndarray, code: int) -> np.ndarray:
+    if code != K.LINEAR:
+        K.activation_forward(z.reshape(z.shape[0], -1), code)
+    return z
+
+
+def _activation_grad(dout: np.ndarray, y: np.ndarray, code: int) -> np.ndarray:
+    if code == K.LINEAR:
+        return dout
+    dz = np.empty_like(y)
+    rows = y.shape[0]
+    K.activation_backward(np.ascontiguousarray(dout).reshape(rows, -1), y.reshape(rows, -1), code, dz.reshape(rows, -1))
+    return dz
+
+
+class _WithActivation(Layer):
+    def __init__(self, spec: LayerSpec):
+        super().__init__(spec)
+        self.act = ACTIVATION_CODES[spec.activation]
+        # Set by Network on the last layer when its softmax is fused into the loss.
+        self.fused_softmax = False
+
+    @property
+    def effective_act(self) -> int:
+        return K.LINEAR if self.fused_softmax else self.act
+
+    def _bias(self, dtype: np.dtype, size: int) -> np.ndarray:
+        return self.params["bias"] if self.spec.use_bias else np.zeros(size, dtype)
+
+
+class Conv2D(_WithActivation):
+    # Reductions up to this length (KH*KW*CI) use the outer-product kernels.
+    SMALL_K = 32
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        kh, kw = self.spec.kernel_size
+        shapes = {"kernel": (self.spec.filters, kh * kw * self.spec.input_shape[2])}
+        if self.spec.use_bias:
+            shapes["bias"] = (self.spec.filters,)
+        return shapes
+
+    def _geometry(self) -> tuple[int, ...]:
+        s = self.spec
+        return (*s.kernel_size, *s.strides, s.pads[0], s.pads[2])
+
+    def forward(self, x, rng=None):
+        s = self.spec
+        out = np.empty((x.shape[0], *s.output_shape), x.dtype)
+        wd = self.params["kernel"]
+        bias = self._bias(x.dtype, s.filters)
+        if wd.shape[1] <= self.SMALL_K:
+            K.conv2d_forward_small(x, np.ascontiguousarray(wd.T), bias, out, *self._geometry())
+        else:
+            K.conv2d_forward(x, wd, bias, out, *self._geometry())
+        return _activate(out, self.effective_act), (x, out)
+
+    def backward(self, dout, cache, need_dx=True):
+        x, y = cache
+        dz = _activation_grad(dout, y, self.effective_act)
+        wd = self.params["kernel"]
+        db_part = np.empty((K.NCHUNKS, wd.shape[0]), wd.dtype)
+        dx = np.empty_like(x) if need_dx else np.empty((1, 1, 1, 1), x.dtype)
+        dz = np.ascontiguousarray(dz)
+        if wd.shape[1] <= self.SMALL_K:
+            dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
+            K.conv2d_backward_small(x, np.ascontiguousarray(wd.T), dz, dx, dwt_part, db_part, *self._geometry(), need_dx)
+            self.grads["kernel"][:] = dwt_part.sum(axis=0).T  # fixed order: numpy's pairwise sum
+        else:
+            dw_part = np.empty((K.NCHUNKS, *wd.shape), wd.dtype)
+            K.conv2d_backward(x, wd, dz, dx, dw_part, db_part, *self._geometry(), need_dx)
+            K.sum_partials(dw_part.reshape(K.NCHUNKS, -1), self.grads["kernel"].reshape(-1))
+        if self.spec.use_bias:
+            K.sum_partials(db_part, self.grads["bias"])
+        return (dx if need_dx else None), self.grads
+
+
+class Dense(_WithActivation):
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {"kernel": (self.spec.units, self.spec.input_shape[0])}
+        if self.spec.use_bias:
+            shapes["bias"] = (self.spec.units,)
+        return shapes
+
+    def forward(self, x, rng=None):
+        out = np.empty((x.shape[0], self.spec.units), x.dtype)
+        K.dense_forward(x, self.params["kernel"], self._bias(x.dtype, self.spec.units), out)
+        return _activate(out, self.effective_act), (x, out)
+
+    def backward(self, dout, cache, need_dx=True):
+        x, y = cache
+        dz = np.ascontiguousarray(_activation_grad(dout, y, self.effective_act))
+        w = self.params["kernel"]
+        db = self.grads["bias"] if self.spec.use_bias else np.empty(self.spec.units, w.dtype)
+        K.dense_backward_params(x, dz, self.grads["kernel"], db)
+        dx = None
+        if need_dx:
+            dx = np.empty_like(x)
+            K.dense_backward_input(w, dz, dx)
+        return dx, self.grads
+
+
+class Activation(_WithActivation):
+    def forward(self, x, rng=None):
+        y = _activate(x.copy(), self.effective_act)
+        return y, y
+
+    def backward(self, dout, cache, need_dx=True):
+        return _activation_grad(dout, cache, self.effective_act), {}
+
+
+class MaxPool2D(Layer):
+    def forward(self, x, rng=None):
+        s = self.spec
+        out = np.empty((x.shape[0], *s.output_shape), x.dtype)
+        arg = np.empty(out.shape, np.int32)
+        K.maxpool_forward(x, out, arg, *s.pool_size, *s.strides, s.pads[0], s.pads[2])
+        return out, (x.shape, arg)
+
+    def backward(self, dout, cache, need_dx=True):
+        shape, arg = cache
+        dx = np.empty(shape, dout.dtype)
+        K.maxpool_backward(np.ascontiguousarray(dout), arg, dx)
+        return dx, {}
+
+
+class AvgPool2D(Layer):
+    def forward(self, x, rng=None):
+        s = self.spec
+        out = np.empty((x.shape[0], *s.output_shape), x.dtype)
+        K.avgpool_forward(x, out, *s.pool_size, *s.strides, s.pads[0], s.pads[2])
+        return out, x.shape
+
+    def backward(self, dout, cache, need_dx=True):
+        s = self.spec
+        dx = np.empty(cache, dout.dtype)
+        K.avgpool_backward(np.ascontiguousarray(dout), dx, *s.pool_size, *s.strides, s.pads[0], s.pads[2])
+        return dx, {}
+
+
+class Flatten(Layer):
+    def forward(self, x, rng=None):
+        return x.reshape(x.shape[0], -1), x.shape
+
+    def backward(self, dout, cache, need_dx=True):
+        return np.ascontiguousarray(dout).reshape(cache), {}
+
+
+class Dropout(Layer):
+    """Inverted dropout: keeps each value with probability 1 - rate and scales it by 1/(1 - rate)."""
+
+    def forward(self, x, rng=None):
+        rate = self.spec.rate
+        if rng is None or rate == 0.0:
+            return x, None
+        keep = rng.random(x.shape, dtype=np.float32) >= np.float32(rate)
+        mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - rate))
+        return x * mask, mask
+
+    def backward(self, dout, cache, need_dx=True):
+        return (dout if cache is None else dout * cache), {}
+
+
+LAYER_CLASSES: dict[str, type[Layer]] = {
+    "conv2d": Conv2D,
+    "dense": Dense,
+    "activation": Activation,
+    "max_pooling2d": MaxPool2D,
+    "average_pooling2d": AvgPool2D,
+    "flatten": Flatten,
+    "dropout": Dropout,
+}
+
+
+def build_layer(spec: LayerSpec) -> Layer:
+    return LAYER_CLASSES[spec.type](spec)
