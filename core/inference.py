@@ -1,83 +1,273 @@
-"""Forward execution of a validated architecture.
+"""Forward execution of a validated architecture with the Numba kernels of `core/kernels/`.
 
-Interim NumPy implementation with the final interface; the Numba kernels replace its insides.
+`InferencePlan` turns the layer list into steps once: weights are packed for the kernels, fusable
+patterns are merged (conv + 2x2/2 max pool, a standalone activation into the layer before it,
+the model's preprocessing into the first convolution, two final dense layers for small batches),
+dropout and flatten cost nothing (flatten is a view: NHWC is already H, W, C order). Activation
+buffers are allocated once per batch size and reused; a call allocates only its result.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import dataclass, field
+from typing import Any
 
+from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
+
+import numba
 import numpy as np
 
 from convserve.core.architecture import Architecture, LayerSpec
+from convserve.core.kernels import conv as kconv
+from convserve.core.kernels import dense as kdense
+from convserve.core.kernels import pool as kpool
+
+ACT_CODES = {"linear": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softmax": 4}
+_MONOTONIC = (0, 1, 2, 3)
+DENSE2_MAX_BATCH = 8   # below this, the last two dense layers run as one parallel region
+CONV_CHUNK = 32        # output pixels per task in the generic convolution
 
 
-def _activate(x: np.ndarray, activation: str) -> np.ndarray:
-    if activation == "relu":
-        return np.maximum(x, 0)
-    if activation == "tanh":
-        return np.tanh(x)
-    if activation == "sigmoid":
-        return 1 / (1 + np.exp(-x))
-    if activation == "softmax":
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    return x
+def _round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
 
 
-def _windows(x: np.ndarray, layer: LayerSpec, window: tuple[int, int], fill: float) -> tuple[np.ndarray, np.ndarray]:
-    top, bottom, left, right = layer.pads
-    padded = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
-    mask = np.pad(np.ones(x.shape[1:3], np.float32), ((top, bottom), (left, right)))
-    sh, sw = layer.strides
-    out_h, out_w = layer.output_shape[:2]
-    view = np.lib.stride_tricks.sliding_window_view(padded, window, axis=(1, 2))
-    mview = np.lib.stride_tricks.sliding_window_view(mask, window)
-    return view[:, : out_h * sh : sh, : out_w * sw : sw], mview[: out_h * sh : sh, : out_w * sw : sw]
+def _splits(tasks: int, groups: int, threads: int) -> int:
+    """How many ways to split output channels so that small batches still feed every thread."""
+    splits = 1
+    while tasks * splits < 4 * threads and splits * 2 <= groups:
+        splits *= 2
+    return splits
+
+
+@dataclass
+class _Step:
+    """One kernel call: `kind` selects it; `shape` is the per-image output shape (None: in place)."""
+
+    kind: str
+    shape: tuple[int, ...] | None
+    params: dict[str, Any] = field(default_factory=dict)
+    takes_raw: bool = False   # applies the model's preprocessing itself
+
+
+def _pack_conv(layer: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) -> dict[str, Any]:
+    kh, kw, ci, co = kernel.shape
+    k = kh * kw * ci
+    wd = np.zeros((_round_up(co, 4), _round_up(k, 16)), np.float32)
+    wd[:co, :k] = kernel.reshape(k, co).T
+    b = np.zeros(wd.shape[0], np.float32)
+    if bias is not None:
+        b[:co] = bias
+    return {"wd": wd, "bias": b, "kh": kh, "kw": kw, "sh": layer.strides[0], "sw": layer.strides[1],
+            "pt": layer.pads[0], "pl": layer.pads[2]}
+
+
+def _pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    k, units = kernel.shape
+    wt = np.zeros((_round_up(units, 8), k), np.float32)
+    wt[:units] = kernel.T
+    b = np.zeros(wt.shape[0], np.float32)
+    if bias is not None:
+        b[:units] = bias
+    return wt, b
+
+
+def _fusable_pool(layer: LayerSpec | None) -> bool:
+    return (layer is not None and layer.type == "max_pooling2d" and layer.pool_size == (2, 2)
+            and layer.strides == (2, 2) and layer.padding == "valid")
+
+
+def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Step]:
+    """Compile the layer list into kernel steps (packing weights, fusing known patterns)."""
+    layers = [l for l in arch.layers if l.type != "dropout"]
+    steps: list[_Step] = []
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        prefix = f"layers.{layer.index}"
+        if layer.type == "conv2d":
+            act = ACT_CODES[layer.activation]
+            # a standalone activation right after a linear conv becomes the conv's activation
+            if act == 0 and nxt is not None and nxt.type == "activation" and nxt.activation != "softmax":
+                act = ACT_CODES[nxt.activation]
+                i += 1
+                nxt = layers[i + 1] if i + 1 < len(layers) else None
+            p = _pack_conv(layer, weights[f"{prefix}.kernel"], weights.get(f"{prefix}.bias"))
+            first = not steps
+            if act in _MONOTONIC and _fusable_pool(nxt) and layer.output_shape[0] >= 2 and layer.output_shape[1] >= 2:
+                out_shape = nxt.output_shape
+                if (layer.input_shape[2] == 1 and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
+                        and layer.filters % 16 == 0):
+                    wb = np.zeros((layer.filters // 16, 10, 16), np.float32)
+                    taps = weights[f"{prefix}.kernel"].reshape(9, layer.filters // 16, 16)
+                    wb[:, :9] = taps.transpose(1, 0, 2)
+                    wb[:, 9] = p["bias"][: layer.filters].reshape(-1, 16)
+                    p["wb"] = wb
+                    steps.append(_Step("conv1_k3_pool2", out_shape, {**p, "act": act}, takes_raw=first))
+                else:
+                    steps.append(_Step("conv_pool2", out_shape, {**p, "act": act}, takes_raw=first))
+                i += 2
+                continue
+            steps.append(_Step("conv", layer.output_shape, {**p, "act": 0 if act == 4 else act}, takes_raw=first))
+            if act == 4:
+                steps.append(_Step("activate", None, {"act": 4, "width": layer.filters}))
+            i += 1
+            continue
+        if not steps:  # the model's preprocessing, when no convolution comes first
+            steps.append(_Step("preprocess", arch.input_shape, {}, takes_raw=True))
+        if layer.type in ("max_pooling2d", "average_pooling2d"):
+            steps.append(_Step("pool", layer.output_shape, {
+                "ph": layer.pool_size[0], "pw": layer.pool_size[1], "sh": layer.strides[0],
+                "sw": layer.strides[1], "pt": layer.pads[0], "pl": layer.pads[2],
+                "average": layer.type == "average_pooling2d"}))
+        elif layer.type == "flatten":
+            steps.append(_Step("flatten", layer.output_shape))
+        elif layer.type == "dense":
+            act = ACT_CODES[layer.activation]
+            if act == 0 and nxt is not None and nxt.type == "activation":
+                act = ACT_CODES[nxt.activation]
+                i += 1
+            wt, b = _pack_dense(weights[f"{prefix}.kernel"], weights.get(f"{prefix}.bias"))
+            steps.append(_Step("dense", layer.output_shape, {"wt": wt, "bias": b, "act": act}))
+        elif layer.type == "activation":
+            width = layer.output_shape[-1]
+            steps.append(_Step("activate", None, {"act": ACT_CODES[layer.activation], "width": width}))
+        i += 1
+    # the last two dense layers of a classifier as one region for small batches
+    if len(steps) >= 2 and steps[-1].kind == "dense" and steps[-2].kind == "dense":
+        steps[-1].params["pair_with_previous"] = True
+    return steps
 
 
 class InferencePlan:
-    """Runs a model's layers on float32 NHWC batches. Safe to call from several threads."""
+    """Runs a model's layers on float32 NHWC batches. Safe to call from several threads
+    (calls are serialized; the kernels themselves use every core and release the GIL)."""
 
     def __init__(self, architecture: Architecture, weights: dict[str, np.ndarray]):
         self.architecture = architecture
         self.weights = weights
+        arch = architecture
+        std = np.asarray(arch.std, np.float32)
+        self.scale = (np.float32(arch.scale) / std).astype(np.float32)
+        self.shift = (-np.asarray(arch.mean, np.float32) / std).astype(np.float32)
+        self._identity = (np.ones(arch.input_shape[2], np.float32), np.zeros(arch.input_shape[2], np.float32))
+        self.steps = build_steps(arch, weights)
+        self.threads = numba.config.NUMBA_NUM_THREADS
+        scratch = 16
+        for step in self.steps:
+            if step.kind == "conv_pool2":
+                scratch = max(scratch, 4 * step.shape[1] * step.params["wd"].shape[1])
+            elif step.kind == "conv":
+                scratch = max(scratch, CONV_CHUNK * step.params["wd"].shape[1])
+        self._scratch = np.zeros((self.threads, scratch), np.float32)
+        self._buffers: dict[int, list[np.ndarray | None]] = {}
+        self._inputs: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """`x`: float32 (N, H, W, C), preprocessed. Returns a new float32 (N, outputs) array."""
+    # -- public ---------------------------------------------------------------------------
+    def run(self, x: np.ndarray, preprocess: bool = False) -> np.ndarray:
+        """`x`: (N, H, W, C) batch, checked by the caller. With `preprocess=False` it is float32
+        and already preprocessed; with `preprocess=True` it holds raw pixels (any real dtype) and
+        the model's `(p * scale - mean) / std` is applied inside the first kernel.
+        Returns a new float32 (N, outputs) array."""
+        n = x.shape[0]
         with self._lock:
-            for layer in self.architecture.layers:
-                x = self._layer(layer, x)
-            return np.ascontiguousarray(x, dtype=np.float32)
+            if x.dtype != np.float32 or not x.flags.c_contiguous:
+                buf = self._inputs.get(n)
+                if buf is None:
+                    buf = self._inputs[n] = np.empty(x.shape, np.float32)
+                np.copyto(buf, x, casting="unsafe")
+                x = buf
+            return self._forward(x, preprocess)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """Compile and run every kernel once per batch size."""
+        """Compile (or load from numba's cache) every kernel the model needs and allocate the
+        buffers of each batch size, by running each batch size once."""
         for n in batch_sizes:
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32))
+            self.run(np.zeros((n, *self.architecture.input_shape), np.float32), preprocess=True)
 
-    def _layer(self, layer: LayerSpec, x: np.ndarray) -> np.ndarray:
-        w = self.weights
-        prefix = f"layers.{layer.index}"
-        if layer.type == "conv2d":
-            view, _ = _windows(x, layer, layer.kernel_size, 0.0)  # N, oh, ow, C, kh, kw
-            out = np.einsum("nhwcij,ijcf->nhwf", view, w[f"{prefix}.kernel"], optimize=True)
-            if layer.use_bias:
-                out = out + w[f"{prefix}.bias"]
-            return _activate(out.astype(np.float32), layer.activation)
-        if layer.type == "max_pooling2d":
-            view, _ = _windows(x, layer, layer.pool_size, -np.inf)
-            return view.max(axis=(4, 5))
-        if layer.type == "average_pooling2d":
-            view, mask = _windows(x, layer, layer.pool_size, 0.0)
-            return (view.sum(axis=(4, 5)) / mask.sum(axis=(2, 3))[None, :, :, None]).astype(np.float32)
-        if layer.type == "flatten":
-            return x.reshape(x.shape[0], -1)
-        if layer.type == "dense":
-            out = x @ w[f"{prefix}.kernel"]
-            if layer.use_bias:
-                out = out + w[f"{prefix}.bias"]
-            return _activate(out, layer.activation)
-        if layer.type == "activation":
-            return _activate(x, layer.activation)
-        return x  # dropout: identity at inference
+    # -- internals ------------------------------------------------------------------------
+    def _buffers_for(self, n: int) -> list[np.ndarray | None]:
+        bufs = self._buffers.get(n)
+        if bufs is None:
+            bufs = []
+            for k, step in enumerate(self.steps):
+                last = k == len(self.steps) - 1
+                if step.shape is None or step.kind == "flatten" or last:
+                    bufs.append(None)
+                else:
+                    bufs.append(np.empty((n, *step.shape), np.float32))
+            for k, step in enumerate(self.steps):  # hidden layer of the fused dense pair
+                if step.params.get("pair_with_previous"):
+                    bufs.append(np.empty((n, self.steps[k - 1].shape[0]), np.float32))
+            self._buffers[n] = bufs
+        return bufs
+
+    def _forward(self, x: np.ndarray, preprocess: bool) -> np.ndarray:
+        n = x.shape[0]
+        bufs = self._buffers_for(n)
+        threads = numba.get_num_threads()
+        steps = self.steps
+        count = len(steps)
+        k = 0
+        while k < count:
+            step = steps[k]
+            p = step.params
+            last = k == count - 1
+            if step.shape is None:
+                out = x
+            elif last:
+                out = np.empty((n, *step.shape), np.float32)
+            else:
+                out = bufs[k]
+            if step.kind == "dense" and k + 1 < count and steps[k + 1].params.get("pair_with_previous") \
+                    and n < DENSE2_MAX_BATCH:
+                nxt = steps[k + 1]
+                out = np.empty((n, *nxt.shape), np.float32) if k + 1 == count - 1 else bufs[k + 1]
+                kdense.dense2(x, p["wt"], p["bias"], bufs[-1], p["act"],
+                              nxt.params["wt"], nxt.params["bias"], out, nxt.params["act"])
+                x = out
+                k += 2
+                continue
+            sc, sf = (self.scale, self.shift) if (step.takes_raw and preprocess) else self._identity
+            pre = int(step.takes_raw and preprocess)
+            if step.kind == "conv_pool2":
+                tasks = n * step.shape[0]
+                splits = _splits(tasks, p["wd"].shape[0] // 4, threads)
+                kconv.conv_pool2(x, p["wd"], p["bias"], sc, sf, pre, self._scratch, out,
+                                 p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], splits)
+            elif step.kind == "conv1_k3_pool2":
+                tasks = n * step.shape[0]
+                splits = _splits(tasks, p["wb"].shape[0], threads)
+                kconv.conv1_k3_pool2(x, p["wb"], sc, sf, out, p["pt"], p["pl"], p["act"], splits)
+            elif step.kind == "conv":
+                tasks = n * math.ceil(step.shape[0] * step.shape[1] / CONV_CHUNK)
+                splits = _splits(tasks, p["wd"].shape[0] // 4, threads)
+                kconv.conv(x, p["wd"], p["bias"], sc, sf, pre, self._scratch, out,
+                           p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], CONV_CHUNK, splits)
+            elif step.kind == "preprocess":
+                c = x.shape[-1]
+                if preprocess:
+                    kdense.preprocess(x.reshape(-1, c), self.scale, self.shift, out.reshape(-1, c))
+                else:
+                    out[...] = x
+            elif step.kind == "pool":
+                kpool.pool2d(x, out, p["ph"], p["pw"], p["sh"], p["sw"], p["pt"], p["pl"], p["average"])
+            elif step.kind == "flatten":
+                out = x.reshape(n, -1)
+            elif step.kind == "dense":
+                rgroups = (n + 3) // 4
+                groups = p["wt"].shape[0] // (4 if n >= 4 else 8)
+                splits = 1 if p["act"] == 4 else _splits(rgroups, groups, threads)
+                kdense.dense(x, p["wt"], p["bias"], out, p["act"], splits)
+            elif step.kind == "activate":
+                kdense.activate(x.reshape(-1, p["width"]), p["act"])
+            x = out
+            k += 1
+        if x.base is not None or any(x is b for b in bufs):  # the result must be a new array
+            x = x.reshape(n, -1).copy()
+        return x

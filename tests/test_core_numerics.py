@@ -1,0 +1,284 @@
+"""Numerics of the Numba forward pass against an independent NumPy reference, ONNX Runtime and
+torch (when installed), on seeded random architectures covering every layer type and option,
+plus batch invariance, buffer reuse and concurrent calls."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+
+import numpy as np
+import pytest
+
+from convserve.core import Model, ModelError
+from convserve.core.architecture import parse_architecture
+from convserve.core.presets import PRESET_NAMES, preset
+from tests import reference_numpy as ref
+
+ACTIVATIONS = ["linear", "relu", "tanh", "sigmoid", "softmax"]
+TOLERANCE = 1e-4
+
+
+def _weights(doc: dict, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in parse_architecture(doc).weight_shapes().items():
+        if name.endswith(".kernel"):
+            out[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[:-1]))).astype(np.float32)
+        else:
+            out[name] = (rng.standard_normal(shape) * 0.3).astype(np.float32)
+    return out
+
+
+def _valid(doc: dict) -> bool:
+    try:
+        parse_architecture(doc)
+    except ModelError:
+        return False
+    return True
+
+
+def random_document(rng: np.random.Generator, index: int) -> dict:
+    """A random valid architecture: 1-3 conv blocks (kernels 1-5, strides 1-3, both paddings,
+    1-16 filters, every activation, optional bias), optional pooling of both kinds (windows
+    2-3, strides 1-3, both paddings), standalone activations, dropout, flatten, 1-2 dense."""
+    h, w = int(rng.integers(5, 24)), int(rng.integers(5, 24))
+    doc = {"name": f"random{index}", "input": {"shape": [h, w, int(rng.integers(1, 5))]}, "layers": []}
+    layers = doc["layers"]
+    if index % 4 == 0:  # the fused paths: conv + 2x2/2 max pool, and the 1-channel 3x3 kernel
+        doc["input"]["shape"][2] = 1
+        layers += [{"type": "conv2d", "filters": 16 * int(rng.integers(1, 3)), "kernel_size": 3,
+                    "padding": str(rng.choice(["valid", "same"])), "activation": "relu"},
+                   {"type": "max_pooling2d", "pool_size": 2}]
+    for _ in range(int(rng.integers(1, 4))):
+        for _attempt in range(20):
+            k = int(rng.integers(1, 6))
+            conv = {"type": "conv2d", "filters": int(rng.integers(1, 17)),
+                    "kernel_size": [k, int(rng.integers(1, 6))] if rng.random() < 0.3 else k,
+                    "strides": int(rng.integers(1, 4)) if rng.random() < 0.5 else 1,
+                    "padding": str(rng.choice(["valid", "same"])),
+                    "activation": str(rng.choice(ACTIVATIONS, p=[0.2, 0.4, 0.15, 0.15, 0.1])),
+                    "use_bias": bool(rng.random() < 0.75)}
+            block = [conv]
+            r = rng.random()
+            if r < 0.35:
+                block.append({"type": "max_pooling2d", "pool_size": 2})
+            elif r < 0.7:
+                p = int(rng.integers(2, 4))
+                block.append({"type": str(rng.choice(["max_pooling2d", "average_pooling2d"])), "pool_size": [p, p],
+                              "strides": int(rng.integers(1, 4)), "padding": str(rng.choice(["valid", "same"]))})
+            if rng.random() < 0.2:
+                block.append({"type": "activation", "activation": str(rng.choice(["relu", "tanh", "sigmoid"]))})
+            if rng.random() < 0.15:
+                block.append({"type": "dropout", "rate": 0.25})
+            candidate = {**doc, "layers": layers + block + [{"type": "flatten"}]}
+            if _valid(candidate):
+                layers += block
+                break
+    layers.append({"type": "flatten"})
+    if rng.random() < 0.6:
+        layers.append({"type": "dense", "units": int(rng.integers(1, 40)),
+                       "activation": str(rng.choice(ACTIVATIONS[:4])), "use_bias": bool(rng.random() < 0.8)})
+        if rng.random() < 0.3:
+            layers.append({"type": "dropout", "rate": 0.5})
+    units = int(rng.integers(1, 13))
+    if rng.random() < 0.2:
+        layers += [{"type": "dense", "units": units}, {"type": "activation", "activation": str(rng.choice(ACTIVATIONS))}]
+    else:
+        layers.append({"type": "dense", "units": units, "activation": str(rng.choice(ACTIVATIONS))})
+    assert _valid(doc), doc
+    return doc
+
+
+N_RANDOM = 28
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """(document, weights, model, input batch of 5) for each seeded random architecture."""
+    rng = np.random.default_rng(2024)
+    out = []
+    for i in range(N_RANDOM):
+        doc = random_document(rng, i)
+        weights = _weights(doc, i)
+        shape = parse_architecture(doc).input_shape
+        x = rng.standard_normal((5, *shape)).astype(np.float32)
+        out.append((doc, weights, Model(doc, weights), x))
+    return out
+
+
+def test_random_architectures_cover_every_option(cases):
+    layers = [layer for _, _, m, _ in cases for layer in m.architecture.layers]
+    convs = [l for l in layers if l.type == "conv2d"]
+    pools = [l for l in layers if l.type.endswith("pooling2d")]
+    assert {l.kernel_size[0] for l in convs} == {1, 2, 3, 4, 5}
+    assert {l.strides[0] for l in convs} == {1, 2, 3}
+    assert {l.padding for l in convs} == {"valid", "same"} == {l.padding for l in pools}
+    assert {l.activation for l in convs} == set(ACTIVATIONS)
+    assert {l.type for l in pools} == {"max_pooling2d", "average_pooling2d"}
+    assert {l.pool_size[0] for l in pools} == {2, 3}
+    assert any(not l.use_bias for l in convs)
+    assert any(l.filters % 4 for l in convs) and any(l.filters == 16 for l in convs)
+    assert {"activation", "dropout", "dense"} <= {l.type for l in layers}
+    kinds = {s.kind for _, _, m, _ in cases for s in m._plan.steps}
+    assert {"conv", "conv_pool2", "conv1_k3_pool2", "pool", "dense", "activate"} <= kinds
+
+
+def test_random_architectures_match_numpy_reference(cases):
+    for doc, weights, model, x in cases:
+        expected = ref.forward(doc, weights, x)
+        got = model.forward(x)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert np.abs(got - expected).max() <= TOLERANCE, doc
+
+
+def test_predict_applies_preprocessing_in_the_kernels(cases):
+    rng = np.random.default_rng(7)
+    for doc, weights, _, x in cases[:8]:
+        c = x.shape[-1]
+        doc = {**doc, "input": {**doc["input"], "scale": 1 / 255, "mean": list(rng.random(c).round(3)),
+                                "std": list((rng.random(c) * 0.5 + 0.2).round(3))}}
+        model = Model(doc, weights)
+        pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
+        expected = ref.forward(doc, weights, pixels, preprocess=True)
+        assert np.abs(model.predict(pixels) - expected).max() <= TOLERANCE
+        assert np.abs(model.predict(pixels.astype(np.float64)) - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_presets_match_numpy_reference(name):
+    doc = preset(name)
+    weights = _weights(doc, 3)
+    model = Model(doc, weights)
+    rng = np.random.default_rng(5)
+    for n in (1, 3, 8, 9):
+        pixels = rng.integers(0, 256, (n, *model.input_shape)).astype(np.uint8)
+        got = model.predict(pixels)
+        assert np.abs(got - ref.forward(doc, weights, pixels, preprocess=True)).max() <= TOLERANCE
+        np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_batch_rows_equal_single_image_calls(cases):
+    models = [c[2] for c in cases[:6]] + [Model(preset(n), _weights(preset(n), 1)) for n in PRESET_NAMES]
+    rng = np.random.default_rng(11)
+    for model in models:
+        x = rng.standard_normal((13, *model.input_shape)).astype(np.float32)
+        batched = model.forward(x)
+        singles = np.concatenate([model.forward(x[i:i + 1]) for i in range(len(x))])
+        assert np.abs(batched - singles).max() <= 1e-6
+        assert np.abs(model.forward(x[:4]) - batched[:4]).max() <= 1e-6
+
+
+def test_results_are_fresh_arrays_and_buffers_are_reused(reference_model):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 28, 28, 1)).astype(np.float32)
+    b = rng.standard_normal((4, 28, 28, 1)).astype(np.float32)
+    first = reference_model.forward(a)
+    kept = first.copy()
+    plan = reference_model._plan
+    buffers = [id(buf) for buf in plan._buffers_for(4)]
+    second = reference_model.forward(b)
+    assert not np.shares_memory(first, second)
+    np.testing.assert_array_equal(first, kept)
+    assert [id(buf) for buf in plan._buffers_for(4)] == buffers
+    assert first.flags.c_contiguous and first.flags.writeable
+
+
+def test_concurrent_calls_from_threads(reference_model):
+    rng = np.random.default_rng(1)
+    batches = [rng.standard_normal((n, 28, 28, 1)).astype(np.float32) for n in (1, 3, 8, 1, 16, 3)]
+    expected = [reference_model.forward(x) for x in batches]
+    errors: list[str] = []
+
+    def work(k: int) -> None:
+        for _ in range(15):
+            i = (k + _) % len(batches)
+            if np.abs(reference_model.forward(batches[i]) - expected[i]).max() > 0:
+                errors.append(f"thread {k} batch {i}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_runtime_configuration():
+    from convserve.core import runtime
+
+    runtime.configure()
+    assert runtime.threading_layer() in ("omp", "tbb", "not started")
+    assert "threading layer" in runtime.describe()
+
+
+# -- ONNX Runtime and torch -----------------------------------------------------------------------
+HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime/onnx not installed")
+def test_random_architectures_match_onnxruntime(cases):
+    from convserve.core.bench import onnx_model, ort_session
+
+    for doc, weights, model, x in cases:
+        session = ort_session(onnx_model(doc, weights), threads=1)
+        expected = session.run(["output"], {"input": x})[0]
+        assert np.abs(model.forward(x) - expected).max() <= TOLERANCE, doc
+
+
+def _torch_forward(doc: dict, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The same architecture with torch.nn.functional (NCHW), pads made explicit."""
+    import torch
+    import torch.nn.functional as F
+
+    arch = parse_architecture(doc)
+    acts = {"linear": lambda t, d: t, "relu": lambda t, d: F.relu(t), "tanh": lambda t, d: torch.tanh(t),
+            "sigmoid": lambda t, d: torch.sigmoid(t), "softmax": lambda t, d: F.softmax(t, dim=d)}
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        for layer in arch.layers:
+            top, bottom, left, right = layer.pads
+            kernel = weights.get(f"layers.{layer.index}.kernel")
+            bias = weights.get(f"layers.{layer.index}.bias")
+            bias_t = None if bias is None else torch.from_numpy(bias)
+            if layer.type == "conv2d":
+                t = F.conv2d(F.pad(t, (left, right, top, bottom)), torch.from_numpy(kernel).permute(3, 2, 0, 1),
+                             bias_t, stride=layer.strides)
+                t = acts[layer.activation](t, 1)
+            elif layer.type == "max_pooling2d":
+                t = F.max_pool2d(F.pad(t, (left, right, top, bottom), value=-float("inf")), layer.pool_size, layer.strides)
+            elif layer.type == "average_pooling2d":
+                total = F.avg_pool2d(F.pad(t, (left, right, top, bottom)), layer.pool_size, layer.strides, divisor_override=1)
+                ones = torch.ones_like(t[:1, :1])
+                count = F.avg_pool2d(F.pad(ones, (left, right, top, bottom)), layer.pool_size, layer.strides, divisor_override=1)
+                t = total / count
+            elif layer.type == "flatten":
+                t = t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
+            elif layer.type == "dense":
+                t = F.linear(t, torch.from_numpy(kernel).T, bias_t)
+                t = acts[layer.activation](t, 1)
+            elif layer.type == "activation":
+                t = acts[layer.activation](t, 1)
+    return t.numpy()
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+def test_random_architectures_match_torch(cases):
+    for doc, weights, model, x in cases:
+        expected = _torch_forward(doc, weights, x)
+        assert np.abs(model.forward(x) - expected).max() <= TOLERANCE, doc
+
+
+def test_core_does_not_import_torch_or_onnxruntime():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from convserve.core import Model; from convserve.core.presets import preset; "
+            "from tests.conftest import random_weights; d = preset('lenet5'); "
+            "Model(d, random_weights(d)).predict(np.zeros((1, 28, 28, 1), np.uint8)); "
+            "import convserve.core.bench; "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
