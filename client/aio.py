@@ -69,7 +69,15 @@ class AsyncClient(ClientBase):
             return model
         if self._default_model:
             return self._default_model
-        return self._choose_model(await self._index(deadline, ready=True))
+        request = pb.RepositoryIndexRequest()
+
+        async def choose(seconds: float) -> str:
+            return self._choose_model(await self._stub.RepositoryIndex(request, timeout=seconds))
+
+        try:
+            return await call_async(choose, self.retry, deadline, "RepositoryIndex")
+        except InferenceError as error:
+            raise self._unlisted(error) from None
 
     async def _info(self, model: str, version: str, deadline: Deadline) -> ModelInfo:
         key = (model, version)
@@ -88,10 +96,7 @@ class AsyncClient(ClientBase):
         try:
             response = await self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), deadline)
         except InferenceError as error:
-            if error.code == grpc.StatusCode.UNIMPLEMENTED:
-                raise InferenceError(f"the server at {self.target} does not list its models (RepositoryIndex is "
-                                     "unimplemented); pass model=NAME", error.code) from None
-            raise
+            raise self._unlisted(error) from None
         return protocol.repository_index(response)
 
     async def _infer(self, info: ModelInfo, version: str, batch: np.ndarray, class_count: int,

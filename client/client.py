@@ -56,13 +56,25 @@ class ClientBase:
     def _deadline(self, timeout: float | None) -> Deadline:
         return Deadline(self.timeout if timeout is None else timeout)
 
-    def _choose_model(self, index: list[ModelVersionState]) -> str:
+    def _choose_model(self, response: Any) -> str:
+        """The only ready model in a RepositoryIndexResponse (UNAVAILABLE, so retried, while models load)."""
+        index = protocol.repository_index(response)
         names = sorted({m.name for m in index if m.state.upper() == "READY"})
+        if not names and index:
+            loading = sorted({f"{m.name} ({m.state.lower()})" for m in index})
+            raise InferenceError(f"no model given and no model of the server at {self.target} is ready yet: "
+                                 f"{', '.join(loading)}", grpc.StatusCode.UNAVAILABLE)
         if len(names) != 1:
             raise InferenceError(f"no model given and the server at {self.target} has {len(names)} ready models "
                                  f"{names}; pass model=NAME")
         self._default_model = names[0]
         return names[0]
+
+    def _unlisted(self, error: InferenceError) -> InferenceError:
+        if error.code == grpc.StatusCode.UNIMPLEMENTED:
+            return InferenceError(f"the server at {self.target} does not list its models (RepositoryIndex is "
+                                  "unimplemented); pass model=NAME", error.code)
+        return error
 
     def _forget(self, error: InferenceError, key: tuple[str, str]) -> None:
         """After a refused inference, re-read the model's metadata next time (it may have changed)."""
@@ -133,7 +145,12 @@ class Client(ClientBase):
             return model
         if self._default_model:
             return self._default_model
-        return self._choose_model(self._index(deadline, ready=True))
+        request = pb.RepositoryIndexRequest()
+        try:
+            return call(lambda seconds: self._choose_model(self._stub.RepositoryIndex(request, timeout=seconds)),
+                        self.retry, deadline, "RepositoryIndex")
+        except InferenceError as error:
+            raise self._unlisted(error) from None
 
     def _info(self, model: str, version: str, deadline: Deadline) -> ModelInfo:
         key = (model, version)
@@ -152,10 +169,7 @@ class Client(ClientBase):
         try:
             response = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), deadline)
         except InferenceError as error:
-            if error.code == grpc.StatusCode.UNIMPLEMENTED:
-                raise InferenceError(f"the server at {self.target} does not list its models (RepositoryIndex is "
-                                     "unimplemented); pass model=NAME", error.code) from None
-            raise
+            raise self._unlisted(error) from None
         return protocol.repository_index(response)
 
     def _infer(self, info: ModelInfo, version: str, batch: np.ndarray, class_count: int,

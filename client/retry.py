@@ -85,7 +85,11 @@ def _delay(policy: RetryPolicy, attempt: int, deadline: Deadline) -> float | Non
 
 def call(fn: Callable[[float], T], policy: RetryPolicy, deadline: Deadline, what: str,
          sleep: Callable[[float], None] = time.sleep) -> T:
-    """Run `fn(seconds_left)` until it succeeds, retrying the codes in the policy."""
+    """Run `fn(seconds_left)` until it succeeds, retrying the codes in the policy.
+
+    `fn` raises grpc.RpcError (from the call) or InferenceError (from checking the answer); both
+    are retried when their code is in the policy, and end as an InferenceError otherwise.
+    """
     attempt = 0
     while True:
         attempt += 1
@@ -95,9 +99,13 @@ def call(fn: Callable[[float], T], policy: RetryPolicy, deadline: Deadline, what
         try:
             return fn(remaining)
         except grpc.RpcError as error:
-            delay = _delay(policy, attempt, deadline) if error.code() in policy.retry_on else None
-            if delay is None:
-                raise from_rpc_error(error, attempts=attempt) from None
+            failure = from_rpc_error(error, attempts=attempt)
+        except InferenceError as error:  # raised by fn itself, e.g. "no model is ready yet"
+            failure = error
+            failure.attempts = attempt
+        delay = _delay(policy, attempt, deadline) if failure.code in policy.retry_on else None
+        if delay is None:
+            raise failure from None
         sleep(delay)
 
 
@@ -112,7 +120,11 @@ async def call_async(fn: Callable[[float], Awaitable[T]], policy: RetryPolicy, d
         try:
             return await fn(remaining)
         except grpc.RpcError as error:
-            delay = _delay(policy, attempt, deadline) if error.code() in policy.retry_on else None
-            if delay is None:
-                raise from_rpc_error(error, attempts=attempt) from None
+            failure = from_rpc_error(error, attempts=attempt)
+        except InferenceError as error:
+            failure = error
+            failure.attempts = attempt
+        delay = _delay(policy, attempt, deadline) if failure.code in policy.retry_on else None
+        if delay is None:
+            raise failure from None
         await asyncio.sleep(delay)
