@@ -154,6 +154,10 @@ def test_round_robin_spreads_requests_over_two_targets(servers):
     assert min(sent) >= 5, f"requests per server: {sent}"  # round_robin, not pick_first (20 + 0)
     # Control: one target string gets gRPC's default pick_first.
     assert not Client(targets[0]).round_robin
+    # A dns:/// name uses round_robin over whatever the name resolves to.
+    with Client(f"dns:///localhost:{servers[0].port}") as client:
+        assert client.round_robin
+        assert client.predict(decoded_examples()[:2], model="fashion_mnist").shape == (2, 10)
 
 
 def test_unavailable_is_retried_until_the_server_is_up(repositories, tmp_path):
