@@ -69,8 +69,8 @@ def _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, src):
 
 
 @njit(inline="always", **_JIT)
-def _gemm_nt_rows(a, rows, b, bias, out2, out_row0):
-    """out2[out_row0 + i, j] = bias[j] + sum_k a[i, k] * b[j, k] for i < rows.
+def _gemm_nt_rows(a, rows, b, bias, out2, out_row0, relu):
+    """out2[out_row0 + i, j] = bias[j] + sum_k a[i, k] * b[j, k] for i < rows (then max(., 0) if relu).
 
     `a` (R4, K) has R4 >= rows, a multiple of 4 (extra rows are ignored on output);
     4 rows x 4 columns of scalar accumulators, the register-blocked micro-kernel.
@@ -102,18 +102,27 @@ def _gemm_nt_rows(a, rows, b, bias, out2, out_row0):
                 s20 += v2 * w0; s21 += v2 * w1; s22 += v2 * w2; s23 += v2 * w3
                 s30 += v3 * w0; s31 += v3 * w1; s32 += v3 * w2; s33 += v3 * w3
             c0 = bias[j]; c1 = bias[j + 1]; c2 = bias[j + 2]; c3 = bias[j + 3]
+            s00 += c0; s01 += c1; s02 += c2; s03 += c3
+            s10 += c0; s11 += c1; s12 += c2; s13 += c3
+            s20 += c0; s21 += c1; s22 += c2; s23 += c3
+            s30 += c0; s31 += c1; s32 += c2; s33 += c3
+            if relu:
+                s00 = max(s00, z); s01 = max(s01, z); s02 = max(s02, z); s03 = max(s03, z)
+                s10 = max(s10, z); s11 = max(s11, z); s12 = max(s12, z); s13 = max(s13, z)
+                s20 = max(s20, z); s21 = max(s21, z); s22 = max(s22, z); s23 = max(s23, z)
+                s30 = max(s30, z); s31 = max(s31, z); s32 = max(s32, z); s33 = max(s33, z)
             if r0 < rows:
                 o = out2[out_row0 + r0]
-                o[j] = s00 + c0; o[j + 1] = s01 + c1; o[j + 2] = s02 + c2; o[j + 3] = s03 + c3
+                o[j] = s00; o[j + 1] = s01; o[j + 2] = s02; o[j + 3] = s03
             if r0 + 1 < rows:
                 o = out2[out_row0 + r0 + 1]
-                o[j] = s10 + c0; o[j + 1] = s11 + c1; o[j + 2] = s12 + c2; o[j + 3] = s13 + c3
+                o[j] = s10; o[j + 1] = s11; o[j + 2] = s12; o[j + 3] = s13
             if r0 + 2 < rows:
                 o = out2[out_row0 + r0 + 2]
-                o[j] = s20 + c0; o[j + 1] = s21 + c1; o[j + 2] = s22 + c2; o[j + 3] = s23 + c3
+                o[j] = s20; o[j + 1] = s21; o[j + 2] = s22; o[j + 3] = s23
             if r0 + 3 < rows:
                 o = out2[out_row0 + r0 + 3]
-                o[j] = s30 + c0; o[j + 1] = s31 + c1; o[j + 2] = s32 + c2; o[j + 3] = s33 + c3
+                o[j] = s30; o[j + 1] = s31; o[j + 2] = s32; o[j + 3] = s33
             j += 4
         while j < cols:
             bj = b[j]
@@ -122,25 +131,27 @@ def _gemm_nt_rows(a, rows, b, bias, out2, out_row0):
                 w0 = bj[k]
                 s0 += a0[k] * w0; s1 += a1[k] * w0; s2 += a2[k] * w0; s3 += a3[k] * w0
             c0 = bias[j]
+            s0 += c0; s1 += c0; s2 += c0; s3 += c0
+            if relu:
+                s0 = max(s0, z); s1 = max(s1, z); s2 = max(s2, z); s3 = max(s3, z)
             if r0 < rows:
-                out2[out_row0 + r0, j] = s0 + c0
+                out2[out_row0 + r0, j] = s0
             if r0 + 1 < rows:
-                out2[out_row0 + r0 + 1, j] = s1 + c0
+                out2[out_row0 + r0 + 1, j] = s1
             if r0 + 2 < rows:
-                out2[out_row0 + r0 + 2, j] = s2 + c0
+                out2[out_row0 + r0 + 2, j] = s2
             if r0 + 3 < rows:
-                out2[out_row0 + r0 + 3, j] = s3 + c0
+                out2[out_row0 + r0 + 3, j] = s3
             j += 1
 
 
 # --------------------------------------------------------------------------------- conv2d
 @njit(parallel=True, **_JIT)
-def conv2d_forward(x, wd, bias, out, kh, kw, sh, sw, pt, pl):
-    """out (N, OH, OW, CO) = conv(x (N, H, W, CI), wd (CO, K)) + bias; no activation."""
+def conv2d_forward(x, wd, bias, out, kh, kw, sh, sw, pt, pl, relu):
+    """out (N, OH, OW, CO) = conv(x (N, H, W, CI), wd (CO, K)) + bias, then ReLU if relu."""
     n_img = x.shape[0]
     oh = out.shape[1]
     ow = out.shape[2]
-    co = out.shape[3]
     kdim = wd.shape[1]
     ow4 = (ow + 3) // 4 * 4
     for task in prange(n_img * oh):
@@ -150,8 +161,7 @@ def conv2d_forward(x, wd, bias, out, kh, kw, sh, sw, pt, pl):
         for ox in range(ow):
             _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch[ox])
         row = out[n, oy]
-        _gemm_nt_rows(patch, ow, wd, bias, row, 0)
-    return co
+        _gemm_nt_rows(patch, ow, wd, bias, row, 0, relu)
 
 
 @njit(parallel=True, **_JIT)
@@ -200,7 +210,7 @@ def conv2d_backward(x, wd, dout, dx, dw_part, db_part, kh, kw, sh, sw, pt, pl, n
 
 
 @njit(parallel=True, **_JIT)
-def conv2d_forward_small(x, wt, bias, out, kh, kw, sh, sw, pt, pl):
+def conv2d_forward_small(x, wt, bias, out, kh, kw, sh, sw, pt, pl, relu):
     """conv2d_forward for a short reduction (K = KH*KW*CI small, e.g. a first layer).
 
     wt is the transposed kernel (K, CO); each output pixel is bias + sum_k patch[k] * wt[k],
@@ -210,6 +220,7 @@ def conv2d_forward_small(x, wt, bias, out, kh, kw, sh, sw, pt, pl):
     oh = out.shape[1]
     ow = out.shape[2]
     kdim = wt.shape[0]
+    z = out.dtype.type(0)
     for task in prange(n_img * oh):
         n = task // oh
         oy = task - n * oh
@@ -220,6 +231,9 @@ def conv2d_forward_small(x, wt, bias, out, kh, kw, sh, sw, pt, pl):
             row[:] = bias
             for k in range(kdim):
                 _axpy(row, patch[k], wt[k])
+            if relu:
+                for c in range(row.shape[0]):
+                    row[c] = max(row[c], z)
 
 
 @njit(parallel=True, **_JIT)
@@ -272,6 +286,137 @@ def conv2d_backward_small(x, wt, dout, dx, dwt_part, db_part, kh, kw, sh, sw, pt
                                 s += g_row[co] * wk[co]
                             gpatch[k] = s
                         _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, gpatch)
+
+
+@njit(inline="always", **_JIT)
+def _pooled_grads(dpool, arg, y, n, py, px, iy, ix, relu, gvec):
+    """gvec[co] = the gradient reaching conv output (iy, ix) through pooled cell (py, px): dpool where
+    the pool picked that pixel (and ReLU let it through), else 0. Returns whether any is non-zero."""
+    z = gvec.dtype.type(0)
+    pos = iy * y.shape[2] + ix
+    g = dpool[n, py, px]
+    a = arg[n, py, px]
+    yv = y[n, iy, ix]
+    any_nz = False
+    for co in range(gvec.shape[0]):
+        v = g[co] if a[co] == pos else z
+        if relu and yv[co] <= z:
+            v = z
+        gvec[co] = v
+        if v != z:
+            any_nz = True
+    return any_nz
+
+
+@njit(parallel=True, **_JIT)
+def conv2d_pool_backward(x, wd, y, dpool, arg, dx, dw_part, db_part, kh, kw, sh, sw, pt, pl,
+                         ph, pw, psh, psw, ppt, ppl, relu, need_dx):
+    """Backward of conv2d (+ReLU) followed by max pooling, without the dense conv-output gradient.
+
+    Visits each pooled cell's window pixels and does work only for the channels the pool picked
+    there ("scatter only where the pool picked", performance.md section 3). Same outputs as
+    maxpool_backward + activation_backward + conv2d_backward.
+    """
+    n_img = x.shape[0]
+    oh = y.shape[1]
+    ow = y.shape[2]
+    co_n = y.shape[3]
+    qh = dpool.shape[1]
+    qw = dpool.shape[2]
+    kdim = wd.shape[1]
+    nchunks = dw_part.shape[0]
+    z = dw_part.dtype.type(0)
+    for chunk in prange(nchunks):
+        dwc = dw_part[chunk]
+        dbc = db_part[chunk]
+        dwc[:] = z
+        dbc[:] = z
+        n0 = chunk * n_img // nchunks
+        n1 = (chunk + 1) * n_img // nchunks
+        patch = np.empty(kdim, x.dtype)
+        gpatch = np.empty(kdim, x.dtype)
+        gvec = np.empty(co_n, x.dtype)
+        for n in range(n0, n1):
+            if need_dx:
+                dx[n] = z
+            for py in range(qh):
+                for px in range(qw):
+                    for wy in range(ph):
+                        iy = py * psh - ppt + wy
+                        if iy < 0 or iy >= oh:
+                            continue
+                        for wx in range(pw):
+                            ix = px * psw - ppl + wx
+                            if ix < 0 or ix >= ow:
+                                continue
+                            if not _pooled_grads(dpool, arg, y, n, py, px, iy, ix, relu, gvec):
+                                continue
+                            _gather_patch(x, n, iy, ix, kh, kw, sh, sw, pt, pl, patch)
+                            if need_dx:
+                                gpatch[:] = z
+                            for co in range(co_n):
+                                g = gvec[co]
+                                if g != z:
+                                    _axpy(dwc[co], g, patch)
+                                    dbc[co] += g
+                                    if need_dx:
+                                        _axpy(gpatch, g, wd[co])
+                            if need_dx:
+                                _scatter_patch(dx, n, iy, ix, kh, kw, sh, sw, pt, pl, gpatch)
+
+
+@njit(parallel=True, **_JIT)
+def conv2d_pool_backward_small(x, wt, y, dpool, arg, dx, dwt_part, db_part, kh, kw, sh, sw, pt, pl,
+                               ph, pw, psh, psw, ppt, ppl, relu, need_dx):
+    """conv2d_pool_backward for a short reduction: outer products over the output channels."""
+    n_img = x.shape[0]
+    oh = y.shape[1]
+    ow = y.shape[2]
+    co_n = y.shape[3]
+    qh = dpool.shape[1]
+    qw = dpool.shape[2]
+    kdim = wt.shape[0]
+    nchunks = dwt_part.shape[0]
+    z = dwt_part.dtype.type(0)
+    for chunk in prange(nchunks):
+        dwc = dwt_part[chunk]
+        dbc = db_part[chunk]
+        dwc[:] = z
+        dbc[:] = z
+        n0 = chunk * n_img // nchunks
+        n1 = (chunk + 1) * n_img // nchunks
+        patch = np.empty(kdim, x.dtype)
+        gpatch = np.empty(kdim, x.dtype)
+        gvec = np.empty(co_n, x.dtype)
+        for n in range(n0, n1):
+            if need_dx:
+                dx[n] = z
+            for py in range(qh):
+                for px in range(qw):
+                    for wy in range(ph):
+                        iy = py * psh - ppt + wy
+                        if iy < 0 or iy >= oh:
+                            continue
+                        for wx in range(pw):
+                            ix = px * psw - ppl + wx
+                            if ix < 0 or ix >= ow:
+                                continue
+                            if not _pooled_grads(dpool, arg, y, n, py, px, iy, ix, relu, gvec):
+                                continue
+                            _gather_patch(x, n, iy, ix, kh, kw, sh, sw, pt, pl, patch)
+                            for k in range(kdim):
+                                pk = patch[k]
+                                if pk != z:
+                                    _axpy(dwc[k], pk, gvec)
+                            _axpy(dbc, dbc.dtype.type(1), gvec)
+                            if need_dx:
+                                for k in range(kdim):
+                                    wk = wt[k]
+                                    s = z
+                                    for co in range(co_n):
+                                        s += gvec[co] * wk[co]
+                                    gpatch[k] = s
+                                _scatter_patch(dx, n, iy, ix, kh, kw, sh, sw, pt, pl, gpatch)
 
 
 @njit(**_JIT)
@@ -398,8 +543,8 @@ def avgpool_backward(dout, dx, ph, pw, sh, sw, pt, pl):
 
 # --------------------------------------------------------------------------------- dense
 @njit(parallel=True, **_JIT)
-def dense_forward(x, w, bias, out):
-    """out (N, U) = x (N, I) @ w (U, I).T + bias; 4 samples x 4 units per micro-kernel step."""
+def dense_forward(x, w, bias, out, relu):
+    """out (N, U) = x (N, I) @ w (U, I).T + bias (then ReLU if relu); 4 samples x 4 units per step."""
     n_img = x.shape[0]
     kdim = x.shape[1]
     blocks = (n_img + 3) // 4
@@ -409,7 +554,7 @@ def dense_forward(x, w, bias, out):
         a = np.zeros((4, kdim), x.dtype)
         for r in range(rows):
             a[r] = x[r0 + r]
-        _gemm_nt_rows(a, rows, w, bias, out, r0)
+        _gemm_nt_rows(a, rows, w, bias, out, r0, relu)
 
 
 @njit(parallel=True, **_JIT)

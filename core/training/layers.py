@@ -41,7 +41,8 @@ class Layer:
 
 
 def _activate(z: np.ndarray, code: int) -> np.ndarray:
-    if code != K.LINEAR:
+    """Apply the activation in place (ReLU is already fused into the conv and dense kernels)."""
+    if code not in (K.LINEAR, K.RELU):
         K.activation_forward(z.reshape(z.shape[0], -1), code)
     return z
 
@@ -90,10 +91,11 @@ class Conv2D(_WithActivation):
         out = np.empty((x.shape[0], *s.output_shape), x.dtype)
         wd = self.params["kernel"]
         bias = self._bias(x.dtype, s.filters)
+        relu = self.effective_act == K.RELU
         if wd.shape[1] <= self.SMALL_K:
-            K.conv2d_forward_small(x, np.ascontiguousarray(wd.T), bias, out, *self._geometry())
+            K.conv2d_forward_small(x, np.ascontiguousarray(wd.T), bias, out, *self._geometry(), relu)
         else:
-            K.conv2d_forward(x, wd, bias, out, *self._geometry())
+            K.conv2d_forward(x, wd, bias, out, *self._geometry(), relu)
         return _activate(out, self.effective_act), (x, out)
 
     def backward(self, dout, cache, need_dx=True):
@@ -115,6 +117,33 @@ class Conv2D(_WithActivation):
             K.sum_partials(db_part, self.grads["bias"])
         return (dx if need_dx else None), self.grads
 
+    def can_fuse_pool(self, pool: Layer) -> bool:
+        """Whether `backward_pooled` may stand in for this layer's and the next max pool's backward."""
+        return isinstance(pool, MaxPool2D) and self.effective_act in (K.LINEAR, K.RELU)
+
+    def backward_pooled(self, dpool, cache, pool: "MaxPool2D", pool_cache, need_dx=True):
+        """Backward through this conv (+ReLU) and the max pool after it, in one sparse pass."""
+        x, y = cache
+        _, arg = pool_cache
+        ps = pool.spec
+        wd = self.params["kernel"]
+        db_part = np.empty((K.NCHUNKS, wd.shape[0]), wd.dtype)
+        dx = np.empty_like(x) if need_dx else np.empty((1, 1, 1, 1), x.dtype)
+        dpool = np.ascontiguousarray(dpool)
+        geometry = (*self._geometry(), *ps.pool_size, *ps.strides, ps.pads[0], ps.pads[2],
+                    self.effective_act == K.RELU, need_dx)
+        if wd.shape[1] <= self.SMALL_K:
+            dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
+            K.conv2d_pool_backward_small(x, np.ascontiguousarray(wd.T), y, dpool, arg, dx, dwt_part, db_part, *geometry)
+            self.grads["kernel"][:] = dwt_part.sum(axis=0).T
+        else:
+            dw_part = np.empty((K.NCHUNKS, *wd.shape), wd.dtype)
+            K.conv2d_pool_backward(x, wd, y, dpool, arg, dx, dw_part, db_part, *geometry)
+            K.sum_partials(dw_part.reshape(K.NCHUNKS, -1), self.grads["kernel"].reshape(-1))
+        if self.spec.use_bias:
+            K.sum_partials(db_part, self.grads["bias"])
+        return (dx if need_dx else None), self.grads
+
 
 class Dense(_WithActivation):
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -125,7 +154,8 @@ class Dense(_WithActivation):
 
     def forward(self, x, rng=None):
         out = np.empty((x.shape[0], self.spec.units), x.dtype)
-        K.dense_forward(x, self.params["kernel"], self._bias(x.dtype, self.spec.units), out)
+        K.dense_forward(x, self.params["kernel"], self._bias(x.dtype, self.spec.units), out,
+                        self.effective_act == K.RELU)
         return _activate(out, self.effective_act), (x, out)
 
     def backward(self, dout, cache, need_dx=True):

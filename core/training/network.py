@@ -11,7 +11,7 @@ import numpy as np
 from convserve.core.architecture import Architecture
 from convserve.core.training import kernels as K
 from convserve.core.training.init import init_kernel
-from convserve.core.training.layers import Layer, _WithActivation, build_layer
+from convserve.core.training.layers import Conv2D, Layer, _WithActivation, build_layer
 
 
 class Network:
@@ -96,10 +96,22 @@ class Network:
             caches.append(cache)
         return x, caches
 
-    def backward(self, dout: np.ndarray, caches: list) -> None:
-        """Fill `grads` from dL/d(output); the first layer's input gradient is not computed."""
-        for i in range(len(self.layers) - 1, -1, -1):
-            dout, _ = self.layers[i].backward(dout, caches[i], need_dx=i > 0)
+    def backward(self, dout: np.ndarray, caches: list, fuse: bool = True) -> None:
+        """Fill `grads` from dL/d(output); the first layer's input gradient is not computed.
+
+        A conv2d (ReLU or linear) followed by max pooling goes backward in one fused sparse pass
+        unless `fuse` is False (the tests compare both ways).
+        """
+        i = len(self.layers) - 1
+        while i >= 0:
+            layer = self.layers[i]
+            prev = self.layers[i - 1] if i > 0 else None
+            if fuse and isinstance(prev, Conv2D) and prev.can_fuse_pool(layer):
+                dout, _ = prev.backward_pooled(dout, caches[i - 1], layer, caches[i], need_dx=i > 1)
+                i -= 2
+            else:
+                dout, _ = layer.backward(dout, caches[i], need_dx=i > 0)
+                i -= 1
 
     def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator | None = None) -> tuple[float, int]:
         """Mean softmax cross-entropy over the batch; fills `grads`. Returns (summed loss, correct)."""
