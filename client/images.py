@@ -136,7 +136,8 @@ def _to_dtype(array: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
         if array.size and (not np.all(np.isfinite(array)) or array.min() < 0 or array.max() > 255
                            or not np.array_equal(array, np.round(array))):
             raise ValueError(f"{name}: the model takes UINT8 pixels 0..255; got {array.dtype} values in "
-                             f"[{array.min()}, {array.max()}] that are not whole numbers in that range")
+                             f"[{array.min()}, {array.max()}] that are not whole numbers in that range "
+                             "(float pixels use the 0..255 scale too: scale them, round, or pass uint8)")
         return array.astype(np.uint8)
     if array.dtype.kind in "iu" and array.size and (array.min() < 0 or array.max() > 255):
         raise ValueError(f"{name}: integer pixels must be in 0..255, got values in [{array.min()}, {array.max()}]")

@@ -140,3 +140,24 @@ def test_bad_input_gets_a_clear_error(bad, error, match):
 def test_different_sizes_with_a_variable_model_size_are_refused():
     with pytest.raises(ValueError, match="different shapes"):
         prepare([np.zeros((10, 10, 1), np.uint8), np.zeros((12, 12, 1), np.uint8)], (None, None, 1))
+
+
+def test_without_pillow_arrays_still_work_and_files_ask_for_the_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['PIL'] = None\n"  # as if Pillow were not installed
+        "import numpy as np\n"
+        "from convserve.client.images import prepare\n"
+        "assert prepare(np.zeros((2, 28, 28, 1), np.uint8), (28, 28, 1)).shape == (2, 28, 28, 1)\n"
+        "assert prepare(np.zeros((28, 28, 3), np.uint8), (28, 28, 1)).shape == (1, 28, 28, 1)\n"
+        "try:\n"
+        "    prepare(sys.argv[1], (28, 28, 1))\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(EXAMPLES / "coat_6.png")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "needs Pillow: pip install 'convserve[images]'" in out.stdout
