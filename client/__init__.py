@@ -28,7 +28,8 @@ _EXPORTS = {
     "RetryPolicy": "convserve.client.retry",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["AsyncClient", "Client", "InferenceError", "ModelInfo", "ModelVersionState", "Prediction", "RetryPolicy",
+           "TensorSpec"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .aio import AsyncClient
