@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -118,13 +119,15 @@ class Client(ClientBase):
             self._channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     # -- lifecycle
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -183,9 +186,11 @@ class Client(ClientBase):
         try:
             if len(parts) == 1 or self.concurrency == 1:
                 return [one(p) for p in parts]
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="convserve-client")
-            return list(self._pool.map(one, parts))
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="convserve-client")
+                pool = self._pool
+            return list(pool.map(one, parts))
         except InferenceError as error:
             self._forget(error, (info.name, version))
             raise

@@ -115,6 +115,16 @@ def test_large_inputs_go_in_chunks_in_order(server, reference):
     assert requests_after - requests_before == 26  # ceil(203 / 8): the server refuses more than 8 per request
 
 
+def test_one_client_shared_by_threads(server, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [np.random.default_rng(10 + i).integers(0, 256, (30, 28, 28, 1), dtype=np.uint8) for i in range(6)]
+    with Client(server.target, concurrency=3) as client, ThreadPoolExecutor(6) as threads:
+        results = list(threads.map(client.predict, batches))
+    for batch, got in zip(batches, results):
+        np.testing.assert_allclose(got, reference.predict(batch), rtol=1e-5, atol=1e-6)
+
+
 def test_errors_carry_the_code_and_the_servers_message(server):
     with Client(server.target) as client:
         with pytest.raises(InferenceError) as error:
