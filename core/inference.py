@@ -163,8 +163,9 @@ class InferencePlan:
             elif step.kind == "conv":
                 scratch = max(scratch, CONV_CHUNK * step.params["wd"].shape[1])
         self._scratch = np.zeros((self.threads, scratch), np.float32)
-        self._buffers: dict[int, list[np.ndarray | None]] = {}
-        self._inputs: dict[int, np.ndarray] = {}
+        self._capacity = 0   # batch size the activation buffers are allocated for
+        self._buffers: list[np.ndarray | None] = []
+        self._input: np.ndarray | None = None
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------
@@ -176,9 +177,9 @@ class InferencePlan:
         n = x.shape[0]
         with self._lock:
             if x.dtype != np.float32 or not x.flags.c_contiguous:
-                buf = self._inputs.get(n)
-                if buf is None:
-                    buf = self._inputs[n] = np.empty(x.shape, np.float32)
+                if self._input is None or self._input.shape[0] < n:
+                    self._input = np.empty(x.shape, np.float32)
+                buf = self._input[:n]
                 np.copyto(buf, x, casting="unsafe")
                 x = buf
             return self._forward(x, preprocess)
@@ -192,9 +193,10 @@ class InferencePlan:
 
     # -- internals ------------------------------------------------------------------------
     def _buffers_for(self, n: int) -> list[np.ndarray | None]:
-        bufs = self._buffers.get(n)
-        if bufs is None:
-            bufs = []
+        """Activation buffers for a batch of n: views of one set sized for the largest batch
+        seen so far (C-contiguous prefixes, so kernel signatures do not change)."""
+        if n > self._capacity:
+            bufs: list[np.ndarray | None] = []
             for k, step in enumerate(self.steps):
                 last = k == len(self.steps) - 1
                 if step.shape is None or step.kind == "flatten" or last:
@@ -204,8 +206,8 @@ class InferencePlan:
             for k, step in enumerate(self.steps):  # hidden layer of the fused dense pair
                 if step.params.get("pair_with_previous"):
                     bufs.append(np.empty((n, self.steps[k - 1].shape[0]), np.float32))
-            self._buffers[n] = bufs
-        return bufs
+            self._buffers, self._capacity = bufs, n
+        return [None if b is None else b[:n] for b in self._buffers]
 
     def _forward(self, x: np.ndarray, preprocess: bool) -> np.ndarray:
         n = x.shape[0]
