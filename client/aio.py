@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable
 
 import grpc
 import grpc.aio
@@ -29,8 +29,8 @@ class AsyncClient(ClientBase):
     Chunks of a large input run concurrently as tasks, at most `concurrency` at a time.
     """
 
-    def __init__(self, target: str | Sequence[str] | None = None, **kwargs: Any):
-        super().__init__(target, **kwargs)
+    def _connect(self) -> None:
+        # The channel is made on first use, inside the event loop that will use it.
         self._channel: grpc.aio.Channel | None = None
         self._stub_: Any = None
 

@@ -50,6 +50,10 @@ class ClientBase:
         self._infos: dict[tuple[str, str], ModelInfo] = {}
         self._labels: dict[tuple[str, str], tuple[str, ...]] = {}
         self._default_model: str | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the channel (the sync and asyncio clients differ here)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, timeout={self.timeout:g})"
@@ -82,6 +86,8 @@ class ClientBase:
         if error.code in _STALE:
             self._infos.pop(key, None)
             self._labels.pop(key, None)
+            if self._default_model == key[0]:
+                self._default_model = None
 
     @staticmethod
     def _check_top_k(top_k: int) -> None:
@@ -111,8 +117,7 @@ class Client(ClientBase):
     chunks of a large input are in flight at once. Failed calls raise InferenceError.
     """
 
-    def __init__(self, target: str | Sequence[str] | None = None, **kwargs: Any):
-        super().__init__(target, **kwargs)
+    def _connect(self) -> None:
         if self._credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=self._options)
         else:
