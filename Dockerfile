@@ -20,7 +20,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python3 -m venv /opt/convserve
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone: editing the code does not re-download them.
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > requirements.txt \
+ && /opt/convserve/bin/pip install -r requirements.txt
+
+COPY README.md ./
 COPY convserve/ convserve/
 COPY core/ core/
 COPY server/ server/
@@ -28,7 +34,7 @@ COPY client/ client/
 COPY proto/ proto/
 # A regular (not editable) install: the code lives in the venv's site-packages, compiled to
 # .pyc by pip. pip and setuptools are of no use at run time (25 MB): out they go.
-RUN /opt/convserve/bin/pip install . \
+RUN /opt/convserve/bin/pip install --no-deps . \
  && /opt/convserve/bin/pip uninstall -y -q pip setuptools
 
 # The model repository, readable by the runtime user whatever the checkout's file modes.
