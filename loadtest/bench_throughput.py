@@ -1,0 +1,282 @@
+"""Closed-loop gRPC throughput benchmark for `convserve serve` (Open Inference Protocol ModelInfer).
+
+    python loadtest/bench_throughput.py                      # starts its own servers, all scenarios
+    python loadtest/bench_throughput.py --seconds 5 --procs 2
+    python loadtest/bench_throughput.py --target 127.0.0.1:8001 --scenario single-64
+
+The generator is lean: requests are serialized once, sent as bytes on a grpc.aio channel by
+`--procs` processes each running its share of the concurrent clients, and every response is
+checked byte for byte against the expected probabilities (the server is batch-invariant, so a
+response must not depend on which batch it ran in). Each scenario prints images/s and p50/p99
+latency. Scenarios:
+
+* single-1:   1 client, 1 image per request, dynamic batching (--max-batch-size 64)
+* single-64:  64 clients, 1 image per request, dynamic batching
+* nobatch-1 / nobatch-64: the same with the server started with --max-batch-size 1
+* batch64-8:  8 clients, 64 images per request
+* core:       model.predict on batches of 64 in-process (no server), the ceiling for batch64-8
+
+The load generator shares the 2 cores with the server; it costs about 0.3-0.4 ms CPU per request
+(performance.md), so single-image figures at high rates are bounded by the generator as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+SCENARIOS = {  # name: (clients, images per request, server flavour)
+    "single-1": (1, 1, "batching"),
+    "single-64": (64, 1, "batching"),
+    "nobatch-1": (1, 1, "nobatch"),
+    "nobatch-64": (64, 1, "nobatch"),
+    "batch64-8": (8, 64, "batching"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_repository(path: Path) -> Path:
+    """A repository with the reference architecture (random weights) when no trained model is bundled."""
+    from convserve.core import Model
+    from convserve.core.architecture import parse_architecture
+    from convserve.core.presets import preset
+
+    doc = preset("fashion_mnist")
+    rng = np.random.default_rng(0)
+    weights = {k: (rng.standard_normal(s) * 0.1).astype(np.float32)
+               for k, s in parse_architecture(doc).weight_shapes().items()}
+    Model(doc, weights).save(path / "fashion_mnist" / "1" / "model.safetensors")
+    return path
+
+
+def start_server(repo: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "convserve", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", "0", "--max-batch-size", str(max_batch),
+           "--log-level", "WARNING", *extra]
+    proc = subprocess.Popen(cmd)
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                channel.close()
+                return proc, f"127.0.0.1:{port}"
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready in 180 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(40)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def build_request(model: str, images: np.ndarray) -> bytes:
+    from convserve.proto import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="input", datatype="UINT8", shape=images.shape)
+    req.outputs.add(name="probabilities")
+    req.raw_input_contents.append(images.tobytes())
+    return req.SerializeToString()
+
+
+def _worker(target: str, model: str, clients: int, images_per_request: int, seconds: float, warmup: float,
+            seed: int, queue: mp.Queue) -> None:
+    """One generator process: `clients` concurrent closed-loop callers; reports latencies (s)."""
+    import grpc
+
+    from convserve.proto import grpc_service_pb2 as pb
+
+    async def main() -> tuple[list[float], int, int, str]:
+        rng = np.random.default_rng(seed)
+        options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
+            call = channel.unary_unary(METHOD, request_serializer=None,
+                                       response_deserializer=pb.ModelInferResponse.FromString)
+            # Distinct images per client; the expected output of each comes from a first call.
+            payloads = []
+            for _ in range(clients):
+                imgs = rng.integers(0, 256, (images_per_request, 28, 28, 1), dtype=np.uint8)
+                body = build_request(model, imgs)
+                first = await call(body, timeout=60)
+                payloads.append((body, first.raw_output_contents[0]))
+            latencies: list[float] = []
+            errors = inexact = 0
+            first_error = ""
+            t_start = time.perf_counter()
+            t_measure = t_start + warmup
+            t_end = t_measure + seconds
+
+            async def client(body: bytes, expected: bytes) -> None:
+                nonlocal errors, inexact, first_error
+                perf = time.perf_counter
+                want = np.frombuffer(expected, np.float32)
+                while True:
+                    t0 = perf()
+                    if t0 >= t_end:
+                        return
+                    try:
+                        resp = await call(body, timeout=30)
+                        got = resp.raw_output_contents[0]
+                        ok = got == expected
+                        if not ok:  # not bit-identical: the core is not batch-invariant; check closeness
+                            ok = len(got) == len(expected) and np.allclose(np.frombuffer(got, np.float32), want,
+                                                                           rtol=1e-4, atol=1e-6)
+                            inexact += t0 >= t_measure
+                            if not ok and not first_error:
+                                first_error = "response differs from the expected probabilities"
+                    except grpc.RpcError as exc:
+                        ok = False
+                        if not first_error:
+                            first_error = f"{exc.code()}: {exc.details()}"
+                    t1 = perf()
+                    if t0 >= t_measure:
+                        if ok:
+                            latencies.append(t1 - t0)
+                        else:
+                            errors += 1
+
+            await asyncio.gather(*(client(b, e) for b, e in payloads))
+            return latencies, errors, inexact, first_error
+
+    lat, errors, inexact, first_error = asyncio.run(main())
+    queue.put((lat, errors, inexact, first_error))
+
+
+def run_load(target: str, model: str, clients: int, images: int, seconds: float, procs: int,
+             warmup: float = 1.0) -> dict:
+    procs = max(1, min(procs, clients))
+    shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(target, model, n, images, seconds, warmup, 1000 + i, queue))
+               for i, n in enumerate(shares)]
+    for w in workers:
+        w.start()
+    results = []
+    give_up = time.monotonic() + seconds + warmup + 180
+    while len(results) < len(workers):
+        try:
+            results.append(queue.get(timeout=1.0))
+        except Exception:  # queue.Empty: check that the workers are still alive
+            dead = [w for w in workers if w.exitcode not in (None, 0)]
+            if dead or time.monotonic() > give_up:
+                for w in workers:
+                    w.kill()
+                raise RuntimeError(f"load generator process failed (exit codes {[w.exitcode for w in workers]})")
+    for w in workers:
+        w.join()
+    latencies = sorted(x for lat, _, _, _ in results for x in lat)
+    errors = sum(r[1] for r in results)
+    inexact = sum(r[2] for r in results)
+    first_error = next((r[3] for r in results if r[3]), "")
+    n = len(latencies)
+    return {
+        "requests": n, "errors": errors, "inexact": inexact, "first_error": first_error,
+        "img_per_s": n * images / seconds,
+        "p50_ms": 1e3 * latencies[n // 2] if n else float("nan"),
+        "p99_ms": 1e3 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan"),
+    }
+
+
+def core_throughput(repo: Path, model: str, seconds: float, batch: int = 64) -> float:
+    from convserve.core import Model
+
+    version = max((p for p in (repo / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    m = Model.load(version / "model.safetensors")
+    m.warmup((batch,))
+    x = np.random.default_rng(0).integers(0, 256, (batch, *m.input_shape), dtype=np.uint8)
+    runs = []
+    for _ in range(3):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            m.predict(x)
+            n += batch
+        runs.append(n / (time.perf_counter() - t0))
+    return statistics.median(runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", help="HOST:PORT of a running server (default: start servers)")
+    parser.add_argument("--model-repository", type=Path, help="repository to serve (default: models/ or a "
+                        "generated one with the reference architecture)")
+    parser.add_argument("--model", default=None, help="model name (default: the first in the repository)")
+    parser.add_argument("--scenario", action="append", choices=[*SCENARIOS, "core"],
+                        help="scenario(s) to run (default: all)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per scenario")
+    parser.add_argument("--procs", type=int, default=2, help="load generator processes")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per scenario (the median is reported)")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra flag for started servers")
+    args = parser.parse_args(argv)
+    scenarios = args.scenario or [*SCENARIOS, "core"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = args.model_repository
+        if repo is None:
+            bundled = ROOT / "models"
+            repo = bundled if any(bundled.glob("*/*/model.safetensors")) else make_repository(Path(tmp))
+        model = args.model or sorted(p.parent.parent.name for p in repo.glob("*/*/model.safetensors"))[0]
+        print(f"# model '{model}' from {repo}; {args.seconds:g} s per run, {args.procs} generator process(es), "
+              f"median of {args.repeat}; cpu count {os.cpu_count()}")
+        print(f"{'scenario':<12} {'clients':>7} {'img/req':>7} {'img/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'not-bit-identical':>17}")
+        for flavour in ("batching", "nobatch"):
+            names = [s for s in scenarios if s in SCENARIOS and SCENARIOS[s][2] == flavour]
+            if not names:
+                continue
+            proc = None
+            if args.target:
+                target = args.target
+            else:
+                proc, target = start_server(repo, 64 if flavour == "batching" else 1, args.server_arg)
+            try:
+                for name in names:
+                    clients, images, _ = SCENARIOS[name]
+                    runs = [run_load(target, model, clients, images, args.seconds, args.procs)
+                            for _ in range(args.repeat)]
+                    r = sorted(runs, key=lambda r: r["img_per_s"])[len(runs) // 2]
+                    print(f"{name:<12} {clients:>7} {images:>7} {r['img_per_s']:>9.0f} {r['p50_ms']:>8.2f} "
+                          f"{r['p99_ms']:>8.2f} {r['errors']:>6} {r['inexact']:>17}" + (f"  first error: {r['first_error']}"
+                                                                      if r["first_error"] else ""), flush=True)
+            finally:
+                if proc is not None:
+                    stop_server(proc)
+        if "core" in scenarios:
+            print(f"{'core':<12} {'-':>7} {64:>7} {core_throughput(repo, model, args.seconds):>9.0f} "
+                  f"{'-':>8} {'-':>8} {'-':>6}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
