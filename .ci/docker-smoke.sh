@@ -52,23 +52,23 @@ timeout 1800 "$DOCKER" build --network host --progress plain -t "$IMAGE" . >"$OU
   exit 1
 }
 figure docker_build_seconds "$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')")"
-figure image_size_mb "$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f", $1 / 1e6}')"
-[ "$("$DOCKER" image inspect -f '{{.Config.User}}' "$IMAGE")" != "" ] || { log "the image runs as root"; exit 1; }
+figure image_size_mb "$(timeout 10 "$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f", $1 / 1e6}')"
+[ "$(timeout 10 "$DOCKER" image inspect -f '{{.Config.User}}' "$IMAGE")" != "" ] || { log "the image runs as root"; exit 1; }
 
 # --- run: time to SERVING ------------------------------------------------------------------
 PORT=$(free_port)
 METRICS=$(free_port)
 TARGET=127.0.0.1:$PORT
 start=$(date +%s.%N)
-"$DOCKER" run -d --name "$NAME" --network host --health-interval 1s \
+timeout 120 "$DOCKER" run -d --name "$NAME" --network host --health-interval 1s \
   -e CONVSERVE_PORT="$PORT" -e CONVSERVE_METRICS_PORT="$METRICS" "$IMAGE" >/dev/null
 python3 .ci/smoke.py wait --target "$TARGET" --since "$start" --timeout 120 | tee -a "$RESULTS"
 
 deadline=$((SECONDS + 60))
-until [ "$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$NAME")" = healthy ]; do
+until [ "$(timeout 10 "$DOCKER" inspect -f '{{.State.Health.Status}}' "$NAME")" = healthy ]; do
   if [ "$SECONDS" -ge "$deadline" ]; then
     log "HEALTHCHECK never reported healthy:"
-    "$DOCKER" inspect -f '{{json .State.Health}}' "$NAME" >&2
+    timeout 10 "$DOCKER" inspect -f '{{json .State.Health}}' "$NAME" >&2
     exit 1
   fi
   sleep 0.5
@@ -76,7 +76,7 @@ done
 figure docker_healthcheck healthy
 
 # --- real inferences from outside the container --------------------------------------------
-python3 .ci/smoke.py infer --target "$TARGET" --images 1000 --min-accuracy 0.8 | tee -a "$RESULTS"
+timeout 120 python3 .ci/smoke.py infer --target "$TARGET" --images 1000 --min-accuracy 0.8 | tee -a "$RESULTS"
 CONVSERVE_TARGET=$TARGET timeout 60 convserve classify examples/*.png
 timeout 10 python3 - "$METRICS" <<'EOF'
 import sys, urllib.request
@@ -86,13 +86,13 @@ print("metrics_endpoint: ok")
 EOF
 
 # --- no JIT at start-up: the Numba cache baked in at build time was used as is ---------------
-new_cache_files=$("$DOCKER" diff "$NAME" | awk '$2 ~ /^\/var\/cache\/convserve\/numba\/.+\.nb[ic]$/' | wc -l)
+new_cache_files=$(timeout 30 "$DOCKER" diff "$NAME" | awk '$2 ~ /^\/var\/cache\/convserve\/numba\/.+\.nb[ic]$/' | wc -l)
 figure numba_cache_files_written_at_start "$new_cache_files"
 [ "$new_cache_files" -eq 0 ] || { log "the container compiled kernels at start-up: the build's cache missed"; exit 1; }
 
 # --- docker stop: SIGTERM, drain, exit 0 within the grace period ------------------------------
 python3 .ci/smoke.py drain --target "$TARGET" --grace "$GRACE" -- "$DOCKER" stop -t "$GRACE" "$NAME" | tee -a "$RESULTS"
-code=$("$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")
+code=$(timeout 10 "$DOCKER" inspect -f '{{.State.ExitCode}}' "$NAME")
 figure container_exit_code "$code"
 [ "$code" -eq 0 ] || { log "the container exited with $code after docker stop"; exit 1; }
 log "docker smoke: PASS"

@@ -67,7 +67,7 @@ while read -r command; do
   timeout 60 sh -c "$command" </dev/null
 done <"$OUT/readme-commands.sh"
 figure readme_commands_run "$(wc -l <"$OUT/readme-commands.sh")"
-python3 .ci/smoke.py infer --target "$CONVSERVE_TARGET" --images 1000 --min-accuracy "$MIN_ACCURACY" | tee -a "$RESULTS"
+timeout 120 python3 .ci/smoke.py infer --target "$CONVSERVE_TARGET" --images 1000 --min-accuracy "$MIN_ACCURACY" | tee -a "$RESULTS"
 
 # --- the load test -------------------------------------------------------------------------
 log "locust: $USERS users, $DURATION, p99 bound $P99_MS ms"
