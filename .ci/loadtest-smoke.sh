@@ -12,7 +12,7 @@ OUT=${CONVSERVE_CI_OUT:-out/ci}
 DURATION=${LOADTEST_DURATION:-20s}
 USERS=${LOADTEST_USERS:-16}
 P99_MS=${LOADTEST_P99_MS:-250}
-MIN_ACCURACY=${LOADTEST_MIN_ACCURACY:-0.8}   # the bundled model scores about 0.9 on the test set
+MIN_ACCURACY=${CONVSERVE_CI_MIN_ACCURACY:-0.8}   # the bundled model scores about 0.9 on the test set
 mkdir -p "$OUT"
 RESULTS="$OUT/loadtest-smoke.txt"
 : >"$RESULTS"
