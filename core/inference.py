@@ -30,6 +30,10 @@ DENSE2_MAX_BATCH = 8   # below this, the last two dense layers run as one parall
 CONV_CHUNK = 32        # output pixels per task in the generic convolution
 
 
+_INPUT = object()   # placeholders in a prepared program: the call's input and its result
+_RESULT = object()
+
+
 def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
@@ -166,6 +170,7 @@ class InferencePlan:
         self._capacity = 0   # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
         self._input: np.ndarray | None = None
+        self._programs: dict[tuple[int, bool, int], Any] = {}
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------
@@ -207,69 +212,89 @@ class InferencePlan:
                 if step.params.get("pair_with_previous"):
                     bufs.append(np.empty((n, self.steps[k - 1].shape[0]), np.float32))
             self._buffers, self._capacity = bufs, n
+            self._programs.clear()
         return [None if b is None else b[:n] for b in self._buffers]
 
     def _forward(self, x: np.ndarray, preprocess: bool) -> np.ndarray:
         n = x.shape[0]
+        key = (n, preprocess, numba.get_num_threads())
+        program = self._programs.get(key)
+        if program is None:
+            program = self._programs[key] = self._program(n, preprocess, key[2])
+        calls, result_shape, final = program
+        result = np.empty(result_shape, np.float32) if result_shape is not None else None
+        for fn, args, in_pos, res_pos in calls:
+            if in_pos >= 0 or res_pos >= 0:
+                args = list(args)
+                if in_pos >= 0:
+                    args[in_pos] = x
+                if res_pos >= 0:
+                    args[res_pos] = result
+            fn(*args)
+        if result is not None:
+            return result
+        return final.reshape(n, -1).copy()  # the last step worked in place: return a copy
+
+    def _program(self, n: int, preprocess: bool, threads: int):
+        """The kernel calls of a batch of n as (kernel, args, input position, result position);
+        `_INPUT` and `_RESULT` stand for the call's input and its freshly allocated result."""
         bufs = self._buffers_for(n)
-        threads = numba.get_num_threads()
         steps = self.steps
         count = len(steps)
+        calls: list[tuple[Any, tuple, int, int]] = []
+
+        def add(fn: Any, *args: Any) -> None:
+            pos = [i for i, a in enumerate(args) if a is _INPUT]
+            res = [i for i, a in enumerate(args) if a is _RESULT]
+            calls.append((fn, args, pos[0] if pos else -1, res[0] if res else -1))
+
+        x: Any = _INPUT
+        result_shape = None
         k = 0
         while k < count:
             step = steps[k]
             p = step.params
-            last = k == count - 1
             if step.shape is None:
                 out = x
-            elif last:
-                out = np.empty((n, *step.shape), np.float32)
+            elif k == count - 1:
+                out, result_shape = _RESULT, (n, *step.shape)
             else:
                 out = bufs[k]
             if step.kind == "dense" and k + 1 < count and steps[k + 1].params.get("pair_with_previous") \
                     and n < DENSE2_MAX_BATCH:
                 nxt = steps[k + 1]
-                out = np.empty((n, *nxt.shape), np.float32) if k + 1 == count - 1 else bufs[k + 1]
-                kdense.dense2(x, p["wt"], p["bias"], bufs[-1], p["act"],
-                              nxt.params["wt"], nxt.params["bias"], out, nxt.params["act"])
-                x = out
+                result_shape = (n, *nxt.shape)
+                add(kdense.dense2, x, p["wt"], p["bias"], bufs[-1], p["act"],
+                    nxt.params["wt"], nxt.params["bias"], _RESULT, nxt.params["act"])
+                x = _RESULT
                 k += 2
                 continue
-            sc, sf = (self.scale, self.shift) if (step.takes_raw and preprocess) else self._identity
-            pre = int(step.takes_raw and preprocess)
+            raw = step.takes_raw and preprocess
+            sc, sf = (self.scale, self.shift) if raw else self._identity
             if step.kind == "conv_pool2":
-                tasks = n * step.shape[0]
-                splits = _splits(tasks, p["wd"].shape[0] // 4, threads)
-                kconv.conv_pool2(x, p["wd"], p["bias"], sc, sf, pre, self._scratch, out,
-                                 p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], splits)
+                splits = _splits(n * step.shape[0], p["wd"].shape[0] // 4, threads)
+                add(kconv.conv_pool2, x, p["wd"], p["bias"], sc, sf, int(raw), self._scratch, out,
+                    p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], splits)
             elif step.kind == "conv1_k3_pool2":
-                tasks = n * step.shape[0]
-                splits = _splits(tasks, p["wb"].shape[0], threads)
-                kconv.conv1_k3_pool2(x, p["wb"], sc, sf, out, p["pt"], p["pl"], p["act"], splits)
+                splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
+                add(kconv.conv1_k3_pool2, x, p["wb"], sc, sf, out, p["pt"], p["pl"], p["act"], splits)
             elif step.kind == "conv":
                 tasks = n * math.ceil(step.shape[0] * step.shape[1] / CONV_CHUNK)
                 splits = _splits(tasks, p["wd"].shape[0] // 4, threads)
-                kconv.conv(x, p["wd"], p["bias"], sc, sf, pre, self._scratch, out,
-                           p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], CONV_CHUNK, splits)
+                add(kconv.conv, x, p["wd"], p["bias"], sc, sf, int(raw), self._scratch, out,
+                    p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], CONV_CHUNK, splits)
             elif step.kind == "preprocess":
-                c = x.shape[-1]
-                if preprocess:
-                    kdense.preprocess(x.reshape(-1, c), self.scale, self.shift, out.reshape(-1, c))
-                else:
-                    out[...] = x
+                add(kdense.preprocess, x, sc, sf, out)
             elif step.kind == "pool":
-                kpool.pool2d(x, out, p["ph"], p["pw"], p["sh"], p["sw"], p["pt"], p["pl"], p["average"])
+                add(kpool.pool2d, x, out, p["ph"], p["pw"], p["sh"], p["sw"], p["pt"], p["pl"], p["average"])
             elif step.kind == "flatten":
-                out = x.reshape(n, -1)
+                out = x.reshape(n, -1)  # x is a buffer here: a preprocess step always comes first
             elif step.kind == "dense":
-                rgroups = (n + 3) // 4
                 groups = p["wt"].shape[0] // (4 if n >= 4 else 8)
-                splits = 1 if p["act"] == 4 else _splits(rgroups, groups, threads)
-                kdense.dense(x, p["wt"], p["bias"], out, p["act"], splits)
+                splits = 1 if p["act"] == 4 else _splits((n + 3) // 4, groups, threads)
+                add(kdense.dense, x, p["wt"], p["bias"], out, p["act"], splits)
             elif step.kind == "activate":
-                kdense.activate(x.reshape(-1, p["width"]), p["act"])
+                add(kdense.activate, x.reshape(-1, p["width"]), p["act"])
             x = out
             k += 1
-        if x.base is not None or any(x is b for b in bufs):  # the result must be a new array
-            x = x.reshape(n, -1).copy()
-        return x
+        return calls, result_shape, (None if x is _RESULT else x)

@@ -238,22 +238,33 @@ def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
         y = 2 * py - pt
         for px in range(PW):
             xx = 2 * px - pl
-            v00 = _px(xf, H, W, n, y, xx, sc, sf)
-            v01 = _px(xf, H, W, n, y, xx + 1, sc, sf)
-            v02 = _px(xf, H, W, n, y, xx + 2, sc, sf)
-            v03 = _px(xf, H, W, n, y, xx + 3, sc, sf)
-            v10 = _px(xf, H, W, n, y + 1, xx, sc, sf)
-            v11 = _px(xf, H, W, n, y + 1, xx + 1, sc, sf)
-            v12 = _px(xf, H, W, n, y + 1, xx + 2, sc, sf)
-            v13 = _px(xf, H, W, n, y + 1, xx + 3, sc, sf)
-            v20 = _px(xf, H, W, n, y + 2, xx, sc, sf)
-            v21 = _px(xf, H, W, n, y + 2, xx + 1, sc, sf)
-            v22 = _px(xf, H, W, n, y + 2, xx + 2, sc, sf)
-            v23 = _px(xf, H, W, n, y + 2, xx + 3, sc, sf)
-            v30 = _px(xf, H, W, n, y + 3, xx, sc, sf)
-            v31 = _px(xf, H, W, n, y + 3, xx + 1, sc, sf)
-            v32 = _px(xf, H, W, n, y + 3, xx + 2, sc, sf)
-            v33 = _px(xf, H, W, n, y + 3, xx + 3, sc, sf)
+            if y >= 0 and y + 4 <= H and xx >= 0 and xx + 4 <= W:  # interior: no bounds checks
+                o = (n * H + y) * W + xx
+                r0 = xf[o:o + 4]
+                r1 = xf[o + W:o + W + 4]
+                r2 = xf[o + 2 * W:o + 2 * W + 4]
+                r3 = xf[o + 3 * W:o + 3 * W + 4]
+                v00, v01, v02, v03 = r0[0] * sc + sf, r0[1] * sc + sf, r0[2] * sc + sf, r0[3] * sc + sf
+                v10, v11, v12, v13 = r1[0] * sc + sf, r1[1] * sc + sf, r1[2] * sc + sf, r1[3] * sc + sf
+                v20, v21, v22, v23 = r2[0] * sc + sf, r2[1] * sc + sf, r2[2] * sc + sf, r2[3] * sc + sf
+                v30, v31, v32, v33 = r3[0] * sc + sf, r3[1] * sc + sf, r3[2] * sc + sf, r3[3] * sc + sf
+            else:
+                v00 = _px(xf, H, W, n, y, xx, sc, sf)
+                v01 = _px(xf, H, W, n, y, xx + 1, sc, sf)
+                v02 = _px(xf, H, W, n, y, xx + 2, sc, sf)
+                v03 = _px(xf, H, W, n, y, xx + 3, sc, sf)
+                v10 = _px(xf, H, W, n, y + 1, xx, sc, sf)
+                v11 = _px(xf, H, W, n, y + 1, xx + 1, sc, sf)
+                v12 = _px(xf, H, W, n, y + 1, xx + 2, sc, sf)
+                v13 = _px(xf, H, W, n, y + 1, xx + 3, sc, sf)
+                v20 = _px(xf, H, W, n, y + 2, xx, sc, sf)
+                v21 = _px(xf, H, W, n, y + 2, xx + 1, sc, sf)
+                v22 = _px(xf, H, W, n, y + 2, xx + 2, sc, sf)
+                v23 = _px(xf, H, W, n, y + 2, xx + 3, sc, sf)
+                v30 = _px(xf, H, W, n, y + 3, xx, sc, sf)
+                v31 = _px(xf, H, W, n, y + 3, xx + 1, sc, sf)
+                v32 = _px(xf, H, W, n, y + 3, xx + 2, sc, sf)
+                v33 = _px(xf, H, W, n, y + 3, xx + 3, sc, sf)
             orow = out[n, py, px]
             for b in range(b0, b1):
                 w = wb[b]

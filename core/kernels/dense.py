@@ -205,7 +205,13 @@ def activate(x, act):
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def preprocess(x, scale, shift, out):
-    """out = x * scale + shift over the last axis (C); x, out: (M, C)."""
-    for r in prange(x.shape[0]):
-        for c in range(x.shape[1]):
-            out[r, c] = x[r, c] * scale[c] + shift[c]
+    """out = x * scale + shift per channel; x, out: (N, H, W, C)."""
+    N, H, W, C = x.shape
+    for t in prange(N * H):
+        n = t // H
+        y = t % H
+        for i in range(W):
+            src = x[n, y, i]
+            dst = out[n, y, i]
+            for c in range(C):
+                dst[c] = src[c] * scale[c] + shift[c]
