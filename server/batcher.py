@@ -42,7 +42,8 @@ class Job:
     """One request: its images, its limits, and (when done) its result or error."""
 
     __slots__ = ("images", "size", "deadline_ns", "timeout_ns", "level", "arrival_ns", "future", "cancelled",
-                 "result", "error", "queue_ns", "compute_ns", "batch_size", "_parts_left", "_queued_parts")
+                 "result", "error", "queue_ns", "compute_ns", "batch_size", "_parts_left", "_queued_parts",
+                 "_queued_images", "_taken", "_removed")
 
     def __init__(self, images: np.ndarray, deadline_ns: int | None, timeout_ns: int | None, level: int,
                  future: Any):
@@ -61,6 +62,9 @@ class Job:
         self.batch_size = 0     # images in the (largest) batch it ran in
         self._parts_left = 0
         self._queued_parts = 0
+        self._queued_images = 0
+        self._taken = False     # a chunk has left the queue for compute
+        self._removed = False   # abandoned while queued; its entries are skipped when popped
 
     def cancel(self) -> None:
         """Mark the job abandoned by its caller; it leaves the queue before compute."""
@@ -144,10 +148,28 @@ class DynamicBatcher:
                 job._parts_left = job._queued_parts = len(parts)
                 for start in parts:
                     heapq.heappush(self._heap, (level, next(self._seq), job, start, min(start + step, n)))
+            job._queued_images = n
             self._queued_requests += 1
             self._queued_images += n
             self._cond.notify()
         return job
+
+    def abandon(self, job: Job, error: ServingError) -> bool:
+        """Take a job out of the queue if none of it has started; True if it was removed.
+
+        The job then fails with `error`, frees its queue slot at once and is never computed.
+        When a chunk already runs (False), its result or error will come as usual.
+        """
+        with self._cond:
+            if job._taken or job._removed or job._parts_left == 0:
+                return False
+            job._removed = True
+            job.cancelled = True
+            job.error = error
+            self._queued_requests -= 1
+            self._queued_images -= job._queued_images
+            job._queued_images = 0
+        return True
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new requests, finish the queued ones, stop the worker; True if it stopped in time."""
@@ -197,7 +219,10 @@ class DynamicBatcher:
             if images + (stop - start) > self.max_batch_size:
                 break
             heapq.heappop(heap)
+            if job._removed:  # abandoned: already uncounted and answered
+                continue
             self._queued_images -= stop - start
+            job._queued_images -= stop - start
             job._queued_parts -= 1
             if job._queued_parts == 0:
                 self._queued_requests -= 1
@@ -209,6 +234,7 @@ class DynamicBatcher:
                 self._forget_parts(job)
                 dropped.append(job)
                 continue
+            job._taken = True
             batch.append((job, start, stop))
             images += stop - start
         return batch, dropped

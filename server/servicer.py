@@ -16,7 +16,7 @@ from convserve import __version__
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.server.batcher import Job
-from convserve.server.errors import ServingError, Unavailable
+from convserve.server.errors import Cancelled, DeadlineExceeded, RequestTimeout, ServingError
 from convserve.server.protocol import (ADVERTISED_INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME, Signature, decode_request,
                                        encode_response)
 from convserve.server.repository import ModelRepository, ModelVersion
@@ -45,6 +45,15 @@ def resolve_jobs(jobs: list[Job]) -> None:
         fut = job.future
         if not fut.done():
             fut.set_result(job)
+
+
+def _expire(batcher, job: Job, timeout_us: int) -> None:
+    """Event-loop timer: a request still queued when its `timeout` parameter expires is refused."""
+    waited_ms = (time.monotonic_ns() - job.arrival_ns) / 1e6
+    error = RequestTimeout(f"Request timeout expired: the request waited {waited_ms:.1f} ms in the queue of model "
+                           f"'{batcher.name}', longer than its 'timeout' parameter ({timeout_us} us)")
+    if batcher.abandon(job, error) and not job.future.done():
+        job.future.set_result(job)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -140,22 +149,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
             timeout = None if decoded.timeout_us is None else time.monotonic_ns() + decoded.timeout_us * 1000
-            fut = asyncio.get_running_loop().create_future()
-            job = entry.batcher.submit(decoded.images, deadline_ns=deadline, timeout_ns=timeout,
-                                       priority=decoded.priority, future=fut)
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            batcher = entry.batcher
+            job = batcher.submit(decoded.images, deadline_ns=deadline, timeout_ns=timeout,
+                                 priority=decoded.priority, future=fut)
         except ServingError as exc:
             metrics.outcome[exc.reason].inc()
             stats.fail_count += 1
             stats.fail_ns += time.perf_counter_ns() - t0
             await self._fail(context, exc)
+        timer = None
+        if timeout is not None:  # Triton's queue timeout: leave the queue when it expires
+            timer = loop.call_later(decoded.timeout_us / 1e6, _expire, batcher, job, decoded.timeout_us)
         try:
             await fut
-        except asyncio.CancelledError:
-            job.cancel()
+        except asyncio.CancelledError:  # the caller cancelled or its deadline passed
             remaining = context.time_remaining()
-            metrics.outcome["timeout" if remaining is not None and remaining <= 0 else "cancelled"].inc()
+            expired = remaining is not None and remaining <= 0
+            if not batcher.abandon(job, DeadlineExceeded("Deadline Exceeded") if expired
+                                   else Cancelled("cancelled by the client")):
+                job.cancel()
+            metrics.outcome["timeout" if expired else "cancelled"].inc()
             stats.fail_count += 1
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         if job.error is not None:
             error = job.error
             reason = getattr(error, "reason", "error")

@@ -2,7 +2,7 @@
 
 Servers are started once per test session (cached here, stopped at exit) so that the server
 test modules share them: `main_server()` (fashion v1 + v2, lenet; dynamic batching, small
-message limit) and `slow_server()` (--max-batch-size 1, --max-queue-size 3, for queue limits).
+message limit) and `slow_server()` (--max-batch-size 1, --max-queue-size 4, for queue limits).
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def main_server() -> Server:
 
 @lru_cache(maxsize=None)
 def slow_server() -> Server:
-    """One image per execution and at most 3 queued requests: queues fill up quickly."""
-    server = Server(repository(), "--max-batch-size", "1", "--max-queue-size", "3", "--warmup-batch-sizes", "1",
+    """One image per execution and at most 4 queued requests: queues fill up quickly."""
+    server = Server(repository(), "--max-batch-size", "1", "--max-queue-size", "4", "--warmup-batch-sizes", "1",
                     "--drain-seconds", "0", "--grace-period", "10")
     _started.append(server)
     return server.wait_ready()
@@ -195,3 +195,15 @@ def probabilities(response) -> np.ndarray:
 
 def parameters(response) -> dict[str, int]:
     return {k: v.int64_param for k, v in response.parameters.items()}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text output (0.0 if absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and line.split(" ")[0] != name:
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            if head.split("{")[0] == name:
+                return float(value)
+    return 0.0

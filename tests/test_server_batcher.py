@@ -1,0 +1,213 @@
+"""DynamicBatcher on its own: batch formation, chunking, limits and failure isolation.
+
+`predict` here is plain NumPy (the per-image pixel sum) gated by events, so the tests control
+exactly what is queued while the "model" is busy; no timing is asserted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from convserve.server.batcher import DynamicBatcher, wait_all
+from convserve.server.errors import Cancelled, DeadlineExceeded, InvalidRequest, QueueFull, RequestTimeout, Unavailable
+
+
+class GatedModel:
+    """predict = per-image sum; the first call blocks until `release()`; records batch sizes."""
+
+    def __init__(self, fail_on: float | None = None):
+        self.batches: list[int] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.fail_on = fail_on
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        self.batches.append(len(x))
+        if len(self.batches) == 1:
+            self.started.set()
+            assert self.gate.wait(10)
+        flat = x.reshape(len(x), -1).astype(np.float32)
+        if self.fail_on is not None and (flat[:, 0] == self.fail_on).any():
+            raise ValueError("poisoned image")
+        return np.stack([flat.sum(axis=1), flat[:, 0]], axis=1)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+def imgs(n: int, first: float = 0.0) -> np.ndarray:
+    x = np.ones((n, 2, 2, 1), np.float32)
+    x[:, 0, 0, 0] = first
+    return x
+
+
+@pytest.fixture
+def gated():
+    model = GatedModel()
+    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=8)
+    yield model, batcher
+    model.release()
+    batcher.close(5)
+
+
+def test_idle_request_starts_alone_and_queued_requests_form_one_batch(gated):
+    model, batcher = gated
+    first = batcher.submit(imgs(1))
+    assert model.started.wait(5)  # ran at once, alone
+    queued = [batcher.submit(imgs(n)) for n in (1, 3, 2)]  # arrive while busy: 6 images
+    assert batcher.queued_requests == 3
+    model.release()
+    done = wait_all([first, *queued], timeout=10)
+    assert model.batches == [1, 6]
+    assert [j.batch_size for j in done] == [1, 6, 6, 6]
+    for job, n in zip(done, (1, 1, 3, 2)):
+        assert job.error is None and job.result.shape == (n, 2)
+        np.testing.assert_array_equal(job.result[:, 0], np.full(n, 3.0))
+
+
+def test_batches_stop_at_max_batch_size_in_arrival_order(gated):
+    model, batcher = gated
+    batcher.submit(imgs(1))
+    assert model.started.wait(5)
+    jobs = [batcher.submit(imgs(3, first=i)) for i in range(5)]  # 15 images, max 8 -> 6, 6, 3
+    model.release()
+    done = wait_all(jobs, timeout=10)
+    assert model.batches == [1, 6, 6, 3]
+    for i, job in enumerate(done):
+        np.testing.assert_array_equal(job.result[:, 1], np.full(3, float(i)))
+
+
+def test_large_request_is_split_in_chunks_and_reassembled(gated):
+    model, batcher = gated
+    x = imgs(20)
+    x[:, 0, 0, 0] = np.arange(20)
+    model.release()
+    job = wait_all([batcher.submit(x)], timeout=10)[0]
+    assert model.batches == [8, 8, 4]
+    np.testing.assert_array_equal(job.result[:, 1], np.arange(20, dtype=np.float32))
+    assert job.batch_size == 8
+
+
+def test_priority_goes_first(gated):
+    model, batcher = gated
+    batcher.submit(imgs(1))
+    assert model.started.wait(5)
+    low = batcher.submit(imgs(6, first=1))
+    high = batcher.submit(imgs(6, first=2), priority=1)
+    model.release()
+    wait_all([low, high], timeout=10)
+    assert model.batches == [1, 6, 6]
+    assert high.queue_ns < low.queue_ns
+
+
+def test_queue_full_is_rejected_at_once():
+    model = GatedModel()
+    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=4, max_queue_size=2)
+    try:
+        batcher.submit(imgs(1))
+        assert model.started.wait(5)
+        batcher.submit(imgs(1))
+        batcher.submit(imgs(1))
+        with pytest.raises(QueueFull, match=r"Exceeds maximum queue size: 2 requests are queued for model 'm', "
+                                            r"the maximum is 2"):
+            batcher.submit(imgs(1))
+    finally:
+        model.release()
+        batcher.close(5)
+
+
+def test_expired_cancelled_and_timed_out_requests_leave_before_compute(gated):
+    model, batcher = gated
+    batcher.submit(imgs(1))
+    assert model.started.wait(5)
+    now = time.monotonic_ns()
+    past_deadline = batcher.submit(imgs(2), deadline_ns=now + 1_000_000)          # 1 ms
+    queue_timeout = batcher.submit(imgs(2), timeout_ns=now + 1_000_000)           # 1 ms
+    cancelled = batcher.submit(imgs(2))
+    cancelled.cancel()
+    alive = batcher.submit(imgs(5), deadline_ns=now + 60_000_000_000)
+    time.sleep(0.01)
+    model.release()
+    done = wait_all([past_deadline, queue_timeout, cancelled, alive], timeout=10)
+    assert isinstance(done[0].error, DeadlineExceeded) and "before compute" in str(done[0].error)
+    assert isinstance(done[1].error, RequestTimeout) and str(done[1].error).startswith("Request timeout expired")
+    assert isinstance(done[2].error, Cancelled)
+    assert done[3].error is None and done[3].result.shape == (5, 2)
+    assert model.batches == [1, 5]  # none of the dropped images was computed
+
+
+def test_failing_batch_is_rerun_member_by_member():
+    model = GatedModel(fail_on=99.0)
+    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=16)
+    try:
+        batcher.submit(imgs(1))
+        assert model.started.wait(5)
+        good1 = batcher.submit(imgs(2, first=1))
+        bad = batcher.submit(imgs(3, first=99))
+        good2 = batcher.submit(imgs(4, first=2))
+        model.release()
+        done = wait_all([good1, bad, good2], timeout=10)
+    finally:
+        batcher.close(5)
+    assert model.batches == [1, 9, 2, 3, 4]  # the batch of 9 failed, then each member alone
+    assert done[0].error is None and done[2].error is None
+    np.testing.assert_array_equal(done[2].result[:, 1], np.full(4, 2.0))
+    assert isinstance(done[1].error, InvalidRequest) and "poisoned image" in str(done[1].error)
+
+
+def test_queue_delay_waits_for_more_after_a_busy_period():
+    model = GatedModel()
+    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=8, max_queue_delay_us=300_000)
+    try:
+        batcher.submit(imgs(1))
+        assert model.started.wait(5)
+        early = batcher.submit(imgs(1))
+        model.release()
+        time.sleep(0.05)  # well inside the 300 ms window counted from `early`'s arrival
+        late = batcher.submit(imgs(2))
+        wait_all([early, late], timeout=10)
+    finally:
+        batcher.close(5)
+    assert model.batches == [1, 3]  # `late` joined the batch that was waiting for more
+
+
+def test_closed_batcher_finishes_its_queue_and_refuses_new_work():
+    model = GatedModel()
+    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=4)
+    first = batcher.submit(imgs(1))
+    assert model.started.wait(5)
+    queued = batcher.submit(imgs(2))
+    closer = threading.Thread(target=batcher.close, args=(10,))
+    closer.start()
+    time.sleep(0.05)
+    with pytest.raises(Unavailable, match="Server exiting"):
+        batcher.submit(imgs(1))
+    model.release()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert [j.error for j in wait_all([first, queued], timeout=1)] == [None, None]
+
+
+def test_abandoned_request_frees_its_queue_slot_at_once():
+    model = GatedModel()
+    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=4, max_queue_size=1)
+    try:
+        running = batcher.submit(imgs(1))
+        assert model.started.wait(5)
+        queued = batcher.submit(imgs(3))
+        with pytest.raises(QueueFull):
+            batcher.submit(imgs(1))
+        assert batcher.abandon(queued, RequestTimeout("Request timeout expired"))
+        assert not batcher.abandon(running, RequestTimeout("too late: it is computing"))
+        replacement = batcher.submit(imgs(2))  # the slot is free again
+        model.release()
+        done = wait_all([running, replacement], timeout=10)
+    finally:
+        batcher.close(5)
+    assert isinstance(queued.error, RequestTimeout) and queued.result is None
+    assert [j.error for j in done] == [None, None]
+    assert model.batches == [1, 2]  # the abandoned images were never computed
