@@ -207,3 +207,9 @@ def metric(text: str, name: str, **labels: str) -> float:
             if head.split("{")[0] == name:
                 return float(value)
     return 0.0
+
+
+def local_model_at(path: Path):
+    from convserve.core import Model
+
+    return Model.load(path)
