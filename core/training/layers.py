@@ -40,9 +40,9 @@ class Layer:
         return dout, {}
 
 
-def _activate(z: np.ndarray, code: int) -> np.ndarray:
-    """Apply the activation in place (ReLU is already fused into the conv and dense kernels)."""
-    if code not in (K.LINEAR, K.RELU):
+def _activate(z: np.ndarray, code: int, relu_done: bool = False) -> np.ndarray:
+    """Apply the activation in place; `relu_done` when a conv/dense kernel already applied ReLU."""
+    if code != K.LINEAR and not (relu_done and code == K.RELU):
         K.activation_forward(z.reshape(z.shape[0], -1), code)
     return z
 
@@ -96,7 +96,7 @@ class Conv2D(_WithActivation):
             K.conv2d_forward_small(x, np.ascontiguousarray(wd.T), bias, out, *self._geometry(), relu)
         else:
             K.conv2d_forward(x, wd, bias, out, *self._geometry(), relu)
-        return _activate(out, self.effective_act), (x, out)
+        return _activate(out, self.effective_act, relu_done=True), (x, out)
 
     def backward(self, dout, cache, need_dx=True):
         x, y = cache
@@ -156,7 +156,7 @@ class Dense(_WithActivation):
         out = np.empty((x.shape[0], self.spec.units), x.dtype)
         K.dense_forward(x, self.params["kernel"], self._bias(x.dtype, self.spec.units), out,
                         self.effective_act == K.RELU)
-        return _activate(out, self.effective_act), (x, out)
+        return _activate(out, self.effective_act, relu_done=True), (x, out)
 
     def backward(self, dout, cache, need_dx=True):
         x, y = cache
