@@ -195,3 +195,39 @@ def test_requests_in_flight_at_sigint_complete(tmp_path):
         channel.close()
         server.stop()
     assert "SIGINT received" in server.log()
+
+
+def test_not_ready_until_every_model_is_warm(tmp_path):
+    """While models load and warm up: live, but not ready, health NOT_SERVING, inference UNAVAILABLE."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    h.write_model(tmp_path / "m" / "1" / "model.safetensors", "fashion_mnist", seed=9)
+    warmup = "1,512,512,512"  # a deliberately long warm-up (a second or more)
+    server = h.Server(tmp_path, "--warmup-batch-sizes", warmup, "--max-request-images", "2000", metrics=False)
+    channel = grpc.insecure_channel(server.target)
+    try:
+        api = h.stub(server.target)[0]
+        deadline = time.monotonic() + 120
+        while True:  # wait for the listener (before the models are ready)
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log()
+            try:
+                assert api.ServerLive(pb.ServerLiveRequest(), timeout=2).live
+                break
+            except grpc.RpcError:
+                time.sleep(0.05)
+        assert not api.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        assert not api.ModelReady(pb.ModelReadyRequest(name="m"), timeout=5).ready
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            api.ModelInfer(h.infer_request("m", h.images(1)), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "Server not ready" in info.value.details()
+        server.wait_ready()
+        assert api.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        assert h.probabilities(api.ModelInfer(h.infer_request("m", h.images(1)), timeout=30)).shape == (1, 10)
+        log = server.log()
+        assert log.index("listening on") < log.index("model 'm' version 1 ready") < log.index("ready: 1 model version")
+    finally:
+        channel.close()
+        server.stop()
