@@ -110,9 +110,9 @@ def test_max_batch_size_one_still_serves_concurrent_clients_correctly():
     api, channel = h.stub(server.target)
     try:
         x = h.images(4, seed=27)
-        expected = h.local_model("lenet", 1).predict(x)
+        expected = h.local_model("fashion", 2).predict(x)
         with ThreadPoolExecutor(4) as pool:
-            responses = list(pool.map(lambda i: api.ModelInfer(h.infer_request("lenet", x[i:i + 1]), timeout=60),
+            responses = list(pool.map(lambda i: api.ModelInfer(h.infer_request("fashion", x[i:i + 1]), timeout=60),
                                       range(4)))
         for i, response in enumerate(responses):
             assert h.parameters(response)["batch_size"] == 1

@@ -177,7 +177,7 @@ def test_sigterm_drains_without_losing_accepted_requests(tmp_path):
 
 
 def test_requests_in_flight_at_sigint_complete(tmp_path):
-    h.write_model(tmp_path / "m" / "1" / "model.safetensors", "lenet5", seed=8)
+    h.write_model(tmp_path / "m" / "1" / "model.safetensors", "fashion_mnist", seed=8)
     server = h.Server(tmp_path, "--max-batch-size", "4", "--warmup-batch-sizes", "1,4", "--drain-seconds", "0",
                       "--grace-period", "30", metrics=False).wait_ready()
     api, channel = h.stub(server.target)

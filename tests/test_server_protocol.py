@@ -105,16 +105,16 @@ def test_version_selection(api):
 
 def test_fp32_and_typed_contents_give_the_same_answer(api):
     x = h.images(3, seed=13)
-    raw_u8 = h.probabilities(api.ModelInfer(h.infer_request("lenet", x)))
-    raw_f32 = h.probabilities(api.ModelInfer(h.infer_request("lenet", x.astype(np.float32))))
+    raw_u8 = h.probabilities(api.ModelInfer(h.infer_request("fashion", x)))
+    raw_f32 = h.probabilities(api.ModelInfer(h.infer_request("fashion", x.astype(np.float32))))
     typed = []
     for datatype, field, values in (("UINT8", "uint_contents", x.ravel().tolist()),
                                     ("FP32", "fp32_contents", x.astype(np.float32).ravel().tolist())):
-        req = pb.ModelInferRequest(model_name="lenet")
+        req = pb.ModelInferRequest(model_name="fashion")
         tensor = req.inputs.add(name="input", datatype=datatype, shape=x.shape)
         getattr(tensor.contents, field).extend(values)
         typed.append(h.probabilities(api.ModelInfer(req)))
-    expected = h.local_model("lenet", 1).predict(x)
+    expected = h.local_model("fashion", 1).predict(x)
     for got in (raw_u8, raw_f32, *typed):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
