@@ -101,7 +101,8 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
                 nxt = layers[i + 1] if i + 1 < len(layers) else None
             p = _pack_conv(layer, weights[f"{prefix}.kernel"], weights.get(f"{prefix}.bias"))
             first = not steps
-            if act in _MONOTONIC and _fusable_pool(nxt) and layer.output_shape[0] >= 2 and layer.output_shape[1] >= 2:
+            fuse = act in _MONOTONIC and _fusable_pool(nxt) and layer.output_shape[0] >= 2 and layer.output_shape[1] >= 2
+            if fuse:
                 out_shape = nxt.output_shape
                 if (layer.input_shape[2] == 1 and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
                         and layer.filters % 16 == 0):

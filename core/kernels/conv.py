@@ -52,7 +52,10 @@ def _copy(dst, src, scale, shift, pre):
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _gather(xf, H, W, CI, n, oy, ox, kh, kw, sh, sw, pt, pl, scale, shift, pre, pat, o, Kp):
-    """Write pixel (oy, ox)'s receptive field (zeros outside the image) to pat[o:o+Kp]."""
+    """Write pixel (oy, ox)'s receptive field (zeros outside the image) to pat[o:o+Kp].
+
+    Long rows are copied through 1-D slices (vectorised); short ones (few input channels)
+    with plain scalar loops, where setting up slices would cost more than the copy."""
     rowlen = kw * CI
     iy0 = oy * sh - pt
     ix0 = ox * sw - pl
@@ -61,46 +64,53 @@ def _gather(xf, H, W, CI, n, oy, ox, kh, kw, sh, sw, pt, pl, scale, shift, pre, 
         iy = iy0 + ky
         r = o + ky * rowlen
         if iy < 0 or iy >= H:
-            pat[r:r + rowlen] = _Z
+            for j in range(rowlen):
+                pat[r + j] = _Z
         elif inside_x and pre == 0:
             src = ((n * H + iy) * W + ix0) * CI
-            _copy(pat[r:r + rowlen], xf[src:src + rowlen], scale, shift, 0)
+            if rowlen >= 32:
+                _copy(pat[r:r + rowlen], xf[src:src + rowlen], scale, shift, 0)
+            else:
+                for j in range(rowlen):
+                    pat[r + j] = xf[src + j]
         else:
             for kx in range(kw):
                 ix = ix0 + kx
                 rr = r + kx * CI
                 if ix < 0 or ix >= W:
-                    pat[rr:rr + CI] = _Z
+                    for c in range(CI):
+                        pat[rr + c] = _Z
                 else:
                     src = ((n * H + iy) * W + ix) * CI
-                    _copy(pat[rr:rr + CI], xf[src:src + CI], scale, shift, pre)
-    pat[o + kh * rowlen:o + Kp] = _Z
+                    if pre == 0:
+                        for c in range(CI):
+                            pat[rr + c] = xf[src + c]
+                    else:
+                        for c in range(CI):
+                            pat[rr + c] = xf[src + c] * scale[c] + shift[c]
+    for j in range(o + kh * rowlen, o + Kp):
+        pat[j] = _Z
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _dot4x4(pat, q0, q1, q2, q3, wd, c, Kp):
-    """16 dot products: pixels at pat[q*:q*+Kp] times weight rows c..c+3."""
-    p0 = pat[q0:q0 + Kp]
-    p1 = pat[q1:q1 + Kp]
-    p2 = pat[q2:q2 + Kp]
-    p3 = pat[q3:q3 + Kp]
-    w0 = wd[c]
-    w1 = wd[c + 1]
-    w2 = wd[c + 2]
-    w3 = wd[c + 3]
+def _dot4x4(pat, i0, i1, i2, i3, wd, c, Kp):
+    """16 dot products: patch rows i0..i3 of pat (P, Kp) times weight rows c..c+3 of wd.
+
+    Plain 2-D indexing, no row views: a view costs an atomic reference-count update on the
+    shared array, which both threads would fight over in this innermost call."""
     a00 = a01 = a02 = a03 = _Z
     a10 = a11 = a12 = a13 = _Z
     a20 = a21 = a22 = a23 = _Z
     a30 = a31 = a32 = a33 = _Z
     for j in range(Kp):
-        x0 = p0[j]
-        x1 = p1[j]
-        x2 = p2[j]
-        x3 = p3[j]
-        v0 = w0[j]
-        v1 = w1[j]
-        v2 = w2[j]
-        v3 = w3[j]
+        x0 = pat[i0, j]
+        x1 = pat[i1, j]
+        x2 = pat[i2, j]
+        x3 = pat[i3, j]
+        v0 = wd[c, j]
+        v1 = wd[c + 1, j]
+        v2 = wd[c + 2, j]
+        v3 = wd[c + 3, j]
         a00 += x0 * v0
         a01 += x0 * v1
         a02 += x0 * v2
@@ -138,24 +148,24 @@ def conv_pool2(x, wd, bias, scale, shift, pre, scratch, out, kh, kw, sh, sw, pt,
         r = t // splits
         py = r % PH
         n = r // PH
-        pat = scratch[numba.get_thread_id()]
+        buf = scratch[numba.get_thread_id()]
         for dy in range(2):
             for ox in range(ncols):
                 _gather(xf, H, W, CI, n, 2 * py + dy, ox, kh, kw, sh, sw, pt, pl, scale, shift, pre,
-                        pat, (dy * ncols + ox) * Kp, Kp)
+                        buf, (dy * ncols + ox) * Kp, Kp)
+        pat = buf[:2 * ncols * Kp].reshape(2 * ncols, Kp)
         g0 = s * per
         g1 = min(groups, g0 + per)
         for px in range(PW):
-            q0 = 2 * px * Kp
-            q2 = (ncols + 2 * px) * Kp
-            orow = out[n, py, px]
+            i0 = 2 * px
+            i2 = ncols + 2 * px
             for g in range(g0, g1):
                 c = 4 * g
-                a = _dot4x4(pat, q0, q0 + Kp, q2, q2 + Kp, wd, c, Kp)
+                a = _dot4x4(pat, i0, i0 + 1, i2, i2 + 1, wd, c, Kp)
                 for i in range(4):
                     if c + i < CO:
                         m = max(max(a[i], a[4 + i]), max(a[8 + i], a[12 + i])) + bias[c + i]
-                        orow[c + i] = _act(m, act)
+                        out[n, py, px, c + i] = _act(m, act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -181,21 +191,19 @@ def conv(x, wd, bias, scale, shift, pre, scratch, out, kh, kw, sh, sw, pt, pl, a
         n = r // nchunks
         p0 = k * chunk
         cnt = min(npx, p0 + chunk) - p0
-        pat = scratch[numba.get_thread_id()]
+        buf = scratch[numba.get_thread_id()]
         for i in range(cnt):
             p = p0 + i
             _gather(xf, H, W, CI, n, p // OW, p % OW, kh, kw, sh, sw, pt, pl, scale, shift, pre,
-                    pat, i * Kp, Kp)
+                    buf, i * Kp, Kp)
+        pat = buf[:cnt * Kp].reshape(cnt, Kp)
         g0 = s * per
         g1 = min(groups, g0 + per)
+        last = cnt - 1
         for i in range(0, cnt, 4):
-            last = cnt - 1
-            q1 = min(i + 1, last) * Kp
-            q2 = min(i + 2, last) * Kp
-            q3 = min(i + 3, last) * Kp
             for g in range(g0, g1):
                 c = 4 * g
-                a = _dot4x4(pat, i * Kp, q1, q2, q3, wd, c, Kp)
+                a = _dot4x4(pat, i, min(i + 1, last), min(i + 2, last), min(i + 3, last), wd, c, Kp)
                 for u in range(4):
                     if i + u < cnt:
                         base = (n * npx + p0 + i + u) * CO
@@ -227,6 +235,7 @@ def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
     sf = shift[0]
     per = (nb + splits - 1) // splits
     xf = x.reshape(x.size)
+    o5 = out.reshape(N, PH, PW, nb, 16)  # channel blocks of 16: clean vector stores
     lo = _Z if act == 1 else np.float32(-np.inf)
     for t in prange(N * PH * splits):
         s = t % splits
@@ -240,14 +249,13 @@ def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
             xx = 2 * px - pl
             if y >= 0 and y + 4 <= H and xx >= 0 and xx + 4 <= W:  # interior: no bounds checks
                 o = (n * H + y) * W + xx
-                r0 = xf[o:o + 4]
-                r1 = xf[o + W:o + W + 4]
-                r2 = xf[o + 2 * W:o + 2 * W + 4]
-                r3 = xf[o + 3 * W:o + 3 * W + 4]
-                v00, v01, v02, v03 = r0[0] * sc + sf, r0[1] * sc + sf, r0[2] * sc + sf, r0[3] * sc + sf
-                v10, v11, v12, v13 = r1[0] * sc + sf, r1[1] * sc + sf, r1[2] * sc + sf, r1[3] * sc + sf
-                v20, v21, v22, v23 = r2[0] * sc + sf, r2[1] * sc + sf, r2[2] * sc + sf, r2[3] * sc + sf
-                v30, v31, v32, v33 = r3[0] * sc + sf, r3[1] * sc + sf, r3[2] * sc + sf, r3[3] * sc + sf
+                o1 = o + W
+                o2 = o1 + W
+                o3 = o2 + W
+                v00, v01, v02, v03 = xf[o] * sc + sf, xf[o + 1] * sc + sf, xf[o + 2] * sc + sf, xf[o + 3] * sc + sf
+                v10, v11, v12, v13 = xf[o1] * sc + sf, xf[o1 + 1] * sc + sf, xf[o1 + 2] * sc + sf, xf[o1 + 3] * sc + sf
+                v20, v21, v22, v23 = xf[o2] * sc + sf, xf[o2 + 1] * sc + sf, xf[o2 + 2] * sc + sf, xf[o2 + 3] * sc + sf
+                v30, v31, v32, v33 = xf[o3] * sc + sf, xf[o3 + 1] * sc + sf, xf[o3 + 2] * sc + sf, xf[o3 + 3] * sc + sf
             else:
                 v00 = _px(xf, H, W, n, y, xx, sc, sf)
                 v01 = _px(xf, H, W, n, y, xx + 1, sc, sf)
@@ -265,26 +273,23 @@ def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
                 v31 = _px(xf, H, W, n, y + 3, xx + 1, sc, sf)
                 v32 = _px(xf, H, W, n, y + 3, xx + 2, sc, sf)
                 v33 = _px(xf, H, W, n, y + 3, xx + 3, sc, sf)
-            orow = out[n, py, px]
             for b in range(b0, b1):
-                w = wb[b]
-                ob = orow[16 * b:16 * b + 16]
                 for j in range(16):
-                    a = w[0, j]
-                    bb = w[1, j]
-                    c = w[2, j]
-                    d = w[3, j]
-                    e = w[4, j]
-                    f = w[5, j]
-                    g = w[6, j]
-                    h = w[7, j]
-                    k = w[8, j]
+                    a = wb[b, 0, j]
+                    bb = wb[b, 1, j]
+                    c = wb[b, 2, j]
+                    d = wb[b, 3, j]
+                    e = wb[b, 4, j]
+                    f = wb[b, 5, j]
+                    g = wb[b, 6, j]
+                    h = wb[b, 7, j]
+                    k = wb[b, 8, j]
                     s0 = v00 * a + v01 * bb + v02 * c + v10 * d + v11 * e + v12 * f + v20 * g + v21 * h + v22 * k
                     s1 = v01 * a + v02 * bb + v03 * c + v11 * d + v12 * e + v13 * f + v21 * g + v22 * h + v23 * k
                     s2 = v10 * a + v11 * bb + v12 * c + v20 * d + v21 * e + v22 * f + v30 * g + v31 * h + v32 * k
                     s3 = v11 * a + v12 * bb + v13 * c + v21 * d + v22 * e + v23 * f + v31 * g + v32 * h + v33 * k
-                    m = max(max(s0, s1), max(s2, s3)) + w[9, j]
-                    ob[j] = m if m > lo else lo
+                    m = max(max(s0, s1), max(s2, s3)) + wb[b, 9, j]
+                    o5[n, py, px, b, j] = m if m > lo else lo
                 if act > 1:
                     for j in range(16):
-                        ob[j] = _act(ob[j], act)
+                        o5[n, py, px, b, j] = _act(o5[n, py, px, b, j], act)

@@ -47,28 +47,21 @@ def _softmax_row(row):
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _dot4x4(x, r0, r1, r2, r3, wt, u):
-    K = x.shape[1]
-    x0 = x[r0]
-    x1 = x[r1]
-    x2 = x[r2]
-    x3 = x[r3]
-    w0 = wt[u]
-    w1 = wt[u + 1]
-    w2 = wt[u + 2]
-    w3 = wt[u + 3]
+    """16 dot products: rows r0..r3 of x times rows u..u+3 of wt. Plain 2-D indexing (a row
+    view costs an atomic reference-count update that both threads would fight over)."""
     a00 = a01 = a02 = a03 = _Z
     a10 = a11 = a12 = a13 = _Z
     a20 = a21 = a22 = a23 = _Z
     a30 = a31 = a32 = a33 = _Z
-    for j in range(K):
-        p0 = x0[j]
-        p1 = x1[j]
-        p2 = x2[j]
-        p3 = x3[j]
-        v0 = w0[j]
-        v1 = w1[j]
-        v2 = w2[j]
-        v3 = w3[j]
+    for j in range(x.shape[1]):
+        p0 = x[r0, j]
+        p1 = x[r1, j]
+        p2 = x[r2, j]
+        p3 = x[r3, j]
+        v0 = wt[u, j]
+        v1 = wt[u + 1, j]
+        v2 = wt[u + 2, j]
+        v3 = wt[u + 3, j]
         a00 += p0 * v0
         a01 += p0 * v1
         a02 += p0 * v2
@@ -89,27 +82,18 @@ def _dot4x4(x, r0, r1, r2, r3, wt, u):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _dot1x8(xr, wt, u):
-    K = xr.size
-    w0 = wt[u]
-    w1 = wt[u + 1]
-    w2 = wt[u + 2]
-    w3 = wt[u + 3]
-    w4 = wt[u + 4]
-    w5 = wt[u + 5]
-    w6 = wt[u + 6]
-    w7 = wt[u + 7]
+def _dot1x8(x, r, wt, u):
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _Z
-    for j in range(K):
-        p = xr[j]
-        a0 += p * w0[j]
-        a1 += p * w1[j]
-        a2 += p * w2[j]
-        a3 += p * w3[j]
-        a4 += p * w4[j]
-        a5 += p * w5[j]
-        a6 += p * w6[j]
-        a7 += p * w7[j]
+    for j in range(x.shape[1]):
+        p = x[r, j]
+        a0 += p * wt[u, j]
+        a1 += p * wt[u + 1, j]
+        a2 += p * wt[u + 2, j]
+        a3 += p * wt[u + 3, j]
+        a4 += p * wt[u + 4, j]
+        a5 += p * wt[u + 5, j]
+        a6 += p * wt[u + 6, j]
+        a7 += p * wt[u + 7, j]
     return (a0, a1, a2, a3, a4, a5, a6, a7)
 
 
@@ -128,18 +112,16 @@ def _dense_rows(x, wt, bias, out, r_lo, r_hi, u_lo, u_hi, act):
                 a = _dot4x4(x, r, r1, r2, r3, wt, u)
                 for i in range(4):
                     if r + i <= last:
-                        orow = out[r + i]
                         for v in range(4):
                             if u + v < U:
-                                orow[u + v] = _act(a[4 * i + v] + bias[u + v], act)
+                                out[r + i, u + v] = _act(a[4 * i + v] + bias[u + v], act)
     else:
         for r in range(r_lo, r_hi):
-            orow = out[r]
             for u in range(u_lo, u_hi, 8):
-                a = _dot1x8(x[r], wt, u)
+                a = _dot1x8(x, r, wt, u)
                 for v in range(8):
                     if u + v < U:
-                        orow[u + v] = _act(a[v] + bias[u + v], act)
+                        out[r, u + v] = _act(a[v] + bias[u + v], act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
