@@ -83,6 +83,7 @@ class InferenceServer:
         self.bound_port: int | None = None
         self.metrics_port: int | None = None
         self._shutdown = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._signals = 0
 
     async def run(self) -> int:
@@ -126,7 +127,7 @@ class InferenceServer:
             metrics.track_queue(lambda: batcher.queued_requests)
             return batcher
 
-        load = loop.run_in_executor(None, repository.load, make_batcher, warmup, cfg.skip_bad_models)
+        load = _in_daemon_thread(loop, repository.load, make_batcher, warmup, cfg.skip_bad_models)
         stop = asyncio.ensure_future(self._shutdown.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -230,11 +231,9 @@ class InferenceServer:
         if self._signals == 1:
             log.info("%s received: health NOT_SERVING, draining", name)
         else:
-            log.warning("%s received again: stopping without waiting for the drain window", name)
-            self._hurry = True
+            log.warning("%s received again: skipping the rest of the drain window", name)
+            self._hurry.set()
         self._shutdown.set()
-
-    _hurry = False
 
     async def _drain(self, server, health) -> int:
         cfg = self.config
@@ -244,9 +243,12 @@ class InferenceServer:
         await self._set_serving(health, False)
         drain = min(cfg.drain_seconds, cfg.grace_period / 2)
         deadline = t0 + cfg.grace_period
-        if drain > 0 and not self._hurry:
+        if drain > 0 and not self._hurry.is_set():
             log.info("drain window: serving new requests for %.1f s more", drain)
-            await asyncio.sleep(drain)
+            try:
+                await asyncio.wait_for(self._hurry.wait(), drain)
+            except asyncio.TimeoutError:
+                pass
         log.info("refusing new requests; finishing the accepted ones (at most %.1f s)",
                  max(0.0, deadline - time.monotonic()))
         await server.stop(max(0.1, deadline - time.monotonic() - 0.5))
@@ -258,6 +260,30 @@ class InferenceServer:
         log.info("shutdown complete in %.2f s%s", time.monotonic() - t0,
                  "" if stopped else " (a batcher did not stop in time)")
         return 0 if stopped else 1
+
+
+def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> asyncio.Future:
+    """Run fn(*args) in a daemon thread (so a shutdown during warm-up does not wait for it)."""
+    import threading
+
+    future = loop.create_future()
+
+    def settle(result=None, error=None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome = (fn(*args), None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is gone: the server stopped during start-up
+            pass
+
+    threading.Thread(target=target, name="model-loader", daemon=True).start()
+    return future
 
 
 def _reflection_pool():
