@@ -112,6 +112,7 @@ class DynamicBatcher:
         self._seq = itertools.count()
         self._queued_requests = 0
         self._queued_images = 0
+        self.ns_per_image = 0.0  # moving average of compute time per image (for retry pushback)
         self._closed = False
         self._cond = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
@@ -153,6 +154,10 @@ class DynamicBatcher:
             self._queued_images += n
             self._cond.notify()
         return job
+
+    def drain_estimate_ms(self) -> int:
+        """Rough time until the current queue is computed (a retry hint for refused callers)."""
+        return int(min(10_000, max(1.0, self._queued_images * self.ns_per_image / 1e6)))
 
     def abandon(self, job: Job, error: ServingError) -> bool:
         """Take a job out of the queue if none of it has started; True if it was removed.
@@ -271,6 +276,8 @@ class DynamicBatcher:
         finished = time.monotonic_ns()
         compute = finished - started
         total = x.shape[0]
+        per_image = compute / total
+        self.ns_per_image = per_image if not self.ns_per_image else 0.9 * self.ns_per_image + 0.1 * per_image
         self._observer.on_batch(total, compute)
         done: list[Job] = []
         if failed:

@@ -16,7 +16,7 @@ from convserve import __version__
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.server.batcher import Job
-from convserve.server.errors import Cancelled, DeadlineExceeded, RequestTimeout, ServingError
+from convserve.server.errors import Cancelled, DeadlineExceeded, QueueFull, RequestTimeout, ServingError
 from convserve.server.protocol import (ADVERTISED_INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME, Signature, decode_request,
                                        encode_response)
 from convserve.server.repository import ModelRepository, ModelVersion
@@ -158,6 +158,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             metrics.outcome[exc.reason].inc()
             stats.fail_count += 1
             stats.fail_ns += time.perf_counter_ns() - t0
+            if isinstance(exc, QueueFull):  # gRPC retry policies honour this hint
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(entry.batcher.drain_estimate_ms())),))
             await self._fail(context, exc)
         timer = None
         if timeout is not None:  # Triton's queue timeout: leave the queue when it expires

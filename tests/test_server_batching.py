@@ -64,6 +64,8 @@ def test_full_queue_is_refused_at_once_with_numbers():
         assert ok >= 1 and len(rejected) >= 7
         for exc in rejected:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            pushback = dict(exc.trailing_metadata() or ())
+            assert int(pushback["grpc-retry-pushback-ms"]) >= 1
             assert exc.details().startswith("Exceeds maximum queue size:")
             assert "for model 'fashion', the maximum is 4" in exc.details()
         after = h.metric(server.metrics(), "convserve_requests_total", model="fashion", version="2", outcome="rejected")
