@@ -38,6 +38,10 @@ class Signature:
     max_request_images: int
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    @property
     def image_elements(self) -> int:
         return self.height * self.width * self.channels
 
@@ -57,14 +61,17 @@ def signature_for(name: str, model, max_request_images: int) -> Signature:
     return Signature(name, h, w, c, model.num_classes, labels, max_request_images)
 
 
-@dataclass(frozen=True)
 class Decoded:
     """A checked request: images (N, H, W, C) and what to send back."""
 
-    images: np.ndarray
-    outputs: tuple[tuple[str, int], ...]  # (name, classification k or 0)
-    priority: int
-    timeout_us: int | None
+    __slots__ = ("images", "outputs", "priority", "timeout_us")
+
+    def __init__(self, images: np.ndarray, outputs: tuple[tuple[str, int], ...], priority: int,
+                 timeout_us: int | None):
+        self.images = images
+        self.outputs = outputs          # (name, classification k or 0)
+        self.priority = priority        # 0 = default level
+        self.timeout_us = timeout_us    # queue timeout (Triton `timeout`), None = none
 
 
 _DEFAULT_OUTPUTS = ((OUTPUT_NAME, 0),)
@@ -92,9 +99,8 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> Decoded:
     if dtype is None:
         raise InvalidRequest(f"inference input '{INPUT_NAME}' data-type is '{datatype}', but model '{model}' "
                              "expects 'UINT8' or 'FP32'")
-    shape = tensor.shape
-    if (len(shape) != 4 or shape[1] != sig.height or shape[2] != sig.width or shape[3] != sig.channels
-            or shape[0] < 1):
+    shape = tuple(tensor.shape)
+    if len(shape) != 4 or shape[1:] != sig.image_shape or shape[0] < 1:
         hint = ""
         if len(shape) == 3:
             hint = (f" (the first dimension is the batch size: send [1,{sig.height},{sig.width},{sig.channels}] "
