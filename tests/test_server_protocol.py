@@ -114,7 +114,7 @@ def test_fp32_and_typed_contents_give_the_same_answer(api):
         tensor = req.inputs.add(name="input", datatype=datatype, shape=x.shape)
         getattr(tensor.contents, field).extend(values)
         typed.append(h.probabilities(api.ModelInfer(req)))
-    expected = h.local_model("fashion", 1).predict(x)
+    expected = h.local_model("fashion", 2).predict(x)
     for got in (raw_u8, raw_f32, *typed):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
