@@ -202,6 +202,7 @@ def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> di
         result["runtime"] = runtime.describe()
     else:
         result["sgemm_gflops"] = sgemm_gflops()
+        time.sleep(0.3)  # let OpenBLAS threads stop spinning before ORT runs
         sess = ort_session(onnx_model(doc, weights))
 
         def fn(x: np.ndarray) -> np.ndarray:

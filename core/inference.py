@@ -102,10 +102,11 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
             p = _pack_conv(layer, weights[f"{prefix}.kernel"], weights.get(f"{prefix}.bias"))
             first = not steps
             fuse = act in _MONOTONIC and _fusable_pool(nxt) and layer.output_shape[0] >= 2 and layer.output_shape[1] >= 2
+            special = (fuse and layer.input_shape[2] == 1 and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
+                       and layer.filters % 16 == 0)
             if fuse:
                 out_shape = nxt.output_shape
-                if (layer.input_shape[2] == 1 and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
-                        and layer.filters % 16 == 0):
+                if special:
                     wb = np.zeros((layer.filters // 16, 10, 16), np.float32)
                     taps = weights[f"{prefix}.kernel"].reshape(9, layer.filters // 16, 16)
                     wb[:, :9] = taps.transpose(1, 0, 2)
@@ -191,9 +192,10 @@ class InferencePlan:
             return self._forward(x, preprocess)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """Compile (or load from numba's cache) every kernel the model needs and allocate the
-        buffers of each batch size, by running each batch size once."""
-        for n in batch_sizes:
+        """Compile (or load from numba's cache) every kernel the model can need and allocate
+        the buffers, by running each batch size once (plus 1 and DENSE2_MAX_BATCH, which
+        between them reach every kernel: small and large batches use different dense kernels)."""
+        for n in sorted({1, DENSE2_MAX_BATCH, *batch_sizes}):
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32))
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32), preprocess=True)
 
