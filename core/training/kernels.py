@@ -288,19 +288,78 @@ def conv2d_backward_small(x, wt, dout, dx, dwt_part, db_part, kh, kw, sh, sw, pt
                         _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, gpatch)
 
 
+@njit(parallel=True, **_JIT)
+def conv2d_pool_forward(x, wd, wt, bias, pooled, arg, oh, ow, kh, kw, sh, sw, pt, pl, ph, pw, relu, small):
+    """conv2d (+ReLU) then a max pool whose windows tile the conv output (stride = pool size, valid).
+
+    Only the conv pixels the pool reads are computed; the full conv output is never stored.
+    pooled (N, QH, QW, CO) and arg (iy * OW + ix of the winner) are as maxpool_forward gives.
+    `small` picks the outer-product form (uses wt (K, CO)) over the 4x4 dot form (uses wd (CO, K)).
+    """
+    n_img = x.shape[0]
+    qh = pooled.shape[1]
+    qw = pooled.shape[2]
+    co_n = pooled.shape[3]
+    kdim = wd.shape[1]
+    win = ph * pw
+    rows = qw * win
+    rows4 = (rows + 3) // 4 * 4
+    z = pooled.dtype.type(0)
+    for task in prange(n_img * qh):
+        n = task // qh
+        py = task - n * qh
+        conv = np.empty((rows, co_n), x.dtype)
+        patch = np.zeros((rows4, kdim), x.dtype)
+        r = 0
+        for px in range(qw):
+            for wy in range(ph):
+                for wx in range(pw):
+                    _gather_patch(x, n, py * ph + wy, px * pw + wx, kh, kw, sh, sw, pt, pl, patch[r])
+                    r += 1
+        if small:
+            for r in range(rows):
+                row = conv[r]
+                row[:] = bias
+                pr = patch[r]
+                for k in range(kdim):
+                    _axpy(row, pr[k], wt[k])
+                if relu:
+                    for c in range(co_n):
+                        row[c] = max(row[c], z)
+        else:
+            _gemm_nt_rows(patch, rows, wd, bias, conv, 0, relu)
+        for px in range(qw):
+            o = pooled[n, py, px]
+            a = arg[n, py, px]
+            first = conv[px * win]
+            pos0 = (py * ph) * ow + px * pw
+            for c in range(co_n):
+                o[c] = first[c]
+                a[c] = pos0
+            for q in range(1, win):
+                wy = q // pw
+                wx = q - wy * pw
+                cand = conv[px * win + q]
+                pos = (py * ph + wy) * ow + px * pw + wx
+                for c in range(co_n):
+                    if cand[c] > o[c]:
+                        o[c] = cand[c]
+                        a[c] = pos
+
+
 @njit(inline="always", **_JIT)
-def _pooled_grads(dpool, arg, y, n, py, px, iy, ix, relu, gvec):
-    """gvec[co] = the gradient reaching conv output (iy, ix) through pooled cell (py, px): dpool where
-    the pool picked that pixel (and ReLU let it through), else 0. Returns whether any is non-zero."""
+def _pooled_grads(dpool, arg, pooled, n, py, px, pos, relu, gvec):
+    """gvec[co] = the gradient reaching conv output pixel `pos` (iy * OW + ix) through pooled cell
+    (py, px): dpool where the pool picked that pixel (and ReLU let it through, i.e. the pooled
+    value, which is that pixel's, is > 0), else 0. Returns whether any is non-zero."""
     z = gvec.dtype.type(0)
-    pos = iy * y.shape[2] + ix
     g = dpool[n, py, px]
     a = arg[n, py, px]
-    yv = y[n, iy, ix]
+    pv = pooled[n, py, px]
     any_nz = False
     for co in range(gvec.shape[0]):
         v = g[co] if a[co] == pos else z
-        if relu and yv[co] <= z:
+        if relu and pv[co] <= z:
             v = z
         gvec[co] = v
         if v != z:
@@ -309,7 +368,7 @@ def _pooled_grads(dpool, arg, y, n, py, px, iy, ix, relu, gvec):
 
 
 @njit(parallel=True, **_JIT)
-def conv2d_pool_backward(x, wd, y, dpool, arg, dx, dw_part, db_part, kh, kw, sh, sw, pt, pl,
+def conv2d_pool_backward(x, wd, pooled, oh, ow, dpool, arg, dx, dw_part, db_part, kh, kw, sh, sw, pt, pl,
                          ph, pw, psh, psw, ppt, ppl, relu, need_dx):
     """Backward of conv2d (+ReLU) followed by max pooling, without the dense conv-output gradient.
 
@@ -318,9 +377,7 @@ def conv2d_pool_backward(x, wd, y, dpool, arg, dx, dw_part, db_part, kh, kw, sh,
     maxpool_backward + activation_backward + conv2d_backward.
     """
     n_img = x.shape[0]
-    oh = y.shape[1]
-    ow = y.shape[2]
-    co_n = y.shape[3]
+    co_n = dpool.shape[3]
     qh = dpool.shape[1]
     qw = dpool.shape[2]
     kdim = wd.shape[1]
@@ -349,7 +406,7 @@ def conv2d_pool_backward(x, wd, y, dpool, arg, dx, dw_part, db_part, kh, kw, sh,
                             ix = px * psw - ppl + wx
                             if ix < 0 or ix >= ow:
                                 continue
-                            if not _pooled_grads(dpool, arg, y, n, py, px, iy, ix, relu, gvec):
+                            if not _pooled_grads(dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec):
                                 continue
                             _gather_patch(x, n, iy, ix, kh, kw, sh, sw, pt, pl, patch)
                             if need_dx:
@@ -366,13 +423,11 @@ def conv2d_pool_backward(x, wd, y, dpool, arg, dx, dw_part, db_part, kh, kw, sh,
 
 
 @njit(parallel=True, **_JIT)
-def conv2d_pool_backward_small(x, wt, y, dpool, arg, dx, dwt_part, db_part, kh, kw, sh, sw, pt, pl,
+def conv2d_pool_backward_small(x, wt, pooled, oh, ow, dpool, arg, dx, dwt_part, db_part, kh, kw, sh, sw, pt, pl,
                                ph, pw, psh, psw, ppt, ppl, relu, need_dx):
     """conv2d_pool_backward for a short reduction: outer products over the output channels."""
     n_img = x.shape[0]
-    oh = y.shape[1]
-    ow = y.shape[2]
-    co_n = y.shape[3]
+    co_n = dpool.shape[3]
     qh = dpool.shape[1]
     qw = dpool.shape[2]
     kdim = wt.shape[0]
@@ -401,7 +456,7 @@ def conv2d_pool_backward_small(x, wt, y, dpool, arg, dx, dwt_part, db_part, kh, 
                             ix = px * psw - ppl + wx
                             if ix < 0 or ix >= ow:
                                 continue
-                            if not _pooled_grads(dpool, arg, y, n, py, px, iy, ix, relu, gvec):
+                            if not _pooled_grads(dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec):
                                 continue
                             _gather_patch(x, n, iy, ix, kh, kw, sh, sw, pt, pl, patch)
                             for k in range(kdim):

@@ -121,10 +121,28 @@ class Conv2D(_WithActivation):
         """Whether `backward_pooled` may stand in for this layer's and the next max pool's backward."""
         return isinstance(pool, MaxPool2D) and self.effective_act in (K.LINEAR, K.RELU)
 
+    def can_fuse_pool_forward(self, pool: Layer) -> bool:
+        """Whether `forward_pooled` may run this conv and the next max pool (windows tiling the output)."""
+        ps = pool.spec
+        return (self.can_fuse_pool(pool) and ps.padding == "valid" and ps.strides == ps.pool_size)
+
+    def forward_pooled(self, x, pool: "MaxPool2D"):
+        """Forward of this conv (+ReLU) and the max pool after it; returns (pooled, conv cache, pool cache)."""
+        s, ps = self.spec, pool.spec
+        pooled = np.empty((x.shape[0], *ps.output_shape), x.dtype)
+        arg = np.empty(pooled.shape, np.int32)
+        wd = self.params["kernel"]
+        small = wd.shape[1] <= self.SMALL_K
+        wt = np.ascontiguousarray(wd.T) if small else wd
+        K.conv2d_pool_forward(x, wd, wt, self._bias(x.dtype, s.filters), pooled, arg, *s.output_shape[:2],
+                              *self._geometry(), *ps.pool_size, self.effective_act == K.RELU, small)
+        return pooled, (x, None), (x.shape[:1] + s.output_shape, arg, pooled)
+
     def backward_pooled(self, dpool, cache, pool: "MaxPool2D", pool_cache, need_dx=True):
         """Backward through this conv (+ReLU) and the max pool after it, in one sparse pass."""
-        x, y = cache
-        _, arg = pool_cache
+        x, _ = cache
+        _, arg, pooled = pool_cache
+        oh, ow = self.spec.output_shape[:2]
         ps = pool.spec
         wd = self.params["kernel"]
         db_part = np.empty((K.NCHUNKS, wd.shape[0]), wd.dtype)
@@ -134,11 +152,12 @@ class Conv2D(_WithActivation):
                     self.effective_act == K.RELU, need_dx)
         if wd.shape[1] <= self.SMALL_K:
             dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
-            K.conv2d_pool_backward_small(x, np.ascontiguousarray(wd.T), y, dpool, arg, dx, dwt_part, db_part, *geometry)
+            K.conv2d_pool_backward_small(x, np.ascontiguousarray(wd.T), pooled, oh, ow, dpool, arg, dx, dwt_part,
+                                         db_part, *geometry)
             self.grads["kernel"][:] = dwt_part.sum(axis=0).T
         else:
             dw_part = np.empty((K.NCHUNKS, *wd.shape), wd.dtype)
-            K.conv2d_pool_backward(x, wd, y, dpool, arg, dx, dw_part, db_part, *geometry)
+            K.conv2d_pool_backward(x, wd, pooled, oh, ow, dpool, arg, dx, dw_part, db_part, *geometry)
             K.sum_partials(dw_part.reshape(K.NCHUNKS, -1), self.grads["kernel"].reshape(-1))
         if self.spec.use_bias:
             K.sum_partials(db_part, self.grads["bias"])
@@ -186,10 +205,10 @@ class MaxPool2D(Layer):
         out = np.empty((x.shape[0], *s.output_shape), x.dtype)
         arg = np.empty(out.shape, np.int32)
         K.maxpool_forward(x, out, arg, *s.pool_size, *s.strides, s.pads[0], s.pads[2])
-        return out, (x.shape, arg)
+        return out, (x.shape, arg, out)
 
     def backward(self, dout, cache, need_dx=True):
-        shape, arg = cache
+        shape, arg, _ = cache
         dx = np.empty(shape, dout.dtype)
         K.maxpool_backward(np.ascontiguousarray(dout), arg, dx)
         return dx, {}

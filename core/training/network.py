@@ -85,15 +85,26 @@ class Network:
         x += self._shift
         return x if self.dtype == np.float32 else x.astype(self.dtype)
 
-    def forward(self, x: np.ndarray, rng: np.random.Generator | None = None) -> tuple[np.ndarray, list]:
+    def forward(self, x: np.ndarray, rng: np.random.Generator | None = None, fuse: bool = True) -> tuple[np.ndarray, list]:
         """Train-mode forward (dropout active when rng is given); returns (logits, caches).
 
         With a fused final softmax the output is the logits, otherwise the last layer's output.
+        A conv2d (ReLU or linear) followed by a tiling max pool runs as one kernel unless `fuse`
+        is False; the caches then only suit `backward(..., fuse=True)`.
         """
-        caches = []
-        for layer in self.layers:
-            x, cache = layer.forward(x, rng)
-            caches.append(cache)
+        caches: list = []
+        i = 0
+        while i < len(self.layers):
+            layer = self.layers[i]
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if fuse and isinstance(layer, Conv2D) and nxt is not None and layer.can_fuse_pool_forward(nxt):
+                x, conv_cache, pool_cache = layer.forward_pooled(x, nxt)
+                caches += [conv_cache, pool_cache]
+                i += 2
+            else:
+                x, cache = layer.forward(x, rng)
+                caches.append(cache)
+                i += 1
         return x, caches
 
     def backward(self, dout: np.ndarray, caches: list, fuse: bool = True) -> None:
