@@ -15,6 +15,8 @@ latency. Scenarios:
 * nobatch-1 / nobatch-64: the same with the server started with --max-batch-size 1
 * batch64-8:  8 clients, 64 images per request
 * core:       model.predict on batches of 64 in-process (no server), the ceiling for batch64-8
+* h2load-64 / h2load-nobatch-64 (with --h2load): single-image load from h2load (nghttp2-client),
+  a native generator that costs far less CPU than Python; correctness checked on the server
 
 The load generator shares the 2 cores with the server; it costs about 0.3-0.4 ms CPU per request
 (performance.md), so single-image figures at high rates are bounded by the generator as well.
@@ -41,10 +43,13 @@ METHOD = "/inference.GRPCInferenceService/ModelInfer"
 SCENARIOS = {  # name: (clients, images per request, server flavour)
     "single-1": (1, 1, "batching"),
     "single-64": (64, 1, "batching"),
+    "batch64-8": (8, 64, "batching"),
+    "h2load-64": (64, 1, "batching"),
     "nobatch-1": (1, 1, "nobatch"),
     "nobatch-64": (64, 1, "nobatch"),
-    "batch64-8": (8, 64, "batching"),
+    "h2load-nobatch-64": (64, 1, "nobatch"),
 }
+H2LOAD = ("h2load-64", "h2load-nobatch-64")  # only with --h2load
 
 
 def free_port() -> int:
@@ -210,6 +215,56 @@ def run_load(target: str, model: str, clients: int, images: int, seconds: float,
     }
 
 
+def run_h2load(target: str, model: str, clients: int, seconds: float) -> dict:
+    """The same single-image load from h2load (nghttp2-client, native): `clients` HTTP/2
+    connections with one stream each, a fixed request count sized from a calibration run (which
+    also warms up). h2load does not read gRPC trailers, so correctness is checked on the server:
+    its failure count must not move and its success count must equal h2load's answers."""
+    import shutil
+    import struct
+
+    import grpc
+
+    from convserve.proto import grpc_service_pb2 as pb
+    from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+
+    if shutil.which("h2load") is None:
+        raise RuntimeError("h2load not found (Debian package nghttp2-client)")
+    with tempfile.TemporaryDirectory() as tmp:
+        body = build_request(model, np.random.default_rng(7).integers(0, 256, (1, 28, 28, 1), dtype=np.uint8))
+        data, log = Path(tmp, "request.bin"), Path(tmp, "requests.log")
+        data.write_bytes(b"\x00" + struct.pack(">I", len(body)) + body)  # gRPC length-prefixed message
+
+        def stats() -> tuple[int, int]:
+            with grpc.insecure_channel(target) as channel:
+                st = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                    pb.ModelStatisticsRequest(name=model), timeout=10).model_stats
+            return (sum(s.inference_stats.success.count for s in st), sum(s.inference_stats.fail.count for s in st))
+
+        def h2load(requests: int) -> tuple[list[list[str]], float]:
+            log.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            subprocess.run(["h2load", "-c", str(clients), "-m", "1", "-t", "1", "-n", str(requests),
+                            "--data", str(data), "--log-file", str(log), "-H", "content-type: application/grpc",
+                            "-H", "te: trailers", f"http://{target}{METHOD}"], check=True, capture_output=True)
+            elapsed = time.perf_counter() - t0
+            return [line.split("\t") for line in log.read_text().splitlines() if line.strip()], elapsed
+
+        calibration, elapsed = h2load(clients * 20)  # also the warm-up
+        total = max(clients * 20, int(len(calibration) / elapsed * seconds))
+        ok0, fail0 = stats()
+        rows, elapsed = h2load(total)  # a fixed count: h2load never cuts calls off
+        ok1, fail1 = stats()
+    latencies = sorted(int(r[2]) / 1e6 for r in rows if r[1] == "200")
+    n = len(latencies)
+    errors = (len(rows) - n) + (fail1 - fail0) + abs(n - (ok1 - ok0))
+    return {"requests": n, "errors": errors, "inexact": 0, "first_error": "" if not errors else
+            f"{fail1 - fail0} server-side failures, {len(rows) - n} non-200 responses, "
+            f"{ok1 - ok0} server successes for {n} answers",
+            "img_per_s": n / elapsed, "p50_ms": 1e3 * latencies[n // 2] if n else float("nan"),
+            "p99_ms": 1e3 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan")}
+
+
 def core_throughput(repo: Path, model: str, seconds: float, batch: int = 64) -> float:
     from convserve.core import Model
 
@@ -239,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario (the median is reported)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for started servers")
+    parser.add_argument("--h2load", action="store_true", help="also load with h2load (native, nghttp2-client), "
+                        "to see the server's capacity without the Python generator's CPU cost")
     args = parser.parse_args(argv)
-    scenarios = args.scenario or [*SCENARIOS, "core"]
+    scenarios = args.scenario or [*(s for s in SCENARIOS if args.h2load or s not in H2LOAD), "core"]
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = args.model_repository
@@ -263,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for name in names:
                     clients, images, _ = SCENARIOS[name]
-                    runs = [run_load(target, model, clients, images, args.seconds, args.procs)
-                            for _ in range(args.repeat)]
+                    if name in H2LOAD:
+                        runs = [run_h2load(target, model, clients, args.seconds) for _ in range(args.repeat)]
+                    else:
+                        runs = [run_load(target, model, clients, images, args.seconds, args.procs)
+                                for _ in range(args.repeat)]
                     r = sorted(runs, key=lambda r: r["img_per_s"])[len(runs) // 2]
                     print(f"{name:<12} {clients:>7} {images:>7} {r['img_per_s']:>9.0f} {r['p50_ms']:>8.2f} "
                           f"{r['p99_ms']:>8.2f} {r['errors']:>6} {r['inexact']:>17}" + (f"  first error: {r['first_error']}"
