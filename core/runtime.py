@@ -6,6 +6,12 @@ Importing this module (the kernels do it first) sets, unless the user already ch
   `workqueue` fallback costs 50-90 us per region, which would ruin small batches.
 - `NUMBA_CPU_FEATURES=<host features>,-prefer-256-bit` on AVX-512 hosts: without it LLVM only
   emits 256-bit vectors there (conv runs 20-55 % slower).
+- `GOMP_SPINCOUNT=1000` (unless `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` is set): GNU OpenMP
+  threads spin about 50 us after a parallel region, then sleep. That keeps the hand-off between
+  the regions of one forward pass fast, while on a shared, busy machine a waiting thread no
+  longer burns the core its descheduled partner needs (with libgomp's default of 300,000 spins
+  we measured stalls of tens of milliseconds per call under load; the mean throughput at batch
+  64 went from about 2,000 to 6,000 img/s under the same load).
 
 Both are read when numba is imported; if numba was imported earlier, the same values are put
 into `numba.config` as long as nothing has been compiled or run in parallel yet.
@@ -34,6 +40,8 @@ def configure() -> dict[str, str]:
     if _CONFIGURED:
         return dict(_CONFIGURED)
     layer = os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = "1000"  # read by libgomp when numba first loads it
     if "NUMBA_CPU_FEATURES" not in os.environ:
         try:
             os.environ["NUMBA_CPU_FEATURES"] = host_cpu_features()
@@ -46,7 +54,8 @@ def configure() -> dict[str, str]:
         numba.config.THREADING_LAYER = layer
         if features and not numba.config.CPU_FEATURES:
             numba.config.CPU_FEATURES = features
-    _CONFIGURED.update(threading_layer_requested=layer, cpu_features=features)
+    _CONFIGURED.update(threading_layer_requested=layer, cpu_features=features,
+                       gomp_spincount=os.environ.get("GOMP_SPINCOUNT", ""))
     return dict(_CONFIGURED)
 
 
