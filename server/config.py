@@ -101,6 +101,9 @@ OPTIONS: tuple[Option, ...] = (
            "from its oldest request (0: take what is queued)", "US"),
     Option("--max-queue-size", _nonneg_int, 1024,
            "most requests waiting per model; more are refused with UNAVAILABLE (0: unbounded)", "N"),
+    Option("--parallel-min-batch", _pos_int, 16,
+           "batches smaller than this run on one Numba thread, larger ones on all (small batches gain "
+           "little from threads and leave a core to the gRPC event loop)", "N"),
     Option("--max-request-images", _pos_int, 8192,
            "most images in one request (larger requests run in chunks of --max-batch-size)", "N"),
     Option("--max-message-bytes", _nonneg_int, 0,
@@ -129,6 +132,7 @@ class ServerConfig:
     max_batch_size: int = 64
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024
+    parallel_min_batch: int = 16
     max_request_images: int = 8192
     max_message_bytes: int = 0
     warmup_batch_sizes: tuple[int, ...] | None = None

@@ -211,3 +211,18 @@ def test_abandoned_request_frees_its_queue_slot_at_once():
     assert isinstance(queued.error, RequestTimeout) and queued.result is None
     assert [j.error for j in done] == [None, None]
     assert model.batches == [1, 2]  # the abandoned images were never computed
+
+
+def test_small_batches_use_one_numba_thread():
+    import numba
+
+    from convserve.server.app import threads_by_batch
+
+    seen = []
+    run = threads_by_batch(lambda x: seen.append(numba.get_num_threads()) or x, parallel_min_batch=4)
+    worker = threading.Thread(target=lambda: [run(np.zeros((n, 1))) for n in (1, 3, 4, 64, 2)])
+    worker.start()
+    worker.join(10)
+    most = numba.config.NUMBA_NUM_THREADS
+    assert seen == ([1, 1, most, most, 1] if most > 1 else [1] * 5)
+    assert numba.get_num_threads() == most  # other threads are not affected
