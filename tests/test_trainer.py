@@ -108,13 +108,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(trained, data
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Network, "loss_and_grad", interrupting)
-    with pytest.raises(TrainingInterrupted) as info:
-        fit(data, TINY, progress=False, log=lambda line: None, checkpoint=ckpt, **SETTINGS)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive shell
+    try:
+        with pytest.raises(TrainingInterrupted) as info:
+            fit(data, TINY, progress=False, log=lambda line: None, checkpoint=ckpt, **SETTINGS)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert info.value.checkpoint == ckpt and "--resume" in str(info.value)
     monkeypatch.setattr(Network, "loss_and_grad", original)
     _, _, state = load_checkpoint(ckpt)
     assert (state["epoch"], state["step"]) == (1, 5)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = fit(data, resume=ckpt, progress=False, log=lambda line: None)
     assert np.array_equal(_weights(resumed), _weights(full))
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]

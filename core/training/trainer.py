@@ -128,7 +128,8 @@ class _InterruptFlag:
         self._previous: Any = None
 
     def __enter__(self) -> "_InterruptFlag":
-        if threading.current_thread() is threading.main_thread():
+        # Not where SIGINT is ignored (e.g. started in the background with nohup).
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
