@@ -104,9 +104,20 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
             fuse = act in _MONOTONIC and _fusable_pool(nxt) and layer.output_shape[0] >= 2 and layer.output_shape[1] >= 2
             special = (fuse and layer.input_shape[2] == 1 and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
                        and layer.filters % 16 == 0)
+            special5 = (fuse and layer.input_shape[2] == 1 and layer.kernel_size == (5, 5) and layer.strides == (1, 1))
             if fuse:
                 out_shape = nxt.output_shape
-                if special:
+                if special5:
+                    nb = (layer.filters + 15) // 16
+                    wb = np.zeros((nb, 26, 16), np.float32)
+                    taps = np.zeros((25, nb * 16), np.float32)
+                    taps[:, : layer.filters] = weights[f"{prefix}.kernel"].reshape(25, layer.filters)
+                    wb[:, :25] = taps.reshape(25, nb, 16).transpose(1, 0, 2)
+                    bias = np.zeros(nb * 16, np.float32)
+                    bias[: layer.filters] = p["bias"][: layer.filters]
+                    wb[:, 25] = bias.reshape(nb, 16)
+                    steps.append(_Step("conv1_k5_pool2", out_shape, {**p, "wb": wb, "act": act}, takes_raw=first))
+                elif special:
                     wb = np.zeros((layer.filters // 16, 10, 16), np.float32)
                     taps = weights[f"{prefix}.kernel"].reshape(9, layer.filters // 16, 16)
                     wb[:, :9] = taps.transpose(1, 0, 2)
@@ -169,6 +180,8 @@ class InferencePlan:
             elif step.kind == "conv":
                 scratch = max(scratch, CONV_CHUNK * step.params["wd"].shape[1])
         self._scratch = np.zeros((self.threads, scratch), np.float32)
+        blocks = max([s.params["wb"].shape[0] for s in self.steps if s.kind == "conv1_k5_pool2"], default=1)
+        self._rowbuf = np.zeros((self.threads, blocks, 16), np.float32)
         self._capacity = 0   # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
         self._input: np.ndarray | None = None
@@ -281,6 +294,9 @@ class InferencePlan:
             elif step.kind == "conv1_k3_pool2":
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
                 add(kconv.conv1_k3_pool2, x, p["wb"], sc, sf, out, p["pt"], p["pl"], p["act"], splits)
+            elif step.kind == "conv1_k5_pool2":
+                splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
+                add(kconv.conv1_k5_pool2, x, p["wb"], sc, sf, out, self._rowbuf, p["pt"], p["pl"], p["act"], splits)
             elif step.kind == "conv":
                 tasks = n * math.ceil(step.shape[0] * step.shape[1] / CONV_CHUNK)
                 splits = _splits(tasks, p["wd"].shape[0] // 4, threads)

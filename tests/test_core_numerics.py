@@ -45,9 +45,10 @@ def random_document(rng: np.random.Generator, index: int) -> dict:
     h, w = int(rng.integers(5, 24)), int(rng.integers(5, 24))
     doc = {"name": f"random{index}", "input": {"shape": [h, w, int(rng.integers(1, 5))]}, "layers": []}
     layers = doc["layers"]
-    if index % 4 == 0:  # the fused paths: conv + 2x2/2 max pool, and the 1-channel 3x3 kernel
+    if index % 4 == 0:  # the fused paths: conv + 2x2/2 max pool, and the 1-channel 3x3 / 5x5 kernels
         doc["input"]["shape"][2] = 1
-        layers += [{"type": "conv2d", "filters": 16 * int(rng.integers(1, 3)), "kernel_size": 3,
+        k, filters = (3, 16 * int(rng.integers(1, 3))) if index % 8 == 0 else (5, int(rng.integers(1, 21)))
+        layers += [{"type": "conv2d", "filters": filters, "kernel_size": k,
                     "padding": str(rng.choice(["valid", "same"])), "activation": "relu"},
                    {"type": "max_pooling2d", "pool_size": 2}]
     for _ in range(int(rng.integers(1, 4))):
@@ -121,7 +122,7 @@ def test_random_architectures_cover_every_option(cases):
     assert any(l.filters % 4 for l in convs) and any(l.filters == 16 for l in convs)
     assert {"activation", "dropout", "dense"} <= {l.type for l in layers}
     kinds = {s.kind for _, _, m, _ in cases for s in m._plan.steps}
-    assert {"conv", "conv_pool2", "conv1_k3_pool2", "pool", "dense", "activate"} <= kinds
+    assert {"conv", "conv_pool2", "conv1_k3_pool2", "conv1_k5_pool2", "pool", "dense", "activate"} <= kinds
 
 
 def test_random_architectures_match_numpy_reference(cases):

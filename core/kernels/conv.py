@@ -293,3 +293,139 @@ def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
                 if act > 1:
                     for j in range(16):
                         o5[n, py, px, b, j] = _act(o5[n, py, px, b, j], act)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def conv1_k5_pool2(x, wb, scale, shift, out, rowbuf, pt, pl, act, splits):
+    """1 input channel, 5x5, stride 1 conv + bias + activation + 2x2/2 max pool (floor): the
+    LeNet first layer. Like `conv1_k3_pool2`: the 6x6 input patch of a pool window in scalars,
+    16 output channels per vector. wb: (ceil(CO/16), 26, 16): 25 taps then the bias, zero
+    padded. rowbuf: (threads, ceil(CO/16), 16) scratch for channel counts not a multiple of 16.
+    """
+    N, H, W = x.shape[0], x.shape[1], x.shape[2]
+    PH, PW, CO = out.shape[1], out.shape[2], out.shape[3]
+    nb = wb.shape[0]
+    sc = scale[0]
+    sf = shift[0]
+    per = (nb + splits - 1) // splits
+    xf = x.reshape(x.size)
+    lo = _Z if act == 1 else np.float32(-np.inf)
+    for t in prange(N * PH * splits):
+        s = t % splits
+        r = t // splits
+        py = r % PH
+        n = r // PH
+        b0 = s * per
+        b1 = min(nb, b0 + per)
+        tid = numba.get_thread_id()
+        y = 2 * py - pt
+        for px in range(PW):
+            xx = 2 * px - pl
+            if y >= 0 and y + 6 <= H and xx >= 0 and xx + 6 <= W:  # interior: no bounds checks
+                o = (n * H + y) * W + xx
+                v00 = xf[o + 0 * W + 0] * sc + sf
+                v01 = xf[o + 0 * W + 1] * sc + sf
+                v02 = xf[o + 0 * W + 2] * sc + sf
+                v03 = xf[o + 0 * W + 3] * sc + sf
+                v04 = xf[o + 0 * W + 4] * sc + sf
+                v05 = xf[o + 0 * W + 5] * sc + sf
+                v10 = xf[o + 1 * W + 0] * sc + sf
+                v11 = xf[o + 1 * W + 1] * sc + sf
+                v12 = xf[o + 1 * W + 2] * sc + sf
+                v13 = xf[o + 1 * W + 3] * sc + sf
+                v14 = xf[o + 1 * W + 4] * sc + sf
+                v15 = xf[o + 1 * W + 5] * sc + sf
+                v20 = xf[o + 2 * W + 0] * sc + sf
+                v21 = xf[o + 2 * W + 1] * sc + sf
+                v22 = xf[o + 2 * W + 2] * sc + sf
+                v23 = xf[o + 2 * W + 3] * sc + sf
+                v24 = xf[o + 2 * W + 4] * sc + sf
+                v25 = xf[o + 2 * W + 5] * sc + sf
+                v30 = xf[o + 3 * W + 0] * sc + sf
+                v31 = xf[o + 3 * W + 1] * sc + sf
+                v32 = xf[o + 3 * W + 2] * sc + sf
+                v33 = xf[o + 3 * W + 3] * sc + sf
+                v34 = xf[o + 3 * W + 4] * sc + sf
+                v35 = xf[o + 3 * W + 5] * sc + sf
+                v40 = xf[o + 4 * W + 0] * sc + sf
+                v41 = xf[o + 4 * W + 1] * sc + sf
+                v42 = xf[o + 4 * W + 2] * sc + sf
+                v43 = xf[o + 4 * W + 3] * sc + sf
+                v44 = xf[o + 4 * W + 4] * sc + sf
+                v45 = xf[o + 4 * W + 5] * sc + sf
+                v50 = xf[o + 5 * W + 0] * sc + sf
+                v51 = xf[o + 5 * W + 1] * sc + sf
+                v52 = xf[o + 5 * W + 2] * sc + sf
+                v53 = xf[o + 5 * W + 3] * sc + sf
+                v54 = xf[o + 5 * W + 4] * sc + sf
+                v55 = xf[o + 5 * W + 5] * sc + sf
+            else:
+                v00 = _px(xf, H, W, n, y + 0, xx + 0, sc, sf)
+                v01 = _px(xf, H, W, n, y + 0, xx + 1, sc, sf)
+                v02 = _px(xf, H, W, n, y + 0, xx + 2, sc, sf)
+                v03 = _px(xf, H, W, n, y + 0, xx + 3, sc, sf)
+                v04 = _px(xf, H, W, n, y + 0, xx + 4, sc, sf)
+                v05 = _px(xf, H, W, n, y + 0, xx + 5, sc, sf)
+                v10 = _px(xf, H, W, n, y + 1, xx + 0, sc, sf)
+                v11 = _px(xf, H, W, n, y + 1, xx + 1, sc, sf)
+                v12 = _px(xf, H, W, n, y + 1, xx + 2, sc, sf)
+                v13 = _px(xf, H, W, n, y + 1, xx + 3, sc, sf)
+                v14 = _px(xf, H, W, n, y + 1, xx + 4, sc, sf)
+                v15 = _px(xf, H, W, n, y + 1, xx + 5, sc, sf)
+                v20 = _px(xf, H, W, n, y + 2, xx + 0, sc, sf)
+                v21 = _px(xf, H, W, n, y + 2, xx + 1, sc, sf)
+                v22 = _px(xf, H, W, n, y + 2, xx + 2, sc, sf)
+                v23 = _px(xf, H, W, n, y + 2, xx + 3, sc, sf)
+                v24 = _px(xf, H, W, n, y + 2, xx + 4, sc, sf)
+                v25 = _px(xf, H, W, n, y + 2, xx + 5, sc, sf)
+                v30 = _px(xf, H, W, n, y + 3, xx + 0, sc, sf)
+                v31 = _px(xf, H, W, n, y + 3, xx + 1, sc, sf)
+                v32 = _px(xf, H, W, n, y + 3, xx + 2, sc, sf)
+                v33 = _px(xf, H, W, n, y + 3, xx + 3, sc, sf)
+                v34 = _px(xf, H, W, n, y + 3, xx + 4, sc, sf)
+                v35 = _px(xf, H, W, n, y + 3, xx + 5, sc, sf)
+                v40 = _px(xf, H, W, n, y + 4, xx + 0, sc, sf)
+                v41 = _px(xf, H, W, n, y + 4, xx + 1, sc, sf)
+                v42 = _px(xf, H, W, n, y + 4, xx + 2, sc, sf)
+                v43 = _px(xf, H, W, n, y + 4, xx + 3, sc, sf)
+                v44 = _px(xf, H, W, n, y + 4, xx + 4, sc, sf)
+                v45 = _px(xf, H, W, n, y + 4, xx + 5, sc, sf)
+                v50 = _px(xf, H, W, n, y + 5, xx + 0, sc, sf)
+                v51 = _px(xf, H, W, n, y + 5, xx + 1, sc, sf)
+                v52 = _px(xf, H, W, n, y + 5, xx + 2, sc, sf)
+                v53 = _px(xf, H, W, n, y + 5, xx + 3, sc, sf)
+                v54 = _px(xf, H, W, n, y + 5, xx + 4, sc, sf)
+                v55 = _px(xf, H, W, n, y + 5, xx + 5, sc, sf)
+            for b in range(b0, b1):
+                # one pass per pixel of the pool window keeps 25 broadcasts + 1 accumulator in registers
+                for j in range(16):
+                    e = (v00 * wb[b, 0, j] + v01 * wb[b, 1, j] + v02 * wb[b, 2, j] + v03 * wb[b, 3, j] + v04 * wb[b, 4, j]
+                         + v10 * wb[b, 5, j] + v11 * wb[b, 6, j] + v12 * wb[b, 7, j] + v13 * wb[b, 8, j] + v14 * wb[b, 9, j]
+                         + v20 * wb[b, 10, j] + v21 * wb[b, 11, j] + v22 * wb[b, 12, j] + v23 * wb[b, 13, j] + v24 * wb[b, 14, j]
+                         + v30 * wb[b, 15, j] + v31 * wb[b, 16, j] + v32 * wb[b, 17, j] + v33 * wb[b, 18, j] + v34 * wb[b, 19, j]
+                         + v40 * wb[b, 20, j] + v41 * wb[b, 21, j] + v42 * wb[b, 22, j] + v43 * wb[b, 23, j] + v44 * wb[b, 24, j])
+                    rowbuf[tid, b, j] = e
+                for j in range(16):
+                    e = (v01 * wb[b, 0, j] + v02 * wb[b, 1, j] + v03 * wb[b, 2, j] + v04 * wb[b, 3, j] + v05 * wb[b, 4, j]
+                         + v11 * wb[b, 5, j] + v12 * wb[b, 6, j] + v13 * wb[b, 7, j] + v14 * wb[b, 8, j] + v15 * wb[b, 9, j]
+                         + v21 * wb[b, 10, j] + v22 * wb[b, 11, j] + v23 * wb[b, 12, j] + v24 * wb[b, 13, j] + v25 * wb[b, 14, j]
+                         + v31 * wb[b, 15, j] + v32 * wb[b, 16, j] + v33 * wb[b, 17, j] + v34 * wb[b, 18, j] + v35 * wb[b, 19, j]
+                         + v41 * wb[b, 20, j] + v42 * wb[b, 21, j] + v43 * wb[b, 22, j] + v44 * wb[b, 23, j] + v45 * wb[b, 24, j])
+                    rowbuf[tid, b, j] = max(rowbuf[tid, b, j], e)
+                for j in range(16):
+                    e = (v10 * wb[b, 0, j] + v11 * wb[b, 1, j] + v12 * wb[b, 2, j] + v13 * wb[b, 3, j] + v14 * wb[b, 4, j]
+                         + v20 * wb[b, 5, j] + v21 * wb[b, 6, j] + v22 * wb[b, 7, j] + v23 * wb[b, 8, j] + v24 * wb[b, 9, j]
+                         + v30 * wb[b, 10, j] + v31 * wb[b, 11, j] + v32 * wb[b, 12, j] + v33 * wb[b, 13, j] + v34 * wb[b, 14, j]
+                         + v40 * wb[b, 15, j] + v41 * wb[b, 16, j] + v42 * wb[b, 17, j] + v43 * wb[b, 18, j] + v44 * wb[b, 19, j]
+                         + v50 * wb[b, 20, j] + v51 * wb[b, 21, j] + v52 * wb[b, 22, j] + v53 * wb[b, 23, j] + v54 * wb[b, 24, j])
+                    rowbuf[tid, b, j] = max(rowbuf[tid, b, j], e)
+                for j in range(16):
+                    e = (v11 * wb[b, 0, j] + v12 * wb[b, 1, j] + v13 * wb[b, 2, j] + v14 * wb[b, 3, j] + v15 * wb[b, 4, j]
+                         + v21 * wb[b, 5, j] + v22 * wb[b, 6, j] + v23 * wb[b, 7, j] + v24 * wb[b, 8, j] + v25 * wb[b, 9, j]
+                         + v31 * wb[b, 10, j] + v32 * wb[b, 11, j] + v33 * wb[b, 12, j] + v34 * wb[b, 13, j] + v35 * wb[b, 14, j]
+                         + v41 * wb[b, 15, j] + v42 * wb[b, 16, j] + v43 * wb[b, 17, j] + v44 * wb[b, 18, j] + v45 * wb[b, 19, j]
+                         + v51 * wb[b, 20, j] + v52 * wb[b, 21, j] + v53 * wb[b, 22, j] + v54 * wb[b, 23, j] + v55 * wb[b, 24, j])
+                    m = max(rowbuf[tid, b, j], e) + wb[b, 25, j]
+                    rowbuf[tid, b, j] = m if m > lo else lo
+            for c in range(b0 * 16, min(CO, b1 * 16)):
+                out[n, py, px, c] = _act(rowbuf[tid, c // 16, c % 16], act)
