@@ -105,6 +105,15 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
             special = (fuse and layer.input_shape[2] == 1 and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
                        and layer.filters % 16 == 0)
             special5 = (fuse and layer.input_shape[2] == 1 and layer.kernel_size == (5, 5) and layer.strides == (1, 1))
+            if layer.input_shape[2] == 3 and layer.kernel_size == (3, 3) and act != 4:
+                nb = (layer.filters + 15) // 16
+                taps = np.zeros((28, nb * 16), np.float32)
+                taps[:27, : layer.filters] = weights[f"{prefix}.kernel"].reshape(27, layer.filters)
+                taps[27, : layer.filters] = p["bias"][: layer.filters]
+                wb = np.ascontiguousarray(taps.reshape(28, nb, 16).transpose(1, 0, 2))
+                steps.append(_Step("conv_c3k3", layer.output_shape, {**p, "wb": wb, "act": act}, takes_raw=first))
+                i += 1
+                continue
             if fuse:
                 out_shape = nxt.output_shape
                 if special5:
@@ -180,7 +189,8 @@ class InferencePlan:
             elif step.kind == "conv":
                 scratch = max(scratch, CONV_CHUNK * step.params["wd"].shape[1])
         self._scratch = np.zeros((self.threads, scratch), np.float32)
-        blocks = max([s.params["wb"].shape[0] for s in self.steps if s.kind == "conv1_k5_pool2"], default=1)
+        blocks = max([s.params["wb"].shape[0] for s in self.steps if s.kind in ("conv1_k5_pool2", "conv_c3k3")],
+                     default=1)
         self._rowbuf = np.zeros((self.threads, blocks, 16), np.float32)
         self._capacity = 0   # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
@@ -297,6 +307,9 @@ class InferencePlan:
             elif step.kind == "conv1_k5_pool2":
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
                 add(kconv.conv1_k5_pool2, x, p["wb"], sc, sf, out, self._rowbuf, p["pt"], p["pl"], p["act"], splits)
+            elif step.kind == "conv_c3k3":
+                splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
+                add(kconv.conv_c3k3, x, p["wb"], sc, sf, out, self._rowbuf, p["sh"], p["sw"], p["pt"], p["pl"], p["act"], splits)
             elif step.kind == "conv":
                 tasks = n * math.ceil(step.shape[0] * step.shape[1] / CONV_CHUNK)
                 splits = _splits(tasks, p["wd"].shape[0] // 4, threads)

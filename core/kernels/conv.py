@@ -429,3 +429,105 @@ def conv1_k5_pool2(x, wb, scale, shift, out, rowbuf, pt, pl, act, splits):
                     rowbuf[tid, b, j] = m if m > lo else lo
             for c in range(b0 * 16, min(CO, b1 * 16)):
                 out[n, py, px, c] = _act(rowbuf[tid, c // 16, c % 16], act)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _pxc(xf, H, W, n, y, x, c, scale, shift):
+    if y < 0 or y >= H or x < 0 or x >= W:
+        return _Z
+    return xf[((n * H + y) * W + x) * 3 + c] * scale[c] + shift[c]
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def conv_c3k3(x, wb, scale, shift, out, rowbuf, sh, sw, pt, pl, act, splits):
+    """3 input channels (RGB), 3x3 conv + bias + activation, any stride and padding: the usual
+    first layer of colour models. The 27 input values of a pixel are held in scalars and 16
+    output channels form one vector (no horizontal sums, unlike the dot micro-kernel, which
+    wastes most of its time on them for such a short reduction). wb: (ceil(CO/16), 28, 16):
+    27 taps in (ky, kx, ci) order then the bias. rowbuf: (threads, ceil(CO/16), 16) scratch.
+    Applies `x * scale + shift` per channel to the input (pass 1 and 0 for none).
+    """
+    N, H, W = x.shape[0], x.shape[1], x.shape[2]
+    OH, OW, CO = out.shape[1], out.shape[2], out.shape[3]
+    nb = wb.shape[0]
+    per = (nb + splits - 1) // splits
+    xf = x.reshape(x.size)
+    for t in prange(N * OH * splits):
+        s = t % splits
+        r = t // splits
+        oy = r % OH
+        n = r // OH
+        b0 = s * per
+        b1 = min(nb, b0 + per)
+        tid = numba.get_thread_id()
+        y = oy * sh - pt
+        for ox in range(OW):
+            xx = ox * sw - pl
+            if y >= 0 and y + 3 <= H and xx >= 0 and xx + 3 <= W:  # interior: no bounds checks
+                o = ((n * H + y) * W + xx) * 3
+                v000 = xf[o + 0 * W * 3 + 0] * scale[0] + shift[0]
+                v001 = xf[o + 0 * W * 3 + 1] * scale[1] + shift[1]
+                v002 = xf[o + 0 * W * 3 + 2] * scale[2] + shift[2]
+                v010 = xf[o + 0 * W * 3 + 3] * scale[0] + shift[0]
+                v011 = xf[o + 0 * W * 3 + 4] * scale[1] + shift[1]
+                v012 = xf[o + 0 * W * 3 + 5] * scale[2] + shift[2]
+                v020 = xf[o + 0 * W * 3 + 6] * scale[0] + shift[0]
+                v021 = xf[o + 0 * W * 3 + 7] * scale[1] + shift[1]
+                v022 = xf[o + 0 * W * 3 + 8] * scale[2] + shift[2]
+                v100 = xf[o + 1 * W * 3 + 0] * scale[0] + shift[0]
+                v101 = xf[o + 1 * W * 3 + 1] * scale[1] + shift[1]
+                v102 = xf[o + 1 * W * 3 + 2] * scale[2] + shift[2]
+                v110 = xf[o + 1 * W * 3 + 3] * scale[0] + shift[0]
+                v111 = xf[o + 1 * W * 3 + 4] * scale[1] + shift[1]
+                v112 = xf[o + 1 * W * 3 + 5] * scale[2] + shift[2]
+                v120 = xf[o + 1 * W * 3 + 6] * scale[0] + shift[0]
+                v121 = xf[o + 1 * W * 3 + 7] * scale[1] + shift[1]
+                v122 = xf[o + 1 * W * 3 + 8] * scale[2] + shift[2]
+                v200 = xf[o + 2 * W * 3 + 0] * scale[0] + shift[0]
+                v201 = xf[o + 2 * W * 3 + 1] * scale[1] + shift[1]
+                v202 = xf[o + 2 * W * 3 + 2] * scale[2] + shift[2]
+                v210 = xf[o + 2 * W * 3 + 3] * scale[0] + shift[0]
+                v211 = xf[o + 2 * W * 3 + 4] * scale[1] + shift[1]
+                v212 = xf[o + 2 * W * 3 + 5] * scale[2] + shift[2]
+                v220 = xf[o + 2 * W * 3 + 6] * scale[0] + shift[0]
+                v221 = xf[o + 2 * W * 3 + 7] * scale[1] + shift[1]
+                v222 = xf[o + 2 * W * 3 + 8] * scale[2] + shift[2]
+            else:
+                v000 = _pxc(xf, H, W, n, y + 0, xx + 0, 0, scale, shift)
+                v001 = _pxc(xf, H, W, n, y + 0, xx + 0, 1, scale, shift)
+                v002 = _pxc(xf, H, W, n, y + 0, xx + 0, 2, scale, shift)
+                v010 = _pxc(xf, H, W, n, y + 0, xx + 1, 0, scale, shift)
+                v011 = _pxc(xf, H, W, n, y + 0, xx + 1, 1, scale, shift)
+                v012 = _pxc(xf, H, W, n, y + 0, xx + 1, 2, scale, shift)
+                v020 = _pxc(xf, H, W, n, y + 0, xx + 2, 0, scale, shift)
+                v021 = _pxc(xf, H, W, n, y + 0, xx + 2, 1, scale, shift)
+                v022 = _pxc(xf, H, W, n, y + 0, xx + 2, 2, scale, shift)
+                v100 = _pxc(xf, H, W, n, y + 1, xx + 0, 0, scale, shift)
+                v101 = _pxc(xf, H, W, n, y + 1, xx + 0, 1, scale, shift)
+                v102 = _pxc(xf, H, W, n, y + 1, xx + 0, 2, scale, shift)
+                v110 = _pxc(xf, H, W, n, y + 1, xx + 1, 0, scale, shift)
+                v111 = _pxc(xf, H, W, n, y + 1, xx + 1, 1, scale, shift)
+                v112 = _pxc(xf, H, W, n, y + 1, xx + 1, 2, scale, shift)
+                v120 = _pxc(xf, H, W, n, y + 1, xx + 2, 0, scale, shift)
+                v121 = _pxc(xf, H, W, n, y + 1, xx + 2, 1, scale, shift)
+                v122 = _pxc(xf, H, W, n, y + 1, xx + 2, 2, scale, shift)
+                v200 = _pxc(xf, H, W, n, y + 2, xx + 0, 0, scale, shift)
+                v201 = _pxc(xf, H, W, n, y + 2, xx + 0, 1, scale, shift)
+                v202 = _pxc(xf, H, W, n, y + 2, xx + 0, 2, scale, shift)
+                v210 = _pxc(xf, H, W, n, y + 2, xx + 1, 0, scale, shift)
+                v211 = _pxc(xf, H, W, n, y + 2, xx + 1, 1, scale, shift)
+                v212 = _pxc(xf, H, W, n, y + 2, xx + 1, 2, scale, shift)
+                v220 = _pxc(xf, H, W, n, y + 2, xx + 2, 0, scale, shift)
+                v221 = _pxc(xf, H, W, n, y + 2, xx + 2, 1, scale, shift)
+                v222 = _pxc(xf, H, W, n, y + 2, xx + 2, 2, scale, shift)
+            for b in range(b0, b1):
+                for j in range(16):
+                    e = (v000 * wb[b, 0, j] + v001 * wb[b, 1, j] + v002 * wb[b, 2, j] + v010 * wb[b, 3, j] + v011 * wb[b, 4, j]
+                         + v012 * wb[b, 5, j] + v020 * wb[b, 6, j] + v021 * wb[b, 7, j] + v022 * wb[b, 8, j]
+                         + v100 * wb[b, 9, j] + v101 * wb[b, 10, j] + v102 * wb[b, 11, j] + v110 * wb[b, 12, j] + v111 * wb[b, 13, j]
+                         + v112 * wb[b, 14, j] + v120 * wb[b, 15, j] + v121 * wb[b, 16, j] + v122 * wb[b, 17, j]
+                         + v200 * wb[b, 18, j] + v201 * wb[b, 19, j] + v202 * wb[b, 20, j] + v210 * wb[b, 21, j] + v211 * wb[b, 22, j]
+                         + v212 * wb[b, 23, j] + v220 * wb[b, 24, j] + v221 * wb[b, 25, j] + v222 * wb[b, 26, j] + wb[b, 27, j])
+                    rowbuf[tid, b, j] = e
+            for c in range(b0 * 16, min(CO, b1 * 16)):
+                out[n, oy, ox, c] = _act(rowbuf[tid, c // 16, c % 16], act)
