@@ -28,6 +28,7 @@ ACT_CODES = {"linear": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softmax": 4}
 _MONOTONIC = (0, 1, 2, 3)
 DENSE2_MAX_BATCH = 8   # below this, the last two dense layers run as one parallel region
 CONV_CHUNK = 32        # output pixels per task in the generic convolution
+BATCH_CHUNK = 32       # larger batches run through the network in chunks of this many images
 
 
 _INPUT = object()   # placeholders in a prepared program: the call's input and its result
@@ -243,12 +244,24 @@ class InferencePlan:
 
     def _forward(self, x: np.ndarray, preprocess: bool) -> np.ndarray:
         n = x.shape[0]
+        if n <= BATCH_CHUNK:
+            return self._forward_chunk(x, preprocess, None)
+        # large batches run in chunks, so that activations stay in cache between layers
+        result = np.empty((n, self.architecture.num_outputs), np.float32)
+        for start in range(0, n, BATCH_CHUNK):
+            stop = min(n, start + BATCH_CHUNK)
+            self._forward_chunk(x[start:stop], preprocess, result[start:stop])
+        return result
+
+    def _forward_chunk(self, x: np.ndarray, preprocess: bool, result: np.ndarray | None) -> np.ndarray:
+        n = x.shape[0]
         key = (n, preprocess, numba.get_num_threads())
         program = self._programs.get(key)
         if program is None:
             program = self._programs[key] = self._program(n, preprocess, key[2])
         calls, result_shape, final = program
-        result = np.empty(result_shape, np.float32) if result_shape is not None else None
+        if result_shape is not None and result is None:
+            result = np.empty(result_shape, np.float32)
         for fn, args, in_pos, res_pos in calls:
             if in_pos >= 0 or res_pos >= 0:
                 args = list(args)
@@ -257,9 +270,12 @@ class InferencePlan:
                 if res_pos >= 0:
                     args[res_pos] = result
             fn(*args)
-        if result is not None:
+        if result_shape is not None:
             return result
-        return final.reshape(n, -1).copy()  # the last step worked in place: return a copy
+        if result is not None:  # the last step worked in place: copy out
+            result[...] = final.reshape(n, -1)
+            return result
+        return final.reshape(n, -1).copy()
 
     def _program(self, n: int, preprocess: bool, threads: int):
         """The kernel calls of a batch of n as (kernel, args, input position, result position);

@@ -162,8 +162,8 @@ def test_presets_match_numpy_reference(name):
 def test_batch_rows_equal_single_image_calls(cases):
     models = [c[2] for c in cases[:6]] + [Model(preset(n), _weights(preset(n), 1)) for n in PRESET_NAMES]
     rng = np.random.default_rng(11)
-    for model in models:
-        x = rng.standard_normal((13, *model.input_shape)).astype(np.float32)
+    for model in models:  # 37 > BATCH_CHUNK: also checks the chunked path of large batches
+        x = rng.standard_normal((37, *model.input_shape)).astype(np.float32)
         batched = model.forward(x)
         singles = np.concatenate([model.forward(x[i:i + 1]) for i in range(len(x))])
         assert np.abs(batched - singles).max() <= 1e-6
