@@ -93,6 +93,28 @@ def _gather(xf, H, W, CI, n, oy, ox, kh, kw, sh, sw, pt, pl, scale, shift, pre, 
 
 
 @njit(fastmath=True, cache=True, nogil=True)
+def _gather_wide(x2, H, W, n, oy, ox, kh, kw, sh, sw, pt, pl, pat3, i):
+    """`_gather` for many input channels without preprocessing, with no array views (each view
+    is an atomic reference-count update on an array both threads share): pixel (oy, ox)'s
+    receptive field goes to pat3[i] (taps, CI); x2 is the input as (N*H*W, CI)."""
+    CI = x2.shape[1]
+    iy0 = oy * sh - pt
+    ix0 = ox * sw - pl
+    for ky in range(kh):
+        iy = iy0 + ky
+        for kx in range(kw):
+            ix = ix0 + kx
+            tap = ky * kw + kx
+            if iy < 0 or iy >= H or ix < 0 or ix >= W:
+                for c in range(CI):
+                    pat3[i, tap, c] = _Z
+            else:
+                q = (n * H + iy) * W + ix
+                for c in range(CI):
+                    pat3[i, tap, c] = x2[q, c]
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def _dot4x4(pat, i0, i1, i2, i3, wd, c, Kp):
     """16 dot products: patch rows i0..i3 of pat (P, Kp) times weight rows c..c+3 of wd.
 
@@ -143,16 +165,24 @@ def conv_pool2(x, wd, bias, scale, shift, pre, scratch, out, kh, kw, sh, sw, pt,
     per = (groups + splits - 1) // splits
     ncols = 2 * PW
     xf = x.reshape(x.size)
+    x2 = x.reshape(N * H * W, CI)
+    wide = pre == 0 and CI >= 16 and kh * kw * CI == Kp
     for t in prange(N * PH * splits):
         s = t % splits
         r = t // splits
         py = r % PH
         n = r // PH
         buf = scratch[numba.get_thread_id()]
-        for dy in range(2):
-            for ox in range(ncols):
-                _gather(xf, H, W, CI, n, 2 * py + dy, ox, kh, kw, sh, sw, pt, pl, scale, shift, pre,
-                        buf, (dy * ncols + ox) * Kp, Kp)
+        if wide:
+            pat3 = buf[:2 * ncols * Kp].reshape(2 * ncols, kh * kw, CI)
+            for dy in range(2):
+                for ox in range(ncols):
+                    _gather_wide(x2, H, W, n, 2 * py + dy, ox, kh, kw, sh, sw, pt, pl, pat3, dy * ncols + ox)
+        else:
+            for dy in range(2):
+                for ox in range(ncols):
+                    _gather(xf, H, W, CI, n, 2 * py + dy, ox, kh, kw, sh, sw, pt, pl, scale, shift, pre,
+                            buf, (dy * ncols + ox) * Kp, Kp)
         pat = buf[:2 * ncols * Kp].reshape(2 * ncols, Kp)
         g0 = s * per
         g1 = min(groups, g0 + per)
@@ -183,6 +213,8 @@ def conv(x, wd, bias, scale, shift, pre, scratch, out, kh, kw, sh, sw, pt, pl, a
     groups = COp // 4
     per = (groups + splits - 1) // splits
     xf = x.reshape(x.size)
+    x2 = x.reshape(N * H * W, CI)
+    wide = pre == 0 and CI >= 16 and kh * kw * CI == Kp
     of = out.reshape(out.size)
     for t in prange(N * nchunks * splits):
         s = t % splits
@@ -192,10 +224,16 @@ def conv(x, wd, bias, scale, shift, pre, scratch, out, kh, kw, sh, sw, pt, pl, a
         p0 = k * chunk
         cnt = min(npx, p0 + chunk) - p0
         buf = scratch[numba.get_thread_id()]
-        for i in range(cnt):
-            p = p0 + i
-            _gather(xf, H, W, CI, n, p // OW, p % OW, kh, kw, sh, sw, pt, pl, scale, shift, pre,
-                    buf, i * Kp, Kp)
+        if wide:
+            pat3 = buf[:cnt * Kp].reshape(cnt, kh * kw, CI)
+            for i in range(cnt):
+                p = p0 + i
+                _gather_wide(x2, H, W, n, p // OW, p % OW, kh, kw, sh, sw, pt, pl, pat3, i)
+        else:
+            for i in range(cnt):
+                p = p0 + i
+                _gather(xf, H, W, CI, n, p // OW, p % OW, kh, kw, sh, sw, pt, pl, scale, shift, pre,
+                        buf, i * Kp, Kp)
         pat = buf[:cnt * Kp].reshape(cnt, Kp)
         g0 = s * per
         g1 = min(groups, g0 + per)
