@@ -338,7 +338,7 @@ class InferencePlan:
             elif step.kind == "flatten":
                 out = x.reshape(n, -1)  # x is a buffer here: a preprocess step always comes first
             elif step.kind == "dense":
-                groups = p["wt"].shape[0] // (4 if n >= 4 else 8)
+                groups = p["wt"].shape[0] // 4
                 splits = 1 if p["act"] == 4 else _splits((n + 3) // 4, groups, threads)
                 add(kdense.dense, x, p["wt"], p["bias"], out, p["act"], splits)
             elif step.kind == "activate":

@@ -1,8 +1,9 @@
 """Fully connected layers, activations and preprocessing (float32).
 
 Dense weights are packed once as `wt[UNp, K]` (one row per unit, units rounded up to 4 with
-zero rows). Batches of 4 or more use the "4 samples x 4 units" micro-kernel (16 scalar
-accumulators over the contiguous K axis); smaller batches use "1 sample x 8 units".
+zero rows). Every batch uses the "4 samples x 4 units" micro-kernel (16 scalar accumulators
+over the contiguous K axis), smaller ones repeating their last row, so results do not depend
+on the batch size.
 
 Activation codes: 0 linear, 1 relu, 2 tanh, 3 sigmoid, 4 softmax (over the last axis).
 Keep helpers in this file: numba's cache only tracks the kernel's own source file.
@@ -82,58 +83,36 @@ def _dot4x4(x, r0, r1, r2, r3, wt, u):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _dot1x8(x, r, wt, u):
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _Z
-    for j in range(x.shape[1]):
-        p = x[r, j]
-        a0 += p * wt[u, j]
-        a1 += p * wt[u + 1, j]
-        a2 += p * wt[u + 2, j]
-        a3 += p * wt[u + 3, j]
-        a4 += p * wt[u + 4, j]
-        a5 += p * wt[u + 5, j]
-        a6 += p * wt[u + 6, j]
-        a7 += p * wt[u + 7, j]
-    return (a0, a1, a2, a3, a4, a5, a6, a7)
-
-
-@njit(fastmath=True, cache=True, nogil=True)
 def _dense_rows(x, wt, bias, out, r_lo, r_hi, u_lo, u_hi, act):
-    """out[r_lo:r_hi, u_lo:u_hi] = act(x @ wt.T + bias); u_lo a multiple of 4, or of 8 when the
-    batch has fewer than 4 rows. Units past out.shape[1] are computed on zero rows and dropped."""
+    """out[r_lo:r_hi, u_lo:u_hi] = act(x @ wt.T + bias), u_lo a multiple of 4. Units past
+    out.shape[1] are computed on zero rows and dropped. Every row goes through the same 4x4
+    micro-kernel whatever the batch size (missing rows repeat the last one), so a row's result
+    is bit-identical alone and in any batch."""
     U = out.shape[1]
-    if x.shape[0] >= 4:
-        last = r_hi - 1
-        for r in range(r_lo, r_hi, 4):
-            r1 = min(r + 1, last)
-            r2 = min(r + 2, last)
-            r3 = min(r + 3, last)
-            for u in range(u_lo, u_hi, 4):
-                a = _dot4x4(x, r, r1, r2, r3, wt, u)
-                for i in range(4):
-                    if r + i <= last:
-                        for v in range(4):
-                            if u + v < U:
-                                out[r + i, u + v] = _act(a[4 * i + v] + bias[u + v], act)
-    else:
-        for r in range(r_lo, r_hi):
-            for u in range(u_lo, u_hi, 8):
-                a = _dot1x8(x, r, wt, u)
-                for v in range(8):
-                    if u + v < U:
-                        out[r, u + v] = _act(a[v] + bias[u + v], act)
+    last = r_hi - 1
+    for r in range(r_lo, r_hi, 4):
+        r1 = min(r + 1, last)
+        r2 = min(r + 2, last)
+        r3 = min(r + 3, last)
+        for u in range(u_lo, u_hi, 4):
+            a = _dot4x4(x, r, r1, r2, r3, wt, u)
+            for i in range(4):
+                if r + i <= last:
+                    for v in range(4):
+                        if u + v < U:
+                            out[r + i, u + v] = _act(a[4 * i + v] + bias[u + v], act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def dense(x, wt, bias, out, act, splits):
-    """out = act(x @ W + b). x: (N, K); wt: (UNp, K), UNp a multiple of 8; out: (N, U).
+    """out = act(x @ W + b). x: (N, K); wt: (UNp, K), UNp a multiple of 4; out: (N, U).
 
     Tasks: (group of 4 rows, unit split); softmax needs whole rows, so pass splits=1 with it.
     """
     N = x.shape[0]
     UNp = wt.shape[0]
     U = out.shape[1]
-    step = 4 if N >= 4 else 8
+    step = 4
     ngroups = (UNp + step - 1) // step
     per = (ngroups + splits - 1) // splits
     rgroups = (N + 3) // 4
