@@ -179,6 +179,19 @@ def _worker(target: str, model: str, clients: int, images_per_request: int, seco
     queue.put((lat, errors, inexact, first_error))
 
 
+def server_counts(target: str, model: str) -> tuple[int, int]:
+    """(images inferred, executions) of a model from ModelStatistics: their ratio is the mean batch."""
+    import grpc
+
+    from convserve.proto import grpc_service_pb2 as pb
+    from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10).model_stats
+    return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)
+
+
 def run_load(target: str, model: str, clients: int, images: int, seconds: float, procs: int,
              warmup: float = 1.0) -> dict:
     procs = max(1, min(procs, clients))
@@ -307,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or sorted(p.parent.parent.name for p in repo.glob("*/*/model.safetensors"))[0]
         print(f"# model '{model}' from {repo}; {args.seconds:g} s per run, {args.procs} generator process(es), "
               f"median of {args.repeat}; cpu count {os.cpu_count()}")
-        print(f"{'scenario':<12} {'clients':>7} {'img/req':>7} {'img/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'not-bit-identical':>17}")
+        print(f"{'scenario':<12} {'clients':>7} {'img/req':>7} {'img/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'not-bit-identical':>17} {'avg batch':>9}")
         for flavour in ("batching", "nobatch"):
             names = [s for s in scenarios if s in SCENARIOS and SCENARIOS[s][2] == flavour]
             if not names:
@@ -320,14 +333,16 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for name in names:
                     clients, images, _ = SCENARIOS[name]
+                    before = server_counts(target, model)
                     if name in H2LOAD:
                         runs = [run_h2load(target, model, clients, args.seconds) for _ in range(args.repeat)]
                     else:
                         runs = [run_load(target, model, clients, images, args.seconds, args.procs)
                                 for _ in range(args.repeat)]
                     r = sorted(runs, key=lambda r: r["img_per_s"])[len(runs) // 2]
+                    done_images, executions = (a - b for a, b in zip(server_counts(target, model), before))
                     print(f"{name:<12} {clients:>7} {images:>7} {r['img_per_s']:>9.0f} {r['p50_ms']:>8.2f} "
-                          f"{r['p99_ms']:>8.2f} {r['errors']:>6} {r['inexact']:>17}" + (f"  first error: {r['first_error']}"
+                          f"{r['p99_ms']:>8.2f} {r['errors']:>6} {r['inexact']:>17} {done_images / max(1, executions):>9.1f}" + (f"  first error: {r['first_error']}"
                                                                       if r["first_error"] else ""), flush=True)
             finally:
                 if proc is not None:
