@@ -3,8 +3,9 @@
 `InferencePlan` turns the layer list into steps once: weights are packed for the kernels, fusable
 patterns are merged (conv + 2x2/2 max pool, a standalone activation into the layer before it,
 the model's preprocessing into the first convolution, two final dense layers for small batches),
-dropout and flatten cost nothing (flatten is a view: NHWC is already H, W, C order). Activation
-buffers are allocated once per batch size and reused; a call allocates only its result.
+dropout and flatten cost nothing (flatten is a view: NHWC is already H, W, C order). Batches
+above BATCH_CHUNK images run in chunks; one set of activation buffers, sized for the largest
+chunk seen, is reused by every call, which allocates only its result.
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def _pack_conv(layer: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) ->
             "pt": layer.pads[0], "pl": layer.pads[2]}
 
 
+def _channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Pack a conv kernel for the channel-vector kernels: (ceil(CO/16), taps + 1, 16), per block
+    of 16 output channels the taps in (ky, kx, ci) order then the bias, zero padded."""
+    co = kernel.shape[-1]
+    nb = (co + 15) // 16
+    taps = np.zeros((kernel.size // co + 1, nb * 16), np.float32)
+    taps[:-1, :co] = kernel.reshape(-1, co)
+    taps[-1, :co] = bias[:co]
+    return np.ascontiguousarray(taps.reshape(-1, nb, 16).transpose(1, 0, 2))
+
+
 def _pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     k, units = kernel.shape
     wt = np.zeros((_round_up(units, 8), k), np.float32)
@@ -103,39 +115,19 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
             p = _pack_conv(layer, weights[f"{prefix}.kernel"], weights.get(f"{prefix}.bias"))
             first = not steps
             fuse = act in _MONOTONIC and _fusable_pool(nxt) and layer.output_shape[0] >= 2 and layer.output_shape[1] >= 2
-            special = (fuse and layer.input_shape[2] == 1 and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
-                       and layer.filters % 16 == 0)
-            special5 = (fuse and layer.input_shape[2] == 1 and layer.kernel_size == (5, 5) and layer.strides == (1, 1))
-            if layer.input_shape[2] == 3 and layer.kernel_size == (3, 3) and act != 4:
-                nb = (layer.filters + 15) // 16
-                taps = np.zeros((28, nb * 16), np.float32)
-                taps[:27, : layer.filters] = weights[f"{prefix}.kernel"].reshape(27, layer.filters)
-                taps[27, : layer.filters] = p["bias"][: layer.filters]
-                wb = np.ascontiguousarray(taps.reshape(28, nb, 16).transpose(1, 0, 2))
+            ci, (kh, kw), kernel = layer.input_shape[2], layer.kernel_size, weights[f"{prefix}.kernel"]
+            if ci == 3 and (kh, kw) == (3, 3) and act != 4:  # RGB first layers
+                wb = _channel_blocks(kernel, p["bias"])
                 steps.append(_Step("conv_c3k3", layer.output_shape, {**p, "wb": wb, "act": act}, takes_raw=first))
                 i += 1
                 continue
             if fuse:
-                out_shape = nxt.output_shape
-                if special5:
-                    nb = (layer.filters + 15) // 16
-                    wb = np.zeros((nb, 26, 16), np.float32)
-                    taps = np.zeros((25, nb * 16), np.float32)
-                    taps[:, : layer.filters] = weights[f"{prefix}.kernel"].reshape(25, layer.filters)
-                    wb[:, :25] = taps.reshape(25, nb, 16).transpose(1, 0, 2)
-                    bias = np.zeros(nb * 16, np.float32)
-                    bias[: layer.filters] = p["bias"][: layer.filters]
-                    wb[:, 25] = bias.reshape(nb, 16)
-                    steps.append(_Step("conv1_k5_pool2", out_shape, {**p, "wb": wb, "act": act}, takes_raw=first))
-                elif special:
-                    wb = np.zeros((layer.filters // 16, 10, 16), np.float32)
-                    taps = weights[f"{prefix}.kernel"].reshape(9, layer.filters // 16, 16)
-                    wb[:, :9] = taps.transpose(1, 0, 2)
-                    wb[:, 9] = p["bias"][: layer.filters].reshape(-1, 16)
-                    p["wb"] = wb
-                    steps.append(_Step("conv1_k3_pool2", out_shape, {**p, "act": act}, takes_raw=first))
-                else:
-                    steps.append(_Step("conv_pool2", out_shape, {**p, "act": act}, takes_raw=first))
+                kind = "conv_pool2"
+                if ci == 1 and layer.strides == (1, 1) and (kh, kw) == (5, 5):
+                    kind, p["wb"] = "conv1_k5_pool2", _channel_blocks(kernel, p["bias"])
+                elif ci == 1 and layer.strides == (1, 1) and (kh, kw) == (3, 3) and layer.filters % 16 == 0:
+                    kind, p["wb"] = "conv1_k3_pool2", _channel_blocks(kernel, p["bias"])
+                steps.append(_Step(kind, nxt.output_shape, {**p, "act": act}, takes_raw=first))
                 i += 2
                 continue
             steps.append(_Step("conv", layer.output_shape, {**p, "act": 0 if act == 4 else act}, takes_raw=first))
