@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,37 @@ _MONOTONIC = (0, 1, 2, 3)
 DENSE2_MAX_BATCH = 8   # below this, the last two dense layers run as one parallel region
 CONV_CHUNK = 32        # output pixels per task in the generic convolution
 BATCH_CHUNK = 32       # larger batches run through the network in chunks of this many images
+ADAPT_MAX_BATCH = 8    # up to this batch size, choose between 1 and all threads by measured speed
+
+
+class ThreadChooser:
+    """Picks 1 thread or all of them for small batches, whichever has been faster lately.
+
+    On a quiet machine two threads win even at batch 1; on a busy, shared one a parallel region
+    waits whenever one of its threads is descheduled, and a single thread is faster and far
+    steadier. Each batch size keeps a moving average of call time per choice, takes the better
+    one, and retries the other every `explore` calls so that it notices when load changes."""
+
+    def __init__(self, explore: int = 16, alpha: float = 0.1):
+        self.explore, self.alpha = explore, alpha
+        self._avg: dict[tuple[int, int], float] = {}
+        self._calls: dict[int, int] = {}
+
+    def choose(self, n: int, threads: int) -> int:
+        options = (threads, 1)
+        calls = self._calls[n] = self._calls.get(n, 0) + 1
+        unknown = [k for k in options if (n, k) not in self._avg]
+        if unknown:
+            return unknown[0]
+        best = min(options, key=lambda k: self._avg[(n, k)])
+        if calls % self.explore == 0:
+            return options[1] if best == options[0] else options[0]
+        return best
+
+    def record(self, n: int, threads: int, seconds: float) -> None:
+        key = (n, threads)
+        old = self._avg.get(key)
+        self._avg[key] = seconds if old is None else old + self.alpha * (seconds - old)
 
 
 _INPUT = object()   # placeholders in a prepared program: the call's input and its result
@@ -189,6 +221,7 @@ class InferencePlan:
         self._buffers: list[np.ndarray | None] = []
         self._input: np.ndarray | None = None
         self._programs: dict[tuple[int, bool, int], Any] = {}
+        self._chooser = ThreadChooser()
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------
@@ -236,6 +269,19 @@ class InferencePlan:
 
     def _forward(self, x: np.ndarray, preprocess: bool) -> np.ndarray:
         n = x.shape[0]
+        threads = numba.get_num_threads()
+        if n <= ADAPT_MAX_BATCH and threads > 1:
+            use = self._chooser.choose(n, threads)
+            if use != threads:
+                numba.set_num_threads(use)  # per calling thread; restored below
+            start = time.perf_counter()
+            try:
+                result = self._forward_chunk(x, preprocess, None)
+            finally:
+                if use != threads:
+                    numba.set_num_threads(threads)
+            self._chooser.record(n, use, time.perf_counter() - start)
+            return result
         if n <= BATCH_CHUNK:
             return self._forward_chunk(x, preprocess, None)
         # large batches run in chunks, so that activations stay in cache between layers

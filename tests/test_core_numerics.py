@@ -284,3 +284,21 @@ def test_core_does_not_import_torch_or_onnxruntime():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_thread_chooser_prefers_the_faster_setting_and_keeps_checking():
+    from convserve.core.inference import ThreadChooser
+
+    chooser = ThreadChooser(explore=4)
+    picks = []
+    for _ in range(40):
+        k = chooser.choose(1, 2)
+        picks.append(k)
+        chooser.record(1, k, 0.001 if k == 1 else 0.004)  # one thread is faster here
+    assert picks[:2] == [2, 1]                  # tries both first
+    assert picks[10:].count(1) >= 20            # then mostly the faster one
+    assert 2 in picks[10:]                      # but still re-checks the other
+    for _ in range(60):                         # load goes away: two threads become faster
+        k = chooser.choose(1, 2)
+        chooser.record(1, k, 0.004 if k == 1 else 0.0005)
+    assert [chooser.choose(1, 2) for _ in range(3)].count(2) >= 2
