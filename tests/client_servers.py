@@ -52,8 +52,8 @@ class ServerProcess:
         self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
-        env = dict(os.environ, NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache")))
-        env.pop("CONVSERVE_TARGET", None)
+        # Same environment as the tests (NUMBA_CACHE_DIR included), so compiled kernels are shared.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
         command = [sys.executable, "-m", "convserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--metrics-port", "0", "--model-repository", str(repository), "--warmup-batch-sizes", "1",
                    "--drain-seconds", "0", "--grace-period", "5", *flags]

@@ -30,9 +30,13 @@ def servers(repositories, tmp_path_factory):
     one, two = repositories
     logs = tmp_path_factory.mktemp("logs")
     flags = ("--max-batch-size", str(MAX_BATCH), "--max-request-images", str(MAX_BATCH))
-    started = [ServerProcess(one, logs, *flags), ServerProcess(two, logs, *flags)]
+    started = []
     try:
-        yield [s.wait_ready() for s in started]
+        # One after the other: the second finds the kernels the first compiled in Numba's cache.
+        for repository in (one, two):
+            started.append(ServerProcess(repository, logs, *flags))
+            started[-1].wait_ready()
+        yield started
     finally:
         for s in started:
             s.stop()
