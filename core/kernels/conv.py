@@ -490,6 +490,9 @@ def conv_c3k3(x, wb, scale, shift, out, rowbuf, sh, sw, pt, pl, act, splits):
     nb = wb.shape[0]
     per = (nb + splits - 1) // splits
     xf = x.reshape(x.size)
+    full = CO % 16 == 0  # then results go straight to `out` in vectors of 16 channels
+    o5 = out.reshape(N, OH, OW, CO // 16 if full else 1, 16 if full else CO)
+    lo = _Z if act == 1 else np.float32(-np.inf)
     for t in prange(N * OH * splits):
         s = t % splits
         r = t // splits
@@ -559,13 +562,28 @@ def conv_c3k3(x, wb, scale, shift, out, rowbuf, sh, sw, pt, pl, act, splits):
                 v221 = _pxc(xf, H, W, n, y + 2, xx + 2, 1, scale, shift)
                 v222 = _pxc(xf, H, W, n, y + 2, xx + 2, 2, scale, shift)
             for b in range(b0, b1):
+                # one pass per kernel row keeps 9 broadcasts + 1 accumulator in registers
                 for j in range(16):
                     e = (v000 * wb[b, 0, j] + v001 * wb[b, 1, j] + v002 * wb[b, 2, j] + v010 * wb[b, 3, j] + v011 * wb[b, 4, j]
-                         + v012 * wb[b, 5, j] + v020 * wb[b, 6, j] + v021 * wb[b, 7, j] + v022 * wb[b, 8, j]
-                         + v100 * wb[b, 9, j] + v101 * wb[b, 10, j] + v102 * wb[b, 11, j] + v110 * wb[b, 12, j] + v111 * wb[b, 13, j]
-                         + v112 * wb[b, 14, j] + v120 * wb[b, 15, j] + v121 * wb[b, 16, j] + v122 * wb[b, 17, j]
-                         + v200 * wb[b, 18, j] + v201 * wb[b, 19, j] + v202 * wb[b, 20, j] + v210 * wb[b, 21, j] + v211 * wb[b, 22, j]
-                         + v212 * wb[b, 23, j] + v220 * wb[b, 24, j] + v221 * wb[b, 25, j] + v222 * wb[b, 26, j] + wb[b, 27, j])
-                    rowbuf[tid, b, j] = e
-            for c in range(b0 * 16, min(CO, b1 * 16)):
-                out[n, oy, ox, c] = _act(rowbuf[tid, c // 16, c % 16], act)
+                         + v012 * wb[b, 5, j] + v020 * wb[b, 6, j] + v021 * wb[b, 7, j] + v022 * wb[b, 8, j])
+                    rowbuf[tid, b, j] = e + wb[b, 27, j]
+                for j in range(16):
+                    e = (v100 * wb[b, 9, j] + v101 * wb[b, 10, j] + v102 * wb[b, 11, j] + v110 * wb[b, 12, j] + v111 * wb[b, 13, j]
+                         + v112 * wb[b, 14, j] + v120 * wb[b, 15, j] + v121 * wb[b, 16, j] + v122 * wb[b, 17, j])
+                    rowbuf[tid, b, j] += e
+                for j in range(16):
+                    e = (v200 * wb[b, 18, j] + v201 * wb[b, 19, j] + v202 * wb[b, 20, j] + v210 * wb[b, 21, j] + v211 * wb[b, 22, j]
+                         + v212 * wb[b, 23, j] + v220 * wb[b, 24, j] + v221 * wb[b, 25, j] + v222 * wb[b, 26, j])
+                    m = rowbuf[tid, b, j] + e
+                    if full:
+                        o5[n, oy, ox, b, j] = m if m > lo else lo
+                    else:
+                        rowbuf[tid, b, j] = m
+            if full:
+                if act > 1:
+                    for b in range(b0, b1):
+                        for j in range(16):
+                            o5[n, oy, ox, b, j] = _act(o5[n, oy, ox, b, j], act)
+            else:
+                for c in range(b0 * 16, min(CO, b1 * 16)):
+                    out[n, oy, ox, c] = _act(rowbuf[tid, c // 16, c % 16], act)
