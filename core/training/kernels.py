@@ -613,36 +613,37 @@ def dense_forward(x, w, bias, out, relu):
 
 
 @njit(parallel=True, **_JIT)
-def dense_backward_params(x, dout, dw, db):
-    """dw (U, I) = dout.T @ x, db = sum of dout over the batch (zero rows of dout skipped)."""
+def dense_backward(x, w, y, dout, dw, db, dx, relu, need_dx):
+    """All of a dense layer's backward in one parallel region: tasks 0..U-1 compute dw rows and db,
+    tasks U..U+N-1 compute dx rows. With relu, dout is masked where the output y was not > 0."""
     n_img = x.shape[0]
     units = dout.shape[1]
     z = dw.dtype.type(0)
-    for j in prange(units):
-        row = dw[j]
-        row[:] = z
-        s = z
-        for n in range(n_img):
-            g = dout[n, j]
-            if g != z:
-                _axpy(row, g, x[n])
-                s += g
-        db[j] = s
-
-
-@njit(parallel=True, **_JIT)
-def dense_backward_input(w, dout, dx):
-    """dx (N, I) = dout @ w."""
-    n_img = dout.shape[0]
-    units = dout.shape[1]
-    z = dx.dtype.type(0)
-    for n in prange(n_img):
-        row = dx[n]
-        row[:] = z
-        for j in range(units):
-            g = dout[n, j]
-            if g != z:
-                _axpy(row, g, w[j])
+    tasks = units + (n_img if need_dx else 0)
+    for task in prange(tasks):
+        if task < units:
+            j = task
+            row = dw[j]
+            row[:] = z
+            s = z
+            for n in range(n_img):
+                g = dout[n, j]
+                if relu and y[n, j] <= z:
+                    g = z
+                if g != z:
+                    _axpy(row, g, x[n])
+                    s += g
+            db[j] = s
+        else:
+            n = task - units
+            row = dx[n]
+            row[:] = z
+            for j in range(units):
+                g = dout[n, j]
+                if relu and y[n, j] <= z:
+                    g = z
+                if g != z:
+                    _axpy(row, g, w[j])
 
 
 # --------------------------------------------------------------------------------- activations

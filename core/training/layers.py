@@ -179,15 +179,14 @@ class Dense(_WithActivation):
 
     def backward(self, dout, cache, need_dx=True):
         x, y = cache
-        dz = np.ascontiguousarray(_activation_grad(dout, y, self.effective_act))
+        act = self.effective_act
+        relu = act == K.RELU
+        dz = np.ascontiguousarray(dout if relu else _activation_grad(dout, y, act))
         w = self.params["kernel"]
         db = self.grads["bias"] if self.spec.use_bias else np.empty(self.spec.units, w.dtype)
-        K.dense_backward_params(x, dz, self.grads["kernel"], db)
-        dx = None
-        if need_dx:
-            dx = np.empty_like(x)
-            K.dense_backward_input(w, dz, dx)
-        return dx, self.grads
+        dx = np.empty_like(x) if need_dx else np.empty((1, x.shape[1]), x.dtype)
+        K.dense_backward(x, w, y, dz, self.grads["kernel"], db, dx, relu, need_dx)
+        return (dx if need_dx else None), self.grads
 
 
 class Activation(_WithActivation):
