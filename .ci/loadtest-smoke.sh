@@ -49,15 +49,18 @@ SERVER_PID=$!
 # A cold Numba cache compiles every kernel first (about 10-60 s on 2 busy cores).
 python3 .ci/smoke.py wait --target "$CONVSERVE_TARGET" --since "$start" --timeout 300 | tee -a "$RESULTS"
 
-# Every `convserve ...` line of the README's sh blocks (but `serve`, already running) is run as
-# written, so the quickstart cannot rot; `localhost:8001` is pointed at this run's port.
+# Every client command of the README's sh blocks (`convserve classify|models|health ...`, one
+# line each) is run as written against this server, so the quickstart cannot rot;
+# `localhost:8001` is pointed at this run's port.
 python3 - README.md >"$OUT/readme-commands.sh" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 for block in re.findall(r"```sh\n(.*?)```", text, re.S):
     for line in block.splitlines():
         command = line.split(" #")[0].strip()
-        if command.startswith("convserve ") and not command.startswith("convserve serve"):
+        words = command.split()
+        if words[:1] == ["convserve"] and words[1:2] and words[1] in ("classify", "models", "health") \
+                and not command.endswith("\\"):
             print(command)
 PY
 [ -s "$OUT/readme-commands.sh" ] || { log "no convserve command found in README.md"; exit 1; }
