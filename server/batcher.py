@@ -114,6 +114,7 @@ class DynamicBatcher:
         self._queued_images = 0
         self.ns_per_image = 0.0  # moving average of compute time per image (for retry pushback)
         self._closed = False
+        self._worker_waiting = False
         self._cond = threading.Condition(threading.Lock())
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
@@ -152,7 +153,8 @@ class DynamicBatcher:
             job._queued_images = n
             self._queued_requests += 1
             self._queued_images += n
-            self._cond.notify()
+            if self._worker_waiting:  # a busy worker finds the request when it looks next
+                self._cond.notify()
         return job
 
     def drain_estimate_ms(self) -> int:
@@ -193,7 +195,9 @@ class DynamicBatcher:
                     if self._closed:
                         return
                     idle = True
+                    self._worker_waiting = True
                     self._cond.wait()
+                    self._worker_waiting = False
                 if not idle and self._delay_ns:
                     self._wait_for_more()
                 batch, dropped = self._take()
@@ -210,7 +214,9 @@ class DynamicBatcher:
             remaining = oldest + self._delay_ns - time.monotonic_ns()
             if remaining <= 0:
                 return
+            self._worker_waiting = True
             self._cond.wait(remaining / 1e9)
+            self._worker_waiting = False
 
     def _take(self) -> tuple[list[tuple[Job, int, int]], list[Job]]:
         """Pop live entries (oldest first within a priority) up to max_batch_size images."""
