@@ -5,7 +5,7 @@
 #   docker stop convserve        # SIGTERM: health NOT_SERVING, drain, exit 0
 #
 # The Numba kernels are compiled here, at build time, into /var/cache/convserve/numba, so a
-# container answers SERVING about a second after it starts instead of after ~10 s of JIT.
+# container answers SERVING a second or two after it starts instead of after 10-60 s of JIT.
 # That cache is keyed by the CPU's features: on a host with another CPU the kernels compile
 # once at start-up (into the same writable directory) and the container still works.
 
@@ -52,9 +52,11 @@ RUN apt-get update \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
+# The Numba cache directory is also writable by group 0, for platforms that run images under
+# an arbitrary user id in group root (OpenShift); a cache miss then still compiles and caches.
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin convserve \
- && install -d -o convserve -g convserve -m 0755 /var/cache/convserve/numba
+ && install -d -o convserve -g 0 -m 0775 /var/cache/convserve/numba
 
 COPY --from=build /opt/convserve /opt/convserve
 COPY --from=build /models /models
