@@ -220,6 +220,45 @@ def test_fused_conv_pool_backward(seed, path):
     np.testing.assert_allclose(fused, numeric, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("padding,activation", [("valid", "relu"), ("same", "relu"), ("same", "linear")])
+def test_first_layer_scalar_patch_kernels(padding, activation):
+    """1-channel 3x3 conv + 2x2 pool (the reference model's first layer) has its own kernels."""
+    rng = np.random.default_rng(350 + len(padding) + len(activation))
+    arch = parse_architecture({"input": {"shape": [9, 8, 1]}, "labels": ["a", "b", "c"], "layers": [
+        {"type": "conv2d", "filters": 6, "kernel_size": [3, 3], "padding": padding, "activation": activation},
+        {"type": "max_pooling2d", "pool_size": [2, 2]}, {"type": "flatten"},
+        {"type": "dense", "units": 3, "activation": "softmax"}]})
+    net = Network(arch, np.float64)
+    net.initialize(rng)
+    net.params[:] += rng.normal(0, 0.1, net.size)
+    assert net.layers[0]._first_layer_special(net.layers[1])
+    x = rng.normal(size=(3, 9, 8, 1))
+    labels = rng.integers(0, 3, 3)
+    fused_out, caches = net.forward(x)
+    plain_out, plain_caches = net.forward(x, fuse=False)
+    np.testing.assert_allclose(fused_out, plain_out, rtol=1e-12)
+    np.testing.assert_array_equal(caches[1][1], plain_caches[1][1])  # same pool winners
+    _, _, dlogits = softmax_cross_entropy(fused_out, labels)
+    net.backward(dlogits, caches)
+    fused = net.grads.copy()
+    net.backward(dlogits, plain_caches, fuse=False)
+    np.testing.assert_allclose(fused, net.grads, rtol=1e-10, atol=1e-14)
+
+    def loss():
+        return softmax_cross_entropy(net.forward(x)[0], labels)[0]
+
+    numeric = np.zeros(net.size)
+    for i in range(net.size):
+        old = net.params[i]
+        net.params[i] = old + EPS
+        plus = loss()
+        net.params[i] = old - EPS
+        minus = loss()
+        net.params[i] = old
+        numeric[i] = (plus - minus) / (2 * EPS)
+    np.testing.assert_allclose(fused, numeric, rtol=1e-5, atol=1e-8)
+
+
 # ----------------------------------------------------------------------------- dense, activations, dropout
 @pytest.mark.parametrize("activation", ["linear", "relu", "tanh", "sigmoid", "softmax"])
 def test_dense_forward_and_backward(activation):

@@ -348,6 +348,164 @@ def conv2d_pool_forward(x, wd, wt, bias, pooled, arg, oh, ow, kh, kw, sh, sw, pt
 
 
 @njit(inline="always", **_JIT)
+def _pix(xn, iy, ix, h, w):
+    """x[n, iy, ix, 0], or 0 in the padding."""
+    if iy >= 0 and iy < h and ix >= 0 and ix < w:
+        return xn[iy, ix, 0]
+    return xn.dtype.type(0)
+
+
+@njit(parallel=True, **_JIT)
+def conv3x3c1_pool2_forward(x, wt, bias, pooled, arg, ow, pt, pl, relu):
+    """conv2d_pool_forward for the common first layer: 1 input channel, 3x3 kernel, stride 1, then a
+    2x2/2 max pool. The 4x4 input patch of a pool window lives in 16 scalars; the loop over the
+    output channels is innermost, so it vectorises with the kernel taps broadcast (wt is (9, CO))."""
+    n_img, h, w = x.shape[0], x.shape[1], x.shape[2]
+    qh = pooled.shape[1]
+    qw = pooled.shape[2]
+    co_n = pooled.shape[3]
+    z = pooled.dtype.type(0)
+    for task in prange(n_img * qh):
+        n = task // qh
+        py = task - n * qh
+        xn = x[n]
+        y0 = 2 * py - pt
+        for px in range(qw):
+            x0 = 2 * px - pl
+            p00 = _pix(xn, y0 + 0, x0, h, w)
+            p01 = _pix(xn, y0 + 0, x0 + 1, h, w)
+            p02 = _pix(xn, y0 + 0, x0 + 2, h, w)
+            p03 = _pix(xn, y0 + 0, x0 + 3, h, w)
+            p10 = _pix(xn, y0 + 1, x0, h, w)
+            p11 = _pix(xn, y0 + 1, x0 + 1, h, w)
+            p12 = _pix(xn, y0 + 1, x0 + 2, h, w)
+            p13 = _pix(xn, y0 + 1, x0 + 3, h, w)
+            p20 = _pix(xn, y0 + 2, x0, h, w)
+            p21 = _pix(xn, y0 + 2, x0 + 1, h, w)
+            p22 = _pix(xn, y0 + 2, x0 + 2, h, w)
+            p23 = _pix(xn, y0 + 2, x0 + 3, h, w)
+            p30 = _pix(xn, y0 + 3, x0, h, w)
+            p31 = _pix(xn, y0 + 3, x0 + 1, h, w)
+            p32 = _pix(xn, y0 + 3, x0 + 2, h, w)
+            p33 = _pix(xn, y0 + 3, x0 + 3, h, w)
+            o = pooled[n, py, px]
+            a = arg[n, py, px]
+            pos00 = (2 * py) * ow + 2 * px
+            pos01 = pos00 + 1
+            pos10 = pos00 + ow
+            pos11 = pos10 + 1
+            for c in range(co_n):
+                w0 = wt[0, c]
+                w1 = wt[1, c]
+                w2 = wt[2, c]
+                w3 = wt[3, c]
+                w4 = wt[4, c]
+                w5 = wt[5, c]
+                w6 = wt[6, c]
+                w7 = wt[7, c]
+                w8 = wt[8, c]
+                b = bias[c]
+                s00 = b + p00 * w0 + p01 * w1 + p02 * w2 + p10 * w3 + p11 * w4 + p12 * w5 + p20 * w6 + p21 * w7 + p22 * w8
+                s01 = b + p01 * w0 + p02 * w1 + p03 * w2 + p11 * w3 + p12 * w4 + p13 * w5 + p21 * w6 + p22 * w7 + p23 * w8
+                s10 = b + p10 * w0 + p11 * w1 + p12 * w2 + p20 * w3 + p21 * w4 + p22 * w5 + p30 * w6 + p31 * w7 + p32 * w8
+                s11 = b + p11 * w0 + p12 * w1 + p13 * w2 + p21 * w3 + p22 * w4 + p23 * w5 + p31 * w6 + p32 * w7 + p33 * w8
+                if relu:
+                    s00 = max(s00, z)
+                    s01 = max(s01, z)
+                    s10 = max(s10, z)
+                    s11 = max(s11, z)
+                m = s00
+                ai = pos00
+                if s01 > m:
+                    m = s01
+                    ai = pos01
+                if s10 > m:
+                    m = s10
+                    ai = pos10
+                if s11 > m:
+                    m = s11
+                    ai = pos11
+                o[c] = m
+                a[c] = ai
+
+
+@njit(parallel=True, **_JIT)
+def conv3x3c1_pool2_backward(x, pooled, dpool, arg, dwt_part, db_part, ow, pt, pl, relu):
+    """Parameter gradients for conv3x3c1_pool2_forward (a first layer: no input gradient).
+    dwt_part (NCHUNKS, 9, CO) and db_part (NCHUNKS, CO) receive per-chunk partial sums."""
+    n_img, h, w = x.shape[0], x.shape[1], x.shape[2]
+    qh = dpool.shape[1]
+    qw = dpool.shape[2]
+    co_n = dpool.shape[3]
+    nchunks = dwt_part.shape[0]
+    z = dwt_part.dtype.type(0)
+    for chunk in prange(nchunks):
+        dwc = dwt_part[chunk]
+        dbc = db_part[chunk]
+        dwc[:] = z
+        dbc[:] = z
+        d0 = dwc[0]
+        d1 = dwc[1]
+        d2 = dwc[2]
+        d3 = dwc[3]
+        d4 = dwc[4]
+        d5 = dwc[5]
+        d6 = dwc[6]
+        d7 = dwc[7]
+        d8 = dwc[8]
+        n0 = chunk * n_img // nchunks
+        n1 = (chunk + 1) * n_img // nchunks
+        for n in range(n0, n1):
+            xn = x[n]
+            for py in range(qh):
+                y0 = 2 * py - pt
+                for px in range(qw):
+                    x0 = 2 * px - pl
+                    p00 = _pix(xn, y0 + 0, x0, h, w)
+                    p01 = _pix(xn, y0 + 0, x0 + 1, h, w)
+                    p02 = _pix(xn, y0 + 0, x0 + 2, h, w)
+                    p03 = _pix(xn, y0 + 0, x0 + 3, h, w)
+                    p10 = _pix(xn, y0 + 1, x0, h, w)
+                    p11 = _pix(xn, y0 + 1, x0 + 1, h, w)
+                    p12 = _pix(xn, y0 + 1, x0 + 2, h, w)
+                    p13 = _pix(xn, y0 + 1, x0 + 3, h, w)
+                    p20 = _pix(xn, y0 + 2, x0, h, w)
+                    p21 = _pix(xn, y0 + 2, x0 + 1, h, w)
+                    p22 = _pix(xn, y0 + 2, x0 + 2, h, w)
+                    p23 = _pix(xn, y0 + 2, x0 + 3, h, w)
+                    p30 = _pix(xn, y0 + 3, x0, h, w)
+                    p31 = _pix(xn, y0 + 3, x0 + 1, h, w)
+                    p32 = _pix(xn, y0 + 3, x0 + 2, h, w)
+                    p33 = _pix(xn, y0 + 3, x0 + 3, h, w)
+                    g_row = dpool[n, py, px]
+                    a_row = arg[n, py, px]
+                    v_row = pooled[n, py, px]
+                    pos00 = (2 * py) * ow + 2 * px
+                    pos01 = pos00 + 1
+                    pos10 = pos00 + ow
+                    pos11 = pos10 + 1
+                    for c in range(co_n):
+                        g = g_row[c]
+                        if relu and v_row[c] <= z:
+                            g = z
+                        ai = a_row[c]
+                        g00 = g if ai == pos00 else z
+                        g01 = g if ai == pos01 else z
+                        g10 = g if ai == pos10 else z
+                        g11 = g if ai == pos11 else z
+                        dbc[c] += g
+                        d0[c] += g00 * p00 + g01 * p01 + g10 * p10 + g11 * p11
+                        d1[c] += g00 * p01 + g01 * p02 + g10 * p11 + g11 * p12
+                        d2[c] += g00 * p02 + g01 * p03 + g10 * p12 + g11 * p13
+                        d3[c] += g00 * p10 + g01 * p11 + g10 * p20 + g11 * p21
+                        d4[c] += g00 * p11 + g01 * p12 + g10 * p21 + g11 * p22
+                        d5[c] += g00 * p12 + g01 * p13 + g10 * p22 + g11 * p23
+                        d6[c] += g00 * p20 + g01 * p21 + g10 * p30 + g11 * p31
+                        d7[c] += g00 * p21 + g01 * p22 + g10 * p31 + g11 * p32
+                        d8[c] += g00 * p22 + g01 * p23 + g10 * p32 + g11 * p33
+
+
+@njit(inline="always", **_JIT)
 def _pooled_grads(dpool, arg, pooled, n, py, px, pos, relu, gvec):
     """gvec[co] = the gradient reaching conv output pixel `pos` (iy * OW + ix) through pooled cell
     (py, px): dpool where the pool picked that pixel (and ReLU let it through, i.e. the pooled

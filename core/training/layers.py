@@ -126,6 +126,12 @@ class Conv2D(_WithActivation):
         ps = pool.spec
         return (self.can_fuse_pool(pool) and ps.padding == "valid" and ps.strides == ps.pool_size)
 
+    def _first_layer_special(self, pool: Layer) -> bool:
+        """1 input channel, 3x3 stride-1 conv, 2x2/2 valid max pool: the scalar-patch kernels apply."""
+        s, ps = self.spec, pool.spec
+        return (s.input_shape[2] == 1 and s.kernel_size == (3, 3) and s.strides == (1, 1)
+                and ps.pool_size == (2, 2) and ps.strides == (2, 2) and ps.padding == "valid")
+
     def forward_pooled(self, x, pool: "MaxPool2D"):
         """Forward of this conv (+ReLU) and the max pool after it; returns (pooled, conv cache, pool cache)."""
         s, ps = self.spec, pool.spec
@@ -134,6 +140,10 @@ class Conv2D(_WithActivation):
         wd = self.params["kernel"]
         small = wd.shape[1] <= self.SMALL_K
         wt = np.ascontiguousarray(wd.T) if small else wd
+        if small and self._first_layer_special(pool):
+            K.conv3x3c1_pool2_forward(x, wt, self._bias(x.dtype, s.filters), pooled, arg, s.output_shape[1],
+                                      s.pads[0], s.pads[2], self.effective_act == K.RELU)
+            return pooled, (x, None), (x.shape[:1] + s.output_shape, arg, pooled)
         K.conv2d_pool_forward(x, wd, wt, self._bias(x.dtype, s.filters), pooled, arg, *s.output_shape[:2],
                               *self._geometry(), *ps.pool_size, self.effective_act == K.RELU, small)
         return pooled, (x, None), (x.shape[:1] + s.output_shape, arg, pooled)
@@ -150,7 +160,12 @@ class Conv2D(_WithActivation):
         dpool = np.ascontiguousarray(dpool)
         geometry = (*self._geometry(), *ps.pool_size, *ps.strides, ps.pads[0], ps.pads[2],
                     self.effective_act == K.RELU, need_dx)
-        if wd.shape[1] <= self.SMALL_K:
+        if wd.shape[1] <= self.SMALL_K and not need_dx and self._first_layer_special(pool):
+            dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
+            K.conv3x3c1_pool2_backward(x, pooled, dpool, arg, dwt_part, db_part, ow, self.spec.pads[0],
+                                       self.spec.pads[2], self.effective_act == K.RELU)
+            self.grads["kernel"][:] = dwt_part.sum(axis=0).T
+        elif wd.shape[1] <= self.SMALL_K:
             dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
             K.conv2d_pool_backward_small(x, np.ascontiguousarray(wd.T), pooled, oh, ow, dpool, arg, dx, dwt_part,
                                          db_part, *geometry)
