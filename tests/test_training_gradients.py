@@ -11,7 +11,6 @@ import pytest
 
 from convserve.core import Model
 from convserve.core.architecture import parse_architecture, same_padding
-from convserve.core.training import kernels as K
 from convserve.core.training.loss import softmax_cross_entropy
 from convserve.core.training.network import Network
 from convserve.core.training.optim import SGD, Adam

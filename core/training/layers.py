@@ -132,7 +132,7 @@ class Conv2D(_WithActivation):
         return (s.input_shape[2] == 1 and s.kernel_size == (3, 3) and s.strides == (1, 1)
                 and ps.pool_size == (2, 2) and ps.strides == (2, 2) and ps.padding == "valid")
 
-    def forward_pooled(self, x, pool: "MaxPool2D"):
+    def forward_pooled(self, x, pool: MaxPool2D):
         """Forward of this conv (+ReLU) and the max pool after it; returns (pooled, conv cache, pool cache)."""
         s, ps = self.spec, pool.spec
         pooled = np.empty((x.shape[0], *ps.output_shape), x.dtype)
@@ -148,7 +148,7 @@ class Conv2D(_WithActivation):
                               *self._geometry(), *ps.pool_size, self.effective_act == K.RELU, small)
         return pooled, (x, None), (x.shape[:1] + s.output_shape, arg, pooled)
 
-    def backward_pooled(self, dpool, cache, pool: "MaxPool2D", pool_cache, need_dx=True):
+    def backward_pooled(self, dpool, cache, pool: MaxPool2D, pool_cache, need_dx=True):
         """Backward through this conv (+ReLU) and the max pool after it, in one sparse pass."""
         x, _ = cache
         _, arg, pooled = pool_cache

@@ -13,14 +13,15 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
 from convserve.core.architecture import Architecture, parse_architecture
-from convserve.core.datasets import DataError, Dataset, check_against, load_dataset, split_validation
+from convserve.core.datasets import Dataset, check_against, load_dataset, split_validation
 from convserve.core.errors import ModelError
 from convserve.core.model import Model
 from convserve.core.presets import PRESET_NAMES, preset
@@ -127,7 +128,7 @@ class _InterruptFlag:
         self.raised = False
         self._previous: Any = None
 
-    def __enter__(self) -> "_InterruptFlag":
+    def __enter__(self) -> _InterruptFlag:
         # Not where SIGINT is ignored (e.g. started in the background with nohup).
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
