@@ -73,6 +73,7 @@ def write_model_file(path: str | os.PathLike, architecture: dict[str, Any], tens
     payload = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is read by other users (the server)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -81,3 +82,9 @@ def write_model_file(path: str | os.PathLike, architecture: dict[str, Any], tens
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

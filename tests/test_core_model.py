@@ -58,6 +58,7 @@ def test_save_load_roundtrip_gives_identical_predictions(tmp_path, reference_mod
     assert document == reference_model.architecture.to_dict()
     assert set(tensors) == set(reference_model.weights)
     assert not list(tmp_path.glob(".m.safetensors.*")), "temporary file left behind"
+    assert path.stat().st_mode & 0o044, "model file must be readable by the server's user, not 0600"
 
 
 def test_predict_accepts_single_image_and_float_pixels(reference_model):
