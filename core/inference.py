@@ -40,7 +40,8 @@ class ThreadChooser:
     On a quiet machine two threads win even at batch 1; on a busy, shared one a parallel region
     waits whenever one of its threads is descheduled, and a single thread is faster and far
     steadier. Each batch size keeps a moving average of call time per choice, takes the better
-    one, and retries the other every `explore` calls so that it notices when load changes."""
+    one, and retries the other every `explore` calls (every 8 * `explore` when it is more than
+    1.5x slower) so that it notices when the load changes."""
 
     def __init__(self, explore: int = 16, alpha: float = 0.1):
         self.explore, self.alpha = explore, alpha
@@ -54,8 +55,11 @@ class ThreadChooser:
         if unknown:
             return unknown[0]
         best = min(options, key=lambda k: self._avg[(n, k)])
-        if calls % self.explore == 0:
-            return options[1] if best == options[0] else options[0]
+        other = options[1] if best == options[0] else options[0]
+        # retry the other setting every `explore` calls, 8 times less often when it is far behind
+        far = self._avg[(n, other)] > 1.5 * self._avg[(n, best)]
+        if calls % (self.explore * (8 if far else 1)) == 0:
+            return other
         return best
 
     def record(self, n: int, threads: int, seconds: float) -> None:
