@@ -11,6 +11,7 @@ chunk seen, is reused by every call, which allocates only its result.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,11 @@ _MONOTONIC = (0, 1, 2, 3)
 DENSE2_MAX_BATCH = 8   # below this, the last two dense layers run as one parallel region
 CONV_CHUNK = 32        # output pixels per task in the generic convolution
 BATCH_CHUNK = 32       # larger batches run through the network in chunks of this many images
-ADAPT_MAX_BATCH = 8    # up to this batch size, choose between 1 and all threads by measured speed
+# Up to this batch size, choose between 1 and all threads by measured speed. Off (0) unless
+# CONVSERVE_ADAPTIVE_THREADS=1: on a quiet machine two threads win (batch 8: about 9,000-10,000
+# img/s against 5,600 on one), and the chooser's exploration calls, which find the other
+# threads asleep, made it settle on one thread. It helps on busy, shared hosts.
+ADAPT_MAX_BATCH = 8 if os.environ.get("CONVSERVE_ADAPTIVE_THREADS") == "1" else 0
 
 
 class ThreadChooser:

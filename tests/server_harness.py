@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +58,11 @@ def make_repository(root: Path) -> Path:
     return root
 
 
+# Server logs and test repositories live in one folder per test session, removed when the session ends.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="convserve-tests-"))
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # registered first, so it runs after _stop_all
+
+
 class Server:
     """A `convserve serve` subprocess on free 127.0.0.1 ports, logging to a file."""
 
@@ -65,7 +71,7 @@ class Server:
         self.port = free_port()
         self.metrics_port = free_port() if metrics else 0
         self.target = f"127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkstemp(prefix=f"convserve-{self.port}-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix=f"convserve-{self.port}-", suffix=".log", dir=_SESSION_DIR)[1])
         command = [sys.executable, "-m", "convserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--metrics-port", str(self.metrics_port), "--model-repository", str(repository), *flags]
         self.log_file = open(self.log_path, "wb")
@@ -121,7 +127,7 @@ def _stop_all() -> None:
 
 @lru_cache(maxsize=None)
 def repository() -> Path:
-    return make_repository(Path(tempfile.mkdtemp(prefix="convserve-repo-")))
+    return make_repository(Path(tempfile.mkdtemp(prefix="repo-", dir=_SESSION_DIR)))
 
 
 @lru_cache(maxsize=None)

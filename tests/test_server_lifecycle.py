@@ -203,7 +203,9 @@ def test_not_ready_until_every_model_is_warm(tmp_path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     h.write_model(tmp_path / "m" / "1" / "model.safetensors", "fashion_mnist", seed=9)
-    warmup = "1,512,512,512"  # a deliberately long warm-up (a second or more)
+    # A deliberately long warm-up (80 batches of 512: several seconds even on a fast, quiet machine),
+    # so the checks below run while it is still going.
+    warmup = ",".join(["1"] + ["512"] * 80)
     server = h.Server(tmp_path, "--warmup-batch-sizes", warmup, "--max-request-images", "2000", metrics=False)
     channel = grpc.insecure_channel(server.target)
     try:
