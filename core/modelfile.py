@@ -66,14 +66,20 @@ def parse_model_bytes(data: bytes, where: str = "model file") -> tuple[dict[str,
 
 
 def write_model_file(path: str | os.PathLike, architecture: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-    """Write a model file atomically: a temporary file in the same folder, then a rename."""
+    """Write a model file atomically (see `atomic_write`)."""
+    metadata = {"format": FORMAT, "architecture": json.dumps(architecture)}
+    atomic_write(path, st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
+
+
+def atomic_write(path: str | os.PathLike, payload: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": FORMAT, "architecture": json.dumps(architecture)}
-    payload = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is read by other users (the server)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; model files are read by other users (the server)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -82,9 +88,3 @@ def write_model_file(path: str | os.PathLike, architecture: dict[str, Any], tens
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

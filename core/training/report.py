@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from convserve.core.training.checkpoint import atomic_write
+from convserve.core.modelfile import atomic_write
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second")
 
