@@ -18,6 +18,8 @@ import grpc
 from convserve import __version__
 from convserve.server.config import ServerConfig, resolve_repository
 
+REFUSE_SECONDS = 0.5  # UNAVAILABLE from the servicer before the transport stops
+
 log = logging.getLogger("convserve.server")
 
 AUTO_MESSAGE_FLOOR = 64 * 1024 * 1024
@@ -275,6 +277,11 @@ class InferenceServer:
                 pass
         log.info("refusing new requests; finishing the accepted ones (at most %.1f s)",
                  max(0.0, deadline - time.monotonic()))
+        # Refuse with UNAVAILABLE ourselves for a moment before stopping the transport: gRPC core
+        # answers calls it has received but not yet handed to a handler with CANCELLED when the
+        # server stops (grpc/grpc#41785), and clients should see UNAVAILABLE and retry elsewhere.
+        self.state.refusing = True
+        await asyncio.sleep(min(REFUSE_SECONDS, max(0.0, deadline - time.monotonic() - 1.0)))
         await server.stop(max(0.1, deadline - time.monotonic() - 0.5))
         stopped = True
         for entry in self.repository.ready_entries():

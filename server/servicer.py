@@ -36,6 +36,7 @@ class ServerState:
     def __init__(self) -> None:
         self.ready = False
         self.exiting = False
+        self.refusing = False  # after the drain window: new inferences get UNAVAILABLE from us
         self.loading_message = "Server not ready: models are loading"
 
 
@@ -136,6 +137,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter_ns()
         if not self.state.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.loading_message)
+        if self.state.refusing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "Server exiting: the drain window is over; retry on another replica")
         try:
             entry = self.repository.get(request.model_name, request.model_version)
         except ServingError as exc:
