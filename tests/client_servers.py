@@ -6,26 +6,16 @@ port, metrics disabled, a short drain, and logs to a file shown when something f
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from tests.server_harness import Server, free_port  # noqa: F401 (free_port is re-exported)
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 TRAINED = ROOT / "models" / "fashion_mnist" / "1" / "model.safetensors"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_repository(root: Path, presets: dict[str, str]) -> Path:
@@ -45,45 +35,12 @@ def write_repository(root: Path, presets: dict[str, str]) -> Path:
     return root
 
 
-class ServerProcess:
-    """`convserve serve` on 127.0.0.1:port, started at once; `wait_ready()` blocks until it serves."""
+class ServerProcess(Server):
+    """`convserve serve` with the client tests' defaults: no metrics, warm-up of batch 1, no drain window."""
 
     def __init__(self, repository: Path, log_dir: Path, *flags: str, port: int | None = None):
-        self.port = port or free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"server-{self.port}.log"
-        # Same environment as the tests (NUMBA_CACHE_DIR included), so compiled kernels are shared.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
-        command = [sys.executable, "-m", "convserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--metrics-port", "0", "--model-repository", str(repository), "--warmup-batch-sizes", "1",
-                   "--drain-seconds", "0", "--grace-period", "5", *flags]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 180.0) -> "ServerProcess":
-        from convserve.client import Client
-
-        deadline = time.monotonic() + timeout
-        with Client(self.target, timeout=5.0) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-                if client.is_ready(timeout=2.0):
-                    return self
-                time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        super().__init__(repository, "--warmup-batch-sizes", "1", "--drain-seconds", "0", "--grace-period", "5",
+                         *flags, metrics=False, port=port, log_dir=log_dir)
 
 
 def statistics(target: str, model: str) -> tuple[int, int]:

@@ -66,12 +66,13 @@ atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # registered f
 class Server:
     """A `convserve serve` subprocess on free 127.0.0.1 ports, logging to a file."""
 
-    def __init__(self, repository: Path, *flags: str, metrics: bool = True, env: dict | None = None):
+    def __init__(self, repository: Path, *flags: str, metrics: bool = True, env: dict | None = None,
+                 port: int | None = None, log_dir: Path | None = None):
         self.repository = repository
-        self.port = free_port()
+        self.port = port or free_port()
         self.metrics_port = free_port() if metrics else 0
         self.target = f"127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkstemp(prefix=f"convserve-{self.port}-", suffix=".log", dir=_SESSION_DIR)[1])
+        self.log_path = Path(tempfile.mkstemp(prefix=f"convserve-{self.port}-", suffix=".log", dir=log_dir or _SESSION_DIR)[1])
         command = [sys.executable, "-m", "convserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                    "--metrics-port", str(self.metrics_port), "--model-repository", str(repository), *flags]
         self.log_file = open(self.log_path, "wb")
