@@ -82,11 +82,21 @@ def _round_up(v: int, m: int) -> int:
 
 
 def _splits(tasks: int, groups: int, threads: int) -> int:
-    """How many ways to split output channels so that small batches still feed every thread."""
+    """How many ways to split a task (its output channels or columns, at most `groups` ways) so
+    that small batches still feed every thread."""
     splits = 1
     while tasks * splits < 4 * threads and splits * 2 <= groups:
         splits *= 2
     return splits
+
+
+def _conv_chunk(n: int, pixels: int, threads: int) -> int:
+    """Output pixels per task of the generic conv (a multiple of 4, at most CONV_CHUNK): small
+    batches get smaller chunks so that every thread has work."""
+    chunk = CONV_CHUNK
+    while chunk > 4 and n * math.ceil(pixels / chunk) < 4 * threads:
+        chunk -= 4
+    return chunk
 
 
 @dataclass
@@ -102,12 +112,12 @@ class _Step:
 def _pack_conv(layer: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) -> dict[str, Any]:
     kh, kw, ci, co = kernel.shape
     k = kh * kw * ci
-    wd = np.zeros((_round_up(co, 4), _round_up(k, 16)), np.float32)
-    wd[:co, :k] = kernel.reshape(k, co).T
-    b = np.zeros(wd.shape[0], np.float32)
+    wk = np.zeros((_round_up(k, 16), _round_up(co, 16)), np.float32)
+    wk[:k, :co] = kernel.reshape(k, co)
+    b = np.zeros(wk.shape[1], np.float32)
     if bias is not None:
         b[:co] = bias
-    return {"wd": wd, "bias": b, "kh": kh, "kw": kw, "sh": layer.strides[0], "sw": layer.strides[1],
+    return {"wk": wk, "bias": b, "kh": kh, "kw": kw, "sh": layer.strides[0], "sw": layer.strides[1],
             "pt": layer.pads[0], "pl": layer.pads[2]}
 
 
@@ -216,13 +226,16 @@ class InferencePlan:
         self._identity = (np.ones(arch.input_shape[2], np.float32), np.zeros(arch.input_shape[2], np.float32))
         self.steps = build_steps(arch, weights)
         self.threads = numba.config.NUMBA_NUM_THREADS
-        scratch = 16
+        scratch, width = 16, 16
         for step in self.steps:
             if step.kind == "conv_pool2":
-                scratch = max(scratch, 4 * step.shape[1] * step.params["wd"].shape[1])
+                scratch = max(scratch, 4 * step.shape[1] * step.params["wk"].shape[0])
             elif step.kind == "conv":
-                scratch = max(scratch, CONV_CHUNK * step.params["wd"].shape[1])
+                scratch = max(scratch, CONV_CHUNK * step.params["wk"].shape[0])
+            if step.kind in ("conv_pool2", "conv"):
+                width = max(width, step.params["wk"].shape[1])
         self._scratch = np.zeros((self.threads, scratch), np.float32)
+        self._tiles = np.zeros((self.threads, 4, width), np.float32)  # micro-kernel output tiles
         blocks = max([s.params["wb"].shape[0] for s in self.steps if s.kind in ("conv1_k5_pool2", "conv_c3k3")],
                      default=1)
         self._rowbuf = np.zeros((self.threads, blocks, 16), np.float32)
@@ -361,8 +374,8 @@ class InferencePlan:
             raw = step.takes_raw and preprocess
             sc, sf = (self.scale, self.shift) if raw else self._identity
             if step.kind == "conv_pool2":
-                splits = _splits(n * step.shape[0], p["wd"].shape[0] // 4, threads)
-                add(kconv.conv_pool2, x, p["wd"], p["bias"], sc, sf, int(raw), self._scratch, out,
+                splits = _splits(n * step.shape[0], step.shape[1], threads)
+                add(kconv.conv_pool2, x, p["wk"], p["bias"], sc, sf, int(raw), self._scratch, self._tiles, out,
                     p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], splits)
             elif step.kind == "conv1_k3_pool2":
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
@@ -374,10 +387,9 @@ class InferencePlan:
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
                 add(kconv.conv_c3k3, x, p["wb"], sc, sf, out, self._rowbuf, p["sh"], p["sw"], p["pt"], p["pl"], p["act"], splits)
             elif step.kind == "conv":
-                tasks = n * math.ceil(step.shape[0] * step.shape[1] / CONV_CHUNK)
-                splits = _splits(tasks, p["wd"].shape[0] // 4, threads)
-                add(kconv.conv, x, p["wd"], p["bias"], sc, sf, int(raw), self._scratch, out,
-                    p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], CONV_CHUNK, splits)
+                chunk = _conv_chunk(n, step.shape[0] * step.shape[1], threads)
+                add(kconv.conv, x, p["wk"], p["bias"], sc, sf, int(raw), self._scratch, self._tiles, out,
+                    p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], chunk)
             elif step.kind == "preprocess":
                 add(kdense.preprocess, x, sc, sf, out)
             elif step.kind == "pool":

@@ -1,16 +1,20 @@
 """Convolution kernels (NHWC, float32), optionally fused with 2x2/2 max pooling.
 
 Weights are packed once by the plan:
-- dot form `wd[COp, Kp]`: row `co` holds the kernel in (ky, kx, ci) order, `COp` = filters
-  rounded up to 4 and `Kp` = kh*kw*ci rounded up to 16, padded with zeros;
-- for the 1-input-channel 3x3 kernel, `wt[9, COp]` (taps x channels).
+- GEMM form `wk[Kp, COp]`: row `k` holds tap k (in (ky, kx, ci) order) for every filter, `COp` =
+  filters rounded up to 16 and `Kp` = kh*kw*ci rounded up to 16, padded with zeros;
+- for the small first layers, channel blocks `wb` (see each kernel).
 
 Each task gathers the patches of its pixels into a per-thread scratch row (this handles stride,
-padding, kernel size and the model's preprocessing `x * scale + shift`), then runs the
-"4 pixels x 4 output channels" micro-kernel: 16 scalar accumulators over a contiguous reduction,
-which LLVM keeps in 16 vector registers. Fused pooling uses the 4 pixels of a pool window as the
-micro-kernel's 4 pixels; max pooling commutes with the per-channel bias and with every monotonic
-activation, so bias and activation run once per pooled value.
+padding, kernel size and the model's preprocessing `x * scale + shift`), then runs a register-
+blocked GEMM micro-kernel on 4 patch rows x 16-64 output channels: `_mk4x4` and friends below are
+numba intrinsics that emit LLVM vector IR directly (16 accumulators of 16 floats held in
+registers, one broadcast patch value times 1-4 weight vectors per step, no horizontal sums).
+Numba cannot express this in Python: scalar-accumulator kernels either spill or need a
+horizontal sum per output. Fused pooling uses the 4 pixels of a pool window as the 4 rows; max
+pooling commutes with the per-channel bias and with every monotonic activation, so bias and
+activation run once per pooled value. Each output is a plain in-order fused multiply-add chain
+over k, the same whatever the batch size, so results are batch-invariant.
 
 Activation codes: 0 linear, 1 relu, 2 tanh, 3 sigmoid (softmax is applied by a separate kernel).
 Keep helpers in this file: numba's cache only tracks the kernel's own source file.
@@ -22,10 +26,80 @@ from convserve.core import runtime as _runtime  # noqa: F401  (must precede numb
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _Z = np.float32(0.0)
 _ONE = np.float32(1.0)
+
+
+def _microkernel(rows: int, vectors: int):
+    """An intrinsic `mk(a, a_off, lda, b, b_off, ldb, c, c_off, ldc, K)` computing, on flat
+    float32 arrays, C[r, 0:16*vectors] = sum over k < K of A[r, k] * B[k, 0:16*vectors] for
+    r < rows, where X[i, j] means x[x_off + i * ldx + j]. K >= 1; no bounds checks."""
+
+    @intrinsic
+    def mk(typingctx, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, k_len):
+        sig = types.void(a, a_off, lda, b, b_off, ldb, c, c_off, ldc, k_len)
+
+        def codegen(context, builder, signature, args):
+            a_arr, a_off, lda, b_arr, b_off, ldb, c_arr, c_off, ldc, k_len = args
+            ap = context.make_array(signature.args[0])(context, builder, a_arr).data
+            bp = context.make_array(signature.args[3])(context, builder, b_arr).data
+            cp = context.make_array(signature.args[6])(context, builder, c_arr).data
+            i32, i64 = ir.IntType(32), ir.IntType(64)
+            vec = ir.VectorType(ir.FloatType(), 16)
+            vptr = vec.as_pointer()
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                                 "llvm.fma.v16f32")
+            zero = ir.Constant(vec, [0.0] * 16)
+            undef = ir.Constant(vec, ir.Undefined)
+            splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+            entry = builder.block
+            loop = builder.function.append_basic_block("mk_loop")
+            done = builder.function.append_basic_block("mk_done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(ir.Constant(i64, 0), entry)
+            acc = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
+            for row in acc:
+                for phi in row:
+                    phi.add_incoming(zero, entry)
+            b_row = builder.add(b_off, builder.mul(k, ldb))
+            bv = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(b_row, ir.Constant(i64, 16 * v))]), vptr),
+                               align=4) for v in range(vectors)]
+            new = []
+            for r in range(rows):
+                a_at = builder.add(builder.add(a_off, builder.mul(ir.Constant(i64, r), lda)), k)
+                scalar = builder.load(builder.gep(ap, [a_at]), align=4)
+                splat = builder.shuffle_vector(builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef,
+                                               splat_mask)
+                new.append([builder.call(fma, [splat, bv[v], acc[r][v]]) for v in range(vectors)])
+            k_next = builder.add(k, ir.Constant(i64, 1))
+            k.add_incoming(k_next, builder.block)
+            for r in range(rows):
+                for v in range(vectors):
+                    acc[r][v].add_incoming(new[r][v], builder.block)
+            builder.cbranch(builder.icmp_signed("<", k_next, k_len), loop, done)
+            builder.position_at_end(done)
+            for r in range(rows):
+                c_row = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
+                for v in range(vectors):
+                    dst = builder.gep(cp, [builder.add(c_row, ir.Constant(i64, 16 * v))])
+                    builder.store(new[r][v], builder.bitcast(dst, vptr), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mk
+
+
+_mk4x1 = _microkernel(4, 1)
+_mk4x2 = _microkernel(4, 2)
+_mk4x4 = _microkernel(4, 4)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -115,115 +189,90 @@ def _gather_wide(x2, H, W, n, oy, ox, kh, kw, sh, sw, pt, pl, pat3, i):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _dot4x4(pat, i0, i1, i2, i3, wd, c, Kp):
-    """16 dot products: patch rows i0..i3 of pat (P, Kp) times weight rows c..c+3 of wd.
-
-    Plain 2-D indexing, no row views: a view costs an atomic reference-count update on the
-    shared array, which both threads would fight over in this innermost call."""
-    a00 = a01 = a02 = a03 = _Z
-    a10 = a11 = a12 = a13 = _Z
-    a20 = a21 = a22 = a23 = _Z
-    a30 = a31 = a32 = a33 = _Z
-    for j in range(Kp):
-        x0 = pat[i0, j]
-        x1 = pat[i1, j]
-        x2 = pat[i2, j]
-        x3 = pat[i3, j]
-        v0 = wd[c, j]
-        v1 = wd[c + 1, j]
-        v2 = wd[c + 2, j]
-        v3 = wd[c + 3, j]
-        a00 += x0 * v0
-        a01 += x0 * v1
-        a02 += x0 * v2
-        a03 += x0 * v3
-        a10 += x1 * v0
-        a11 += x1 * v1
-        a12 += x1 * v2
-        a13 += x1 * v3
-        a20 += x2 * v0
-        a21 += x2 * v1
-        a22 += x2 * v2
-        a23 += x2 * v3
-        a30 += x3 * v0
-        a31 += x3 * v1
-        a32 += x3 * v2
-        a33 += x3 * v3
-    return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
+def _gemm4(pat, p_off, Kp, wf, COp, tile):
+    """tile[0:4, :COp] = pat[p_off : p_off + 4*Kp] as 4 rows of Kp, times wf as (Kp, COp)."""
+    tf = tile.reshape(tile.size)
+    ldc = tile.shape[1]
+    c = 0
+    while c + 64 <= COp:
+        _mk4x4(pat, p_off, Kp, wf, c, COp, tf, c, ldc, Kp)
+        c += 64
+    if c + 32 <= COp:
+        _mk4x2(pat, p_off, Kp, wf, c, COp, tf, c, ldc, Kp)
+        c += 32
+    if c < COp:
+        _mk4x1(pat, p_off, Kp, wf, c, COp, tf, c, ldc, Kp)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def conv_pool2(x, wd, bias, scale, shift, pre, scratch, out, kh, kw, sh, sw, pt, pl, act, splits):
+def conv_pool2(x, wk, bias, scale, shift, pre, scratch, tiles, out, kh, kw, sh, sw, pt, pl, act, splits):
     """Conv + bias + activation + 2x2/2 max pool (floor). out: (N, PH, PW, CO).
 
-    Tasks: (image, pooled row, channel split). scratch: (threads, 2 * 2PW * Kp).
+    Tasks: (image, pooled row, range of pooled columns); `splits` ranges per row.
+    scratch: (threads, >= 4 * PW * Kp); tiles: (threads, 4, COp).
     """
     N, H, W, CI = x.shape
-    COp, Kp = wd.shape
+    Kp, COp = wk.shape
     PH, PW, CO = out.shape[1], out.shape[2], out.shape[3]
-    groups = COp // 4
-    per = (groups + splits - 1) // splits
-    ncols = 2 * PW
+    per = (PW + splits - 1) // splits
     xf = x.reshape(x.size)
     x2 = x.reshape(N * H * W, CI)
+    wf = wk.reshape(wk.size)
     wide = pre == 0 and CI >= 16 and kh * kw * CI == Kp
     for t in prange(N * PH * splits):
         s = t % splits
         r = t // splits
         py = r % PH
         n = r // PH
-        buf = scratch[numba.get_thread_id()]
+        px0 = min(PW, s * per)
+        nw = min(PW, px0 + per) - px0
+        tid = numba.get_thread_id()
+        buf = scratch[tid]
+        tile = tiles[tid]
+        # rows 4w .. 4w+3 of the patch matrix: pool window w's pixels (0,0), (0,1), (1,0), (1,1)
         if wide:
-            pat3 = buf[:2 * ncols * Kp].reshape(2 * ncols, kh * kw, CI)
-            for dy in range(2):
-                for ox in range(ncols):
-                    _gather_wide(x2, H, W, n, 2 * py + dy, ox, kh, kw, sh, sw, pt, pl, pat3, dy * ncols + ox)
+            pat3 = buf[:4 * nw * Kp].reshape(4 * nw, kh * kw, CI)
+            for i in range(4 * nw):
+                q = i % 4
+                _gather_wide(x2, H, W, n, 2 * py + q // 2, 2 * (px0 + i // 4) + q % 2, kh, kw, sh, sw, pt, pl,
+                             pat3, i)
         else:
-            for dy in range(2):
-                for ox in range(ncols):
-                    _gather(xf, H, W, CI, n, 2 * py + dy, ox, kh, kw, sh, sw, pt, pl, scale, shift, pre,
-                            buf, (dy * ncols + ox) * Kp, Kp)
-        pat = buf[:2 * ncols * Kp].reshape(2 * ncols, Kp)
-        g0 = s * per
-        g1 = min(groups, g0 + per)
-        for px in range(PW):
-            i0 = 2 * px
-            i2 = ncols + 2 * px
-            for g in range(g0, g1):
-                c = 4 * g
-                a = _dot4x4(pat, i0, i0 + 1, i2, i2 + 1, wd, c, Kp)
-                for i in range(4):
-                    if c + i < CO:
-                        m = max(max(a[i], a[4 + i]), max(a[8 + i], a[12 + i])) + bias[c + i]
-                        out[n, py, px, c + i] = _act(m, act)
+            for i in range(4 * nw):
+                q = i % 4
+                _gather(xf, H, W, CI, n, 2 * py + q // 2, 2 * (px0 + i // 4) + q % 2, kh, kw, sh, sw, pt, pl,
+                        scale, shift, pre, buf, i * Kp, Kp)
+        for w in range(nw):
+            _gemm4(buf, 4 * w * Kp, Kp, wf, COp, tile)
+            for co in range(CO):
+                m = max(max(tile[0, co], tile[1, co]), max(tile[2, co], tile[3, co])) + bias[co]
+                out[n, py, px0 + w, co] = _act(m, act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def conv(x, wd, bias, scale, shift, pre, scratch, out, kh, kw, sh, sw, pt, pl, act, chunk, splits):
+def conv(x, wk, bias, scale, shift, pre, scratch, tiles, out, kh, kw, sh, sw, pt, pl, act, chunk):
     """Generic conv + bias + activation. out: (N, OH, OW, CO).
 
-    Tasks: (image, chunk of `chunk` output pixels in row-major order, channel split).
-    scratch: (threads, chunk * Kp).
+    Tasks: (image, chunk of `chunk` output pixels in row-major order), `chunk` a multiple of 4.
+    scratch: (threads, >= chunk * Kp); tiles: (threads, 4, COp).
     """
     N, H, W, CI = x.shape
-    COp, Kp = wd.shape
+    Kp, COp = wk.shape
     OH, OW, CO = out.shape[1], out.shape[2], out.shape[3]
     npx = OH * OW
     nchunks = (npx + chunk - 1) // chunk
-    groups = COp // 4
-    per = (groups + splits - 1) // splits
     xf = x.reshape(x.size)
     x2 = x.reshape(N * H * W, CI)
+    wf = wk.reshape(wk.size)
     wide = pre == 0 and CI >= 16 and kh * kw * CI == Kp
     of = out.reshape(out.size)
-    for t in prange(N * nchunks * splits):
-        s = t % splits
-        r = t // splits
-        k = r % nchunks
-        n = r // nchunks
+    for t in prange(N * nchunks):
+        k = t % nchunks
+        n = t // nchunks
         p0 = k * chunk
         cnt = min(npx, p0 + chunk) - p0
-        buf = scratch[numba.get_thread_id()]
+        tid = numba.get_thread_id()
+        buf = scratch[tid]
+        tile = tiles[tid]
         if wide:
             pat3 = buf[:cnt * Kp].reshape(cnt, kh * kw, CI)
             for i in range(cnt):
@@ -234,20 +283,15 @@ def conv(x, wd, bias, scale, shift, pre, scratch, out, kh, kw, sh, sw, pt, pl, a
                 p = p0 + i
                 _gather(xf, H, W, CI, n, p // OW, p % OW, kh, kw, sh, sw, pt, pl, scale, shift, pre,
                         buf, i * Kp, Kp)
-        pat = buf[:cnt * Kp].reshape(cnt, Kp)
-        g0 = s * per
-        g1 = min(groups, g0 + per)
-        last = cnt - 1
+        for i in range(cnt, (cnt + 3) // 4 * 4):  # rows past the end: zeros, results dropped
+            for j in range(Kp):
+                buf[i * Kp + j] = _Z
         for i in range(0, cnt, 4):
-            for g in range(g0, g1):
-                c = 4 * g
-                a = _dot4x4(pat, i, min(i + 1, last), min(i + 2, last), min(i + 3, last), wd, c, Kp)
-                for u in range(4):
-                    if i + u < cnt:
-                        base = (n * npx + p0 + i + u) * CO
-                        for v in range(4):
-                            if c + v < CO:
-                                of[base + c + v] = _act(a[4 * u + v] + bias[c + v], act)
+            _gemm4(buf, i * Kp, Kp, wf, COp, tile)
+            for u in range(min(4, cnt - i)):
+                base = (n * npx + p0 + i + u) * CO
+                for co in range(CO):
+                    of[base + co] = _act(tile[u, co] + bias[co], act)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
