@@ -10,7 +10,6 @@ chunk seen, is reused by every call, which allocates only its result.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -30,7 +29,6 @@ from convserve.core.kernels import pool as kpool
 ACT_CODES = {"linear": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softmax": 4}
 _MONOTONIC = (0, 1, 2, 3)
 DENSE2_MAX_BATCH = 8   # below this, the last two dense layers run as one parallel region
-CONV_CHUNK = 32        # output pixels per task in the generic convolution
 BATCH_CHUNK = 32       # larger batches run through the network in chunks of this many images
 # Up to this batch size, choose between 1 and all threads by measured speed. Off (0) unless
 # CONVSERVE_ADAPTIVE_THREADS=1: on a quiet machine two threads win (batch 8: about 9,000-10,000
@@ -90,15 +88,6 @@ def _splits(tasks: int, groups: int, threads: int) -> int:
     return splits
 
 
-def _conv_chunk(n: int, pixels: int, threads: int) -> int:
-    """Output pixels per task of the generic conv (a multiple of 4, at most CONV_CHUNK): small
-    batches get smaller chunks so that every thread has work."""
-    chunk = CONV_CHUNK
-    while chunk > 4 and n * math.ceil(pixels / chunk) < 4 * threads:
-        chunk -= 4
-    return chunk
-
-
 @dataclass
 class _Step:
     """One kernel call: `kind` selects it; `shape` is the per-image output shape (None: in place)."""
@@ -112,7 +101,7 @@ class _Step:
 def _pack_conv(layer: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) -> dict[str, Any]:
     kh, kw, ci, co = kernel.shape
     k = kh * kw * ci
-    wk = np.zeros((_round_up(k, 16), _round_up(co, 16)), np.float32)
+    wk = np.zeros((k, _round_up(co, 16)), np.float32)
     wk[:k, :co] = kernel.reshape(k, co)
     b = np.zeros(wk.shape[1], np.float32)
     if bias is not None:
@@ -142,6 +131,16 @@ def _pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray
     return wt, b
 
 
+def _add_padding(p: dict[str, Any], input_shape: tuple[int, ...], rows_cols: tuple[int, int]) -> None:
+    """The conv kernels read a 'valid' input: record the zero-padded input shape `padded` that
+    computing `rows_cols` output pixels needs, and whether the input must be copied into it."""
+    h, w, c = input_shape
+    hp = (rows_cols[0] - 1) * p["sh"] + p["kh"]
+    wp = (rows_cols[1] - 1) * p["sw"] + p["kw"]
+    p["padded"] = (hp, wp, c)
+    p["needs_pad"] = p["pt"] > 0 or p["pl"] > 0 or hp > p["pt"] + h or wp > p["pl"] + w
+
+
 def _fusable_pool(layer: LayerSpec | None) -> bool:
     return (layer is not None and layer.type == "max_pooling2d" and layer.pool_size == (2, 2)
             and layer.strides == (2, 2) and layer.padding == "valid")
@@ -167,20 +166,16 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
             first = not steps
             fuse = act in _MONOTONIC and _fusable_pool(nxt) and layer.output_shape[0] >= 2 and layer.output_shape[1] >= 2
             ci, (kh, kw), kernel = layer.input_shape[2], layer.kernel_size, weights[f"{prefix}.kernel"]
-            if ci == 3 and (kh, kw) == (3, 3) and act != 4:  # RGB first layers
-                wb = _channel_blocks(kernel, p["bias"])
-                steps.append(_Step("conv_c3k3", layer.output_shape, {**p, "wb": wb, "act": act}, takes_raw=first))
-                i += 1
-                continue
             if fuse:
                 kind = "conv_pool2"
-                if ci == 1 and layer.strides == (1, 1) and (kh, kw) == (5, 5):
-                    kind, p["wb"] = "conv1_k5_pool2", _channel_blocks(kernel, p["bias"])
-                elif ci == 1 and layer.strides == (1, 1) and (kh, kw) == (3, 3) and layer.filters % 16 == 0:
+                if ci == 1 and layer.strides == (1, 1) and (kh, kw) == (3, 3) and layer.filters % 16 == 0:
                     kind, p["wb"] = "conv1_k3_pool2", _channel_blocks(kernel, p["bias"])
+                if kind == "conv_pool2":  # only the conv rows and columns the pool keeps
+                    _add_padding(p, layer.input_shape, (2 * nxt.output_shape[0], 2 * nxt.output_shape[1]))
                 steps.append(_Step(kind, nxt.output_shape, {**p, "act": act}, takes_raw=first))
                 i += 2
                 continue
+            _add_padding(p, layer.input_shape, layer.output_shape[:2])
             steps.append(_Step("conv", layer.output_shape, {**p, "act": 0 if act == 4 else act}, takes_raw=first))
             if act == 4:
                 steps.append(_Step("activate", None, {"act": 4, "width": layer.filters}))
@@ -226,21 +221,16 @@ class InferencePlan:
         self._identity = (np.ones(arch.input_shape[2], np.float32), np.zeros(arch.input_shape[2], np.float32))
         self.steps = build_steps(arch, weights)
         self.threads = numba.config.NUMBA_NUM_THREADS
-        scratch, width = 16, 16
+        tile = 16  # per-thread conv output rows: two conv rows of a pooled row, or one conv row
         for step in self.steps:
             if step.kind == "conv_pool2":
-                scratch = max(scratch, 4 * step.shape[1] * step.params["wk"].shape[0])
+                tile = max(tile, 4 * step.shape[1] * step.params["wk"].shape[1])
             elif step.kind == "conv":
-                scratch = max(scratch, CONV_CHUNK * step.params["wk"].shape[0])
-            if step.kind in ("conv_pool2", "conv"):
-                width = max(width, step.params["wk"].shape[1])
-        self._scratch = np.zeros((self.threads, scratch), np.float32)
-        self._tiles = np.zeros((self.threads, 4, width), np.float32)  # micro-kernel output tiles
-        blocks = max([s.params["wb"].shape[0] for s in self.steps if s.kind in ("conv1_k5_pool2", "conv_c3k3")],
-                     default=1)
-        self._rowbuf = np.zeros((self.threads, blocks, 16), np.float32)
+                tile = max(tile, step.shape[1] * step.params["wk"].shape[1])
+        self._tiles = np.zeros((self.threads, tile), np.float32)
         self._capacity = 0   # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
+        self._padded: dict[int, np.ndarray] = {}
         self._input: np.ndarray | None = None
         self._programs: dict[tuple[int, bool, int], Any] = {}
         self._chooser = ThreadChooser()
@@ -285,6 +275,10 @@ class InferencePlan:
             for k, step in enumerate(self.steps):  # hidden layer of the fused dense pair
                 if step.params.get("pair_with_previous"):
                     bufs.append(np.empty((n, self.steps[k - 1].shape[0]), np.float32))
+            # zero-padded conv inputs: only their interior is ever written, the border stays zero
+            self._padded = {k: np.zeros((n, *step.params["padded"]), np.float32)
+                            for k, step in enumerate(self.steps)
+                            if "padded" in step.params and (step.params["needs_pad"] or step.takes_raw)}
             self._buffers, self._capacity = bufs, n
             self._programs.clear()
         return [None if b is None else b[:n] for b in self._buffers]
@@ -373,23 +367,17 @@ class InferencePlan:
                 continue
             raw = step.takes_raw and preprocess
             sc, sf = (self.scale, self.shift) if raw else self._identity
-            if step.kind == "conv_pool2":
+            if step.kind in ("conv_pool2", "conv"):
+                if raw or p["needs_pad"]:
+                    padded = self._padded[k][:n]
+                    add(kconv.pad_input, x, sc, sf, int(raw), padded, p["pt"], p["pl"])
+                    x = padded
                 splits = _splits(n * step.shape[0], step.shape[1], threads)
-                add(kconv.conv_pool2, x, p["wk"], p["bias"], sc, sf, int(raw), self._scratch, self._tiles, out,
-                    p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], splits)
+                kernel = kconv.conv_pool2 if step.kind == "conv_pool2" else kconv.conv
+                add(kernel, x, p["wk"], p["bias"], self._tiles, out, p["kh"], p["kw"], p["sh"], p["sw"], p["act"], splits)
             elif step.kind == "conv1_k3_pool2":
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
                 add(kconv.conv1_k3_pool2, x, p["wb"], sc, sf, out, p["pt"], p["pl"], p["act"], splits)
-            elif step.kind == "conv1_k5_pool2":
-                splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
-                add(kconv.conv1_k5_pool2, x, p["wb"], sc, sf, out, self._rowbuf, p["pt"], p["pl"], p["act"], splits)
-            elif step.kind == "conv_c3k3":
-                splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
-                add(kconv.conv_c3k3, x, p["wb"], sc, sf, out, self._rowbuf, p["sh"], p["sw"], p["pt"], p["pl"], p["act"], splits)
-            elif step.kind == "conv":
-                chunk = _conv_chunk(n, step.shape[0] * step.shape[1], threads)
-                add(kconv.conv, x, p["wk"], p["bias"], sc, sf, int(raw), self._scratch, self._tiles, out,
-                    p["kh"], p["kw"], p["sh"], p["sw"], p["pt"], p["pl"], p["act"], chunk)
             elif step.kind == "preprocess":
                 add(kdense.preprocess, x, sc, sf, out)
             elif step.kind == "pool":
