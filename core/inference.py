@@ -28,7 +28,8 @@ from convserve.core.kernels import pool as kpool
 
 ACT_CODES = {"linear": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softmax": 4}
 _MONOTONIC = (0, 1, 2, 3)
-DENSE2_MAX_BATCH = 8   # below this, the last two dense layers run as one parallel region
+DENSE2_MAX_BATCH = 8   # below this (with a row group of 4 per thread), the last two dense layers run
+                       # as one parallel region; smaller batches split the first one's units instead
 BATCH_CHUNK = 32       # larger batches run through the network in chunks of this many images
 # Up to this batch size, choose between 1 and all threads by measured speed. Off (0) unless
 # CONVSERVE_ADAPTIVE_THREADS=1: on a quiet machine two threads win (batch 8: about 9,000-10,000
@@ -254,9 +255,10 @@ class InferencePlan:
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Compile (or load from numba's cache) every kernel the model can need and allocate
-        the buffers, by running each batch size once (plus 1 and DENSE2_MAX_BATCH, which
-        between them reach every kernel: small and large batches use different dense kernels)."""
-        for n in sorted({1, DENSE2_MAX_BATCH, *batch_sizes}):
+        the buffers, by running each batch size once (plus 1, DENSE2_MAX_BATCH - 1 and
+        DENSE2_MAX_BATCH, which between them reach every kernel: batch sizes pick different
+        dense kernels)."""
+        for n in sorted({1, DENSE2_MAX_BATCH - 1, DENSE2_MAX_BATCH, *batch_sizes}):
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32))
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32), preprocess=True)
 
@@ -357,7 +359,7 @@ class InferencePlan:
             else:
                 out = bufs[k]
             if step.kind == "dense" and k + 1 < count and steps[k + 1].params.get("pair_with_previous") \
-                    and n < DENSE2_MAX_BATCH:
+                    and (n + 3) // 4 >= threads and n < DENSE2_MAX_BATCH:
                 nxt = steps[k + 1]
                 result_shape = (n, *nxt.shape)
                 add(kdense.dense2, x, p["wt"], p["bias"], bufs[-1], p["act"],
