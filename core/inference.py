@@ -171,6 +171,14 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
                 kind = "conv_pool2"
                 if ci == 1 and layer.strides == (1, 1) and (kh, kw) == (3, 3) and layer.filters % 16 == 0:
                     kind, p["wb"] = "conv1_k3_pool2", _channel_blocks(kernel, p["bias"])
+                elif ci == 1 and layer.strides == (1, 1) and layer.filters <= 8:
+                    kind = "conv1_pixels_pool2"
+                    p["wt"] = np.zeros((8, kh * kw), np.float32)
+                    p["wt"][:layer.filters] = kernel.reshape(kh * kw, layer.filters).T
+                    _add_padding(p, layer.input_shape, (2 * nxt.output_shape[0], 2 * nxt.output_shape[1]))
+                    hp, wp, c = p["padded"]  # 32-pixel blocks read past the last column
+                    p["padded"] = (hp, max(wp, (2 * nxt.output_shape[1] + 31) // 32 * 32 + kw - 1), c)
+                    p["needs_pad"] = True
                 if kind == "conv_pool2":  # only the conv rows and columns the pool keeps
                     _add_padding(p, layer.input_shape, (2 * nxt.output_shape[0], 2 * nxt.output_shape[1]))
                 steps.append(_Step(kind, nxt.output_shape, {**p, "act": act}, takes_raw=first))
@@ -222,7 +230,7 @@ class InferencePlan:
         self._identity = (np.ones(arch.input_shape[2], np.float32), np.zeros(arch.input_shape[2], np.float32))
         self.steps = build_steps(arch, weights)
         self.threads = numba.config.NUMBA_NUM_THREADS
-        tile = 16  # per-thread conv output rows: two conv rows of a pooled row, or one conv row
+        tile = 512  # per-thread conv output rows: two conv rows of a pooled row, one conv row, or 2x8x32
         for step in self.steps:
             if step.kind == "conv_pool2":
                 tile = max(tile, 4 * step.shape[1] * step.params["wk"].shape[1])
@@ -377,6 +385,10 @@ class InferencePlan:
                 splits = _splits(n * step.shape[0], step.shape[1], threads)
                 kernel = kconv.conv_pool2 if step.kind == "conv_pool2" else kconv.conv
                 add(kernel, x, p["wk"], p["bias"], self._tiles, out, p["kh"], p["kw"], p["sh"], p["sw"], p["act"], splits)
+            elif step.kind == "conv1_pixels_pool2":
+                padded = self._padded[k][:n]
+                add(kconv.pad_input, x, sc, sf, int(raw), padded, p["pt"], p["pl"])
+                add(kconv.conv1_pixels_pool2, padded, p["wt"], p["bias"], self._tiles, out, p["kh"], p["kw"], p["act"])
             elif step.kind == "conv1_k3_pool2":
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
                 add(kconv.conv1_k3_pool2, x, p["wb"], sc, sf, out, p["pt"], p["pl"], p["act"], splits)

@@ -122,7 +122,7 @@ def test_random_architectures_cover_every_option(cases):
     assert any(l.filters % 4 for l in convs) and any(l.filters == 16 for l in convs)
     assert {"activation", "dropout", "dense"} <= {l.type for l in layers}
     kinds = {s.kind for _, _, m, _ in cases for s in m._plan.steps}
-    assert {"conv", "conv_pool2", "conv1_k3_pool2", "pool", "dense", "activate"} <= kinds
+    assert {"conv", "conv_pool2", "conv1_k3_pool2", "conv1_pixels_pool2", "pool", "dense", "activate"} <= kinds
 
 
 @pytest.mark.parametrize("filters", [20, 32, 48, 64, 80, 130])

@@ -40,7 +40,7 @@ _Z = np.float32(0.0)
 _ONE = np.float32(1.0)
 
 
-def _microkernel(rows: int, vectors: int):
+def _microkernel(rows: int, vectors: int, b_steps: bool = False):
     """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
     convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
 
@@ -50,89 +50,98 @@ def _microkernel(rows: int, vectors: int):
         stored at c[c_off + r*ldc + j], j < 16*vectors
 
     For a conv, segment s is kernel row ky (a_step = one input row), k runs over (kx, ci), which
-    are contiguous in NHWC, and lda = stride * channels steps to the next output pixel. Every
+    are contiguous in NHWC, and lda = stride * channels steps to the next output pixel. With
+    `b_steps`, mk takes `b_step` after `b_off` and B's offset is b_off + s*b_step + k*ldb: the
+    transposed form of `conv1_pixels_pool2`, where B is the input image and A the weights. Every
     output is one in-order chain of fused multiply-adds whatever the batch size or the block it
     falls in. All arrays are flat float32; segs, seg_len >= 1; no bounds checks."""
 
-    @intrinsic
-    def mk(typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc):
-        sig = types.void(a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc)
-
-        def codegen(context, builder, signature, args):
+    def codegen(context, builder, signature, args):
+        if b_steps:
+            a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, b_step, ldb, c_arr, c_off, ldc = args
+        else:
             a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args
-            ap = context.make_array(signature.args[0])(context, builder, a_arr).data
-            bp = context.make_array(signature.args[6])(context, builder, b_arr).data
-            cp = context.make_array(signature.args[9])(context, builder, c_arr).data
-            i32, i64 = ir.IntType(32), ir.IntType(64)
-            vec = ir.VectorType(ir.FloatType(), 16)
-            vptr = vec.as_pointer()
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                                 "llvm.fma.v16f32")
-            zero = ir.Constant(vec, [0.0] * 16)
-            undef = ir.Constant(vec, ir.Undefined)
-            splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
-            one = ir.Constant(i64, 1)
-            fn = builder.function
-            entry = builder.block
-            outer = fn.append_basic_block("mk_segment")
-            inner = fn.append_basic_block("mk_step")
-            seg_end = fn.append_basic_block("mk_segment_end")
-            done = fn.append_basic_block("mk_done")
-            builder.branch(outer)
+            b_step = builder.mul(seg_len, ldb)
+        ap = context.make_array(signature.args[0])(context, builder, a_arr).data
+        bp = context.make_array(signature.args[6])(context, builder, b_arr).data
+        cp = context.make_array(signature.args[-3])(context, builder, c_arr).data
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vec = ir.VectorType(ir.FloatType(), 16)
+        vptr = vec.as_pointer()
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                             "llvm.fma.v16f32")
+        zero = ir.Constant(vec, [0.0] * 16)
+        undef = ir.Constant(vec, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+        one = ir.Constant(i64, 1)
+        fn = builder.function
+        entry = builder.block
+        outer = fn.append_basic_block("mk_segment")
+        inner = fn.append_basic_block("mk_step")
+        seg_end = fn.append_basic_block("mk_segment_end")
+        done = fn.append_basic_block("mk_done")
+        builder.branch(outer)
 
-            builder.position_at_end(outer)
-            s = builder.phi(i64)
-            s.add_incoming(ir.Constant(i64, 0), entry)
-            acc_seg = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
-            for row in acc_seg:
-                for phi in row:
-                    phi.add_incoming(zero, entry)
-            a_seg = builder.add(a_off, builder.mul(s, a_step))
-            b_seg = builder.add(b_off, builder.mul(builder.mul(s, seg_len), ldb))
-            builder.branch(inner)
+        builder.position_at_end(outer)
+        s = builder.phi(i64)
+        s.add_incoming(ir.Constant(i64, 0), entry)
+        acc_seg = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
+        for row in acc_seg:
+            for phi in row:
+                phi.add_incoming(zero, entry)
+        a_seg = builder.add(a_off, builder.mul(s, a_step))
+        b_seg = builder.add(b_off, builder.mul(s, b_step))
+        builder.branch(inner)
 
-            builder.position_at_end(inner)
-            k = builder.phi(i64)
-            k.add_incoming(ir.Constant(i64, 0), outer)
-            acc = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
-            for r in range(rows):
-                for v in range(vectors):
-                    acc[r][v].add_incoming(acc_seg[r][v], outer)
-            b_row = builder.add(b_seg, builder.mul(k, ldb))
-            bv = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(b_row, ir.Constant(i64, 16 * v))]), vptr),
-                               align=4) for v in range(vectors)]
-            a_k = builder.add(a_seg, k)
-            new = []
-            for r in range(rows):
-                scalar = builder.load(builder.gep(ap, [builder.add(a_k, builder.mul(ir.Constant(i64, r), lda))]),
-                                      align=4)
-                splat = builder.shuffle_vector(builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef,
-                                               splat_mask)
-                new.append([builder.call(fma, [splat, bv[v], acc[r][v]]) for v in range(vectors)])
-            k_next = builder.add(k, one)
-            k.add_incoming(k_next, inner)
-            for r in range(rows):
-                for v in range(vectors):
-                    acc[r][v].add_incoming(new[r][v], inner)
-            builder.cbranch(builder.icmp_signed("<", k_next, seg_len), inner, seg_end)
+        builder.position_at_end(inner)
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), outer)
+        acc = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
+        for r in range(rows):
+            for v in range(vectors):
+                acc[r][v].add_incoming(acc_seg[r][v], outer)
+        b_row = builder.add(b_seg, builder.mul(k, ldb))
+        bv = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(b_row, ir.Constant(i64, 16 * v))]), vptr),
+                           align=4) for v in range(vectors)]
+        a_k = builder.add(a_seg, k)
+        new = []
+        for r in range(rows):
+            scalar = builder.load(builder.gep(ap, [builder.add(a_k, builder.mul(ir.Constant(i64, r), lda))]),
+                                  align=4)
+            splat = builder.shuffle_vector(builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef,
+                                           splat_mask)
+            new.append([builder.call(fma, [splat, bv[v], acc[r][v]]) for v in range(vectors)])
+        k_next = builder.add(k, one)
+        k.add_incoming(k_next, inner)
+        for r in range(rows):
+            for v in range(vectors):
+                acc[r][v].add_incoming(new[r][v], inner)
+        builder.cbranch(builder.icmp_signed("<", k_next, seg_len), inner, seg_end)
 
-            builder.position_at_end(seg_end)
-            s_next = builder.add(s, one)
-            s.add_incoming(s_next, seg_end)
-            for r in range(rows):
-                for v in range(vectors):
-                    acc_seg[r][v].add_incoming(new[r][v], seg_end)
-            builder.cbranch(builder.icmp_signed("<", s_next, segs), outer, done)
+        builder.position_at_end(seg_end)
+        s_next = builder.add(s, one)
+        s.add_incoming(s_next, seg_end)
+        for r in range(rows):
+            for v in range(vectors):
+                acc_seg[r][v].add_incoming(new[r][v], seg_end)
+        builder.cbranch(builder.icmp_signed("<", s_next, segs), outer, done)
 
-            builder.position_at_end(done)
-            for r in range(rows):
-                c_row = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
-                for v in range(vectors):
-                    dst = builder.gep(cp, [builder.add(c_row, ir.Constant(i64, 16 * v))])
-                    builder.store(new[r][v], builder.bitcast(dst, vptr), align=4)
-            return context.get_dummy_value()
+        builder.position_at_end(done)
+        for r in range(rows):
+            c_row = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
+            for v in range(vectors):
+                dst = builder.gep(cp, [builder.add(c_row, ir.Constant(i64, 16 * v))])
+                builder.store(new[r][v], builder.bitcast(dst, vptr), align=4)
+        return context.get_dummy_value()
 
-        return sig, codegen
+    if b_steps:
+        @intrinsic
+        def mk(typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc):
+            return types.void(a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc), codegen
+    else:
+        @intrinsic
+        def mk(typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc):
+            return types.void(a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc), codegen
 
     return mk
 
@@ -151,6 +160,7 @@ _mk5x1 = _microkernel(5, 1)
 _mk6x1 = _microkernel(6, 1)
 _mk7x1 = _microkernel(7, 1)
 _mk8x1 = _microkernel(8, 1)
+_mkt8x2 = _microkernel(8, 2, b_steps=True)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -324,6 +334,38 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
         for i in range(cnt):
             for co in range(CO):
                 out[n, oy, ox0 + i, co] = _act(tile[i * COp + co] + bias[co], act)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act):
+    """1-input-channel, stride-1 conv with at most 8 filters + bias + activation + 2x2/2 max pool,
+    with output pixels in the vector lanes (filters in the lanes would leave most of them empty):
+    the transposed micro-kernel multiplies 8 broadcast weights by 32 consecutive input pixels.
+
+    x: padded, preprocessed input (N, Hp, Wp, 1) with Wp >= 32 * ceil(2*PW / 32) + kw - 1;
+    wt: (8, kh*kw), filter rows zero padded; tiles: (threads, >= 512). out: (N, PH, PW, CO).
+    Tasks: (image, pooled row, block of 16 pooled columns)."""
+    N, Hp, Wp = x.shape[0], x.shape[1], x.shape[2]
+    PH, PW, CO = out.shape[1], out.shape[2], out.shape[3]
+    xf = x.reshape(x.size)
+    wf = wt.reshape(wt.size)
+    taps = kh * kw
+    nblk = (2 * PW + 31) // 32
+    for t in prange(N * PH * nblk):
+        blk = t % nblk
+        r = t // nblk
+        py = r % PH
+        n = r // PH
+        tile = tiles[numba.get_thread_id()]
+        x0 = 32 * blk
+        for dy in range(2):  # tile[dy*256 + co*32 + j]: conv row 2py+dy, filter co, pixel x0+j
+            _mkt8x2(wf, 0, taps, kw, kh, kw, xf, (n * Hp + 2 * py + dy) * Wp + x0, Wp, 1, tile, dy * 256, 32)
+        for px in range(16 * blk, min(PW, 16 * blk + 16)):
+            j = 2 * px - x0
+            for co in range(CO):
+                i = co * 32 + j
+                m = max(max(tile[i], tile[i + 1]), max(tile[256 + i], tile[256 + i + 1]))
+                out[n, py, px, co] = _act(m + bias[co], act)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
