@@ -73,10 +73,11 @@ def make_repository(path: Path) -> Path:
 
 
 def start_server(repo: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "convserve", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", "0", "--max-batch-size", str(max_batch),
+           "--port", str(port), "--metrics-port", str(metrics_port), "--max-batch-size", str(max_batch),
            "--log-level", "WARNING", *extra]
+    METRICS[f"127.0.0.1:{port}"] = f"http://127.0.0.1:{metrics_port}/metrics"
     proc = subprocess.Popen(cmd)
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -179,8 +180,29 @@ def _worker(target: str, model: str, clients: int, images_per_request: int, seco
     queue.put((lat, errors, inexact, first_error))
 
 
-def server_counts(target: str, model: str) -> tuple[int, int]:
-    """(images inferred, executions) of a model from ModelStatistics: their ratio is the mean batch."""
+METRICS: dict[str, str] = {}  # target -> its /metrics URL, for servers with several workers
+
+
+def counters(target: str, model: str) -> dict[str, int]:
+    """A model's success and failure counts, images inferred and executions, from the server's
+    /metrics when known (summed over `--workers`), else from ModelStatistics (per process)."""
+    if target in METRICS:
+        import urllib.request
+
+        with urllib.request.urlopen(METRICS[target], timeout=10) as response:
+            text = response.read().decode()
+        out = {"success": 0, "fail": 0, "images": 0, "executions": 0}
+        for line in text.splitlines():
+            if line.startswith("#") or f'model="{model}"' not in line:
+                continue
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            if name == "convserve_requests_total":
+                out["success" if 'outcome="success"' in line else "fail"] += int(value)
+            elif name == "convserve_inference_images_total":
+                out["images"] += int(value)
+            elif name == "convserve_batch_size_count":
+                out["executions"] += int(value)
+        return out
     import grpc
 
     from convserve.proto import grpc_service_pb2 as pb
@@ -189,7 +211,15 @@ def server_counts(target: str, model: str) -> tuple[int, int]:
     with grpc.insecure_channel(target) as channel:
         stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
             pb.ModelStatisticsRequest(name=model), timeout=10).model_stats
-    return sum(s.inference_count for s in stats), sum(s.execution_count for s in stats)
+    return {"success": sum(s.inference_stats.success.count for s in stats),
+            "fail": sum(s.inference_stats.fail.count for s in stats),
+            "images": sum(s.inference_count for s in stats), "executions": sum(s.execution_count for s in stats)}
+
+
+def server_counts(target: str, model: str) -> tuple[int, int]:
+    """(images inferred, executions) of a model: their ratio is the mean batch."""
+    c = counters(target, model)
+    return c["images"], c["executions"]
 
 
 def run_load(target: str, model: str, clients: int, images: int, seconds: float, procs: int,
@@ -236,11 +266,6 @@ def run_h2load(target: str, model: str, clients: int, seconds: float) -> dict:
     import shutil
     import struct
 
-    import grpc
-
-    from convserve.proto import grpc_service_pb2 as pb
-    from convserve.proto import grpc_service_pb2_grpc as pb_grpc
-
     if shutil.which("h2load") is None:
         raise RuntimeError("h2load not found (Debian package nghttp2-client)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,10 +274,8 @@ def run_h2load(target: str, model: str, clients: int, seconds: float) -> dict:
         data.write_bytes(b"\x00" + struct.pack(">I", len(body)) + body)  # gRPC length-prefixed message
 
         def stats() -> tuple[int, int]:
-            with grpc.insecure_channel(target) as channel:
-                st = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-                    pb.ModelStatisticsRequest(name=model), timeout=10).model_stats
-            return (sum(s.inference_stats.success.count for s in st), sum(s.inference_stats.fail.count for s in st))
+            c = counters(target, model)
+            return c["success"], c["fail"]
 
         def h2load(requests: int) -> tuple[list[list[str]], float]:
             log.unlink(missing_ok=True)
@@ -298,6 +321,8 @@ def core_throughput(repo: Path, model: str, seconds: float, batch: int = 64) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", help="HOST:PORT of a running server (default: start servers)")
+    parser.add_argument("--metrics-target", help="HOST:PORT of that server's metrics, to count over all its "
+                        "workers (default: ModelStatistics, which is per worker process)")
     parser.add_argument("--model-repository", type=Path, help="repository to serve (default: models/ or a "
                         "generated one with the reference architecture)")
     parser.add_argument("--model", default=None, help="model name (default: the first in the repository)")
@@ -328,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             proc = None
             if args.target:
                 target = args.target
+                if args.metrics_target:
+                    METRICS[target] = f"http://{args.metrics_target}/metrics"
             else:
                 proc, target = start_server(repo, 64 if flavour == "batching" else 1, args.server_arg)
             try:

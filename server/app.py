@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 
@@ -19,6 +20,7 @@ from convserve import __version__
 from convserve.server.config import ServerConfig, resolve_repository
 
 REFUSE_SECONDS = 0.5  # UNAVAILABLE from the servicer before the transport stops
+WORKER_ENV = "CONVSERVE_WORKER_INDEX"  # set by the supervisor in each worker process
 
 log = logging.getLogger("convserve.server")
 
@@ -42,7 +44,9 @@ def message_limit(config: ServerConfig, repository) -> int:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = os.environ.get(WORKER_ENV)
+    name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
+    logging.basicConfig(level=getattr(logging, level), format=f"%(asctime)s %(levelname)s {name}: %(message)s")
     logging.getLogger("convserve").setLevel(getattr(logging, level))
 
 
@@ -89,6 +93,7 @@ class _Observer:
     def on_batch(self, batch_size: int, compute_ns: int) -> None:
         self.metrics.compute_duration.observe(compute_ns / 1e9)
         self.metrics.batch_size.observe(batch_size)
+        self.metrics.sample_queue()
         s = self.stats
         s.execution_count += 1
         s.compute_count += 1
@@ -202,7 +207,7 @@ class InferenceServer:
 
         cfg = self.config
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0)]
         server = grpc.aio.server(options=options)
         servicer = InferenceServicer(self.repository, self.state, self.signatures, self.model_metrics,
                                      cfg.max_queue_delay_us, cfg.max_queue_size)
@@ -334,8 +339,13 @@ def _reflection_pool():
 
 
 def serve(config: ServerConfig) -> int:
-    """Run a server until SIGTERM/SIGINT; returns the process exit code."""
+    """Run a server until SIGTERM/SIGINT; returns the process exit code. With `workers` > 1,
+    supervise that many server processes instead (see `convserve.server.workers`)."""
     configure_logging(config.log_level)
+    if config.workers > 1:
+        from convserve.server.workers import supervise
+
+        return supervise(config)
     server = InferenceServer(config)
     try:
         return asyncio.run(server.run())

@@ -118,6 +118,9 @@ OPTIONS: tuple[Option, ...] = (
            "start even if a model file cannot be loaded (it is listed as UNAVAILABLE) instead of exiting",
            "BOOL"),
     Option("--log-level", _level, "INFO", f"log level: {', '.join(LOG_LEVELS)}", "LEVEL"),
+    Option("--workers", _pos_int, 1,
+           "server processes sharing the gRPC port (SO_REUSEPORT), each with its own models, batcher "
+           "and max(1, cores / N) Numba threads; metrics are summed over them (needs a fixed --port)", "N"),
 )
 
 
@@ -140,6 +143,7 @@ class ServerConfig:
     drain_seconds: float = 2.0
     skip_bad_models: bool = False
     log_level: str = "INFO"
+    workers: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -167,6 +171,21 @@ def _argtype(opt: Option, env_value: str | None) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"{exc}{source}") from None
     parse.__name__ = opt.dest
     return parse
+
+
+def to_flags(config: ServerConfig) -> list[str]:
+    """Command-line flags that reproduce `config` (for worker processes)."""
+    flags: list[str] = []
+    for opt in OPTIONS:
+        value = getattr(config, opt.dest)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        flags += [opt.flag, str(value)]
+    return flags
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

@@ -2,10 +2,15 @@
 
 Per request the servicer touches a pre-bound counter child and three histogram children; the
 queue depth is read by Prometheus from the batcher on scrape (no per-request cost).
+
+Under `--workers N` each worker runs in prometheus-client's multiprocess mode (the supervisor sets
+PROMETHEUS_MULTIPROC_DIR and serves the sum): gauges then say how to combine workers, and the
+queue depth, which a scrape cannot read from another process, is sampled after every batch.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -38,14 +43,15 @@ class ServerMetrics:
                                           buckets=DURATION_BUCKETS, registry=r)
         self.batch_size = Histogram("convserve_batch_size", "Images per model execution", labels,
                                     buckets=BATCH_BUCKETS, registry=r)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.queue_depth = Gauge("convserve_queue_depth", "Requests waiting in the batch queue", labels,
-                                 registry=r)
+                                 registry=r, multiprocess_mode="livesum")
         self.load_seconds = Gauge("convserve_model_load_seconds", "Time to load the model file", labels,
-                                  registry=r)
+                                  registry=r, multiprocess_mode="max")
         self.warmup_seconds = Gauge("convserve_model_warmup_seconds", "Time to compile and warm the model up",
-                                    labels, registry=r)
+                                    labels, registry=r, multiprocess_mode="max")
         self.ready = Gauge("convserve_server_ready", "1 when the server is ready (all models loaded and warm)",
-                           registry=r)
+                           registry=r, multiprocess_mode="livemin")
 
     def for_model(self, model: str, version: str) -> "ModelMetrics":
         return ModelMetrics(self, model, version)
@@ -62,11 +68,21 @@ class ModelMetrics:
         self.compute_duration = metrics.compute_duration.labels(model, version)
         self.batch_size = metrics.batch_size.labels(model, version)
         self._queue_depth = metrics.queue_depth.labels(model, version)
+        self._multiprocess = metrics.multiprocess
+        self._depth: Callable[[], float] | None = None
         self._load = metrics.load_seconds.labels(model, version)
         self._warmup = metrics.warmup_seconds.labels(model, version)
 
     def track_queue(self, depth: Callable[[], float]) -> None:
-        self._queue_depth.set_function(depth)
+        if self._multiprocess:
+            self._depth = depth
+        else:
+            self._queue_depth.set_function(depth)
+
+    def sample_queue(self) -> None:
+        """Multiprocess mode: record the queue depth now (called after each batch)."""
+        if self._depth is not None:
+            self._queue_depth.set(self._depth())
 
     def loaded(self, load_seconds: float, warmup_seconds: float) -> None:
         self._load.set(load_seconds)
