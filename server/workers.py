@@ -58,16 +58,24 @@ def supervise(config: ServerConfig) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     metrics_server = None
     try:
-        if config.metrics_port:
-            metrics_server = _serve_metrics(config, metrics_dir)
-        log.info("starting %d workers on %s:%d, %s Numba thread(s) each, metrics %s", config.workers,
-                 config.host, config.port, env["NUMBA_NUM_THREADS"],
-                 f"http://{config.host}:{config.metrics_port}/metrics" if metrics_server else "disabled")
+        log.info("starting %d workers on %s:%d, %s Numba thread(s) each", config.workers, config.host,
+                 config.port, env["NUMBA_NUM_THREADS"])
         command = worker_command(config)
         for index in range(config.workers):
-            # own session: a terminal's Ctrl-C reaches the supervisor only, which forwards it once
+            # own session: a terminal's Ctrl-C reaches the supervisor only, which forwards it once.
+            # Started before the metrics thread: preexec_fn is only safe in a single-threaded parent.
             workers.append(subprocess.Popen(command, env={**env, WORKER_ENV: str(index)}, start_new_session=True,
                                             preexec_fn=_die_with_parent))
+        if config.metrics_port:
+            try:
+                metrics_server = _serve_metrics(config, metrics_dir)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s:%d: %s; stopping the workers", config.host,
+                          config.metrics_port, exc)
+                forward(signal.SIGTERM, None)
+                _wait(workers, stopping, config, metrics_dir)
+                return 2
+            log.info("metrics of all workers on http://%s:%d/metrics", config.host, config.metrics_port)
         return _wait(workers, stopping, config, metrics_dir)
     finally:
         for worker in workers:

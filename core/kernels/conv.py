@@ -40,6 +40,18 @@ _Z = np.float32(0.0)
 _ONE = np.float32(1.0)
 
 
+def _close_loop(builder, counter, limit, phis, values, latch, header, exit_block) -> None:
+    """The back edge of a counted loop in LLVM IR: counter + 1 and `values` flow from block
+    `latch` into `header`'s phis (`phis`, matching `values` row by row); leave for `exit_block`
+    once the counter reaches `limit`."""
+    following = builder.add(counter, ir.Constant(counter.type, 1))
+    counter.add_incoming(following, latch)
+    for phi_row, value_row in zip(phis, values):
+        for phi, value in zip(phi_row, value_row):
+            phi.add_incoming(value, latch)
+    builder.cbranch(builder.icmp_signed("<", following, limit), header, exit_block)
+
+
 def _microkernel(rows: int, vectors: int, b_steps: bool = False):
     """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
     convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
@@ -73,7 +85,6 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
         zero = ir.Constant(vec, [0.0] * 16)
         undef = ir.Constant(vec, ir.Undefined)
         splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
-        one = ir.Constant(i64, 1)
         fn = builder.function
         entry = builder.block
         outer = fn.append_basic_block("mk_segment")
@@ -111,20 +122,10 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
             splat = builder.shuffle_vector(builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef,
                                            splat_mask)
             new.append([builder.call(fma, [splat, bv[v], acc[r][v]]) for v in range(vectors)])
-        k_next = builder.add(k, one)
-        k.add_incoming(k_next, inner)
-        for r in range(rows):
-            for v in range(vectors):
-                acc[r][v].add_incoming(new[r][v], inner)
-        builder.cbranch(builder.icmp_signed("<", k_next, seg_len), inner, seg_end)
+        _close_loop(builder, k, seg_len, acc, new, inner, inner, seg_end)
 
         builder.position_at_end(seg_end)
-        s_next = builder.add(s, one)
-        s.add_incoming(s_next, seg_end)
-        for r in range(rows):
-            for v in range(vectors):
-                acc_seg[r][v].add_incoming(new[r][v], seg_end)
-        builder.cbranch(builder.icmp_signed("<", s_next, segs), outer, done)
+        _close_loop(builder, s, segs, acc_seg, new, seg_end, outer, done)
 
         builder.position_at_end(done)
         for r in range(rows):
