@@ -15,6 +15,10 @@ from convserve.proto import grpc_service_pb2 as pb
 from convserve.server import config as cfg
 from tests import server_harness as h
 
+# A deliberately long warm-up, so that checks run while it is still going: 150 distinct batch
+# sizes (a repeated size warms up once), about 67,000 images, seconds even on a fast machine.
+LONG_WARMUP = ",".join(str(n) for n in range(150, 300))
+
 
 # -- configuration ---------------------------------------------------------------------------
 def parse(argv: list[str], environ: dict[str, str]) -> cfg.ServerConfig:
@@ -212,10 +216,7 @@ def test_not_ready_until_every_model_is_warm(tmp_path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     h.write_model(tmp_path / "m" / "1" / "model.safetensors", "fashion_mnist", seed=9)
-    # A deliberately long warm-up (80 batches of 512: several seconds even on a fast, quiet machine),
-    # so the checks below run while it is still going.
-    warmup = ",".join(["1"] + ["512"] * 80)
-    server = h.Server(tmp_path, "--warmup-batch-sizes", warmup, "--max-request-images", "2000", metrics=False)
+    server = h.Server(tmp_path, "--warmup-batch-sizes", LONG_WARMUP, "--max-request-images", "2000", metrics=False)
     channel = grpc.insecure_channel(server.target)
     try:
         api = h.stub(server.target)[0]
@@ -247,8 +248,7 @@ def test_not_ready_until_every_model_is_warm(tmp_path):
 
 def test_sigterm_during_warmup_exits_promptly(tmp_path):
     h.write_model(tmp_path / "m" / "1" / "model.safetensors", "fashion_mnist", seed=10)
-    server = h.Server(tmp_path, "--warmup-batch-sizes", ",".join(["1"] + ["512"] * 40), "--max-request-images", "600",
-                      metrics=False)
+    server = h.Server(tmp_path, "--warmup-batch-sizes", LONG_WARMUP, "--max-request-images", "600", metrics=False)
     api = h.stub(server.target)[0]
     deadline = time.monotonic() + 60
     while True:  # listening, still warming up
