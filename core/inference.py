@@ -35,6 +35,8 @@ BATCH_CHUNK = 32       # larger batches run through the network in chunks of thi
 # CONVSERVE_ADAPTIVE_THREADS=1: on a quiet machine two threads win (batch 8: about 9,000-10,000
 # img/s against 5,600 on one), and the chooser's exploration calls, which find the other
 # threads asleep, made it settle on one thread. It helps on busy, shared hosts.
+SERIAL_MAX_WORK = 32768  # multiply-adds (or copied values) below which a step runs on the calling
+                         # thread: a parallel region costs a few microseconds to start and join
 ADAPT_MAX_BATCH = 8 if os.environ.get("CONVSERVE_ADAPTIVE_THREADS") == "1" else 0
 
 
@@ -87,6 +89,12 @@ def _splits(tasks: int, groups: int, threads: int) -> int:
     while tasks * splits < 4 * threads and splits * 2 <= groups:
         splits *= 2
     return splits
+
+
+def _pad_kernel(n: int, step: "_Step") -> Any:
+    """The padding copy of a conv step's input: serial for small inputs."""
+    h, w, c = step.params["padded"]
+    return kconv.pad_input_serial if n * h * w * c < SERIAL_MAX_WORK else kconv.pad_input
 
 
 @dataclass
@@ -263,10 +271,10 @@ class InferencePlan:
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Compile (or load from numba's cache) every kernel the model can need and allocate
-        the buffers, by running each batch size once (plus 1, DENSE2_MAX_BATCH - 1 and
-        DENSE2_MAX_BATCH, which between them reach every kernel: batch sizes pick different
-        dense kernels)."""
-        for n in sorted({1, DENSE2_MAX_BATCH - 1, DENSE2_MAX_BATCH, *batch_sizes}):
+        the buffers, by running each batch size once (plus 1, DENSE2_MAX_BATCH - 1,
+        DENSE2_MAX_BATCH and BATCH_CHUNK, which between them reach every kernel: batch sizes
+        pick different dense kernels, and small steps run serial versions)."""
+        for n in sorted({1, DENSE2_MAX_BATCH - 1, DENSE2_MAX_BATCH, BATCH_CHUNK, *batch_sizes}):
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32))
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32), preprocess=True)
 
@@ -380,14 +388,14 @@ class InferencePlan:
             if step.kind in ("conv_pool2", "conv"):
                 if raw or p["needs_pad"]:
                     padded = self._padded[k][:n]
-                    add(kconv.pad_input, x, sc, sf, int(raw), padded, p["pt"], p["pl"])
+                    add(_pad_kernel(n, step), x, sc, sf, int(raw), padded, p["pt"], p["pl"])
                     x = padded
                 splits = _splits(n * step.shape[0], step.shape[1], threads)
                 kernel = kconv.conv_pool2 if step.kind == "conv_pool2" else kconv.conv
                 add(kernel, x, p["wk"], p["bias"], self._tiles, out, p["kh"], p["kw"], p["sh"], p["sw"], p["act"], splits)
             elif step.kind == "conv1_pixels_pool2":
                 padded = self._padded[k][:n]
-                add(kconv.pad_input, x, sc, sf, int(raw), padded, p["pt"], p["pl"])
+                add(_pad_kernel(n, step), x, sc, sf, int(raw), padded, p["pt"], p["pl"])
                 add(kconv.conv1_pixels_pool2, padded, p["wt"], p["bias"], self._tiles, out, p["kh"], p["kw"], p["act"])
             elif step.kind == "conv1_k3_pool2":
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
@@ -401,7 +409,10 @@ class InferencePlan:
             elif step.kind == "dense":
                 groups = p["wt"].shape[0] // 4
                 splits = 1 if p["act"] == 4 else _splits((n + 3) // 4, groups, threads)
-                add(kdense.dense, x, p["wt"], p["bias"], out, p["act"], splits)
+                if n * p["wt"].shape[0] * p["wt"].shape[1] < SERIAL_MAX_WORK:
+                    add(kdense.dense_serial, x, p["wt"], p["bias"], out, p["act"])
+                else:
+                    add(kdense.dense, x, p["wt"], p["bias"], out, p["act"], splits)
             elif step.kind == "activate":
                 add(kdense.activate, x.reshape(-1, p["width"]), p["act"])
             x = out

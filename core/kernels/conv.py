@@ -252,13 +252,12 @@ def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, COp, tile, t_off, count):
         c += 16 * nv
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def pad_input(x, scale, shift, pre, out, pt, pl):
-    """out[:, pt:pt+H, pl:pl+W, :] = x (times scale plus shift per channel when pre), clipped to
-    out; the border of out is left as it is (zeros from its allocation)."""
-    N, H, W, C = x.shape
+@njit(fastmath=True, cache=True, nogil=True)
+def _pad_rows(x, scale, shift, pre, out, pt, pl, t0, t1):
+    """Rows t0..t1-1 of (image, input row) of `pad_input`."""
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
     Hp, Wp = out.shape[1], out.shape[2]
-    for t in prange(N * H):
+    for t in range(t0, t1):
         n = t // H
         y = t % H
         oy = y + pt
@@ -273,6 +272,21 @@ def pad_input(x, scale, shift, pre, out, pt, pl):
                 else:
                     for c in range(C):
                         out[n, oy, ox, c] = x[n, y, xx, c] * scale[c] + shift[c]
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def pad_input(x, scale, shift, pre, out, pt, pl):
+    """out[:, pt:pt+H, pl:pl+W, :] = x (times scale plus shift per channel when pre), clipped to
+    out; the border of out is left as it is (zeros from its allocation)."""
+    rows = x.shape[0] * x.shape[1]
+    for t in prange(rows):
+        _pad_rows(x, scale, shift, pre, out, pt, pl, t, t + 1)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def pad_input_serial(x, scale, shift, pre, out, pt, pl):
+    """`pad_input` on the calling thread, for inputs too small to pay for a parallel region."""
+    _pad_rows(x, scale, shift, pre, out, pt, pl, 0, x.shape[0] * x.shape[1])
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)

@@ -130,6 +130,21 @@ def dense(x, wt, bias, out, act, splits):
                 _softmax_row(out[r, :U])
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def dense_serial(x, wt, bias, out, act):
+    """`dense` on the calling thread only, for layers too small to pay for a parallel region
+    (the same micro-kernel calls, so the same results)."""
+    N = x.shape[0]
+    inner = 0 if act == 4 else act
+    for rg in range((N + 3) // 4):
+        r_lo = rg * 4
+        r_hi = min(N, r_lo + 4)
+        _dense_rows(x, wt, bias, out, r_lo, r_hi, 0, wt.shape[0], inner)
+        if act == 4:
+            for r in range(r_lo, r_hi):
+                _softmax_row(out[r, :out.shape[1]])
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def dense2(x, wt1, b1, h, act1, wt2, b2, out, act2):
     """Two dense layers in one parallel region, one task per row group (small batches).
