@@ -183,12 +183,13 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
                     kind = "conv1_pixels_pool2"
                     p["wt"] = np.zeros((8, kh * kw), np.float32)
                     p["wt"][:layer.filters] = kernel.reshape(kh * kw, layer.filters).T
-                    _add_padding(p, layer.input_shape, (2 * nxt.output_shape[0], 2 * nxt.output_shape[1]))
-                    hp, wp, c = p["padded"]  # 32-pixel blocks read past the last column
-                    p["padded"] = (hp, max(wp, (2 * nxt.output_shape[1] + 31) // 32 * 32 + kw - 1), c)
+                if kind != "conv1_k3_pool2":  # only the conv rows and columns the pool keeps
+                    rows, cols = 2 * nxt.output_shape[0], 2 * nxt.output_shape[1]
+                    _add_padding(p, layer.input_shape, (rows, cols))
+                if kind == "conv1_pixels_pool2":  # its 32-pixel blocks read past the last column
+                    hp, wp, c = p["padded"]
+                    p["padded"] = (hp, max(wp, (cols + 31) // 32 * 32 + kw - 1), c)
                     p["needs_pad"] = True
-                if kind == "conv_pool2":  # only the conv rows and columns the pool keeps
-                    _add_padding(p, layer.input_shape, (2 * nxt.output_shape[0], 2 * nxt.output_shape[1]))
                 steps.append(_Step(kind, nxt.output_shape, {**p, "act": act}, takes_raw=first))
                 i += 2
                 continue

@@ -173,6 +173,22 @@ def test_predict_applies_preprocessing_in_the_kernels(cases):
         assert np.abs(model.predict(pixels.astype(np.float64)) - expected).max() <= TOLERANCE
 
 
+def test_softmax_hidden_dense_layer_at_every_batch_size():
+    """The last two dense layers run as one region for small batches: a softmax in the first
+    of them must still be applied there (and in the serial and parallel paths of larger ones)."""
+    doc = {"name": "hidden-softmax", "input": {"shape": [6, 6, 2], "scale": 1.0, "mean": [0.0, 0.0], "std": [1.0, 1.0]},
+           "labels": ["a", "b", "c"],
+           "layers": [{"type": "flatten"}, {"type": "dense", "units": 200, "activation": "softmax"},
+                      {"type": "dense", "units": 3, "activation": "linear"}]}
+    weights = _weights(doc, 11)
+    model = Model(doc, weights)
+    rng = np.random.default_rng(12)
+    for n in (1, 3, 5, 7, 8, 40):
+        x = rng.standard_normal((n, 6, 6, 2)).astype(np.float32)
+        np.testing.assert_allclose(model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE, rtol=0,
+                                   err_msg=f"batch {n}")
+
+
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_presets_match_numpy_reference(name):
     doc = preset(name)

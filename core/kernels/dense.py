@@ -131,18 +131,21 @@ def dense(x, wt, bias, out, act, splits):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
+def _dense_group(x, wt, bias, out, r_lo, r_hi, act):
+    """Rows r_lo..r_hi-1 (one row group) of a whole dense layer, softmax (4) included."""
+    _dense_rows(x, wt, bias, out, r_lo, r_hi, 0, wt.shape[0], 0 if act == 4 else act)
+    if act == 4:
+        for r in range(r_lo, r_hi):
+            _softmax_row(out[r])
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def dense_serial(x, wt, bias, out, act):
     """`dense` on the calling thread only, for layers too small to pay for a parallel region
     (the same micro-kernel calls, so the same results)."""
     N = x.shape[0]
-    inner = 0 if act == 4 else act
-    for rg in range((N + 3) // 4):
-        r_lo = rg * 4
-        r_hi = min(N, r_lo + 4)
-        _dense_rows(x, wt, bias, out, r_lo, r_hi, 0, wt.shape[0], inner)
-        if act == 4:
-            for r in range(r_lo, r_hi):
-                _softmax_row(out[r, :out.shape[1]])
+    for r_lo in range(0, N, 4):
+        _dense_group(x, wt, bias, out, r_lo, min(N, r_lo + 4), act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -152,15 +155,11 @@ def dense2(x, wt1, b1, h, act1, wt2, b2, out, act2):
     h: (N, U1) scratch for the hidden layer; out: (N, U2).
     """
     N = x.shape[0]
-    inner = 0 if act2 == 4 else act2
     for rg in prange((N + 3) // 4):
         r_lo = rg * 4
         r_hi = min(N, r_lo + 4)
-        _dense_rows(x, wt1, b1, h, r_lo, r_hi, 0, wt1.shape[0], act1)
-        _dense_rows(h, wt2, b2, out, r_lo, r_hi, 0, wt2.shape[0], inner)
-        if act2 == 4:
-            for r in range(r_lo, r_hi):
-                _softmax_row(out[r])
+        _dense_group(x, wt1, b1, h, r_lo, r_hi, act1)
+        _dense_group(h, wt2, b2, out, r_lo, r_hi, act2)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
