@@ -119,6 +119,24 @@ def _pack_conv(layer: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) ->
             "pt": layer.pads[0], "pl": layer.pads[2]}
 
 
+_WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+WINO_MIN_CHANNELS = 8   # below this many input channels a GEMM over them is too short to pay
+
+
+def _winograd_kernel(kernel: np.ndarray, cop: int) -> np.ndarray:
+    """The F(2x2, 3x3) transformed kernel G g G^T as (16, CI, COp), computed in float64."""
+    _, _, ci, co = kernel.shape
+    u = np.einsum("ia,abcd,jb->ijcd", _WINO_G, kernel.astype(np.float64), _WINO_G)
+    out = np.zeros((16, ci, cop), np.float32)
+    out[:, :, :co] = u.reshape(16, ci, co)
+    return out
+
+
+def _winograd_fits(layer: LayerSpec) -> bool:
+    return (layer.kernel_size == (3, 3) and layer.strides == (1, 1)
+            and layer.input_shape[2] >= WINO_MIN_CHANNELS)
+
+
 def _channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Pack a conv kernel for the channel-vector kernels: (ceil(CO/16), taps + 1, 16), per block
     of 16 output channels the taps in (ky, kx, ci) order then the bias, zero padded."""
@@ -175,6 +193,20 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
             first = not steps
             fuse = act in _MONOTONIC and _fusable_pool(nxt) and layer.output_shape[0] >= 2 and layer.output_shape[1] >= 2
             ci, (kh, kw), kernel = layer.input_shape[2], layer.kernel_size, weights[f"{prefix}.kernel"]
+            if _winograd_fits(layer):
+                p["u"] = _winograd_kernel(kernel, p["wk"].shape[1])
+                if fuse:
+                    shape, rows_cols = nxt.output_shape, (2 * nxt.output_shape[0], 2 * nxt.output_shape[1])
+                else:
+                    shape = layer.output_shape
+                    rows_cols = (_round_up(shape[0], 2), _round_up(shape[1], 2))
+                _add_padding(p, layer.input_shape, rows_cols)
+                p.update(act=0 if act == 4 else act, pool=fuse)
+                steps.append(_Step("conv_wino", shape, p, takes_raw=first))
+                if act == 4:
+                    steps.append(_Step("activate", None, {"act": 4, "width": layer.filters}))
+                i += 2 if fuse else 1
+                continue
             if fuse:
                 kind = "conv_pool2"
                 if ci == 1 and layer.strides == (1, 1) and (kh, kw) == (3, 3) and layer.filters % 16 == 0:
@@ -245,6 +277,9 @@ class InferencePlan:
                 tile = max(tile, 4 * step.shape[1] * step.params["wk"].shape[1])
             elif step.kind == "conv":
                 tile = max(tile, step.shape[1] * step.params["wk"].shape[1])
+            elif step.kind == "conv_wino":
+                tw = step.shape[1] if step.params["pool"] else (step.shape[1] + 1) // 2
+                tile = max(tile, 16 * tw * sum(step.params["u"].shape[1:]))
         self._tiles = np.zeros((self.threads, tile), np.float32)
         self._capacity = 0   # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
@@ -394,6 +429,14 @@ class InferencePlan:
                 splits = _splits(n * step.shape[0], step.shape[1], threads)
                 kernel = kconv.conv_pool2 if step.kind == "conv_pool2" else kconv.conv
                 add(kernel, x, p["wk"], p["bias"], self._tiles, out, p["kh"], p["kw"], p["sh"], p["sw"], p["act"], splits)
+            elif step.kind == "conv_wino":
+                if raw or p["needs_pad"]:
+                    padded = self._padded[k][:n]
+                    add(_pad_kernel(n, step), x, sc, sf, int(raw), padded, p["pt"], p["pl"])
+                    x = padded
+                rows = step.shape[0] if p["pool"] else (step.shape[0] + 1) // 2
+                splits = _splits(n * rows, p["u"].shape[2] // 16, threads)
+                add(kconv.conv_wino, x, p["u"], p["bias"], self._tiles, out, p["act"], p["pool"], splits)
             elif step.kind == "conv1_pixels_pool2":
                 padded = self._padded[k][:n]
                 add(_pad_kernel(n, step), x, sc, sf, int(raw), padded, p["pt"], p["pl"])

@@ -123,6 +123,7 @@ def test_random_architectures_cover_every_option(cases):
     assert {"activation", "dropout", "dense"} <= {l.type for l in layers}
     kinds = {s.kind for _, _, m, _ in cases for s in m._plan.steps}
     assert {"conv", "conv_pool2", "conv1_k3_pool2", "conv1_pixels_pool2", "pool", "dense", "activate"} <= kinds
+    assert "conv_wino" in {s.kind for name in PRESET_NAMES for s in Model(preset(name), _weights(preset(name), 0))._plan.steps}
 
 
 @pytest.mark.parametrize("filters", [20, 32, 48, 64, 80, 130])
@@ -150,6 +151,39 @@ def test_wide_convolutions_match_numpy_reference(filters):
             x = rng.standard_normal((3, width + 2, width, 5)).astype(np.float32)
             np.testing.assert_allclose(model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE, rtol=0,
                                        err_msg=f"width {width}, pool {pool}, stride {stride}, {padding}")
+
+
+@pytest.mark.parametrize("channels,filters", [(8, 16), (16, 64), (20, 70), (37, 32), (64, 20)])
+def test_winograd_convolutions_match_numpy_reference(channels, filters):
+    """3x3 stride-1 layers with 8 or more input channels run as Winograd F(2x2, 3x3): whole and
+    partial vectors of 16 channels in both transforms, odd and even output sizes (edge tiles
+    that are half outside), pooled or not, every activation, raw input preprocessed in the
+    padding copy, batches of 1 and 4 (the channel-split tasks of small batches)."""
+    rng = np.random.default_rng(channels * 100 + filters)
+    shapes = ((3, 3), (4, 5), (7, 6), (10, 13))
+    for (h, w), act in zip(shapes, ACTIVATIONS + ["relu"]):
+        for pool, padding in ((True, "valid"), (False, "same"), (False, "valid"), (True, "same")):
+            if pool and padding == "valid" and min(h, w) < 4:
+                continue
+            layers = [{"type": "conv2d", "filters": filters, "kernel_size": 3, "padding": padding,
+                       "activation": act if not pool or act != "softmax" else "relu"}]
+            if pool:
+                layers.append({"type": "max_pooling2d", "pool_size": 2})
+            layers += [{"type": "flatten"}, {"type": "dense", "units": 4, "activation": "linear"}]
+            doc = {"name": "wino", "input": {"shape": [h, w, channels], "scale": 0.5, "mean": [0.1] * channels,
+                                             "std": [0.8] * channels},
+                   "labels": ["a", "b", "c", "d"], "layers": layers}
+            weights = _weights(doc, channels + filters + h)
+            model = Model(doc, weights)
+            assert model._plan.steps[0].kind == "conv_wino"
+            for n in (1, 4):
+                x = rng.standard_normal((n, h, w, channels)).astype(np.float32)
+                where = f"{h}x{w}, {act}, pool {pool}, {padding}, batch {n}"
+                np.testing.assert_allclose(model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE, rtol=1e-5,
+                                           err_msg=where)
+                pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
+                np.testing.assert_allclose(model.predict(pixels), ref.forward(doc, weights, pixels, preprocess=True),
+                                           atol=TOLERANCE, rtol=1e-5, err_msg=where + ", raw pixels")
 
 
 def test_random_architectures_match_numpy_reference(cases):
