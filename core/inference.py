@@ -2,7 +2,7 @@
 
 `InferencePlan` turns the layer list into steps once: weights are packed for the kernels, fusable
 patterns are merged (conv + 2x2/2 max pool, a standalone activation into the layer before it,
-the model's preprocessing into the first convolution, two final dense layers for small batches),
+the model's preprocessing into the first convolution),
 dropout and flatten cost nothing (flatten is a view: NHWC is already H, W, C order). Batches
 above BATCH_CHUNK images run in chunks; one set of activation buffers, sized for the largest
 chunk seen, is reused by every call, which allocates only its result.
@@ -28,8 +28,6 @@ from convserve.core.kernels import pool as kpool
 
 ACT_CODES = {"linear": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softmax": 4}
 _MONOTONIC = (0, 1, 2, 3)
-DENSE2_MAX_BATCH = 8   # below this (with a row group of 4 per thread), the last two dense layers run
-                       # as one parallel region; smaller batches split the first one's units instead
 BATCH_CHUNK = 32       # larger batches run through the network in chunks of this many images
 # Up to this batch size, choose between 1 and all threads by measured speed. Off (0) unless
 # CONVSERVE_ADAPTIVE_THREADS=1: on a quiet machine two threads win (batch 8: about 9,000-10,000
@@ -37,6 +35,7 @@ BATCH_CHUNK = 32       # larger batches run through the network in chunks of thi
 # threads asleep, made it settle on one thread. It helps on busy, shared hosts.
 SERIAL_MAX_WORK = 32768  # multiply-adds (or copied values) below which a step runs on the calling
                          # thread: a parallel region costs a few microseconds to start and join
+DENSE_SERIAL_MAX_WORK = 4 * SERIAL_MAX_WORK  # the same for dense layers, whose weights stream from cache
 ADAPT_MAX_BATCH = 8 if os.environ.get("CONVSERVE_ADAPTIVE_THREADS") == "1" else 0
 
 
@@ -149,13 +148,14 @@ def _channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 
 def _pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(K, units rounded up to 16) weights with zero columns, and the bias padded the same way."""
     k, units = kernel.shape
-    wt = np.zeros((_round_up(units, 8), k), np.float32)
-    wt[:units] = kernel.T
-    b = np.zeros(wt.shape[0], np.float32)
+    wk = np.zeros((k, _round_up(units, 16)), np.float32)
+    wk[:, :units] = kernel
+    b = np.zeros(wk.shape[1], np.float32)
     if bias is not None:
         b[:units] = bias
-    return wt, b
+    return wk, b
 
 
 def _add_padding(p: dict[str, Any], input_shape: tuple[int, ...], rows_cols: tuple[int, int]) -> None:
@@ -245,15 +245,12 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
             if act == 0 and nxt is not None and nxt.type == "activation":
                 act = ACT_CODES[nxt.activation]
                 i += 1
-            wt, b = _pack_dense(weights[f"{prefix}.kernel"], weights.get(f"{prefix}.bias"))
-            steps.append(_Step("dense", layer.output_shape, {"wt": wt, "bias": b, "act": act}))
+            wk, b = _pack_dense(weights[f"{prefix}.kernel"], weights.get(f"{prefix}.bias"))
+            steps.append(_Step("dense", layer.output_shape, {"wk": wk, "bias": b, "act": act}))
         elif layer.type == "activation":
             width = layer.output_shape[-1]
             steps.append(_Step("activate", None, {"act": ACT_CODES[layer.activation], "width": width}))
         i += 1
-    # the last two dense layers of a classifier as one region for small batches
-    if len(steps) >= 2 and steps[-1].kind == "dense" and steps[-2].kind == "dense":
-        steps[-1].params["pair_with_previous"] = True
     return steps
 
 
@@ -268,7 +265,10 @@ class InferencePlan:
         std = np.asarray(arch.std, np.float32)
         self.scale = (np.float32(arch.scale) / std).astype(np.float32)
         self.shift = (-np.asarray(arch.mean, np.float32) / std).astype(np.float32)
-        self._identity = (np.ones(arch.input_shape[2], np.float32), np.zeros(arch.input_shape[2], np.float32))
+        # per-channel values repeated along an input row, for the padding copy's contiguous runs
+        h, w, c = arch.input_shape
+        self._row_scale, self._row_shift = np.tile(self.scale, w), np.tile(self.shift, w)
+        self._identity = (np.ones(w * c, np.float32), np.zeros(w * c, np.float32))
         self.steps = build_steps(arch, weights)
         self.threads = numba.config.NUMBA_NUM_THREADS
         tile = 512  # per-thread conv output rows: two conv rows of a pooled row, one conv row, or 2x8x32
@@ -277,6 +277,8 @@ class InferencePlan:
                 tile = max(tile, 4 * step.shape[1] * step.params["wk"].shape[1])
             elif step.kind == "conv":
                 tile = max(tile, step.shape[1] * step.params["wk"].shape[1])
+            elif step.kind == "dense":
+                tile = max(tile, kconv.DENSE_ROWS * step.params["wk"].shape[1])
             elif step.kind == "conv_wino":
                 tw = step.shape[1] if step.params["pool"] else (step.shape[1] + 1) // 2
                 tile = max(tile, 16 * tw * sum(step.params["u"].shape[1:]))
@@ -307,10 +309,9 @@ class InferencePlan:
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Compile (or load from numba's cache) every kernel the model can need and allocate
-        the buffers, by running each batch size once (plus 1, DENSE2_MAX_BATCH - 1,
-        DENSE2_MAX_BATCH and BATCH_CHUNK, which between them reach every kernel: batch sizes
-        pick different dense kernels, and small steps run serial versions)."""
-        for n in sorted({1, DENSE2_MAX_BATCH - 1, DENSE2_MAX_BATCH, BATCH_CHUNK, *batch_sizes}):
+        the buffers, by running each batch size once (plus 1, 8 and BATCH_CHUNK, which between
+        them reach every kernel: small steps run serial versions)."""
+        for n in sorted({1, 8, BATCH_CHUNK, *batch_sizes}):
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32))
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32), preprocess=True)
 
@@ -326,9 +327,6 @@ class InferencePlan:
                     bufs.append(None)
                 else:
                     bufs.append(np.empty((n, *step.shape), np.float32))
-            for k, step in enumerate(self.steps):  # hidden layer of the fused dense pair
-                if step.params.get("pair_with_previous"):
-                    bufs.append(np.empty((n, self.steps[k - 1].shape[0]), np.float32))
             # zero-padded conv inputs: only their interior is ever written, the border stays zero
             self._padded = {k: np.zeros((n, *step.params["padded"]), np.float32)
                             for k, step in enumerate(self.steps)
@@ -410,17 +408,8 @@ class InferencePlan:
                 out, result_shape = _RESULT, (n, *step.shape)
             else:
                 out = bufs[k]
-            if step.kind == "dense" and k + 1 < count and steps[k + 1].params.get("pair_with_previous") \
-                    and (n + 3) // 4 >= threads and n < DENSE2_MAX_BATCH:
-                nxt = steps[k + 1]
-                result_shape = (n, *nxt.shape)
-                add(kdense.dense2, x, p["wt"], p["bias"], bufs[-1], p["act"],
-                    nxt.params["wt"], nxt.params["bias"], _RESULT, nxt.params["act"])
-                x = _RESULT
-                k += 2
-                continue
             raw = step.takes_raw and preprocess
-            sc, sf = (self.scale, self.shift) if raw else self._identity
+            sc, sf = (self._row_scale, self._row_shift) if raw else self._identity
             if step.kind in ("conv_pool2", "conv"):
                 if raw or p["needs_pad"]:
                     padded = self._padded[k][:n]
@@ -445,18 +434,18 @@ class InferencePlan:
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
                 add(kconv.conv1_k3_pool2, x, p["wb"], sc, sf, out, p["pt"], p["pl"], p["act"], splits)
             elif step.kind == "preprocess":
-                add(kdense.preprocess, x, sc, sf, out)
+                add(kdense.preprocess, x, *((self.scale, self.shift) if raw else self._identity), out)
             elif step.kind == "pool":
                 add(kpool.pool2d, x, out, p["ph"], p["pw"], p["sh"], p["sw"], p["pt"], p["pl"], p["average"])
             elif step.kind == "flatten":
                 out = x.reshape(n, -1)  # x is a buffer here: a preprocess step always comes first
             elif step.kind == "dense":
-                groups = p["wt"].shape[0] // 4
-                splits = 1 if p["act"] == 4 else _splits((n + 3) // 4, groups, threads)
-                if n * p["wt"].shape[0] * p["wt"].shape[1] < SERIAL_MAX_WORK:
-                    add(kdense.dense_serial, x, p["wt"], p["bias"], out, p["act"])
+                if n * p["wk"].size < DENSE_SERIAL_MAX_WORK:
+                    add(kconv.dense_serial, x, p["wk"], p["bias"], self._tiles, out, p["act"])
                 else:
-                    add(kdense.dense, x, p["wt"], p["bias"], out, p["act"], splits)
+                    rows = (n + kconv.DENSE_ROWS - 1) // kconv.DENSE_ROWS
+                    splits = 1 if p["act"] == 4 else _splits(rows, p["wk"].shape[1] // 64 or 1, threads)
+                    add(kconv.dense, x, p["wk"], p["bias"], self._tiles, out, p["act"], splits)
             elif step.kind == "activate":
                 add(kdense.activate, x.reshape(-1, p["width"]), p["act"])
             x = out

@@ -37,6 +37,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _Z = np.float32(0.0)
+DENSE_ROWS = 8   # batch rows per dense task: one 8-row or two 4-row micro-kernel calls
 _ONE = np.float32(1.0)
 
 
@@ -352,30 +353,37 @@ def _pad_rows(x, scale, shift, pre, out, pt, pl, t0, t1):
     """Rows t0..t1-1 of (image, input row) of `pad_input`."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     Hp, Wp = out.shape[1], out.shape[2]
+    x0 = max(0, -pl)
+    x1 = min(W, Wp - pl)
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
     for t in range(t0, t1):
         n = t // H
         y = t % H
         oy = y + pt
         if oy < 0 or oy >= Hp:
             continue
-        for xx in range(W):
-            ox = xx + pl
-            if 0 <= ox < Wp:
-                if pre == 0:
-                    for c in range(C):
-                        out[n, oy, ox, c] = x[n, y, xx, c]
-                else:
-                    for c in range(C):
-                        out[n, oy, ox, c] = x[n, y, xx, c] * scale[c] + shift[c]
+        # views indexed from 0: numba's negative-index check on a computed flat index would
+        # stop the loop from vectorizing
+        src = xf[((n * H + y) * W + x0) * C:((n * H + y) * W + x1) * C]
+        dst = of[((n * Hp + oy) * Wp + x0 + pl) * C:((n * Hp + oy) * Wp + x1 + pl) * C]
+        if pre == 0:
+            for j in range(src.size):
+                dst[j] = src[j]
+        else:
+            for j in range(src.size):
+                dst[j] = src[j] * scale[j] + shift[j]
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def pad_input(x, scale, shift, pre, out, pt, pl):
     """out[:, pt:pt+H, pl:pl+W, :] = x (times scale plus shift per channel when pre), clipped to
-    out; the border of out is left as it is (zeros from its allocation)."""
+    out; the border of out is left as it is (zeros from its allocation). scale and shift hold
+    the per-channel values repeated along a row (W*C values), so each row is one contiguous run."""
     rows = x.shape[0] * x.shape[1]
-    for t in prange(rows):
-        _pad_rows(x, scale, shift, pre, out, pt, pl, t, t + 1)
+    per = max(1, x.shape[1] // 2)  # half an image per task
+    for g in prange((rows + per - 1) // per):
+        _pad_rows(x, scale, shift, pre, out, pt, pl, g * per, min(rows, g * per + per))
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -605,6 +613,76 @@ def conv_wino(x, u, bias, tiles, out, act, pool, splits):
             else:
                 _wino_output(mf, TW, COp, c0, c1, bias, act, of, (n * OH + 2 * ty) * row_out, row_out, CO,
                              False, min(2, OH - 2 * ty), OW)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _softmax_row(row):
+    m = row[0]
+    for j in range(1, row.size):
+        m = row[j] if row[j] > m else m
+    s = _Z
+    for j in range(row.size):
+        e = np.exp(row[j] - m)
+        row[j] = e
+        s += e
+    inv = _ONE / s
+    for j in range(row.size):
+        row[j] *= inv
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
+    """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (multiples of 16; units past
+    out.shape[1] are computed on zero columns and dropped): the conv micro-kernels with one
+    segment of K taps, a batch row as a pixel. Softmax (4) needs c0 = 0 and c1 = Up."""
+    K = xf.size // out.shape[0]
+    Up = wf.size // K
+    U = out.shape[1]
+    _conv_row(xf, r0 * K, K, 0, 1, K, wf, Up, tile, 0, r1 - r0, c0, c1)
+    inner = 0 if act == 4 else act
+    hi = min(c1, U)
+    for i in range(r1 - r0):
+        t = i * Up
+        for u in range(c0, hi):
+            out[r0 + i, u] = _act(tile[t + u] + bias[u], inner)
+        if act == 4:
+            _softmax_row(out[r0 + i])
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def dense(x, wk, bias, tiles, out, act, splits):
+    """out = act(x @ W + b). x: (N, K) C-contiguous; wk: (K, Up) with Up the units rounded up to
+    16 (zero columns); out: (N, U). Tasks: (group of DENSE_ROWS rows, range of units), `splits`
+    ranges per group (softmax needs whole rows: splits=1). tiles: (threads, >= DENSE_ROWS*Up).
+    Every output is one in-order chain of fused multiply-adds over K, whatever the batch size
+    or the block it falls in, so a row's result is bit-identical alone and in any batch."""
+    N = x.shape[0]
+    Up = wk.shape[1]
+    per = ((Up // 16 + splits - 1) // splits) * 16
+    groups = (N + DENSE_ROWS - 1) // DENSE_ROWS
+    xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
+    for t in prange(groups * splits):
+        s = t % splits
+        g = t // splits
+        c0 = min(Up, s * per)
+        c1 = min(Up, c0 + per)
+        if c0 < c1:
+            r0 = g * DENSE_ROWS
+            _dense_block(xf, wf, bias, tiles[numba.get_thread_id()], out, r0, min(N, r0 + DENSE_ROWS),
+                         c0, c1, act)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def dense_serial(x, wk, bias, tiles, out, act):
+    """`dense` on the calling thread only, for layers too small to pay for a parallel region
+    (the same micro-kernel calls, so the same results)."""
+    N = x.shape[0]
+    xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
+    tile = tiles[0]
+    for r0 in range(0, N, DENSE_ROWS):
+        _dense_block(xf, wf, bias, tile, out, r0, min(N, r0 + DENSE_ROWS), 0, wk.shape[1], act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
