@@ -10,6 +10,7 @@ import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.errors import ModelError
 from convserve.core.inference import InferencePlan
+from convserve.core.kernels.dense import all_finite_f32
 from convserve.core.modelfile import read_model_file, write_model_file
 
 
@@ -38,6 +39,13 @@ def check_weights(architecture: Architecture, weights: dict[str, Any]) -> dict[s
             raise ModelError(f"weights: tensor '{name}' contains NaN or Inf")
         checked[name] = np.ascontiguousarray(value)
     return checked
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """No NaN or infinity in a float array (a compiled scan for C-contiguous float32)."""
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        return bool(all_finite_f32(x.reshape(-1).view(np.uint32)))
+    return bool(np.isfinite(x).all())
 
 
 class Model:
@@ -83,7 +91,7 @@ class Model:
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Run a preprocessed float32 NHWC batch; returns float32 (N, outputs)."""
         self._check_batch(x, floating_only=True, what="forward input")
-        if not np.isfinite(x).all():
+        if not all_finite(x):
             raise ModelError("forward input contains NaN or Inf")
         return self._plan.run(np.ascontiguousarray(x))
 
@@ -98,7 +106,7 @@ class Model:
                           given=images.shape if single else None)
         if single:
             images = images[None]
-        if images.dtype.kind == "f" and not np.isfinite(images).all():
+        if images.dtype.kind == "f" and not all_finite(images):
             raise ModelError("predict input contains NaN or Inf")
         return self._plan.run(images, preprocess=True)  # preprocessing runs inside the first kernel
 

@@ -163,6 +163,7 @@ _mk6x1 = _microkernel(6, 1)
 _mk7x1 = _microkernel(7, 1)
 _mk8x1 = _microkernel(8, 1)
 _mkt8x2 = _microkernel(8, 2, b_steps=True)
+_mkt6x2 = _microkernel(6, 2, b_steps=True)
 
 
 def _vector_io(context, builder, signature, args, index):
@@ -349,6 +350,43 @@ def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, COp, tile, t_off, count, c0, 
 
 
 @njit(fastmath=True, cache=True, nogil=True)
+def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act):
+    """of[o + co] = act(max of a 2x2 window + bias[co]) for co < CO, the window's conv outputs at
+    tile rows i0, i0 + COp (upper conv row) and i1, i1 + COp (lower). Unsigned flat indices:
+    numba's negative-index check on a signed computed index keeps loops like this one scalar."""
+    a = np.uint64(i0)
+    b = np.uint64(i0 + COp)
+    c = np.uint64(i1)
+    d = np.uint64(i1 + COp)
+    oo = np.uint64(o)
+    if act == 1:
+        for co in range(CO):
+            u = np.uint64(co)
+            m = max(max(tile[a + u], tile[b + u]), max(tile[c + u], tile[d + u])) + bias[co]
+            of[oo + u] = m if m > _Z else _Z
+    else:
+        for co in range(CO):
+            u = np.uint64(co)
+            of[oo + u] = _act(max(max(tile[a + u], tile[b + u]), max(tile[c + u], tile[d + u])) + bias[co], act)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _store_row(tile, t, bias, of, o, lo, hi, act):
+    """of[o + j] = act(tile[t + j] + bias[j]) for lo <= j < hi (unsigned indices, as above)."""
+    tt = np.uint64(t)
+    oo = np.uint64(o)
+    if act == 1:
+        for j in range(lo, hi):
+            u = np.uint64(j)
+            v = tile[tt + u] + bias[j]
+            of[oo + u] = v if v > _Z else _Z
+    else:
+        for j in range(lo, hi):
+            u = np.uint64(j)
+            of[oo + u] = _act(tile[tt + u] + bias[j], act)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def _pad_rows(x, scale, shift, pre, out, pt, pl, t0, t1):
     """Rows t0..t1-1 of (image, input row) of `pad_input`."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
@@ -406,6 +444,7 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
     per = (PW + splits - 1) // splits
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
+    of = out.reshape(out.size)
     seg = kw * CI
     for t in prange(N * PH * splits):
         s = t % splits
@@ -420,11 +459,8 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
             a_off = ((n * H + (2 * py + dy) * sh) * W + 2 * px0 * sw) * CI
             _conv_row(xf, a_off, sw * CI, W * CI, kh, seg, wf, COp, tile, dy * L * COp, L, 0, COp)
         for w in range(nw):
-            i0 = 2 * w * COp
-            i1 = (L + 2 * w) * COp
-            for co in range(CO):
-                m = max(max(tile[i0 + co], tile[i0 + COp + co]), max(tile[i1 + co], tile[i1 + COp + co]))
-                out[n, py, px0 + w, co] = _act(m + bias[co], act)
+            _store_pooled(tile, 2 * w * COp, (L + 2 * w) * COp, COp, bias, of, ((n * PH + py) * PW + px0 + w) * CO,
+                          CO, act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -439,6 +475,7 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
     per = (OW + splits - 1) // splits
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
+    of = out.reshape(out.size)
     seg = kw * CI
     for t in prange(N * OH * splits):
         s = t % splits
@@ -450,8 +487,7 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
         tile = tiles[numba.get_thread_id()]
         _conv_row(xf, ((n * H + oy * sh) * W + ox0 * sw) * CI, sw * CI, W * CI, kh, seg, wf, COp, tile, 0, cnt, 0, COp)
         for i in range(cnt):
-            for co in range(CO):
-                out[n, oy, ox0 + i, co] = _act(tile[i * COp + co] + bias[co], act)
+            _store_row(tile, i * COp, bias, of, ((n * OH + oy) * OW + ox0 + i) * CO, 0, CO, act)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -639,12 +675,9 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
     Up = wf.size // K
     U = out.shape[1]
     _conv_row(xf, r0 * K, K, 0, 1, K, wf, Up, tile, 0, r1 - r0, c0, c1)
-    inner = 0 if act == 4 else act
-    hi = min(c1, U)
+    of = out.reshape(out.size)
     for i in range(r1 - r0):
-        t = i * Up
-        for u in range(c0, hi):
-            out[r0 + i, u] = _act(tile[t + u] + bias[u], inner)
+        _store_row(tile, i * Up, bias, of, (r0 + i) * U, c0, min(c1, U), 0 if act == 4 else act)
         if act == 4:
             _softmax_row(out[r0 + i])
 
@@ -689,7 +722,8 @@ def dense_serial(x, wk, bias, tiles, out, act):
 def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act):
     """1-input-channel, stride-1 conv with at most 8 filters + bias + activation + 2x2/2 max pool,
     with output pixels in the vector lanes (filters in the lanes would leave most of them empty):
-    the transposed micro-kernel multiplies 8 broadcast weights by 32 consecutive input pixels.
+    the transposed micro-kernel multiplies 8 (or, for at most 6 filters, 6) broadcast weights by
+    32 consecutive input pixels.
 
     x: padded, preprocessed input (N, Hp, Wp, 1) with Wp >= 32 * ceil(2*PW / 32) + kw - 1;
     wt: (8, kh*kw), filter rows zero padded; tiles: (threads, >= 512). out: (N, PH, PW, CO).
@@ -698,6 +732,7 @@ def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act):
     PH, PW, CO = out.shape[1], out.shape[2], out.shape[3]
     xf = x.reshape(x.size)
     wf = wt.reshape(wt.size)
+    of = out.reshape(out.size)
     taps = kh * kw
     nblk = (2 * PW + 31) // 32
     for t in prange(N * PH * nblk):
@@ -708,13 +743,17 @@ def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act):
         tile = tiles[numba.get_thread_id()]
         x0 = 32 * blk
         for dy in range(2):  # tile[dy*256 + co*32 + j]: conv row 2py+dy, filter co, pixel x0+j
-            _mkt8x2(wf, 0, taps, kw, kh, kw, xf, (n * Hp + 2 * py + dy) * Wp + x0, Wp, 1, tile, dy * 256, 32)
+            if CO <= 6:
+                _mkt6x2(wf, 0, taps, kw, kh, kw, xf, (n * Hp + 2 * py + dy) * Wp + x0, Wp, 1, tile, dy * 256, 32)
+            else:
+                _mkt8x2(wf, 0, taps, kw, kh, kw, xf, (n * Hp + 2 * py + dy) * Wp + x0, Wp, 1, tile, dy * 256, 32)
         for px in range(16 * blk, min(PW, 16 * blk + 16)):
-            j = 2 * px - x0
+            j = np.uint64(2 * px - x0)
+            o = np.uint64(((n * PH + py) * PW + px) * CO)
             for co in range(CO):
-                i = co * 32 + j
-                m = max(max(tile[i], tile[i + 1]), max(tile[256 + i], tile[256 + i + 1]))
-                out[n, py, px, co] = _act(m + bias[co], act)
+                i = np.uint64(co * 32) + j
+                m = max(max(tile[i], tile[i + 1]), max(tile[i + 256], tile[i + 257]))
+                of[o + np.uint64(co)] = _act(m + bias[co], act)
 
 
 @njit(fastmath=True, cache=True, nogil=True)

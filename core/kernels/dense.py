@@ -72,3 +72,16 @@ def preprocess(x, scale, shift, out):
             dst = out[n, y, i]
             for c in range(C):
                 dst[c] = src[c] * scale[c] + shift[c]
+
+
+@njit(cache=True, nogil=True)
+def all_finite_f32(bits):
+    """True when no float32 (given as its uint32 bit patterns) is NaN or infinite: an integer
+    max over the exponent fields, which vectorizes (a float test would need strict IEEE
+    semantics, which do not)."""
+    exponent = np.uint32(0x7F800000)
+    top = np.uint32(0)
+    for i in range(bits.size):
+        e = bits[i] & exponent
+        top = e if e > top else top
+    return top != exponent
