@@ -85,3 +85,4 @@ def all_finite_f32(bits):
         e = bits[i] & exponent
         top = e if e > top else top
     return top != exponent
+
