@@ -146,6 +146,8 @@ def _pack_conv(layer: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) ->
 
 _WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 WINO_MIN_CHANNELS = 8   # below this many input channels a GEMM over them is too short to pay
+# CONVSERVE_WINOGRAD=0 runs 3x3 layers on the direct kernels (for comparison and diagnosis)
+WINOGRAD = os.environ.get("CONVSERVE_WINOGRAD", "1") != "0"
 
 
 def _winograd_kernel(kernel: np.ndarray, cop: int) -> np.ndarray:
@@ -158,7 +160,7 @@ def _winograd_kernel(kernel: np.ndarray, cop: int) -> np.ndarray:
 
 
 def _winograd_fits(layer: LayerSpec) -> bool:
-    return (layer.kernel_size == (3, 3) and layer.strides == (1, 1)
+    return (WINOGRAD and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
             and layer.input_shape[2] >= WINO_MIN_CHANNELS)
 
 
