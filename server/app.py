@@ -184,6 +184,12 @@ class InferenceServer:
             log.warning("message limit %d B exceeds the %d B the listener was started with; "
                         "pass --max-message-bytes to raise it", limit, limit_hint)
         log.info("%s", threading_layer())
+        from convserve.core.runtime import release_compiler_pages, resident_mb
+
+        before = resident_mb()
+        release_compiler_pages()
+        log.info("resident memory %.0f MB after warm-up, %.0f MB once LLVM's code pages are dropped",
+                 before, resident_mb())
         await self._set_serving(health, True)
         self.state.ready = True
         self.metrics.ready.set(1)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,8 @@ from convserve.core.architecture import parse_architecture, same_padding
 from convserve.core.modelfile import FORMAT, read_model_file
 from convserve.core.presets import PRESET_NAMES, preset
 from tests.conftest import random_weights
+
+BUNDLED = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist" / "1" / "model.safetensors"
 
 
 def test_reference_shapes_and_parameter_count(reference_model):
@@ -243,3 +249,27 @@ def test_bad_forward_input(reference_model):
         reference_model.forward(np.zeros((1, 28, 28), np.float32))
     with pytest.raises(ModelError, match=r"NaN or Inf"):
         reference_model.forward(np.full((1, 28, 28, 1), np.inf, np.float32))
+
+
+def test_dropping_llvm_code_pages_lowers_rss_and_keeps_results():
+    """After warm-up the server drops LLVM's read-only code pages: the resident set shrinks and
+    the model still predicts the same (a fresh process, so earlier tests do not blur RSS)."""
+    script = textwrap.dedent("""
+        import json, numpy as np
+        from convserve.core.model import Model
+        from convserve.core.runtime import release_compiler_pages, resident_mb
+        m = Model.load(MODEL)
+        m.warmup((1, 64))
+        x = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1)).astype(np.uint8)
+        before_out, before = m.predict(x), resident_mb()
+        advised = release_compiler_pages()
+        after = resident_mb()
+        same = bool((m.predict(x) == before_out).all() and (m.predict(x[:1]) == before_out[:1]).all())
+        print(json.dumps({"before": before, "after": after, "advised": advised, "same": same}))
+    """).replace("MODEL", repr(str(BUNDLED)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    assert res["same"]
+    assert res["advised"] > 10 << 20
+    assert res["after"] < res["before"] - 20, res
