@@ -56,6 +56,14 @@ class Model:
         self.weights: dict[str, np.ndarray] = check_weights(self.architecture, weights)
         self._plan = InferencePlan(self.architecture, self.weights)
 
+    def replica(self) -> "Model":
+        """Another instance of this model (same architecture and weights, its own buffers), for
+        running batches side by side from several threads."""
+        twin = Model.__new__(Model)
+        twin.architecture, twin.weights = self.architecture, self.weights
+        twin._plan = InferencePlan(self.architecture, self.weights)
+        return twin
+
     # -- identity -------------------------------------------------------------------------
     @property
     def name(self) -> str:

@@ -14,6 +14,7 @@ latency. Scenarios:
 * single-64:  64 clients, 1 image per request, dynamic batching
 * nobatch-1 / nobatch-64: the same with the server started with --max-batch-size 1
 * batch64-8:  8 clients, 64 images per request
+* batch64-1:  1 client, 64 images per request (the latency of a lone large request)
 * core:       model.predict on batches of 64 in-process (no server), the ceiling for batch64-8
 * h2load-64 / h2load-nobatch-64 (with --h2load): single-image load from h2load (nghttp2-client),
   a native generator that costs far less CPU than Python; correctness checked on the server
@@ -44,6 +45,7 @@ SCENARIOS = {  # name: (clients, images per request, server flavour)
     "single-1": (1, 1, "batching"),
     "single-64": (64, 1, "batching"),
     "batch64-8": (8, 64, "batching"),
+    "batch64-1": (1, 64, "batching"),
     "h2load-64": (64, 1, "batching"),
     "nobatch-1": (1, 1, "nobatch"),
     "nobatch-64": (64, 1, "nobatch"),

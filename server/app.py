@@ -59,22 +59,27 @@ def threading_layer() -> str:
         return f"numba threading layer unknown ({exc})"
 
 
-def threads_by_batch(predict, parallel_min_batch: int):
+def threads_by_batch(predict, parallel_min_batch: int, share: int | None = None, alone=None):
     """Wrap `predict` so batches below `parallel_min_batch` images use one Numba thread.
 
     Measured on 2 shared cores, one thread is as fast or faster up to batch 16 and leaves the
-    other core to the gRPC event loop; bigger batches use every thread. The setting is per
-    calling thread (each model's worker), so it never affects other threads.
+    other core to the gRPC event loop; bigger batches use every thread, or with several model
+    instances their `share` unless `alone()` says no other instance is computing. The setting
+    is per calling thread (each instance's worker), so it never affects other threads.
     """
     import numba
 
     most = numba.config.NUMBA_NUM_THREADS
+    share = most if share is None else share
     if most <= 1:
         return predict
     state = {"threads": most}
 
     def run(x):
-        want = 1 if x.shape[0] < parallel_min_batch else most
+        if x.shape[0] < parallel_min_batch:
+            want = 1
+        else:
+            want = most if share == most or (alone is not None and alone()) else share
         if want != state["threads"]:
             numba.set_num_threads(want)
             state["threads"] = want
@@ -150,11 +155,27 @@ class InferenceServer:
             from convserve.server.batcher import DynamicBatcher
             from convserve.server.servicer import resolve_jobs
 
+            import numba
+
             metrics = self.metrics.for_model(entry.name, entry.version_str)
-            batcher = DynamicBatcher(threads_by_batch(entry.model.predict, cfg.parallel_min_batch), name=entry.name, max_batch_size=cfg.max_batch_size,
+            # every instance after the first is a copy with its own buffers, warmed the same way
+            models = [entry.model] + [entry.model.replica() for _ in range(cfg.instances - 1)]
+            for copy in models[1:]:
+                copy.warmup(warmup)
+            share = max(1, numba.config.NUMBA_NUM_THREADS // cfg.instances)
+            holder: list = []  # the batcher, once built: an instance alone uses every thread
+
+            def alone() -> bool:
+                return bool(holder) and holder[0].busy_instances <= 1
+
+            predicts = [threads_by_batch(m.predict, cfg.parallel_min_batch, share, alone) for m in models]
+            batcher = DynamicBatcher(predicts, name=entry.name, max_batch_size=cfg.max_batch_size,
                                      max_queue_delay_us=cfg.max_queue_delay_us, max_queue_size=cfg.max_queue_size,
                                      on_complete=lambda jobs: loop.call_soon_threadsafe(resolve_jobs, jobs),
-                                     observer=_Observer(metrics, entry.stats))
+                                     observer=_Observer(metrics, entry.stats),
+                                     extra_instance_min_images=max(cfg.parallel_min_batch,
+                                                                   cfg.max_batch_size // 2))
+            holder.append(batcher)
             metrics.track_queue(lambda: batcher.queued_requests)
             return batcher
 

@@ -1,8 +1,8 @@
 """Dynamic batching of image requests in front of one model version.
 
 The batcher knows NumPy arrays and futures, nothing of gRPC or protobuf. One worker thread per
-model version takes queued requests and runs `predict` (Numba releases the GIL) on their stacked
-images:
+model instance (Triton's instance group: a copy of the model with its own buffers, usually one)
+takes queued requests and runs its `predict` (Numba releases the GIL) on their stacked images:
 
 * a request that arrives while the worker is idle starts at once: there is no artificial wait;
 * requests queued while the model computes form the next batch, oldest first (a higher
@@ -15,7 +15,11 @@ images:
 * a full queue (`max_queue_size` requests) rejects at once (`QueueFull`);
 * requests that were cancelled, whose deadline passed, or whose queue `timeout` expired leave
   the queue before compute;
-* if a batch raises, each member is re-run alone, so only the culprit fails.
+* if a batch raises, each member is re-run alone, so only the culprit fails;
+* with several instances, the first takes every batch as before and the others take a batch
+  when at least `extra_instance_min_images` images are queued, so large batches (chunks of one
+  large request too) compute side by side while single-image traffic keeps forming batches on
+  one instance.
 """
 
 from __future__ import annotations
@@ -86,16 +90,18 @@ class BatchObserver:
 
 
 class DynamicBatcher:
-    """A queue and a worker thread running `predict` on batches of up to `max_batch_size` images.
+    """A queue and one worker thread per instance running `predict` on batches of up to
+    `max_batch_size` images. `predict` is one function, or one per instance.
 
-    `on_complete(jobs)` is called from the worker thread with every finished job (success or
+    `on_complete(jobs)` is called from a worker thread with every finished job (success or
     error); the default sets `job.future` (a `concurrent.futures.Future`) to the job itself.
     """
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], *, name: str = "model",
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray] | list[Callable[[np.ndarray], np.ndarray]],
+                 *, name: str = "model",
                  max_batch_size: int = 64, max_queue_delay_us: int = 0, max_queue_size: int = 0,
                  on_complete: Callable[[list[Job]], None] | None = None,
-                 observer: BatchObserver | None = None):
+                 observer: BatchObserver | None = None, extra_instance_min_images: int = 1):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_delay_us < 0 or max_queue_size < 0:
@@ -104,7 +110,11 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_us = max_queue_delay_us
         self.max_queue_size = max_queue_size  # requests; 0 = unbounded
-        self._predict = predict
+        predicts = list(predict) if isinstance(predict, (list, tuple)) else [predict]
+        if not predicts:
+            raise ValueError("at least one predict function (instance) is needed")
+        self.instances = len(predicts)
+        self._extra_min = max(1, extra_instance_min_images)
         self._on_complete = on_complete or _set_concurrent_future
         self._observer = observer or BatchObserver()
         self._delay_ns = max_queue_delay_us * 1000
@@ -114,10 +124,18 @@ class DynamicBatcher:
         self._queued_images = 0
         self.ns_per_image = 0.0  # moving average of compute time per image (for retry pushback)
         self._closed = False
-        self._worker_waiting = False
-        self._cond = threading.Condition(threading.Lock())
-        self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self.busy_instances = 0  # instances computing a batch right now
+        self._waiting = [0, 0]  # idle workers: the first instance, the other instances
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)        # the first instance waits here
+        self._extra_cond = threading.Condition(lock)  # the others (same lock), woken
+        # only once enough images are queued: waking them for every request costs throughput
+        self._deliver_lock = threading.Lock()  # chunks of one job may finish on two instances at once
+        self._threads = [threading.Thread(target=self._run, args=(fn, i), daemon=True,
+                                          name=f"batcher-{name}" + (f"-{i}" if len(predicts) > 1 else ""))
+                         for i, fn in enumerate(predicts)]
+        for thread in self._threads:
+            thread.start()
 
     # -- queue side ------------------------------------------------------------------------
     @property
@@ -153,8 +171,11 @@ class DynamicBatcher:
             job._queued_images = n
             self._queued_requests += 1
             self._queued_images += n
-            if self._worker_waiting:  # a busy worker finds the request when it looks next
+            # a busy worker finds the request when it looks next
+            if self._waiting[0]:
                 self._cond.notify()
+            if self._waiting[1] and self._queued_images >= self._extra_min:
+                self._extra_cond.notify()
         return job
 
     def drain_estimate_ms(self) -> int:
@@ -183,40 +204,52 @@ class DynamicBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+            self._extra_cond.notify_all()
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     # -- worker side -----------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, predict: Callable[[np.ndarray], np.ndarray], index: int) -> None:
+        least = 0 if index == 0 else self._extra_min  # images queued before this instance takes a batch
+        kind = min(index, 1)
+        cond = self._cond if index == 0 else self._extra_cond
         idle = True
         while True:
             with self._cond:
-                while not self._heap:
+                while not self._heap or self._queued_images < least:
                     if self._closed:
                         return
                     idle = True
-                    self._worker_waiting = True
-                    self._cond.wait()
-                    self._worker_waiting = False
+                    self._waiting[kind] += 1
+                    cond.wait()
+                    self._waiting[kind] -= 1
                 if not idle and self._delay_ns:
-                    self._wait_for_more()
+                    self._wait_for_more(cond, kind)
                 batch, dropped = self._take()
+                if batch:
+                    self.busy_instances += 1
             idle = False
             if dropped:
                 self._on_complete(dropped)
             if batch:
-                self._execute(batch)
+                try:
+                    self._execute(batch, predict)
+                finally:
+                    with self._cond:
+                        self.busy_instances -= 1
 
-    def _wait_for_more(self) -> None:
+    def _wait_for_more(self, cond: threading.Condition, kind: int) -> None:
         """Hold an under-full batch until its oldest request has waited `max_queue_delay_us`."""
         while self._queued_images < self.max_batch_size and not self._closed:
             oldest = min(entry[2].arrival_ns for entry in self._heap)
             remaining = oldest + self._delay_ns - time.monotonic_ns()
             if remaining <= 0:
                 return
-            self._worker_waiting = True
-            self._cond.wait(remaining / 1e9)
-            self._worker_waiting = False
+            self._waiting[kind] += 1
+            cond.wait(remaining / 1e9)
+            self._waiting[kind] -= 1
 
     def _take(self) -> tuple[list[tuple[Job, int, int]], list[Job]]:
         """Pop live entries (oldest first within a priority) up to max_batch_size images."""
@@ -267,7 +300,7 @@ class DynamicBatcher:
         """Remove a failed job's other queued chunks (they are skipped lazily when popped)."""
         job._parts_left = 0
 
-    def _execute(self, batch: list[tuple[Job, int, int]]) -> None:
+    def _execute(self, batch: list[tuple[Job, int, int]], predict: Callable[[np.ndarray], np.ndarray]) -> None:
         started = time.monotonic_ns()
         if len(batch) == 1:
             job, start, stop = batch[0]
@@ -275,7 +308,7 @@ class DynamicBatcher:
         else:
             x = np.concatenate([job.images[start:stop] for job, start, stop in batch])
         try:
-            out = self._predict(x)
+            out = predict(x)
             failed = False
         except Exception:  # noqa: BLE001 - isolated below
             failed = True
@@ -291,29 +324,33 @@ class DynamicBatcher:
                 log.warning("model '%s': a batch of %d images from %d requests failed; re-running each alone",
                             self.name, total, len(batch))
             for job, start, stop in batch:
-                self._execute_alone(job, start, stop, started, done)
+                self._execute_alone(job, start, stop, started, done, predict)
         else:
             offset = 0
-            for job, start, stop in batch:
-                n = stop - start
-                self._deliver(job, start, stop, out[offset:offset + n], started, compute, total, done)
-                offset += n
+            with self._deliver_lock:
+                for job, start, stop in batch:
+                    n = stop - start
+                    self._deliver(job, start, stop, out[offset:offset + n], started, compute, total, done)
+                    offset += n
         if done:
             self._on_complete(done)
 
-    def _execute_alone(self, job: Job, start: int, stop: int, batch_started: int, done: list[Job]) -> None:
+    def _execute_alone(self, job: Job, start: int, stop: int, batch_started: int, done: list[Job],
+                       predict: Callable[[np.ndarray], np.ndarray]) -> None:
         t0 = time.monotonic_ns()
         try:
-            out = self._predict(job.images[start:stop])
+            out = predict(job.images[start:stop])
         except Exception as exc:  # noqa: BLE001 - reported to this request only
-            if job.error is None:
-                job.error = _as_serving_error(exc, self.name)
-                job._parts_left = 0
-                done.append(job)
+            with self._deliver_lock:
+                if job.error is None:
+                    job.error = _as_serving_error(exc, self.name)
+                    job._parts_left = 0
+                    done.append(job)
             return
         compute = time.monotonic_ns() - t0
         self._observer.on_batch(stop - start, compute)
-        self._deliver(job, start, stop, out, batch_started, compute, stop - start, done)
+        with self._deliver_lock:
+            self._deliver(job, start, stop, out, batch_started, compute, stop - start, done)
 
     @staticmethod
     def _deliver(job: Job, start: int, stop: int, rows: np.ndarray, started: int, compute: int, batch: int,

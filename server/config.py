@@ -104,6 +104,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--parallel-min-batch", _pos_int, 16,
            "batches smaller than this run on one Numba thread, larger ones on all (small batches gain "
            "little from threads and leave a core to the gRPC event loop)", "N"),
+    Option("--instances", _pos_int, 2,
+           "copies of each model computing batches side by side (Triton's instance count): the first "
+           "takes every batch, the others join when at least half a batch is queued; each computes "
+           "with max(1, threads / N) Numba threads, or all of them while no other instance computes", "N"),
     Option("--max-request-images", _pos_int, 8192,
            "most images in one request (larger requests run in chunks of --max-batch-size)", "N"),
     Option("--max-message-bytes", _nonneg_int, 0,
@@ -136,6 +140,7 @@ class ServerConfig:
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024
     parallel_min_batch: int = 16
+    instances: int = 2
     max_request_images: int = 8192
     max_message_bytes: int = 0
     warmup_batch_sizes: tuple[int, ...] | None = None

@@ -226,3 +226,32 @@ def test_small_batches_use_one_numba_thread():
     most = numba.config.NUMBA_NUM_THREADS
     assert seen == ([1, 1, most, most, 1] if most > 1 else [1] * 5)
     assert numba.get_num_threads() == most  # other threads are not affected
+
+
+def test_second_instance_computes_large_batches_side_by_side_and_leaves_small_ones():
+    """Two instances: while the first is busy, single images queue for it (the second ignores
+    fewer than `extra_instance_min_images`), and a large request's chunks run on both at once;
+    every result is the one its own images give, in order."""
+    first, second = GatedModel(), GatedModel()
+    batcher = DynamicBatcher([first.predict, second.predict], name="m", max_batch_size=8,
+                             extra_instance_min_images=4)
+    try:
+        busy = batcher.submit(imgs(1, first=1.0))
+        assert first.started.wait(5)
+        small = [batcher.submit(imgs(1, first=float(i))) for i in range(3)]
+        time.sleep(0.2)  # give the second instance the chance to (wrongly) take them
+        assert second.batches == []
+        large = batcher.submit(np.concatenate([imgs(8, first=2.0), imgs(8, first=3.0)]))
+        assert second.started.wait(5)  # it took a batch now: at least 4 images were queued
+        second.release()
+        first.release()
+        done = wait_all([busy, *small, large], timeout=10)
+        assert all(job.error is None for job in done)
+        np.testing.assert_array_equal(large.result[:, 1], [2.0] * 8 + [3.0] * 8)
+        np.testing.assert_array_equal([job.result[0, 1] for job in small], [0.0, 1.0, 2.0])
+        assert sum(first.batches) + sum(second.batches) == 1 + 3 + 16
+        assert second.batches and max(second.batches) >= 4
+    finally:
+        first.release()
+        second.release()
+        assert batcher.close(5)
