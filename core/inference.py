@@ -176,11 +176,14 @@ def _channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 
 def _pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(K, units rounded up to 16) weights with zero columns, and the bias padded the same way."""
+    """The weights for `kconv.dense`: units rounded up to 16 (zero columns), in blocks of 64
+    units, each block's K rows contiguous; flat. And the bias padded the same way."""
     k, units = kernel.shape
-    wk = np.zeros((k, _round_up(units, 16)), np.float32)
-    wk[:, :units] = kernel
-    b = np.zeros(wk.shape[1], np.float32)
+    up = _round_up(units, 16)
+    padded = np.zeros((k, up), np.float32)
+    padded[:, :units] = kernel
+    wk = np.concatenate([padded[:, c:c + 64].ravel() for c in range(0, up, 64)])
+    b = np.zeros(up, np.float32)
     if bias is not None:
         b[:units] = bias
     return wk, b
@@ -307,7 +310,7 @@ class InferencePlan:
             elif step.kind == "conv":
                 tile = max(tile, step.shape[1] * step.params["wk"].shape[1])
             elif step.kind == "dense":
-                tile = max(tile, kconv.DENSE_ROWS * step.params["wk"].shape[1])
+                tile = max(tile, kconv.DENSE_ROWS * step.params["bias"].size)
             elif step.kind == "conv_wino":
                 tw = step.shape[1] if step.params["pool"] else (step.shape[1] + 1) // 2
                 tile = max(tile, 16 * tw * sum(step.params["u"].shape[1:]))
@@ -476,7 +479,8 @@ class InferencePlan:
                     add(kconv.dense_serial, x, p["wk"], p["bias"], self._tiles, out, p["act"])
                 else:
                     rows = (n + kconv.DENSE_ROWS - 1) // kconv.DENSE_ROWS
-                    splits = 1 if p["act"] == 4 else _splits(rows, p["wk"].shape[1] // 64 or 1, threads)
+                    blocks = (p["bias"].size + 63) // 64
+                    splits = 1 if p["act"] == 4 else _splits(rows, blocks, threads)
                     add(kconv.dense, x, p["wk"], p["bias"], self._tiles, out, p["act"], splits)
             elif step.kind == "activate":
                 add(kdense.activate, x.reshape(-1, p["width"]), p["act"])

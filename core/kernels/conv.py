@@ -287,65 +287,68 @@ def _block_rows(count, lo, hi):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t):
-    """One micro-kernel call: R pixels x nv*16 channels from channel c."""
+def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc):
+    """One micro-kernel call: R pixels x nv*16 channels; B from wf[c], rows ldb apart; C rows ldc apart."""
     if nv == 4:
         if R == 4:
-            _mk4x4(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk4x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         elif R == 5:
-            _mk5x4(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk5x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         elif R == 6:
-            _mk6x4(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk6x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         else:
-            _mk1x4(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk1x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
     elif nv == 2:
         if R == 5:
-            _mk5x2(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk5x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         elif R == 6:
-            _mk6x2(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk6x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         elif R == 7:
-            _mk7x2(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk7x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         elif R == 8:
-            _mk8x2(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk8x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         else:
-            _mk1x2(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk1x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
     else:
         if R == 5:
-            _mk5x1(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk5x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         elif R == 6:
-            _mk6x1(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk6x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         elif R == 7:
-            _mk7x1(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk7x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         elif R == 8:
-            _mk8x1(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk8x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
         else:
-            _mk1x1(xf, o, lda, a_step, kh, seg, wf, c, COp, tile, t, COp)
+            _mk1x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _channel_block(xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, nv, tile, t_off, ldc, count):
+    """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
+    nv*16 channels whose B columns start at wf[b_off] (rows ldb apart): 4-6 outputs per call
+    for 64 channels, 5-8 for 16 or 32; rows shorter than that go one by one."""
+    lo, hi = (4, 6) if nv == 4 else (5, 8)
+    if count < lo:
+        for i in range(count):
+            _mk_call(1, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off + i * ldc, ldc)
+    else:
+        R = _block_rows(count, lo, hi)
+        i = 0
+        while i < count:
+            i = min(i, count - R)
+            _mk_call(R, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off + i * ldc, ldc)
+            i += R
 
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, COp, tile, t_off, count, c0, c1):
     """tile[t_off + i*COp + j] = conv output pixel i < count of a row (pixel i's patch starts at
-    xf[a_off + i*lda]) for the channels c0 <= j < c1 (multiples of 16). Channels go in blocks of
-    64 (4-6 pixels per call), then 32 and 16 (5-8 pixels per call); rows shorter than a block go
-    pixel by pixel."""
+    xf[a_off + i*lda]) for the channels c0 <= j < c1 (multiples of 16), in blocks of 64, then
+    32 and 16 channels."""
     c = c0
     while c < c1:
-        if c1 - c >= 64:
-            nv, lo, hi = 4, 4, 6
-        elif c1 - c >= 32:
-            nv, lo, hi = 2, 5, 8
-        else:
-            nv, lo, hi = 1, 5, 8
-        if count < lo:
-            for i in range(count):
-                _mk_call(1, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, c, COp, tile, t_off + i * COp + c)
-        else:
-            R = _block_rows(count, lo, hi)
-            i = 0
-            while i < count:
-                i = min(i, count - R)
-                _mk_call(R, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, c, COp, tile, t_off + i * COp + c)
-                i += R
+        nv = 4 if c1 - c >= 64 else (2 if c1 - c >= 32 else 1)
+        _channel_block(xf, a_off, lda, a_step, kh, seg, wf, c, COp, nv, tile, t_off + c, COp, count)
         c += 16 * nv
 
 
@@ -668,13 +671,21 @@ def _softmax_row(row):
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
-    """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (multiples of 16; units past
+    """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped): the conv micro-kernels with one
     segment of K taps, a batch row as a pixel. Softmax (4) needs c0 = 0 and c1 = Up."""
     K = xf.size // out.shape[0]
     Up = wf.size // K
     U = out.shape[1]
-    _conv_row(xf, r0 * K, K, 0, 1, K, wf, Up, tile, 0, r1 - r0, c0, c1)
+    c = c0
+    while c < c1:  # weight block of units c..c+w-1: K rows of w contiguous floats from wf[c*K]
+        w = min(64, Up - c)
+        j = 0
+        while j < w:
+            nv = 4 if w - j >= 64 else (2 if w - j >= 32 else 1)
+            _channel_block(xf, r0 * K, K, 0, 1, K, wf, c * K + j, w, nv, tile, c + j, Up, r1 - r0)
+            j += 16 * nv
+        c += 64
     of = out.reshape(out.size)
     for i in range(r1 - r0):
         _store_row(tile, i * Up, bias, of, (r0 + i) * U, c0, min(c1, U), 0 if act == 4 else act)
@@ -684,14 +695,17 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def dense(x, wk, bias, tiles, out, act, splits):
-    """out = act(x @ W + b). x: (N, K) C-contiguous; wk: (K, Up) with Up the units rounded up to
-    16 (zero columns); out: (N, U). Tasks: (group of DENSE_ROWS rows, range of units), `splits`
-    ranges per group (softmax needs whole rows: splits=1). tiles: (threads, >= DENSE_ROWS*Up).
+    """out = act(x @ W + b). x: (N, K) C-contiguous; wk: the weights in blocks of 64 units (the
+    last block narrower), each K rows of its units, contiguous (`pack_dense_blocks`), Up the
+    units rounded up to 16 (zero columns); out: (N, U). A block streams from memory in order,
+    which matters at batch 1, where every weight is read once per call. Tasks: (group of
+    DENSE_ROWS rows, range of 64-unit blocks), `splits` ranges per group (softmax needs whole
+    rows: splits=1). tiles: (threads, >= DENSE_ROWS*Up).
     Every output is one in-order chain of fused multiply-adds over K, whatever the batch size
     or the block it falls in, so a row's result is bit-identical alone and in any batch."""
     N = x.shape[0]
-    Up = wk.shape[1]
-    per = ((Up // 16 + splits - 1) // splits) * 16
+    Up = wk.size // x.shape[1]
+    per = ((Up + 64 * splits - 1) // (64 * splits)) * 64
     groups = (N + DENSE_ROWS - 1) // DENSE_ROWS
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
@@ -715,7 +729,7 @@ def dense_serial(x, wk, bias, tiles, out, act):
     wf = wk.reshape(wk.size)
     tile = tiles[0]
     for r0 in range(0, N, DENSE_ROWS):
-        _dense_block(xf, wf, bias, tile, out, r0, min(N, r0 + DENSE_ROWS), 0, wk.shape[1], act)
+        _dense_block(xf, wf, bias, tile, out, r0, min(N, r0 + DENSE_ROWS), 0, wk.size // x.shape[1], act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
