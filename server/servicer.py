@@ -23,6 +23,8 @@ from convserve.server.repository import ModelRepository, ModelVersion
 
 log = logging.getLogger(__name__)
 
+DEADLINE_SLACK_NS = 25_000_000  # see ModelInfer: a cancellation this close to the deadline is the deadline
+
 SERVER_NAME = "convserve"
 PLATFORM = "convserve_numba"
 BACKEND = "convserve"
@@ -171,8 +173,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             await fut
         except asyncio.CancelledError:  # the caller cancelled or its deadline passed
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            # The client's deadline timer fires (and cancels the call) a little before the server's
+            # copy of it, which counts from the request's arrival: within DEADLINE_SLACK_NS of the
+            # deadline a cancellation is the deadline passing.
+            expired = deadline is not None and time.monotonic_ns() >= deadline - DEADLINE_SLACK_NS
             if not batcher.abandon(job, DeadlineExceeded("Deadline Exceeded") if expired
                                    else Cancelled("cancelled by the client")):
                 job.cancel()
