@@ -54,6 +54,7 @@ def worker(name: str, batch: int) -> dict[str, Any]:
     """ns per 1,000 direct multiply-adds of the variant's conv (and pooling) steps."""
     from convserve.core.architecture import parse_architecture
     from convserve.core.bench import random_weights
+    from convserve.core.inference import bind_args
     from convserve.core.model import Model
 
     doc = _document(name)
@@ -74,13 +75,8 @@ def worker(name: str, batch: int) -> dict[str, Any]:
         start = time.perf_counter()
         reps = 20
         for _ in range(reps):
-            for fn, args, in_pos, res_pos in timed:
-                args = list(args)
-                if in_pos >= 0:
-                    args[in_pos] = x
-                if res_pos >= 0:
-                    args[res_pos] = result
-                fn(*args)
+            for call in timed:
+                call[0](*bind_args(call, x, result))
         rounds.append((time.perf_counter() - start) / reps)
     seconds = statistics.median(rounds)
     return {"ns_per_kmac": seconds * 1e12 / macs, "steps": [getattr(c[0], "__name__", "?") for c in timed]}

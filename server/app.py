@@ -163,10 +163,9 @@ class InferenceServer:
             for copy in models[1:]:
                 copy.warmup(warmup)
             share = max(1, numba.config.NUMBA_NUM_THREADS // cfg.instances)
-            holder: list = []  # the batcher, once built: an instance alone uses every thread
 
-            def alone() -> bool:
-                return bool(holder) and holder[0].busy_instances <= 1
+            def alone() -> bool:  # an instance computing alone uses every thread
+                return batcher.busy_instances <= 1  # bound below; only called once jobs arrive
 
             predicts = [threads_by_batch(m.predict, cfg.parallel_min_batch, share, alone) for m in models]
             batcher = DynamicBatcher(predicts, name=entry.name, max_batch_size=cfg.max_batch_size,
@@ -175,7 +174,6 @@ class InferenceServer:
                                      observer=_Observer(metrics, entry.stats),
                                      extra_instance_min_images=max(cfg.parallel_min_batch,
                                                                    cfg.max_batch_size // 2))
-            holder.append(batcher)
             metrics.track_queue(lambda: batcher.queued_requests)
             return batcher
 

@@ -166,20 +166,21 @@ _mkt8x2 = _microkernel(8, 2, b_steps=True)
 _mkt6x2 = _microkernel(6, 2, b_steps=True)
 
 
-def _vector_io(context, builder, signature, args, index):
-    """Pointer to the data of array argument `index`, the 16-float vector type, and load/store
-    helpers at a flat float offset."""
-    ptr = context.make_array(signature.args[index])(context, builder, args[index]).data
-    vec = ir.VectorType(ir.FloatType(), 16)
-    return ptr, vec
+_V16 = ir.VectorType(ir.FloatType(), 16)
 
 
-def _vload(builder, ptr, offset, vec):
-    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vec.as_pointer()), align=4)
+def _array_data(context, builder, signature, args, index):
+    """Pointer to the data of the intrinsic's array argument `index`."""
+    return context.make_array(signature.args[index])(context, builder, args[index]).data
 
 
-def _vstore(builder, value, ptr, offset, vec):
-    builder.store(value, builder.bitcast(builder.gep(ptr, [offset]), vec.as_pointer()), align=4)
+def _vload(builder, ptr, offset):
+    """The 16 floats at ptr[offset] (unaligned)."""
+    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)
+
+
+def _vstore(builder, value, ptr, offset):
+    builder.store(value, builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)
 
 
 @intrinsic
@@ -188,11 +189,11 @@ def _wino_in16(typingctx, xf, p0, ci, row, vf, v, step):
     xf[p0 + i*row + j*ci]; stores (B^T d B)[4i + j] at vf[v + (4i + j)*step]."""
 
     def codegen(context, builder, signature, args):
-        xp, vec = _vector_io(context, builder, signature, args, 0)
-        vp, _ = _vector_io(context, builder, signature, args, 4)
+        xp = _array_data(context, builder, signature, args, 0)
+        vp = _array_data(context, builder, signature, args, 4)
         _, p0_, ci_, row_, _, v_, step_ = args
         d = [[_vload(builder, xp, builder.add(p0_, builder.add(builder.mul(ir.Constant(row_.type, i), row_),
-                                                                 builder.mul(ir.Constant(ci_.type, j), ci_))), vec)
+                                                                 builder.mul(ir.Constant(ci_.type, j), ci_))))
               for j in range(4)] for i in range(4)]
         t = [[builder.fsub(d[0][j], d[2][j]) for j in range(4)],
              [builder.fadd(d[1][j], d[2][j]) for j in range(4)],
@@ -203,7 +204,7 @@ def _wino_in16(typingctx, xf, p0, ci, row, vf, v, step):
                    builder.fsub(t[i][2], t[i][1]), builder.fsub(t[i][1], t[i][3]))
             for j in range(4):
                 off = builder.add(v_, builder.mul(ir.Constant(step_.type, 4 * i + j), step_))
-                _vstore(builder, out[j], vp, off, vec)
+                _vstore(builder, out[j], vp, off)
         return context.get_dummy_value()
 
     return types.void(xf, p0, ci, row, vf, v, step), codegen
@@ -217,18 +218,18 @@ def _wino_out_kernel(pool: bool, relu: bool):
         pool: of[o] = max(Y) + bias[co]      else: of[o + y*ldy + x*ldx] = Y[y][x] + bias[co]"""
 
     def codegen(context, builder, signature, args):
-        mp, vec = _vector_io(context, builder, signature, args, 0)
-        bp, _ = _vector_io(context, builder, signature, args, 3)
-        op, _ = _vector_io(context, builder, signature, args, 5)
+        mp = _array_data(context, builder, signature, args, 0)
+        bp = _array_data(context, builder, signature, args, 3)
+        op = _array_data(context, builder, signature, args, 5)
         _, m_, step_, _, co_, _, o_, ldx_, ldy_ = args
-        mv = [_vload(builder, mp, builder.add(m_, builder.mul(ir.Constant(step_.type, k), step_)), vec)
+        mv = [_vload(builder, mp, builder.add(m_, builder.mul(ir.Constant(step_.type, k), step_)))
               for k in range(16)]
         s0 = [builder.fadd(builder.fadd(mv[j], mv[4 + j]), mv[8 + j]) for j in range(4)]
         s1 = [builder.fsub(builder.fsub(mv[4 + j], mv[8 + j]), mv[12 + j]) for j in range(4)]
         y = [[builder.fadd(builder.fadd(s[0], s[1]), s[2]), builder.fsub(builder.fsub(s[1], s[2]), s[3])]
              for s in (s0, s1)]
-        b = _vload(builder, bp, co_, vec)
-        zero = ir.Constant(vec, [0.0] * 16)
+        b = _vload(builder, bp, co_)
+        zero = ir.Constant(_V16, [0.0] * 16)
 
         def vmax(a, c):
             return builder.select(builder.fcmp_ordered(">", a, c), a, c)
@@ -238,13 +239,13 @@ def _wino_out_kernel(pool: bool, relu: bool):
             return vmax(value, zero) if relu else value
 
         if pool:
-            _vstore(builder, finish(vmax(vmax(y[0][0], y[0][1]), vmax(y[1][0], y[1][1]))), op, o_, vec)
+            _vstore(builder, finish(vmax(vmax(y[0][0], y[0][1]), vmax(y[1][0], y[1][1]))), op, o_)
         else:
             for i in range(2):
                 for j in range(2):
                     off = builder.add(o_, builder.add(builder.mul(ir.Constant(ldy_.type, i), ldy_),
                                                       builder.mul(ir.Constant(ldx_.type, j), ldx_)))
-                    _vstore(builder, finish(y[i][j]), op, off, vec)
+                    _vstore(builder, finish(y[i][j]), op, off)
         return context.get_dummy_value()
 
     @intrinsic
@@ -323,32 +324,28 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _channel_block(xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, nv, tile, t_off, ldc, count):
+def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off, ldc, count, width):
     """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
-    nv*16 channels whose B columns start at wf[b_off] (rows ldb apart): 4-6 outputs per call
-    for 64 channels, 5-8 for 16 or 32; rows shorter than that go one by one."""
-    lo, hi = (4, 6) if nv == 4 else (5, 8)
-    if count < lo:
-        for i in range(count):
-            _mk_call(1, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off + i * ldc, ldc)
-    else:
-        R = _block_rows(count, lo, hi)
-        i = 0
-        while i < count:
-            i = min(i, count - R)
-            _mk_call(R, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off + i * ldc, ldc)
-            i += R
-
-
-@njit(fastmath=True, cache=True, nogil=True)
-def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, COp, tile, t_off, count, c0, c1):
-    """tile[t_off + i*COp + j] = conv output pixel i < count of a row (pixel i's patch starts at
-    xf[a_off + i*lda]) for the channels c0 <= j < c1 (multiples of 16), in blocks of 64, then
-    32 and 16 channels."""
-    c = c0
-    while c < c1:
-        nv = 4 if c1 - c >= 64 else (2 if c1 - c >= 32 else 1)
-        _channel_block(xf, a_off, lda, a_step, kh, seg, wf, c, COp, nv, tile, t_off + c, COp, count)
+    columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart. For a
+    conv row, output i is a pixel and the columns are output channels. Columns go in blocks of
+    64 (4-6 outputs per call), then 32 and 16 (5-8 per call); rows shorter than a block go one
+    by one."""
+    c = 0
+    while c < width:
+        nv = 4 if width - c >= 64 else (2 if width - c >= 32 else 1)
+        lo, hi = (4, 6) if nv == 4 else (5, 8)
+        if count < lo:
+            for i in range(count):
+                _mk_call(1, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off + c, ldb, tile,
+                         t_off + i * ldc + c, ldc)
+        else:
+            R = _block_rows(count, lo, hi)
+            i = 0
+            while i < count:
+                i = min(i, count - R)
+                _mk_call(R, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off + c, ldb, tile,
+                         t_off + i * ldc + c, ldc)
+                i += R
         c += 16 * nv
 
 
@@ -460,7 +457,7 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
         L = 2 * nw
         for dy in range(2):
             a_off = ((n * H + (2 * py + dy) * sh) * W + 2 * px0 * sw) * CI
-            _conv_row(xf, a_off, sw * CI, W * CI, kh, seg, wf, COp, tile, dy * L * COp, L, 0, COp)
+            _conv_row(xf, a_off, sw * CI, W * CI, kh, seg, wf, 0, COp, tile, dy * L * COp, COp, L, COp)
         for w in range(nw):
             _store_pooled(tile, 2 * w * COp, (L + 2 * w) * COp, COp, bias, of, ((n * PH + py) * PW + px0 + w) * CO,
                           CO, act)
@@ -488,7 +485,8 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
         ox0 = min(OW, s * per)
         cnt = min(OW, ox0 + per) - ox0
         tile = tiles[numba.get_thread_id()]
-        _conv_row(xf, ((n * H + oy * sh) * W + ox0 * sw) * CI, sw * CI, W * CI, kh, seg, wf, COp, tile, 0, cnt, 0, COp)
+        _conv_row(xf, ((n * H + oy * sh) * W + ox0 * sw) * CI, sw * CI, W * CI, kh, seg, wf, 0, COp, tile, 0, COp,
+                  cnt, COp)
         for i in range(cnt):
             _store_row(tile, i * COp, bias, of, ((n * OH + oy) * OW + ox0 + i) * CO, 0, CO, act)
 
@@ -644,8 +642,8 @@ def conv_wino(x, u, bias, tiles, out, act, pool, splits):
             mf = buf[vsize:]
             _wino_input(xf, (n * Hp + 2 * ty) * Wp * CI, Wp * CI, CI, TW, vf)
             for p in range(16):
-                _conv_row(vf, p * TW * CI, CI, 0, 1, CI, uf[p * usize:(p + 1) * usize], COp, mf,
-                          p * TW * COp, TW, c0, c1)
+                _conv_row(vf, p * TW * CI, CI, 0, 1, CI, uf, p * usize + c0, COp, mf, p * TW * COp + c0, COp,
+                          TW, c1 - c0)
             if pool:
                 _wino_output(mf, TW, COp, c0, c1, bias, act, of, (n * OH + ty) * row_out, row_out, CO,
                              True, 1, OW)
@@ -677,15 +675,10 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
     K = xf.size // out.shape[0]
     Up = wf.size // K
     U = out.shape[1]
-    c = c0
-    while c < c1:  # weight block of units c..c+w-1: K rows of w contiguous floats from wf[c*K]
+    # weight block of units c..c+w-1: K rows of w contiguous floats from wf[c*K]
+    for c in range(c0, c1, 64):
         w = min(64, Up - c)
-        j = 0
-        while j < w:
-            nv = 4 if w - j >= 64 else (2 if w - j >= 32 else 1)
-            _channel_block(xf, r0 * K, K, 0, 1, K, wf, c * K + j, w, nv, tile, c + j, Up, r1 - r0)
-            j += 16 * nv
-        c += 64
+        _conv_row(xf, r0 * K, K, 0, 1, K, wf, c * K, w, tile, c, Up, r1 - r0, w)
     of = out.reshape(out.size)
     for i in range(r1 - r0):
         _store_row(tile, i * Up, bias, of, (r0 + i) * U, c0, min(c1, U), 0 if act == 4 else act)
@@ -696,7 +689,7 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def dense(x, wk, bias, tiles, out, act, splits):
     """out = act(x @ W + b). x: (N, K) C-contiguous; wk: the weights in blocks of 64 units (the
-    last block narrower), each K rows of its units, contiguous (`pack_dense_blocks`), Up the
+    last block narrower), each K rows of its units, contiguous (see `_pack_dense` in inference.py), Up the
     units rounded up to 16 (zero columns); out: (N, U). A block streams from memory in order,
     which matters at batch 1, where every weight is read once per call. Tasks: (group of
     DENSE_ROWS rows, range of 64-unit blocks), `splits` ranges per group (softmax needs whole
