@@ -41,7 +41,8 @@ def fail(message: str) -> int:
 def health_status(stub: health_pb2_grpc.HealthStub, timeout: float = 0.5) -> str:
     try:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(
-            stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout).status)
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+        )
     except grpc.RpcError as exc:
         return exc.code().name
 
@@ -76,8 +77,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if not client.is_server_ready():
         return fail("ServerReady is false")
     meta = client.get_model_metadata(args.model)
-    print(f"model: {meta.name} versions {list(meta.versions)} input {meta.inputs[0].datatype} "
-          f"{list(meta.inputs[0].shape)} output {meta.outputs[0].name} {list(meta.outputs[0].shape)}")
+    print(
+        f"model: {meta.name} versions {list(meta.versions)} input {meta.inputs[0].datatype} "
+        f"{list(meta.inputs[0].shape)} output {meta.outputs[0].name} {list(meta.outputs[0].shape)}"
+    )
     images, labels = load_test_images(args.images)
     inp = tc.InferInput("input", list(images.shape), "UINT8")
     inp.set_data_from_numpy(images)
@@ -86,22 +89,31 @@ def cmd_infer(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     probs = result.as_numpy("probabilities")
     if probs is None or probs.shape != (len(images), 10):
-        return fail(f"probabilities: expected shape ({len(images)}, 10), got {None if probs is None else probs.shape}")
+        return fail(
+            f"probabilities: expected shape ({len(images)}, 10), got {None if probs is None else probs.shape}"
+        )
     if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
         return fail("probabilities do not sum to 1")
     accuracy = float((probs.argmax(axis=1) == labels).mean())
     # The classification extension on single images, compared with the batch's answers.
     one = tc.InferInput("input", [1, 28, 28, 1], "UINT8")
     one.set_data_from_numpy(images[:1])
-    top = client.infer(args.model, [one], outputs=[tc.InferRequestedOutput("probabilities", class_count=3)])
-    entries = [e.decode() if isinstance(e, bytes) else str(e) for e in top.as_numpy("probabilities").reshape(-1)]
+    top = client.infer(
+        args.model, [one], outputs=[tc.InferRequestedOutput("probabilities", class_count=3)]
+    )
+    entries = [
+        e.decode() if isinstance(e, bytes) else str(e)
+        for e in top.as_numpy("probabilities").reshape(-1)
+    ]
     client.close()
     print(f"one_request_images: {len(images)}")
     print(f"one_request_seconds: {elapsed:.3f}")
     print(f"top1_accuracy: {accuracy:.4f}")
     print(f"top3_of_image_0: {entries} (true class {labels[0]})")
     if int(entries[0].split(":")[1]) != int(probs[0].argmax()):
-        return fail(f"classification top-1 {entries[0]} differs from the probabilities' argmax {probs[0].argmax()}")
+        return fail(
+            f"classification top-1 {entries[0]} differs from the probabilities' argmax {probs[0].argmax()}"
+        )
     if accuracy < args.min_accuracy:
         return fail(f"top-1 accuracy {accuracy:.4f} < {args.min_accuracy}")
     return 0
@@ -126,7 +138,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     import tritonclient.grpc as tc
 
     images, _ = load_test_images(1)
-    events: list[tuple[float, str, str]] = []   # (time, kind, outcome)
+    events: list[tuple[float, str, str]] = []  # (time, kind, outcome)
     done = threading.Event()
 
     def probe() -> None:
@@ -141,7 +153,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
                     client.infer(args.model, [inp], client_timeout=5)
                     events.append((time.monotonic(), "infer", "OK"))
                 except tc.InferenceServerException as exc:
-                    events.append((time.monotonic(), "infer", str(exc.status()).replace("StatusCode.", "")))
+                    events.append(
+                        (time.monotonic(), "infer", str(exc.status()).replace("StatusCode.", ""))
+                    )
                 time.sleep(0.01)
 
     thread = threading.Thread(target=probe, daemon=True)
@@ -149,10 +163,14 @@ def cmd_drain(args: argparse.Namespace) -> int:
     time.sleep(0.3)
     t0 = time.monotonic()
     if args.pid:
-        stop = subprocess.CompletedProcess([], stop_pid(args.pid, args.grace + 30), "", "process still running")
+        stop = subprocess.CompletedProcess(
+            [], stop_pid(args.pid, args.grace + 30), "", "process still running"
+        )
     else:
         try:
-            stop = subprocess.run(args.command, timeout=args.grace + 30, capture_output=True, text=True)
+            stop = subprocess.run(
+                args.command, timeout=args.grace + 30, capture_output=True, text=True
+            )
         except subprocess.TimeoutExpired:
             done.set()
             return fail(f"stop command {args.command} still running after {args.grace + 30:g} s")
@@ -163,17 +181,36 @@ def cmd_drain(args: argparse.Namespace) -> int:
     after = [e for e in events if e[0] >= t0]
     not_serving = [t for t, kind, outcome in after if kind == "health" and outcome != "SERVING"]
     first_not_serving = min(not_serving) if not_serving else None
-    drained_ok = [t for t, kind, outcome in after if kind == "infer" and outcome == "OK"
-                  and first_not_serving is not None and t > first_not_serving]
+    drained_ok = [
+        t
+        for t, kind, outcome in after
+        if kind == "infer"
+        and outcome == "OK"
+        and first_not_serving is not None
+        and t > first_not_serving
+    ]
     # Once the server refuses (UNAVAILABLE), the transport stops; gRPC core answers the calls it
     # holds but has not handed to a handler with CANCELLED (grpc/grpc#41785). Those were never
     # accepted, so they count apart; a CANCELLED before the refusal is a real failure.
     refused = [t for t, kind, outcome in after if kind == "infer" and outcome == "UNAVAILABLE"]
     first_refused = min(refused) if refused else None
-    cancelled_at_stop = [t for t, kind, outcome in after if kind == "infer" and outcome == "CANCELLED"
-                         and first_refused is not None and t > first_refused]
-    bad = sorted({outcome for t, kind, outcome in after if kind == "infer" and outcome not in ("OK", "UNAVAILABLE")
-                  and t not in cancelled_at_stop})
+    cancelled_at_stop = [
+        t
+        for t, kind, outcome in after
+        if kind == "infer"
+        and outcome == "CANCELLED"
+        and first_refused is not None
+        and t > first_refused
+    ]
+    bad = sorted(
+        {
+            outcome
+            for t, kind, outcome in after
+            if kind == "infer"
+            and outcome not in ("OK", "UNAVAILABLE")
+            and t not in cancelled_at_stop
+        }
+    )
     print(f"stop_command_seconds: {stop_seconds:.2f}")
     print(f"requests_ok_before_stop: {sum(1 for e in before if e[1] == 'infer' and e[2] == 'OK')}")
     if first_not_serving is not None:
@@ -191,7 +228,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
     if not drained_ok:
         return fail("no inference was answered after health turned NOT_SERVING (no drain window)")
     if bad:
-        return fail(f"inference failed with {bad} during the shutdown (only UNAVAILABLE is acceptable)")
+        return fail(
+            f"inference failed with {bad} during the shutdown (only UNAVAILABLE is acceptable)"
+        )
     return 0
 
 
@@ -200,7 +239,9 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command_name", required=True)
     wait = sub.add_parser("wait")
     wait.add_argument("--target", required=True)
-    wait.add_argument("--since", type=float, default=0.0, help="epoch seconds the server was started at")
+    wait.add_argument(
+        "--since", type=float, default=0.0, help="epoch seconds the server was started at"
+    )
     wait.add_argument("--timeout", type=float, default=120.0)
     wait.set_defaults(func=cmd_wait)
     infer = sub.add_parser("infer")
@@ -212,8 +253,12 @@ def main() -> int:
     drain = sub.add_parser("drain")
     drain.add_argument("--target", required=True)
     drain.add_argument("--model", default="fashion_mnist")
-    drain.add_argument("--grace", type=float, default=30.0, help="the stop must finish within this many seconds")
-    drain.add_argument("--pid", type=int, default=0, help="stop this process with SIGTERM (instead of a command)")
+    drain.add_argument(
+        "--grace", type=float, default=30.0, help="the stop must finish within this many seconds"
+    )
+    drain.add_argument(
+        "--pid", type=int, default=0, help="stop this process with SIGTERM (instead of a command)"
+    )
     drain.add_argument("command", nargs="*", help="the stop command, after --")
     drain.set_defaults(func=cmd_drain)
     args = parser.parse_args()

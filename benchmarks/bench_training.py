@@ -70,7 +70,9 @@ print(json.dumps({"median": float(np.median(times)), "mean": float(np.mean(times
 
 
 def run(code: str, steps: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, str(steps)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(steps)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -88,15 +90,22 @@ def main() -> None:
             started = time.time()
             res = run(code, args.steps)
             results[name].append(res["median"])
-            print(f"run {r + 1} {name:9s}: {res['median'] * 1e3:6.1f} ms/step median, {res['mean'] * 1e3:6.1f} mean "
-                  f"-> {res['median'] * STEPS_PER_EPOCH:5.1f} s/epoch ({time.time() - started:.0f} s)", flush=True)
+            print(
+                f"run {r + 1} {name:9s}: {res['median'] * 1e3:6.1f} ms/step median, {res['mean'] * 1e3:6.1f} mean "
+                f"-> {res['median'] * STEPS_PER_EPOCH:5.1f} s/epoch ({time.time() - started:.0f} s)",
+                flush=True,
+            )
     for name, values in results.items():
         if values:
             med = statistics.median(values)
-            print(f"{name:9s}: median of {len(values)} runs {med * 1e3:.1f} ms/step = {med * STEPS_PER_EPOCH:.1f} s per epoch "
-                  f"(range {min(values) * STEPS_PER_EPOCH:.1f}-{max(values) * STEPS_PER_EPOCH:.1f})")
+            print(
+                f"{name:9s}: median of {len(values)} runs {med * 1e3:.1f} ms/step = {med * STEPS_PER_EPOCH:.1f} s per epoch "
+                f"(range {min(values) * STEPS_PER_EPOCH:.1f}-{max(values) * STEPS_PER_EPOCH:.1f})"
+            )
     if results["torch"]:
-        print(f"ratio torch/convserve: {statistics.median(results['torch']) / statistics.median(results['convserve']):.2f}x")
+        print(
+            f"ratio torch/convserve: {statistics.median(results['torch']) / statistics.median(results['convserve']):.2f}x"
+        )
 
 
 if __name__ == "__main__":

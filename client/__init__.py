@@ -28,8 +28,16 @@ _EXPORTS = {
     "RetryPolicy": "convserve.client.retry",
 }
 
-__all__ = ["AsyncClient", "Client", "InferenceError", "ModelInfo", "ModelVersionState", "Prediction", "RetryPolicy",
-           "TensorSpec"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "InferenceError",
+    "ModelInfo",
+    "ModelVersionState",
+    "Prediction",
+    "RetryPolicy",
+    "TensorSpec",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .aio import AsyncClient

@@ -1,22 +1,23 @@
 """The asyncio client: `AsyncClient`, the same methods as `Client` as coroutines on grpc.aio.
 
-    async with AsyncClient("localhost:8001") as client:
-        rows = await client.classify(["examples/coat_6.png"], top_k=3)
+async with AsyncClient("localhost:8001") as client:
+    rows = await client.classify(["examples/coat_6.png"], top_k=3)
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import grpc.aio
 import numpy as np
-
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
-from . import images as imaging, protocol
+from . import images as imaging
+from . import protocol
 from .client import _UNREACHABLE, ClientBase
 from .errors import InferenceError
 from .protocol import ModelInfo, ModelVersionState, Prediction
@@ -41,7 +42,9 @@ class AsyncClient(ClientBase):
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
             else:
-                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+                self._channel = grpc.aio.secure_channel(
+                    self.target, self._credentials, options=self._options
+                )
             self._stub_ = pb_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub_
 
@@ -51,7 +54,7 @@ class AsyncClient(ClientBase):
             self._channel = None
             self._stub_ = None
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -62,7 +65,9 @@ class AsyncClient(ClientBase):
     async def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
         rpc: Callable[..., Awaitable[Any]] = getattr(self._stub, method)
         policy = self.retry if retry else RetryPolicy(attempts=1)
-        return await call_async(lambda seconds: rpc(request, timeout=seconds), policy, deadline, method)
+        return await call_async(
+            lambda seconds: rpc(request, timeout=seconds), policy, deadline, method
+        )
 
     async def _model(self, model: str | None, deadline: Deadline) -> str:
         if model:
@@ -82,9 +87,13 @@ class AsyncClient(ClientBase):
     async def _info(self, model: str, version: str, deadline: Deadline) -> ModelInfo:
         key = (model, version)
         if key not in self._infos:
-            meta = await self._call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version), deadline)
+            meta = await self._call(
+                "ModelMetadata", pb.ModelMetadataRequest(name=model, version=version), deadline
+            )
             try:
-                config = await self._call("ModelConfig", pb.ModelConfigRequest(name=model, version=version), deadline)
+                config = await self._call(
+                    "ModelConfig", pb.ModelConfigRequest(name=model, version=version), deadline
+                )
             except InferenceError as error:
                 if error.code != grpc.StatusCode.UNIMPLEMENTED:
                     raise
@@ -94,13 +103,16 @@ class AsyncClient(ClientBase):
 
     async def _index(self, deadline: Deadline, ready: bool = False) -> list[ModelVersionState]:
         try:
-            response = await self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), deadline)
+            response = await self._call(
+                "RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), deadline
+            )
         except InferenceError as error:
             raise self._unlisted(error) from None
         return protocol.repository_index(response)
 
-    async def _infer(self, info: ModelInfo, version: str, batch: np.ndarray, class_count: int,
-                     deadline: Deadline) -> list[tuple[Any, int]]:
+    async def _infer(
+        self, info: ModelInfo, version: str, batch: np.ndarray, class_count: int, deadline: Deadline
+    ) -> list[tuple[Any, int]]:
         limit = asyncio.Semaphore(self.concurrency)
 
         async def one(part: slice) -> tuple[Any, int]:
@@ -123,14 +135,20 @@ class AsyncClient(ClientBase):
 
     async def is_live(self, *, timeout: float | None = None) -> bool:
         """Whether the server answers and says it is live (False when it cannot be reached)."""
-        return await self._ask(self._call("ServerLive", pb.ServerLiveRequest(), self._deadline(timeout), retry=False),
-                               "live")
+        return await self._ask(
+            self._call("ServerLive", pb.ServerLiveRequest(), self._deadline(timeout), retry=False),
+            "live",
+        )
 
-    async def is_ready(self, model: str | None = None, version: str = "", *, timeout: float | None = None) -> bool:
+    async def is_ready(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> bool:
         """Whether the server (or one model) is ready; False when the server cannot be reached."""
         deadline = self._deadline(timeout)
         if model is None:
-            return await self._ask(self._call("ServerReady", pb.ServerReadyRequest(), deadline, retry=False), "ready")
+            return await self._ask(
+                self._call("ServerReady", pb.ServerReadyRequest(), deadline, retry=False), "ready"
+            )
         request = pb.ModelReadyRequest(name=model, version=version)
         return await self._ask(self._call("ModelReady", request, deadline, retry=False), "ready")
 
@@ -143,7 +161,9 @@ class AsyncClient(ClientBase):
                 return False
             raise
 
-    async def wait_until_ready(self, model: str | None = None, *, timeout: float | None = None) -> None:
+    async def wait_until_ready(
+        self, model: str | None = None, *, timeout: float | None = None
+    ) -> None:
         """Wait until the server (or a model) is ready; InferenceError DEADLINE_EXCEEDED if it does not get there."""
         deadline = self._deadline(timeout)
         attempt = 0
@@ -153,7 +173,9 @@ class AsyncClient(ClientBase):
                 return
             pause = min(0.05 * 2 ** min(attempt, 5), deadline.remaining())
             if pause <= 0:
-                raise deadline.expired_error(attempt, f"waiting for {model or 'the server'} at {self.target} to be ready")
+                raise deadline.expired_error(
+                    attempt, f"waiting for {model or 'the server'} at {self.target} to be ready"
+                )
             await asyncio.sleep(pause)
 
     async def models(self, *, timeout: float | None = None) -> list[str]:
@@ -165,27 +187,39 @@ class AsyncClient(ClientBase):
         """Every model version the server knows, with its state."""
         return await self._index(self._deadline(timeout))
 
-    async def metadata(self, model: str | None = None, version: str = "", *, timeout: float | None = None) -> ModelInfo:
+    async def metadata(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> ModelInfo:
         """The model's inputs, outputs, versions and max_batch_size (cached per client)."""
         deadline = self._deadline(timeout)
         return await self._info(await self._model(model, deadline), version, deadline)
 
-    async def labels(self, model: str | None = None, version: str = "", *,
-                     timeout: float | None = None) -> tuple[str, ...]:
+    async def labels(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> tuple[str, ...]:
         """The model's class labels, by output index (learned from one classification; cached)."""
         deadline = self._deadline(timeout)
         info = await self._info(await self._model(model, deadline), version, deadline)
         key = (info.name, version)
         if key not in self._labels:
-            [(response, rows)] = await self._infer(info, version, self._probe(info), info.num_classes or 1_000_000,
-                                                   deadline)
-            self._labels[key] = self._labels_from(info, protocol.classifications(response, info.output.name, rows))
+            [(response, rows)] = await self._infer(
+                info, version, self._probe(info), info.num_classes or 1_000_000, deadline
+            )
+            self._labels[key] = self._labels_from(
+                info, protocol.classifications(response, info.output.name, rows)
+            )
         return self._labels[key]
 
     # -- inference
 
-    async def predict(self, images: imaging.ImageSource, model: str | None = None, version: str = "", *,
-                      timeout: float | None = None) -> np.ndarray:
+    async def predict(
+        self,
+        images: imaging.ImageSource,
+        model: str | None = None,
+        version: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
         """Class probabilities, shape (N, classes); see `Client.predict`."""
         deadline = self._deadline(timeout)
         info = await self._info(await self._model(model, deadline), version, deadline)
@@ -193,8 +227,15 @@ class AsyncClient(ClientBase):
         results = await self._infer(info, version, batch, 0, deadline)
         return np.concatenate([protocol.probabilities(r, info.output.name, n) for r, n in results])
 
-    async def classify(self, images: imaging.ImageSource, top_k: int = 5, model: str | None = None, version: str = "",
-                       *, timeout: float | None = None) -> list[list[Prediction]]:
+    async def classify(
+        self,
+        images: imaging.ImageSource,
+        top_k: int = 5,
+        model: str | None = None,
+        version: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> list[list[Prediction]]:
         """The `top_k` best classes of each image, best first; see `Client.classify`."""
         self._check_top_k(top_k)
         deadline = self._deadline(timeout)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from typing import Sequence
+from collections.abc import Sequence
 
 DEFAULT_TARGET = "localhost:8001"
 TARGET_ENV = "CONVSERVE_TARGET"
@@ -79,10 +79,14 @@ def resolve(target: str | Sequence[str] | None) -> tuple[str, bool]:
     if all(v6 for (_, v6), _ in resolved):
         addresses = [f"[{a}]:{port}" for (_, v6), port in resolved for a in v6]
         return "ipv6:" + ",".join(dict.fromkeys(addresses)), True
-    raise ValueError(f"targets {parts} mix IPv4-only and IPv6-only hosts; gRPC needs one address family")
+    raise ValueError(
+        f"targets {parts} mix IPv4-only and IPv6-only hosts; gRPC needs one address family"
+    )
 
 
-def options(round_robin: bool, extra: Sequence[tuple[str, int | str]] = ()) -> list[tuple[str, int | str]]:
+def options(
+    round_robin: bool, extra: Sequence[tuple[str, int | str]] = ()
+) -> list[tuple[str, int | str]]:
     opts = dict(BASE_OPTIONS)
     if round_robin:
         opts["grpc.lb_policy_name"] = "round_robin"

@@ -9,45 +9,72 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    target_help = "server address host:port, several comma-separated, or dns:///name:port " \
-                  "(default: $CONVSERVE_TARGET or localhost:8001)"
+    target_help = (
+        "server address host:port, several comma-separated, or dns:///name:port "
+        "(default: $CONVSERVE_TARGET or localhost:8001)"
+    )
 
-    classify = subparsers.add_parser("classify", help="classify image files with a running server",
-                                     description="Classify images (PNG, JPEG, ...) and print a table of file, label, score.")
+    classify = subparsers.add_parser(
+        "classify",
+        help="classify image files with a running server",
+        description="Classify images (PNG, JPEG, ...) and print a table of file, label, score.",
+    )
     classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     classify.add_argument("--target", default=None, help=target_help)
-    classify.add_argument("--model", default=None, help="model name (may be left out when the server has one model)")
+    classify.add_argument(
+        "--model", default=None, help="model name (may be left out when the server has one model)"
+    )
     classify.add_argument("--version", default="", help="model version (default: the latest ready)")
-    classify.add_argument("--top-k", type=int, default=1, help="classes to show per image (default: 1)")
-    classify.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default: 30)")
+    classify.add_argument(
+        "--top-k", type=int, default=1, help="classes to show per image (default: 1)"
+    )
+    classify.add_argument(
+        "--timeout", type=float, default=30.0, help="deadline in seconds (default: 30)"
+    )
     classify.set_defaults(func=run_classify)
 
-    health = subparsers.add_parser("health", help="exit 0 when the server answers SERVING (for HEALTHCHECK)",
-                                   description="Ask grpc.health.v1.Health/Check; exit 0 on SERVING, 1 otherwise.")
+    health = subparsers.add_parser(
+        "health",
+        help="exit 0 when the server answers SERVING (for HEALTHCHECK)",
+        description="Ask grpc.health.v1.Health/Check; exit 0 on SERVING, 1 otherwise.",
+    )
     health.add_argument("--target", default=None, help=target_help)
-    health.add_argument("--service", default="", help="service name to check (default: the whole server)")
-    health.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default: 2)")
+    health.add_argument(
+        "--service", default="", help="service name to check (default: the whole server)"
+    )
+    health.add_argument(
+        "--timeout", type=float, default=2.0, help="deadline in seconds (default: 2)"
+    )
     health.set_defaults(func=run_health)
 
-    models = subparsers.add_parser("models", help="list the server's models, versions, input shapes and labels")
+    models = subparsers.add_parser(
+        "models", help="list the server's models, versions, input shapes and labels"
+    )
     models.add_argument("--target", default=None, help=target_help)
-    models.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default: 10)")
+    models.add_argument(
+        "--timeout", type=float, default=10.0, help="deadline in seconds (default: 10)"
+    )
     models.set_defaults(func=run_models)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()
+) -> str:
     """Rows as aligned columns under a header; column indices in `right` are right-aligned."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
-        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        parts = [
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
 
@@ -67,7 +94,9 @@ def run_classify(args: argparse.Namespace) -> int:
         return _fail("classify", f"no such file: {', '.join(missing)}", EXIT_USAGE)
     try:
         with Client(args.target, timeout=args.timeout) as client:
-            results = client.classify(args.images, top_k=args.top_k, model=args.model, version=args.version)
+            results = client.classify(
+                args.images, top_k=args.top_k, model=args.model, version=args.version
+            )
     except InferenceError as error:
         return _fail("classify", str(error))
     except (ValueError, TypeError, ImportError) as error:  # unreadable image, bad target, no Pillow
@@ -75,7 +104,10 @@ def run_classify(args: argparse.Namespace) -> int:
     rows = []
     for path, predictions in zip(args.images, results):
         for rank, p in enumerate(predictions):
-            rows.append([path if rank == 0 else "", p.label, f"{p.score:.4f}"] + ([rank + 1] if args.top_k > 1 else []))
+            rows.append(
+                [path if rank == 0 else "", p.label, f"{p.score:.4f}"]
+                + ([rank + 1] if args.top_k > 1 else [])
+            )
     headers = ["FILE", "LABEL", "SCORE"] + (["RANK"] if args.top_k > 1 else [])
     print(format_table(headers, rows, right=(2, 3)))
     return EXIT_OK
@@ -83,15 +115,15 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def run_health(args: argparse.Namespace) -> int:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from convserve.client.channel import default_target
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or default_target()
     try:
         with grpc.insecure_channel(target) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as error:
         return _fail("health", f"{target}: {error.code().name}: {error.details()}")
     except ValueError as error:  # e.g. an invalid timeout
@@ -116,17 +148,31 @@ def run_models(args: argparse.Namespace) -> int:
             names = sorted({m.name for m in index})
             rows, labels = [], {}
             for name in names:
-                versions = sorted((m for m in index if m.name == name), key=lambda m: int(m.version) if m.version.isdigit() else 0)
+                versions = sorted(
+                    (m for m in index if m.name == name),
+                    key=lambda m: int(m.version) if m.version.isdigit() else 0,
+                )
                 ready = [m.version for m in versions if m.state.upper() == "READY"]
-                shown = ", ".join(f"{m.version}" if m.state.upper() == "READY" else f"{m.version} ({m.state.lower()})"
-                                  for m in versions)
+                shown = ", ".join(
+                    f"{m.version}"
+                    if m.state.upper() == "READY"
+                    else f"{m.version} ({m.state.lower()})"
+                    for m in versions
+                )
                 if not ready:
                     rows.append([name, shown or "-", "-", "-", "-"])
                     continue
                 info = client.metadata(name)
                 labels[name] = client.labels(name)
-                rows.append([name, shown, f"{info.input.datatype} {_shape(info.input.shape[1:])}",
-                             info.num_classes or "?", info.max_batch_size or "?"])
+                rows.append(
+                    [
+                        name,
+                        shown,
+                        f"{info.input.datatype} {_shape(info.input.shape[1:])}",
+                        info.num_classes or "?",
+                        info.max_batch_size or "?",
+                    ]
+                )
     except InferenceError as error:
         return _fail("models", str(error))
     except ValueError as error:

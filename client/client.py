@@ -1,25 +1,26 @@
 """The synchronous client: `Client`.
 
-    from convserve.client import Client
-    with Client("localhost:8001") as client:
-        probabilities = client.predict("examples/sneaker_9.png")
-        best = client.classify(images, top_k=3)
+from convserve.client import Client
+with Client("localhost:8001") as client:
+    probabilities = client.predict("examples/sneaker_9.png")
+    best = client.classify(images, top_k=3)
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
-
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
-from . import channel, images as imaging, protocol
+from . import channel, protocol
+from . import images as imaging
 from .errors import InferenceError
 from .protocol import ModelInfo, ModelVersionState, Prediction
 from .retry import Deadline, RetryPolicy, call
@@ -33,9 +34,16 @@ _STALE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 class ClientBase:
     """Settings and bookkeeping shared by Client and AsyncClient (no I/O)."""
 
-    def __init__(self, target: str | Sequence[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT,
-                 retries: int | RetryPolicy | None = DEFAULT_RETRIES, credentials: grpc.ChannelCredentials | None = None,
-                 concurrency: int = 4, options: Sequence[tuple[str, Any]] = ()):
+    def __init__(
+        self,
+        target: str | Sequence[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int | RetryPolicy | None = DEFAULT_RETRIES,
+        credentials: grpc.ChannelCredentials | None = None,
+        concurrency: int = 4,
+        options: Sequence[tuple[str, Any]] = (),
+    ):
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if concurrency < 1:
@@ -67,18 +75,26 @@ class ClientBase:
         names = sorted({m.name for m in index if m.state.upper() == "READY"})
         if not names and index:
             loading = sorted({f"{m.name} ({m.state.lower()})" for m in index})
-            raise InferenceError(f"no model given and no model of the server at {self.target} is ready yet: "
-                                 f"{', '.join(loading)}", grpc.StatusCode.UNAVAILABLE)
+            raise InferenceError(
+                f"no model given and no model of the server at {self.target} is ready yet: "
+                f"{', '.join(loading)}",
+                grpc.StatusCode.UNAVAILABLE,
+            )
         if len(names) != 1:
-            raise InferenceError(f"no model given and the server at {self.target} has {len(names)} ready models "
-                                 f"{names}; pass model=NAME")
+            raise InferenceError(
+                f"no model given and the server at {self.target} has {len(names)} ready models "
+                f"{names}; pass model=NAME"
+            )
         self._default_model = names[0]
         return names[0]
 
     def _unlisted(self, error: InferenceError) -> InferenceError:
         if error.code == grpc.StatusCode.UNIMPLEMENTED:
-            return InferenceError(f"the server at {self.target} does not list its models (RepositoryIndex is "
-                                  "unimplemented); pass model=NAME", error.code)
+            return InferenceError(
+                f"the server at {self.target} does not list its models (RepositoryIndex is "
+                "unimplemented); pass model=NAME",
+                error.code,
+            )
         return error
 
     def _forget(self, error: InferenceError, key: tuple[str, str]) -> None:
@@ -121,7 +137,9 @@ class Client(ClientBase):
         if self._credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=self._options)
         else:
-            self._channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
+            self._channel = grpc.secure_channel(
+                self.target, self._credentials, options=self._options
+            )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -135,7 +153,7 @@ class Client(ClientBase):
                 self._pool = None
         self._channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -155,17 +173,27 @@ class Client(ClientBase):
             return self._default_model
         request = pb.RepositoryIndexRequest()
         try:
-            return call(lambda seconds: self._choose_model(self._stub.RepositoryIndex(request, timeout=seconds)),
-                        self.retry, deadline, "RepositoryIndex")
+            return call(
+                lambda seconds: self._choose_model(
+                    self._stub.RepositoryIndex(request, timeout=seconds)
+                ),
+                self.retry,
+                deadline,
+                "RepositoryIndex",
+            )
         except InferenceError as error:
             raise self._unlisted(error) from None
 
     def _info(self, model: str, version: str, deadline: Deadline) -> ModelInfo:
         key = (model, version)
         if key not in self._infos:
-            meta = self._call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version), deadline)
+            meta = self._call(
+                "ModelMetadata", pb.ModelMetadataRequest(name=model, version=version), deadline
+            )
             try:
-                config = self._call("ModelConfig", pb.ModelConfigRequest(name=model, version=version), deadline)
+                config = self._call(
+                    "ModelConfig", pb.ModelConfigRequest(name=model, version=version), deadline
+                )
             except InferenceError as error:
                 if error.code != grpc.StatusCode.UNIMPLEMENTED:
                     raise
@@ -175,14 +203,18 @@ class Client(ClientBase):
 
     def _index(self, deadline: Deadline, ready: bool = False) -> list[ModelVersionState]:
         try:
-            response = self._call("RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), deadline)
+            response = self._call(
+                "RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), deadline
+            )
         except InferenceError as error:
             raise self._unlisted(error) from None
         return protocol.repository_index(response)
 
-    def _infer(self, info: ModelInfo, version: str, batch: np.ndarray, class_count: int,
-               deadline: Deadline) -> list[tuple[Any, int]]:
+    def _infer(
+        self, info: ModelInfo, version: str, batch: np.ndarray, class_count: int, deadline: Deadline
+    ) -> list[tuple[Any, int]]:
         """Send `batch` in chunks of at most max_batch_size, concurrently; responses in order."""
+
         def one(part: slice) -> tuple[Any, int]:
             request = protocol.infer_request(info, version, batch[part], class_count)
             return self._call("ModelInfer", request, deadline), part.stop - part.start
@@ -193,7 +225,9 @@ class Client(ClientBase):
                 return [one(p) for p in parts]
             with self._pool_lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="convserve-client")
+                    self._pool = ThreadPoolExecutor(
+                        self.concurrency, thread_name_prefix="convserve-client"
+                    )
                 pool = self._pool
             return list(pool.map(one, parts))
         except InferenceError as error:
@@ -204,15 +238,22 @@ class Client(ClientBase):
 
     def is_live(self, *, timeout: float | None = None) -> bool:
         """Whether the server answers and says it is live (False when it cannot be reached)."""
-        return self._ask(lambda d: self._call("ServerLive", pb.ServerLiveRequest(), d, retry=False).live, timeout)
+        return self._ask(
+            lambda d: self._call("ServerLive", pb.ServerLiveRequest(), d, retry=False).live, timeout
+        )
 
-    def is_ready(self, model: str | None = None, version: str = "", *, timeout: float | None = None) -> bool:
+    def is_ready(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> bool:
         """Whether the server (or one model) is ready; False when the server cannot be reached.
 
         An unknown model raises InferenceError (INVALID_ARGUMENT), as Triton does.
         """
         if model is None:
-            return self._ask(lambda d: self._call("ServerReady", pb.ServerReadyRequest(), d, retry=False).ready, timeout)
+            return self._ask(
+                lambda d: self._call("ServerReady", pb.ServerReadyRequest(), d, retry=False).ready,
+                timeout,
+            )
         request = pb.ModelReadyRequest(name=model, version=version)
         return self._ask(lambda d: self._call("ModelReady", request, d, retry=False).ready, timeout)
 
@@ -234,37 +275,59 @@ class Client(ClientBase):
                 return
             pause = min(0.05 * 2 ** min(attempt, 5), deadline.remaining())
             if pause <= 0:
-                raise deadline.expired_error(attempt, f"waiting for {model or 'the server'} at {self.target} to be ready")
+                raise deadline.expired_error(
+                    attempt, f"waiting for {model or 'the server'} at {self.target} to be ready"
+                )
             time.sleep(pause)
 
     def models(self, *, timeout: float | None = None) -> list[str]:
         """Names of the server's ready models, sorted."""
-        return sorted({m.name for m in self._index(self._deadline(timeout), ready=True) if m.state.upper() == "READY"})
+        return sorted(
+            {
+                m.name
+                for m in self._index(self._deadline(timeout), ready=True)
+                if m.state.upper() == "READY"
+            }
+        )
 
     def repository(self, *, timeout: float | None = None) -> list[ModelVersionState]:
         """Every model version the server knows, with its state (READY, UNAVAILABLE, ...)."""
         return self._index(self._deadline(timeout))
 
-    def metadata(self, model: str | None = None, version: str = "", *, timeout: float | None = None) -> ModelInfo:
+    def metadata(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> ModelInfo:
         """The model's inputs, outputs, versions and max_batch_size (cached per client)."""
         deadline = self._deadline(timeout)
         return self._info(self._model(model, deadline), version, deadline)
 
-    def labels(self, model: str | None = None, version: str = "", *, timeout: float | None = None) -> tuple[str, ...]:
+    def labels(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> tuple[str, ...]:
         """The model's class labels, by output index (learned from one classification; cached)."""
         deadline = self._deadline(timeout)
         info = self._info(self._model(model, deadline), version, deadline)
         key = (info.name, version)
         if key not in self._labels:
             probe = self._probe(info)
-            [(response, rows)] = self._infer(info, version, probe, info.num_classes or 1_000_000, deadline)
-            self._labels[key] = self._labels_from(info, protocol.classifications(response, info.output.name, rows))
+            [(response, rows)] = self._infer(
+                info, version, probe, info.num_classes or 1_000_000, deadline
+            )
+            self._labels[key] = self._labels_from(
+                info, protocol.classifications(response, info.output.name, rows)
+            )
         return self._labels[key]
 
     # -- inference
 
-    def predict(self, images: imaging.ImageSource, model: str | None = None, version: str = "", *,
-                timeout: float | None = None) -> np.ndarray:
+    def predict(
+        self,
+        images: imaging.ImageSource,
+        model: str | None = None,
+        version: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> np.ndarray:
         """Class probabilities, shape (N, classes), for `images`.
 
         `images`: an array (H, W, C) or (N, H, W, C) of uint8 or float pixels (0..255), a list
@@ -277,8 +340,15 @@ class Client(ClientBase):
         results = self._infer(info, version, batch, 0, deadline)
         return np.concatenate([protocol.probabilities(r, info.output.name, n) for r, n in results])
 
-    def classify(self, images: imaging.ImageSource, top_k: int = 5, model: str | None = None, version: str = "", *,
-                 timeout: float | None = None) -> list[list[Prediction]]:
+    def classify(
+        self,
+        images: imaging.ImageSource,
+        top_k: int = 5,
+        model: str | None = None,
+        version: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> list[list[Prediction]]:
         """The `top_k` best classes of each image, best first (label, index, score)."""
         self._check_top_k(top_k)
         deadline = self._deadline(timeout)

@@ -10,15 +10,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from convserve.proto import grpc_service_pb2 as pb
 
 from .errors import InferenceError
 
 NUMPY_DTYPES = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
 }
 
 
@@ -67,8 +75,10 @@ class ModelInfo:
         """(H, W, C) of one image; None where the model accepts any size."""
         dims = self.input.shape[1:] if len(self.input.shape) == 4 else self.input.shape
         if len(dims) != 3:
-            raise InferenceError(f"model '{self.name}' input '{self.input.name}' has shape {list(self.input.shape)}; "
-                                 "expected an image input [-1, H, W, C]")
+            raise InferenceError(
+                f"model '{self.name}' input '{self.input.name}' has shape {list(self.input.shape)}; "
+                "expected an image input [-1, H, W, C]"
+            )
         return tuple(d if d > 0 else None for d in dims)  # type: ignore[return-value]
 
     @property
@@ -76,8 +86,10 @@ class ModelInfo:
         try:
             return np.dtype(NUMPY_DTYPES[self.input.datatype])
         except KeyError:
-            raise InferenceError(f"model '{self.name}' input '{self.input.name}' has datatype "
-                                 f"{self.input.datatype}; expected a numeric type such as UINT8 or FP32") from None
+            raise InferenceError(
+                f"model '{self.name}' input '{self.input.name}' has datatype "
+                f"{self.input.datatype}; expected a numeric type such as UINT8 or FP32"
+            ) from None
 
     @property
     def num_classes(self) -> int | None:
@@ -97,12 +109,15 @@ class ModelVersionState:
 
 def model_info(meta: Any, config: Any | None) -> ModelInfo:
     """ModelInfo from a ModelMetadataResponse and an optional ModelConfigResponse."""
+
     def spec(t: Any) -> TensorSpec:
         return TensorSpec(t.name, t.datatype, tuple(int(d) for d in t.shape))
 
     if not meta.inputs or not meta.outputs:
-        raise InferenceError(f"model '{meta.name}' announces {len(meta.inputs)} inputs and {len(meta.outputs)} "
-                             "outputs; the client needs at least one of each")
+        raise InferenceError(
+            f"model '{meta.name}' announces {len(meta.inputs)} inputs and {len(meta.outputs)} "
+            "outputs; the client needs at least one of each"
+        )
     return ModelInfo(
         name=meta.name,
         versions=tuple(meta.versions),
@@ -113,8 +128,9 @@ def model_info(meta: Any, config: Any | None) -> ModelInfo:
     )
 
 
-def infer_request(info: ModelInfo, version: str, batch: np.ndarray, class_count: int = 0,
-                  request_id: str = "") -> Any:
+def infer_request(
+    info: ModelInfo, version: str, batch: np.ndarray, class_count: int = 0, request_id: str = ""
+) -> Any:
     """A ModelInferRequest sending `batch` as raw bytes to the model's first input."""
     request = pb.ModelInferRequest(model_name=info.name, model_version=version, id=request_id)
     tensor = request.inputs.add()
@@ -133,11 +149,15 @@ def _output(response: Any, name: str) -> tuple[Any, bytes]:
     for i, tensor in enumerate(response.outputs):
         if tensor.name == name:
             if i >= len(response.raw_output_contents):
-                raise InferenceError(f"response of model '{response.model_name}' has no raw contents for output "
-                                     f"'{name}' (expected raw_output_contents[{i}])")
+                raise InferenceError(
+                    f"response of model '{response.model_name}' has no raw contents for output "
+                    f"'{name}' (expected raw_output_contents[{i}])"
+                )
             return tensor, response.raw_output_contents[i]
     names = [t.name for t in response.outputs]
-    raise InferenceError(f"response of model '{response.model_name}' lacks output '{name}'; got {names}")
+    raise InferenceError(
+        f"response of model '{response.model_name}' lacks output '{name}'; got {names}"
+    )
 
 
 def probabilities(response: Any, name: str, rows: int) -> np.ndarray:
@@ -145,12 +165,16 @@ def probabilities(response: Any, name: str, rows: int) -> np.ndarray:
     tensor, raw = _output(response, name)
     dtype = NUMPY_DTYPES.get(tensor.datatype)
     if dtype is None:
-        raise InferenceError(f"output '{name}' has datatype {tensor.datatype}; expected a numeric type like FP32")
+        raise InferenceError(
+            f"output '{name}' has datatype {tensor.datatype}; expected a numeric type like FP32"
+        )
     shape = tuple(int(d) for d in tensor.shape)
     values = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
     if values.size != int(np.prod(shape)) or not shape or shape[0] != rows:
-        raise InferenceError(f"output '{name}' has shape {list(shape)} and {values.size} values; expected "
-                             f"{rows} rows")
+        raise InferenceError(
+            f"output '{name}' has shape {list(shape)} and {values.size} values; expected "
+            f"{rows} rows"
+        )
     return values.reshape(rows, -1).astype(np.float32 if dtype != np.float64 else np.float64)
 
 
@@ -160,11 +184,11 @@ def _bytes_elements(raw: bytes) -> list[bytes]:
     while pos < len(raw):
         if pos + 4 > len(raw):
             raise InferenceError("malformed BYTES output: truncated length prefix")
-        n = int.from_bytes(raw[pos:pos + 4], "little")
+        n = int.from_bytes(raw[pos : pos + 4], "little")
         pos += 4
         if pos + n > len(raw):
             raise InferenceError("malformed BYTES output: element runs past the end")
-        out.append(raw[pos:pos + n])
+        out.append(raw[pos : pos + n])
         pos += n
     return out
 
@@ -176,7 +200,9 @@ def parse_class(entry: bytes | str) -> Prediction:
     try:
         score, index = float(parts[0]), int(parts[1])
     except (IndexError, ValueError):
-        raise InferenceError(f"malformed classification entry {text!r}; expected 'score:index:label'") from None
+        raise InferenceError(
+            f"malformed classification entry {text!r}; expected 'score:index:label'"
+        ) from None
     return Prediction(label=parts[2] if len(parts) > 2 else str(index), index=index, score=score)
 
 
@@ -184,13 +210,15 @@ def classifications(response: Any, name: str, rows: int) -> list[list[Prediction
     """The classification extension's BYTES output as rows of Predictions, best first."""
     tensor, raw = _output(response, name)
     if tensor.datatype != "BYTES":
-        raise InferenceError(f"output '{name}' came as {tensor.datatype}; the classification extension returns "
-                             "BYTES (does the server support it?)")
+        raise InferenceError(
+            f"output '{name}' came as {tensor.datatype}; the classification extension returns "
+            "BYTES (does the server support it?)"
+        )
     entries = [parse_class(e) for e in _bytes_elements(raw)]
     if rows == 0 or len(entries) % rows:
         raise InferenceError(f"classification output has {len(entries)} entries for {rows} images")
     k = len(entries) // rows
-    return [sorted(entries[r * k:(r + 1) * k], key=lambda p: -p.score) for r in range(rows)]
+    return [sorted(entries[r * k : (r + 1) * k], key=lambda p: -p.score) for r in range(rows)]
 
 
 def chunks(n: int, size: int) -> list[slice]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -35,11 +36,13 @@ class RetryPolicy:
         if self.attempts < 1:
             raise ValueError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
         if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
-            raise ValueError("RetryPolicy needs initial_backoff >= 0, max_backoff >= 0 and multiplier >= 1, got "
-                             f"{self.initial_backoff}, {self.max_backoff}, {self.multiplier}")
+            raise ValueError(
+                "RetryPolicy needs initial_backoff >= 0, max_backoff >= 0 and multiplier >= 1, got "
+                f"{self.initial_backoff}, {self.max_backoff}, {self.multiplier}"
+            )
 
     @classmethod
-    def of(cls, retries: "int | RetryPolicy | None") -> "RetryPolicy":
+    def of(cls, retries: int | RetryPolicy | None) -> RetryPolicy:
         """`retries` as the Client takes it: a policy, a number of retries (0 = none), or None."""
         if isinstance(retries, RetryPolicy):
             return retries
@@ -68,8 +71,11 @@ class Deadline:
         return self.at - time.monotonic()
 
     def expired_error(self, attempts: int, what: str) -> InferenceError:
-        return InferenceError(f"{what}: deadline of {self.timeout:g} s exceeded", grpc.StatusCode.DEADLINE_EXCEEDED,
-                              attempts=attempts)
+        return InferenceError(
+            f"{what}: deadline of {self.timeout:g} s exceeded",
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            attempts=attempts,
+        )
 
 
 def _delay(policy: RetryPolicy, attempt: int, deadline: Deadline) -> float | None:
@@ -83,8 +89,13 @@ def _delay(policy: RetryPolicy, attempt: int, deadline: Deadline) -> float | Non
     return delay
 
 
-def call(fn: Callable[[float], T], policy: RetryPolicy, deadline: Deadline, what: str,
-         sleep: Callable[[float], None] = time.sleep) -> T:
+def call(
+    fn: Callable[[float], T],
+    policy: RetryPolicy,
+    deadline: Deadline,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """Run `fn(seconds_left)` until it succeeds, retrying the codes in the policy.
 
     `fn` raises grpc.RpcError (from the call) or InferenceError (from checking the answer); both
@@ -109,7 +120,9 @@ def call(fn: Callable[[float], T], policy: RetryPolicy, deadline: Deadline, what
         sleep(delay)
 
 
-async def call_async(fn: Callable[[float], Awaitable[T]], policy: RetryPolicy, deadline: Deadline, what: str) -> T:
+async def call_async(
+    fn: Callable[[float], Awaitable[T]], policy: RetryPolicy, deadline: Deadline, what: str
+) -> T:
     """The asyncio twin of `call`."""
     attempt = 0
     while True:

@@ -15,9 +15,9 @@ import sys
 from convserve import __version__
 
 COMMAND_MODULES = [
-    "convserve.core.cli",      # summary, train
-    "convserve.server.cli",    # serve
-    "convserve.client.cli",    # classify, health, models
+    "convserve.core.cli",  # summary, train
+    "convserve.server.cli",  # serve
+    "convserve.client.cli",  # classify, health, models
 ]
 
 

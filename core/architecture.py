@@ -14,13 +14,28 @@ from typing import Any
 from convserve.core.errors import ModelError
 
 LAYER_TYPES = (
-    "conv2d", "max_pooling2d", "average_pooling2d", "flatten", "dense", "activation", "dropout",
+    "conv2d",
+    "max_pooling2d",
+    "average_pooling2d",
+    "flatten",
+    "dense",
+    "activation",
+    "dropout",
 )
 ACTIVATIONS = ("linear", "relu", "tanh", "sigmoid", "softmax")
 PADDINGS = ("valid", "same")
 
 _ALLOWED_KEYS = {
-    "conv2d": {"type", "name", "filters", "kernel_size", "strides", "padding", "activation", "use_bias"},
+    "conv2d": {
+        "type",
+        "name",
+        "filters",
+        "kernel_size",
+        "strides",
+        "padding",
+        "activation",
+        "use_bias",
+    },
     "max_pooling2d": {"type", "name", "pool_size", "strides", "padding"},
     "average_pooling2d": {"type", "name", "pool_size", "strides", "padding"},
     "flatten": {"type", "name"},
@@ -167,7 +182,9 @@ def _parse_layer(index: int, raw: Any, in_shape: tuple[int, ...]) -> LayerSpec:
     where = f"layer {index} ({kind})"
     unknown = set(raw) - _ALLOWED_KEYS[kind]
     if unknown:
-        raise _fail(where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED_KEYS[kind])}")
+        raise _fail(
+            where, f"unknown key(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED_KEYS[kind])}"
+        )
     name = raw.get("name", "")
     if not isinstance(name, str):
         raise _fail(where, f"'name' must be a string, got {name!r}")
@@ -195,7 +212,10 @@ def _parse_layer(index: int, raw: Any, in_shape: tuple[int, ...]) -> LayerSpec:
                 f"shrinks the {height}x{width} input below 1x1",
             )
         if padding == "same":
-            pads = (*same_padding(height, window[0], strides[0]), *same_padding(width, window[1], strides[1]))
+            pads = (
+                *same_padding(height, window[0], strides[0]),
+                *same_padding(width, window[1], strides[1]),
+            )
         else:
             pads = (0, 0, 0, 0)
         if kind == "conv2d":
@@ -204,17 +224,34 @@ def _parse_layer(index: int, raw: Any, in_shape: tuple[int, ...]) -> LayerSpec:
             use_bias = raw.get("use_bias", True)
             if not isinstance(use_bias, bool):
                 raise _fail(where, f"'use_bias' must be true or false, got {use_bias!r}")
-            return LayerSpec(**common, output_shape=(out_h, out_w, filters), filters=filters,
-                             kernel_size=window, strides=strides, padding=padding, pads=pads,
-                             activation=activation, use_bias=use_bias)
-        return LayerSpec(**common, output_shape=(out_h, out_w, channels), pool_size=window,
-                         strides=strides, padding=padding, pads=pads)
+            return LayerSpec(
+                **common,
+                output_shape=(out_h, out_w, filters),
+                filters=filters,
+                kernel_size=window,
+                strides=strides,
+                padding=padding,
+                pads=pads,
+                activation=activation,
+                use_bias=use_bias,
+            )
+        return LayerSpec(
+            **common,
+            output_shape=(out_h, out_w, channels),
+            pool_size=window,
+            strides=strides,
+            padding=padding,
+            pads=pads,
+        )
 
     if kind == "flatten":
         return LayerSpec(**common, output_shape=(math.prod(in_shape),))
     if kind == "dense":
         if len(in_shape) != 1:
-            raise _fail(where, f"needs a flat input (features,), got shape {list(in_shape)}; add a 'flatten' layer first")
+            raise _fail(
+                where,
+                f"needs a flat input (features,), got shape {list(in_shape)}; add a 'flatten' layer first",
+            )
         if "units" not in raw:
             raise _fail(where, "'units' is required")
         units = _int(raw["units"], where, "units")
@@ -222,13 +259,17 @@ def _parse_layer(index: int, raw: Any, in_shape: tuple[int, ...]) -> LayerSpec:
         use_bias = raw.get("use_bias", True)
         if not isinstance(use_bias, bool):
             raise _fail(where, f"'use_bias' must be true or false, got {use_bias!r}")
-        return LayerSpec(**common, output_shape=(units,), units=units, activation=activation, use_bias=use_bias)
+        return LayerSpec(
+            **common, output_shape=(units,), units=units, activation=activation, use_bias=use_bias
+        )
     if kind == "activation":
         if "activation" not in raw:
             raise _fail(where, "'activation' is required")
         activation = _choice(raw["activation"], where, "activation", ACTIVATIONS)
         if activation == "softmax" and len(in_shape) != 1:
-            raise _fail(where, f"softmax needs a flat input (features,), got shape {list(in_shape)}")
+            raise _fail(
+                where, f"softmax needs a flat input (features,), got shape {list(in_shape)}"
+            )
         return LayerSpec(**common, output_shape=in_shape, activation=activation)
     # dropout
     rate = _number(raw.get("rate", 0.5), where, "rate")
@@ -264,7 +305,9 @@ def parse_architecture(doc: Any) -> Architecture:
     std = spec.get("std", [1.0] * channels)
     for key, values in (("mean", mean), ("std", std)):
         if not isinstance(values, (list, tuple)) or len(values) not in (1, channels):
-            raise _fail("input", f"'{key}' must be a list of 1 or {channels} numbers, got {values!r}")
+            raise _fail(
+                "input", f"'{key}' must be a list of 1 or {channels} numbers, got {values!r}"
+            )
     mean_t = tuple(_number(v, "input", "mean") for v in mean)
     std_t = tuple(_number(v, "input", "std") for v in std)
     if any(v == 0 for v in std_t):
@@ -284,7 +327,10 @@ def parse_architecture(doc: Any) -> Architecture:
         layers.append(layer)
         current = layer.output_shape
     if len(current) != 1:
-        raise _fail("layers", f"the last layer must give a flat output (classes,), got shape {list(current)}; end with flatten/dense")
+        raise _fail(
+            "layers",
+            f"the last layer must give a flat output (classes,), got shape {list(current)}; end with flatten/dense",
+        )
 
     labels = doc.get("labels")
     if labels is None:
@@ -292,7 +338,17 @@ def parse_architecture(doc: Any) -> Architecture:
     if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
         raise _fail("labels", f"must be a list of strings, got {labels!r}")
     if len(labels) != current[0]:
-        raise _fail("labels", f"has {len(labels)} entries but the model outputs {current[0]} classes")
+        raise _fail(
+            "labels", f"has {len(labels)} entries but the model outputs {current[0]} classes"
+        )
 
-    return Architecture(name=name, input_shape=input_shape, scale=scale, mean=mean_t, std=std_t,
-                        labels=tuple(labels), layers=tuple(layers), source=doc)
+    return Architecture(
+        name=name,
+        input_shape=input_shape,
+        scale=scale,
+        mean=mean_t,
+        std=std_t,
+        labels=tuple(labels),
+        layers=tuple(layers),
+        source=doc,
+    )

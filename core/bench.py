@@ -43,7 +43,9 @@ def random_weights(doc: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     for name, shape in arch.weight_shapes().items():
         if name.endswith(".kernel"):
             fan_in = math.prod(shape[:-1])
-            weights[name] = (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(np.float32)
+            weights[name] = (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(
+                np.float32
+            )
         else:
             weights[name] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
     return weights
@@ -54,9 +56,8 @@ def onnx_model(doc: dict[str, Any], weights: dict[str, np.ndarray], opset: int =
     output `output` float32 (N, outputs). Pads and count_include_pad=0 follow the Keras
     semantics; flatten transposes back to NHWC first, so weights need no permutation."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from convserve.core.architecture import parse_architecture
+    from onnx import TensorProto, helper, numpy_helper
 
     arch = parse_architecture(doc)
     nodes: list[Any] = []
@@ -82,7 +83,9 @@ def onnx_model(doc: dict[str, Any], weights: dict[str, np.ndarray], opset: int =
         prefix = f"layers.{layer.index}"
         top, bottom, left, right = layer.pads
         if layer.type == "conv2d":
-            w = numpy_helper.from_array(np.ascontiguousarray(weights[f"{prefix}.kernel"].transpose(3, 2, 0, 1)), fresh("W"))
+            w = numpy_helper.from_array(
+                np.ascontiguousarray(weights[f"{prefix}.kernel"].transpose(3, 2, 0, 1)), fresh("W")
+            )
             inits.append(w)
             inputs = [cur, w.name]
             if layer.use_bias:
@@ -90,18 +93,42 @@ def onnx_model(doc: dict[str, Any], weights: dict[str, np.ndarray], opset: int =
                 inits.append(b)
                 inputs.append(b.name)
             y = fresh("conv")
-            nodes.append(helper.make_node("Conv", inputs, [y], kernel_shape=list(layer.kernel_size),
-                                          strides=list(layer.strides), pads=[top, left, bottom, right]))
+            nodes.append(
+                helper.make_node(
+                    "Conv",
+                    inputs,
+                    [y],
+                    kernel_shape=list(layer.kernel_size),
+                    strides=list(layer.strides),
+                    pads=[top, left, bottom, right],
+                )
+            )
             cur = act(layer.activation, y, 1)
         elif layer.type in ("max_pooling2d", "average_pooling2d"):
             y = fresh("pool")
             if layer.type == "max_pooling2d":
-                nodes.append(helper.make_node("MaxPool", [cur], [y], kernel_shape=list(layer.pool_size),
-                                              strides=list(layer.strides), pads=[top, left, bottom, right]))
+                nodes.append(
+                    helper.make_node(
+                        "MaxPool",
+                        [cur],
+                        [y],
+                        kernel_shape=list(layer.pool_size),
+                        strides=list(layer.strides),
+                        pads=[top, left, bottom, right],
+                    )
+                )
             else:
-                nodes.append(helper.make_node("AveragePool", [cur], [y], kernel_shape=list(layer.pool_size),
-                                              strides=list(layer.strides), pads=[top, left, bottom, right],
-                                              count_include_pad=0))
+                nodes.append(
+                    helper.make_node(
+                        "AveragePool",
+                        [cur],
+                        [y],
+                        kernel_shape=list(layer.pool_size),
+                        strides=list(layer.strides),
+                        pads=[top, left, bottom, right],
+                        count_include_pad=0,
+                    )
+                )
             cur = y
         elif layer.type == "flatten":
             if nchw:
@@ -123,14 +150,18 @@ def onnx_model(doc: dict[str, Any], weights: dict[str, np.ndarray], opset: int =
             nodes.append(helper.make_node("Gemm", inputs, [y]))
             cur = act(layer.activation, y, 1)
         elif layer.type == "activation":
-            cur = act(layer.activation, cur, 1 if len(layer.input_shape) == 1 else (1 if nchw else 3))
+            cur = act(
+                layer.activation, cur, 1 if len(layer.input_shape) == 1 else (1 if nchw else 3)
+            )
     nodes.append(helper.make_node("Identity", [cur], ["output"]))
     h, w_, c = arch.input_shape
     graph = helper.make_graph(
-        nodes, arch.name,
+        nodes,
+        arch.name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", h, w_, c])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", arch.num_outputs])],
-        inits)
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = min(model.ir_version, 9)
     onnx.checker.check_model(model)
@@ -217,8 +248,19 @@ def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> di
 
 # -- driver ---------------------------------------------------------------------------------
 def _run_worker(engine: str, model: str, batches: list[int], outputs_path: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "convserve.core.bench", "--worker", engine, "--models", model,
-           "--batches", ",".join(map(str, batches)), "--outputs", outputs_path]
+    cmd = [
+        sys.executable,
+        "-m",
+        "convserve.core.bench",
+        "--worker",
+        engine,
+        "--models",
+        model,
+        "--batches",
+        ",".join(map(str, batches)),
+        "--outputs",
+        outputs_path,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{engine} worker for {model} failed:\n{done.stderr[-3000:]}")
@@ -235,10 +277,14 @@ def _have_ort() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convserve.core.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m convserve.core.bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--models", default="fashion_mnist,lenet5,cifar10")
     parser.add_argument("--batches", default="1,8,64,256")
-    parser.add_argument("--repeats", type=int, default=3, help="worker processes per engine and model")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="worker processes per engine and model"
+    )
     parser.add_argument("--worker", choices=("ours", "ort"), help=argparse.SUPPRESS)
     parser.add_argument("--outputs", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -273,14 +319,21 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"ours: {res['runtime']}")
                     for n in batches:
                         rates.setdefault((model, engine, n), []).append(res["img_s"][str(n)])
-                    print(f"  {model} rep {rep + 1} {engine:4}: " + ", ".join(
-                        f"b{n} {res['img_s'][str(n)]:,.0f}" for n in batches), flush=True)
+                    print(
+                        f"  {model} rep {rep + 1} {engine:4}: "
+                        + ", ".join(f"b{n} {res['img_s'][str(n)]:,.0f}" for n in batches),
+                        flush=True,
+                    )
                 if "ort" in outs:
-                    diffs[model] = max(diffs.get(model, 0.0), float(np.abs(outs["ours"] - outs["ort"]).max()))
+                    diffs[model] = max(
+                        diffs.get(model, 0.0), float(np.abs(outs["ours"] - outs["ort"]).max())
+                    )
     print()
     if calib:
-        print(f"calibration: numpy sgemm 1024^3 {min(calib):.0f}-{max(calib):.0f} GFLOP/s "
-              f"(median {statistics.median(calib):.0f}) in the ORT processes")
+        print(
+            f"calibration: numpy sgemm 1024^3 {min(calib):.0f}-{max(calib):.0f} GFLOP/s "
+            f"(median {statistics.median(calib):.0f}) in the ORT processes"
+        )
     print(f"median img/s over {args.repeats} processes per engine\n")
     header = "| model | engine | " + " | ".join(f"batch {n}" for n in batches) + " |"
     print(header)
@@ -290,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {model} | ours | " + " | ".join(f"{v:,.0f}" for v in med["ours"]) + " |")
         if "ort" in med:
             print(f"| {model} | ORT | " + " | ".join(f"{v:,.0f}" for v in med["ort"]) + " |")
-            print(f"| {model} | ours/ORT | " + " | ".join(
-                f"{a / b:.2f}x" for a, b in zip(med["ours"], med["ort"])) + " |")
+            print(
+                f"| {model} | ours/ORT | "
+                + " | ".join(f"{a / b:.2f}x" for a, b in zip(med["ours"], med["ort"]))
+                + " |"
+            )
     for model, d in diffs.items():
         print(f"{model}: max |ours - ORT| over 16 images = {d:.2e}")
     return 0

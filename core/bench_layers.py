@@ -26,17 +26,53 @@ import numpy as np
 
 # name: (input h, w, conv layer options, pooling layer or None, use Winograd)
 VARIANTS: dict[str, tuple[int, int, dict[str, Any], dict[str, Any] | None, bool]] = {
-    "3x3 valid + max pool (fused, direct)": (30, 30, {"kernel_size": 3}, {"type": "max_pooling2d"}, False),
-    "3x3 valid + max pool (Winograd)": (30, 30, {"kernel_size": 3}, {"type": "max_pooling2d"}, True),
-    "3x3 same + max pool (Winograd)": (28, 28, {"kernel_size": 3, "padding": "same"}, {"type": "max_pooling2d"}, True),
+    "3x3 valid + max pool (fused, direct)": (
+        30,
+        30,
+        {"kernel_size": 3},
+        {"type": "max_pooling2d"},
+        False,
+    ),
+    "3x3 valid + max pool (Winograd)": (
+        30,
+        30,
+        {"kernel_size": 3},
+        {"type": "max_pooling2d"},
+        True,
+    ),
+    "3x3 same + max pool (Winograd)": (
+        28,
+        28,
+        {"kernel_size": 3, "padding": "same"},
+        {"type": "max_pooling2d"},
+        True,
+    ),
     "3x3 valid, no pool (Winograd)": (30, 30, {"kernel_size": 3}, None, True),
     "3x3 valid, no pool (direct)": (30, 30, {"kernel_size": 3}, None, False),
-    "3x3 same + max pool (direct)": (28, 28, {"kernel_size": 3, "padding": "same"}, {"type": "max_pooling2d"}, False),
+    "3x3 same + max pool (direct)": (
+        28,
+        28,
+        {"kernel_size": 3, "padding": "same"},
+        {"type": "max_pooling2d"},
+        False,
+    ),
     "3x3 stride 2": (57, 57, {"kernel_size": 3, "strides": 2}, None, True),
     "5x5 valid + max pool": (32, 32, {"kernel_size": 5}, {"type": "max_pooling2d"}, True),
-    "5x5 same + max pool": (28, 28, {"kernel_size": 5, "padding": "same"}, {"type": "max_pooling2d"}, True),
+    "5x5 same + max pool": (
+        28,
+        28,
+        {"kernel_size": 5, "padding": "same"},
+        {"type": "max_pooling2d"},
+        True,
+    ),
     "3x3 valid + average pool": (30, 30, {"kernel_size": 3}, {"type": "average_pooling2d"}, True),
-    "3x3 valid + average pool (direct)": (30, 30, {"kernel_size": 3}, {"type": "average_pooling2d"}, False),
+    "3x3 valid + average pool (direct)": (
+        30,
+        30,
+        {"kernel_size": 3},
+        {"type": "average_pooling2d"},
+        False,
+    ),
 }
 CHANNELS, FILTERS = 32, 64
 
@@ -47,7 +83,12 @@ def _document(name: str) -> dict[str, Any]:
     if pool:
         layers.append({**pool, "pool_size": 2})
     layers += [{"type": "flatten"}, {"type": "dense", "units": 2}]
-    return {"name": "layer", "input": {"shape": [h, w, CHANNELS]}, "labels": ["a", "b"], "layers": layers}
+    return {
+        "name": "layer",
+        "input": {"shape": [h, w, CHANNELS]},
+        "labels": ["a", "b"],
+        "layers": layers,
+    }
 
 
 def worker(name: str, batch: int) -> dict[str, Any]:
@@ -69,7 +110,9 @@ def worker(name: str, batch: int) -> dict[str, Any]:
     oh, ow, _ = conv.output_shape
     macs = batch * oh * ow * FILTERS * conv.kernel_size[0] * conv.kernel_size[1] * CHANNELS
     dense_steps = sum(1 for s in plan.steps if s.kind == "dense")
-    timed = calls[: len(calls) - dense_steps]  # padding copy, conv, separate pool: not the dense head
+    timed = calls[
+        : len(calls) - dense_steps
+    ]  # padding copy, conv, separate pool: not the dense head
     rounds = []
     for _ in range(9):
         start = time.perf_counter()
@@ -79,11 +122,16 @@ def worker(name: str, batch: int) -> dict[str, Any]:
                 call[0](*bind_args(call, x, result))
         rounds.append((time.perf_counter() - start) / reps)
     seconds = statistics.median(rounds)
-    return {"ns_per_kmac": seconds * 1e12 / macs, "steps": [getattr(c[0], "__name__", "?") for c in timed]}
+    return {
+        "ns_per_kmac": seconds * 1e12 / macs,
+        "steps": [getattr(c[0], "__name__", "?") for c in timed],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convserve.core.bench_layers", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m convserve.core.bench_layers", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="worker processes per variant")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -96,7 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for name, (*_, winograd) in VARIANTS.items():
             env = {**os.environ, "CONVSERVE_WINOGRAD": "1" if winograd else "0"}
-            cmd = [sys.executable, "-m", "convserve.core.bench_layers", "--worker", name, "--batch", str(args.batch)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "convserve.core.bench_layers",
+                "--worker",
+                name,
+                "--batch",
+                str(args.batch),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"worker for {name!r} failed:\n{done.stderr[-3000:]}")
@@ -105,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             steps[name] = res["steps"]
         print(f"  round {rep + 1} of {args.repeats} done", flush=True)
     base = statistics.median(results["3x3 valid + max pool (fused, direct)"])
-    print(f"\nbatch {args.batch}, {CHANNELS} input channels, {FILTERS} filters; median of {args.repeats} processes\n")
+    print(
+        f"\nbatch {args.batch}, {CHANNELS} input channels, {FILTERS} filters; median of {args.repeats} processes\n"
+    )
     print("| layer | steps | ns per 1,000 MACs | vs fused direct |")
     print("| --- | --- | --- | --- |")
     for name in VARIANTS:

@@ -7,7 +7,9 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    summary = subparsers.add_parser("summary", help="print a model file's layers, shapes and parameter counts")
+    summary = subparsers.add_parser(
+        "summary", help="print a model file's layers, shapes and parameter counts"
+    )
     summary.add_argument("model_file", metavar="MODEL_FILE", help="a convserve/1 .safetensors file")
     summary.set_defaults(func=run_summary)
 

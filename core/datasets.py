@@ -65,12 +65,18 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < 4:
         raise DataError(f"{path}: too short for an IDX file ({len(data)} bytes)")
     if data[0] != 0 or data[1] != 0:
-        raise DataError(f"{path}: wrong magic number 0x{data[:4].hex()}, expected 0x000008NN (IDX unsigned byte)")
+        raise DataError(
+            f"{path}: wrong magic number 0x{data[:4].hex()}, expected 0x000008NN (IDX unsigned byte)"
+        )
     if data[2] != 0x08:
-        raise DataError(f"{path}: IDX element type 0x{data[2]:02x} is not supported, expected 0x08 (unsigned byte)")
+        raise DataError(
+            f"{path}: IDX element type 0x{data[2]:02x} is not supported, expected 0x08 (unsigned byte)"
+        )
     ndim = data[3]
     if ndim not in (1, 3):
-        raise DataError(f"{path}: IDX file has {ndim} dimensions, expected 1 (labels) or 3 (images)")
+        raise DataError(
+            f"{path}: IDX file has {ndim} dimensions, expected 1 (labels) or 3 (images)"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"{path}: truncated IDX header ({len(data)} bytes)")
@@ -84,7 +90,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def _find(directory: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+    for name in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         if (directory / name).is_file():
             return directory / name
     return None
@@ -110,7 +121,9 @@ def load_idx_dir(directory: str | os.PathLike) -> Dataset:
             raise DataError(f"{directory}: missing {missing}[.gz]")
         images, labels = read_idx(img_path), read_idx(lab_path)
         if images.ndim != 3:
-            raise DataError(f"{img_path}: expected 3 dimensions (count, rows, cols), got {images.ndim}")
+            raise DataError(
+                f"{img_path}: expected 3 dimensions (count, rows, cols), got {images.ndim}"
+            )
         if labels.ndim != 1:
             raise DataError(f"{lab_path}: expected 1 dimension (count), got {labels.ndim}")
         _check_pair(images, labels, str(img_path), str(lab_path))
@@ -145,8 +158,13 @@ def load_cifar10_dir(directory: str | os.PathLike) -> Dataset:
     x_test = y_test = None
     if (directory / CIFAR_TEST).is_file():
         x_test, y_test = _read_cifar(directory / CIFAR_TEST)
-    return Dataset(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), x_test, y_test,
-                   source=str(directory))
+    return Dataset(
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        x_test,
+        y_test,
+        source=str(directory),
+    )
 
 
 # ------------------------------------------------------------------------------------- npz
@@ -154,7 +172,9 @@ def _npz_images(path: Path, key: str, value: np.ndarray) -> np.ndarray:
     if value.ndim == 3:
         value = value[..., None]
     if value.ndim != 4:
-        raise DataError(f"{path}: '{key}' has shape {list(value.shape)}, expected images (N, H, W) or (N, H, W, C)")
+        raise DataError(
+            f"{path}: '{key}' has shape {list(value.shape)}, expected images (N, H, W) or (N, H, W, C)"
+        )
     if value.dtype != np.uint8 and value.dtype.kind not in "fiu":
         raise DataError(f"{path}: '{key}' has dtype {value.dtype}, expected uint8 or float")
     if value.dtype.kind == "f" and not np.isfinite(value).all():
@@ -169,12 +189,16 @@ def _npz_labels(path: Path, key: str, value: np.ndarray) -> np.ndarray:
     if value.ndim == 2 and value.shape[1] == 1:
         value = value[:, 0]
     if value.ndim != 1:
-        raise DataError(f"{path}: '{key}' has shape {list(value.shape)}, expected integer labels (N,)")
+        raise DataError(
+            f"{path}: '{key}' has shape {list(value.shape)}, expected integer labels (N,)"
+        )
     if value.dtype.kind not in "iu":
         if value.dtype.kind == "f" and np.all(value == np.round(value)):
             value = value.astype(np.int64)
         else:
-            raise DataError(f"{path}: '{key}' has dtype {value.dtype}, expected integer class labels")
+            raise DataError(
+                f"{path}: '{key}' has dtype {value.dtype}, expected integer class labels"
+            )
     return value.astype(np.int64)
 
 
@@ -187,7 +211,9 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file (or it holds pickled objects): {exc}") from None
+        raise DataError(
+            f"{path}: not a readable .npz file (or it holds pickled objects): {exc}"
+        ) from None
     missing = [k for k in ("x_train", "y_train") if k not in arrays]
     if missing:
         raise DataError(f"{path}: missing array(s) {missing}; found {sorted(arrays)}")
@@ -211,7 +237,9 @@ def load_dataset(spec: str | os.PathLike) -> Dataset:
     if name in DATASET_ALIASES:
         directory = DATASET_ALIASES[name]
         if not directory.is_dir():
-            raise DataError(f"{name}: {directory} not found; install Debian's dataset-fashion-mnist package")
+            raise DataError(
+                f"{name}: {directory} not found; install Debian's dataset-fashion-mnist package"
+            )
         return load_idx_dir(directory)
     path = Path(name)
     if path.is_dir():
@@ -219,17 +247,26 @@ def load_dataset(spec: str | os.PathLike) -> Dataset:
             return load_idx_dir(path)
         if any((path / n).is_file() for n in CIFAR_TRAIN):
             return load_cifar10_dir(path)
-        raise DataError(f"{path}: no IDX files (train-images-idx3-ubyte[.gz]) or CIFAR-10 files (data_batch_1.bin) found")
+        raise DataError(
+            f"{path}: no IDX files (train-images-idx3-ubyte[.gz]) or CIFAR-10 files (data_batch_1.bin) found"
+        )
     if path.suffix == ".npz":
         return load_npz(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file or directory (expected fashion-mnist, a directory or an .npz file)")
-    raise DataError(f"{path}: unsupported dataset; expected an IDX or CIFAR-10 directory, or an .npz file")
+        raise DataError(
+            f"{path}: no such file or directory (expected fashion-mnist, a directory or an .npz file)"
+        )
+    raise DataError(
+        f"{path}: unsupported dataset; expected an IDX or CIFAR-10 directory, or an .npz file"
+    )
 
 
 def check_against(dataset: Dataset, input_shape: tuple[int, int, int], num_classes: int) -> None:
     """Raise DataError if images do not fit the architecture or labels fall outside its classes."""
-    for split, x, y in (("train", dataset.x_train, dataset.y_train), ("test", dataset.x_test, dataset.y_test)):
+    for split, x, y in (
+        ("train", dataset.x_train, dataset.y_train),
+        ("test", dataset.x_test, dataset.y_test),
+    ):
         if x is None:
             continue
         if len(x) == 0:
@@ -247,13 +284,17 @@ def check_against(dataset: Dataset, input_shape: tuple[int, int, int], num_class
             )
 
 
-def split_validation(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+def split_validation(
+    x: np.ndarray, y: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, ...]:
     """Hold out a seeded random `fraction` for validation: (x_train, y_train, x_val, y_val)."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"validation split must be between 0 and 1 (exclusive), got {fraction}")
     count = int(round(len(x) * fraction))
     if count < 1 or count >= len(x):
-        raise DataError(f"validation split {fraction} of {len(x)} images leaves an empty training or validation set")
+        raise DataError(
+            f"validation split {fraction} of {len(x)} images leaves an empty training or validation set"
+        )
     order = np.random.default_rng([seed, 0x5EED]).permutation(len(x))
     val, train = np.sort(order[:count]), np.sort(order[count:])
     return x[train], y[train], x[val], y[val]

@@ -16,11 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
-
 import numba
 import numpy as np
-
+from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.architecture import Architecture, LayerSpec
 from convserve.core.kernels import conv as kconv
 from convserve.core.kernels import dense as kdense
@@ -28,14 +26,16 @@ from convserve.core.kernels import pool as kpool
 
 ACT_CODES = {"linear": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softmax": 4}
 _MONOTONIC = (0, 1, 2, 3)
-BATCH_CHUNK = 32       # larger batches run through the network in chunks of this many images
+BATCH_CHUNK = 32  # larger batches run through the network in chunks of this many images
 # Up to this batch size, choose between 1 and all threads by measured speed. Off (0) unless
 # CONVSERVE_ADAPTIVE_THREADS=1: on a quiet machine two threads win (batch 8: about 9,000-10,000
 # img/s against 5,600 on one), and the chooser's exploration calls, which find the other
 # threads asleep, made it settle on one thread. It helps on busy, shared hosts.
 SERIAL_MAX_WORK = 32768  # multiply-adds (or copied values) below which a step runs on the calling
-                         # thread: a parallel region costs a few microseconds to start and join
-DENSE_SERIAL_MAX_WORK = 4 * SERIAL_MAX_WORK  # the same for dense layers, whose weights stream from cache
+# thread: a parallel region costs a few microseconds to start and join
+DENSE_SERIAL_MAX_WORK = (
+    4 * SERIAL_MAX_WORK
+)  # the same for dense layers, whose weights stream from cache
 ADAPT_MAX_BATCH = 8 if os.environ.get("CONVSERVE_ADAPTIVE_THREADS") == "1" else 0
 
 
@@ -73,7 +73,7 @@ class ThreadChooser:
         self._avg[key] = seconds if old is None else old + self.alpha * (seconds - old)
 
 
-_INPUT = object()   # placeholders in a prepared program: the call's input and its result
+_INPUT = object()  # placeholders in a prepared program: the call's input and its result
 _RESULT = object()
 
 
@@ -130,7 +130,7 @@ def _splits(tasks: int, groups: int, threads: int) -> int:
     return splits
 
 
-def _pad_kernel(n: int, step: "_Step") -> Any:
+def _pad_kernel(n: int, step: _Step) -> Any:
     """The padding copy of a conv step's input: serial for small inputs."""
     h, w, c = step.params["padded"]
     return kconv.pad_input_serial if n * h * w * c < SERIAL_MAX_WORK else kconv.pad_input
@@ -143,7 +143,7 @@ class _Step:
     kind: str
     shape: tuple[int, ...] | None
     params: dict[str, Any] = field(default_factory=dict)
-    takes_raw: bool = False   # applies the model's preprocessing itself
+    takes_raw: bool = False  # applies the model's preprocessing itself
 
 
 def _pack_conv(layer: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) -> dict[str, Any]:
@@ -154,12 +154,20 @@ def _pack_conv(layer: LayerSpec, kernel: np.ndarray, bias: np.ndarray | None) ->
     b = np.zeros(wk.shape[1], np.float32)
     if bias is not None:
         b[:co] = bias
-    return {"wk": wk, "bias": b, "kh": kh, "kw": kw, "sh": layer.strides[0], "sw": layer.strides[1],
-            "pt": layer.pads[0], "pl": layer.pads[2]}
+    return {
+        "wk": wk,
+        "bias": b,
+        "kh": kh,
+        "kw": kw,
+        "sh": layer.strides[0],
+        "sw": layer.strides[1],
+        "pt": layer.pads[0],
+        "pl": layer.pads[2],
+    }
 
 
 _WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-WINO_MIN_CHANNELS = 8   # below this many input channels a GEMM over them is too short to pay
+WINO_MIN_CHANNELS = 8  # below this many input channels a GEMM over them is too short to pay
 # CONVSERVE_WINOGRAD=0 runs 3x3 layers on the direct kernels (for comparison and diagnosis)
 WINOGRAD = os.environ.get("CONVSERVE_WINOGRAD", "1") != "0"
 
@@ -174,8 +182,12 @@ def _winograd_kernel(kernel: np.ndarray, cop: int) -> np.ndarray:
 
 
 def _winograd_fits(layer: LayerSpec) -> bool:
-    return (WINOGRAD and layer.kernel_size == (3, 3) and layer.strides == (1, 1)
-            and layer.input_shape[2] >= WINO_MIN_CHANNELS)
+    return (
+        WINOGRAD
+        and layer.kernel_size == (3, 3)
+        and layer.strides == (1, 1)
+        and layer.input_shape[2] >= WINO_MIN_CHANNELS
+    )
 
 
 def _channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -196,14 +208,16 @@ def _pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray
     up = _round_up(units, 16)
     padded = np.zeros((k, up), np.float32)
     padded[:, :units] = kernel
-    wk = np.concatenate([padded[:, c:c + 64].ravel() for c in range(0, up, 64)])
+    wk = np.concatenate([padded[:, c : c + 64].ravel() for c in range(0, up, 64)])
     b = np.zeros(up, np.float32)
     if bias is not None:
         b[:units] = bias
     return wk, b
 
 
-def _add_padding(p: dict[str, Any], input_shape: tuple[int, ...], rows_cols: tuple[int, int]) -> None:
+def _add_padding(
+    p: dict[str, Any], input_shape: tuple[int, ...], rows_cols: tuple[int, int]
+) -> None:
     """The conv kernels read a 'valid' input: record the zero-padded input shape `padded` that
     computing `rows_cols` output pixels needs, and whether the input must be copied into it."""
     h, w, c = input_shape
@@ -214,8 +228,13 @@ def _add_padding(p: dict[str, Any], input_shape: tuple[int, ...], rows_cols: tup
 
 
 def _fusable_pool(layer: LayerSpec | None) -> bool:
-    return (layer is not None and layer.type == "max_pooling2d" and layer.pool_size == (2, 2)
-            and layer.strides == (2, 2) and layer.padding == "valid")
+    return (
+        layer is not None
+        and layer.type == "max_pooling2d"
+        and layer.pool_size == (2, 2)
+        and layer.strides == (2, 2)
+        and layer.padding == "valid"
+    )
 
 
 def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Step]:
@@ -230,18 +249,35 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
         if layer.type == "conv2d":
             act = ACT_CODES[layer.activation]
             # a standalone activation right after a linear conv becomes the conv's activation
-            if act == 0 and nxt is not None and nxt.type == "activation" and nxt.activation != "softmax":
+            if (
+                act == 0
+                and nxt is not None
+                and nxt.type == "activation"
+                and nxt.activation != "softmax"
+            ):
                 act = ACT_CODES[nxt.activation]
                 i += 1
                 nxt = layers[i + 1] if i + 1 < len(layers) else None
             p = _pack_conv(layer, weights[f"{prefix}.kernel"], weights.get(f"{prefix}.bias"))
             first = not steps
-            fuse = act in _MONOTONIC and _fusable_pool(nxt) and layer.output_shape[0] >= 2 and layer.output_shape[1] >= 2
-            ci, (kh, kw), kernel = layer.input_shape[2], layer.kernel_size, weights[f"{prefix}.kernel"]
+            fuse = (
+                act in _MONOTONIC
+                and _fusable_pool(nxt)
+                and layer.output_shape[0] >= 2
+                and layer.output_shape[1] >= 2
+            )
+            ci, (kh, kw), kernel = (
+                layer.input_shape[2],
+                layer.kernel_size,
+                weights[f"{prefix}.kernel"],
+            )
             if _winograd_fits(layer):
                 p["u"] = _winograd_kernel(kernel, p["wk"].shape[1])
                 if fuse:
-                    shape, rows_cols = nxt.output_shape, (2 * nxt.output_shape[0], 2 * nxt.output_shape[1])
+                    shape, rows_cols = (
+                        nxt.output_shape,
+                        (2 * nxt.output_shape[0], 2 * nxt.output_shape[1]),
+                    )
                 else:
                     shape = layer.output_shape
                     rows_cols = (_round_up(shape[0], 2), _round_up(shape[1], 2))
@@ -254,12 +290,17 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
                 continue
             if fuse:
                 kind = "conv_pool2"
-                if ci == 1 and layer.strides == (1, 1) and (kh, kw) == (3, 3) and layer.filters % 16 == 0:
+                if (
+                    ci == 1
+                    and layer.strides == (1, 1)
+                    and (kh, kw) == (3, 3)
+                    and layer.filters % 16 == 0
+                ):
                     kind, p["wb"] = "conv1_k3_pool2", _channel_blocks(kernel, p["bias"])
                 elif ci == 1 and layer.strides == (1, 1) and layer.filters <= 8:
                     kind = "conv1_pixels_pool2"
                     p["wt"] = np.zeros((8, kh * kw), np.float32)
-                    p["wt"][:layer.filters] = kernel.reshape(kh * kw, layer.filters).T
+                    p["wt"][: layer.filters] = kernel.reshape(kh * kw, layer.filters).T
                 if kind != "conv1_k3_pool2":  # only the conv rows and columns the pool keeps
                     rows, cols = 2 * nxt.output_shape[0], 2 * nxt.output_shape[1]
                     _add_padding(p, layer.input_shape, (rows, cols))
@@ -271,7 +312,14 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
                 i += 2
                 continue
             _add_padding(p, layer.input_shape, layer.output_shape[:2])
-            steps.append(_Step("conv", layer.output_shape, {**p, "act": 0 if act == 4 else act}, takes_raw=first))
+            steps.append(
+                _Step(
+                    "conv",
+                    layer.output_shape,
+                    {**p, "act": 0 if act == 4 else act},
+                    takes_raw=first,
+                )
+            )
             if act == 4:
                 steps.append(_Step("activate", None, {"act": 4, "width": layer.filters}))
             i += 1
@@ -279,10 +327,21 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
         if not steps:  # the model's preprocessing, when no convolution comes first
             steps.append(_Step("preprocess", arch.input_shape, {}, takes_raw=True))
         if layer.type in ("max_pooling2d", "average_pooling2d"):
-            steps.append(_Step("pool", layer.output_shape, {
-                "ph": layer.pool_size[0], "pw": layer.pool_size[1], "sh": layer.strides[0],
-                "sw": layer.strides[1], "pt": layer.pads[0], "pl": layer.pads[2],
-                "average": layer.type == "average_pooling2d"}))
+            steps.append(
+                _Step(
+                    "pool",
+                    layer.output_shape,
+                    {
+                        "ph": layer.pool_size[0],
+                        "pw": layer.pool_size[1],
+                        "sh": layer.strides[0],
+                        "sw": layer.strides[1],
+                        "pt": layer.pads[0],
+                        "pl": layer.pads[2],
+                        "average": layer.type == "average_pooling2d",
+                    },
+                )
+            )
         elif layer.type == "flatten":
             steps.append(_Step("flatten", layer.output_shape))
         elif layer.type == "dense":
@@ -294,7 +353,9 @@ def build_steps(arch: Architecture, weights: dict[str, np.ndarray]) -> list[_Ste
             steps.append(_Step("dense", layer.output_shape, {"wk": wk, "bias": b, "act": act}))
         elif layer.type == "activation":
             width = layer.output_shape[-1]
-            steps.append(_Step("activate", None, {"act": ACT_CODES[layer.activation], "width": width}))
+            steps.append(
+                _Step("activate", None, {"act": ACT_CODES[layer.activation], "width": width})
+            )
         i += 1
     return steps
 
@@ -329,7 +390,7 @@ class InferencePlan:
                 tw = step.shape[1] if step.params["pool"] else (step.shape[1] + 1) // 2
                 tile = max(tile, 16 * tw * sum(step.params["u"].shape[1:]))
         self._tiles = np.zeros((self.threads, tile), np.float32)
-        self._capacity = 0   # batch size the activation buffers are allocated for
+        self._capacity = 0  # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
         self._padded: dict[int, np.ndarray] = {}
         self._input: np.ndarray | None = None
@@ -374,9 +435,11 @@ class InferencePlan:
                 else:
                     bufs.append(np.empty((n, *step.shape), np.float32))
             # zero-padded conv inputs: only their interior is ever written, the border stays zero
-            self._padded = {k: np.zeros((n, *step.params["padded"]), np.float32)
-                            for k, step in enumerate(self.steps)
-                            if "padded" in step.params and (step.params["needs_pad"] or step.takes_raw)}
+            self._padded = {
+                k: np.zeros((n, *step.params["padded"]), np.float32)
+                for k, step in enumerate(self.steps)
+                if "padded" in step.params and (step.params["needs_pad"] or step.takes_raw)
+            }
             self._buffers, self._capacity = bufs, n
             self._programs.clear()
         return [None if b is None else b[:n] for b in self._buffers]
@@ -405,7 +468,9 @@ class InferencePlan:
             self._forward_chunk(x[start:stop], preprocess, result[start:stop])
         return result
 
-    def _forward_chunk(self, x: np.ndarray, preprocess: bool, result: np.ndarray | None) -> np.ndarray:
+    def _forward_chunk(
+        self, x: np.ndarray, preprocess: bool, result: np.ndarray | None
+    ) -> np.ndarray:
         n = x.shape[0]
         key = (n, preprocess, self._threads_now())
         program = self._programs.get(key)
@@ -461,22 +526,82 @@ class InferencePlan:
             if step.kind in ("conv_pool2", "conv"):
                 splits = _splits(n * step.shape[0], step.shape[1], threads)
                 kernel = kconv.conv_pool2 if step.kind == "conv_pool2" else kconv.conv
-                add(kernel, x, p["wk"], p["bias"], self._tiles, out, p["kh"], p["kw"], p["sh"], p["sw"], p["act"], splits)
+                add(
+                    kernel,
+                    x,
+                    p["wk"],
+                    p["bias"],
+                    self._tiles,
+                    out,
+                    p["kh"],
+                    p["kw"],
+                    p["sh"],
+                    p["sw"],
+                    p["act"],
+                    splits,
+                )
             elif step.kind == "conv_wino":
                 rows = step.shape[0] if p["pool"] else (step.shape[0] + 1) // 2
                 splits = _splits(n * rows, p["u"].shape[2] // 16, threads)
-                add(kconv.conv_wino, x, p["u"], p["bias"], self._tiles, out, p["act"], p["pool"], splits)
+                add(
+                    kconv.conv_wino,
+                    x,
+                    p["u"],
+                    p["bias"],
+                    self._tiles,
+                    out,
+                    p["act"],
+                    p["pool"],
+                    splits,
+                )
             elif step.kind == "conv1_pixels_pool2":
                 padded = self._padded[k][:n]
                 add(_pad_kernel(n, step), x, sc, sf, int(raw), padded, p["pt"], p["pl"])
-                add(kconv.conv1_pixels_pool2, padded, p["wt"], p["bias"], self._tiles, out, p["kh"], p["kw"], p["act"])
+                add(
+                    kconv.conv1_pixels_pool2,
+                    padded,
+                    p["wt"],
+                    p["bias"],
+                    self._tiles,
+                    out,
+                    p["kh"],
+                    p["kw"],
+                    p["act"],
+                )
             elif step.kind == "conv1_k3_pool2":
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
-                add(kconv.conv1_k3_pool2, x, p["wb"], sc, sf, out, p["pt"], p["pl"], p["act"], splits)
+                add(
+                    kconv.conv1_k3_pool2,
+                    x,
+                    p["wb"],
+                    sc,
+                    sf,
+                    out,
+                    p["pt"],
+                    p["pl"],
+                    p["act"],
+                    splits,
+                )
             elif step.kind == "preprocess":
-                add(kdense.preprocess, x, *((self.scale, self.shift) if raw else self._identity), out)
+                add(
+                    kdense.preprocess,
+                    x,
+                    *((self.scale, self.shift) if raw else self._identity),
+                    out,
+                )
             elif step.kind == "pool":
-                add(kpool.pool2d, x, out, p["ph"], p["pw"], p["sh"], p["sw"], p["pt"], p["pl"], p["average"])
+                add(
+                    kpool.pool2d,
+                    x,
+                    out,
+                    p["ph"],
+                    p["pw"],
+                    p["sh"],
+                    p["sw"],
+                    p["pt"],
+                    p["pl"],
+                    p["average"],
+                )
             elif step.kind == "flatten":
                 out = x.reshape(n, -1)  # x is a buffer here: a preprocess step always comes first
             elif step.kind == "dense":

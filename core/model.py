@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 import numpy as np
-
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.errors import ModelError
 from convserve.core.inference import InferencePlan
@@ -25,16 +24,22 @@ def check_weights(architecture: Architecture, weights: dict[str, Any]) -> dict[s
         raise ModelError(f"weights: missing tensor(s): {shapes}")
     extra = sorted(set(weights) - set(expected))
     if extra:
-        raise ModelError(f"weights: unexpected tensor(s) {extra}; the architecture expects {sorted(expected)}")
+        raise ModelError(
+            f"weights: unexpected tensor(s) {extra}; the architecture expects {sorted(expected)}"
+        )
     checked: dict[str, np.ndarray] = {}
     for name, shape in expected.items():
         value = weights[name]
         if not isinstance(value, np.ndarray):
-            raise ModelError(f"weights: tensor '{name}' must be a numpy array, got {type(value).__name__}")
+            raise ModelError(
+                f"weights: tensor '{name}' must be a numpy array, got {type(value).__name__}"
+            )
         if value.dtype != np.float32:
             raise ModelError(f"weights: tensor '{name}' has dtype {value.dtype}, expected float32")
         if value.shape != shape:
-            raise ModelError(f"weights: tensor '{name}' has shape {list(value.shape)}, expected {list(shape)}")
+            raise ModelError(
+                f"weights: tensor '{name}' has shape {list(value.shape)}, expected {list(shape)}"
+            )
         if not np.isfinite(value).all():
             raise ModelError(f"weights: tensor '{name}' contains NaN or Inf")
         checked[name] = np.ascontiguousarray(value)
@@ -56,7 +61,7 @@ class Model:
         self.weights: dict[str, np.ndarray] = check_weights(self.architecture, weights)
         self._plan = InferencePlan(self.architecture, self.weights)
 
-    def replica(self) -> "Model":
+    def replica(self) -> Model:
         """Another instance of this model (same architecture and weights, its own buffers), for
         running batches side by side from several threads."""
         twin = Model.__new__(Model)
@@ -83,7 +88,7 @@ class Model:
 
     # -- files ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Model":
+    def load(cls, path: str | os.PathLike) -> Model:
         """Load a `convserve/1` model file; any problem raises `ModelError` naming the file."""
         document, tensors = read_model_file(path)
         try:
@@ -110,8 +115,12 @@ class Model:
         probabilities (or the last layer's output) of shape (N, outputs).
         """
         single = isinstance(images, np.ndarray) and images.ndim == 3
-        self._check_batch(images[None] if single else images, floating_only=False, what="predict input",
-                          given=images.shape if single else None)
+        self._check_batch(
+            images[None] if single else images,
+            floating_only=False,
+            what="predict input",
+            given=images.shape if single else None,
+        )
         if single:
             images = images[None]
         if images.dtype.kind == "f" and not all_finite(images):
@@ -122,11 +131,15 @@ class Model:
         """Compile every kernel the model needs (and run each batch size once)."""
         self._plan.warmup(tuple(batch_sizes))
 
-    def _check_batch(self, x: Any, *, floating_only: bool, what: str, given: tuple | None = None) -> None:
+    def _check_batch(
+        self, x: Any, *, floating_only: bool, what: str, given: tuple | None = None
+    ) -> None:
         expected = self.input_shape
         if given is not None and given != expected:
             dims = ", ".join(map(str, expected))
-            raise ModelError(f"{what}: expected one image [{dims}] or a batch [N, {dims}], got {list(given)}")
+            raise ModelError(
+                f"{what}: expected one image [{dims}] or a batch [N, {dims}], got {list(given)}"
+            )
         if not isinstance(x, np.ndarray):
             raise ModelError(f"{what}: expected a numpy array, got {type(x).__name__}")
         if floating_only and x.dtype != np.float32:
@@ -134,9 +147,13 @@ class Model:
         if not floating_only and x.dtype.kind not in "uif" or x.dtype.kind == "b":
             raise ModelError(f"{what}: dtype is {x.dtype}, expected uint8 or a float type")
         if x.ndim != 4:
-            raise ModelError(f"{what}: expected shape [N, {', '.join(map(str, expected))}], got {list(x.shape)} (rank {x.ndim})")
+            raise ModelError(
+                f"{what}: expected shape [N, {', '.join(map(str, expected))}], got {list(x.shape)} (rank {x.ndim})"
+            )
         if x.shape[1:] != expected:
-            raise ModelError(f"{what}: expected shape [N, {', '.join(map(str, expected))}], got {list(x.shape)}")
+            raise ModelError(
+                f"{what}: expected shape [N, {', '.join(map(str, expected))}], got {list(x.shape)}"
+            )
         if x.shape[0] < 1:
             raise ModelError(f"{what}: the batch is empty (shape {list(x.shape)})")
 

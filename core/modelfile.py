@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from convserve.core.errors import ModelError
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
-
-from convserve.core.errors import ModelError
 
 FORMAT = "convserve/1"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -32,7 +31,9 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return parse_model_bytes(data, str(path))
 
 
-def parse_model_bytes(data: bytes, where: str = "model file") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def parse_model_bytes(
+    data: bytes, where: str = "model file"
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Parse the bytes of a model file (see `read_model_file`)."""
     if len(data) < 8:
         raise ModelError(f"{where}: not a safetensors file: {len(data)} bytes, expected at least 8")
@@ -65,10 +66,14 @@ def parse_model_bytes(data: bytes, where: str = "model file") -> tuple[dict[str,
     return architecture, tensors
 
 
-def write_model_file(path: str | os.PathLike, architecture: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+def write_model_file(
+    path: str | os.PathLike, architecture: dict[str, Any], tensors: dict[str, np.ndarray]
+) -> None:
     """Write a model file atomically (see `atomic_write`)."""
     metadata = {"format": FORMAT, "architecture": json.dumps(architecture)}
-    atomic_write(path, st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
+    atomic_write(
+        path, st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    )
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes) -> None:
@@ -79,7 +84,9 @@ def atomic_write(path: str | os.PathLike, payload: bytes) -> None:
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; model files are read by other users (the server)
+        os.chmod(
+            tmp, 0o666 & ~umask
+        )  # mkstemp makes 0600; model files are read by other users (the server)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

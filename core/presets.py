@@ -6,10 +6,29 @@ import copy
 from typing import Any
 
 FASHION_MNIST_LABELS = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
-CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_LABELS = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # The Keras Fashion-MNIST tutorial model: 243,786 parameters, about 10.1 MFLOP per image.
@@ -18,9 +37,23 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "input": {"shape": [28, 28, 1], "scale": 1 / 255, "mean": [0.0], "std": [1.0]},
         "labels": FASHION_MNIST_LABELS,
         "layers": [
-            {"type": "conv2d", "filters": 64, "kernel_size": [3, 3], "strides": [1, 1], "padding": "valid", "activation": "relu"},
+            {
+                "type": "conv2d",
+                "filters": 64,
+                "kernel_size": [3, 3],
+                "strides": [1, 1],
+                "padding": "valid",
+                "activation": "relu",
+            },
             {"type": "max_pooling2d", "pool_size": [2, 2], "strides": [2, 2], "padding": "valid"},
-            {"type": "conv2d", "filters": 64, "kernel_size": [3, 3], "strides": [1, 1], "padding": "valid", "activation": "relu"},
+            {
+                "type": "conv2d",
+                "filters": 64,
+                "kernel_size": [3, 3],
+                "strides": [1, 1],
+                "padding": "valid",
+                "activation": "relu",
+            },
             {"type": "max_pooling2d", "pool_size": [2, 2], "strides": [2, 2], "padding": "valid"},
             {"type": "flatten"},
             {"type": "dense", "units": 128, "activation": "relu"},
@@ -33,9 +66,21 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "input": {"shape": [28, 28, 1], "scale": 1 / 255, "mean": [0.0], "std": [1.0]},
         "labels": FASHION_MNIST_LABELS,
         "layers": [
-            {"type": "conv2d", "filters": 6, "kernel_size": [5, 5], "padding": "same", "activation": "relu"},
+            {
+                "type": "conv2d",
+                "filters": 6,
+                "kernel_size": [5, 5],
+                "padding": "same",
+                "activation": "relu",
+            },
             {"type": "max_pooling2d", "pool_size": [2, 2]},
-            {"type": "conv2d", "filters": 16, "kernel_size": [5, 5], "padding": "valid", "activation": "relu"},
+            {
+                "type": "conv2d",
+                "filters": 16,
+                "kernel_size": [5, 5],
+                "padding": "valid",
+                "activation": "relu",
+            },
             {"type": "max_pooling2d", "pool_size": [2, 2]},
             {"type": "flatten"},
             {"type": "dense", "units": 120, "activation": "relu"},
@@ -46,14 +91,43 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # A small VGG-style net for 32x32x3 (CIFAR-10).
     "cifar10": {
         "name": "cifar10",
-        "input": {"shape": [32, 32, 3], "scale": 1 / 255, "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]},
+        "input": {
+            "shape": [32, 32, 3],
+            "scale": 1 / 255,
+            "mean": [0.4914, 0.4822, 0.4465],
+            "std": [0.2470, 0.2435, 0.2616],
+        },
         "labels": CIFAR10_LABELS,
         "layers": [
-            {"type": "conv2d", "filters": 32, "kernel_size": [3, 3], "padding": "same", "activation": "relu"},
-            {"type": "conv2d", "filters": 32, "kernel_size": [3, 3], "padding": "valid", "activation": "relu"},
+            {
+                "type": "conv2d",
+                "filters": 32,
+                "kernel_size": [3, 3],
+                "padding": "same",
+                "activation": "relu",
+            },
+            {
+                "type": "conv2d",
+                "filters": 32,
+                "kernel_size": [3, 3],
+                "padding": "valid",
+                "activation": "relu",
+            },
             {"type": "max_pooling2d", "pool_size": [2, 2]},
-            {"type": "conv2d", "filters": 64, "kernel_size": [3, 3], "padding": "same", "activation": "relu"},
-            {"type": "conv2d", "filters": 64, "kernel_size": [3, 3], "padding": "valid", "activation": "relu"},
+            {
+                "type": "conv2d",
+                "filters": 64,
+                "kernel_size": [3, 3],
+                "padding": "same",
+                "activation": "relu",
+            },
+            {
+                "type": "conv2d",
+                "filters": 64,
+                "kernel_size": [3, 3],
+                "padding": "valid",
+                "activation": "relu",
+            },
             {"type": "max_pooling2d", "pool_size": [2, 2]},
             {"type": "flatten"},
             {"type": "dense", "units": 256, "activation": "relu"},

@@ -43,7 +43,9 @@ def configure() -> dict[str, str]:
     if "NUMBA_CPU_FEATURES" not in os.environ:
         try:
             os.environ["NUMBA_CPU_FEATURES"] = host_cpu_features()
-        except Exception:  # pragma: no cover - llvmlite without the host query: keep numba's default
+        except (
+            Exception
+        ):  # pragma: no cover - llvmlite without the host query: keep numba's default
             pass
     features = os.environ.get("NUMBA_CPU_FEATURES", "")
     if "numba" in sys.modules:  # too late for the environment: set the live config instead
@@ -52,8 +54,11 @@ def configure() -> dict[str, str]:
         numba.config.THREADING_LAYER = layer
         if features and not numba.config.CPU_FEATURES:
             numba.config.CPU_FEATURES = features
-    _CONFIGURED.update(threading_layer_requested=layer, cpu_features=features,
-                       gomp_spincount=os.environ.get("GOMP_SPINCOUNT", ""))
+    _CONFIGURED.update(
+        threading_layer_requested=layer,
+        cpu_features=features,
+        gomp_spincount=os.environ.get("GOMP_SPINCOUNT", ""),
+    )
     return dict(_CONFIGURED)
 
 
@@ -73,8 +78,10 @@ def describe() -> str:
 
     features = os.environ.get("NUMBA_CPU_FEATURES", "")
     width = "512-bit preferred" if "-prefer-256-bit" in features else "default vector width"
-    return (f"numba {numba.__version__}: {numba.get_num_threads()} threads, "
-            f"threading layer {threading_layer()} (requested {os.environ.get('NUMBA_THREADING_LAYER', '?')}), {width}")
+    return (
+        f"numba {numba.__version__}: {numba.get_num_threads()} threads, "
+        f"threading layer {threading_layer()} (requested {os.environ.get('NUMBA_THREADING_LAYER', '?')}), {width}"
+    )
 
 
 def resident_mb() -> float:
@@ -111,7 +118,12 @@ def release_compiler_pages(libraries: tuple[str, ...] = ("libllvmlite",)) -> int
         candidates: list[tuple[int, int]] = []
 
         def consider(entry: tuple[int, int, str, str] | None, dirty: int) -> None:
-            if entry and "w" not in entry[2] and dirty == 0 and any(lib in entry[3] for lib in libraries):
+            if (
+                entry
+                and "w" not in entry[2]
+                and dirty == 0
+                and any(lib in entry[3] for lib in libraries)
+            ):
                 candidates.append((entry[0], entry[1]))
 
         dirty = 0

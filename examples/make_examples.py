@@ -19,8 +19,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 HERE = Path(__file__).resolve().parent
 
 
@@ -32,7 +42,7 @@ def read_idx(path: Path) -> np.ndarray:
     if magic >> 8 != 0x08:  # 0x08 = unsigned byte elements
         raise ValueError(f"{path}: expected an IDX file of unsigned bytes, got magic 0x{magic:08x}")
     ndim = magic & 0xFF
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 

@@ -68,17 +68,35 @@ def make_repository(path: Path) -> Path:
 
     doc = preset("fashion_mnist")
     rng = np.random.default_rng(0)
-    weights = {k: (rng.standard_normal(s) * 0.1).astype(np.float32)
-               for k, s in parse_architecture(doc).weight_shapes().items()}
+    weights = {
+        k: (rng.standard_normal(s) * 0.1).astype(np.float32)
+        for k, s in parse_architecture(doc).weight_shapes().items()
+    }
     Model(doc, weights).save(path / "fashion_mnist" / "1" / "model.safetensors")
     return path
 
 
 def start_server(repo: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "convserve", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--max-batch-size", str(max_batch),
-           "--log-level", "WARNING", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "convserve",
+        "serve",
+        "--model-repository",
+        str(repo),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--max-batch-size",
+        str(max_batch),
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
     METRICS[f"127.0.0.1:{port}"] = f"http://127.0.0.1:{metrics_port}/metrics"
     proc = subprocess.Popen(cmd)
     import grpc
@@ -91,7 +109,10 @@ def start_server(repo: Path, max_batch: int, extra: list[str]) -> tuple[subproce
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+            if (
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
                 channel.close()
                 return proc, f"127.0.0.1:{port}"
         except grpc.RpcError:
@@ -119,19 +140,32 @@ def build_request(model: str, images: np.ndarray) -> bytes:
     return req.SerializeToString()
 
 
-def _worker(target: str, model: str, clients: int, images_per_request: int, seconds: float, warmup: float,
-            seed: int, queue: mp.Queue) -> None:
+def _worker(
+    target: str,
+    model: str,
+    clients: int,
+    images_per_request: int,
+    seconds: float,
+    warmup: float,
+    seed: int,
+    queue: mp.Queue,
+) -> None:
     """One generator process: `clients` concurrent closed-loop callers; reports latencies (s)."""
     import grpc
-
     from convserve.proto import grpc_service_pb2 as pb
 
     async def main() -> tuple[list[float], int, int, str]:
         rng = np.random.default_rng(seed)
-        options = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
+        options = [
+            ("grpc.max_receive_message_length", 1 << 30),
+            ("grpc.max_send_message_length", 1 << 30),
+        ]
         async with grpc.aio.insecure_channel(target, options=options) as channel:
-            call = channel.unary_unary(METHOD, request_serializer=None,
-                                       response_deserializer=pb.ModelInferResponse.FromString)
+            call = channel.unary_unary(
+                METHOD,
+                request_serializer=None,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
             # Distinct images per client; the expected output of each comes from a first call.
             payloads = []
             for _ in range(clients):
@@ -158,9 +192,12 @@ def _worker(target: str, model: str, clients: int, images_per_request: int, seco
                         resp = await call(body, timeout=30)
                         got = resp.raw_output_contents[0]
                         ok = got == expected
-                        if not ok:  # not bit-identical: the core is not batch-invariant; check closeness
-                            ok = len(got) == len(expected) and np.allclose(np.frombuffer(got, np.float32), want,
-                                                                           rtol=1e-4, atol=1e-6)
+                        if (
+                            not ok
+                        ):  # not bit-identical: the core is not batch-invariant; check closeness
+                            ok = len(got) == len(expected) and np.allclose(
+                                np.frombuffer(got, np.float32), want, rtol=1e-4, atol=1e-6
+                            )
                             inexact += t0 >= t_measure
                             if not ok and not first_error:
                                 first_error = "response differs from the expected probabilities"
@@ -206,16 +243,21 @@ def counters(target: str, model: str) -> dict[str, int]:
                 out["executions"] += int(value)
         return out
     import grpc
-
     from convserve.proto import grpc_service_pb2 as pb
     from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target) as channel:
-        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            pb.ModelStatisticsRequest(name=model), timeout=10).model_stats
-    return {"success": sum(s.inference_stats.success.count for s in stats),
-            "fail": sum(s.inference_stats.fail.count for s in stats),
-            "images": sum(s.inference_count for s in stats), "executions": sum(s.execution_count for s in stats)}
+        stats = (
+            pb_grpc.GRPCInferenceServiceStub(channel)
+            .ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
+            .model_stats
+        )
+    return {
+        "success": sum(s.inference_stats.success.count for s in stats),
+        "fail": sum(s.inference_stats.fail.count for s in stats),
+        "images": sum(s.inference_count for s in stats),
+        "executions": sum(s.execution_count for s in stats),
+    }
 
 
 def server_counts(target: str, model: str) -> tuple[int, int]:
@@ -224,14 +266,25 @@ def server_counts(target: str, model: str) -> tuple[int, int]:
     return c["images"], c["executions"]
 
 
-def run_load(target: str, model: str, clients: int, images: int, seconds: float, procs: int,
-             warmup: float = 1.0) -> dict:
+def run_load(
+    target: str,
+    model: str,
+    clients: int,
+    images: int,
+    seconds: float,
+    procs: int,
+    warmup: float = 1.0,
+) -> dict:
     procs = max(1, min(procs, clients))
     shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(target, model, n, images, seconds, warmup, 1000 + i, queue))
-               for i, n in enumerate(shares)]
+    workers = [
+        ctx.Process(
+            target=_worker, args=(target, model, n, images, seconds, warmup, 1000 + i, queue)
+        )
+        for i, n in enumerate(shares)
+    ]
     for w in workers:
         w.start()
     results = []
@@ -244,7 +297,9 @@ def run_load(target: str, model: str, clients: int, images: int, seconds: float,
             if dead or time.monotonic() > give_up:
                 for w in workers:
                     w.kill()
-                raise RuntimeError(f"load generator process failed (exit codes {[w.exitcode for w in workers]})")
+                raise RuntimeError(
+                    f"load generator process failed (exit codes {[w.exitcode for w in workers]})"
+                ) from None
     for w in workers:
         w.join()
     latencies = sorted(x for lat, _, _, _ in results for x in lat)
@@ -253,7 +308,10 @@ def run_load(target: str, model: str, clients: int, images: int, seconds: float,
     first_error = next((r[3] for r in results if r[3]), "")
     n = len(latencies)
     return {
-        "requests": n, "errors": errors, "inexact": inexact, "first_error": first_error,
+        "requests": n,
+        "errors": errors,
+        "inexact": inexact,
+        "first_error": first_error,
         "img_per_s": n * images / seconds,
         "p50_ms": 1e3 * latencies[n // 2] if n else float("nan"),
         "p99_ms": 1e3 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan"),
@@ -272,9 +330,13 @@ def run_h2load(target: str, model: str, clients: int, seconds: float, verify: bo
     if shutil.which("h2load") is None:
         raise RuntimeError("h2load not found (Debian package nghttp2-client)")
     with tempfile.TemporaryDirectory() as tmp:
-        body = build_request(model, np.random.default_rng(7).integers(0, 256, (1, 28, 28, 1), dtype=np.uint8))
+        body = build_request(
+            model, np.random.default_rng(7).integers(0, 256, (1, 28, 28, 1), dtype=np.uint8)
+        )
         data, log = Path(tmp, "request.bin"), Path(tmp, "requests.log")
-        data.write_bytes(b"\x00" + struct.pack(">I", len(body)) + body)  # gRPC length-prefixed message
+        data.write_bytes(
+            b"\x00" + struct.pack(">I", len(body)) + body
+        )  # gRPC length-prefixed message
 
         def stats() -> tuple[int, int]:
             if not verify:
@@ -285,11 +347,34 @@ def run_h2load(target: str, model: str, clients: int, seconds: float, verify: bo
         def h2load(requests: int) -> tuple[list[list[str]], float]:
             log.unlink(missing_ok=True)
             t0 = time.perf_counter()
-            subprocess.run(["h2load", "-c", str(clients), "-m", "1", "-t", "1", "-n", str(requests),
-                            "--data", str(data), "--log-file", str(log), "-H", "content-type: application/grpc",
-                            "-H", "te: trailers", f"http://{target}{METHOD}"], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "h2load",
+                    "-c",
+                    str(clients),
+                    "-m",
+                    "1",
+                    "-t",
+                    "1",
+                    "-n",
+                    str(requests),
+                    "--data",
+                    str(data),
+                    "--log-file",
+                    str(log),
+                    "-H",
+                    "content-type: application/grpc",
+                    "-H",
+                    "te: trailers",
+                    f"http://{target}{METHOD}",
+                ],
+                check=True,
+                capture_output=True,
+            )
             elapsed = time.perf_counter() - t0
-            return [line.split("\t") for line in log.read_text().splitlines() if line.strip()], elapsed
+            return [
+                line.split("\t") for line in log.read_text().splitlines() if line.strip()
+            ], elapsed
 
         calibration, elapsed = h2load(clients * 20)  # also the warm-up
         total = max(clients * 20, int(len(calibration) / elapsed * seconds))
@@ -299,17 +384,26 @@ def run_h2load(target: str, model: str, clients: int, seconds: float, verify: bo
     latencies = sorted(int(r[2]) / 1e6 for r in rows if r[1] == "200")
     n = len(latencies)
     errors = (len(rows) - n) + ((fail1 - fail0) + abs(n - (ok1 - ok0)) if verify else 0)
-    return {"requests": n, "errors": errors, "inexact": 0, "first_error": "" if not errors else
-            f"{fail1 - fail0} server-side failures, {len(rows) - n} non-200 responses, "
-            f"{ok1 - ok0} server successes for {n} answers",
-            "img_per_s": n / elapsed, "p50_ms": 1e3 * latencies[n // 2] if n else float("nan"),
-            "p99_ms": 1e3 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan")}
+    return {
+        "requests": n,
+        "errors": errors,
+        "inexact": 0,
+        "first_error": ""
+        if not errors
+        else f"{fail1 - fail0} server-side failures, {len(rows) - n} non-200 responses, "
+        f"{ok1 - ok0} server successes for {n} answers",
+        "img_per_s": n / elapsed,
+        "p50_ms": 1e3 * latencies[n // 2] if n else float("nan"),
+        "p99_ms": 1e3 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan"),
+    }
 
 
 def core_throughput(repo: Path, model: str, seconds: float, batch: int = 64) -> float:
     from convserve.core import Model
 
-    version = max((p for p in (repo / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    version = max(
+        (p for p in (repo / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
     m = Model.load(version / "model.safetensors")
     m.warmup((batch,))
     x = np.random.default_rng(0).integers(0, 256, (batch, *m.input_shape), dtype=np.uint8)
@@ -326,19 +420,40 @@ def core_throughput(repo: Path, model: str, seconds: float, batch: int = 64) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", help="HOST:PORT of a running server (default: start servers)")
-    parser.add_argument("--metrics-target", help="HOST:PORT of that server's metrics, to count over all its "
-                        "workers (default: ModelStatistics, which is per worker process)")
-    parser.add_argument("--model-repository", type=Path, help="repository to serve (default: models/ or a "
-                        "generated one with the reference architecture)")
-    parser.add_argument("--model", default=None, help="model name (default: the first in the repository)")
-    parser.add_argument("--scenario", action="append", choices=[*SCENARIOS, "core"],
-                        help="scenario(s) to run (default: all)")
+    parser.add_argument(
+        "--metrics-target",
+        help="HOST:PORT of that server's metrics, to count over all its "
+        "workers (default: ModelStatistics, which is per worker process)",
+    )
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        help="repository to serve (default: models/ or a "
+        "generated one with the reference architecture)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="model name (default: the first in the repository)"
+    )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=[*SCENARIOS, "core"],
+        help="scenario(s) to run (default: all)",
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per scenario")
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per scenario (the median is reported)")
-    parser.add_argument("--server-arg", action="append", default=[], help="extra flag for started servers")
-    parser.add_argument("--h2load", action="store_true", help="also load with h2load (native, nghttp2-client), "
-                        "to see the server's capacity without the Python generator's CPU cost")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per scenario (the median is reported)"
+    )
+    parser.add_argument(
+        "--server-arg", action="append", default=[], help="extra flag for started servers"
+    )
+    parser.add_argument(
+        "--h2load",
+        action="store_true",
+        help="also load with h2load (native, nghttp2-client), "
+        "to see the server's capacity without the Python generator's CPU cost",
+    )
     args = parser.parse_args(argv)
     scenarios = args.scenario or [*(s for s in SCENARIOS if args.h2load or s not in H2LOAD), "core"]
 
@@ -346,11 +461,22 @@ def main(argv: list[str] | None = None) -> int:
         repo = args.model_repository
         if repo is None:
             bundled = ROOT / "models"
-            repo = bundled if any(bundled.glob("*/*/model.safetensors")) else make_repository(Path(tmp))
-        model = args.model or sorted(p.parent.parent.name for p in repo.glob("*/*/model.safetensors"))[0]
-        print(f"# model '{model}' from {repo}; {args.seconds:g} s per run, {args.procs} generator process(es), "
-              f"median of {args.repeat}; cpu count {os.cpu_count()}")
-        print(f"{'scenario':<12} {'clients':>7} {'img/req':>7} {'img/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'not-bit-identical':>17} {'avg batch':>9}")
+            repo = (
+                bundled
+                if any(bundled.glob("*/*/model.safetensors"))
+                else make_repository(Path(tmp))
+            )
+        model = (
+            args.model
+            or sorted(p.parent.parent.name for p in repo.glob("*/*/model.safetensors"))[0]
+        )
+        print(
+            f"# model '{model}' from {repo}; {args.seconds:g} s per run, {args.procs} generator process(es), "
+            f"median of {args.repeat}; cpu count {os.cpu_count()}"
+        )
+        print(
+            f"{'scenario':<12} {'clients':>7} {'img/req':>7} {'img/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'not-bit-identical':>17} {'avg batch':>9}"
+        )
         for flavour in ("batching", "nobatch"):
             names = [s for s in scenarios if s in SCENARIOS and SCENARIOS[s][2] == flavour]
             if not names:
@@ -361,27 +487,42 @@ def main(argv: list[str] | None = None) -> int:
                 if args.metrics_target:
                     METRICS[target] = f"http://{args.metrics_target}/metrics"
             else:
-                proc, target = start_server(repo, 64 if flavour == "batching" else 1, args.server_arg)
+                proc, target = start_server(
+                    repo, 64 if flavour == "batching" else 1, args.server_arg
+                )
             try:
                 for name in names:
                     clients, images, _ = SCENARIOS[name]
                     before = server_counts(target, model)
                     if name in H2LOAD:
-                        runs = [run_h2load(target, model, clients, args.seconds) for _ in range(args.repeat)]
+                        runs = [
+                            run_h2load(target, model, clients, args.seconds)
+                            for _ in range(args.repeat)
+                        ]
                     else:
-                        runs = [run_load(target, model, clients, images, args.seconds, args.procs)
-                                for _ in range(args.repeat)]
+                        runs = [
+                            run_load(target, model, clients, images, args.seconds, args.procs)
+                            for _ in range(args.repeat)
+                        ]
                     r = sorted(runs, key=lambda r: r["img_per_s"])[len(runs) // 2]
-                    done_images, executions = (a - b for a, b in zip(server_counts(target, model), before))
-                    print(f"{name:<12} {clients:>7} {images:>7} {r['img_per_s']:>9.0f} {r['p50_ms']:>8.2f} "
-                          f"{r['p99_ms']:>8.2f} {r['errors']:>6} {r['inexact']:>17} {done_images / max(1, executions):>9.1f}" + (f"  first error: {r['first_error']}"
-                                                                      if r["first_error"] else ""), flush=True)
+                    done_images, executions = (
+                        a - b for a, b in zip(server_counts(target, model), before)
+                    )
+                    print(
+                        f"{name:<12} {clients:>7} {images:>7} {r['img_per_s']:>9.0f} {r['p50_ms']:>8.2f} "
+                        f"{r['p99_ms']:>8.2f} {r['errors']:>6} {r['inexact']:>17} {done_images / max(1, executions):>9.1f}"
+                        + (f"  first error: {r['first_error']}" if r["first_error"] else ""),
+                        flush=True,
+                    )
             finally:
                 if proc is not None:
                     stop_server(proc)
         if "core" in scenarios:
-            print(f"{'core':<12} {'-':>7} {64:>7} {core_throughput(repo, model, args.seconds):>9.0f} "
-                  f"{'-':>8} {'-':>8} {'-':>6}", flush=True)
+            print(
+                f"{'core':<12} {'-':>7} {64:>7} {core_throughput(repo, model, args.seconds):>9.0f} "
+                f"{'-':>8} {'-':>8} {'-':>6}",
+                flush=True,
+            )
     return 0
 
 

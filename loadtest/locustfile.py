@@ -26,41 +26,69 @@ import logging  # noqa: E402
 import time  # noqa: E402
 
 import grpc  # noqa: E402
+from convserve.proto import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
-
-from convserve.proto import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
 from mnist_requests import DEFAULT_DATASET, build_requests, load_images, top1  # noqa: E402
 
 log = logging.getLogger("convserve.loadtest")
 INT32_MAX = 2**31 - 1
 
-_requests: list = []          # PreparedRequest pool shared by the users of this process
-_answers = {"images": 0, "correct": 0}   # top-1 answers checked by this process
+_requests: list = []  # PreparedRequest pool shared by the users of this process
+_answers = {"images": 0, "correct": 0}  # top-1 answers checked by this process
 _user_numbers = itertools.count()
 
 
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     group = parser.add_argument_group("convserve", "ModelInfer requests and pass/fail thresholds")
-    group.add_argument("--model-name", default="fashion_mnist", help="model to call (default: fashion_mnist)")
-    group.add_argument("--model-version", default="", help="model version; empty = the server's latest (default)")
-    group.add_argument("--images-per-request", type=int, default=1,
-                       help="Fashion-MNIST images in each request (default: 1)")
-    group.add_argument("--top-k", type=int, default=0,
-                       help="ask for the top-k classes (classification extension) instead of probabilities; "
-                            "0 = probabilities (default)")
-    group.add_argument("--dataset", default=DEFAULT_DATASET,
-                       help=f"directory of the Fashion-MNIST IDX files (default: {DEFAULT_DATASET})")
-    group.add_argument("--deadline-s", type=float, default=10.0, help="gRPC deadline of each call (default: 10)")
-    group.add_argument("--p99-ms", type=float, default=250.0,
-                       help="fail the run if the 99th percentile response time exceeds this (ms; default 250; "
-                            "0 disables the check)")
-    group.add_argument("--max-fail-ratio", type=float, default=0.0,
-                       help="fail the run if more than this fraction of requests failed (default 0: any failure)")
-    group.add_argument("--min-accuracy", type=float, default=0.0,
-                       help="fail the run if top-1 accuracy over the answered images is below this "
-                            "(0..1; default 0 = no check)")
+    group.add_argument(
+        "--model-name", default="fashion_mnist", help="model to call (default: fashion_mnist)"
+    )
+    group.add_argument(
+        "--model-version", default="", help="model version; empty = the server's latest (default)"
+    )
+    group.add_argument(
+        "--images-per-request",
+        type=int,
+        default=1,
+        help="Fashion-MNIST images in each request (default: 1)",
+    )
+    group.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="ask for the top-k classes (classification extension) instead of probabilities; "
+        "0 = probabilities (default)",
+    )
+    group.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help=f"directory of the Fashion-MNIST IDX files (default: {DEFAULT_DATASET})",
+    )
+    group.add_argument(
+        "--deadline-s", type=float, default=10.0, help="gRPC deadline of each call (default: 10)"
+    )
+    group.add_argument(
+        "--p99-ms",
+        type=float,
+        default=250.0,
+        help="fail the run if the 99th percentile response time exceeds this (ms; default 250; "
+        "0 disables the check)",
+    )
+    group.add_argument(
+        "--max-fail-ratio",
+        type=float,
+        default=0.0,
+        help="fail the run if more than this fraction of requests failed (default 0: any failure)",
+    )
+    group.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=0.0,
+        help="fail the run if top-1 accuracy over the answered images is below this "
+        "(0..1; default 0 = no check)",
+    )
 
 
 @events.test_start.add_listener
@@ -69,10 +97,23 @@ def _prepare(environment, **_kwargs) -> None:
         return
     o = environment.parsed_options
     images, labels = load_images(o.dataset)
-    _requests.extend(build_requests(images, labels, per_request=o.images_per_request, model=o.model_name,
-                                    version=o.model_version, top_k=o.top_k))
-    log.info("prepared %d requests of %d Fashion-MNIST test image(s) each for model '%s'%s",
-             len(_requests), o.images_per_request, o.model_name, f", top-{o.top_k} classes" if o.top_k else "")
+    _requests.extend(
+        build_requests(
+            images,
+            labels,
+            per_request=o.images_per_request,
+            model=o.model_name,
+            version=o.model_version,
+            top_k=o.top_k,
+        )
+    )
+    log.info(
+        "prepared %d requests of %d Fashion-MNIST test image(s) each for model '%s'%s",
+        len(_requests),
+        o.images_per_request,
+        o.model_name,
+        f", top-{o.top_k} classes" if o.top_k else "",
+    )
 
 
 def grpc_target(host: str | None) -> str:
@@ -81,7 +122,7 @@ def grpc_target(host: str | None) -> str:
         return "127.0.0.1:8001"
     for scheme in ("grpc://", "http://"):
         if host.startswith(scheme):
-            host = host[len(scheme):]
+            host = host[len(scheme) :]
     return host.rstrip("/")
 
 
@@ -94,8 +135,13 @@ class InferenceUser(User):
     def on_start(self) -> None:
         o = self.environment.parsed_options
         self._options = o
-        self._channel = grpc.insecure_channel(grpc_target(self.host), options=[
-            ("grpc.max_send_message_length", INT32_MAX), ("grpc.max_receive_message_length", INT32_MAX)])
+        self._channel = grpc.insecure_channel(
+            grpc_target(self.host),
+            options=[
+                ("grpc.max_send_message_length", INT32_MAX),
+                ("grpc.max_receive_message_length", INT32_MAX),
+            ],
+        )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         # Users start at different offsets so they do not all send the same images.
         start = (next(_user_numbers) * 97) % max(len(_requests), 1)
@@ -122,8 +168,14 @@ class InferenceUser(User):
         except ValueError as exc:  # a malformed answer
             exception = exc
         self.environment.events.request.fire(
-            request_type="grpc", name=self._name, response_time=(time.perf_counter() - start) * 1000,
-            response_length=length, response=response, context={}, exception=exception)
+            request_type="grpc",
+            name=self._name,
+            response_time=(time.perf_counter() - start) * 1000,
+            response_length=length,
+            response=response,
+            context={},
+            exception=exception,
+        )
 
 
 @events.quitting.add_listener
@@ -137,8 +189,10 @@ def _check_thresholds(environment, **_kwargs) -> None:
     if total.num_requests == 0:
         problems.append("no request completed")
     if total.fail_ratio > o.max_fail_ratio:
-        problems.append(f"{total.num_failures} of {total.num_requests} requests failed "
-                        f"(ratio {total.fail_ratio:.4f} > {o.max_fail_ratio})")
+        problems.append(
+            f"{total.num_failures} of {total.num_requests} requests failed "
+            f"(ratio {total.fail_ratio:.4f} > {o.max_fail_ratio})"
+        )
     p50 = total.get_response_time_percentile(0.50) or 0
     p99 = total.get_response_time_percentile(0.99) or 0
     if o.p99_ms > 0 and p99 > o.p99_ms:
@@ -148,11 +202,17 @@ def _check_thresholds(environment, **_kwargs) -> None:
     accuracy = _answers["correct"] / _answers["images"] if _answers["images"] else 0.0
     if local and o.min_accuracy > 0 and accuracy < o.min_accuracy:
         problems.append(f"top-1 accuracy {accuracy:.4f} < {o.min_accuracy}")
-    checked = f"top-1 accuracy {accuracy:.4f} over {_answers['images']} images" if local else "accuracy n/a (--processes)"
+    checked = (
+        f"top-1 accuracy {accuracy:.4f} over {_answers['images']} images"
+        if local
+        else "accuracy n/a (--processes)"
+    )
     rps = total.total_rps
-    summary = (f"convserve loadtest: {total.num_requests} requests, {total.num_failures} failed, "
-               f"{rps:.1f} req/s ({rps * o.images_per_request:.1f} img/s), p50 {p50:.0f} ms, "
-               f"p99 {p99:.0f} ms (bound {o.p99_ms:g} ms), {checked}")
+    summary = (
+        f"convserve loadtest: {total.num_requests} requests, {total.num_failures} failed, "
+        f"{rps:.1f} req/s ({rps * o.images_per_request:.1f} img/s), p50 {p50:.0f} ms, "
+        f"p99 {p99:.0f} ms (bound {o.p99_ms:g} ms), {checked}"
+    )
     if problems:
         environment.process_exit_code = 1
         log.error("%s -> FAIL: %s", summary, "; ".join(problems))

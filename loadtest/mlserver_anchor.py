@@ -45,31 +45,53 @@ def write_model_dir(folder: Path, batching: bool) -> tuple[int, int]:
     model_dir = folder / "fashion_mnist"
     model_dir.mkdir(parents=True)
     (model_dir / "model.onnx").write_bytes(onnx_model(doc, weights))
-    (model_dir / "preprocess.json").write_text(json.dumps(
-        {"scale": spec.get("scale", 1.0), "mean": spec.get("mean", [0.0]), "std": spec.get("std", [1.0])}))
-    shutil.copy(Path(__file__).parent / "mlserver_anchor" / "ort_runtime.py", model_dir / "ort_runtime.py")
-    settings = {"name": "fashion_mnist", "implementation": "ort_runtime.OrtRuntime",
-                "parameters": {"uri": str(model_dir / "model.onnx")}}
+    (model_dir / "preprocess.json").write_text(
+        json.dumps(
+            {
+                "scale": spec.get("scale", 1.0),
+                "mean": spec.get("mean", [0.0]),
+                "std": spec.get("std", [1.0]),
+            }
+        )
+    )
+    shutil.copy(
+        Path(__file__).parent / "mlserver_anchor" / "ort_runtime.py", model_dir / "ort_runtime.py"
+    )
+    settings = {
+        "name": "fashion_mnist",
+        "implementation": "ort_runtime.OrtRuntime",
+        "parameters": {"uri": str(model_dir / "model.onnx")},
+    }
     if batching:
         settings.update(max_batch_size=64, max_batch_time=0.002)
     (model_dir / "model-settings.json").write_text(json.dumps(settings))
     grpc_port, http_port = free_port(), free_port()
-    (folder / "settings.json").write_text(json.dumps({
-        "grpc_port": grpc_port, "http_port": http_port, "host": "127.0.0.1", "metrics_endpoint": None,
-        "parallel_workers": 0, "debug": False}))
+    (folder / "settings.json").write_text(
+        json.dumps(
+            {
+                "grpc_port": grpc_port,
+                "http_port": http_port,
+                "host": "127.0.0.1",
+                "metrics_endpoint": None,
+                "parallel_workers": 0,
+                "debug": False,
+            }
+        )
+    )
     return grpc_port, http_port
 
 
 def wait_ready(port: int, timeout: float = 120) -> None:
     import grpc
-
     from convserve.proto import grpc_service_pb2 as pb
 
     end = time.monotonic() + timeout
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        ready = channel.unary_unary("/inference.GRPCInferenceService/ModelReady",
-                                    request_serializer=pb.ModelReadyRequest.SerializeToString,
-                                    response_deserializer=pb.ModelReadyResponse.FromString)
+        ready = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelReady",
+            request_serializer=pb.ModelReadyRequest.SerializeToString,
+            response_deserializer=pb.ModelReadyResponse.FromString,
+        )
         while time.monotonic() < end:
             try:
                 if ready(pb.ModelReadyRequest(name="fashion_mnist"), timeout=2).ready:
@@ -82,13 +104,20 @@ def wait_ready(port: int, timeout: float = 120) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mlserver", default="/tmp/mls/bin/mlserver", help="the mlserver executable")
+    parser.add_argument(
+        "--mlserver", default="/tmp/mls/bin/mlserver", help="the mlserver executable"
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--no-batching", action="store_true", help="MLServer without adaptive batching")
-    parser.add_argument("--h2load", action="store_true",
-                        help="also 64 h2load connections (answers not checked: MLServer has no ModelStatistics)")
+    parser.add_argument(
+        "--no-batching", action="store_true", help="MLServer without adaptive batching"
+    )
+    parser.add_argument(
+        "--h2load",
+        action="store_true",
+        help="also 64 h2load connections (answers not checked: MLServer has no ModelStatistics)",
+    )
     args = parser.parse_args()
     import bench_throughput as bench
 
@@ -96,26 +125,43 @@ def main() -> int:
         folder = Path(tmp)
         grpc_port, _ = write_model_dir(folder, batching=not args.no_batching)
         log = open(folder / "mlserver.log", "w")
-        proc = subprocess.Popen([args.mlserver, "start", str(folder)], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [args.mlserver, "start", str(folder)], stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             wait_ready(grpc_port)
             target = f"127.0.0.1:{grpc_port}"
-            print(f"# MLServer 1.7.1 + ONNX Runtime, adaptive batching {'off' if args.no_batching else 'on (64, 2 ms)'}, "
-                  f"{args.seconds:.0f} s per run, {args.procs} generator processes, median of {args.repeat}")
+            print(
+                f"# MLServer 1.7.1 + ONNX Runtime, adaptive batching {'off' if args.no_batching else 'on (64, 2 ms)'}, "
+                f"{args.seconds:.0f} s per run, {args.procs} generator processes, median of {args.repeat}"
+            )
             print("scenario   clients     img/s   p50 ms   p99 ms  errors")
             for name, clients in (("single-1", 1), ("single-64", 64)):
-                runs = [bench.run_load(target, "fashion_mnist", clients, 1, args.seconds, args.procs)
-                        for _ in range(args.repeat)]
+                runs = [
+                    bench.run_load(target, "fashion_mnist", clients, 1, args.seconds, args.procs)
+                    for _ in range(args.repeat)
+                ]
                 runs.sort(key=lambda r: r["img_per_s"])
                 mid = runs[len(runs) // 2]
-                print(f"{name:10} {clients:7} {mid['img_per_s']:9.0f} {mid['p50_ms']:8.2f} {mid['p99_ms']:8.2f} "
-                      f"{mid['errors']:7}", flush=True)
+                print(
+                    f"{name:10} {clients:7} {mid['img_per_s']:9.0f} {mid['p50_ms']:8.2f} {mid['p99_ms']:8.2f} "
+                    f"{mid['errors']:7}",
+                    flush=True,
+                )
             if args.h2load:
-                runs = sorted((bench.run_h2load(target, "fashion_mnist", 64, args.seconds, verify=False)
-                               for _ in range(args.repeat)), key=lambda r: r["img_per_s"])
+                runs = sorted(
+                    (
+                        bench.run_h2load(target, "fashion_mnist", 64, args.seconds, verify=False)
+                        for _ in range(args.repeat)
+                    ),
+                    key=lambda r: r["img_per_s"],
+                )
                 mid = runs[len(runs) // 2]
-                print(f"{'h2load-64':10} {64:7} {mid['img_per_s']:9.0f} {mid['p50_ms']:8.2f} {mid['p99_ms']:8.2f} "
-                      f"{mid['errors']:7}", flush=True)
+                print(
+                    f"{'h2load-64':10} {64:7} {mid['img_per_s']:9.0f} {mid['p50_ms']:8.2f} {mid['p99_ms']:8.2f} "
+                    f"{mid['errors']:7}",
+                    flush=True,
+                )
         finally:
             proc.terminate()
             try:

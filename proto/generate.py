@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,11 +27,20 @@ PROTOS = ["grpc_service.proto"]
 
 def _patch_pb2(text: str) -> str:
     pool_line = "DESCRIPTOR_POOL = _descriptor_pool.DescriptorPool()  # private: see generate.py\n"
-    text, n = re.subn(r"^(_sym_db = _symbol_database\.Default\(\)\n)", r"\1" + pool_line, text,
-                      count=1, flags=re.M)
+    text, n = re.subn(
+        r"^(_sym_db = _symbol_database\.Default\(\)\n)",
+        r"\1" + pool_line,
+        text,
+        count=1,
+        flags=re.M,
+    )
     if n != 1:
         raise RuntimeError("unexpected protoc output: no _sym_db line")
-    text, n = re.subn(r"_descriptor_pool\.Default\(\)\.AddSerializedFile", "DESCRIPTOR_POOL.AddSerializedFile", text)
+    text, n = re.subn(
+        r"_descriptor_pool\.Default\(\)\.AddSerializedFile",
+        "DESCRIPTOR_POOL.AddSerializedFile",
+        text,
+    )
     if n != 1:
         raise RuntimeError("unexpected protoc output: no AddSerializedFile call")
     return text
@@ -48,23 +55,33 @@ def _patch_pb2_grpc(text: str, stem: str) -> str:
 
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc on PROTOS and write the patched modules into out_dir; return their paths."""
-    from grpc_tools import protoc  # dev dependency, imported only here
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency, imported only here
 
     include = Path(grpc_tools.__file__).resolve().parent / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         for proto in PROTOS:
-            rc = protoc.main(["grpc_tools.protoc", f"-I{HERE}", f"-I{include}",
-                              f"--python_out={tmp}", f"--grpc_python_out={tmp}", str(HERE / proto)])
+            rc = protoc.main(
+                [
+                    "grpc_tools.protoc",
+                    f"-I{HERE}",
+                    f"-I{include}",
+                    f"--python_out={tmp}",
+                    f"--grpc_python_out={tmp}",
+                    str(HERE / proto),
+                ]
+            )
             if rc != 0:
                 raise RuntimeError(f"protoc failed on {proto} (exit {rc})")
             stem = proto.removesuffix(".proto")
             pb2 = Path(tmp, f"{stem}_pb2.py")
             pb2_grpc = Path(tmp, f"{stem}_pb2_grpc.py")
-            targets = {out_dir / pb2.name: _patch_pb2(pb2.read_text()),
-                       out_dir / pb2_grpc.name: _patch_pb2_grpc(pb2_grpc.read_text(), stem)}
+            targets = {
+                out_dir / pb2.name: _patch_pb2(pb2.read_text()),
+                out_dir / pb2_grpc.name: _patch_pb2_grpc(pb2_grpc.read_text(), stem),
+            }
             for path, text in targets.items():
                 path.write_text(text)
                 written.append(path)
@@ -73,7 +90,9 @@ def generate(out_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE, help="output directory (default: next to the .proto)")
+    parser.add_argument(
+        "--out", type=Path, default=HERE, help="output directory (default: next to the .proto)"
+    )
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(f"wrote {path}")

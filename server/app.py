@@ -15,9 +15,9 @@ import signal
 import time
 
 import grpc
+from convserve.server.config import ServerConfig, resolve_repository
 
 from convserve import __version__
-from convserve.server.config import ServerConfig, resolve_repository
 
 REFUSE_SECONDS = 0.5  # UNAVAILABLE from the servicer before the transport stops
 WORKER_ENV = "CONVSERVE_WORKER_INDEX"  # set by the supervisor in each worker process
@@ -46,7 +46,9 @@ def message_limit(config: ServerConfig, repository) -> int:
 def configure_logging(level: str) -> None:
     worker = os.environ.get(WORKER_ENV)
     name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
-    logging.basicConfig(level=getattr(logging, level), format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level), format=f"%(asctime)s %(levelname)s {name}: %(message)s"
+    )
     logging.getLogger("convserve").setLevel(getattr(logging, level))
 
 
@@ -135,10 +137,22 @@ class InferenceServer:
         except (FileNotFoundError, RepositoryError) as exc:
             raise StartupError(str(exc)) from None
         warmup = cfg.warmup_batch_sizes or tuple(sorted({1, cfg.max_batch_size}))
-        shown = dict(cfg.as_dict(), model_repository=str(root), warmup_batch_sizes=",".join(map(str, warmup)))
-        log.info("convserve %s starting: %s", __version__, ", ".join(f"{k}={v}" for k, v in shown.items()))
-        log.info("model repository %s: %s", root,
-                 "; ".join(f"{name} (versions {', '.join(map(str, sorted(v)))})" for name, v in repository.models.items()))
+        shown = dict(
+            cfg.as_dict(), model_repository=str(root), warmup_batch_sizes=",".join(map(str, warmup))
+        )
+        log.info(
+            "convserve %s starting: %s",
+            __version__,
+            ", ".join(f"{k}={v}" for k, v in shown.items()),
+        )
+        log.info(
+            "model repository %s: %s",
+            root,
+            "; ".join(
+                f"{name} (versions {', '.join(map(str, sorted(v)))})"
+                for name, v in repository.models.items()
+            ),
+        )
         self.metrics = ServerMetrics()
         self.state = ServerState()
         loop = asyncio.get_running_loop()
@@ -152,10 +166,9 @@ class InferenceServer:
         self._start_metrics()
 
         def make_batcher(entry):
+            import numba
             from convserve.server.batcher import DynamicBatcher
             from convserve.server.servicer import resolve_jobs
-
-            import numba
 
             metrics = self.metrics.for_model(entry.name, entry.version_str)
             # every instance after the first is a copy with its own buffers, warmed the same way
@@ -167,13 +180,19 @@ class InferenceServer:
             def alone() -> bool:  # an instance computing alone uses every thread
                 return batcher.busy_instances <= 1  # bound below; only called once jobs arrive
 
-            predicts = [threads_by_batch(m.predict, cfg.parallel_min_batch, share, alone) for m in models]
-            batcher = DynamicBatcher(predicts, name=entry.name, max_batch_size=cfg.max_batch_size,
-                                     max_queue_delay_us=cfg.max_queue_delay_us, max_queue_size=cfg.max_queue_size,
-                                     on_complete=lambda jobs: loop.call_soon_threadsafe(resolve_jobs, jobs),
-                                     observer=_Observer(metrics, entry.stats),
-                                     extra_instance_min_images=max(cfg.parallel_min_batch,
-                                                                   cfg.max_batch_size // 2))
+            predicts = [
+                threads_by_batch(m.predict, cfg.parallel_min_batch, share, alone) for m in models
+            ]
+            batcher = DynamicBatcher(
+                predicts,
+                name=entry.name,
+                max_batch_size=cfg.max_batch_size,
+                max_queue_delay_us=cfg.max_queue_delay_us,
+                max_queue_size=cfg.max_queue_size,
+                on_complete=lambda jobs: loop.call_soon_threadsafe(resolve_jobs, jobs),
+                observer=_Observer(metrics, entry.stats),
+                extra_instance_min_images=max(cfg.parallel_min_batch, cfg.max_batch_size // 2),
+            )
             metrics.track_queue(lambda: batcher.queued_requests)
             return batcher
 
@@ -181,7 +200,9 @@ class InferenceServer:
         stop = asyncio.ensure_future(self._shutdown.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
-            log.info("shutdown requested during start-up; exiting once the model being loaded is done")
+            log.info(
+                "shutdown requested during start-up; exiting once the model being loaded is done"
+            )
             await server.stop(0)
             return 0
         stop.cancel()
@@ -200,65 +221,98 @@ class InferenceServer:
             self.model_metrics[key] = mm
         limit = message_limit(cfg, repository)
         if limit > limit_hint:
-            log.warning("message limit %d B exceeds the %d B the listener was started with; "
-                        "pass --max-message-bytes to raise it", limit, limit_hint)
+            log.warning(
+                "message limit %d B exceeds the %d B the listener was started with; "
+                "pass --max-message-bytes to raise it",
+                limit,
+                limit_hint,
+            )
         log.info("%s", threading_layer())
         from convserve.core.runtime import release_compiler_pages, resident_mb
 
         before = resident_mb()
         release_compiler_pages()
-        log.info("resident memory %.0f MB after warm-up, %.0f MB once LLVM's code pages are dropped",
-                 before, resident_mb())
+        log.info(
+            "resident memory %.0f MB after warm-up, %.0f MB once LLVM's code pages are dropped",
+            before,
+            resident_mb(),
+        )
         await self._set_serving(health, True)
         self.state.ready = True
         self.metrics.ready.set(1)
-        log.info("ready: %d model version(s) on %s:%d (gRPC), metrics %s, started in %.2f s",
-                 len(repository.ready_entries()), cfg.host, self.bound_port,
-                 f"http://{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "disabled",
-                 time.perf_counter() - t_start)
+        log.info(
+            "ready: %d model version(s) on %s:%d (gRPC), metrics %s, started in %.2f s",
+            len(repository.ready_entries()),
+            cfg.host,
+            self.bound_port,
+            f"http://{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "disabled",
+            time.perf_counter() - t_start,
+        )
 
         await self._shutdown.wait()
         return await self._drain(server, health)
 
     # -- pieces ----------------------------------------------------------------------------
     async def _start_grpc(self, limit: int):
+        from convserve.proto import grpc_service_pb2 as pb
+        from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+        from convserve.server.servicer import InferenceServicer
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         from grpc_health.v1._async import HealthServicer
         from grpc_reflection.v1alpha import reflection
 
-        from convserve.proto import grpc_service_pb2 as pb
-        from convserve.proto import grpc_service_pb2_grpc as pb_grpc
-        from convserve.server.servicer import InferenceServicer
-
         cfg = self.config
-        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
-                   ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0)]
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0),
+        ]
         server = grpc.aio.server(options=options)
-        servicer = InferenceServicer(self.repository, self.state, self.signatures, self.model_metrics,
-                                     cfg.max_queue_delay_us, cfg.max_queue_size)
+        servicer = InferenceServicer(
+            self.repository,
+            self.state,
+            self.signatures,
+            self.model_metrics,
+            cfg.max_queue_delay_us,
+            cfg.max_queue_size,
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         await self._set_serving(health, False)
         service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
         reflection.enable_server_reflection(
-            [service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server, pool=_reflection_pool())
+            [
+                service_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+            pool=_reflection_pool(),
+        )
         address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
         try:
             self.bound_port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {address}: {exc}") from None
         await server.start()
-        log.info("listening on %s:%d (gRPC, max message %d B); health NOT_SERVING until models are warm",
-                 cfg.host, self.bound_port, limit)
+        log.info(
+            "listening on %s:%d (gRPC, max message %d B); health NOT_SERVING until models are warm",
+            cfg.host,
+            self.bound_port,
+            limit,
+        )
         self._health_services = ("", service_name)
         return server, health
 
     async def _set_serving(self, health, serving: bool) -> None:
         from grpc_health.v1 import health_pb2
 
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", "inference.GRPCInferenceService"):
             await health.set(name, status)
 
@@ -269,9 +323,13 @@ class InferenceServer:
         from prometheus_client import start_http_server
 
         try:
-            self._metrics_server, _ = start_http_server(cfg.metrics_port, cfg.host, registry=self.metrics.registry)
+            self._metrics_server, _ = start_http_server(
+                cfg.metrics_port, cfg.host, registry=self.metrics.registry
+            )
         except OSError as exc:
-            raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}") from None
+            raise StartupError(
+                f"cannot serve metrics on {cfg.host}:{cfg.metrics_port}: {exc}"
+            ) from None
         self.metrics_port = self._metrics_server.server_port
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -303,10 +361,12 @@ class InferenceServer:
             log.info("drain window: serving new requests for %.1f s more", drain)
             try:
                 await asyncio.wait_for(self._hurry.wait(), drain)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
-        log.info("refusing new requests; finishing the accepted ones (at most %.1f s)",
-                 max(0.0, deadline - time.monotonic()))
+        log.info(
+            "refusing new requests; finishing the accepted ones (at most %.1f s)",
+            max(0.0, deadline - time.monotonic()),
+        )
         # Refuse with UNAVAILABLE ourselves for a moment before stopping the transport: gRPC core
         # answers calls it has received but not yet handed to a handler with CANCELLED when the
         # server stops (grpc/grpc#41785), and clients should see UNAVAILABLE and retry elsewhere.
@@ -318,8 +378,11 @@ class InferenceServer:
             stopped &= entry.batcher.close(timeout=max(0.1, deadline - time.monotonic()))
         if getattr(self, "_metrics_server", None) is not None:
             self._metrics_server.shutdown()
-        log.info("shutdown complete in %.2f s%s", time.monotonic() - t0,
-                 "" if stopped else " (a batcher did not stop in time)")
+        log.info(
+            "shutdown complete in %.2f s%s",
+            time.monotonic() - t0,
+            "" if stopped else " (a batcher did not stop in time)",
+        )
         return 0 if stopped else 1
 
 
@@ -349,11 +412,10 @@ def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> asyncio.Fut
 
 def _reflection_pool():
     """A descriptor pool holding our service (private pool, see proto/generate.py) plus health and reflection."""
+    from convserve.proto import grpc_service_pb2 as pb
     from google.protobuf import descriptor_pb2, descriptor_pool
     from grpc_health.v1 import health_pb2
     from grpc_reflection.v1alpha import reflection_pb2
-
-    from convserve.proto import grpc_service_pb2 as pb
 
     pool = descriptor_pool.DescriptorPool()
     for module in (pb, health_pb2, reflection_pb2):

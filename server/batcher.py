@@ -29,13 +29,20 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
-
-from convserve.server.errors import (Cancelled, DeadlineExceeded, InvalidRequest, QueueFull, RequestTimeout,
-                                     ServingError, Unavailable)
+from convserve.server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    QueueFull,
+    RequestTimeout,
+    ServingError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +52,53 @@ DEFAULT_PRIORITY_LEVEL = 1 << 62  # priority 0 ("model default") sorts after eve
 class Job:
     """One request: its images, its limits, and (when done) its result or error."""
 
-    __slots__ = ("images", "size", "deadline_ns", "timeout_ns", "level", "arrival_ns", "future", "cancelled",
-                 "result", "error", "queue_ns", "compute_ns", "batch_size", "_parts_left", "_queued_parts",
-                 "_queued_images", "_taken", "_removed")
+    __slots__ = (
+        "images",
+        "size",
+        "deadline_ns",
+        "timeout_ns",
+        "level",
+        "arrival_ns",
+        "future",
+        "cancelled",
+        "result",
+        "error",
+        "queue_ns",
+        "compute_ns",
+        "batch_size",
+        "_parts_left",
+        "_queued_parts",
+        "_queued_images",
+        "_taken",
+        "_removed",
+    )
 
-    def __init__(self, images: np.ndarray, deadline_ns: int | None, timeout_ns: int | None, level: int,
-                 future: Any):
+    def __init__(
+        self,
+        images: np.ndarray,
+        deadline_ns: int | None,
+        timeout_ns: int | None,
+        level: int,
+        future: Any,
+    ):
         self.images = images
         self.size = images.shape[0]
-        self.deadline_ns = deadline_ns      # absolute time.monotonic_ns(); None = no deadline
-        self.timeout_ns = timeout_ns        # absolute queue timeout (Triton `timeout`); None = none
+        self.deadline_ns = deadline_ns  # absolute time.monotonic_ns(); None = no deadline
+        self.timeout_ns = timeout_ns  # absolute queue timeout (Triton `timeout`); None = none
         self.level = level
         self.arrival_ns = time.monotonic_ns()
         self.future = future
         self.cancelled = False
         self.result: np.ndarray | None = None
         self.error: BaseException | None = None
-        self.queue_ns = 0       # arrival -> start of (first) compute
-        self.compute_ns = 0     # compute time of the batch(es) it ran in
-        self.batch_size = 0     # images in the (largest) batch it ran in
+        self.queue_ns = 0  # arrival -> start of (first) compute
+        self.compute_ns = 0  # compute time of the batch(es) it ran in
+        self.batch_size = 0  # images in the (largest) batch it ran in
         self._parts_left = 0
         self._queued_parts = 0
         self._queued_images = 0
-        self._taken = False     # a chunk has left the queue for compute
-        self._removed = False   # abandoned while queued; its entries are skipped when popped
+        self._taken = False  # a chunk has left the queue for compute
+        self._removed = False  # abandoned while queued; its entries are skipped when popped
 
     def cancel(self) -> None:
         """Mark the job abandoned by its caller; it leaves the queue before compute."""
@@ -97,11 +127,18 @@ class DynamicBatcher:
     error); the default sets `job.future` (a `concurrent.futures.Future`) to the job itself.
     """
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray] | list[Callable[[np.ndarray], np.ndarray]],
-                 *, name: str = "model",
-                 max_batch_size: int = 64, max_queue_delay_us: int = 0, max_queue_size: int = 0,
-                 on_complete: Callable[[list[Job]], None] | None = None,
-                 observer: BatchObserver | None = None, extra_instance_min_images: int = 1):
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], np.ndarray] | list[Callable[[np.ndarray], np.ndarray]],
+        *,
+        name: str = "model",
+        max_batch_size: int = 64,
+        max_queue_delay_us: int = 0,
+        max_queue_size: int = 0,
+        on_complete: Callable[[list[Job]], None] | None = None,
+        observer: BatchObserver | None = None,
+        extra_instance_min_images: int = 1,
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_delay_us < 0 or max_queue_size < 0:
@@ -127,13 +164,21 @@ class DynamicBatcher:
         self.busy_instances = 0  # instances computing a batch right now
         self._waiting = [0, 0]  # idle workers: the first instance, the other instances
         lock = threading.Lock()
-        self._cond = threading.Condition(lock)        # the first instance waits here
+        self._cond = threading.Condition(lock)  # the first instance waits here
         self._extra_cond = threading.Condition(lock)  # the others (same lock), woken
         # only once enough images are queued: waking them for every request costs throughput
-        self._deliver_lock = threading.Lock()  # chunks of one job may finish on two instances at once
-        self._threads = [threading.Thread(target=self._run, args=(fn, i), daemon=True,
-                                          name=f"batcher-{name}" + (f"-{i}" if len(predicts) > 1 else ""))
-                         for i, fn in enumerate(predicts)]
+        self._deliver_lock = (
+            threading.Lock()
+        )  # chunks of one job may finish on two instances at once
+        self._threads = [
+            threading.Thread(
+                target=self._run,
+                args=(fn, i),
+                daemon=True,
+                name=f"batcher-{name}" + (f"-{i}" if len(predicts) > 1 else ""),
+            )
+            for i, fn in enumerate(predicts)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -142,8 +187,15 @@ class DynamicBatcher:
     def queued_requests(self) -> int:
         return self._queued_requests
 
-    def submit(self, images: np.ndarray, *, deadline_ns: int | None = None, timeout_ns: int | None = None,
-               priority: int = 0, future: Any = None) -> Job:
+    def submit(
+        self,
+        images: np.ndarray,
+        *,
+        deadline_ns: int | None = None,
+        timeout_ns: int | None = None,
+        priority: int = 0,
+        future: Any = None,
+    ) -> Job:
         """Queue `images` (N, H, W, C); returns the job, whose `future` completes with it.
 
         Raises `QueueFull` at once when `max_queue_size` requests are already waiting, and
@@ -159,7 +211,8 @@ class DynamicBatcher:
             if self.max_queue_size and self._queued_requests >= self.max_queue_size:
                 raise QueueFull(
                     f"Exceeds maximum queue size: {self._queued_requests} requests are queued for model "
-                    f"'{self.name}', the maximum is {self.max_queue_size}")
+                    f"'{self.name}', the maximum is {self.max_queue_size}"
+                )
             if n <= step:
                 job._parts_left = job._queued_parts = 1
                 heapq.heappush(self._heap, (level, next(self._seq), job, 0, n))
@@ -167,7 +220,9 @@ class DynamicBatcher:
                 parts = range(0, n, step)
                 job._parts_left = job._queued_parts = len(parts)
                 for start in parts:
-                    heapq.heappush(self._heap, (level, next(self._seq), job, start, min(start + step, n)))
+                    heapq.heappush(
+                        self._heap, (level, next(self._seq), job, start, min(start + step, n))
+                    )
             job._queued_images = n
             self._queued_requests += 1
             self._queued_images += n
@@ -212,7 +267,9 @@ class DynamicBatcher:
 
     # -- worker side -----------------------------------------------------------------------
     def _run(self, predict: Callable[[np.ndarray], np.ndarray], index: int) -> None:
-        least = 0 if index == 0 else self._extra_min  # images queued before this instance takes a batch
+        least = (
+            0 if index == 0 else self._extra_min
+        )  # images queued before this instance takes a batch
         kind = min(index, 1)
         cond = self._cond if index == 0 else self._extra_cond
         idle = True
@@ -288,19 +345,25 @@ class DynamicBatcher:
             return Cancelled(f"request for model '{self.name}' was cancelled by the client")
         if job.deadline_ns is not None and now >= job.deadline_ns:
             waited = (now - job.arrival_ns) / 1e6
-            return DeadlineExceeded(f"Deadline Exceeded: the request's deadline passed after {waited:.1f} ms "
-                                    f"in the queue of model '{self.name}', before compute")
+            return DeadlineExceeded(
+                f"Deadline Exceeded: the request's deadline passed after {waited:.1f} ms "
+                f"in the queue of model '{self.name}', before compute"
+            )
         if job.timeout_ns is not None and now >= job.timeout_ns:
             waited = (now - job.arrival_ns) / 1e6
-            return RequestTimeout(f"Request timeout expired: the request waited {waited:.1f} ms in the queue "
-                                  f"of model '{self.name}', longer than its 'timeout' parameter")
+            return RequestTimeout(
+                f"Request timeout expired: the request waited {waited:.1f} ms in the queue "
+                f"of model '{self.name}', longer than its 'timeout' parameter"
+            )
         return None
 
     def _forget_parts(self, job: Job) -> None:
         """Remove a failed job's other queued chunks (they are skipped lazily when popped)."""
         job._parts_left = 0
 
-    def _execute(self, batch: list[tuple[Job, int, int]], predict: Callable[[np.ndarray], np.ndarray]) -> None:
+    def _execute(
+        self, batch: list[tuple[Job, int, int]], predict: Callable[[np.ndarray], np.ndarray]
+    ) -> None:
         started = time.monotonic_ns()
         if len(batch) == 1:
             job, start, stop = batch[0]
@@ -316,13 +379,19 @@ class DynamicBatcher:
         compute = finished - started
         total = x.shape[0]
         per_image = compute / total
-        self.ns_per_image = per_image if not self.ns_per_image else 0.9 * self.ns_per_image + 0.1 * per_image
+        self.ns_per_image = (
+            per_image if not self.ns_per_image else 0.9 * self.ns_per_image + 0.1 * per_image
+        )
         self._observer.on_batch(total, compute)
         done: list[Job] = []
         if failed:
             if len(batch) > 1:
-                log.warning("model '%s': a batch of %d images from %d requests failed; re-running each alone",
-                            self.name, total, len(batch))
+                log.warning(
+                    "model '%s': a batch of %d images from %d requests failed; re-running each alone",
+                    self.name,
+                    total,
+                    len(batch),
+                )
             for job, start, stop in batch:
                 self._execute_alone(job, start, stop, started, done, predict)
         else:
@@ -330,13 +399,22 @@ class DynamicBatcher:
             with self._deliver_lock:
                 for job, start, stop in batch:
                     n = stop - start
-                    self._deliver(job, start, stop, out[offset:offset + n], started, compute, total, done)
+                    self._deliver(
+                        job, start, stop, out[offset : offset + n], started, compute, total, done
+                    )
                     offset += n
         if done:
             self._on_complete(done)
 
-    def _execute_alone(self, job: Job, start: int, stop: int, batch_started: int, done: list[Job],
-                       predict: Callable[[np.ndarray], np.ndarray]) -> None:
+    def _execute_alone(
+        self,
+        job: Job,
+        start: int,
+        stop: int,
+        batch_started: int,
+        done: list[Job],
+        predict: Callable[[np.ndarray], np.ndarray],
+    ) -> None:
         t0 = time.monotonic_ns()
         try:
             out = predict(job.images[start:stop])
@@ -353,8 +431,16 @@ class DynamicBatcher:
             self._deliver(job, start, stop, out, batch_started, compute, stop - start, done)
 
     @staticmethod
-    def _deliver(job: Job, start: int, stop: int, rows: np.ndarray, started: int, compute: int, batch: int,
-                 done: list[Job]) -> None:
+    def _deliver(
+        job: Job,
+        start: int,
+        stop: int,
+        rows: np.ndarray,
+        started: int,
+        compute: int,
+        batch: int,
+        done: list[Job],
+    ) -> None:
         if job.error is not None:
             return
         if job._parts_left == 1 and start == 0 and stop == job.size:
@@ -377,7 +463,9 @@ def _as_serving_error(exc: BaseException, model: str) -> ServingError:
         return exc
     if isinstance(exc, ValueError):  # convserve.core.ModelError: the input was unusable
         return InvalidRequest(f"model '{model}' rejected the input: {exc}")
-    return ServingError(f"model '{model}' failed: {type(exc).__name__}: {exc}", code="INTERNAL", reason="error")
+    return ServingError(
+        f"model '{model}' failed: {type(exc).__name__}: {exc}", code="INTERNAL", reason="error"
+    )
 
 
 def wait_all(jobs: Iterable[Job], timeout: float | None = None) -> list[Job]:

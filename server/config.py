@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ENV_PREFIX = "CONVSERVE_"
 MODEL_FILENAME = "model.safetensors"
@@ -89,42 +90,103 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("--model-repository", str, None,
-           "model repository <dir>/<model>/<version>/model.safetensors "
-           "(default: the bundled models/ folder)", "DIR"),
+    Option(
+        "--model-repository",
+        str,
+        None,
+        "model repository <dir>/<model>/<version>/model.safetensors "
+        "(default: the bundled models/ folder)",
+        "DIR",
+    ),
     Option("--host", str, "0.0.0.0", "address to listen on for gRPC and metrics", "HOST"),
     Option("--port", _port, 8001, "gRPC port (0: pick a free one)", "PORT"),
     Option("--metrics-port", _port, 8002, "Prometheus /metrics HTTP port (0: disabled)", "PORT"),
-    Option("--max-batch-size", _pos_int, 64, "most images per model execution (1: no batching)", "N"),
-    Option("--max-queue-delay-us", _nonneg_int, 0,
-           "after a busy period, how long an under-full batch may wait for more requests, counted "
-           "from its oldest request (0: take what is queued)", "US"),
-    Option("--max-queue-size", _nonneg_int, 1024,
-           "most requests waiting per model; more are refused with UNAVAILABLE (0: unbounded)", "N"),
-    Option("--parallel-min-batch", _pos_int, 16,
-           "batches smaller than this run on one Numba thread, larger ones on all (small batches gain "
-           "little from threads and leave a core to the gRPC event loop)", "N"),
-    Option("--instances", _pos_int, 2,
-           "copies of each model computing batches side by side (Triton's instance count): the first "
-           "takes every batch, the others join when at least half a batch is queued; each computes "
-           "with max(1, threads / N) Numba threads, or all of them while no other instance computes", "N"),
-    Option("--max-request-images", _pos_int, 8192,
-           "most images in one request (larger requests run in chunks of --max-batch-size)", "N"),
-    Option("--max-message-bytes", _nonneg_int, 0,
-           "gRPC message size limit in bytes (0: automatic, at least 64 MiB)", "BYTES"),
-    Option("--warmup-batch-sizes", _sizes, None,
-           "batch sizes to run at start-up, comma-separated (default: 1 and --max-batch-size)", "LIST"),
-    Option("--grace-period", _nonneg_float, 30.0,
-           "seconds from SIGTERM/SIGINT to exit, including the drain window", "S"),
-    Option("--drain-seconds", _nonneg_float, 2.0,
-           "after SIGTERM: seconds health reports NOT_SERVING while new requests are still served", "S"),
-    Option("--skip-bad-models", _bool, False,
-           "start even if a model file cannot be loaded (it is listed as UNAVAILABLE) instead of exiting",
-           "BOOL"),
+    Option(
+        "--max-batch-size", _pos_int, 64, "most images per model execution (1: no batching)", "N"
+    ),
+    Option(
+        "--max-queue-delay-us",
+        _nonneg_int,
+        0,
+        "after a busy period, how long an under-full batch may wait for more requests, counted "
+        "from its oldest request (0: take what is queued)",
+        "US",
+    ),
+    Option(
+        "--max-queue-size",
+        _nonneg_int,
+        1024,
+        "most requests waiting per model; more are refused with UNAVAILABLE (0: unbounded)",
+        "N",
+    ),
+    Option(
+        "--parallel-min-batch",
+        _pos_int,
+        16,
+        "batches smaller than this run on one Numba thread, larger ones on all (small batches gain "
+        "little from threads and leave a core to the gRPC event loop)",
+        "N",
+    ),
+    Option(
+        "--instances",
+        _pos_int,
+        2,
+        "copies of each model computing batches side by side (Triton's instance count): the first "
+        "takes every batch, the others join when at least half a batch is queued; each computes "
+        "with max(1, threads / N) Numba threads, or all of them while no other instance computes",
+        "N",
+    ),
+    Option(
+        "--max-request-images",
+        _pos_int,
+        8192,
+        "most images in one request (larger requests run in chunks of --max-batch-size)",
+        "N",
+    ),
+    Option(
+        "--max-message-bytes",
+        _nonneg_int,
+        0,
+        "gRPC message size limit in bytes (0: automatic, at least 64 MiB)",
+        "BYTES",
+    ),
+    Option(
+        "--warmup-batch-sizes",
+        _sizes,
+        None,
+        "batch sizes to run at start-up, comma-separated (default: 1 and --max-batch-size)",
+        "LIST",
+    ),
+    Option(
+        "--grace-period",
+        _nonneg_float,
+        30.0,
+        "seconds from SIGTERM/SIGINT to exit, including the drain window",
+        "S",
+    ),
+    Option(
+        "--drain-seconds",
+        _nonneg_float,
+        2.0,
+        "after SIGTERM: seconds health reports NOT_SERVING while new requests are still served",
+        "S",
+    ),
+    Option(
+        "--skip-bad-models",
+        _bool,
+        False,
+        "start even if a model file cannot be loaded (it is listed as UNAVAILABLE) instead of exiting",
+        "BOOL",
+    ),
     Option("--log-level", _level, "INFO", f"log level: {', '.join(LOG_LEVELS)}", "LEVEL"),
-    Option("--workers", _pos_int, 1,
-           "server processes sharing the gRPC port (SO_REUSEPORT), each with its own models, batcher "
-           "and max(1, cores / N) Numba threads; metrics are summed over them (needs a fixed --port)", "N"),
+    Option(
+        "--workers",
+        _pos_int,
+        1,
+        "server processes sharing the gRPC port (SO_REUSEPORT), each with its own models, batcher "
+        "and max(1, cores / N) Numba threads; metrics are summed over them (needs a fixed --port)",
+        "N",
+    ),
 )
 
 
@@ -152,7 +214,9 @@ class ServerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"
+        }
 
 
 def add_arguments(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> None:
@@ -163,8 +227,13 @@ def add_arguments(parser: argparse.ArgumentParser, environ: dict[str, str] | Non
         # A string default is parsed by argparse only when the flag is absent: the flag wins.
         default = raw if raw is not None else opt.default
         shown = "" if opt.default is None else f" [default: {opt.default}]"
-        parser.add_argument(opt.flag, type=_argtype(opt, raw), default=default, metavar=opt.metavar,
-                            help=f"{opt.help}{shown} (env {opt.env})")
+        parser.add_argument(
+            opt.flag,
+            type=_argtype(opt, raw),
+            default=default,
+            metavar=opt.metavar,
+            help=f"{opt.help}{shown} (env {opt.env})",
+        )
 
 
 def _argtype(opt: Option, env_value: str | None) -> Callable[[str], Any]:
@@ -174,6 +243,7 @@ def _argtype(opt: Option, env_value: str | None) -> Callable[[str], Any]:
         except ValueError as exc:
             source = f" (from the environment variable {opt.env})" if text is env_value else ""
             raise argparse.ArgumentTypeError(f"{exc}{source}") from None
+
     parse.__name__ = opt.dest
     return parse
 
@@ -210,8 +280,10 @@ def resolve_repository(configured: str | None) -> Path:
     if configured:
         path = Path(configured).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"model repository {path} is not a directory "
-                                    f"(from --model-repository or {ENV_PREFIX}MODEL_REPOSITORY)")
+            raise FileNotFoundError(
+                f"model repository {path} is not a directory "
+                f"(from --model-repository or {ENV_PREFIX}MODEL_REPOSITORY)"
+            )
         return path.resolve()
     tried = candidate_repositories()
     for path in tried:
@@ -219,4 +291,5 @@ def resolve_repository(configured: str | None) -> Path:
             return path.resolve()
     raise FileNotFoundError(
         "no model repository: pass --model-repository DIR or set CONVSERVE_MODEL_REPOSITORY "
-        f"(the bundled repository was not found at {', '.join(str(p) for p in tried)})")
+        f"(the bundled repository was not found at {', '.join(str(p) for p in tried)})"
+    )

@@ -11,13 +11,29 @@ queue depth, which a scrape cannot read from another process, is sampled after e
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 OUTCOMES = ("success", "invalid", "rejected", "timeout", "cancelled", "error")
-DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                    1.0, 2.5, 5.0, 10.0)
+DURATION_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -28,32 +44,73 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         labels = ("model", "version")
-        self.requests = Counter("convserve_requests", "Inference requests by outcome "
-                                "(success, invalid, rejected, timeout, cancelled, error)",
-                                labels + ("outcome",), registry=r)
-        self.images = Counter("convserve_inference_images", "Images inferred successfully", labels, registry=r)
-        self.request_duration = Histogram("convserve_request_duration_seconds",
-                                          "Request time in the server, from decoding to response (successful requests)",
-                                          labels, buckets=DURATION_BUCKETS, registry=r)
-        self.queue_duration = Histogram("convserve_queue_duration_seconds",
-                                        "Time a request waited in the batch queue", labels,
-                                        buckets=DURATION_BUCKETS, registry=r)
-        self.compute_duration = Histogram("convserve_compute_duration_seconds",
-                                          "Model execution time per batch", labels,
-                                          buckets=DURATION_BUCKETS, registry=r)
-        self.batch_size = Histogram("convserve_batch_size", "Images per model execution", labels,
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.requests = Counter(
+            "convserve_requests",
+            "Inference requests by outcome (success, invalid, rejected, timeout, cancelled, error)",
+            labels + ("outcome",),
+            registry=r,
+        )
+        self.images = Counter(
+            "convserve_inference_images", "Images inferred successfully", labels, registry=r
+        )
+        self.request_duration = Histogram(
+            "convserve_request_duration_seconds",
+            "Request time in the server, from decoding to response (successful requests)",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            "convserve_queue_duration_seconds",
+            "Time a request waited in the batch queue",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.compute_duration = Histogram(
+            "convserve_compute_duration_seconds",
+            "Model execution time per batch",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "convserve_batch_size",
+            "Images per model execution",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-        self.queue_depth = Gauge("convserve_queue_depth", "Requests waiting in the batch queue", labels,
-                                 registry=r, multiprocess_mode="livesum")
-        self.load_seconds = Gauge("convserve_model_load_seconds", "Time to load the model file", labels,
-                                  registry=r, multiprocess_mode="max")
-        self.warmup_seconds = Gauge("convserve_model_warmup_seconds", "Time to compile and warm the model up",
-                                    labels, registry=r, multiprocess_mode="max")
-        self.ready = Gauge("convserve_server_ready", "1 when the server is ready (all models loaded and warm)",
-                           registry=r, multiprocess_mode="livemin")
+        self.queue_depth = Gauge(
+            "convserve_queue_depth",
+            "Requests waiting in the batch queue",
+            labels,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.load_seconds = Gauge(
+            "convserve_model_load_seconds",
+            "Time to load the model file",
+            labels,
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.warmup_seconds = Gauge(
+            "convserve_model_warmup_seconds",
+            "Time to compile and warm the model up",
+            labels,
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.ready = Gauge(
+            "convserve_server_ready",
+            "1 when the server is ready (all models loaded and warm)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
 
-    def for_model(self, model: str, version: str) -> "ModelMetrics":
+    def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
 
 

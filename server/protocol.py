@@ -12,7 +12,6 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.server.errors import InvalidRequest, Unimplemented
 
@@ -66,12 +65,17 @@ class Decoded:
 
     __slots__ = ("images", "outputs", "priority", "timeout_us")
 
-    def __init__(self, images: np.ndarray, outputs: tuple[tuple[str, int], ...], priority: int,
-                 timeout_us: int | None):
+    def __init__(
+        self,
+        images: np.ndarray,
+        outputs: tuple[tuple[str, int], ...],
+        priority: int,
+        timeout_us: int | None,
+    ):
         self.images = images
-        self.outputs = outputs          # (name, classification k or 0)
-        self.priority = priority        # 0 = default level
-        self.timeout_us = timeout_us    # queue timeout (Triton `timeout`), None = none
+        self.outputs = outputs  # (name, classification k or 0)
+        self.priority = priority  # 0 = default level
+        self.timeout_us = timeout_us  # queue timeout (Triton `timeout`), None = none
 
 
 _DEFAULT_OUTPUTS = ((OUTPUT_NAME, 0),)
@@ -89,76 +93,104 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> Decoded:
         got = [i.name for i in inputs]
         raise InvalidRequest(
             f"expected 1 inputs but got {len(inputs)} inputs for model '{model}'. Got input(s) {got}, "
-            f"expected exactly {sig.describe_input()}")
+            f"expected exactly {sig.describe_input()}"
+        )
     tensor = inputs[0]
     if tensor.name != INPUT_NAME:
-        raise InvalidRequest(f"unexpected inference input '{tensor.name}' for model '{model}': "
-                             f"the model's only input is {sig.describe_input()}")
+        raise InvalidRequest(
+            f"unexpected inference input '{tensor.name}' for model '{model}': "
+            f"the model's only input is {sig.describe_input()}"
+        )
     datatype = tensor.datatype
     dtype = INPUT_DTYPES.get(datatype)
     if dtype is None:
-        raise InvalidRequest(f"inference input '{INPUT_NAME}' data-type is '{datatype}', but model '{model}' "
-                             "expects 'UINT8' or 'FP32'")
+        raise InvalidRequest(
+            f"inference input '{INPUT_NAME}' data-type is '{datatype}', but model '{model}' "
+            "expects 'UINT8' or 'FP32'"
+        )
     shape = tuple(tensor.shape)
     if len(shape) != 4 or shape[1:] != sig.image_shape or shape[0] < 1:
         hint = ""
         if len(shape) == 3:
-            hint = (f" (the first dimension is the batch size: send [1,{sig.height},{sig.width},{sig.channels}] "
-                    "for one image)")
+            hint = (
+                f" (the first dimension is the batch size: send [1,{sig.height},{sig.width},{sig.channels}] "
+                "for one image)"
+            )
         elif len(shape) == 4 and shape[0] < 1:
             hint = " (the batch size must be at least 1)"
-        raise InvalidRequest(f"unexpected shape for input '{INPUT_NAME}' for model '{model}'. "
-                             f"Expected {sig.shape_text}, got {_shape_text(shape)}{hint}")
+        raise InvalidRequest(
+            f"unexpected shape for input '{INPUT_NAME}' for model '{model}'. "
+            f"Expected {sig.shape_text}, got {_shape_text(shape)}{hint}"
+        )
     n = shape[0]
     if n > sig.max_request_images:
-        raise InvalidRequest(f"inference request batch-size must be <= {sig.max_request_images} for '{model}', "
-                             f"got {n} images")
+        raise InvalidRequest(
+            f"inference request batch-size must be <= {sig.max_request_images} for '{model}', "
+            f"got {n} images"
+        )
     raw = request.raw_input_contents
     count = n * sig.image_elements
     if raw:
         if tensor.HasField("contents"):
-            raise InvalidRequest(f"contents field must not be specified when using raw_input_contents for "
-                                 f"'{INPUT_NAME}' for model '{model}'")
+            raise InvalidRequest(
+                f"contents field must not be specified when using raw_input_contents for "
+                f"'{INPUT_NAME}' for model '{model}'"
+            )
         if len(raw) != 1:
-            raise InvalidRequest(f"expected 1 raw_input_contents entry (one per input) for model '{model}', "
-                                 f"got {len(raw)}")
+            raise InvalidRequest(
+                f"expected 1 raw_input_contents entry (one per input) for model '{model}', "
+                f"got {len(raw)}"
+            )
         data = raw[0]
         expected = count * dtype.itemsize
         if len(data) != expected:
             raise InvalidRequest(
                 f"input byte size mismatch for input '{INPUT_NAME}' for model '{model}'. Expected {expected}, "
-                f"got {len(data)} (shape {_shape_text(shape)} x {datatype} = {dtype.itemsize} byte(s) per value)")
+                f"got {len(data)} (shape {_shape_text(shape)} x {datatype} = {dtype.itemsize} byte(s) per value)"
+            )
         images = np.frombuffer(data, dtype).reshape(n, sig.height, sig.width, sig.channels)
     elif tensor.HasField("contents"):
         images = _typed_contents(tensor.contents, datatype, dtype, count, model).reshape(
-            n, sig.height, sig.width, sig.channels)
+            n, sig.height, sig.width, sig.channels
+        )
     else:
-        raise InvalidRequest(f"unable to find data for input tensor '{INPUT_NAME}' for model '{model}' in "
-                             f"request: expected raw_input_contents[0] or contents.{TYPED_FIELD[datatype]}")
+        raise InvalidRequest(
+            f"unable to find data for input tensor '{INPUT_NAME}' for model '{model}' in "
+            f"request: expected raw_input_contents[0] or contents.{TYPED_FIELD[datatype]}"
+        )
     if datatype == "FP32" and not np.isfinite(images).all():
-        raise InvalidRequest(f"input '{INPUT_NAME}' for model '{model}' contains NaN or Inf; FP32 pixel values "
-                             "must be finite")
+        raise InvalidRequest(
+            f"input '{INPUT_NAME}' for model '{model}' contains NaN or Inf; FP32 pixel values "
+            "must be finite"
+        )
     outputs = _requested_outputs(request, sig) if request.outputs else _DEFAULT_OUTPUTS
     priority, timeout_us = _request_parameters(request, model) if request.parameters else (0, None)
     return Decoded(images, outputs, priority, timeout_us)
 
 
-def _typed_contents(contents: pb.InferTensorContents, datatype: str, dtype: np.dtype, count: int,
-                    model: str) -> np.ndarray:
+def _typed_contents(
+    contents: pb.InferTensorContents, datatype: str, dtype: np.dtype, count: int, model: str
+) -> np.ndarray:
     field = TYPED_FIELD[datatype]
     others = [f.name for f, _ in contents.ListFields() if f.name != field]
     if others:
-        raise InvalidRequest(f"input '{INPUT_NAME}' for model '{model}' has datatype {datatype}, whose values go "
-                             f"in contents.{field}; got contents.{', contents.'.join(others)}")
+        raise InvalidRequest(
+            f"input '{INPUT_NAME}' for model '{model}' has datatype {datatype}, whose values go "
+            f"in contents.{field}; got contents.{', contents.'.join(others)}"
+        )
     values = getattr(contents, field)
     if len(values) != count:
-        raise InvalidRequest(f"unexpected number of values for input '{INPUT_NAME}' for model '{model}'. "
-                             f"Expected {count} in contents.{field}, got {len(values)}")
+        raise InvalidRequest(
+            f"unexpected number of values for input '{INPUT_NAME}' for model '{model}'. "
+            f"Expected {count} in contents.{field}, got {len(values)}"
+        )
     if datatype == "UINT8":
         wide = np.fromiter(values, np.uint32, count)
         if count and wide.max() > 255:
-            raise InvalidRequest(f"input '{INPUT_NAME}' for model '{model}' has UINT8 values above 255 "
-                                 f"(max {int(wide.max())}) in contents.uint_contents")
+            raise InvalidRequest(
+                f"input '{INPUT_NAME}' for model '{model}' has UINT8 values above 255 "
+                f"(max {int(wide.max())}) in contents.uint_contents"
+            )
         return wide.astype(np.uint8)
     return np.fromiter(values, np.float32, count)
 
@@ -169,8 +201,10 @@ def _int_parameter(p: pb.InferParameter, what: str, model: str) -> int:
         return p.int64_param
     if kind == "uint64_param":
         return p.uint64_param
-    raise InvalidRequest(f"parameter '{what}' for model '{model}' must be an int64 or uint64 parameter, got "
-                         f"{kind or 'no value'}")
+    raise InvalidRequest(
+        f"parameter '{what}' for model '{model}' must be an int64 or uint64 parameter, got "
+        f"{kind or 'no value'}"
+    )
 
 
 def _request_parameters(request: pb.ModelInferRequest, model: str) -> tuple[int, int | None]:
@@ -179,40 +213,54 @@ def _request_parameters(request: pb.ModelInferRequest, model: str) -> tuple[int,
         if key == "priority":
             priority = _int_parameter(p, key, model)
             if priority < 0:
-                raise InvalidRequest(f"parameter 'priority' for model '{model}' must be >= 0 "
-                                     f"(1 is highest, 0 the default), got {priority}")
+                raise InvalidRequest(
+                    f"parameter 'priority' for model '{model}' must be >= 0 "
+                    f"(1 is highest, 0 the default), got {priority}"
+                )
         elif key == "timeout":
             timeout_us = _int_parameter(p, key, model)
             if timeout_us < 0:
-                raise InvalidRequest(f"parameter 'timeout' for model '{model}' must be >= 0 microseconds, "
-                                     f"got {timeout_us}")
+                raise InvalidRequest(
+                    f"parameter 'timeout' for model '{model}' must be >= 0 microseconds, "
+                    f"got {timeout_us}"
+                )
             if timeout_us == 0:
                 timeout_us = None  # Triton: 0 = no timeout
         elif key in SEQUENCE_PARAMETERS:
-            raise InvalidRequest(f"parameter '{key}': model '{model}' is not a sequence (stateful) model; "
-                                 "sequence parameters are not supported")
+            raise InvalidRequest(
+                f"parameter '{key}': model '{model}' is not a sequence (stateful) model; "
+                "sequence parameters are not supported"
+            )
         elif key.startswith("shared_memory"):
             raise Unimplemented(f"parameter '{key}': shared memory is not supported by this server")
         # other keys (binary_data_output, custom parameters) are accepted and ignored
     return priority, timeout_us
 
 
-def _requested_outputs(request: pb.ModelInferRequest, sig: Signature) -> tuple[tuple[str, int], ...]:
+def _requested_outputs(
+    request: pb.ModelInferRequest, sig: Signature
+) -> tuple[tuple[str, int], ...]:
     wanted = []
     for out in request.outputs:
         if out.name != OUTPUT_NAME:
-            raise InvalidRequest(f"unexpected inference output '{out.name}' for model '{sig.model}': the "
-                                 f"model's only output is '{OUTPUT_NAME}' (FP32, shape [-1,{sig.classes}])")
+            raise InvalidRequest(
+                f"unexpected inference output '{out.name}' for model '{sig.model}': the "
+                f"model's only output is '{OUTPUT_NAME}' (FP32, shape [-1,{sig.classes}])"
+            )
         k = 0
         for key, p in out.parameters.items():
             if key == "classification":
                 k = _int_parameter(p, "classification", sig.model)
                 if k < 1:
-                    raise InvalidRequest(f"parameter 'classification' of output '{OUTPUT_NAME}' for model "
-                                         f"'{sig.model}' must be >= 1 (the number of classes to return), got {k}")
+                    raise InvalidRequest(
+                        f"parameter 'classification' of output '{OUTPUT_NAME}' for model "
+                        f"'{sig.model}' must be >= 1 (the number of classes to return), got {k}"
+                    )
                 k = min(k, sig.classes)
             elif key.startswith("shared_memory"):
-                raise Unimplemented(f"output parameter '{key}': shared memory is not supported by this server")
+                raise Unimplemented(
+                    f"output parameter '{key}': shared memory is not supported by this server"
+                )
         wanted.append((OUTPUT_NAME, k))
     return tuple(wanted)
 
@@ -233,10 +281,20 @@ def classification_bytes(probs: np.ndarray, k: int, labels: tuple[bytes, ...]) -
     return b"".join(parts)
 
 
-def encode_response(request: pb.ModelInferRequest, version: str, decoded: Decoded, result: np.ndarray,
-                    sig: Signature, queue_us: int, compute_us: int, batch_size: int) -> pb.ModelInferResponse:
+def encode_response(
+    request: pb.ModelInferRequest,
+    version: str,
+    decoded: Decoded,
+    result: np.ndarray,
+    sig: Signature,
+    queue_us: int,
+    compute_us: int,
+    batch_size: int,
+) -> pb.ModelInferResponse:
     """Build the response: outputs and raw_output_contents index-aligned, plus timing parameters."""
-    response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+    response = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=version, id=request.id
+    )
     n = result.shape[0]
     for name, k in decoded.outputs:
         if k:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from convserve.server.config import MODEL_FILENAME
 from convserve.server.errors import InvalidRequest, ModelNotFound
@@ -35,8 +35,8 @@ class ModelStats:
     queue_ns: int = 0
     compute_count: int = 0
     compute_ns: int = 0
-    inference_count: int = 0   # images
-    execution_count: int = 0   # batches
+    inference_count: int = 0  # images
+    execution_count: int = 0  # batches
     last_inference_ms: int = 0
     batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, ns]
 
@@ -48,9 +48,9 @@ class ModelVersion:
     name: str
     version: int
     path: Path
-    model: object = None          # convserve.core.Model
-    batcher: object = None        # convserve.server.batcher.DynamicBatcher
-    state: str = "UNAVAILABLE"    # READY or UNAVAILABLE
+    model: object = None  # convserve.core.Model
+    batcher: object = None  # convserve.server.batcher.DynamicBatcher
+    state: str = "UNAVAILABLE"  # READY or UNAVAILABLE
     reason: str = ""
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
@@ -80,29 +80,48 @@ class ModelRepository:
         if not self.root.is_dir():
             raise RepositoryError(f"model repository {self.root} is not a directory")
         models: dict[str, dict[int, ModelVersion]] = {}
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for model_dir in sorted(
+            p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ):
             versions: dict[int, ModelVersion] = {}
-            for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for version_dir in sorted(
+                p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+            ):
                 if not version_dir.name.isdigit() or int(version_dir.name) < 1:
-                    log.warning("model repository: ignoring %s (version folders are positive integers)", version_dir)
+                    log.warning(
+                        "model repository: ignoring %s (version folders are positive integers)",
+                        version_dir,
+                    )
                     continue
                 path = version_dir / MODEL_FILENAME
                 if not path.is_file():
-                    log.warning("model repository: ignoring %s (no %s inside)", version_dir, MODEL_FILENAME)
+                    log.warning(
+                        "model repository: ignoring %s (no %s inside)", version_dir, MODEL_FILENAME
+                    )
                     continue
                 version = int(version_dir.name)
                 versions[version] = ModelVersion(model_dir.name, version, path)
             if versions:
                 models[model_dir.name] = versions
             else:
-                log.warning("model repository: ignoring %s (no <version>/%s inside)", model_dir, MODEL_FILENAME)
+                log.warning(
+                    "model repository: ignoring %s (no <version>/%s inside)",
+                    model_dir,
+                    MODEL_FILENAME,
+                )
         if not models:
-            raise RepositoryError(f"model repository {self.root} holds no models: expected "
-                                  f"<model>/<version>/{MODEL_FILENAME}")
+            raise RepositoryError(
+                f"model repository {self.root} holds no models: expected "
+                f"<model>/<version>/{MODEL_FILENAME}"
+            )
         self.models = models
 
-    def load(self, make_batcher: Callable[[ModelVersion], object], warmup_batch_sizes: tuple[int, ...],
-             skip_bad: bool = False) -> None:
+    def load(
+        self,
+        make_batcher: Callable[[ModelVersion], object],
+        warmup_batch_sizes: tuple[int, ...],
+        skip_bad: bool = False,
+    ) -> None:
         """Load and warm every version, then build its batcher. Bad files: raise or skip (logged)."""
         from convserve.core import Model, ModelError  # heavy (numba); only when serving
 
@@ -116,7 +135,9 @@ class ModelRepository:
                 except (ModelError, OSError, ValueError) as exc:
                     entry.reason = str(exc)
                     if not skip_bad:
-                        raise RepositoryError(f"cannot load model '{name}' version {version}: {exc}") from None
+                        raise RepositoryError(
+                            f"cannot load model '{name}' version {version}: {exc}"
+                        ) from None
                     log.error("skipping model '%s' version %d: %s", name, version, exc)
                     continue
                 t2 = time.perf_counter()
@@ -124,10 +145,18 @@ class ModelRepository:
                 entry.load_seconds, entry.warmup_seconds = t1 - t0, t2 - t1
                 entry.batcher = make_batcher(entry)
                 entry.state, entry.reason = "READY", ""
-                log.info("model '%s' version %d ready: %s, input %s, %d classes, loaded in %.2f s, "
-                         "warm-up (batch sizes %s) %.2f s", name, version, entry.path,
-                         "x".join(map(str, model.input_shape)), model.num_classes, t1 - t0,
-                         ",".join(map(str, warmup_batch_sizes)), t2 - t1)
+                log.info(
+                    "model '%s' version %d ready: %s, input %s, %d classes, loaded in %.2f s, "
+                    "warm-up (batch sizes %s) %.2f s",
+                    name,
+                    version,
+                    entry.path,
+                    "x".join(map(str, model.input_shape)),
+                    model.num_classes,
+                    t1 - t0,
+                    ",".join(map(str, warmup_batch_sizes)),
+                    t2 - t1,
+                )
         self._index()
         if not self._latest:
             raise RepositoryError(f"no model in {self.root} could be loaded")
@@ -151,15 +180,21 @@ class ModelRepository:
             return entry
         if name not in self.models:
             known = ", ".join(f"'{m}'" for m in self.models)
-            raise InvalidRequest(f"Request for unknown model: '{name}' is not found (available models: {known})")
+            raise InvalidRequest(
+                f"Request for unknown model: '{name}' is not found (available models: {known})"
+            )
         if version and not (version.isdigit() and int(version) >= 1):
-            raise InvalidRequest(f"failed to parse model version '{version}' for model '{name}': "
-                                 "expected a positive integer, or empty for the latest version")
+            raise InvalidRequest(
+                f"failed to parse model version '{version}' for model '{name}': "
+                "expected a positive integer, or empty for the latest version"
+            )
         available = self.ready_versions(name)
         if not available:
             raise ModelNotFound(f"Request for unknown model: '{name}' has no available versions")
-        raise ModelNotFound(f"Request for unknown model: '{name}' version {version} is not found "
-                            f"(available versions: {', '.join(available)})")
+        raise ModelNotFound(
+            f"Request for unknown model: '{name}' version {version} is not found "
+            f"(available versions: {', '.join(available)})"
+        )
 
     def ready_versions(self, name: str) -> list[str]:
         return [str(v) for v, e in sorted(self.models.get(name, {}).items()) if e.ready]

@@ -11,24 +11,44 @@ import time
 from typing import Any
 
 import grpc
-
-from convserve import __version__
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.server.batcher import Job
-from convserve.server.errors import Cancelled, DeadlineExceeded, QueueFull, RequestTimeout, ServingError
-from convserve.server.protocol import (ADVERTISED_INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME, Signature, decode_request,
-                                       encode_response)
+from convserve.server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    QueueFull,
+    RequestTimeout,
+    ServingError,
+)
+from convserve.server.protocol import (
+    ADVERTISED_INPUT_DTYPE,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    Signature,
+    decode_request,
+    encode_response,
+)
 from convserve.server.repository import ModelRepository, ModelVersion
+
+from convserve import __version__
 
 log = logging.getLogger(__name__)
 
-DEADLINE_SLACK_NS = 25_000_000  # see ModelInfer: a cancellation this close to the deadline is the deadline
+DEADLINE_SLACK_NS = (
+    25_000_000  # see ModelInfer: a cancellation this close to the deadline is the deadline
+)
 
 SERVER_NAME = "convserve"
 PLATFORM = "convserve_numba"
 BACKEND = "convserve"
-EXTENSIONS = ("classification", "schedule_policy", "parameters", "model_configuration", "statistics")
+EXTENSIONS = (
+    "classification",
+    "schedule_policy",
+    "parameters",
+    "model_configuration",
+    "statistics",
+)
 _STATUS = {code.name: code for code in grpc.StatusCode}
 
 
@@ -53,8 +73,10 @@ def resolve_jobs(jobs: list[Job]) -> None:
 def _expire(batcher, job: Job, timeout_us: int) -> None:
     """Event-loop timer: a request still queued when its `timeout` parameter expires is refused."""
     waited_ms = (time.monotonic_ns() - job.arrival_ns) / 1e6
-    error = RequestTimeout(f"Request timeout expired: the request waited {waited_ms:.1f} ms in the queue of model "
-                           f"'{batcher.name}', longer than its 'timeout' parameter ({timeout_us} us)")
+    error = RequestTimeout(
+        f"Request timeout expired: the request waited {waited_ms:.1f} ms in the queue of model "
+        f"'{batcher.name}', longer than its 'timeout' parameter ({timeout_us} us)"
+    )
     if batcher.abandon(job, error) and not job.future.done():
         job.future.set_result(job)
 
@@ -62,8 +84,15 @@ def _expire(batcher, job: Job, timeout_us: int) -> None:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Open Inference Protocol over the repository's models."""
 
-    def __init__(self, repository: ModelRepository, state: ServerState, signatures: dict[tuple[str, int], Signature],
-                 model_metrics: dict[tuple[str, int], Any], max_queue_delay_us: int, max_queue_size: int):
+    def __init__(
+        self,
+        repository: ModelRepository,
+        state: ServerState,
+        signatures: dict[tuple[str, int], Signature],
+        model_metrics: dict[tuple[str, int], Any],
+        max_queue_delay_us: int,
+        max_queue_size: int,
+    ):
         self.repository = repository
         self.state = state
         self.signatures = signatures
@@ -107,31 +136,54 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         await self._require_ready(context)
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=EXTENSIONS
+        )
 
     async def ModelMetadata(self, request, context):
         entry = await self._entry(context, request.name, request.version)
         sig = self.signatures[(entry.name, entry.version)]
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=entry.name, versions=self.repository.ready_versions(entry.name), platform=PLATFORM,
-            inputs=[tm(name=INPUT_NAME, datatype=ADVERTISED_INPUT_DTYPE,
-                       shape=[-1, sig.height, sig.width, sig.channels])],
-            outputs=[tm(name=OUTPUT_NAME, datatype="FP32", shape=[-1, sig.classes])])
+            name=entry.name,
+            versions=self.repository.ready_versions(entry.name),
+            platform=PLATFORM,
+            inputs=[
+                tm(
+                    name=INPUT_NAME,
+                    datatype=ADVERTISED_INPUT_DTYPE,
+                    shape=[-1, sig.height, sig.width, sig.channels],
+                )
+            ],
+            outputs=[tm(name=OUTPUT_NAME, datatype="FP32", shape=[-1, sig.classes])],
+        )
 
     async def ModelConfig(self, request, context):
         entry = await self._entry(context, request.name, request.version)
         sig = self.signatures[(entry.name, entry.version)]
         config = pb.ModelConfig(
-            name=entry.name, platform=PLATFORM, backend=BACKEND, max_batch_size=entry.batcher.max_batch_size,
-            input=[pb.ModelInput(name=INPUT_NAME, data_type=pb.TYPE_UINT8, format=pb.ModelInput.FORMAT_NHWC,
-                                 dims=[sig.height, sig.width, sig.channels])],
+            name=entry.name,
+            platform=PLATFORM,
+            backend=BACKEND,
+            max_batch_size=entry.batcher.max_batch_size,
+            input=[
+                pb.ModelInput(
+                    name=INPUT_NAME,
+                    data_type=pb.TYPE_UINT8,
+                    format=pb.ModelInput.FORMAT_NHWC,
+                    dims=[sig.height, sig.width, sig.channels],
+                )
+            ],
             output=[pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[sig.classes])],
             dynamic_batching=pb.ModelDynamicBatching(
                 max_queue_delay_microseconds=self.max_queue_delay_us,
                 default_queue_policy=pb.ModelQueuePolicy(
-                    timeout_action=pb.ModelQueuePolicy.REJECT, allow_timeout_override=True,
-                    max_queue_size=self.max_queue_size)))
+                    timeout_action=pb.ModelQueuePolicy.REJECT,
+                    allow_timeout_override=True,
+                    max_queue_size=self.max_queue_size,
+                ),
+            ),
+        )
         return pb.ModelConfigResponse(config=config)
 
     # -- inference -------------------------------------------------------------------------
@@ -140,8 +192,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not self.state.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.loading_message)
         if self.state.refusing:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "Server exiting: the drain window is over; retry on another replica")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "Server exiting: the drain window is over; retry on another replica",
+            )
         try:
             entry = self.repository.get(request.model_name, request.model_version)
         except ServingError as exc:
@@ -154,22 +208,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             decoded = decode_request(request, sig)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
-            timeout = None if decoded.timeout_us is None else time.monotonic_ns() + decoded.timeout_us * 1000
+            timeout = (
+                None
+                if decoded.timeout_us is None
+                else time.monotonic_ns() + decoded.timeout_us * 1000
+            )
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
             batcher = entry.batcher
-            job = batcher.submit(decoded.images, deadline_ns=deadline, timeout_ns=timeout,
-                                 priority=decoded.priority, future=fut)
+            job = batcher.submit(
+                decoded.images,
+                deadline_ns=deadline,
+                timeout_ns=timeout,
+                priority=decoded.priority,
+                future=fut,
+            )
         except ServingError as exc:
             metrics.outcome[exc.reason].inc()
             stats.fail_count += 1
             stats.fail_ns += time.perf_counter_ns() - t0
             if isinstance(exc, QueueFull):  # gRPC retry policies honour this hint
-                context.set_trailing_metadata((("grpc-retry-pushback-ms", str(entry.batcher.drain_estimate_ms())),))
+                context.set_trailing_metadata(
+                    (("grpc-retry-pushback-ms", str(entry.batcher.drain_estimate_ms())),)
+                )
             await self._fail(context, exc)
         timer = None
         if timeout is not None:  # Triton's queue timeout: leave the queue when it expires
-            timer = loop.call_later(decoded.timeout_us / 1e6, _expire, batcher, job, decoded.timeout_us)
+            timer = loop.call_later(
+                decoded.timeout_us / 1e6, _expire, batcher, job, decoded.timeout_us
+            )
         try:
             await fut
         except asyncio.CancelledError:  # the caller cancelled or its deadline passed
@@ -177,8 +244,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # copy of it, which counts from the request's arrival: within DEADLINE_SLACK_NS of the
             # deadline a cancellation is the deadline passing.
             expired = deadline is not None and time.monotonic_ns() >= deadline - DEADLINE_SLACK_NS
-            if not batcher.abandon(job, DeadlineExceeded("Deadline Exceeded") if expired
-                                   else Cancelled("cancelled by the client")):
+            if not batcher.abandon(
+                job,
+                DeadlineExceeded("Deadline Exceeded")
+                if expired
+                else Cancelled("cancelled by the client"),
+            ):
                 job.cancel()
             metrics.outcome["timeout" if expired else "cancelled"].inc()
             stats.fail_count += 1
@@ -197,8 +268,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if error.code == "INTERNAL":
                 log.error("model '%s' version %d: %s", entry.name, entry.version, error)
             await self._fail(context, error)
-        response = encode_response(request, entry.version_str, decoded, job.result, sig, job.queue_ns // 1000,
-                                   job.compute_ns // 1000, job.batch_size)
+        response = encode_response(
+            request,
+            entry.version_str,
+            decoded,
+            job.result,
+            sig,
+            job.queue_ns // 1000,
+            job.compute_ns // 1000,
+            job.batch_size,
+        )
         elapsed = time.perf_counter_ns() - t0
         metrics.outcome["success"].inc()
         metrics.images.inc(job.size)
@@ -218,7 +297,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             entries = [await self._entry(context, request.name, request.version)]
             if not request.version:  # Triton: all versions of the model
-                entries = [e for e in self.repository.entries() if e.name == request.name and e.ready]
+                entries = [
+                    e for e in self.repository.entries() if e.name == request.name and e.ready
+                ]
         else:
             entries = self.repository.ready_entries()
         response = pb.ModelStatisticsResponse()
@@ -226,8 +307,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             s = entry.stats
             d = pb.StatisticDuration
             stat = response.model_stats.add(
-                name=entry.name, version=entry.version_str, last_inference=s.last_inference_ms,
-                inference_count=s.inference_count, execution_count=s.execution_count)
+                name=entry.name,
+                version=entry.version_str,
+                last_inference=s.last_inference_ms,
+                inference_count=s.inference_count,
+                execution_count=s.execution_count,
+            )
             inf = stat.inference_stats
             inf.success.CopyFrom(d(count=s.success_count, ns=s.success_ns))
             inf.fail.CopyFrom(d(count=s.fail_count, ns=s.fail_ns))
@@ -242,13 +327,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for entry in self.repository.entries():
             if request.ready and not entry.ready:
                 continue
-            response.models.add(name=entry.name, version=entry.version_str, state=entry.state, reason=entry.reason)
+            response.models.add(
+                name=entry.name, version=entry.version_str, state=entry.state, reason=entry.reason
+            )
         return response
 
 
 def _unimplemented(name: str, streaming: bool):
-    message = (f"{name} is not implemented by {SERVER_NAME}; served RPCs: ServerLive, ServerReady, ModelReady, "
-               "ServerMetadata, ModelMetadata, ModelInfer, ModelConfig, ModelStatistics, RepositoryIndex")
+    message = (
+        f"{name} is not implemented by {SERVER_NAME}; served RPCs: ServerLive, ServerReady, ModelReady, "
+        "ServerMetadata, ModelMetadata, ModelInfer, ModelConfig, ModelStatistics, RepositoryIndex"
+    )
 
     async def handler(self, request, context):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
@@ -259,4 +348,6 @@ def _unimplemented(name: str, streaming: bool):
 
 for _method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
     if _method.name not in InferenceServicer.__dict__:
-        setattr(InferenceServicer, _method.name, _unimplemented(_method.name, _method.client_streaming))
+        setattr(
+            InferenceServicer, _method.name, _unimplemented(_method.name, _method.client_streaming)
+        )

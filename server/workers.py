@@ -39,8 +39,11 @@ def worker_command(config: ServerConfig) -> list[str]:
 def supervise(config: ServerConfig) -> int:
     """Start `config.workers` workers and wait for them; returns the exit code."""
     if config.port == 0:
-        log.error("cannot start: --workers %d needs a fixed --port (with port 0 each worker would pick "
-                  "a different one)", config.workers)
+        log.error(
+            "cannot start: --workers %d needs a fixed --port (with port 0 each worker would pick "
+            "a different one)",
+            config.workers,
+        )
         return 2
     metrics_dir = tempfile.mkdtemp(prefix="convserve-metrics-")
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
@@ -58,24 +61,41 @@ def supervise(config: ServerConfig) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     metrics_server = None
     try:
-        log.info("starting %d workers on %s:%d, %s Numba thread(s) each", config.workers, config.host,
-                 config.port, env["NUMBA_NUM_THREADS"])
+        log.info(
+            "starting %d workers on %s:%d, %s Numba thread(s) each",
+            config.workers,
+            config.host,
+            config.port,
+            env["NUMBA_NUM_THREADS"],
+        )
         command = worker_command(config)
         for index in range(config.workers):
             # own session: a terminal's Ctrl-C reaches the supervisor only, which forwards it once.
             # Started before the metrics thread: preexec_fn is only safe in a single-threaded parent.
-            workers.append(subprocess.Popen(command, env={**env, WORKER_ENV: str(index)}, start_new_session=True,
-                                            preexec_fn=_die_with_parent))
+            workers.append(
+                subprocess.Popen(
+                    command,
+                    env={**env, WORKER_ENV: str(index)},
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            )
         if config.metrics_port:
             try:
                 metrics_server = _serve_metrics(config, metrics_dir)
             except OSError as exc:
-                log.error("cannot serve metrics on %s:%d: %s; stopping the workers", config.host,
-                          config.metrics_port, exc)
+                log.error(
+                    "cannot serve metrics on %s:%d: %s; stopping the workers",
+                    config.host,
+                    config.metrics_port,
+                    exc,
+                )
                 forward(signal.SIGTERM, None)
                 _wait(workers, stopping, config, metrics_dir)
                 return 2
-            log.info("metrics of all workers on http://%s:%d/metrics", config.host, config.metrics_port)
+            log.info(
+                "metrics of all workers on http://%s:%d/metrics", config.host, config.metrics_port
+            )
         return _wait(workers, stopping, config, metrics_dir)
     finally:
         for worker in workers:
@@ -89,7 +109,9 @@ def supervise(config: ServerConfig) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _wait(workers: list[subprocess.Popen], stopping: list[int], config: ServerConfig, metrics_dir: str) -> int:
+def _wait(
+    workers: list[subprocess.Popen], stopping: list[int], config: ServerConfig, metrics_dir: str
+) -> int:
     from prometheus_client import multiprocess
 
     codes: dict[int, int] = {}
@@ -101,8 +123,12 @@ def _wait(workers: list[subprocess.Popen], stopping: list[int], config: ServerCo
             codes[index] = worker.returncode
             multiprocess.mark_process_dead(worker.pid, metrics_dir)
             if not stopping:  # a worker died on its own: take the others down too
-                log.error("worker %d (pid %d) exited with %d; stopping the others", index, worker.pid,
-                          worker.returncode)
+                log.error(
+                    "worker %d (pid %d) exited with %d; stopping the others",
+                    index,
+                    worker.pid,
+                    worker.returncode,
+                )
                 stopping.append(signal.SIGTERM)
                 for other in workers:
                     if other.poll() is None:
@@ -110,14 +136,19 @@ def _wait(workers: list[subprocess.Popen], stopping: list[int], config: ServerCo
         if stopping and deadline is None:
             deadline = time.monotonic() + config.grace_period + 5.0
         if deadline is not None and time.monotonic() > deadline:
-            log.error("workers still running %.0f s after the stop signal: killing them", config.grace_period + 5)
+            log.error(
+                "workers still running %.0f s after the stop signal: killing them",
+                config.grace_period + 5,
+            )
             for worker in workers:
                 if worker.poll() is None:
                     worker.kill()
             deadline = float("inf")
         time.sleep(POLL_SECONDS)
     worst = max(codes.values(), key=abs)
-    log.info("all workers stopped (exit codes %s)", ", ".join(str(codes[i]) for i in range(len(workers))))
+    log.info(
+        "all workers stopped (exit codes %s)", ", ".join(str(codes[i]) for i in range(len(workers)))
+    )
     return worst if worst > 0 else (1 if worst < 0 else 0)
 
 

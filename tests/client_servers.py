@@ -22,6 +22,7 @@ def write_repository(root: Path, presets: dict[str, str]) -> Path:
     """A model repository {name: preset}; fashion_mnist is the trained model when the repo ships one."""
     from convserve.core import Model
     from convserve.core.presets import preset
+
     from tests.conftest import random_weights
 
     for name, preset_name in presets.items():
@@ -31,7 +32,9 @@ def write_repository(root: Path, presets: dict[str, str]) -> Path:
             shutil.copyfile(TRAINED, folder / "model.safetensors")
         else:
             document = dict(preset(preset_name), name=name)
-            Model(document, random_weights(document, seed=len(name))).save(folder / "model.safetensors")
+            Model(document, random_weights(document, seed=len(name))).save(
+                folder / "model.safetensors"
+            )
     return root
 
 
@@ -39,20 +42,31 @@ class ServerProcess(Server):
     """`convserve serve` with the client tests' defaults: no metrics, warm-up of batch 1, no drain window."""
 
     def __init__(self, repository: Path, log_dir: Path, *flags: str, port: int | None = None):
-        super().__init__(repository, "--warmup-batch-sizes", "1", "--drain-seconds", "0", "--grace-period", "5",
-                         *flags, metrics=False, port=port, log_dir=log_dir)
+        super().__init__(
+            repository,
+            "--warmup-batch-sizes",
+            "1",
+            "--drain-seconds",
+            "0",
+            "--grace-period",
+            "5",
+            *flags,
+            metrics=False,
+            port=port,
+            log_dir=log_dir,
+        )
 
 
 def statistics(target: str, model: str) -> tuple[int, int]:
     """(images inferred, successful requests) of a model, from the server's ModelStatistics."""
     import grpc
-
     from convserve.proto import grpc_service_pb2 as pb
     from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target) as channel:
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
-            pb.ModelStatisticsRequest(name=model), timeout=10)
+            pb.ModelStatisticsRequest(name=model), timeout=10
+        )
     images = sum(s.inference_count for s in response.model_stats)
     requests = sum(s.inference_stats.success.count for s in response.model_stats)
     return images, requests
@@ -63,7 +77,9 @@ def example_files() -> list[tuple[Path, int, str]]:
     import csv
 
     with open(EXAMPLES / "labels.csv") as f:
-        return [(EXAMPLES / r["file"], int(r["class_index"]), r["label"]) for r in csv.DictReader(f)]
+        return [
+            (EXAMPLES / r["file"], int(r["class_index"]), r["label"]) for r in csv.DictReader(f)
+        ]
 
 
 def decoded_examples() -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from convserve.core.architecture import parse_architecture
 from convserve.core.presets import preset
 

@@ -36,24 +36,34 @@ def activation(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def conv2d(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray | None, strides: tuple[int, int], padding: str) -> np.ndarray:
+def conv2d(
+    x: np.ndarray,
+    kernel: np.ndarray,
+    bias: np.ndarray | None,
+    strides: tuple[int, int],
+    padding: str,
+) -> np.ndarray:
     n, h, w, _ = x.shape
     kh, kw, _, co = kernel.shape
     sh, sw = strides
     oh, ow = _out_size(h, kh, sh, padding), _out_size(w, kw, sw, padding)
-    (pt, pb), (pl, pr) = ((_same_pads(h, kh, sh), _same_pads(w, kw, sw)) if padding == "same" else ((0, 0), (0, 0)))
+    (pt, pb), (pl, pr) = (
+        (_same_pads(h, kh, sh), _same_pads(w, kw, sw)) if padding == "same" else ((0, 0), (0, 0))
+    )
     xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     out = np.zeros((n, oh, ow, co))
     for ky in range(kh):
         for kx in range(kw):
-            patch = xp[:, ky: ky + sh * (oh - 1) + 1: sh, kx: kx + sw * (ow - 1) + 1: sw, :]
+            patch = xp[:, ky : ky + sh * (oh - 1) + 1 : sh, kx : kx + sw * (ow - 1) + 1 : sw, :]
             out += np.tensordot(patch, kernel[ky, kx], axes=([3], [0]))
     if bias is not None:
         out += bias
     return out
 
 
-def pool2d(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int], padding: str, kind: str) -> np.ndarray:
+def pool2d(
+    x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int], padding: str, kind: str
+) -> np.ndarray:
     n, h, w, c = x.shape
     ph, pw = pool
     sh, sw = strides
@@ -66,11 +76,15 @@ def pool2d(x: np.ndarray, pool: tuple[int, int], strides: tuple[int, int], paddi
         for ox in range(ow):
             x0, x1 = max(ox * sw - pl, 0), min(ox * sw - pl + pw, w)
             window = x[:, y0:y1, x0:x1, :]
-            out[:, oy, ox, :] = window.max(axis=(1, 2)) if kind == "max" else window.mean(axis=(1, 2))
+            out[:, oy, ox, :] = (
+                window.max(axis=(1, 2)) if kind == "max" else window.mean(axis=(1, 2))
+            )
     return out
 
 
-def forward(doc: dict[str, Any], weights: dict[str, np.ndarray], x: np.ndarray, *, preprocess: bool = False) -> np.ndarray:
+def forward(
+    doc: dict[str, Any], weights: dict[str, np.ndarray], x: np.ndarray, *, preprocess: bool = False
+) -> np.ndarray:
     """Run the architecture document `doc` with `weights` on an NHWC batch; float64 result."""
     x = np.asarray(x, np.float64)
     if preprocess:
@@ -90,13 +104,22 @@ def forward(doc: dict[str, Any], weights: dict[str, np.ndarray], x: np.ndarray, 
             strides = layer.get("strides", [1, 1])
             strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
             assert kernel.shape[:2] == tuple(ks if isinstance(ks, list) else (ks, ks))
-            x = activation(conv2d(x, kernel, bias, strides, layer.get("padding", "valid")), layer.get("activation", "linear"))
+            x = activation(
+                conv2d(x, kernel, bias, strides, layer.get("padding", "valid")),
+                layer.get("activation", "linear"),
+            )
         elif kind in ("max_pooling2d", "average_pooling2d"):
             pool = layer.get("pool_size", [2, 2])
             pool = (pool, pool) if isinstance(pool, int) else tuple(pool)
             strides = layer.get("strides", list(pool))
             strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-            x = pool2d(x, pool, strides, layer.get("padding", "valid"), "max" if kind.startswith("max") else "avg")
+            x = pool2d(
+                x,
+                pool,
+                strides,
+                layer.get("padding", "valid"),
+                "max" if kind.startswith("max") else "avg",
+            )
         elif kind == "flatten":
             x = x.reshape(x.shape[0], -1)
         elif kind == "dense":

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,9 @@ def free_port() -> int:
 
 
 def server_env() -> dict[str, str]:
-    env = dict(os.environ, NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache")))
+    env = dict(
+        os.environ, NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
+    )
     for key in [k for k in env if k.startswith("CONVSERVE_")]:
         env.pop(key)
     return env
@@ -42,6 +44,7 @@ def server_env() -> dict[str, str]:
 def write_model(path: Path, preset_name: str, seed: int, name: str | None = None) -> Path:
     from convserve.core import Model
     from convserve.core.presets import preset
+
     from tests.conftest import random_weights
 
     document = preset(preset_name)
@@ -52,37 +55,68 @@ def write_model(path: Path, preset_name: str, seed: int, name: str | None = None
 
 
 def make_repository(root: Path) -> Path:
-    write_model(root / "fashion" / "1" / "model.safetensors", "fashion_mnist", seed=1, name="fashion")
-    write_model(root / "fashion" / "2" / "model.safetensors", "fashion_mnist", seed=2, name="fashion")
+    write_model(
+        root / "fashion" / "1" / "model.safetensors", "fashion_mnist", seed=1, name="fashion"
+    )
+    write_model(
+        root / "fashion" / "2" / "model.safetensors", "fashion_mnist", seed=2, name="fashion"
+    )
     write_model(root / "lenet" / "1" / "model.safetensors", "lenet5", seed=3, name="lenet")
     return root
 
 
 # Server logs and test repositories live in one folder per test session, removed when the session ends.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="convserve-tests-"))
-atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)  # registered first, so it runs after _stop_all
+atexit.register(
+    shutil.rmtree, _SESSION_DIR, ignore_errors=True
+)  # registered first, so it runs after _stop_all
 
 
 class Server:
     """A `convserve serve` subprocess on free 127.0.0.1 ports, logging to a file."""
 
-    def __init__(self, repository: Path, *flags: str, metrics: bool = True, env: dict | None = None,
-                 port: int | None = None, log_dir: Path | None = None):
+    def __init__(
+        self,
+        repository: Path,
+        *flags: str,
+        metrics: bool = True,
+        env: dict | None = None,
+        port: int | None = None,
+        log_dir: Path | None = None,
+    ):
         self.repository = repository
         self.port = port or free_port()
         self.metrics_port = free_port() if metrics else 0
         self.target = f"127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkstemp(prefix=f"convserve-{self.port}-", suffix=".log", dir=log_dir or _SESSION_DIR)[1])
-        command = [sys.executable, "-m", "convserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--metrics-port", str(self.metrics_port), "--model-repository", str(repository), *flags]
+        self.log_path = Path(
+            tempfile.mkstemp(
+                prefix=f"convserve-{self.port}-", suffix=".log", dir=log_dir or _SESSION_DIR
+            )[1]
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "convserve",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--model-repository",
+            str(repository),
+            *flags,
+        ]
         self.log_file = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                        env=env or server_env())
+        self.process = subprocess.Popen(
+            command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env or server_env()
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 240.0) -> "Server":
+    def wait_ready(self, timeout: float = 240.0) -> Server:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -91,7 +125,9 @@ class Server:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+                    raise RuntimeError(
+                        f"server exited with {self.process.returncode}:\n{self.log()}"
+                    )
                 try:
                     status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
@@ -102,7 +138,9 @@ class Server:
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10
+        ) as response:
             return response.read().decode()
 
     def stop(self, timeout: float = 30.0) -> int:
@@ -126,30 +164,53 @@ def _stop_all() -> None:
         server.stop()
 
 
-@lru_cache(maxsize=None)
+@cache
 def repository() -> Path:
     return make_repository(Path(tempfile.mkdtemp(prefix="repo-", dir=_SESSION_DIR)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def main_server() -> Server:
-    server = Server(repository(), "--max-batch-size", "64", "--max-request-images", "1000",
-                    "--max-message-bytes", str(MAX_MESSAGE_BYTES), "--warmup-batch-sizes", "1,64",
-                    "--drain-seconds", "0", "--grace-period", "10")
+    server = Server(
+        repository(),
+        "--max-batch-size",
+        "64",
+        "--max-request-images",
+        "1000",
+        "--max-message-bytes",
+        str(MAX_MESSAGE_BYTES),
+        "--warmup-batch-sizes",
+        "1,64",
+        "--drain-seconds",
+        "0",
+        "--grace-period",
+        "10",
+    )
     _started.append(server)
     return server.wait_ready()
 
 
-@lru_cache(maxsize=None)
+@cache
 def slow_server() -> Server:
     """One image per execution and at most 4 queued requests: queues fill up quickly."""
-    server = Server(repository(), "--max-batch-size", "1", "--max-queue-size", "4", "--warmup-batch-sizes", "1",
-                    "--drain-seconds", "0", "--grace-period", "10")
+    server = Server(
+        repository(),
+        "--max-batch-size",
+        "1",
+        "--max-queue-size",
+        "4",
+        "--warmup-batch-sizes",
+        "1",
+        "--drain-seconds",
+        "0",
+        "--grace-period",
+        "10",
+    )
     _started.append(server)
     return server.wait_ready()
 
 
-@lru_cache(maxsize=None)
+@cache
 def local_model(name: str, version: int):
     """The same model the server loaded, in this process (for expected outputs)."""
     from convserve.core import Model
@@ -163,16 +224,28 @@ def images(n: int, seed: int = 0, shape=(28, 28, 1)) -> np.ndarray:
 
 def stub(target: str):
     import grpc
-
     from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
-    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 1 << 28),
-                                                     ("grpc.max_receive_message_length", 1 << 28)])
+    channel = grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_send_message_length", 1 << 28),
+            ("grpc.max_receive_message_length", 1 << 28),
+        ],
+    )
     return pb_grpc.GRPCInferenceServiceStub(channel), channel
 
 
-def infer_request(model: str, x: np.ndarray, *, datatype: str | None = None, version: str = "", id: str = "",
-                  outputs=None, parameters: dict | None = None):
+def infer_request(
+    model: str,
+    x: np.ndarray,
+    *,
+    datatype: str | None = None,
+    version: str = "",
+    id: str = "",
+    outputs=None,
+    parameters: dict | None = None,
+):
     """A ModelInferRequest with raw contents (datatype from x's dtype unless given)."""
     from convserve.proto import grpc_service_pb2 as pb
 

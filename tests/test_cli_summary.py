@@ -7,7 +7,9 @@ import sys
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "convserve", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "convserve", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_summary_prints_the_table(tmp_path, reference_model):
@@ -30,7 +32,9 @@ def test_summary_of_a_bad_file_is_one_clear_line(tmp_path):
 
 def test_help_lists_subcommands_without_importing_numba():
     code = "import sys; from convserve.cli import build_parser; build_parser(); print('numba' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
     assert "summary" in run("--help").stdout

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from convserve.client.images import decode, prepare
+from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MNIST = (28, 28, 1)
@@ -29,6 +28,7 @@ def _png(array: np.ndarray) -> bytes:
 
 def _test_images() -> np.ndarray:
     import gzip
+
     with gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz") as f:
         return np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
 
@@ -52,7 +52,9 @@ def test_paths_bytes_and_arrays_give_the_same_batch():
     from_hw = prepare(pixels, MNIST)
     from_hwc = prepare(pixels[:, :, None], MNIST)
     for batch in (from_path, from_pathlike, from_bytes, from_hw, from_hwc):
-        assert batch.shape == (1, 28, 28, 1) and batch.dtype == np.uint8 and batch.flags.c_contiguous
+        assert (
+            batch.shape == (1, 28, 28, 1) and batch.dtype == np.uint8 and batch.flags.c_contiguous
+        )
         np.testing.assert_array_equal(batch[0, :, :, 0], pixels)
 
 
@@ -93,7 +95,9 @@ def test_resize_to_the_model_size():
     example = EXAMPLES / "rgb_56x56_ankle_boot_0.png"
     batch = prepare(example, MNIST)
     assert batch.shape == (1, 28, 28, 1)
-    expected = np.asarray(Image.open(example).convert("L").resize((28, 28), Image.Resampling.BILINEAR))
+    expected = np.asarray(
+        Image.open(example).convert("L").resize((28, 28), Image.Resampling.BILINEAR)
+    )
     np.testing.assert_array_equal(batch[0, :, :, 0], expected)
     # The upscaled, tinted copy still looks like the original test image.
     original = _test_images()[0].astype(float)
@@ -121,17 +125,20 @@ def test_dtypes():
         prepare(gray.astype(np.int32) * 4, MNIST, np.float32)
 
 
-@pytest.mark.parametrize("bad, error, match", [
-    (b"not an image", ValueError, "not a readable image"),
-    ("/nonexistent/image.png", FileNotFoundError, "no such image file"),
-    (np.zeros((2, 2, 2, 2, 2), np.uint8), ValueError, r"shape \(2, 2, 2, 2, 2\)"),
-    (np.zeros((28, 28, 5), np.uint8), ValueError, "5 channels"),
-    (np.zeros((28, 28), dtype=object), TypeError, "dtype object"),
-    (np.zeros((28, 28), dtype=bool), TypeError, "dtype bool"),
-    ([], ValueError, "empty"),
-    (42, TypeError, "got int"),
-    ([np.zeros((28, 28), np.uint8), 3.5], TypeError, "image 1: expected"),
-])
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (b"not an image", ValueError, "not a readable image"),
+        ("/nonexistent/image.png", FileNotFoundError, "no such image file"),
+        (np.zeros((2, 2, 2, 2, 2), np.uint8), ValueError, r"shape \(2, 2, 2, 2, 2\)"),
+        (np.zeros((28, 28, 5), np.uint8), ValueError, "5 channels"),
+        (np.zeros((28, 28), dtype=object), TypeError, "dtype object"),
+        (np.zeros((28, 28), dtype=bool), TypeError, "dtype bool"),
+        ([], ValueError, "empty"),
+        (42, TypeError, "got int"),
+        ([np.zeros((28, 28), np.uint8), 3.5], TypeError, "image 1: expected"),
+    ],
+)
 def test_bad_input_gets_a_clear_error(bad, error, match):
     with pytest.raises(error, match=match):
         prepare(bad, MNIST)
@@ -157,7 +164,11 @@ def test_without_pillow_arrays_still_work_and_files_ask_for_the_extra():
         "except ImportError as e:\n"
         "    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(EXAMPLES / "coat_6.png")], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(EXAMPLES / "coat_6.png")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "needs Pillow: pip install 'convserve[images]'" in out.stdout

@@ -8,11 +8,18 @@ import threading
 import grpc
 import numpy as np
 import pytest
-
 from convserve.client import AsyncClient, Client, InferenceError, Prediction, RetryPolicy
 from convserve.core.presets import FASHION_MNIST_LABELS
-from tests.client_servers import (TRAINED, ServerProcess, decoded_examples, example_files, free_port, statistics,
-                                  write_repository)
+
+from tests.client_servers import (
+    TRAINED,
+    ServerProcess,
+    decoded_examples,
+    example_files,
+    free_port,
+    statistics,
+    write_repository,
+)
 
 MAX_BATCH = 8  # small, so that inputs of a few dozen images need chunks
 
@@ -20,7 +27,10 @@ MAX_BATCH = 8  # small, so that inputs of a few dozen images need chunks
 @pytest.fixture(scope="module")
 def repositories(tmp_path_factory):
     one = write_repository(tmp_path_factory.mktemp("one-model"), {"fashion_mnist": "fashion_mnist"})
-    two = write_repository(tmp_path_factory.mktemp("two-models"), {"fashion_mnist": "fashion_mnist", "lenet5": "lenet5"})
+    two = write_repository(
+        tmp_path_factory.mktemp("two-models"),
+        {"fashion_mnist": "fashion_mnist", "lenet5": "lenet5"},
+    )
     return one, two
 
 
@@ -66,7 +76,10 @@ def test_health_metadata_and_labels(server):
         assert client.labels() == tuple(FASHION_MNIST_LABELS)
         with pytest.raises(InferenceError) as error:
             client.is_ready("no_such_model")
-        assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT and "no_such_model" in error.value.message
+        assert (
+            error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            and "no_such_model" in error.value.message
+        )
 
 
 def test_predict_matches_the_core_for_paths_bytes_and_arrays(server, reference):
@@ -104,11 +117,15 @@ def test_trained_model_recognises_the_examples(server):
     with Client(server.target) as client:
         rows = client.classify([str(p) for p, _, _ in example_files()], top_k=1)
     correct = sum(row[0].index == index for row, (_, index, _) in zip(rows, example_files()))
-    assert correct >= len(rows) - 1, [(p.name, row[0]) for row, (p, _, _) in zip(rows, example_files())]
+    assert correct >= len(rows) - 1, [
+        (p.name, row[0]) for row, (p, _, _) in zip(rows, example_files())
+    ]
 
 
 def test_large_inputs_go_in_chunks_in_order(server, reference):
-    images = np.random.default_rng(1).integers(0, 256, (203, 28, 28), dtype=np.uint8)  # (N, H, W) batch
+    images = np.random.default_rng(1).integers(
+        0, 256, (203, 28, 28), dtype=np.uint8
+    )  # (N, H, W) batch
     expected = reference.predict(images[:, :, :, None])
     images_before, requests_before = statistics(server.target, "fashion_mnist")
     with Client(server.target, concurrency=4) as client:
@@ -116,13 +133,18 @@ def test_large_inputs_go_in_chunks_in_order(server, reference):
     images_after, requests_after = statistics(server.target, "fashion_mnist")
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert images_after - images_before == 203
-    assert requests_after - requests_before == 26  # ceil(203 / 8): the server refuses more than 8 per request
+    assert (
+        requests_after - requests_before == 26
+    )  # ceil(203 / 8): the server refuses more than 8 per request
 
 
 def test_one_client_shared_by_threads(server, reference):
     from concurrent.futures import ThreadPoolExecutor
 
-    batches = [np.random.default_rng(10 + i).integers(0, 256, (30, 28, 28, 1), dtype=np.uint8) for i in range(6)]
+    batches = [
+        np.random.default_rng(10 + i).integers(0, 256, (30, 28, 28, 1), dtype=np.uint8)
+        for i in range(6)
+    ]
     with Client(server.target, concurrency=3) as client, ThreadPoolExecutor(6) as threads:
         results = list(threads.map(client.predict, batches))
     for batch, got in zip(batches, results):
@@ -151,7 +173,9 @@ def test_several_models_need_a_name(servers):
     two = servers[1]
     with Client(two.target) as client:
         assert client.models() == ["fashion_mnist", "lenet5"]
-        with pytest.raises(InferenceError, match=r"2 ready models \['fashion_mnist', 'lenet5'\]; pass model=NAME"):
+        with pytest.raises(
+            InferenceError, match=r"2 ready models \['fashion_mnist', 'lenet5'\]; pass model=NAME"
+        ):
             client.predict(decoded_examples()[:1])
         assert client.predict(decoded_examples()[:1], model="lenet5").shape == (1, 10)
 
@@ -220,12 +244,16 @@ def test_async_client(servers, reference):
             probs = await client.predict(files)
             rows = await client.classify(files, top_k=2)
             chunked = await client.predict(images)
-            concurrent = await asyncio.gather(*(client.predict(images[i:i + 5]) for i in range(0, 45, 5)))
+            concurrent = await asyncio.gather(
+                *(client.predict(images[i : i + 5]) for i in range(0, 45, 5))
+            )
             with pytest.raises(InferenceError) as error:
                 await client.predict(images[:1], model="no_such_model")
             return live, ready, models, info, labels, probs, rows, chunked, concurrent, error.value
 
-    live, ready, models, info, labels, probs, rows, chunked, concurrent, error = asyncio.run(scenario())
+    live, ready, models, info, labels, probs, rows, chunked, concurrent, error = asyncio.run(
+        scenario()
+    )
     assert live and ready and models == ["fashion_mnist"] and info.max_batch_size == MAX_BATCH
     assert labels == tuple(FASHION_MNIST_LABELS)
     with Client(server.target) as client:

@@ -8,9 +8,7 @@ import socket
 import grpc
 import numpy as np
 import pytest
-
-from convserve.client import InferenceError, RetryPolicy
-from convserve.client import channel, protocol
+from convserve.client import InferenceError, RetryPolicy, channel, protocol
 from convserve.client.cli import format_table
 from convserve.client.retry import Deadline, call
 from convserve.proto import grpc_service_pb2 as pb
@@ -69,8 +67,13 @@ def test_call_retries_only_unavailable_and_counts_attempts():
     assert all(0 < t <= 5.0 for t in timeouts) and timeouts == sorted(timeouts, reverse=True)
 
     with pytest.raises(InferenceError) as info:
-        call(lambda s: (_ for _ in ()).throw(_Status(grpc.StatusCode.INVALID_ARGUMENT, "bad shape")),
-             policy, Deadline(5.0), "X", sleep=sleeps.append)
+        call(
+            lambda s: (_ for _ in ()).throw(_Status(grpc.StatusCode.INVALID_ARGUMENT, "bad shape")),
+            policy,
+            Deadline(5.0),
+            "X",
+            sleep=sleeps.append,
+        )
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and info.value.attempts == 1
     assert info.value.message == "bad shape" and "[INVALID_ARGUMENT] bad shape" == str(info.value)
 
@@ -83,7 +86,9 @@ def test_call_retries_only_unavailable_and_counts_attempts():
 
     with pytest.raises(InferenceError) as info:
         call(always_down, policy, Deadline(5.0), "X", sleep=lambda s: None)
-    assert count == 5 and info.value.attempts == 5 and info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert (
+        count == 5 and info.value.attempts == 5 and info.value.code == grpc.StatusCode.UNAVAILABLE
+    )
     assert "after 5 attempts" in str(info.value)
 
 
@@ -92,8 +97,13 @@ def test_no_sleep_runs_past_the_deadline():
     policy = RetryPolicy(attempts=100, initial_backoff=10.0, max_backoff=10.0)
     random.seed(1)
     with pytest.raises(InferenceError) as info:
-        call(lambda s: (_ for _ in ()).throw(_Status(grpc.StatusCode.UNAVAILABLE)), policy, Deadline(0.05), "X",
-             sleep=slept.append)
+        call(
+            lambda s: (_ for _ in ()).throw(_Status(grpc.StatusCode.UNAVAILABLE)),
+            policy,
+            Deadline(0.05),
+            "X",
+            sleep=slept.append,
+        )
     assert all(s < 0.05 for s in slept)
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(ValueError, match="timeout must be > 0"):
@@ -111,7 +121,12 @@ def test_targets(monkeypatch):
     assert channel.resolve("127.0.0.1:1, 127.0.0.1:2") == ("ipv4:127.0.0.1:1,127.0.0.1:2", True)
     assert channel.resolve(["[::1]:5", "[::1]:6"]) == ("ipv6:[::1]:5,[::1]:6", True)
     target, rr = channel.resolve(["localhost:7001", "127.0.0.1:7002"])
-    assert rr and target.startswith("ipv4:") and "127.0.0.1:7001" in target and target.endswith("127.0.0.1:7002")
+    assert (
+        rr
+        and target.startswith("ipv4:")
+        and "127.0.0.1:7001" in target
+        and target.endswith("127.0.0.1:7002")
+    )
     with pytest.raises(ValueError, match="host:port"):
         channel.resolve(["127.0.0.1", "127.0.0.1:2"])
     with pytest.raises(ValueError, match="cannot resolve"):
@@ -174,8 +189,10 @@ def test_parse_outputs():
     response.outputs.add(name="probabilities", datatype="BYTES", shape=[2, 2])
     response.raw_output_contents.append(raw)
     rows = protocol.classifications(response, "probabilities", 2)
-    assert rows == [[protocol.Prediction("Dress", 3, 0.9), protocol.Prediction("T-shirt/top", 0, 0.1)],
-                    [protocol.Prediction("a:b", 7, 0.6), protocol.Prediction("1", 1, 0.4)]]
+    assert rows == [
+        [protocol.Prediction("Dress", 3, 0.9), protocol.Prediction("T-shirt/top", 0, 0.1)],
+        [protocol.Prediction("a:b", 7, 0.6), protocol.Prediction("1", 1, 0.4)],
+    ]
     with pytest.raises(InferenceError, match="malformed classification"):
         protocol.parse_class(b"nonsense")
     response.raw_output_contents[0] = raw[:-3]
@@ -184,8 +201,11 @@ def test_parse_outputs():
 
 
 def test_format_table():
-    text = format_table(["FILE", "LABEL", "SCORE"], [["a.png", "Sneaker", "0.9812"], ["long/path.png", "Bag", "0.5"]],
-                        right=(2,))
+    text = format_table(
+        ["FILE", "LABEL", "SCORE"],
+        [["a.png", "Sneaker", "0.9812"], ["long/path.png", "Bag", "0.5"]],
+        right=(2,),
+    )
     lines = text.splitlines()
     assert lines[0] == "FILE           LABEL     SCORE"
     assert lines[1] == "a.png          Sneaker  0.9812"
@@ -196,11 +216,15 @@ def test_import_is_light_in_a_fresh_interpreter():
     import subprocess
     import sys
 
-    code = ("import sys; import convserve.client; from convserve.client import Client, AsyncClient, Prediction, "
-            "InferenceError; import convserve.client.cli; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite', 'torch', 'PIL') "
-            "or m.startswith('convserve.core') or m.startswith('convserve.server')); print(bad)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    code = (
+        "import sys; import convserve.client; from convserve.client import Client, AsyncClient, Prediction, "
+        "InferenceError; import convserve.client.cli; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('numba', 'llvmlite', 'torch', 'PIL') "
+        "or m.startswith('convserve.core') or m.startswith('convserve.server')); print(bad)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
@@ -210,6 +234,7 @@ def test_unused_port_is_unreachable_quickly():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     from convserve.client import Client
+
     with Client(f"127.0.0.1:{port}", timeout=2.0, retries=0) as client:
         assert client.is_live() is False
         with pytest.raises(InferenceError) as info:

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from convserve.core import Model, ModelError
 from convserve.core.architecture import parse_architecture, same_padding
 from convserve.core.modelfile import FORMAT, read_model_file
 from convserve.core.presets import PRESET_NAMES, preset
+
 from tests.conftest import random_weights
 
-BUNDLED = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist" / "1" / "model.safetensors"
+BUNDLED = (
+    Path(__file__).resolve().parents[1] / "models" / "fashion_mnist" / "1" / "model.safetensors"
+)
 
 
 def test_reference_shapes_and_parameter_count(reference_model):
@@ -80,6 +82,7 @@ def test_predict_accepts_single_image_and_float_pixels(reference_model):
 
 # -- bad architectures ----------------------------------------------------------------------
 
+
 def _with(document: dict, path: list, value) -> dict:
     doc = copy.deepcopy(document)
     target = doc
@@ -99,7 +102,11 @@ BAD_ARCHITECTURES = [
     (["layers", 0, "activation"], "gelu", r"layer 0 \(conv2d\): 'activation' must be one of"),
     (["layers", 0, "filters"], 0, r"layer 0 \(conv2d\): 'filters' must be >= 1, got 0"),
     (["layers", 0, "filters"], "64", r"'filters' must be an integer >= 1, got '64'"),
-    (["layers", 0, "kernel_size"], [3], r"'kernel_size' must be an integer or a list of 2 integers"),
+    (
+        ["layers", 0, "kernel_size"],
+        [3],
+        r"'kernel_size' must be an integer or a list of 2 integers",
+    ),
     (["layers", 0, "kernel_size"], [40, 3], r"shrinks the 28x28 input below 1x1"),
     (["layers", 0, "padding"], "full", r"'padding' must be one of valid, same; got 'full'"),
     (["layers", 0, "filters"], _DELETE, r"'filters' and 'kernel_size' are required"),
@@ -122,7 +129,9 @@ def test_bad_architecture_names_the_problem(reference_document, path, value, mes
 def test_dense_on_image_and_missing_flatten_are_explained(reference_document):
     doc = copy.deepcopy(reference_document)
     del doc["layers"][4]  # the flatten
-    with pytest.raises(ModelError, match=r"layer 4 \(dense\): needs a flat input .* got shape \[5, 5, 64\]"):
+    with pytest.raises(
+        ModelError, match=r"layer 4 \(dense\): needs a flat input .* got shape \[5, 5, 64\]"
+    ):
         parse_architecture(doc)
     doc = copy.deepcopy(reference_document)
     doc["layers"] = doc["layers"][:4]
@@ -138,13 +147,26 @@ def test_model_error_is_a_value_error():
 
 # -- bad weights ----------------------------------------------------------------------------
 
+
 def test_bad_weights_are_named(reference_document):
     good = random_weights(reference_document)
     cases = [
-        ({k: v for k, v in good.items() if k != "layers.2.bias"}, r"missing tensor\(s\): layers.2.bias \[64\]"),
-        ({**good, "layers.9.kernel": good["layers.0.bias"]}, r"unexpected tensor\(s\) \['layers.9.kernel'\]"),
-        ({**good, "layers.0.kernel": good["layers.0.kernel"].astype(np.float64)}, r"'layers.0.kernel' has dtype float64, expected float32"),
-        ({**good, "layers.5.kernel": good["layers.5.kernel"][:10]}, r"'layers.5.kernel' has shape \[10, 128\], expected \[1600, 128\]"),
+        (
+            {k: v for k, v in good.items() if k != "layers.2.bias"},
+            r"missing tensor\(s\): layers.2.bias \[64\]",
+        ),
+        (
+            {**good, "layers.9.kernel": good["layers.0.bias"]},
+            r"unexpected tensor\(s\) \['layers.9.kernel'\]",
+        ),
+        (
+            {**good, "layers.0.kernel": good["layers.0.kernel"].astype(np.float64)},
+            r"'layers.0.kernel' has dtype float64, expected float32",
+        ),
+        (
+            {**good, "layers.5.kernel": good["layers.5.kernel"][:10]},
+            r"'layers.5.kernel' has shape \[10, 128\], expected \[1600, 128\]",
+        ),
     ]
     nan = good["layers.6.bias"].copy()
     nan[3] = np.nan
@@ -155,6 +177,7 @@ def test_bad_weights_are_named(reference_document):
 
 
 # -- bad files ------------------------------------------------------------------------------
+
 
 def _file_bytes(tmp_path, model) -> bytes:
     path = tmp_path / "good.safetensors"
@@ -191,7 +214,10 @@ def test_bad_files_raise_model_error_naming_the_file(tmp_path, reference_model):
         "header_cut": (data[:100], r"truncated: header length"),
         "absurd": (struct.pack("<Q", 2**62) + data[8:], r"header length 4611686018427387904 bytes"),
         "not_json": (struct.pack("<Q", 5) + b"hello" + b"\0" * 10, r"header is not valid JSON"),
-        "wrong_tag": (_rebuild(wrong_tag, body), rf"metadata 'format' is 'other/9', expected '{FORMAT}'"),
+        "wrong_tag": (
+            _rebuild(wrong_tag, body),
+            rf"metadata 'format' is 'other/9', expected '{FORMAT}'",
+        ),
         "bad_json": (_rebuild(bad_json, body), r"metadata 'architecture' is not valid JSON"),
         "no_arch": (_rebuild(no_arch, body), r"metadata has no 'architecture'"),
         "bad_arch": (_rebuild(bad_arch, body), r"unknown layer type 'lstm'"),
@@ -224,14 +250,24 @@ def test_random_corruption_never_escapes_as_another_exception(tmp_path, referenc
 
 # -- bad input to predict / forward ---------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "make,message",
     [
-        (lambda: np.zeros((2, 28, 28), np.uint8), r"expected one image \[28, 28, 1\] or a batch \[N, 28, 28, 1\], got \[2, 28, 28\]"),
-        (lambda: np.zeros((2, 28, 28, 3), np.uint8), r"expected shape \[N, 28, 28, 1\], got \[2, 28, 28, 3\]"),
+        (
+            lambda: np.zeros((2, 28, 28), np.uint8),
+            r"expected one image \[28, 28, 1\] or a batch \[N, 28, 28, 1\], got \[2, 28, 28\]",
+        ),
+        (
+            lambda: np.zeros((2, 28, 28, 3), np.uint8),
+            r"expected shape \[N, 28, 28, 1\], got \[2, 28, 28, 3\]",
+        ),
         (lambda: np.zeros((1, 32, 32, 1), np.uint8), r"got \[1, 32, 32, 1\]"),
         (lambda: np.zeros((0, 28, 28, 1), np.uint8), r"the batch is empty"),
-        (lambda: np.zeros((1, 28, 28, 1), np.complex64), r"dtype is complex64, expected uint8 or a float type"),
+        (
+            lambda: np.zeros((1, 28, 28, 1), np.complex64),
+            r"dtype is complex64, expected uint8 or a float type",
+        ),
         (lambda: np.zeros((1, 28, 28, 1), bool), r"dtype is bool"),
         (lambda: np.full((1, 28, 28, 1), np.nan, np.float32), r"contains NaN or Inf"),
         (lambda: [[1, 2, 3]], r"expected a numpy array, got list"),
@@ -267,7 +303,9 @@ def test_dropping_llvm_code_pages_lowers_rss_and_keeps_results():
         same = bool((m.predict(x) == before_out).all() and (m.predict(x[:1]) == before_out[:1]).all())
         print(json.dumps({"before": before, "after": after, "advised": advised, "same": same}))
     """).replace("MODEL", repr(str(BUNDLED)))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     res = json.loads(done.stdout.strip().splitlines()[-1])
     assert res["same"]

@@ -9,10 +9,10 @@ import threading
 
 import numpy as np
 import pytest
-
 from convserve.core import Model, ModelError
 from convserve.core.architecture import parse_architecture
 from convserve.core.presets import PRESET_NAMES, preset
+
 from tests import reference_numpy as ref
 
 ACTIVATIONS = ["linear", "relu", "tanh", "sigmoid", "softmax"]
@@ -24,7 +24,9 @@ def _weights(doc: dict, seed: int) -> dict[str, np.ndarray]:
     out = {}
     for name, shape in parse_architecture(doc).weight_shapes().items():
         if name.endswith(".kernel"):
-            out[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[:-1]))).astype(np.float32)
+            out[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[:-1]))).astype(
+                np.float32
+            )
         else:
             out[name] = (rng.standard_normal(shape) * 0.3).astype(np.float32)
     return out
@@ -43,33 +45,62 @@ def random_document(rng: np.random.Generator, index: int) -> dict:
     1-16 filters, every activation, optional bias), optional pooling of both kinds (windows
     2-3, strides 1-3, both paddings), standalone activations, dropout, flatten, 1-2 dense."""
     h, w = int(rng.integers(5, 24)), int(rng.integers(5, 24))
-    doc = {"name": f"random{index}", "input": {"shape": [h, w, int(rng.integers(1, 5))]}, "layers": []}
+    doc = {
+        "name": f"random{index}",
+        "input": {"shape": [h, w, int(rng.integers(1, 5))]},
+        "layers": [],
+    }
     layers = doc["layers"]
-    if index % 4 == 0:  # the fused paths: conv + 2x2/2 max pool, and the 1-channel 3x3 / 5x5 kernels
+    if (
+        index % 4 == 0
+    ):  # the fused paths: conv + 2x2/2 max pool, and the 1-channel 3x3 / 5x5 kernels
         doc["input"]["shape"][2] = 1
-        k, filters = (3, 16 * int(rng.integers(1, 3))) if index % 8 == 0 else (5, int(rng.integers(1, 21)))
-        layers += [{"type": "conv2d", "filters": filters, "kernel_size": k,
-                    "padding": str(rng.choice(["valid", "same"])), "activation": "relu"},
-                   {"type": "max_pooling2d", "pool_size": 2}]
+        k, filters = (
+            (3, 16 * int(rng.integers(1, 3))) if index % 8 == 0 else (5, int(rng.integers(1, 21)))
+        )
+        layers += [
+            {
+                "type": "conv2d",
+                "filters": filters,
+                "kernel_size": k,
+                "padding": str(rng.choice(["valid", "same"])),
+                "activation": "relu",
+            },
+            {"type": "max_pooling2d", "pool_size": 2},
+        ]
     for _ in range(int(rng.integers(1, 4))):
         for _attempt in range(20):
             k = int(rng.integers(1, 6))
-            conv = {"type": "conv2d", "filters": int(rng.integers(1, 17)),
-                    "kernel_size": [k, int(rng.integers(1, 6))] if rng.random() < 0.3 else k,
-                    "strides": int(rng.integers(1, 4)) if rng.random() < 0.5 else 1,
-                    "padding": str(rng.choice(["valid", "same"])),
-                    "activation": str(rng.choice(ACTIVATIONS, p=[0.2, 0.4, 0.15, 0.15, 0.1])),
-                    "use_bias": bool(rng.random() < 0.75)}
+            conv = {
+                "type": "conv2d",
+                "filters": int(rng.integers(1, 17)),
+                "kernel_size": [k, int(rng.integers(1, 6))] if rng.random() < 0.3 else k,
+                "strides": int(rng.integers(1, 4)) if rng.random() < 0.5 else 1,
+                "padding": str(rng.choice(["valid", "same"])),
+                "activation": str(rng.choice(ACTIVATIONS, p=[0.2, 0.4, 0.15, 0.15, 0.1])),
+                "use_bias": bool(rng.random() < 0.75),
+            }
             block = [conv]
             r = rng.random()
             if r < 0.35:
                 block.append({"type": "max_pooling2d", "pool_size": 2})
             elif r < 0.7:
                 p = int(rng.integers(2, 4))
-                block.append({"type": str(rng.choice(["max_pooling2d", "average_pooling2d"])), "pool_size": [p, p],
-                              "strides": int(rng.integers(1, 4)), "padding": str(rng.choice(["valid", "same"]))})
+                block.append(
+                    {
+                        "type": str(rng.choice(["max_pooling2d", "average_pooling2d"])),
+                        "pool_size": [p, p],
+                        "strides": int(rng.integers(1, 4)),
+                        "padding": str(rng.choice(["valid", "same"])),
+                    }
+                )
             if rng.random() < 0.2:
-                block.append({"type": "activation", "activation": str(rng.choice(["relu", "tanh", "sigmoid"]))})
+                block.append(
+                    {
+                        "type": "activation",
+                        "activation": str(rng.choice(["relu", "tanh", "sigmoid"])),
+                    }
+                )
             if rng.random() < 0.15:
                 block.append({"type": "dropout", "rate": 0.25})
             candidate = {**doc, "layers": layers + block + [{"type": "flatten"}]}
@@ -78,13 +109,22 @@ def random_document(rng: np.random.Generator, index: int) -> dict:
                 break
     layers.append({"type": "flatten"})
     if rng.random() < 0.6:
-        layers.append({"type": "dense", "units": int(rng.integers(1, 40)),
-                       "activation": str(rng.choice(ACTIVATIONS[:4])), "use_bias": bool(rng.random() < 0.8)})
+        layers.append(
+            {
+                "type": "dense",
+                "units": int(rng.integers(1, 40)),
+                "activation": str(rng.choice(ACTIVATIONS[:4])),
+                "use_bias": bool(rng.random() < 0.8),
+            }
+        )
         if rng.random() < 0.3:
             layers.append({"type": "dropout", "rate": 0.5})
     units = int(rng.integers(1, 13))
     if rng.random() < 0.2:
-        layers += [{"type": "dense", "units": units}, {"type": "activation", "activation": str(rng.choice(ACTIVATIONS))}]
+        layers += [
+            {"type": "dense", "units": units},
+            {"type": "activation", "activation": str(rng.choice(ACTIVATIONS))},
+        ]
     else:
         layers.append({"type": "dense", "units": units, "activation": str(rng.choice(ACTIVATIONS))})
     assert _valid(doc), doc
@@ -122,8 +162,20 @@ def test_random_architectures_cover_every_option(cases):
     assert any(l.filters % 4 for l in convs) and any(l.filters == 16 for l in convs)
     assert {"activation", "dropout", "dense"} <= {l.type for l in layers}
     kinds = {s.kind for _, _, m, _ in cases for s in m._plan.steps}
-    assert {"conv", "conv_pool2", "conv1_k3_pool2", "conv1_pixels_pool2", "pool", "dense", "activate"} <= kinds
-    assert "conv_wino" in {s.kind for name in PRESET_NAMES for s in Model(preset(name), _weights(preset(name), 0))._plan.steps}
+    assert {
+        "conv",
+        "conv_pool2",
+        "conv1_k3_pool2",
+        "conv1_pixels_pool2",
+        "pool",
+        "dense",
+        "activate",
+    } <= kinds
+    assert "conv_wino" in {
+        s.kind
+        for name in PRESET_NAMES
+        for s in Model(preset(name), _weights(preset(name), 0))._plan.steps
+    }
 
 
 @pytest.mark.parametrize("filters", [20, 32, 48, 64, 80, 130])
@@ -133,24 +185,50 @@ def test_wide_convolutions_match_numpy_reference(filters):
     images from 1 to 13 pixels wide, fused with pooling or not, strided and padded."""
     rng = np.random.default_rng(filters)
     for width in (1, 2, 3, 5, 9, 13):
-        for pool, stride, padding in ((True, 1, "valid"), (False, 1, "same"), (False, 2, "same"), (True, 1, "same")):
+        for pool, stride, padding in (
+            (True, 1, "valid"),
+            (False, 1, "same"),
+            (False, 2, "same"),
+            (True, 1, "same"),
+        ):
             kernel = int(rng.integers(1, 4))
             if pool and (width < kernel + 1 if padding == "valid" else width < 2):
                 continue
-            layers = [{"type": "conv2d", "filters": filters, "kernel_size": [kernel, kernel],
-                       "strides": [stride, stride], "padding": padding, "activation": "relu"}]
+            layers = [
+                {
+                    "type": "conv2d",
+                    "filters": filters,
+                    "kernel_size": [kernel, kernel],
+                    "strides": [stride, stride],
+                    "padding": padding,
+                    "activation": "relu",
+                }
+            ]
             if pool:
                 layers.append({"type": "max_pooling2d", "pool_size": [2, 2]})
             layers += [{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "linear"}]
-            doc = {"name": "wide", "input": {"shape": [width + 2, width, 5], "scale": 1.0, "mean": [0.0] * 5,
-                                              "std": [1.0] * 5},
-                   "labels": ["a", "b", "c"], "layers": layers}
+            doc = {
+                "name": "wide",
+                "input": {
+                    "shape": [width + 2, width, 5],
+                    "scale": 1.0,
+                    "mean": [0.0] * 5,
+                    "std": [1.0] * 5,
+                },
+                "labels": ["a", "b", "c"],
+                "layers": layers,
+            }
             weights = _weights(doc, filters + width)
             model = Model(doc, weights)
             assert model._plan.steps[0].kind == ("conv_pool2" if pool else "conv")
             x = rng.standard_normal((3, width + 2, width, 5)).astype(np.float32)
-            np.testing.assert_allclose(model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE, rtol=0,
-                                       err_msg=f"width {width}, pool {pool}, stride {stride}, {padding}")
+            np.testing.assert_allclose(
+                model.forward(x),
+                ref.forward(doc, weights, x),
+                atol=TOLERANCE,
+                rtol=0,
+                err_msg=f"width {width}, pool {pool}, stride {stride}, {padding}",
+            )
 
 
 @pytest.mark.parametrize("channels,filters", [(8, 16), (16, 64), (20, 70), (37, 32), (64, 20)])
@@ -165,25 +243,50 @@ def test_winograd_convolutions_match_numpy_reference(channels, filters):
         for pool, padding in ((True, "valid"), (False, "same"), (False, "valid"), (True, "same")):
             if pool and padding == "valid" and min(h, w) < 4:
                 continue
-            layers = [{"type": "conv2d", "filters": filters, "kernel_size": 3, "padding": padding,
-                       "activation": act if not pool or act != "softmax" else "relu"}]
+            layers = [
+                {
+                    "type": "conv2d",
+                    "filters": filters,
+                    "kernel_size": 3,
+                    "padding": padding,
+                    "activation": act if not pool or act != "softmax" else "relu",
+                }
+            ]
             if pool:
                 layers.append({"type": "max_pooling2d", "pool_size": 2})
             layers += [{"type": "flatten"}, {"type": "dense", "units": 4, "activation": "linear"}]
-            doc = {"name": "wino", "input": {"shape": [h, w, channels], "scale": 0.5, "mean": [0.1] * channels,
-                                             "std": [0.8] * channels},
-                   "labels": ["a", "b", "c", "d"], "layers": layers}
+            doc = {
+                "name": "wino",
+                "input": {
+                    "shape": [h, w, channels],
+                    "scale": 0.5,
+                    "mean": [0.1] * channels,
+                    "std": [0.8] * channels,
+                },
+                "labels": ["a", "b", "c", "d"],
+                "layers": layers,
+            }
             weights = _weights(doc, channels + filters + h)
             model = Model(doc, weights)
             assert model._plan.steps[0].kind == "conv_wino"
             for n in (1, 4):
                 x = rng.standard_normal((n, h, w, channels)).astype(np.float32)
                 where = f"{h}x{w}, {act}, pool {pool}, {padding}, batch {n}"
-                np.testing.assert_allclose(model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE, rtol=1e-5,
-                                           err_msg=where)
+                np.testing.assert_allclose(
+                    model.forward(x),
+                    ref.forward(doc, weights, x),
+                    atol=TOLERANCE,
+                    rtol=1e-5,
+                    err_msg=where,
+                )
                 pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
-                np.testing.assert_allclose(model.predict(pixels), ref.forward(doc, weights, pixels, preprocess=True),
-                                           atol=TOLERANCE, rtol=1e-5, err_msg=where + ", raw pixels")
+                np.testing.assert_allclose(
+                    model.predict(pixels),
+                    ref.forward(doc, weights, pixels, preprocess=True),
+                    atol=TOLERANCE,
+                    rtol=1e-5,
+                    err_msg=where + ", raw pixels",
+                )
 
 
 def test_random_architectures_match_numpy_reference(cases):
@@ -198,8 +301,15 @@ def test_predict_applies_preprocessing_in_the_kernels(cases):
     rng = np.random.default_rng(7)
     for doc, weights, _, x in cases[:8]:
         c = x.shape[-1]
-        doc = {**doc, "input": {**doc["input"], "scale": 1 / 255, "mean": list(rng.random(c).round(3)),
-                                "std": list((rng.random(c) * 0.5 + 0.2).round(3))}}
+        doc = {
+            **doc,
+            "input": {
+                **doc["input"],
+                "scale": 1 / 255,
+                "mean": list(rng.random(c).round(3)),
+                "std": list((rng.random(c) * 0.5 + 0.2).round(3)),
+            },
+        }
         model = Model(doc, weights)
         pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
         expected = ref.forward(doc, weights, pixels, preprocess=True)
@@ -210,17 +320,28 @@ def test_predict_applies_preprocessing_in_the_kernels(cases):
 def test_softmax_hidden_dense_layer_at_every_batch_size():
     """The last two dense layers run as one region for small batches: a softmax in the first
     of them must still be applied there (and in the serial and parallel paths of larger ones)."""
-    doc = {"name": "hidden-softmax", "input": {"shape": [6, 6, 2], "scale": 1.0, "mean": [0.0, 0.0], "std": [1.0, 1.0]},
-           "labels": ["a", "b", "c"],
-           "layers": [{"type": "flatten"}, {"type": "dense", "units": 200, "activation": "softmax"},
-                      {"type": "dense", "units": 3, "activation": "linear"}]}
+    doc = {
+        "name": "hidden-softmax",
+        "input": {"shape": [6, 6, 2], "scale": 1.0, "mean": [0.0, 0.0], "std": [1.0, 1.0]},
+        "labels": ["a", "b", "c"],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "dense", "units": 200, "activation": "softmax"},
+            {"type": "dense", "units": 3, "activation": "linear"},
+        ],
+    }
     weights = _weights(doc, 11)
     model = Model(doc, weights)
     rng = np.random.default_rng(12)
     for n in (1, 3, 5, 7, 8, 40):
         x = rng.standard_normal((n, 6, 6, 2)).astype(np.float32)
-        np.testing.assert_allclose(model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE, rtol=0,
-                                   err_msg=f"batch {n}")
+        np.testing.assert_allclose(
+            model.forward(x),
+            ref.forward(doc, weights, x),
+            atol=TOLERANCE,
+            rtol=0,
+            err_msg=f"batch {n}",
+        )
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
@@ -237,12 +358,14 @@ def test_presets_match_numpy_reference(name):
 
 
 def test_batch_rows_equal_single_image_calls(cases):
-    models = [c[2] for c in cases[:6]] + [Model(preset(n), _weights(preset(n), 1)) for n in PRESET_NAMES]
+    models = [c[2] for c in cases[:6]] + [
+        Model(preset(n), _weights(preset(n), 1)) for n in PRESET_NAMES
+    ]
     rng = np.random.default_rng(11)
     for model in models:  # 37 > BATCH_CHUNK: also checks the chunked path of large batches
         x = rng.standard_normal((37, *model.input_shape)).astype(np.float32)
         batched = model.forward(x)
-        singles = np.concatenate([model.forward(x[i:i + 1]) for i in range(len(x))])
+        singles = np.concatenate([model.forward(x[i : i + 1]) for i in range(len(x))])
         np.testing.assert_array_equal(batched, singles)  # bit-identical: the server relies on it
         np.testing.assert_array_equal(model.forward(x[:4]), batched[:4])
         np.testing.assert_array_equal(model.forward(x[:9]), batched[:9])
@@ -255,11 +378,15 @@ def test_results_are_fresh_arrays_and_buffers_are_reused(reference_model):
     first = reference_model.forward(a)
     kept = first.copy()
     plan = reference_model._plan
-    buffers = [buf.__array_interface__["data"][0] for buf in plan._buffers_for(4) if buf is not None]
+    buffers = [
+        buf.__array_interface__["data"][0] for buf in plan._buffers_for(4) if buf is not None
+    ]
     second = reference_model.forward(b)
     assert not np.shares_memory(first, second)
     np.testing.assert_array_equal(first, kept)
-    assert [buf.__array_interface__["data"][0] for buf in plan._buffers_for(4) if buf is not None] == buffers
+    assert [
+        buf.__array_interface__["data"][0] for buf in plan._buffers_for(4) if buf is not None
+    ] == buffers
     assert first.flags.c_contiguous and first.flags.writeable
 
 
@@ -292,7 +419,10 @@ def test_runtime_configuration():
 
 
 # -- ONNX Runtime and torch -----------------------------------------------------------------------
-HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+HAVE_ORT = (
+    importlib.util.find_spec("onnxruntime") is not None
+    and importlib.util.find_spec("onnx") is not None
+)
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
@@ -312,8 +442,13 @@ def _torch_forward(doc: dict, weights: dict[str, np.ndarray], x: np.ndarray) -> 
     import torch.nn.functional as F
 
     arch = parse_architecture(doc)
-    acts = {"linear": lambda t, d: t, "relu": lambda t, d: F.relu(t), "tanh": lambda t, d: torch.tanh(t),
-            "sigmoid": lambda t, d: torch.sigmoid(t), "softmax": lambda t, d: F.softmax(t, dim=d)}
+    acts = {
+        "linear": lambda t, d: t,
+        "relu": lambda t, d: F.relu(t),
+        "tanh": lambda t, d: torch.tanh(t),
+        "sigmoid": lambda t, d: torch.sigmoid(t),
+        "softmax": lambda t, d: F.softmax(t, dim=d),
+    }
     t = torch.from_numpy(x).permute(0, 3, 1, 2)
     with torch.no_grad():
         for layer in arch.layers:
@@ -322,15 +457,33 @@ def _torch_forward(doc: dict, weights: dict[str, np.ndarray], x: np.ndarray) -> 
             bias = weights.get(f"layers.{layer.index}.bias")
             bias_t = None if bias is None else torch.from_numpy(bias)
             if layer.type == "conv2d":
-                t = F.conv2d(F.pad(t, (left, right, top, bottom)), torch.from_numpy(kernel).permute(3, 2, 0, 1),
-                             bias_t, stride=layer.strides)
+                t = F.conv2d(
+                    F.pad(t, (left, right, top, bottom)),
+                    torch.from_numpy(kernel).permute(3, 2, 0, 1),
+                    bias_t,
+                    stride=layer.strides,
+                )
                 t = acts[layer.activation](t, 1)
             elif layer.type == "max_pooling2d":
-                t = F.max_pool2d(F.pad(t, (left, right, top, bottom), value=-float("inf")), layer.pool_size, layer.strides)
+                t = F.max_pool2d(
+                    F.pad(t, (left, right, top, bottom), value=-float("inf")),
+                    layer.pool_size,
+                    layer.strides,
+                )
             elif layer.type == "average_pooling2d":
-                total = F.avg_pool2d(F.pad(t, (left, right, top, bottom)), layer.pool_size, layer.strides, divisor_override=1)
+                total = F.avg_pool2d(
+                    F.pad(t, (left, right, top, bottom)),
+                    layer.pool_size,
+                    layer.strides,
+                    divisor_override=1,
+                )
                 ones = torch.ones_like(t[:1, :1])
-                count = F.avg_pool2d(F.pad(ones, (left, right, top, bottom)), layer.pool_size, layer.strides, divisor_override=1)
+                count = F.avg_pool2d(
+                    F.pad(ones, (left, right, top, bottom)),
+                    layer.pool_size,
+                    layer.strides,
+                    divisor_override=1,
+                )
                 t = total / count
             elif layer.type == "flatten":
                 t = t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
@@ -353,11 +506,13 @@ def test_core_does_not_import_torch_or_onnxruntime():
     import subprocess
     import sys
 
-    code = ("import sys, numpy as np; from convserve.core import Model; from convserve.core.presets import preset; "
-            "from tests.conftest import random_weights; d = preset('lenet5'); "
-            "Model(d, random_weights(d)).predict(np.zeros((1, 28, 28, 1), np.uint8)); "
-            "import convserve.core.bench; "
-            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx') if m in sys.modules))")
+    code = (
+        "import sys, numpy as np; from convserve.core import Model; from convserve.core.presets import preset; "
+        "from tests.conftest import random_weights; d = preset('lenet5'); "
+        "Model(d, random_weights(d)).predict(np.zeros((1, 28, 28, 1), np.uint8)); "
+        "import convserve.core.bench; "
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
@@ -372,10 +527,10 @@ def test_thread_chooser_prefers_the_faster_setting_and_keeps_checking():
         k = chooser.choose(1, 2)
         picks.append(k)
         chooser.record(1, k, 0.001 if k == 1 else 0.004)  # one thread is faster here
-    assert picks[:2] == [2, 1]                  # tries both first
-    assert picks[10:].count(1) >= 20            # then mostly the faster one
-    assert 2 in picks[10:]                      # but still re-checks the other
-    for _ in range(60):                         # load goes away: two threads become faster
+    assert picks[:2] == [2, 1]  # tries both first
+    assert picks[10:].count(1) >= 20  # then mostly the faster one
+    assert 2 in picks[10:]  # but still re-checks the other
+    for _ in range(60):  # load goes away: two threads become faster
         k = chooser.choose(1, 2)
         chooser.record(1, k, 0.004 if k == 1 else 0.0005)
     assert [chooser.choose(1, 2) for _ in range(3)].count(2) >= 2

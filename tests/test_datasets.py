@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from convserve.cli import main
 from convserve.core.datasets import (
     DataError,
     check_against,
@@ -18,20 +16,26 @@ from convserve.core.datasets import (
     split_validation,
 )
 
+from convserve.cli import main
+
 
 def _idx_bytes(array: np.ndarray) -> bytes:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
     return header + array.astype(np.uint8).tobytes()
 
 
-def _write_idx_dir(directory: Path, n_train=12, n_test=5, gz=True, rows=28, cols=28) -> tuple[np.ndarray, np.ndarray]:
+def _write_idx_dir(
+    directory: Path, n_train=12, n_test=5, gz=True, rows=28, cols=28
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     directory.mkdir(parents=True, exist_ok=True)
     images = rng.integers(0, 256, (n_train, rows, cols), dtype=np.uint8)
     labels = rng.integers(0, 10, n_train, dtype=np.uint8)
     files = {
-        "train-images-idx3-ubyte": images, "train-labels-idx1-ubyte": labels,
-        "t10k-images-idx3-ubyte": images[:n_test], "t10k-labels-idx1-ubyte": labels[:n_test],
+        "train-images-idx3-ubyte": images,
+        "train-labels-idx1-ubyte": labels,
+        "t10k-images-idx3-ubyte": images[:n_test],
+        "t10k-labels-idx1-ubyte": labels[:n_test],
     }
     for name, array in files.items():
         data = _idx_bytes(array)
@@ -58,7 +62,9 @@ def test_real_fashion_mnist(fashion):
 
 
 def test_real_data_against_wrong_architecture(fashion):
-    with pytest.raises(DataError, match=r"images have shape \[28, 28, 1\], the architecture expects \[32, 32, 3\]"):
+    with pytest.raises(
+        DataError, match=r"images have shape \[28, 28, 1\], the architecture expects \[32, 32, 3\]"
+    ):
         check_against(fashion, (32, 32, 3), 10)
     with pytest.raises(DataError, match="label 9 is outside the model's classes 0-4"):
         check_against(fashion, (28, 28, 1), 5)
@@ -93,7 +99,10 @@ def test_idx_wrong_magic(tmp_path):
 def test_idx_counts_differ(tmp_path):
     _write_idx_dir(tmp_path, gz=False)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(11, np.uint8)))
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte holds 12 images but .*train-labels-idx1-ubyte holds 11 labels"):
+    with pytest.raises(
+        DataError,
+        match=r"train-images-idx3-ubyte holds 12 images but .*train-labels-idx1-ubyte holds 11 labels",
+    ):
         load_dataset(tmp_path)
 
 
@@ -101,7 +110,9 @@ def test_idx_truncated(tmp_path):
     _write_idx_dir(tmp_path, gz=False)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: IDX dimensions \[12, 28, 28\] need 9408 bytes"):
+    with pytest.raises(
+        DataError, match=r"train-images-idx3-ubyte: IDX dimensions \[12, 28, 28\] need 9408 bytes"
+    ):
         read_idx(path)
 
 
@@ -125,7 +136,9 @@ def test_idx_bad_gzip_and_missing_labels(tmp_path):
 def _cifar_file(path: Path, labels: list[int]) -> np.ndarray:
     rng = np.random.default_rng(len(labels))
     pixels = rng.integers(0, 256, (len(labels), 3, 32, 32), dtype=np.uint8)
-    records = np.concatenate([np.array(labels, np.uint8)[:, None], pixels.reshape(len(labels), -1)], axis=1)
+    records = np.concatenate(
+        [np.array(labels, np.uint8)[:, None], pixels.reshape(len(labels), -1)], axis=1
+    )
     path.write_bytes(records.tobytes())
     return pixels
 
@@ -144,7 +157,10 @@ def test_cifar10_directory(tmp_path):
 
 def test_cifar10_bad_size_and_labels(tmp_path):
     (tmp_path / "data_batch_1.bin").write_bytes(bytes(3073 * 2 + 5))
-    with pytest.raises(DataError, match=r"data_batch_1.bin: size 6151 bytes is not a multiple of the CIFAR-10 record size 3073"):
+    with pytest.raises(
+        DataError,
+        match=r"data_batch_1.bin: size 6151 bytes is not a multiple of the CIFAR-10 record size 3073",
+    ):
         load_dataset(tmp_path)
     _cifar_file(tmp_path / "data_batch_1.bin", [1, 12])
     with pytest.raises(DataError, match="label 12 outside CIFAR-10's classes"):
@@ -170,16 +186,26 @@ def test_npz_errors(tmp_path):
     np.savez(tmp_path / "missing.npz", x_train=np.zeros((2, 4, 4), np.uint8))
     with pytest.raises(DataError, match=r"missing.npz: missing array\(s\) \['y_train'\]"):
         load_dataset(tmp_path / "missing.npz")
-    np.savez(tmp_path / "pickled.npz", x_train=np.array([{"a": 1}], dtype=object), y_train=np.zeros(1))
+    np.savez(
+        tmp_path / "pickled.npz", x_train=np.array([{"a": 1}], dtype=object), y_train=np.zeros(1)
+    )
     with pytest.raises(DataError, match="pickled.npz"):
         load_dataset(tmp_path / "pickled.npz")
-    np.savez(tmp_path / "counts.npz", x_train=np.zeros((3, 4, 4), np.uint8), y_train=np.zeros(2, np.int64))
+    np.savez(
+        tmp_path / "counts.npz",
+        x_train=np.zeros((3, 4, 4), np.uint8),
+        y_train=np.zeros(2, np.int64),
+    )
     with pytest.raises(DataError, match="holds 3 images but 'y_train' holds 2 labels"):
         load_dataset(tmp_path / "counts.npz")
-    np.savez(tmp_path / "frac.npz", x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.array([0.5, 1.0]))
+    np.savez(
+        tmp_path / "frac.npz", x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.array([0.5, 1.0])
+    )
     with pytest.raises(DataError, match="expected integer class labels"):
         load_dataset(tmp_path / "frac.npz")
-    np.savez(tmp_path / "empty.npz", x_train=np.zeros((0, 4, 4), np.uint8), y_train=np.zeros(0, np.int64))
+    np.savez(
+        tmp_path / "empty.npz", x_train=np.zeros((0, 4, 4), np.uint8), y_train=np.zeros(0, np.int64)
+    )
     with pytest.raises(DataError, match="empty"):
         load_dataset(tmp_path / "empty.npz")
     (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
@@ -215,18 +241,39 @@ def test_cli_reports_bad_data_without_traceback(tmp_path, capsys):
     _write_idx_dir(tmp_path, gz=False)
     path = tmp_path / "train-labels-idx1-ubyte"
     path.write_bytes(b"\x00\x00\x0d\x01" + path.read_bytes()[4:])
-    code = main(["train", "--data", str(tmp_path), "--architecture", "fashion_mnist", "--out", str(tmp_path / "m.safetensors")])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tmp_path),
+            "--architecture",
+            "fashion_mnist",
+            "--out",
+            str(tmp_path / "m.safetensors"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
-    assert err.startswith("convserve train: ") and "train-labels-idx1-ubyte" in err and "0x0d" in err
+    assert (
+        err.startswith("convserve train: ") and "train-labels-idx1-ubyte" in err and "0x0d" in err
+    )
     assert "Traceback" not in err
 
 
 def test_cli_labels_outside_classes(tmp_path, capsys):
     x = np.zeros((4, 28, 28), np.uint8)
     np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0, 1, 2, 10]))
-    code = main(["train", "--data", str(tmp_path / "d.npz"), "--architecture", "fashion_mnist",
-                 "--out", str(tmp_path / "m.safetensors")])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "d.npz"),
+            "--architecture",
+            "fashion_mnist",
+            "--out",
+            str(tmp_path / "m.safetensors"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "label 10 is outside the model's classes 0-9" in err
     assert not (tmp_path / "m.safetensors").exists()

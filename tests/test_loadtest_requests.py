@@ -28,8 +28,8 @@ def test_reads_the_real_test_set(test_set):
     images, labels = test_set
     assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
     assert labels.shape == (10000,) and set(np.unique(labels)) == set(range(10))
-    assert labels[:3].tolist() == [9, 2, 1]    # Ankle boot, Pullover, Trouser (examples/labels.csv)
-    assert 60 < images.mean() < 90              # real pictures, not zeros
+    assert labels[:3].tolist() == [9, 2, 1]  # Ankle boot, Pullover, Trouser (examples/labels.csv)
+    assert 60 < images.mean() < 90  # real pictures, not zeros
 
 
 def test_bad_idx_files_are_refused(tmp_path):
@@ -47,7 +47,9 @@ def test_bad_idx_files_are_refused(tmp_path):
 
 def test_requests_carry_consecutive_images(test_set):
     images, labels = test_set
-    prepared = mr.build_requests(images, labels, per_request=8, model="fashion_mnist", top_k=3, limit=5)
+    prepared = mr.build_requests(
+        images, labels, per_request=8, model="fashion_mnist", top_k=3, limit=5
+    )
     assert len(prepared) == 5
     second = prepared[1]
     msg = second.message
@@ -74,16 +76,24 @@ def test_top1_reads_probabilities_and_classifications():
     probs = np.zeros((2, 10), np.float32)
     probs[0, 7], probs[1, 2] = 0.9, 0.8
     assert mr.top1(_response("FP32", [2, 10], probs.tobytes()), 2).tolist() == [7, 2]
-    items = [b"0.900000:7:Sneaker", b"0.050000:5:Sandal", b"0.800000:2:Pullover", b"0.100000:4:Coat"]
+    items = [
+        b"0.900000:7:Sneaker",
+        b"0.050000:5:Sandal",
+        b"0.800000:2:Pullover",
+        b"0.100000:4:Coat",
+    ]
     raw = b"".join(struct.pack("<I", len(s)) + s for s in items)
     assert mr.top1(_response("BYTES", [2, 2], raw), 2, top_k=2).tolist() == [7, 2]
 
 
-@pytest.mark.parametrize("datatype, shape, raw, top_k, message", [
-    ("FP32", [2, 10], b"\0" * 40, 0, "expected 80 bytes"),
-    ("FP32", [1, 10], b"\0" * 40, 0, r"expected FP32 \[2, 10\]"),
-    ("BYTES", [2, 1], struct.pack("<I", 9) + b"abc", 1, "truncated"),
-])
+@pytest.mark.parametrize(
+    "datatype, shape, raw, top_k, message",
+    [
+        ("FP32", [2, 10], b"\0" * 40, 0, "expected 80 bytes"),
+        ("FP32", [1, 10], b"\0" * 40, 0, r"expected FP32 \[2, 10\]"),
+        ("BYTES", [2, 1], struct.pack("<I", 9) + b"abc", 1, "truncated"),
+    ],
+)
 def test_top1_refuses_malformed_answers(datatype, shape, raw, top_k, message):
     with pytest.raises(ValueError, match=message):
         mr.top1(_response(datatype, shape, raw), 2, top_k=top_k)

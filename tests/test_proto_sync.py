@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from convserve.proto import generate
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
@@ -19,7 +18,8 @@ def test_generated_modules_are_up_to_date(tmp_path: Path) -> None:
     for path in written:
         committed = (PROTO_DIR / path.name).read_text()
         assert path.read_text() == committed, (
-            f"{path.name} is stale: run `python -m convserve.proto.generate` and commit the result")
+            f"{path.name} is stale: run `python -m convserve.proto.generate` and commit the result"
+        )
 
 
 def test_grpc_module_imports_package_relative() -> None:
@@ -65,11 +65,15 @@ def test_field_numbers_match_triton() -> None:
             other = _fields(theirs[name])
             for field, spec in _fields(desc).items():
                 if field in other:
-                    assert spec == other[field], f"{name}.{field}: ours {spec}, Triton {other[field]}"
+                    assert spec == other[field], (
+                        f"{name}.{field}: ours {spec}, Triton {other[field]}"
+                    )
                     compared += 1
                 else:
                     # only fields newer than the installed tritonclient may be missing there
-                    assert (name, field) in {("ModelStatistics", "response_stats")}, f"{name}.{field} not in Triton"
+                    assert (name, field) in {("ModelStatistics", "response_stats")}, (
+                        f"{name}.{field} not in Triton"
+                    )
     assert compared > 150
     ours_enum = {v.name: v.number for v in pb.DataType.DESCRIPTOR.values}
     assert ours_enum == {v.name: v.number for v in tc_config.DataType.DESCRIPTOR.values}
@@ -80,12 +84,22 @@ def test_service_declares_every_triton_rpc() -> None:
     ours = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs = tc_service.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert ours.full_name == "inference.GRPCInferenceService"
+
     def sig(service):
-        return {m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming)
-                for m in service.methods}
+        return {
+            m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming)
+            for m in service.methods
+        }
+
     assert sig(ours) == sig(theirs)
 
 
 def test_infer_parameter_has_triton_five_fields() -> None:
     numbers = {f.name: f.number for f in pb.InferParameter.DESCRIPTOR.fields}
-    assert numbers == {"bool_param": 1, "int64_param": 2, "string_param": 3, "double_param": 4, "uint64_param": 5}
+    assert numbers == {
+        "bool_param": 1,
+        "int64_param": 2,
+        "string_param": 3,
+        "double_param": 4,
+        "uint64_param": 5,
+    }

@@ -11,9 +11,15 @@ import time
 
 import numpy as np
 import pytest
-
 from convserve.server.batcher import DynamicBatcher, wait_all
-from convserve.server.errors import Cancelled, DeadlineExceeded, InvalidRequest, QueueFull, RequestTimeout, Unavailable
+from convserve.server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidRequest,
+    QueueFull,
+    RequestTimeout,
+    Unavailable,
+)
 
 
 class GatedModel:
@@ -112,8 +118,11 @@ def test_queue_full_is_rejected_at_once():
         assert model.started.wait(5)
         batcher.submit(imgs(1))
         batcher.submit(imgs(1))
-        with pytest.raises(QueueFull, match=r"Exceeds maximum queue size: 2 requests are queued for model 'm', "
-                                            r"the maximum is 2"):
+        with pytest.raises(
+            QueueFull,
+            match=r"Exceeds maximum queue size: 2 requests are queued for model 'm', "
+            r"the maximum is 2",
+        ):
             batcher.submit(imgs(1))
     finally:
         model.release()
@@ -125,8 +134,8 @@ def test_expired_cancelled_and_timed_out_requests_leave_before_compute(gated):
     batcher.submit(imgs(1))
     assert model.started.wait(5)
     now = time.monotonic_ns()
-    past_deadline = batcher.submit(imgs(2), deadline_ns=now + 1_000_000)          # 1 ms
-    queue_timeout = batcher.submit(imgs(2), timeout_ns=now + 1_000_000)           # 1 ms
+    past_deadline = batcher.submit(imgs(2), deadline_ns=now + 1_000_000)  # 1 ms
+    queue_timeout = batcher.submit(imgs(2), timeout_ns=now + 1_000_000)  # 1 ms
     cancelled = batcher.submit(imgs(2))
     cancelled.cancel()
     alive = batcher.submit(imgs(5), deadline_ns=now + 60_000_000_000)
@@ -134,7 +143,9 @@ def test_expired_cancelled_and_timed_out_requests_leave_before_compute(gated):
     model.release()
     done = wait_all([past_deadline, queue_timeout, cancelled, alive], timeout=10)
     assert isinstance(done[0].error, DeadlineExceeded) and "before compute" in str(done[0].error)
-    assert isinstance(done[1].error, RequestTimeout) and str(done[1].error).startswith("Request timeout expired")
+    assert isinstance(done[1].error, RequestTimeout) and str(done[1].error).startswith(
+        "Request timeout expired"
+    )
     assert isinstance(done[2].error, Cancelled)
     assert done[3].error is None and done[3].result.shape == (5, 2)
     assert model.batches == [1, 5]  # none of the dropped images was computed
@@ -215,11 +226,12 @@ def test_abandoned_request_frees_its_queue_slot_at_once():
 
 def test_small_batches_use_one_numba_thread():
     import numba
-
     from convserve.server.app import threads_by_batch
 
     seen = []
-    run = threads_by_batch(lambda x: seen.append(numba.get_num_threads()) or x, parallel_min_batch=4)
+    run = threads_by_batch(
+        lambda x: seen.append(numba.get_num_threads()) or x, parallel_min_batch=4
+    )
     worker = threading.Thread(target=lambda: [run(np.zeros((n, 1))) for n in (1, 3, 4, 64, 2)])
     worker.start()
     worker.join(10)
@@ -233,8 +245,9 @@ def test_second_instance_computes_large_batches_side_by_side_and_leaves_small_on
     fewer than `extra_instance_min_images`), and a large request's chunks run on both at once;
     every result is the one its own images give, in order."""
     first, second = GatedModel(), GatedModel()
-    batcher = DynamicBatcher([first.predict, second.predict], name="m", max_batch_size=8,
-                             extra_instance_min_images=4)
+    batcher = DynamicBatcher(
+        [first.predict, second.predict], name="m", max_batch_size=8, extra_instance_min_images=4
+    )
     try:
         busy = batcher.submit(imgs(1, first=1.0))
         assert first.started.wait(5)

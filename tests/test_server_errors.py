@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-
 from convserve.proto import grpc_service_pb2 as pb
+
 from tests import server_harness as h
 
 
@@ -37,36 +37,66 @@ def expect(api, request, code: grpc.StatusCode, *fragments: str) -> str:
 
 
 def test_unknown_model(api):
-    expect(api, h.infer_request("nope", h.images(1)), grpc.StatusCode.INVALID_ARGUMENT,
-           "Request for unknown model: 'nope' is not found", "'fashion'", "'lenet'")
+    expect(
+        api,
+        h.infer_request("nope", h.images(1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Request for unknown model: 'nope' is not found",
+        "'fashion'",
+        "'lenet'",
+    )
     error = rpc_error(api.ModelReady, pb.ModelReadyRequest(name="nope"))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     error = rpc_error(api.ModelMetadata, pb.ModelMetadataRequest(name="nope"))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "'nope' is not found" in error.details()
+    assert (
+        error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "'nope' is not found" in error.details()
+    )
 
 
 def test_unknown_version(api):
-    expect(api, h.infer_request("fashion", h.images(1), version="9"), grpc.StatusCode.NOT_FOUND,
-           "'fashion' version 9 is not found", "available versions: 1, 2")
-    expect(api, h.infer_request("fashion", h.images(1), version="latest"), grpc.StatusCode.INVALID_ARGUMENT,
-           "failed to parse model version 'latest'")
+    expect(
+        api,
+        h.infer_request("fashion", h.images(1), version="9"),
+        grpc.StatusCode.NOT_FOUND,
+        "'fashion' version 9 is not found",
+        "available versions: 1, 2",
+    )
+    expect(
+        api,
+        h.infer_request("fashion", h.images(1), version="latest"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "failed to parse model version 'latest'",
+    )
     error = rpc_error(api.ModelConfig, pb.ModelConfigRequest(name="lenet", version="3"))
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_wrong_datatype(api):
     x = h.images(1).astype(np.int32)
-    expect(api, h.infer_request("fashion", x, datatype="INT32"), grpc.StatusCode.INVALID_ARGUMENT,
-           "inference input 'input' data-type is 'INT32', but model 'fashion' expects 'UINT8' or 'FP32'")
+    expect(
+        api,
+        h.infer_request("fashion", x, datatype="INT32"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inference input 'input' data-type is 'INT32', but model 'fashion' expects 'UINT8' or 'FP32'",
+    )
 
 
 def test_wrong_shape_names_expected_and_received(api):
     x = h.images(1)[0]  # [28,28,1]: the batch dimension is missing
-    details = expect(api, h.infer_request("fashion", x), grpc.StatusCode.INVALID_ARGUMENT,
-                     "unexpected shape for input 'input' for model 'fashion'. Expected [-1,28,28,1], got [28,28,1]")
+    details = expect(
+        api,
+        h.infer_request("fashion", x),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unexpected shape for input 'input' for model 'fashion'. Expected [-1,28,28,1], got [28,28,1]",
+    )
     assert "[1,28,28,1]" in details  # the hint says what to send
-    expect(api, h.infer_request("fashion", h.images(2, shape=(32, 32, 3))), grpc.StatusCode.INVALID_ARGUMENT,
-           "Expected [-1,28,28,1], got [2,32,32,3]")
+    expect(
+        api,
+        h.infer_request("fashion", h.images(2, shape=(32, 32, 3))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Expected [-1,28,28,1], got [2,32,32,3]",
+    )
     req = h.infer_request("fashion", h.images(1))
     req.inputs[0].shape[0] = 0
     req.raw_input_contents[0] = b""
@@ -76,8 +106,12 @@ def test_wrong_shape_names_expected_and_received(api):
 def test_byte_size_mismatch(api):
     req = h.infer_request("fashion", h.images(2))
     req.raw_input_contents[0] = req.raw_input_contents[0][:-1]
-    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT,
-           "input byte size mismatch for input 'input' for model 'fashion'. Expected 1568, got 1567")
+    expect(
+        api,
+        req,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input byte size mismatch for input 'input' for model 'fashion'. Expected 1568, got 1567",
+    )
     req = h.infer_request("fashion", h.images(2).astype(np.float32))
     req.raw_input_contents[0] += b"\0\0\0\0"
     expect(api, req, grpc.StatusCode.INVALID_ARGUMENT, "Expected 6272, got 6276", "FP32")
@@ -85,66 +119,134 @@ def test_byte_size_mismatch(api):
 
 def test_batch_too_big(api):
     x = h.images(1001)  # --max-request-images 1000
-    expect(api, h.infer_request("fashion", x), grpc.StatusCode.INVALID_ARGUMENT,
-           "inference request batch-size must be <= 1000 for 'fashion', got 1001")
+    expect(
+        api,
+        h.infer_request("fashion", x),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inference request batch-size must be <= 1000 for 'fashion', got 1001",
+    )
 
 
 def test_missing_extra_and_misnamed_inputs(api):
     req = pb.ModelInferRequest(model_name="fashion")
-    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT, "expected 1 inputs but got 0 inputs for model 'fashion'",
-           "'input' (UINT8 or FP32, shape [-1,28,28,1])")
+    expect(
+        api,
+        req,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "expected 1 inputs but got 0 inputs for model 'fashion'",
+        "'input' (UINT8 or FP32, shape [-1,28,28,1])",
+    )
     req = h.infer_request("fashion", h.images(1))
     req.inputs.add(name="extra", datatype="UINT8", shape=[1])
     req.raw_input_contents.append(b"\0")
-    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT, "expected 1 inputs but got 2 inputs", "['input', 'extra']")
+    expect(
+        api,
+        req,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "expected 1 inputs but got 2 inputs",
+        "['input', 'extra']",
+    )
     req = h.infer_request("fashion", h.images(1))
     req.inputs[0].name = "image"
-    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT, "unexpected inference input 'image' for model 'fashion'",
-           "only input is 'input'")
+    expect(
+        api,
+        req,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unexpected inference input 'image' for model 'fashion'",
+        "only input is 'input'",
+    )
 
 
 def test_missing_data_and_raw_with_contents(api):
     req = h.infer_request("fashion", h.images(1))
     del req.raw_input_contents[:]
-    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT,
-           "unable to find data for input tensor 'input' for model 'fashion' in request")
+    expect(
+        api,
+        req,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unable to find data for input tensor 'input' for model 'fashion' in request",
+    )
     req = h.infer_request("fashion", h.images(1))
     req.inputs[0].contents.uint_contents.extend([0] * 784)
-    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT,
-           "contents field must not be specified when using raw_input_contents for 'input' for model 'fashion'")
+    expect(
+        api,
+        req,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "contents field must not be specified when using raw_input_contents for 'input' for model 'fashion'",
+    )
 
 
 def test_typed_contents_checked(api):
     req = pb.ModelInferRequest(model_name="fashion")
     tensor = req.inputs.add(name="input", datatype="UINT8", shape=[1, 28, 28, 1])
     tensor.contents.uint_contents.extend([1] * 700)
-    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT, "Expected 784 in contents.uint_contents, got 700")
+    expect(
+        api,
+        req,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Expected 784 in contents.uint_contents, got 700",
+    )
     tensor.contents.uint_contents.extend([300] * 84)
     expect(api, req, grpc.StatusCode.INVALID_ARGUMENT, "UINT8 values above 255")
     req = pb.ModelInferRequest(model_name="fashion")
     tensor = req.inputs.add(name="input", datatype="FP32", shape=[1, 28, 28, 1])
     tensor.contents.int_contents.extend([1] * 784)
-    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT, "values go in contents.fp32_contents", "int_contents")
+    expect(
+        api,
+        req,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "values go in contents.fp32_contents",
+        "int_contents",
+    )
 
 
 def test_nan_input_refused_before_batching(api):
     x = h.images(2).astype(np.float32)
     x[1, 3, 3, 0] = np.nan
-    expect(api, h.infer_request("fashion", x), grpc.StatusCode.INVALID_ARGUMENT, "contains NaN or Inf")
+    expect(
+        api, h.infer_request("fashion", x), grpc.StatusCode.INVALID_ARGUMENT, "contains NaN or Inf"
+    )
 
 
 def test_bad_outputs_and_parameters(api):
     x = h.images(1)
-    expect(api, h.infer_request("fashion", x, outputs=[("logits", 0)]), grpc.StatusCode.INVALID_ARGUMENT,
-           "unexpected inference output 'logits' for model 'fashion'", "'probabilities' (FP32, shape [-1,10])")
-    expect(api, h.infer_request("fashion", x, outputs=[("probabilities", -2)]), grpc.StatusCode.INVALID_ARGUMENT,
-           "'classification'", "must be >= 1", "got -2")
-    expect(api, h.infer_request("fashion", x, parameters={"sequence_id": 5}), grpc.StatusCode.INVALID_ARGUMENT,
-           "'sequence_id'", "not a sequence")
-    expect(api, h.infer_request("fashion", x, parameters={"priority": "high"}), grpc.StatusCode.INVALID_ARGUMENT,
-           "'priority'", "int64 or uint64", "string_param")
-    expect(api, h.infer_request("fashion", x, parameters={"timeout": -5}), grpc.StatusCode.INVALID_ARGUMENT,
-           "'timeout'", "got -5")
+    expect(
+        api,
+        h.infer_request("fashion", x, outputs=[("logits", 0)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unexpected inference output 'logits' for model 'fashion'",
+        "'probabilities' (FP32, shape [-1,10])",
+    )
+    expect(
+        api,
+        h.infer_request("fashion", x, outputs=[("probabilities", -2)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'classification'",
+        "must be >= 1",
+        "got -2",
+    )
+    expect(
+        api,
+        h.infer_request("fashion", x, parameters={"sequence_id": 5}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'sequence_id'",
+        "not a sequence",
+    )
+    expect(
+        api,
+        h.infer_request("fashion", x, parameters={"priority": "high"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'priority'",
+        "int64 or uint64",
+        "string_param",
+    )
+    expect(
+        api,
+        h.infer_request("fashion", x, parameters={"timeout": -5}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'timeout'",
+        "got -5",
+    )
     req = h.infer_request("fashion", x, outputs=[("probabilities", 0)])
     req.outputs[0].parameters["shared_memory_region"].string_param = "region0"
     expect(api, req, grpc.StatusCode.UNIMPLEMENTED, "shared memory is not supported")
@@ -157,18 +259,21 @@ def test_message_over_the_limit_is_resource_exhausted(api):
     assert "larger than max" in error.details()
 
 
-@pytest.mark.parametrize("rpc,request_type", [
-    ("RepositoryModelLoad", pb.RepositoryModelLoadRequest),
-    ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest),
-    ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest),
-    ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest),
-    ("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest),
-    ("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest),
-    ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest),
-    ("CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest),
-    ("TraceSetting", pb.TraceSettingRequest),
-    ("LogSettings", pb.LogSettingsRequest),
-])
+@pytest.mark.parametrize(
+    "rpc,request_type",
+    [
+        ("RepositoryModelLoad", pb.RepositoryModelLoadRequest),
+        ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest),
+        ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest),
+        ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest),
+        ("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest),
+        ("CudaSharedMemoryStatus", pb.CudaSharedMemoryStatusRequest),
+        ("CudaSharedMemoryRegister", pb.CudaSharedMemoryRegisterRequest),
+        ("CudaSharedMemoryUnregister", pb.CudaSharedMemoryUnregisterRequest),
+        ("TraceSetting", pb.TraceSettingRequest),
+        ("LogSettings", pb.LogSettingsRequest),
+    ],
+)
 def test_unserved_rpcs_are_unimplemented(api, rpc, request_type):
     error = rpc_error(getattr(api, rpc), request_type())
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -184,7 +289,9 @@ def test_stream_infer_is_unimplemented(api):
 def test_errors_are_counted_by_outcome(server, api):
     def invalid_count() -> float:
         for line in server.metrics().splitlines():
-            if line.startswith('convserve_requests_total{model="fashion",outcome="invalid",version="2"}'):
+            if line.startswith(
+                'convserve_requests_total{model="fashion",outcome="invalid",version="2"}'
+            ):
                 return float(line.split()[-1])
         return 0.0
 

@@ -7,8 +7,8 @@ import struct
 import grpc
 import numpy as np
 import pytest
-
 from convserve.proto import grpc_service_pb2 as pb
+
 from tests import server_harness as h
 
 
@@ -44,8 +44,14 @@ def test_reflection_lists_the_services(server):
 
     with grpc.insecure_channel(server.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        requests = iter([reflection_pb2.ServerReflectionRequest(list_services=""),
-                         reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.ModelInferRequest")])
+        requests = iter(
+            [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol="inference.ModelInferRequest"
+                ),
+            ]
+        )
         answers = list(stub.ServerReflectionInfo(requests, timeout=10))
     names = {s.name for s in answers[0].list_services_response.service}
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
@@ -55,8 +61,13 @@ def test_reflection_lists_the_services(server):
 def test_server_metadata_advertises_only_what_is_implemented(api):
     meta = api.ServerMetadata(pb.ServerMetadataRequest())
     assert meta.name == "convserve" and meta.version
-    assert set(meta.extensions) == {"classification", "schedule_policy", "parameters", "model_configuration",
-                                    "statistics"}
+    assert set(meta.extensions) == {
+        "classification",
+        "schedule_policy",
+        "parameters",
+        "model_configuration",
+        "statistics",
+    }
 
 
 def test_model_metadata_has_batch_dimension(api):
@@ -71,7 +82,11 @@ def test_model_metadata_has_batch_dimension(api):
 def test_model_config_is_what_image_client_needs(api):
     config = api.ModelConfig(pb.ModelConfigRequest(name="lenet")).config
     assert (config.name, config.platform, config.backend, config.max_batch_size) == (
-        "lenet", "convserve_numba", "convserve", 64)
+        "lenet",
+        "convserve_numba",
+        "convserve",
+        64,
+    )
     (inp,), (out,) = config.input, config.output
     assert inp.format == pb.ModelInput.FORMAT_NHWC and list(inp.dims) == [28, 28, 1]
     assert inp.data_type == pb.TYPE_UINT8 and inp.name == "input"
@@ -99,7 +114,9 @@ def test_version_selection(api):
     v1 = api.ModelInfer(h.infer_request("fashion", x, version="1"))
     latest = api.ModelInfer(h.infer_request("fashion", x))
     assert (v1.model_version, latest.model_version) == ("1", "2")
-    np.testing.assert_allclose(h.probabilities(v1), h.local_model("fashion", 1).predict(x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        h.probabilities(v1), h.local_model("fashion", 1).predict(x), rtol=1e-5, atol=1e-7
+    )
     assert not np.allclose(h.probabilities(v1), h.probabilities(latest))
 
 
@@ -108,8 +125,10 @@ def test_fp32_and_typed_contents_give_the_same_answer(api):
     raw_u8 = h.probabilities(api.ModelInfer(h.infer_request("fashion", x)))
     raw_f32 = h.probabilities(api.ModelInfer(h.infer_request("fashion", x.astype(np.float32))))
     typed = []
-    for datatype, field, values in (("UINT8", "uint_contents", x.ravel().tolist()),
-                                    ("FP32", "fp32_contents", x.astype(np.float32).ravel().tolist())):
+    for datatype, field, values in (
+        ("UINT8", "uint_contents", x.ravel().tolist()),
+        ("FP32", "fp32_contents", x.astype(np.float32).ravel().tolist()),
+    ):
         req = pb.ModelInferRequest(model_name="fashion")
         tensor = req.inputs.add(name="input", datatype=datatype, shape=x.shape)
         getattr(tensor.contents, field).extend(values)
@@ -123,7 +142,7 @@ def _classes(raw: bytes) -> list[bytes]:
     out, i = [], 0
     while i < len(raw):
         (n,) = struct.unpack_from("<I", raw, i)
-        out.append(raw[i + 4:i + 4 + n])
+        out.append(raw[i + 4 : i + 4 + n])
         i += 4 + n
     return out
 
@@ -151,7 +170,9 @@ def test_classification_extension(api):
 
 def test_priority_and_timeout_parameters_are_accepted(api):
     x = h.images(1, seed=15)
-    req = h.infer_request("fashion", x, parameters={"priority": 1, "timeout": 10_000_000, "custom": "ignored"})
+    req = h.infer_request(
+        "fashion", x, parameters={"priority": 1, "timeout": 10_000_000, "custom": "ignored"}
+    )
     req.parameters["priority"].uint64_param = 2  # tritonclient sends priority as uint64
     response = api.ModelInfer(req)
     assert h.probabilities(response).shape == (1, 10)
@@ -167,7 +188,9 @@ def test_large_request_runs_in_chunks_in_order(api):
 
 
 def test_model_statistics_and_repository_index(api):
-    before = api.ModelStatistics(pb.ModelStatisticsRequest(name="lenet", version="1")).model_stats[0]
+    before = api.ModelStatistics(pb.ModelStatisticsRequest(name="lenet", version="1")).model_stats[
+        0
+    ]
     api.ModelInfer(h.infer_request("lenet", h.images(6, seed=17)))
     after = api.ModelStatistics(pb.ModelStatisticsRequest(name="lenet", version="1")).model_stats[0]
     assert (after.name, after.version) == ("lenet", "1")
@@ -177,7 +200,14 @@ def test_model_statistics_and_repository_index(api):
     assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
     assert after.last_inference > 0 and any(b.batch_size == 6 for b in after.batch_stats)
     every = api.ModelStatistics(pb.ModelStatisticsRequest())
-    assert {(s.name, s.version) for s in every.model_stats} == {("fashion", "1"), ("fashion", "2"), ("lenet", "1")}
+    assert {(s.name, s.version) for s in every.model_stats} == {
+        ("fashion", "1"),
+        ("fashion", "2"),
+        ("lenet", "1"),
+    }
     index = api.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
     assert {(m.name, m.version, m.state) for m in index.models} == {
-        ("fashion", "1", "READY"), ("fashion", "2", "READY"), ("lenet", "1", "READY")}
+        ("fashion", "1", "READY"),
+        ("fashion", "2", "READY"),
+        ("lenet", "1", "READY"),
+    }

@@ -24,14 +24,24 @@ def test_health_and_metadata(client):
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("fashion") and client.is_model_ready("fashion", "1")
     assert not client.is_model_ready("fashion", "5")
-    with pytest.raises(InferenceServerException, match="Request for unknown model: 'ghost' is not found"):
+    with pytest.raises(
+        InferenceServerException, match="Request for unknown model: 'ghost' is not found"
+    ):
         client.is_model_ready("ghost")
     meta = client.get_server_metadata(as_json=True)
     assert meta["name"] == "convserve" and "classification" in meta["extensions"]
     model = client.get_model_metadata("fashion", as_json=True)
     assert model["versions"] == ["1", "2"]
-    assert model["inputs"][0] == {"name": "input", "datatype": "UINT8", "shape": ["-1", "28", "28", "1"]}
-    assert model["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": ["-1", "10"]}
+    assert model["inputs"][0] == {
+        "name": "input",
+        "datatype": "UINT8",
+        "shape": ["-1", "28", "28", "1"],
+    }
+    assert model["outputs"][0] == {
+        "name": "probabilities",
+        "datatype": "FP32",
+        "shape": ["-1", "10"],
+    }
     config = client.get_model_config("fashion", as_json=True)["config"]
     assert config["max_batch_size"] == 64 and config["input"][0]["format"] == "FORMAT_NHWC"
     assert config["input"][0]["dims"] == ["28", "28", "1"] and config["output"][0]["dims"] == ["10"]
@@ -49,8 +59,12 @@ def _input(x: np.ndarray, datatype: str):
 def test_infer_uint8_and_fp32(client, datatype):
     x = h.images(4, seed=51)
     data = x if datatype == "UINT8" else x.astype(np.float32)
-    result = client.infer("fashion", [_input(data, datatype)], outputs=[tc.InferRequestedOutput("probabilities")],
-                          request_id="t-1")
+    result = client.infer(
+        "fashion",
+        [_input(data, datatype)],
+        outputs=[tc.InferRequestedOutput("probabilities")],
+        request_id="t-1",
+    )
     probs = result.as_numpy("probabilities")
     assert probs.dtype == np.float32 and probs.shape == (4, 10)
     np.testing.assert_allclose(probs, h.local_model("fashion", 2).predict(x), rtol=1e-5, atol=1e-7)
@@ -60,8 +74,12 @@ def test_infer_uint8_and_fp32(client, datatype):
 
 def test_class_count_and_version(client):
     x = h.images(2, seed=52)
-    result = client.infer("fashion", [_input(x, "UINT8")], model_version="1",
-                          outputs=[tc.InferRequestedOutput("probabilities", class_count=3)])
+    result = client.infer(
+        "fashion",
+        [_input(x, "UINT8")],
+        model_version="1",
+        outputs=[tc.InferRequestedOutput("probabilities", class_count=3)],
+    )
     classes = result.as_numpy("probabilities")
     assert classes.shape == (2, 3)
     probs = h.local_model("fashion", 1).predict(x)
@@ -94,14 +112,20 @@ def test_async_infer(client):
     done: queue.Queue = queue.Queue()
     x = h.images(8, seed=55)
     for i in range(8):
-        client.async_infer("fashion", [_input(x[i:i + 1], "UINT8")], callback=lambda result, error, i=i: done.put((i, result, error)),
-                           request_id=str(i))
+        client.async_infer(
+            "fashion",
+            [_input(x[i : i + 1], "UINT8")],
+            callback=lambda result, error, i=i: done.put((i, result, error)),
+            request_id=str(i),
+        )
     expected = h.local_model("fashion", 2).predict(x)
     seen = set()
     for _ in range(8):
         i, result, error = done.get(timeout=60)
         assert error is None
         assert result.get_response().id == str(i)
-        np.testing.assert_allclose(result.as_numpy("probabilities")[0], expected[i], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            result.as_numpy("probabilities")[0], expected[i], rtol=1e-5, atol=1e-7
+        )
         seen.add(i)
     assert seen == set(range(8))

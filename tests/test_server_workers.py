@@ -22,8 +22,17 @@ def _children(pid: int) -> list[int]:
 
 
 def _start_workers(count: int) -> h.Server:
-    server = h.Server(h.repository(), "--workers", str(count), "--warmup-batch-sizes", "1",
-                      "--drain-seconds", "0.5", "--grace-period", "10")
+    server = h.Server(
+        h.repository(),
+        "--workers",
+        str(count),
+        "--warmup-batch-sizes",
+        "1",
+        "--drain-seconds",
+        "0.5",
+        "--grace-period",
+        "10",
+    )
     deadline = time.monotonic() + 240
     while len(_children(server.process.pid)) < count:
         assert server.process.poll() is None, server.log()
@@ -35,7 +44,11 @@ def _start_workers(count: int) -> h.Server:
         assert time.monotonic() < deadline, server.log()
         with grpc.insecure_channel(server.target) as channel:
             try:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                status = (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    .status
+                )
             except grpc.RpcError:
                 status = None
         ready = ready + 1 if status == health_pb2.HealthCheckResponse.SERVING else 0
@@ -45,9 +58,26 @@ def _start_workers(count: int) -> h.Server:
 
 def test_fixed_port_is_required():
     env = h.server_env()
-    result = subprocess.run([sys.executable, "-m", "convserve", "serve", "--workers", "2", "--port", "0",
-                             "--metrics-port", "0", "--model-repository", str(h.repository())],
-                            capture_output=True, text=True, timeout=60, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convserve",
+            "serve",
+            "--workers",
+            "2",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--model-repository",
+            str(h.repository()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert result.returncode == 2
     assert "--workers 2 needs a fixed --port" in result.stderr
 
@@ -68,15 +98,25 @@ def test_workers_share_the_port_sum_metrics_and_drain():
             np.testing.assert_array_equal(h.probabilities(response), expected)
             sent += 1
         text = server.metrics()
-        assert h.metric(text, "convserve_requests_total", model="lenet", version="1", outcome="success") == sent
-        assert h.metric(text, "convserve_inference_images_total", model="lenet", version="1") == 3 * sent
+        assert (
+            h.metric(
+                text, "convserve_requests_total", model="lenet", version="1", outcome="success"
+            )
+            == sent
+        )
+        assert (
+            h.metric(text, "convserve_inference_images_total", model="lenet", version="1")
+            == 3 * sent
+        )
         assert h.metric(text, "convserve_server_ready") == 1
         assert h.metric(text, "convserve_queue_depth", model="lenet", version="1") == 0
     finally:
         code = server.stop(timeout=30)
     assert code == 0, server.log()
     for pid in workers:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
     assert server.log().count("shutdown complete") == 2
 
 

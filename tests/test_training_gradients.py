@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-
 from convserve.core import Model
 from convserve.core.architecture import parse_architecture, same_padding
 from convserve.core.training.loss import softmax_cross_entropy
@@ -75,7 +74,9 @@ def ref_activation(z, name):
 def _layer_net(input_shape, layer_doc, rng):
     """A float64 network whose first layer is `layer_doc` (plus a flatten when needed)."""
     layers = [layer_doc] + ([{"type": "flatten"}] if len(input_shape) == 3 else [])
-    arch = parse_architecture({"name": "t", "input": {"shape": list(input_shape)}, "layers": layers})
+    arch = parse_architecture(
+        {"name": "t", "input": {"shape": list(input_shape)}, "layers": layers}
+    )
     net = Network(arch, np.float64)
     net.initialize(rng)
     net.params[:] += rng.normal(0, 0.3, net.size)
@@ -137,18 +138,26 @@ def test_conv2d_forward_and_backward(seed, path):
     rng = np.random.default_rng(100 + seed)
     h, w, ci = int(rng.integers(4, 8)), int(rng.integers(4, 8)), int(rng.integers(1, 4))
     layer_doc = {
-        "type": "conv2d", "filters": int(rng.integers(1, 8)), "kernel_size": _random_window(rng, h, w),
-        "strides": [int(rng.integers(1, 4)), int(rng.integers(1, 4))], "padding": ["valid", "same"][seed % 2],
-        "activation": ["linear", "relu", "tanh", "sigmoid"][seed], "use_bias": seed != 3,
+        "type": "conv2d",
+        "filters": int(rng.integers(1, 8)),
+        "kernel_size": _random_window(rng, h, w),
+        "strides": [int(rng.integers(1, 4)), int(rng.integers(1, 4))],
+        "padding": ["valid", "same"][seed % 2],
+        "activation": ["linear", "relu", "tanh", "sigmoid"][seed],
+        "use_bias": seed != 3,
     }
     net, layer = _layer_net((h, w, ci), layer_doc, rng)
     layer.SMALL_K = 10**6 if path == "small" else 0
     x = rng.normal(size=(2, h, w, ci))
     out = _check_layer(layer, net, x, rng)
     kh, kw = layer.spec.kernel_size
-    kernel = layer.params["kernel"].T.reshape(kh, kw, ci, layer.spec.filters)  # float64, Keras layout
+    kernel = layer.params["kernel"].T.reshape(
+        kh, kw, ci, layer.spec.filters
+    )  # float64, Keras layout
     ref = ref_conv(x, kernel, layer.params.get("bias"), layer.spec)
-    np.testing.assert_allclose(out, ref_activation(ref, layer_doc["activation"]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        out, ref_activation(ref, layer_doc["activation"]), rtol=1e-10, atol=1e-12
+    )
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -157,8 +166,12 @@ def test_conv2d_forward_and_backward(seed, path):
 def test_pooling_forward_and_backward(kind, seed):
     rng = np.random.default_rng(200 + seed)
     h, w, c = int(rng.integers(3, 8)), int(rng.integers(3, 8)), int(rng.integers(1, 4))
-    layer_doc = {"type": f"{kind}_pooling2d", "pool_size": _random_window(rng, h, w),
-                 "strides": [int(rng.integers(1, 4)), int(rng.integers(1, 4))], "padding": ["valid", "same"][seed % 2]}
+    layer_doc = {
+        "type": f"{kind}_pooling2d",
+        "pool_size": _random_window(rng, h, w),
+        "strides": [int(rng.integers(1, 4)), int(rng.integers(1, 4))],
+        "padding": ["valid", "same"][seed % 2],
+    }
     net, layer = _layer_net((h, w, c), layer_doc, rng)
     x = rng.normal(size=(3, h, w, c))  # continuous values: no ties in the max
     out = _check_layer(layer, net, x, rng)
@@ -166,8 +179,20 @@ def test_pooling_forward_and_backward(kind, seed):
 
 
 def test_average_pooling_same_counts_only_real_cells():
-    arch = parse_architecture({"input": {"shape": [3, 3, 1]}, "layers": [
-        {"type": "average_pooling2d", "pool_size": [2, 2], "strides": [2, 2], "padding": "same"}, {"type": "flatten"}]})
+    arch = parse_architecture(
+        {
+            "input": {"shape": [3, 3, 1]},
+            "layers": [
+                {
+                    "type": "average_pooling2d",
+                    "pool_size": [2, 2],
+                    "strides": [2, 2],
+                    "padding": "same",
+                },
+                {"type": "flatten"},
+            ],
+        }
+    )
     net = Network(arch, np.float64)
     x = np.arange(9, dtype=np.float64).reshape(1, 3, 3, 1)
     out, _ = net.layers[0].forward(x)
@@ -181,15 +206,39 @@ def test_average_pooling_same_counts_only_real_cells():
 def test_fused_conv_pool_backward(seed, path):
     rng = np.random.default_rng(300 + seed)
     h, w, ci = int(rng.integers(6, 10)), int(rng.integers(6, 10)), int(rng.integers(1, 4))
-    pool = {"type": "max_pooling2d", "pool_size": _random_window(rng, 3, 3),
-            "strides": [int(rng.integers(1, 3)), int(rng.integers(1, 3))], "padding": ["valid", "same", "valid"][seed % 3]}
+    pool = {
+        "type": "max_pooling2d",
+        "pool_size": _random_window(rng, 3, 3),
+        "strides": [int(rng.integers(1, 3)), int(rng.integers(1, 3))],
+        "padding": ["valid", "same", "valid"][seed % 3],
+    }
     if seed >= 3:  # windows tiling the conv output: the fused forward kernel runs too
         pool = {"type": "max_pooling2d", "pool_size": [2, 3 - seed % 2], "padding": "valid"}
-    arch = parse_architecture({"input": {"shape": [h, w, ci]}, "labels": ["a", "b", "c"], "layers": [
-        {"type": "conv2d", "filters": 3, "kernel_size": [2, 2], "activation": "linear"},  # gives layer 1 a dx
-        {"type": "conv2d", "filters": int(rng.integers(2, 7)), "kernel_size": _random_window(rng, 3, 3),
-         "strides": [1, int(rng.integers(1, 3))], "padding": "same", "activation": ["relu", "linear"][seed % 2]},
-        pool, {"type": "flatten"}, {"type": "dense", "units": 3, "activation": "softmax"}]})
+    arch = parse_architecture(
+        {
+            "input": {"shape": [h, w, ci]},
+            "labels": ["a", "b", "c"],
+            "layers": [
+                {
+                    "type": "conv2d",
+                    "filters": 3,
+                    "kernel_size": [2, 2],
+                    "activation": "linear",
+                },  # gives layer 1 a dx
+                {
+                    "type": "conv2d",
+                    "filters": int(rng.integers(2, 7)),
+                    "kernel_size": _random_window(rng, 3, 3),
+                    "strides": [1, int(rng.integers(1, 3))],
+                    "padding": "same",
+                    "activation": ["relu", "linear"][seed % 2],
+                },
+                pool,
+                {"type": "flatten"},
+                {"type": "dense", "units": 3, "activation": "softmax"},
+            ],
+        }
+    )
     net = Network(arch, np.float64)
     net.initialize(rng)
     net.layers[1].SMALL_K = 10**6 if path == "small" else 0
@@ -206,7 +255,9 @@ def test_fused_conv_pool_backward(seed, path):
     _, _, dlogits = softmax_cross_entropy(out, labels)
     net.backward(dlogits, caches, fuse=False)
     np.testing.assert_allclose(fused, net.grads, rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(net.forward(x)[0], out, rtol=1e-12)  # fused forward (when the pool tiles)
+    np.testing.assert_allclose(
+        net.forward(x)[0], out, rtol=1e-12
+    )  # fused forward (when the pool tiles)
     numeric = np.zeros(net.size)
     for i in range(net.size):
         old = net.params[i]
@@ -219,14 +270,30 @@ def test_fused_conv_pool_backward(seed, path):
     np.testing.assert_allclose(fused, numeric, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("padding,activation", [("valid", "relu"), ("same", "relu"), ("same", "linear")])
+@pytest.mark.parametrize(
+    "padding,activation", [("valid", "relu"), ("same", "relu"), ("same", "linear")]
+)
 def test_first_layer_scalar_patch_kernels(padding, activation):
     """1-channel 3x3 conv + 2x2 pool (the reference model's first layer) has its own kernels."""
     rng = np.random.default_rng(350 + len(padding) + len(activation))
-    arch = parse_architecture({"input": {"shape": [9, 8, 1]}, "labels": ["a", "b", "c"], "layers": [
-        {"type": "conv2d", "filters": 6, "kernel_size": [3, 3], "padding": padding, "activation": activation},
-        {"type": "max_pooling2d", "pool_size": [2, 2]}, {"type": "flatten"},
-        {"type": "dense", "units": 3, "activation": "softmax"}]})
+    arch = parse_architecture(
+        {
+            "input": {"shape": [9, 8, 1]},
+            "labels": ["a", "b", "c"],
+            "layers": [
+                {
+                    "type": "conv2d",
+                    "filters": 6,
+                    "kernel_size": [3, 3],
+                    "padding": padding,
+                    "activation": activation,
+                },
+                {"type": "max_pooling2d", "pool_size": [2, 2]},
+                {"type": "flatten"},
+                {"type": "dense", "units": 3, "activation": "softmax"},
+            ],
+        }
+    )
     net = Network(arch, np.float64)
     net.initialize(rng)
     net.params[:] += rng.normal(0, 0.1, net.size)
@@ -263,9 +330,21 @@ def test_first_layer_scalar_patch_kernels(padding, activation):
 def test_dense_forward_and_backward(activation):
     rng = np.random.default_rng(400 + len(activation))
     features, units = int(rng.integers(1, 12)), int(rng.integers(1, 11))
-    arch = parse_architecture({"input": {"shape": [1, 1, features]}, "layers": [
-        {"type": "flatten"}, {"type": "dense", "units": units, "activation": activation, "use_bias": activation != "tanh"},
-        {"type": "dense", "units": 2}]})
+    arch = parse_architecture(
+        {
+            "input": {"shape": [1, 1, features]},
+            "layers": [
+                {"type": "flatten"},
+                {
+                    "type": "dense",
+                    "units": units,
+                    "activation": activation,
+                    "use_bias": activation != "tanh",
+                },
+                {"type": "dense", "units": 2},
+            ],
+        }
+    )
     net = Network(arch, np.float64)
     net.initialize(rng)
     net.params[:] += rng.normal(0, 0.3, net.size)
@@ -279,8 +358,16 @@ def test_dense_forward_and_backward(activation):
 @pytest.mark.parametrize("activation", ["linear", "relu", "tanh", "sigmoid", "softmax"])
 def test_activation_layer(activation):
     rng = np.random.default_rng(500 + len(activation))
-    arch = parse_architecture({"input": {"shape": [1, 1, 7]}, "layers": [
-        {"type": "flatten"}, {"type": "activation", "activation": activation}, {"type": "dense", "units": 2}]})
+    arch = parse_architecture(
+        {
+            "input": {"shape": [1, 1, 7]},
+            "layers": [
+                {"type": "flatten"},
+                {"type": "activation", "activation": activation},
+                {"type": "dense", "units": 2},
+            ],
+        }
+    )
     net = Network(arch, np.float64)
     layer = net.layers[1]
     x = rng.normal(size=(4, 7))
@@ -290,8 +377,12 @@ def test_activation_layer(activation):
 
 def test_dropout_backward_and_scaling():
     rng = np.random.default_rng(600)
-    arch = parse_architecture({"input": {"shape": [2, 3, 4]}, "layers": [
-        {"type": "dropout", "rate": 0.4}, {"type": "flatten"}]})
+    arch = parse_architecture(
+        {
+            "input": {"shape": [2, 3, 4]},
+            "layers": [{"type": "dropout", "rate": 0.4}, {"type": "flatten"}],
+        }
+    )
     net = Network(arch, np.float64)
     layer = net.layers[0]
     x = rng.normal(size=(5, 2, 3, 4))
@@ -326,15 +417,53 @@ def test_softmax_cross_entropy_value_and_gradient():
 
 def test_whole_network_gradient_with_every_layer_type():
     rng = np.random.default_rng(800)
-    arch = parse_architecture({"input": {"shape": [9, 8, 2]}, "labels": list("abcde"), "layers": [
-        {"type": "conv2d", "filters": 5, "kernel_size": [3, 2], "strides": [2, 1], "padding": "same", "activation": "relu"},
-        {"type": "max_pooling2d", "pool_size": [2, 3], "strides": [1, 2], "padding": "same"},
-        {"type": "conv2d", "filters": 6, "kernel_size": [3, 3], "padding": "same", "activation": "tanh"},
-        {"type": "average_pooling2d", "pool_size": [2, 2], "strides": [1, 1], "padding": "same"},
-        {"type": "dropout", "rate": 0.25},
-        {"type": "conv2d", "filters": 7, "kernel_size": [2, 2], "strides": [2, 2], "activation": "sigmoid"},
-        {"type": "flatten"}, {"type": "dense", "units": 9, "activation": "relu"},
-        {"type": "activation", "activation": "softmax"}, {"type": "dense", "units": 5, "activation": "softmax"}]})
+    arch = parse_architecture(
+        {
+            "input": {"shape": [9, 8, 2]},
+            "labels": list("abcde"),
+            "layers": [
+                {
+                    "type": "conv2d",
+                    "filters": 5,
+                    "kernel_size": [3, 2],
+                    "strides": [2, 1],
+                    "padding": "same",
+                    "activation": "relu",
+                },
+                {
+                    "type": "max_pooling2d",
+                    "pool_size": [2, 3],
+                    "strides": [1, 2],
+                    "padding": "same",
+                },
+                {
+                    "type": "conv2d",
+                    "filters": 6,
+                    "kernel_size": [3, 3],
+                    "padding": "same",
+                    "activation": "tanh",
+                },
+                {
+                    "type": "average_pooling2d",
+                    "pool_size": [2, 2],
+                    "strides": [1, 1],
+                    "padding": "same",
+                },
+                {"type": "dropout", "rate": 0.25},
+                {
+                    "type": "conv2d",
+                    "filters": 7,
+                    "kernel_size": [2, 2],
+                    "strides": [2, 2],
+                    "activation": "sigmoid",
+                },
+                {"type": "flatten"},
+                {"type": "dense", "units": 9, "activation": "relu"},
+                {"type": "activation", "activation": "softmax"},
+                {"type": "dense", "units": 5, "activation": "softmax"},
+            ],
+        }
+    )
     net = Network(arch, np.float64)
     net.initialize(rng)
     x = rng.normal(size=(3, 9, 8, 2))
@@ -367,7 +496,9 @@ def test_network_output_matches_inference_model():
     doc = preset("lenet5")
     net = Network(parse_architecture(doc))
     net.initialize(np.random.default_rng(3))
-    net.params += np.random.default_rng(4).normal(0, 0.01, net.size).astype(np.float32)  # non-zero biases
+    net.params += (
+        np.random.default_rng(4).normal(0, 0.01, net.size).astype(np.float32)
+    )  # non-zero biases
     model = Model(doc, net.to_weights())
     images = np.random.default_rng(5).integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
     ours = net.output(net.preprocess(images))
@@ -390,7 +521,11 @@ def test_adam_matches_the_update_rule():
         opt.step(p, g, 1e-2)
         m = 0.9 * m + 0.1 * g
         v = 0.999 * v + 0.001 * g.astype(np.float64) ** 2
-        ref = ref - 1e-2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-7) - 1e-2 * 0.01 * ref
+        ref = (
+            ref
+            - 1e-2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-7)
+            - 1e-2 * 0.01 * ref
+        )
     np.testing.assert_allclose(p, ref, rtol=1e-5, atol=1e-6)
     assert opt.t == 5
 

@@ -27,17 +27,16 @@ Keep helpers in this file: numba's cache only tracks the kernel's own source fil
 
 from __future__ import annotations
 
-from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
-
 import numba
 import numpy as np
+from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 _Z = np.float32(0.0)
-DENSE_ROWS = 8   # batch rows per dense task: one 8-row or two 4-row micro-kernel calls
+DENSE_ROWS = 8  # batch rows per dense task: one 8-row or two 4-row micro-kernel calls
 _ONE = np.float32(1.0)
 
 
@@ -71,7 +70,21 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
 
     def codegen(context, builder, signature, args):
         if b_steps:
-            a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, b_step, ldb, c_arr, c_off, ldc = args
+            (
+                a_arr,
+                a_off,
+                lda,
+                a_step,
+                segs,
+                seg_len,
+                b_arr,
+                b_off,
+                b_step,
+                ldb,
+                c_arr,
+                c_off,
+                ldc,
+            ) = args
         else:
             a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args
             b_step = builder.mul(seg_len, ldb)
@@ -81,8 +94,9 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
         i32, i64 = ir.IntType(32), ir.IntType(64)
         vec = ir.VectorType(ir.FloatType(), 16)
         vptr = vec.as_pointer()
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                             "llvm.fma.v16f32")
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32"
+        )
         zero = ir.Constant(vec, [0.0] * 16)
         undef = ir.Constant(vec, ir.Undefined)
         splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
@@ -113,15 +127,24 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
             for v in range(vectors):
                 acc[r][v].add_incoming(acc_seg[r][v], outer)
         b_row = builder.add(b_seg, builder.mul(k, ldb))
-        bv = [builder.load(builder.bitcast(builder.gep(bp, [builder.add(b_row, ir.Constant(i64, 16 * v))]), vptr),
-                           align=4) for v in range(vectors)]
+        bv = [
+            builder.load(
+                builder.bitcast(
+                    builder.gep(bp, [builder.add(b_row, ir.Constant(i64, 16 * v))]), vptr
+                ),
+                align=4,
+            )
+            for v in range(vectors)
+        ]
         a_k = builder.add(a_seg, k)
         new = []
         for r in range(rows):
-            scalar = builder.load(builder.gep(ap, [builder.add(a_k, builder.mul(ir.Constant(i64, r), lda))]),
-                                  align=4)
-            splat = builder.shuffle_vector(builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef,
-                                           splat_mask)
+            scalar = builder.load(
+                builder.gep(ap, [builder.add(a_k, builder.mul(ir.Constant(i64, r), lda))]), align=4
+            )
+            splat = builder.shuffle_vector(
+                builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef, splat_mask
+            )
             new.append([builder.call(fma, [splat, bv[v], acc[r][v]]) for v in range(vectors)])
         _close_loop(builder, k, seg_len, acc, new, inner, inner, seg_end)
 
@@ -137,13 +160,21 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
         return context.get_dummy_value()
 
     if b_steps:
+
         @intrinsic
-        def mk(typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc):
-            return types.void(a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc), codegen
+        def mk(
+            typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc
+        ):
+            return types.void(
+                a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc
+            ), codegen
     else:
+
         @intrinsic
         def mk(typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc):
-            return types.void(a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc), codegen
+            return types.void(
+                a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc
+            ), codegen
 
     return mk
 
@@ -192,16 +223,36 @@ def _wino_in16(typingctx, xf, p0, ci, row, vf, v, step):
         xp = _array_data(context, builder, signature, args, 0)
         vp = _array_data(context, builder, signature, args, 4)
         _, p0_, ci_, row_, _, v_, step_ = args
-        d = [[_vload(builder, xp, builder.add(p0_, builder.add(builder.mul(ir.Constant(row_.type, i), row_),
-                                                                 builder.mul(ir.Constant(ci_.type, j), ci_))))
-              for j in range(4)] for i in range(4)]
-        t = [[builder.fsub(d[0][j], d[2][j]) for j in range(4)],
-             [builder.fadd(d[1][j], d[2][j]) for j in range(4)],
-             [builder.fsub(d[2][j], d[1][j]) for j in range(4)],
-             [builder.fsub(d[1][j], d[3][j]) for j in range(4)]]
+        d = [
+            [
+                _vload(
+                    builder,
+                    xp,
+                    builder.add(
+                        p0_,
+                        builder.add(
+                            builder.mul(ir.Constant(row_.type, i), row_),
+                            builder.mul(ir.Constant(ci_.type, j), ci_),
+                        ),
+                    ),
+                )
+                for j in range(4)
+            ]
+            for i in range(4)
+        ]
+        t = [
+            [builder.fsub(d[0][j], d[2][j]) for j in range(4)],
+            [builder.fadd(d[1][j], d[2][j]) for j in range(4)],
+            [builder.fsub(d[2][j], d[1][j]) for j in range(4)],
+            [builder.fsub(d[1][j], d[3][j]) for j in range(4)],
+        ]
         for i in range(4):
-            out = (builder.fsub(t[i][0], t[i][2]), builder.fadd(t[i][1], t[i][2]),
-                   builder.fsub(t[i][2], t[i][1]), builder.fsub(t[i][1], t[i][3]))
+            out = (
+                builder.fsub(t[i][0], t[i][2]),
+                builder.fadd(t[i][1], t[i][2]),
+                builder.fsub(t[i][2], t[i][1]),
+                builder.fsub(t[i][1], t[i][3]),
+            )
             for j in range(4):
                 off = builder.add(v_, builder.mul(ir.Constant(step_.type, 4 * i + j), step_))
                 _vstore(builder, out[j], vp, off)
@@ -222,12 +273,19 @@ def _wino_out_kernel(pool: bool, relu: bool):
         bp = _array_data(context, builder, signature, args, 3)
         op = _array_data(context, builder, signature, args, 5)
         _, m_, step_, _, co_, _, o_, ldx_, ldy_ = args
-        mv = [_vload(builder, mp, builder.add(m_, builder.mul(ir.Constant(step_.type, k), step_)))
-              for k in range(16)]
+        mv = [
+            _vload(builder, mp, builder.add(m_, builder.mul(ir.Constant(step_.type, k), step_)))
+            for k in range(16)
+        ]
         s0 = [builder.fadd(builder.fadd(mv[j], mv[4 + j]), mv[8 + j]) for j in range(4)]
         s1 = [builder.fsub(builder.fsub(mv[4 + j], mv[8 + j]), mv[12 + j]) for j in range(4)]
-        y = [[builder.fadd(builder.fadd(s[0], s[1]), s[2]), builder.fsub(builder.fsub(s[1], s[2]), s[3])]
-             for s in (s0, s1)]
+        y = [
+            [
+                builder.fadd(builder.fadd(s[0], s[1]), s[2]),
+                builder.fsub(builder.fsub(s[1], s[2]), s[3]),
+            ]
+            for s in (s0, s1)
+        ]
         b = _vload(builder, bp, co_)
         zero = ir.Constant(_V16, [0.0] * 16)
 
@@ -243,8 +301,13 @@ def _wino_out_kernel(pool: bool, relu: bool):
         else:
             for i in range(2):
                 for j in range(2):
-                    off = builder.add(o_, builder.add(builder.mul(ir.Constant(ldy_.type, i), ldy_),
-                                                      builder.mul(ir.Constant(ldx_.type, j), ldx_)))
+                    off = builder.add(
+                        o_,
+                        builder.add(
+                            builder.mul(ir.Constant(ldy_.type, i), ldy_),
+                            builder.mul(ir.Constant(ldx_.type, j), ldx_),
+                        ),
+                    )
                     _vstore(builder, finish(y[i][j]), op, off)
         return context.get_dummy_value()
 
@@ -336,15 +399,43 @@ def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off, ldc,
         lo, hi = (4, 6) if nv == 4 else (5, 8)
         if count < lo:
             for i in range(count):
-                _mk_call(1, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off + c, ldb, tile,
-                         t_off + i * ldc + c, ldc)
+                _mk_call(
+                    1,
+                    nv,
+                    xf,
+                    a_off + i * lda,
+                    lda,
+                    a_step,
+                    kh,
+                    seg,
+                    wf,
+                    b_off + c,
+                    ldb,
+                    tile,
+                    t_off + i * ldc + c,
+                    ldc,
+                )
         else:
             R = _block_rows(count, lo, hi)
             i = 0
             while i < count:
                 i = min(i, count - R)
-                _mk_call(R, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off + c, ldb, tile,
-                         t_off + i * ldc + c, ldc)
+                _mk_call(
+                    R,
+                    nv,
+                    xf,
+                    a_off + i * lda,
+                    lda,
+                    a_step,
+                    kh,
+                    seg,
+                    wf,
+                    b_off + c,
+                    ldb,
+                    tile,
+                    t_off + i * ldc + c,
+                    ldc,
+                )
                 i += R
         c += 16 * nv
 
@@ -367,7 +458,9 @@ def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act):
     else:
         for co in range(CO):
             u = np.uint64(co)
-            of[oo + u] = _act(max(max(tile[a + u], tile[b + u]), max(tile[c + u], tile[d + u])) + bias[co], act)
+            of[oo + u] = _act(
+                max(max(tile[a + u], tile[b + u]), max(tile[c + u], tile[d + u])) + bias[co], act
+            )
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -403,8 +496,8 @@ def _pad_rows(x, scale, shift, pre, out, pt, pl, t0, t1):
             continue
         # views indexed from 0: numba's negative-index check on a computed flat index would
         # stop the loop from vectorizing
-        src = xf[((n * H + y) * W + x0) * C:((n * H + y) * W + x1) * C]
-        dst = of[((n * Hp + oy) * Wp + x0 + pl) * C:((n * Hp + oy) * Wp + x1 + pl) * C]
+        src = xf[((n * H + y) * W + x0) * C : ((n * H + y) * W + x1) * C]
+        dst = of[((n * Hp + oy) * Wp + x0 + pl) * C : ((n * Hp + oy) * Wp + x1 + pl) * C]
         if pre == 0:
             for j in range(src.size):
                 dst[j] = src[j]
@@ -457,10 +550,21 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
         L = 2 * nw
         for dy in range(2):
             a_off = ((n * H + (2 * py + dy) * sh) * W + 2 * px0 * sw) * CI
-            _conv_row(xf, a_off, sw * CI, W * CI, kh, seg, wf, 0, COp, tile, dy * L * COp, COp, L, COp)
+            _conv_row(
+                xf, a_off, sw * CI, W * CI, kh, seg, wf, 0, COp, tile, dy * L * COp, COp, L, COp
+            )
         for w in range(nw):
-            _store_pooled(tile, 2 * w * COp, (L + 2 * w) * COp, COp, bias, of, ((n * PH + py) * PW + px0 + w) * CO,
-                          CO, act)
+            _store_pooled(
+                tile,
+                2 * w * COp,
+                (L + 2 * w) * COp,
+                COp,
+                bias,
+                of,
+                ((n * PH + py) * PW + px0 + w) * CO,
+                CO,
+                act,
+            )
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -485,8 +589,22 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
         ox0 = min(OW, s * per)
         cnt = min(OW, ox0 + per) - ox0
         tile = tiles[numba.get_thread_id()]
-        _conv_row(xf, ((n * H + oy * sh) * W + ox0 * sw) * CI, sw * CI, W * CI, kh, seg, wf, 0, COp, tile, 0, COp,
-                  cnt, COp)
+        _conv_row(
+            xf,
+            ((n * H + oy * sh) * W + ox0 * sw) * CI,
+            sw * CI,
+            W * CI,
+            kh,
+            seg,
+            wf,
+            0,
+            COp,
+            tile,
+            0,
+            COp,
+            cnt,
+            COp,
+        )
         for i in range(cnt):
             _store_row(tile, i * COp, bias, of, ((n * OH + oy) * OW + ox0 + i) * CO, 0, CO, act)
 
@@ -642,14 +760,56 @@ def conv_wino(x, u, bias, tiles, out, act, pool, splits):
             mf = buf[vsize:]
             _wino_input(xf, (n * Hp + 2 * ty) * Wp * CI, Wp * CI, CI, TW, vf)
             for p in range(16):
-                _conv_row(vf, p * TW * CI, CI, 0, 1, CI, uf, p * usize + c0, COp, mf, p * TW * COp + c0, COp,
-                          TW, c1 - c0)
+                _conv_row(
+                    vf,
+                    p * TW * CI,
+                    CI,
+                    0,
+                    1,
+                    CI,
+                    uf,
+                    p * usize + c0,
+                    COp,
+                    mf,
+                    p * TW * COp + c0,
+                    COp,
+                    TW,
+                    c1 - c0,
+                )
             if pool:
-                _wino_output(mf, TW, COp, c0, c1, bias, act, of, (n * OH + ty) * row_out, row_out, CO,
-                             True, 1, OW)
+                _wino_output(
+                    mf,
+                    TW,
+                    COp,
+                    c0,
+                    c1,
+                    bias,
+                    act,
+                    of,
+                    (n * OH + ty) * row_out,
+                    row_out,
+                    CO,
+                    True,
+                    1,
+                    OW,
+                )
             else:
-                _wino_output(mf, TW, COp, c0, c1, bias, act, of, (n * OH + 2 * ty) * row_out, row_out, CO,
-                             False, min(2, OH - 2 * ty), OW)
+                _wino_output(
+                    mf,
+                    TW,
+                    COp,
+                    c0,
+                    c1,
+                    bias,
+                    act,
+                    of,
+                    (n * OH + 2 * ty) * row_out,
+                    row_out,
+                    CO,
+                    False,
+                    min(2, OH - 2 * ty),
+                    OW,
+                )
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -709,8 +869,18 @@ def dense(x, wk, bias, tiles, out, act, splits):
         c1 = min(Up, c0 + per)
         if c0 < c1:
             r0 = g * DENSE_ROWS
-            _dense_block(xf, wf, bias, tiles[numba.get_thread_id()], out, r0, min(N, r0 + DENSE_ROWS),
-                         c0, c1, act)
+            _dense_block(
+                xf,
+                wf,
+                bias,
+                tiles[numba.get_thread_id()],
+                out,
+                r0,
+                min(N, r0 + DENSE_ROWS),
+                c0,
+                c1,
+                act,
+            )
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -722,7 +892,9 @@ def dense_serial(x, wk, bias, tiles, out, act):
     wf = wk.reshape(wk.size)
     tile = tiles[0]
     for r0 in range(0, N, DENSE_ROWS):
-        _dense_block(xf, wf, bias, tile, out, r0, min(N, r0 + DENSE_ROWS), 0, wk.size // x.shape[1], act)
+        _dense_block(
+            xf, wf, bias, tile, out, r0, min(N, r0 + DENSE_ROWS), 0, wk.size // x.shape[1], act
+        )
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -751,9 +923,37 @@ def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act):
         x0 = 32 * blk
         for dy in range(2):  # tile[dy*256 + co*32 + j]: conv row 2py+dy, filter co, pixel x0+j
             if CO <= 6:
-                _mkt6x2(wf, 0, taps, kw, kh, kw, xf, (n * Hp + 2 * py + dy) * Wp + x0, Wp, 1, tile, dy * 256, 32)
+                _mkt6x2(
+                    wf,
+                    0,
+                    taps,
+                    kw,
+                    kh,
+                    kw,
+                    xf,
+                    (n * Hp + 2 * py + dy) * Wp + x0,
+                    Wp,
+                    1,
+                    tile,
+                    dy * 256,
+                    32,
+                )
             else:
-                _mkt8x2(wf, 0, taps, kw, kh, kw, xf, (n * Hp + 2 * py + dy) * Wp + x0, Wp, 1, tile, dy * 256, 32)
+                _mkt8x2(
+                    wf,
+                    0,
+                    taps,
+                    kw,
+                    kh,
+                    kw,
+                    xf,
+                    (n * Hp + 2 * py + dy) * Wp + x0,
+                    Wp,
+                    1,
+                    tile,
+                    dy * 256,
+                    32,
+                )
         for px in range(16 * blk, min(PW, 16 * blk + 16)):
             j = np.uint64(2 * px - x0)
             o = np.uint64(((n * PH + py) * PW + px) * CO)
@@ -803,10 +1003,30 @@ def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
                 o1 = o + W
                 o2 = o1 + W
                 o3 = o2 + W
-                v00, v01, v02, v03 = xf[o] * sc + sf, xf[o + 1] * sc + sf, xf[o + 2] * sc + sf, xf[o + 3] * sc + sf
-                v10, v11, v12, v13 = xf[o1] * sc + sf, xf[o1 + 1] * sc + sf, xf[o1 + 2] * sc + sf, xf[o1 + 3] * sc + sf
-                v20, v21, v22, v23 = xf[o2] * sc + sf, xf[o2 + 1] * sc + sf, xf[o2 + 2] * sc + sf, xf[o2 + 3] * sc + sf
-                v30, v31, v32, v33 = xf[o3] * sc + sf, xf[o3 + 1] * sc + sf, xf[o3 + 2] * sc + sf, xf[o3 + 3] * sc + sf
+                v00, v01, v02, v03 = (
+                    xf[o] * sc + sf,
+                    xf[o + 1] * sc + sf,
+                    xf[o + 2] * sc + sf,
+                    xf[o + 3] * sc + sf,
+                )
+                v10, v11, v12, v13 = (
+                    xf[o1] * sc + sf,
+                    xf[o1 + 1] * sc + sf,
+                    xf[o1 + 2] * sc + sf,
+                    xf[o1 + 3] * sc + sf,
+                )
+                v20, v21, v22, v23 = (
+                    xf[o2] * sc + sf,
+                    xf[o2 + 1] * sc + sf,
+                    xf[o2 + 2] * sc + sf,
+                    xf[o2 + 3] * sc + sf,
+                )
+                v30, v31, v32, v33 = (
+                    xf[o3] * sc + sf,
+                    xf[o3 + 1] * sc + sf,
+                    xf[o3 + 2] * sc + sf,
+                    xf[o3 + 3] * sc + sf,
+                )
             else:
                 v00 = _px(xf, H, W, n, y, xx, sc, sf)
                 v01 = _px(xf, H, W, n, y, xx + 1, sc, sf)
@@ -835,10 +1055,50 @@ def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
                     g = wb[b, 6, j]
                     h = wb[b, 7, j]
                     k = wb[b, 8, j]
-                    s0 = v00 * a + v01 * bb + v02 * c + v10 * d + v11 * e + v12 * f + v20 * g + v21 * h + v22 * k
-                    s1 = v01 * a + v02 * bb + v03 * c + v11 * d + v12 * e + v13 * f + v21 * g + v22 * h + v23 * k
-                    s2 = v10 * a + v11 * bb + v12 * c + v20 * d + v21 * e + v22 * f + v30 * g + v31 * h + v32 * k
-                    s3 = v11 * a + v12 * bb + v13 * c + v21 * d + v22 * e + v23 * f + v31 * g + v32 * h + v33 * k
+                    s0 = (
+                        v00 * a
+                        + v01 * bb
+                        + v02 * c
+                        + v10 * d
+                        + v11 * e
+                        + v12 * f
+                        + v20 * g
+                        + v21 * h
+                        + v22 * k
+                    )
+                    s1 = (
+                        v01 * a
+                        + v02 * bb
+                        + v03 * c
+                        + v11 * d
+                        + v12 * e
+                        + v13 * f
+                        + v21 * g
+                        + v22 * h
+                        + v23 * k
+                    )
+                    s2 = (
+                        v10 * a
+                        + v11 * bb
+                        + v12 * c
+                        + v20 * d
+                        + v21 * e
+                        + v22 * f
+                        + v30 * g
+                        + v31 * h
+                        + v32 * k
+                    )
+                    s3 = (
+                        v11 * a
+                        + v12 * bb
+                        + v13 * c
+                        + v21 * d
+                        + v22 * e
+                        + v23 * f
+                        + v31 * g
+                        + v32 * h
+                        + v33 * k
+                    )
                     m = max(max(s0, s1), max(s2, s3)) + wb[b, 9, j]
                     o5[n, py, px, b, j] = m if m > lo else lo
                 if act > 1:

@@ -9,9 +9,8 @@ Keep helpers in this file: numba's cache only tracks the kernel's own source fil
 
 from __future__ import annotations
 
-from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
-
 import numpy as np
+from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from numba import njit, prange
 
 _Z = np.float32(0.0)
@@ -85,4 +84,3 @@ def all_finite_f32(bits):
         e = bits[i] & exponent
         top = e if e > top else top
     return top != exponent
-

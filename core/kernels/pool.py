@@ -6,9 +6,8 @@ number of real cells (Keras/TF `same` semantics, ONNX `count_include_pad=0`).
 
 from __future__ import annotations
 
-from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
-
 import numpy as np
+from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from numba import njit, prange
 
 

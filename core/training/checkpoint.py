@@ -14,24 +14,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, safe_open, save
-
 from convserve.core.errors import ModelError
 from convserve.core.modelfile import atomic_write
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, safe_open, save
 
 FORMAT = "convserve-checkpoint/1"
 
 
-def save_checkpoint(path: str | os.PathLike, architecture: dict[str, Any], params: np.ndarray,
-                    optimizer_state: dict[str, np.ndarray], state: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    architecture: dict[str, Any],
+    params: np.ndarray,
+    optimizer_state: dict[str, np.ndarray],
+    state: dict[str, Any],
+) -> None:
     tensors = {"params": np.ascontiguousarray(params)}
     tensors.update({k: np.ascontiguousarray(v) for k, v in optimizer_state.items()})
-    metadata = {"format": FORMAT, "architecture": json.dumps(architecture), "state": json.dumps(state)}
+    metadata = {
+        "format": FORMAT,
+        "architecture": json.dumps(architecture),
+        "state": json.dumps(state),
+    }
     atomic_write(path, save(tensors, metadata=metadata))
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, Any]]:
     """Returns (architecture document, tensors, state); raises ModelError naming the file."""
     path = Path(path)
     if not path.is_file():
@@ -43,7 +53,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"checkpoint {path}: not a readable safetensors file: {exc}") from None
     if metadata.get("format") != FORMAT:
-        raise ModelError(f"checkpoint {path}: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}")
+        raise ModelError(
+            f"checkpoint {path}: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}"
+        )
     try:
         architecture = json.loads(metadata["architecture"])
         state = json.loads(metadata["state"])

@@ -8,52 +8,114 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="train a model on a dataset and write a convserve/1 model file",
+        "train",
+        help="train a model on a dataset and write a convserve/1 model file",
         description="Train an architecture on a dataset; prints a progress bar per epoch, validation after each "
-                    "epoch, seconds per epoch and a confusion matrix; writes a checkpoint after every epoch.")
-    p.add_argument("--data", required=True, metavar="DATA",
-                   help="fashion-mnist, a directory of IDX files, a CIFAR-10 binary directory, or an .npz file")
-    p.add_argument("--architecture", metavar="ARCH",
-                   help="preset name (fashion_mnist, lenet5, cifar10) or a JSON file (optional with --resume)")
-    p.add_argument("--out", required=True, metavar="FILE", help="model file to write (.safetensors)")
+        "epoch, seconds per epoch and a confusion matrix; writes a checkpoint after every epoch.",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA",
+        help="fashion-mnist, a directory of IDX files, a CIFAR-10 binary directory, or an .npz file",
+    )
+    p.add_argument(
+        "--architecture",
+        metavar="ARCH",
+        help="preset name (fashion_mnist, lenet5, cifar10) or a JSON file (optional with --resume)",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="model file to write (.safetensors)"
+    )
     p.add_argument("--epochs", type=int, help="number of epochs (default 10)")
     p.add_argument("--batch-size", type=int, help="mini-batch size (default 64)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), help="default adam")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adam, 1e-2 for sgd)")
     p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum for SGD")
+    p.add_argument(
+        "--nesterov", action="store_true", default=None, help="Nesterov momentum for SGD"
+    )
     p.add_argument("--weight-decay", type=float, help="decoupled for adam, L2 for sgd (default 0)")
-    p.add_argument("--schedule", choices=("constant", "step", "cosine"), help="learning-rate schedule (default constant)")
-    p.add_argument("--step-epochs", type=int, help="step schedule: epochs between decays (default 5)")
+    p.add_argument(
+        "--schedule",
+        choices=("constant", "step", "cosine"),
+        help="learning-rate schedule (default constant)",
+    )
+    p.add_argument(
+        "--step-epochs", type=int, help="step schedule: epochs between decays (default 5)"
+    )
     p.add_argument("--gamma", type=float, help="step schedule: decay factor (default 0.1)")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
-    p.add_argument("--init", choices=("auto", "he", "glorot"), help="kernel initialisation (default auto: He for ReLU)")
-    p.add_argument("--flip", action="store_true", default=None, help="augment with random horizontal flips")
+    p.add_argument(
+        "--init",
+        choices=("auto", "he", "glorot"),
+        help="kernel initialisation (default auto: He for ReLU)",
+    )
+    p.add_argument(
+        "--flip", action="store_true", default=None, help="augment with random horizontal flips"
+    )
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--validation-split", type=float,
-                   help="fraction held out for validation when the data has no test set (default 0.1)")
+    p.add_argument(
+        "--validation-split",
+        type=float,
+        help="fraction held out for validation when the data has no test set (default 0.1)",
+    )
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint")
-    p.add_argument("--checkpoint", metavar="FILE", help="checkpoint path (default <out>.checkpoint.safetensors)")
-    p.add_argument("--history", metavar="FILE", help="history .csv or .json (default <out>.history.csv)")
-    p.add_argument("--plot", metavar="FILE", help="loss/accuracy curves .png (default <out>.history.png)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="checkpoint path (default <out>.checkpoint.safetensors)",
+    )
+    p.add_argument(
+        "--history", metavar="FILE", help="history .csv or .json (default <out>.history.csv)"
+    )
+    p.add_argument(
+        "--plot", metavar="FILE", help="loss/accuracy curves .png (default <out>.history.png)"
+    )
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
 
 
-_CONFIG_ARGS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-                "step_epochs", "gamma", "warmup_steps", "init", "flip", "seed", "validation_split")
+_CONFIG_ARGS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "step_epochs",
+    "gamma",
+    "warmup_steps",
+    "init",
+    "flip",
+    "seed",
+    "validation_split",
+)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from convserve.core.errors import ModelError
     from convserve.core.training.trainer import TrainingInterrupted, fit
 
-    overrides = {name: getattr(args, name) for name in _CONFIG_ARGS if getattr(args, name) is not None}
+    overrides = {
+        name: getattr(args, name) for name in _CONFIG_ARGS if getattr(args, name) is not None
+    }
     try:
-        fit(args.data, args.architecture, args.out, resume=args.resume, checkpoint=args.checkpoint,
-            history_path=args.history, plot_path=False if args.no_plot else args.plot, progress=not args.quiet,
-            log=lambda line: print(line, flush=True), **overrides)
+        fit(
+            args.data,
+            args.architecture,
+            args.out,
+            resume=args.resume,
+            checkpoint=args.checkpoint,
+            history_path=args.history,
+            plot_path=False if args.no_plot else args.plot,
+            progress=not args.quiet,
+            log=lambda line: print(line, flush=True),
+            **overrides,
+        )
     except TrainingInterrupted as exc:
         print(f"convserve train: {exc}", file=sys.stderr)
         return 130

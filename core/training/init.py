@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from convserve.core.architecture import LayerSpec
 
 INITS = ("auto", "he", "glorot")
@@ -17,7 +16,9 @@ def fans(spec: LayerSpec) -> tuple[int, int]:
     return spec.input_shape[0], spec.units
 
 
-def init_kernel(spec: LayerSpec, shape: tuple[int, ...], rng: np.random.Generator, method: str = "auto") -> np.ndarray:
+def init_kernel(
+    spec: LayerSpec, shape: tuple[int, ...], rng: np.random.Generator, method: str = "auto"
+) -> np.ndarray:
     """A float32 kernel of `shape`: He normal for ReLU layers (auto), else Glorot uniform."""
     if method not in INITS:
         raise ValueError(f"unknown initialisation {method!r}; choose one of {', '.join(INITS)}")

@@ -90,50 +90,131 @@ def _gemm_nt_rows(a, rows, b, bias, out2, out_row0, relu):
             b1 = b[j + 1]
             b2 = b[j + 2]
             b3 = b[j + 3]
-            s00 = z; s01 = z; s02 = z; s03 = z
-            s10 = z; s11 = z; s12 = z; s13 = z
-            s20 = z; s21 = z; s22 = z; s23 = z
-            s30 = z; s31 = z; s32 = z; s33 = z
+            s00 = z
+            s01 = z
+            s02 = z
+            s03 = z
+            s10 = z
+            s11 = z
+            s12 = z
+            s13 = z
+            s20 = z
+            s21 = z
+            s22 = z
+            s23 = z
+            s30 = z
+            s31 = z
+            s32 = z
+            s33 = z
             for k in range(kdim):
-                v0 = a0[k]; v1 = a1[k]; v2 = a2[k]; v3 = a3[k]
-                w0 = b0[k]; w1 = b1[k]; w2 = b2[k]; w3 = b3[k]
-                s00 += v0 * w0; s01 += v0 * w1; s02 += v0 * w2; s03 += v0 * w3
-                s10 += v1 * w0; s11 += v1 * w1; s12 += v1 * w2; s13 += v1 * w3
-                s20 += v2 * w0; s21 += v2 * w1; s22 += v2 * w2; s23 += v2 * w3
-                s30 += v3 * w0; s31 += v3 * w1; s32 += v3 * w2; s33 += v3 * w3
-            c0 = bias[j]; c1 = bias[j + 1]; c2 = bias[j + 2]; c3 = bias[j + 3]
-            s00 += c0; s01 += c1; s02 += c2; s03 += c3
-            s10 += c0; s11 += c1; s12 += c2; s13 += c3
-            s20 += c0; s21 += c1; s22 += c2; s23 += c3
-            s30 += c0; s31 += c1; s32 += c2; s33 += c3
+                v0 = a0[k]
+                v1 = a1[k]
+                v2 = a2[k]
+                v3 = a3[k]
+                w0 = b0[k]
+                w1 = b1[k]
+                w2 = b2[k]
+                w3 = b3[k]
+                s00 += v0 * w0
+                s01 += v0 * w1
+                s02 += v0 * w2
+                s03 += v0 * w3
+                s10 += v1 * w0
+                s11 += v1 * w1
+                s12 += v1 * w2
+                s13 += v1 * w3
+                s20 += v2 * w0
+                s21 += v2 * w1
+                s22 += v2 * w2
+                s23 += v2 * w3
+                s30 += v3 * w0
+                s31 += v3 * w1
+                s32 += v3 * w2
+                s33 += v3 * w3
+            c0 = bias[j]
+            c1 = bias[j + 1]
+            c2 = bias[j + 2]
+            c3 = bias[j + 3]
+            s00 += c0
+            s01 += c1
+            s02 += c2
+            s03 += c3
+            s10 += c0
+            s11 += c1
+            s12 += c2
+            s13 += c3
+            s20 += c0
+            s21 += c1
+            s22 += c2
+            s23 += c3
+            s30 += c0
+            s31 += c1
+            s32 += c2
+            s33 += c3
             if relu:
-                s00 = max(s00, z); s01 = max(s01, z); s02 = max(s02, z); s03 = max(s03, z)
-                s10 = max(s10, z); s11 = max(s11, z); s12 = max(s12, z); s13 = max(s13, z)
-                s20 = max(s20, z); s21 = max(s21, z); s22 = max(s22, z); s23 = max(s23, z)
-                s30 = max(s30, z); s31 = max(s31, z); s32 = max(s32, z); s33 = max(s33, z)
+                s00 = max(s00, z)
+                s01 = max(s01, z)
+                s02 = max(s02, z)
+                s03 = max(s03, z)
+                s10 = max(s10, z)
+                s11 = max(s11, z)
+                s12 = max(s12, z)
+                s13 = max(s13, z)
+                s20 = max(s20, z)
+                s21 = max(s21, z)
+                s22 = max(s22, z)
+                s23 = max(s23, z)
+                s30 = max(s30, z)
+                s31 = max(s31, z)
+                s32 = max(s32, z)
+                s33 = max(s33, z)
             if r0 < rows:
                 o = out2[out_row0 + r0]
-                o[j] = s00; o[j + 1] = s01; o[j + 2] = s02; o[j + 3] = s03
+                o[j] = s00
+                o[j + 1] = s01
+                o[j + 2] = s02
+                o[j + 3] = s03
             if r0 + 1 < rows:
                 o = out2[out_row0 + r0 + 1]
-                o[j] = s10; o[j + 1] = s11; o[j + 2] = s12; o[j + 3] = s13
+                o[j] = s10
+                o[j + 1] = s11
+                o[j + 2] = s12
+                o[j + 3] = s13
             if r0 + 2 < rows:
                 o = out2[out_row0 + r0 + 2]
-                o[j] = s20; o[j + 1] = s21; o[j + 2] = s22; o[j + 3] = s23
+                o[j] = s20
+                o[j + 1] = s21
+                o[j + 2] = s22
+                o[j + 3] = s23
             if r0 + 3 < rows:
                 o = out2[out_row0 + r0 + 3]
-                o[j] = s30; o[j + 1] = s31; o[j + 2] = s32; o[j + 3] = s33
+                o[j] = s30
+                o[j + 1] = s31
+                o[j + 2] = s32
+                o[j + 3] = s33
             j += 4
         while j < cols:
             bj = b[j]
-            s0 = z; s1 = z; s2 = z; s3 = z
+            s0 = z
+            s1 = z
+            s2 = z
+            s3 = z
             for k in range(kdim):
                 w0 = bj[k]
-                s0 += a0[k] * w0; s1 += a1[k] * w0; s2 += a2[k] * w0; s3 += a3[k] * w0
+                s0 += a0[k] * w0
+                s1 += a1[k] * w0
+                s2 += a2[k] * w0
+                s3 += a3[k] * w0
             c0 = bias[j]
-            s0 += c0; s1 += c0; s2 += c0; s3 += c0
+            s0 += c0
+            s1 += c0
+            s2 += c0
+            s3 += c0
             if relu:
-                s0 = max(s0, z); s1 = max(s1, z); s2 = max(s2, z); s3 = max(s3, z)
+                s0 = max(s0, z)
+                s1 = max(s1, z)
+                s2 = max(s2, z)
+                s3 = max(s3, z)
             if r0 < rows:
                 out2[out_row0 + r0, j] = s0
             if r0 + 1 < rows:
@@ -289,7 +370,9 @@ def conv2d_backward_small(x, wt, dout, dx, dwt_part, db_part, kh, kw, sh, sw, pt
 
 
 @njit(parallel=True, **_JIT)
-def conv2d_pool_forward(x, wd, wt, bias, pooled, arg, oh, ow, kh, kw, sh, sw, pt, pl, ph, pw, relu, small):
+def conv2d_pool_forward(
+    x, wd, wt, bias, pooled, arg, oh, ow, kh, kw, sh, sw, pt, pl, ph, pw, relu, small
+):
     """conv2d (+ReLU) then a max pool whose windows tile the conv output (stride = pool size, valid).
 
     Only the conv pixels the pool reads are computed; the full conv output is never stored.
@@ -314,7 +397,9 @@ def conv2d_pool_forward(x, wd, wt, bias, pooled, arg, oh, ow, kh, kw, sh, sw, pt
         for px in range(qw):
             for wy in range(ph):
                 for wx in range(pw):
-                    _gather_patch(x, n, py * ph + wy, px * pw + wx, kh, kw, sh, sw, pt, pl, patch[r])
+                    _gather_patch(
+                        x, n, py * ph + wy, px * pw + wx, kh, kw, sh, sw, pt, pl, patch[r]
+                    )
                     r += 1
         if small:
             for r in range(rows):
@@ -405,10 +490,54 @@ def conv3x3c1_pool2_forward(x, wt, bias, pooled, arg, ow, pt, pl, relu):
                 w7 = wt[7, c]
                 w8 = wt[8, c]
                 b = bias[c]
-                s00 = b + p00 * w0 + p01 * w1 + p02 * w2 + p10 * w3 + p11 * w4 + p12 * w5 + p20 * w6 + p21 * w7 + p22 * w8
-                s01 = b + p01 * w0 + p02 * w1 + p03 * w2 + p11 * w3 + p12 * w4 + p13 * w5 + p21 * w6 + p22 * w7 + p23 * w8
-                s10 = b + p10 * w0 + p11 * w1 + p12 * w2 + p20 * w3 + p21 * w4 + p22 * w5 + p30 * w6 + p31 * w7 + p32 * w8
-                s11 = b + p11 * w0 + p12 * w1 + p13 * w2 + p21 * w3 + p22 * w4 + p23 * w5 + p31 * w6 + p32 * w7 + p33 * w8
+                s00 = (
+                    b
+                    + p00 * w0
+                    + p01 * w1
+                    + p02 * w2
+                    + p10 * w3
+                    + p11 * w4
+                    + p12 * w5
+                    + p20 * w6
+                    + p21 * w7
+                    + p22 * w8
+                )
+                s01 = (
+                    b
+                    + p01 * w0
+                    + p02 * w1
+                    + p03 * w2
+                    + p11 * w3
+                    + p12 * w4
+                    + p13 * w5
+                    + p21 * w6
+                    + p22 * w7
+                    + p23 * w8
+                )
+                s10 = (
+                    b
+                    + p10 * w0
+                    + p11 * w1
+                    + p12 * w2
+                    + p20 * w3
+                    + p21 * w4
+                    + p22 * w5
+                    + p30 * w6
+                    + p31 * w7
+                    + p32 * w8
+                )
+                s11 = (
+                    b
+                    + p11 * w0
+                    + p12 * w1
+                    + p13 * w2
+                    + p21 * w3
+                    + p22 * w4
+                    + p23 * w5
+                    + p31 * w6
+                    + p32 * w7
+                    + p33 * w8
+                )
                 if relu:
                     s00 = max(s00, z)
                     s01 = max(s01, z)
@@ -526,8 +655,32 @@ def _pooled_grads(dpool, arg, pooled, n, py, px, pos, relu, gvec):
 
 
 @njit(parallel=True, **_JIT)
-def conv2d_pool_backward(x, wd, pooled, oh, ow, dpool, arg, dx, dw_part, db_part, kh, kw, sh, sw, pt, pl,
-                         ph, pw, psh, psw, ppt, ppl, relu, need_dx):
+def conv2d_pool_backward(
+    x,
+    wd,
+    pooled,
+    oh,
+    ow,
+    dpool,
+    arg,
+    dx,
+    dw_part,
+    db_part,
+    kh,
+    kw,
+    sh,
+    sw,
+    pt,
+    pl,
+    ph,
+    pw,
+    psh,
+    psw,
+    ppt,
+    ppl,
+    relu,
+    need_dx,
+):
     """Backward of conv2d (+ReLU) followed by max pooling, without the dense conv-output gradient.
 
     Visits each pooled cell's window pixels and does work only for the channels the pool picked
@@ -564,7 +717,9 @@ def conv2d_pool_backward(x, wd, pooled, oh, ow, dpool, arg, dx, dw_part, db_part
                             ix = px * psw - ppl + wx
                             if ix < 0 or ix >= ow:
                                 continue
-                            if not _pooled_grads(dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec):
+                            if not _pooled_grads(
+                                dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec
+                            ):
                                 continue
                             _gather_patch(x, n, iy, ix, kh, kw, sh, sw, pt, pl, patch)
                             if need_dx:
@@ -581,8 +736,32 @@ def conv2d_pool_backward(x, wd, pooled, oh, ow, dpool, arg, dx, dw_part, db_part
 
 
 @njit(parallel=True, **_JIT)
-def conv2d_pool_backward_small(x, wt, pooled, oh, ow, dpool, arg, dx, dwt_part, db_part, kh, kw, sh, sw, pt, pl,
-                               ph, pw, psh, psw, ppt, ppl, relu, need_dx):
+def conv2d_pool_backward_small(
+    x,
+    wt,
+    pooled,
+    oh,
+    ow,
+    dpool,
+    arg,
+    dx,
+    dwt_part,
+    db_part,
+    kh,
+    kw,
+    sh,
+    sw,
+    pt,
+    pl,
+    ph,
+    pw,
+    psh,
+    psw,
+    ppt,
+    ppl,
+    relu,
+    need_dx,
+):
     """conv2d_pool_backward for a short reduction: outer products over the output channels."""
     n_img = x.shape[0]
     co_n = dpool.shape[3]
@@ -614,7 +793,9 @@ def conv2d_pool_backward_small(x, wt, pooled, oh, ow, dpool, arg, dx, dwt_part, 
                             ix = px * psw - ppl + wx
                             if ix < 0 or ix >= ow:
                                 continue
-                            if not _pooled_grads(dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec):
+                            if not _pooled_grads(
+                                dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec
+                            ):
                                 continue
                             _gather_patch(x, n, iy, ix, kh, kw, sh, sw, pt, pl, patch)
                             for k in range(kdim):
@@ -914,8 +1095,8 @@ def adam_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     f = p.dtype.type
     b1 = f(beta1)
     b2 = f(beta2)
-    c1 = f(1.0 / (1.0 - beta1 ** step))
-    c2 = f(1.0 / (1.0 - beta2 ** step))
+    c1 = f(1.0 / (1.0 - beta1**step))
+    c2 = f(1.0 / (1.0 - beta2**step))
     lr_f = f(lr)
     e = f(eps)
     decay = f(lr * weight_decay)

@@ -11,11 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-
 from convserve.core.architecture import LayerSpec
 from convserve.core.training import kernels as K
 
-ACTIVATION_CODES = {"linear": K.LINEAR, "relu": K.RELU, "tanh": K.TANH, "sigmoid": K.SIGMOID, "softmax": K.SOFTMAX}
+ACTIVATION_CODES = {
+    "linear": K.LINEAR,
+    "relu": K.RELU,
+    "tanh": K.TANH,
+    "sigmoid": K.SIGMOID,
+    "softmax": K.SOFTMAX,
+}
 
 Cache = Any
 Grads = dict[str, np.ndarray]
@@ -33,10 +38,14 @@ class Layer:
         """Parameter shapes in training layout, by short name (`kernel`, `bias`)."""
         return {}
 
-    def forward(self, x: np.ndarray, rng: np.random.Generator | None = None) -> tuple[np.ndarray, Cache]:
+    def forward(
+        self, x: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, Cache]:
         return x, None
 
-    def backward(self, dout: np.ndarray, cache: Cache, need_dx: bool = True) -> tuple[np.ndarray | None, Grads]:
+    def backward(
+        self, dout: np.ndarray, cache: Cache, need_dx: bool = True
+    ) -> tuple[np.ndarray | None, Grads]:
         return dout, {}
 
 
@@ -52,7 +61,12 @@ def _activation_grad(dout: np.ndarray, y: np.ndarray, code: int) -> np.ndarray:
         return dout
     dz = np.empty_like(y)
     rows = y.shape[0]
-    K.activation_backward(np.ascontiguousarray(dout).reshape(rows, -1), y.reshape(rows, -1), code, dz.reshape(rows, -1))
+    K.activation_backward(
+        np.ascontiguousarray(dout).reshape(rows, -1),
+        y.reshape(rows, -1),
+        code,
+        dz.reshape(rows, -1),
+    )
     return dz
 
 
@@ -93,7 +107,9 @@ class Conv2D(_WithActivation):
         bias = self._bias(x.dtype, s.filters)
         relu = self.effective_act == K.RELU
         if wd.shape[1] <= self.SMALL_K:
-            K.conv2d_forward_small(x, np.ascontiguousarray(wd.T), bias, out, *self._geometry(), relu)
+            K.conv2d_forward_small(
+                x, np.ascontiguousarray(wd.T), bias, out, *self._geometry(), relu
+            )
         else:
             K.conv2d_forward(x, wd, bias, out, *self._geometry(), relu)
         return _activate(out, self.effective_act, relu_done=True), (x, out)
@@ -107,7 +123,9 @@ class Conv2D(_WithActivation):
         dz = np.ascontiguousarray(dz)
         if wd.shape[1] <= self.SMALL_K:
             dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
-            K.conv2d_backward_small(x, np.ascontiguousarray(wd.T), dz, dx, dwt_part, db_part, *self._geometry(), need_dx)
+            K.conv2d_backward_small(
+                x, np.ascontiguousarray(wd.T), dz, dx, dwt_part, db_part, *self._geometry(), need_dx
+            )
             self.grads["kernel"][:] = dwt_part.sum(axis=0).T  # fixed order: numpy's pairwise sum
         else:
             dw_part = np.empty((K.NCHUNKS, *wd.shape), wd.dtype)
@@ -124,13 +142,19 @@ class Conv2D(_WithActivation):
     def can_fuse_pool_forward(self, pool: Layer) -> bool:
         """Whether `forward_pooled` may run this conv and the next max pool (windows tiling the output)."""
         ps = pool.spec
-        return (self.can_fuse_pool(pool) and ps.padding == "valid" and ps.strides == ps.pool_size)
+        return self.can_fuse_pool(pool) and ps.padding == "valid" and ps.strides == ps.pool_size
 
     def _first_layer_special(self, pool: Layer) -> bool:
         """1 input channel, 3x3 stride-1 conv, 2x2/2 valid max pool: the scalar-patch kernels apply."""
         s, ps = self.spec, pool.spec
-        return (s.input_shape[2] == 1 and s.kernel_size == (3, 3) and s.strides == (1, 1)
-                and ps.pool_size == (2, 2) and ps.strides == (2, 2) and ps.padding == "valid")
+        return (
+            s.input_shape[2] == 1
+            and s.kernel_size == (3, 3)
+            and s.strides == (1, 1)
+            and ps.pool_size == (2, 2)
+            and ps.strides == (2, 2)
+            and ps.padding == "valid"
+        )
 
     def forward_pooled(self, x, pool: MaxPool2D):
         """Forward of this conv (+ReLU) and the max pool after it; returns (pooled, conv cache, pool cache)."""
@@ -141,11 +165,31 @@ class Conv2D(_WithActivation):
         small = wd.shape[1] <= self.SMALL_K
         wt = np.ascontiguousarray(wd.T) if small else wd
         if small and self._first_layer_special(pool):
-            K.conv3x3c1_pool2_forward(x, wt, self._bias(x.dtype, s.filters), pooled, arg, s.output_shape[1],
-                                      s.pads[0], s.pads[2], self.effective_act == K.RELU)
+            K.conv3x3c1_pool2_forward(
+                x,
+                wt,
+                self._bias(x.dtype, s.filters),
+                pooled,
+                arg,
+                s.output_shape[1],
+                s.pads[0],
+                s.pads[2],
+                self.effective_act == K.RELU,
+            )
             return pooled, (x, None), (x.shape[:1] + s.output_shape, arg, pooled)
-        K.conv2d_pool_forward(x, wd, wt, self._bias(x.dtype, s.filters), pooled, arg, *s.output_shape[:2],
-                              *self._geometry(), *ps.pool_size, self.effective_act == K.RELU, small)
+        K.conv2d_pool_forward(
+            x,
+            wd,
+            wt,
+            self._bias(x.dtype, s.filters),
+            pooled,
+            arg,
+            *s.output_shape[:2],
+            *self._geometry(),
+            *ps.pool_size,
+            self.effective_act == K.RELU,
+            small,
+        )
         return pooled, (x, None), (x.shape[:1] + s.output_shape, arg, pooled)
 
     def backward_pooled(self, dpool, cache, pool: MaxPool2D, pool_cache, need_dx=True):
@@ -158,21 +202,51 @@ class Conv2D(_WithActivation):
         db_part = np.empty((K.NCHUNKS, wd.shape[0]), wd.dtype)
         dx = np.empty_like(x) if need_dx else np.empty((1, 1, 1, 1), x.dtype)
         dpool = np.ascontiguousarray(dpool)
-        geometry = (*self._geometry(), *ps.pool_size, *ps.strides, ps.pads[0], ps.pads[2],
-                    self.effective_act == K.RELU, need_dx)
+        geometry = (
+            *self._geometry(),
+            *ps.pool_size,
+            *ps.strides,
+            ps.pads[0],
+            ps.pads[2],
+            self.effective_act == K.RELU,
+            need_dx,
+        )
         if wd.shape[1] <= self.SMALL_K and not need_dx and self._first_layer_special(pool):
             dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
-            K.conv3x3c1_pool2_backward(x, pooled, dpool, arg, dwt_part, db_part, ow, self.spec.pads[0],
-                                       self.spec.pads[2], self.effective_act == K.RELU)
+            K.conv3x3c1_pool2_backward(
+                x,
+                pooled,
+                dpool,
+                arg,
+                dwt_part,
+                db_part,
+                ow,
+                self.spec.pads[0],
+                self.spec.pads[2],
+                self.effective_act == K.RELU,
+            )
             self.grads["kernel"][:] = dwt_part.sum(axis=0).T
         elif wd.shape[1] <= self.SMALL_K:
             dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
-            K.conv2d_pool_backward_small(x, np.ascontiguousarray(wd.T), pooled, oh, ow, dpool, arg, dx, dwt_part,
-                                         db_part, *geometry)
+            K.conv2d_pool_backward_small(
+                x,
+                np.ascontiguousarray(wd.T),
+                pooled,
+                oh,
+                ow,
+                dpool,
+                arg,
+                dx,
+                dwt_part,
+                db_part,
+                *geometry,
+            )
             self.grads["kernel"][:] = dwt_part.sum(axis=0).T
         else:
             dw_part = np.empty((K.NCHUNKS, *wd.shape), wd.dtype)
-            K.conv2d_pool_backward(x, wd, pooled, oh, ow, dpool, arg, dx, dw_part, db_part, *geometry)
+            K.conv2d_pool_backward(
+                x, wd, pooled, oh, ow, dpool, arg, dx, dw_part, db_part, *geometry
+            )
             K.sum_partials(dw_part.reshape(K.NCHUNKS, -1), self.grads["kernel"].reshape(-1))
         if self.spec.use_bias:
             K.sum_partials(db_part, self.grads["bias"])
@@ -188,8 +262,13 @@ class Dense(_WithActivation):
 
     def forward(self, x, rng=None):
         out = np.empty((x.shape[0], self.spec.units), x.dtype)
-        K.dense_forward(x, self.params["kernel"], self._bias(x.dtype, self.spec.units), out,
-                        self.effective_act == K.RELU)
+        K.dense_forward(
+            x,
+            self.params["kernel"],
+            self._bias(x.dtype, self.spec.units),
+            out,
+            self.effective_act == K.RELU,
+        )
         return _activate(out, self.effective_act, relu_done=True), (x, out)
 
     def backward(self, dout, cache, need_dx=True):
@@ -238,7 +317,9 @@ class AvgPool2D(Layer):
     def backward(self, dout, cache, need_dx=True):
         s = self.spec
         dx = np.empty(cache, dout.dtype)
-        K.avgpool_backward(np.ascontiguousarray(dout), dx, *s.pool_size, *s.strides, s.pads[0], s.pads[2])
+        K.avgpool_backward(
+            np.ascontiguousarray(dout), dx, *s.pool_size, *s.strides, s.pads[0], s.pads[2]
+        )
         return dx, {}
 
 

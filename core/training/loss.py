@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from convserve.core.training import kernels as K
 
 
@@ -11,5 +10,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
     """Mean loss over the batch, number of correct argmax predictions, and d(mean loss)/d(logits)."""
     logits = np.ascontiguousarray(logits)
     dlogits = np.empty_like(logits)
-    total, correct = K.softmax_cross_entropy(logits, np.ascontiguousarray(labels, np.int64), dlogits)
+    total, correct = K.softmax_cross_entropy(
+        logits, np.ascontiguousarray(labels, np.int64), dlogits
+    )
     return total / len(logits), int(correct), dlogits

@@ -7,7 +7,6 @@ The flat buffers make the optimizer a single kernel call and checkpoints a few t
 from __future__ import annotations
 
 import numpy as np
-
 from convserve.core.architecture import Architecture
 from convserve.core.training import kernels as K
 from convserve.core.training.init import init_kernel
@@ -40,7 +39,9 @@ class Network:
             layer.grads[name] = self.grads[where].reshape(shape)
         arch = architecture
         self._scale = (np.float32(arch.scale) / np.asarray(arch.std, np.float32)).astype(np.float32)
-        self._shift = (-np.asarray(arch.mean, np.float32) / np.asarray(arch.std, np.float32)).astype(np.float32)
+        self._shift = (
+            -np.asarray(arch.mean, np.float32) / np.asarray(arch.std, np.float32)
+        ).astype(np.float32)
 
     @property
     def size(self) -> int:
@@ -85,7 +86,9 @@ class Network:
         x += self._shift
         return x if self.dtype == np.float32 else x.astype(self.dtype)
 
-    def forward(self, x: np.ndarray, rng: np.random.Generator | None = None, fuse: bool = True) -> tuple[np.ndarray, list]:
+    def forward(
+        self, x: np.ndarray, rng: np.random.Generator | None = None, fuse: bool = True
+    ) -> tuple[np.ndarray, list]:
         """Train-mode forward (dropout active when rng is given); returns (logits, caches).
 
         With a fused final softmax the output is the logits, otherwise the last layer's output.
@@ -97,7 +100,12 @@ class Network:
         while i < len(self.layers):
             layer = self.layers[i]
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            if fuse and isinstance(layer, Conv2D) and nxt is not None and layer.can_fuse_pool_forward(nxt):
+            if (
+                fuse
+                and isinstance(layer, Conv2D)
+                and nxt is not None
+                and layer.can_fuse_pool_forward(nxt)
+            ):
                 x, conv_cache, pool_cache = layer.forward_pooled(x, nxt)
                 caches += [conv_cache, pool_cache]
                 i += 2
@@ -124,7 +132,9 @@ class Network:
                 dout, _ = layer.backward(dout, caches[i], need_dx=i > 0)
                 i -= 1
 
-    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator | None = None) -> tuple[float, int]:
+    def loss_and_grad(
+        self, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[float, int]:
         """Mean softmax cross-entropy over the batch; fills `grads`. Returns (summed loss, correct)."""
         out, caches = self.forward(x, rng)
         dlogits = np.empty_like(out)

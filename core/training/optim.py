@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from convserve.core.training import kernels as K
 
 OPTIMIZERS = ("adam", "sgd")
@@ -35,8 +34,15 @@ class Adam(Optimizer):
 
     name = "adam"
 
-    def __init__(self, size: int, dtype: np.dtype = np.float32, beta1: float = 0.9, beta2: float = 0.999,
-                 eps: float = 1e-7, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        size: int,
+        dtype: np.dtype = np.float32,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-7,
+        weight_decay: float = 0.0,
+    ):
         super().__init__(size, dtype)
         self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
         self.m = np.zeros(size, dtype)
@@ -44,7 +50,18 @@ class Adam(Optimizer):
 
     def step(self, params, grads, lr):
         self.t += 1
-        K.adam_step(params, grads, self.m, self.v, lr, self.beta1, self.beta2, self.eps, self.weight_decay, self.t)
+        K.adam_step(
+            params,
+            grads,
+            self.m,
+            self.v,
+            lr,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.t,
+        )
 
     def state(self):
         return {"adam.m": self.m, "adam.v": self.v}
@@ -55,22 +72,37 @@ class SGD(Optimizer):
 
     name = "sgd"
 
-    def __init__(self, size: int, dtype: np.dtype = np.float32, momentum: float = 0.9, nesterov: bool = False,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        size: int,
+        dtype: np.dtype = np.float32,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
         super().__init__(size, dtype)
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
         self.velocity = np.zeros(size, dtype)
 
     def step(self, params, grads, lr):
         self.t += 1
-        K.sgd_step(params, grads, self.velocity, lr, self.momentum, self.nesterov, self.weight_decay)
+        K.sgd_step(
+            params, grads, self.velocity, lr, self.momentum, self.nesterov, self.weight_decay
+        )
 
     def state(self):
         return {"sgd.velocity": self.velocity}
 
 
-def make_optimizer(name: str, size: int, dtype: np.dtype = np.float32, *, momentum: float = 0.9,
-                   nesterov: bool = False, weight_decay: float = 0.0) -> Optimizer:
+def make_optimizer(
+    name: str,
+    size: int,
+    dtype: np.dtype = np.float32,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> Optimizer:
     if name == "adam":
         return Adam(size, dtype, weight_decay=weight_decay)
     if name == "sgd":

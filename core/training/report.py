@@ -10,10 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from convserve.core.modelfile import atomic_write
 
-HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds", "images_per_second")
+HISTORY_FIELDS = (
+    "epoch",
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "seconds",
+    "images_per_second",
+)
 
 
 def write_history(path: str | os.PathLike, history: list[dict[str, Any]]) -> None:
@@ -44,7 +52,9 @@ def plot_history(path: str | os.PathLike, history: list[dict[str, Any]], title: 
     for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
         ax.plot(epochs, [h[key] for h in history], "o-", label=f"training {label}")
         if any(h.get(f"val_{key}") is not None for h in history):
-            ax.plot(epochs, [h.get(f"val_{key}") for h in history], "s-", label=f"validation {label}")
+            ax.plot(
+                epochs, [h.get(f"val_{key}") for h in history], "s-", label=f"validation {label}"
+            )
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -25,7 +25,9 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"unknown learning-rate schedule {self.kind!r}; choose one of {', '.join(SCHEDULES)}")
+            raise ValueError(
+                f"unknown learning-rate schedule {self.kind!r}; choose one of {', '.join(SCHEDULES)}"
+            )
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"learning rate must be a positive number, got {self.lr}")
         if self.step_epochs < 1:

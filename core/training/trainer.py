@@ -13,13 +13,12 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import numpy as np
-
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.datasets import Dataset, check_against, load_dataset, split_validation
 from convserve.core.errors import ModelError
@@ -29,7 +28,12 @@ from convserve.core.training import kernels as K
 from convserve.core.training.checkpoint import load_checkpoint, save_checkpoint
 from convserve.core.training.network import Network
 from convserve.core.training.optim import OPTIMIZERS, make_optimizer
-from convserve.core.training.report import confusion_matrix, format_confusion, plot_history, write_history
+from convserve.core.training.report import (
+    confusion_matrix,
+    format_confusion,
+    plot_history,
+    write_history,
+)
 from convserve.core.training.schedule import Schedule
 
 # Purposes mixed into the seed, so each random stream is independent of the others.
@@ -61,7 +65,9 @@ class TrainConfig:
         if self.lr is None:
             self.lr = 1e-3 if self.optimizer == "adam" else 1e-2
         if self.optimizer not in OPTIMIZERS:
-            raise ModelError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            raise ModelError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -69,7 +75,9 @@ class TrainConfig:
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ModelError(f"lr must be a positive number, got {self.lr!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ModelError(f"weight_decay must be >= 0 and momentum in [0, 1); got {self.weight_decay}, {self.momentum}")
+            raise ModelError(
+                f"weight_decay must be >= 0 and momentum in [0, 1); got {self.weight_decay}, {self.momentum}"
+            )
 
 
 @dataclass
@@ -85,8 +93,10 @@ class TrainingInterrupted(Exception):
     """Ctrl-C during training: a checkpoint was saved at `checkpoint`."""
 
     def __init__(self, checkpoint: Path, epoch: int, step: int):
-        super().__init__(f"interrupted at epoch {epoch + 1}, step {step}; checkpoint saved to {checkpoint} "
-                         f"(continue with --resume {checkpoint})")
+        super().__init__(
+            f"interrupted at epoch {epoch + 1}, step {step}; checkpoint saved to {checkpoint} "
+            f"(continue with --resume {checkpoint})"
+        )
         self.checkpoint, self.epoch, self.step = checkpoint, epoch, step
 
 
@@ -101,21 +111,28 @@ def resolve_architecture(arch: str | dict[str, Any] | Architecture) -> dict[str,
         return preset(name)
     path = Path(name)
     if not path.is_file():
-        raise ModelError(f"architecture {name!r}: not a preset ({', '.join(PRESET_NAMES)}) and no such file")
+        raise ModelError(
+            f"architecture {name!r}: not a preset ({', '.join(PRESET_NAMES)}) and no such file"
+        )
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"architecture file {path}: not valid JSON: {exc}") from None
 
 
-def evaluate(network: Network, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> tuple[float, float, np.ndarray]:
+def evaluate(
+    network: Network, images: np.ndarray, labels: np.ndarray, batch_size: int = 500
+) -> tuple[float, float, np.ndarray]:
     """(mean loss, accuracy, predicted classes) of the network on raw images."""
     total, predictions = 0.0, np.empty(len(images), np.int64)
     for start in range(0, len(images), batch_size):
         x = network.preprocess(images[start : start + batch_size])
         logits = network.logits(x)
-        loss_sum, _ = K.softmax_cross_entropy(logits, np.ascontiguousarray(labels[start : start + batch_size], np.int64),
-                                              np.empty_like(logits))
+        loss_sum, _ = K.softmax_cross_entropy(
+            logits,
+            np.ascontiguousarray(labels[start : start + batch_size], np.int64),
+            np.empty_like(logits),
+        )
         total += loss_sum
         predictions[start : start + len(x)] = logits.argmax(axis=1)
     return total / len(images), float(np.mean(predictions == labels)), predictions
@@ -130,7 +147,10 @@ class _InterruptFlag:
 
     def __enter__(self) -> _InterruptFlag:
         # Not where SIGINT is ignored (e.g. started in the background with nohup).
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        ):
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -148,8 +168,11 @@ def _default_paths(out: Path | None) -> tuple[Path | None, Path | None, Path | N
     if out is None:
         return None, None, None
     stem = out.name.removesuffix(".safetensors")
-    return (out.with_name(stem + ".checkpoint.safetensors"), out.with_name(stem + ".history.csv"),
-            out.with_name(stem + ".history.png"))
+    return (
+        out.with_name(stem + ".checkpoint.safetensors"),
+        out.with_name(stem + ".history.csv"),
+        out.with_name(stem + ".history.png"),
+    )
 
 
 def fit(
@@ -181,7 +204,13 @@ def fit(
     hist_path = Path(history_path) if history_path else default_hist
     png_path = None if plot_path is False else (Path(plot_path) if plot_path else default_plot)
 
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "optimizer_t": 0, "history": [], "running": [0.0, 0, 0]}
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "step": 0,
+        "optimizer_t": 0,
+        "history": [],
+        "running": [0.0, 0, 0],
+    }
     resumed: dict[str, np.ndarray] | None = None
     if resume is not None:
         doc, resumed, state = load_checkpoint(resume)
@@ -192,9 +221,15 @@ def fit(
         config = TrainConfig(**base)
     else:
         if architecture is None:
-            raise ModelError("an architecture is needed (preset name, JSON file or document) unless resuming")
+            raise ModelError(
+                "an architecture is needed (preset name, JSON file or document) unless resuming"
+            )
         doc = resolve_architecture(architecture)
-        config = dataclasses.replace(config or TrainConfig(), **overrides) if overrides else (config or TrainConfig())
+        config = (
+            dataclasses.replace(config or TrainConfig(), **overrides)
+            if overrides
+            else (config or TrainConfig())
+        )
         if overrides:
             config.__post_init__()
     arch = parse_architecture(doc)
@@ -202,10 +237,16 @@ def fit(
     dataset = data if isinstance(data, Dataset) else load_dataset(data)
     check_against(dataset, arch.input_shape, arch.num_outputs)
     if dataset.x_test is not None:
-        x_train, y_train, x_val, y_val = dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test
+        x_train, y_train, x_val, y_val = (
+            dataset.x_train,
+            dataset.y_train,
+            dataset.x_test,
+            dataset.y_test,
+        )
     elif config.validation_split:
-        x_train, y_train, x_val, y_val = split_validation(dataset.x_train, dataset.y_train,
-                                                          config.validation_split, config.seed)
+        x_train, y_train, x_val, y_val = split_validation(
+            dataset.x_train, dataset.y_train, config.validation_split, config.seed
+        )
     else:
         x_train, y_train, x_val, y_val = dataset.x_train, dataset.y_train, None, None
 
@@ -213,13 +254,28 @@ def fit(
     network.initialize(np.random.default_rng([config.seed, _INIT]), config.init)
     n_train = len(x_train)
     steps = math.ceil(n_train / config.batch_size)
-    schedule = Schedule(config.schedule, config.lr, steps, config.epochs, config.step_epochs, config.gamma,
-                        config.warmup_steps)
-    optimizer = make_optimizer(config.optimizer, network.size, network.dtype, momentum=config.momentum,
-                               nesterov=config.nesterov, weight_decay=config.weight_decay)
+    schedule = Schedule(
+        config.schedule,
+        config.lr,
+        steps,
+        config.epochs,
+        config.step_epochs,
+        config.gamma,
+        config.warmup_steps,
+    )
+    optimizer = make_optimizer(
+        config.optimizer,
+        network.size,
+        network.dtype,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
     if resumed is not None:
         if resumed["params"].shape != network.params.shape:
-            raise ModelError(f"checkpoint {resume}: 'params' has {resumed['params'].size} values, expected {network.size}")
+            raise ModelError(
+                f"checkpoint {resume}: 'params' has {resumed['params'].size} values, expected {network.size}"
+            )
         network.params[:] = resumed["params"]
         try:
             optimizer.load_state(resumed, state["optimizer_t"])
@@ -227,14 +283,27 @@ def fit(
             raise ModelError(f"checkpoint {resume}: {exc}") from None
         log(f"resuming from {resume}: epoch {state['epoch'] + 1}, step {state['step']}")
     history: list[dict[str, Any]] = state["history"]
-    needs_rng = config.flip or any(layer.type == "dropout" and layer.rate > 0 for layer in arch.layers)
+    needs_rng = config.flip or any(
+        layer.type == "dropout" and layer.rate > 0 for layer in arch.layers
+    )
 
     def snapshot(epoch: int, step: int, running: list) -> None:
         if ckpt_path is None:
             return
-        save_checkpoint(ckpt_path, doc, network.params, optimizer.state(), {
-            "epoch": epoch, "step": step, "optimizer_t": optimizer.t, "history": history,
-            "running": running, "config": dataclasses.asdict(config)})
+        save_checkpoint(
+            ckpt_path,
+            doc,
+            network.params,
+            optimizer.state(),
+            {
+                "epoch": epoch,
+                "step": step,
+                "optimizer_t": optimizer.t,
+                "history": history,
+                "running": running,
+                "config": dataclasses.asdict(config),
+            },
+        )
 
     from tqdm import tqdm
 
@@ -244,8 +313,15 @@ def fit(
             start_step = state["step"] if epoch == state["epoch"] else 0
             loss_sum, correct, seen = state["running"] if epoch == state["epoch"] else (0.0, 0, 0)
             order = np.random.default_rng([config.seed, _SHUFFLE, epoch]).permutation(n_train)
-            bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                       disable=not progress, dynamic_ncols=True, leave=True)
+            bar = tqdm(
+                total=steps,
+                initial=start_step,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                unit="batch",
+                disable=not progress,
+                dynamic_ncols=True,
+                leave=True,
+            )
             started = time.perf_counter()
             trained = 0
             lr = schedule(epoch * steps + start_step)
@@ -256,7 +332,9 @@ def fit(
                     raise TrainingInterrupted(ckpt_path, epoch, step)
                 idx = order[step * config.batch_size : (step + 1) * config.batch_size]
                 x = network.preprocess(x_train[idx])
-                rng = np.random.default_rng([config.seed, _STEP, epoch, step]) if needs_rng else None
+                rng = (
+                    np.random.default_rng([config.seed, _STEP, epoch, step]) if needs_rng else None
+                )
                 if config.flip:
                     flipped = rng.random(len(x)) < 0.5
                     x[flipped] = x[flipped, :, ::-1]
@@ -270,28 +348,45 @@ def fit(
                 bar.update(1)
                 if step % 20 == 0 or step == steps - 1:
                     rate = trained / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f} {rate:,.0f} img/s",
-                                        refresh=False)
+                    bar.set_postfix_str(
+                        f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f} {rate:,.0f} img/s",
+                        refresh=False,
+                    )
             bar.close()
             seconds = time.perf_counter() - started
             record: dict[str, Any] = {
-                "epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen, "val_loss": None,
-                "val_accuracy": None, "lr": lr, "seconds": round(seconds, 3),
+                "epoch": epoch + 1,
+                "loss": loss_sum / seen,
+                "accuracy": correct / seen,
+                "val_loss": None,
+                "val_accuracy": None,
+                "lr": lr,
+                "seconds": round(seconds, 3),
                 "images_per_second": round(trained / seconds, 1),
             }
             if x_val is not None:
-                record["val_loss"], record["val_accuracy"], predictions = evaluate(network, x_val, y_val,
-                                                                                   config.eval_batch_size)
+                record["val_loss"], record["val_accuracy"], predictions = evaluate(
+                    network, x_val, y_val, config.eval_batch_size
+                )
             history.append(record)
-            val = (f", val_loss {record['val_loss']:.4f}, val_accuracy {record['val_accuracy']:.4f}"
-                   if x_val is not None else "")
-            log(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, accuracy {record['accuracy']:.4f}{val}; "
-                f"{seconds:.1f} s ({record['images_per_second']:,.0f} img/s), lr {lr:.3g}")
+            val = (
+                f", val_loss {record['val_loss']:.4f}, val_accuracy {record['val_accuracy']:.4f}"
+                if x_val is not None
+                else ""
+            )
+            log(
+                f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, accuracy {record['accuracy']:.4f}{val}; "
+                f"{seconds:.1f} s ({record['images_per_second']:,.0f} img/s), lr {lr:.3g}"
+            )
             snapshot(epoch + 1, 0, [0.0, 0, 0])
             if hist_path is not None:
                 write_history(hist_path, history)
             if png_path is not None:
-                plot_history(png_path, history, title=f"{arch.name} on {Path(dataset.source).name or dataset.source}")
+                plot_history(
+                    png_path,
+                    history,
+                    title=f"{arch.name} on {Path(dataset.source).name or dataset.source}",
+                )
 
     model = Model(doc, network.to_weights())
     if out is not None:

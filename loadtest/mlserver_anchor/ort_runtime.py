@@ -24,13 +24,16 @@ class OrtRuntime(MLModel):
         self.std = np.asarray(pre["std"], np.float32)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 2
-        self.session = ort.InferenceSession(self.settings.parameters.uri, options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            self.settings.parameters.uri, options, providers=["CPUExecutionProvider"]
+        )
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
         pixels = NumpyCodec.decode_input(payload.inputs[0]).astype(np.float32)
         x = (pixels * self.scale - self.mean) / self.std
         probs = self.session.run(["output"], {"input": x})[0]
-        return InferenceResponse(model_name=self.name,
-                                 outputs=[NumpyCodec.encode_output(name="probabilities", payload=probs)])
+        return InferenceResponse(
+            model_name=self.name,
+            outputs=[NumpyCodec.encode_output(name="probabilities", payload=probs)],
+        )
