@@ -187,6 +187,44 @@ OPTIONS: tuple[Option, ...] = (
         "and max(1, cores / N) Numba threads; metrics are summed over them (needs a fixed --port)",
         "N",
     ),
+    Option(
+        "--max-connection-age-secs",
+        _nonneg_float,
+        60.0,
+        "close each client connection after about this long (gRPC adds up to 10 percent jitter) so clients "
+        "reconnect, re-resolve DNS and spread over new replicas (0: never)",
+        "S",
+    ),
+    Option(
+        "--max-connection-age-grace-secs",
+        _nonneg_float,
+        float("inf"),
+        "how long calls already running on a connection closed by --max-connection-age-secs may "
+        "take to finish (inf: as long as they need; new calls move to a new connection at once)",
+        "S",
+    ),
+    Option(
+        "--keepalive-time-secs",
+        _nonneg_float,
+        30.0,
+        "ping each client connection after this long without traffic, to find dead peers (0: never)",
+        "S",
+    ),
+    Option(
+        "--keepalive-timeout-secs",
+        _nonneg_float,
+        10.0,
+        "drop a connection whose keepalive ping is not answered within this many seconds",
+        "S",
+    ),
+    Option(
+        "--keepalive-min-client-interval-secs",
+        _nonneg_float,
+        10.0,
+        "clients may send keepalive pings this often, also between calls; a client pinging more "
+        "often is disconnected (GOAWAY too_many_pings)",
+        "S",
+    ),
 )
 
 
@@ -211,6 +249,11 @@ class ServerConfig:
     skip_bad_models: bool = False
     log_level: str = "INFO"
     workers: int = 1
+    max_connection_age_secs: float = 60.0
+    max_connection_age_grace_secs: float = float("inf")
+    keepalive_time_secs: float = 30.0
+    keepalive_timeout_secs: float = 10.0
+    keepalive_min_client_interval_secs: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
