@@ -207,7 +207,8 @@ OPTIONS: tuple[Option, ...] = (
         "--keepalive-time-secs",
         _nonneg_float,
         30.0,
-        "ping each client connection after this long without traffic, to find dead peers (0: never)",
+        "send a keepalive ping on each client connection (idle ones too) every this many seconds, "
+        "to find and drop dead peers (0: never)",
         "S",
     ),
     Option(
