@@ -151,22 +151,17 @@ def test_connection_options_defaults_and_flags():
         parse(["--max-connection-age-secs", "-1"])
 
 
+def small_server(repository, *flags: str) -> h.Server:
+    """A ready server of one small model, warmed for batch 1, no drain window, no metrics."""
+    h.write_model(repository / "m" / "1" / "model.safetensors", "lenet5", seed=3)
+    flags = ("--warmup-batch-sizes", "1", "--drain-seconds", "0", *flags)
+    return h.Server(repository, *flags, metrics=False).wait_ready()
+
+
 def test_server_closes_connections_at_their_max_age(tmp_path):
     """The server sends GOAWAY after --max-connection-age-secs: the client's channel goes IDLE
     (it reconnects, and re-resolves its name, on the next call) and calls keep working."""
-    h.write_model(tmp_path / "m" / "1" / "model.safetensors", "lenet5", seed=3)
-    server = h.Server(
-        tmp_path,
-        "--max-connection-age-secs",
-        "1",
-        "--max-connection-age-grace-secs",
-        "1",
-        "--warmup-batch-sizes",
-        "1",
-        "--drain-seconds",
-        "0",
-        metrics=False,
-    ).wait_ready()
+    server = small_server(tmp_path, "--max-connection-age-secs", "1")
     api, channel = h.stub(server.target)
     states: list[grpc.ChannelConnectivity] = []
     try:
@@ -189,21 +184,11 @@ def test_keepalive_drops_a_peer_that_stops_answering(tmp_path):
     they go unanswered."""
     import socket
 
-    h.write_model(tmp_path / "m" / "1" / "model.safetensors", "lenet5", seed=4)
-    server = h.Server(
+    server = small_server(
         tmp_path,
-        "--keepalive-time-secs",
-        "1",
-        "--keepalive-timeout-secs",
-        "1",
-        "--max-connection-age-secs",
-        "0",  # only keepalive may close the connection here
-        "--warmup-batch-sizes",
-        "1",
-        "--drain-seconds",
-        "0",
-        metrics=False,
-    ).wait_ready()
+        *("--keepalive-time-secs", "1", "--keepalive-timeout-secs", "1"),
+        *("--max-connection-age-secs", "0"),  # only keepalive may close the connection here
+    )
     frames: list[int] = []  # HTTP/2 frame types received: 4 SETTINGS, 6 PING, 7 GOAWAY
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as peer:
