@@ -34,8 +34,8 @@ fi
 files=()
 for f in deploy/kubernetes/*.yaml; do [ "$(basename "$f")" = kustomization.yaml ] || files+=("$f"); done
 for version in "$OLDEST_SUPPORTED" "$NEWEST"; do
-  kubernetes-validate --strict --quiet -k "$version" "${rendered[@]}" "${files[@]}"
+  python3 -m kubernetes_validate --strict --quiet -k "$version" "${rendered[@]}" "${files[@]}"
   echo "== kubernetes-validate --strict -k $version: deploy/kubernetes passed"
 done
 # KServe resources: the validator has no schema for their CRDs and says so (warning, exit 0).
-kubernetes-validate --strict -k "$NEWEST" deploy/kserve/*.yaml 2>&1 | sed 's/^/== kserve: /'
+python3 -m kubernetes_validate --strict -k "$NEWEST" deploy/kserve/*.yaml 2>&1 | sed 's/^/== kserve: /'
