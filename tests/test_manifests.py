@@ -17,10 +17,9 @@ import argparse
 import copy
 from pathlib import Path
 
+import kubernetes_validate as kv
 import pytest
 import yaml
-
-kv = pytest.importorskip("kubernetes_validate", reason="pip install -e .[test]")
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"

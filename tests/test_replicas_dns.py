@@ -21,10 +21,8 @@ import pytest
 from convserve.client import Client
 
 from tests.client_servers import statistics, write_repository
+from tests.dns_stand_in import DnsStandIn
 from tests.server_harness import Server, free_port, images
-
-pytest.importorskip("dnslib", reason="the DNS stand-in needs dnslib (pip install -e .[test])")
-from tests.dns_stand_in import DnsStandIn  # noqa: E402
 
 MODEL = "fashion_mnist"
 NAME = "convserve.test"
