@@ -95,3 +95,15 @@ def test_no_reference_to_notes_outside_the_repository():
             text = path.read_text(errors="replace")
             hits += [f"{path.relative_to(ROOT)}" for _ in pattern.finditer(text)]
     assert not hits, f"the repository must not point at notes outside it: {sorted(set(hits))}"
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """The second quick-start command is exactly what CI runs, so a green CI proves it."""
+    readme = README.read_text()
+    quick = readme[readme.index("## Quick start") :]
+    blocks = re.findall(r"```sh\n(.*?)\n```", quick, re.S)
+    test_command = next(b for b in blocks if "pytest" in b)
+    ci = (ROOT / ".ci" / "run").read_text()
+    start = ci.index("# readme-test-command:start\n") + len("# readme-test-command:start\n")
+    ci_command = ci[start : ci.index("# readme-test-command:end")]
+    assert ci_command.split(" \\\n")[0] == test_command
