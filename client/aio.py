@@ -64,7 +64,10 @@ class AsyncClient(ClientBase):
     async def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
         rpc: Callable[..., Awaitable[Any]] = getattr(self._stub, method)
         return await call_async(
-            lambda seconds: rpc(request, timeout=seconds), self._policy(retry), deadline, method
+            lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata),
+            self._policy(retry),
+            deadline,
+            method,
         )
 
     async def _model(self, model: str | None, deadline: Deadline) -> str:
@@ -75,7 +78,9 @@ class AsyncClient(ClientBase):
         request = pb.RepositoryIndexRequest()
 
         async def choose(seconds: float) -> str:
-            return self._choose_model(await self._stub.RepositoryIndex(request, timeout=seconds))
+            return self._choose_model(
+                await self._stub.RepositoryIndex(request, timeout=seconds, metadata=self._metadata)
+            )
 
         try:
             return await call_async(choose, self.retry, deadline, "RepositoryIndex")

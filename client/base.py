@@ -15,6 +15,7 @@ import numpy as np
 from convserve.proto import grpc_service_pb2 as pb
 
 from . import channel, protocol
+from . import credentials as tls
 from . import images as imaging
 from .errors import InferenceError
 from .protocol import ModelInfo, ModelVersionState, Prediction
@@ -36,6 +37,10 @@ class ClientBase:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         retries: int | RetryPolicy | None = DEFAULT_RETRIES,
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         concurrency: int = 4,
         options: Sequence[tuple[str, Any]] = (),
@@ -49,7 +54,13 @@ class ClientBase:
         self.timeout = float(timeout)
         self.retry = RetryPolicy.of(retries)
         self.concurrency = concurrency
-        self._credentials = credentials
+        if credentials is not None and (tls_ca_file or tls_cert_file or tls_key_file):
+            raise ValueError("pass either credentials= or the tls_* files, not both")
+        self._credentials = credentials or tls.channel_credentials(
+            tls_ca_file, tls_cert_file, tls_key_file
+        )
+        # sent with every call; never shown (repr, errors)
+        self._metadata = tls.token_metadata(token, self._credentials is not None, self.target)
         self._options = channel.options(round_robin, options)
         self._infos: dict[tuple[str, str], ModelInfo] = {}
         self._labels: dict[tuple[str, str], tuple[str, ...]] = {}

@@ -15,6 +15,36 @@ from typing import Any
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls-ca-file, --tls-cert-file, --tls-key-file and --token (TLS is on when a file is given)."""
+    group = parser.add_argument_group("security (TLS is on as soon as one --tls-* file is given)")
+    group.add_argument(
+        "--tls-ca-file",
+        metavar="FILE",
+        help="PEM CA that signed the server's certificate (default with TLS: the system's CAs)",
+    )
+    group.add_argument(
+        "--tls-cert-file", metavar="FILE", help="client certificate (PEM) for mutual TLS"
+    )
+    group.add_argument("--tls-key-file", metavar="FILE", help="its private key (PEM)")
+    group.add_argument(
+        "--token",
+        default=None,
+        help="bearer token (default: $CONVSERVE_TOKEN, which is better: other local users can see "
+        "command lines)",
+    )
+
+
+def security_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The Client's keyword arguments for the security flags."""
+    return {
+        "tls_ca_file": args.tls_ca_file,
+        "tls_cert_file": args.tls_cert_file,
+        "tls_key_file": args.tls_key_file,
+        "token": args.token,
+    }
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     target_help = (
         "server address host:port, several comma-separated, or dns:///name:port "
@@ -38,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     classify.add_argument(
         "--timeout", type=float, default=30.0, help="deadline in seconds (default: 30)"
     )
+    add_security_arguments(classify)
     classify.set_defaults(func=run_classify)
 
     health = subparsers.add_parser(
@@ -52,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     health.add_argument(
         "--timeout", type=float, default=2.0, help="deadline in seconds (default: 2)"
     )
+    add_security_arguments(health)
     health.set_defaults(func=run_health)
 
     models = subparsers.add_parser(
@@ -61,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument(
         "--timeout", type=float, default=10.0, help="deadline in seconds (default: 10)"
     )
+    add_security_arguments(models)
     models.set_defaults(func=run_models)
 
 
@@ -79,12 +112,19 @@ def format_table(
     return "\n".join(lines)
 
 
+def _quiet_grpc() -> None:
+    """Keep gRPC's own log lines (a failed TLS handshake, say) off the terminal: the command
+    prints one line of its own. Must run before grpc is first imported."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
 def _fail(command: str, message: str, code: int = EXIT_FAILED) -> int:
     print(f"convserve {command}: {message}", file=sys.stderr)
     return code
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from convserve.client import Client, InferenceError
 
     if args.top_k < 1:
@@ -93,7 +133,7 @@ def run_classify(args: argparse.Namespace) -> int:
     if missing:
         return _fail("classify", f"no such file: {', '.join(missing)}", EXIT_USAGE)
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, **security_arguments(args)) as client:
             results = client.classify(
                 args.images, top_k=args.top_k, model=args.model, version=args.version
             )
@@ -114,15 +154,29 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def run_health(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     import grpc
     from convserve.client.channel import default_target
+    from convserve.client.credentials import channel_credentials, token_metadata
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or default_target()
     try:
-        with grpc.insecure_channel(target) as channel:
+        # The health service needs no token; one given is sent anyway (a proxy may ask for it).
+        credentials = channel_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+        metadata = token_metadata(args.token, credentials is not None, target)
+    except ValueError as error:
+        return _fail("health", str(error), EXIT_USAGE)
+    try:
+        with (
+            grpc.insecure_channel(target)
+            if credentials is None
+            else grpc.secure_channel(target, credentials)
+        ) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+                metadata=metadata,
             )
     except grpc.RpcError as error:
         return _fail("health", f"{target}: {error.code().name}: {error.details()}")
@@ -140,10 +194,11 @@ def _shape(shape: Sequence[int]) -> str:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from convserve.client import Client, InferenceError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, **security_arguments(args)) as client:
             index = client.repository()
             names = sorted({m.name for m in index})
             rows, labels = [], {}

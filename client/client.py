@@ -34,8 +34,14 @@ class Client(ClientBase):
     with gRPC's round_robin policy), or a gRPC name such as "dns:///convserve:8001"; by default
     $CONVSERVE_TARGET or "localhost:8001". `timeout` is each call's deadline in seconds (every
     attempt and chunk included), `retries` how often UNAVAILABLE is retried (or a RetryPolicy),
-    `credentials` gRPC channel credentials for TLS (None: plaintext), `concurrency` how many
-    chunks of a large input are in flight at once. Failed calls raise InferenceError.
+    `concurrency` how many chunks of a large input are in flight at once. Failed calls raise
+    InferenceError.
+
+    Security: TLS is on when any `tls_*` file is given: `tls_ca_file` is the PEM CA that signed
+    the server's certificate (default: the system's CAs), `tls_cert_file` and `tls_key_file`
+    the client's certificate and key for mutual TLS. `token` is sent as `authorization: Bearer
+    <token>` (default: $CONVSERVE_TOKEN; "" sends none); without TLS only to a loopback target.
+    `credentials` (gRPC channel credentials) replaces the `tls_*` files for full control.
     """
 
     def _connect(self) -> None:
@@ -69,7 +75,10 @@ class Client(ClientBase):
     def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
         rpc: Callable[..., Any] = getattr(self._stub, method)
         return call(
-            lambda seconds: rpc(request, timeout=seconds), self._policy(retry), deadline, method
+            lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata),
+            self._policy(retry),
+            deadline,
+            method,
         )
 
     def _model(self, model: str | None, deadline: Deadline) -> str:
@@ -81,7 +90,7 @@ class Client(ClientBase):
         try:
             return call(
                 lambda seconds: self._choose_model(
-                    self._stub.RepositoryIndex(request, timeout=seconds)
+                    self._stub.RepositoryIndex(request, timeout=seconds, metadata=self._metadata)
                 ),
                 self.retry,
                 deadline,
