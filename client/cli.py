@@ -15,24 +15,27 @@ from typing import Any
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+SECURITY_FLAGS = (
+    (
+        "--tls-ca-file",
+        "FILE",
+        "PEM CA that signed the server's certificate (default with TLS: the system's CAs)",
+    ),
+    ("--tls-cert-file", "FILE", "client certificate (PEM) for mutual TLS"),
+    ("--tls-key-file", "FILE", "its private key (PEM)"),
+    (
+        "--token",
+        "TOKEN",
+        "bearer token (default: $CONVSERVE_TOKEN, which is better: other local users can see command lines)",
+    ),
+)
+
+
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     """--tls-ca-file, --tls-cert-file, --tls-key-file and --token (TLS is on when a file is given)."""
     group = parser.add_argument_group("security (TLS is on as soon as one --tls-* file is given)")
-    group.add_argument(
-        "--tls-ca-file",
-        metavar="FILE",
-        help="PEM CA that signed the server's certificate (default with TLS: the system's CAs)",
-    )
-    group.add_argument(
-        "--tls-cert-file", metavar="FILE", help="client certificate (PEM) for mutual TLS"
-    )
-    group.add_argument("--tls-key-file", metavar="FILE", help="its private key (PEM)")
-    group.add_argument(
-        "--token",
-        default=None,
-        help="bearer token (default: $CONVSERVE_TOKEN, which is better: other local users can see "
-        "command lines)",
-    )
+    for flag, metavar, text in SECURITY_FLAGS:
+        group.add_argument(flag, metavar=metavar, default=None, help=text)
 
 
 def security_arguments(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import asyncio
 import os
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 from convserve.server.security import SecurityError, load_tokens, refusal
 from tritonclient.utils import InferenceServerException
 
-from tests.client_servers import ROOT, example_files, write_repository
+from tests.client_servers import example_files, write_repository
 from tests.server_harness import Server, metric
+from tests.test_client_cli import convserve as run_convserve
 
 TOKEN = "s3cret-token-one"
 # Our clients in these tests use a channel of their own: gRPC may otherwise share one
@@ -120,6 +120,10 @@ class SecureServer(Server):
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
 
 
+def served_by(pair: Pair) -> list[str]:
+    return ["--tls-cert-file", str(pair.cert), "--tls-key-file", str(pair.key)]
+
+
 def start(request, repository: Path, log_dir: Path, *flags: str, **tls: object) -> SecureServer:
     server = SecureServer(repository, log_dir, *flags, **tls)
     request.addfinalizer(server.stop)
@@ -129,38 +133,17 @@ def start(request, repository: Path, log_dir: Path, *flags: str, **tls: object) 
 @pytest.fixture(scope="module")
 def tls_server(request, pki, repository, tmp_path_factory) -> SecureServer:
     """TLS, tokens required, /metrics over TLS."""
-    return start(
-        request,
-        repository,
-        tmp_path_factory.mktemp("logs"),
-        "--tls-cert-file",
-        str(pki.server.cert),
-        "--tls-key-file",
-        str(pki.server.key),
-        "--auth-token-file",
-        str(pki.tokens),
-        "--metrics-tls",
-        "true",
-        tls_ca_file=pki.ca,
-    )
+    flags = [*served_by(pki.server), "--auth-token-file", str(pki.tokens), "--metrics-tls", "true"]
+    return start(request, repository, tmp_path_factory.mktemp("logs"), *flags, tls_ca_file=pki.ca)
 
 
 @pytest.fixture(scope="module")
 def mtls_server(request, pki, repository, tmp_path_factory) -> SecureServer:
     """Mutual TLS, no tokens."""
+    flags = [*served_by(pki.server), "--tls-client-ca-file", str(pki.ca)]
+    client = {"tls_cert_file": pki.client.cert, "tls_key_file": pki.client.key}
     return start(
-        request,
-        repository,
-        tmp_path_factory.mktemp("logs"),
-        "--tls-cert-file",
-        str(pki.server.cert),
-        "--tls-key-file",
-        str(pki.server.key),
-        "--tls-client-ca-file",
-        str(pki.ca),
-        tls_ca_file=pki.ca,
-        tls_cert_file=pki.client.cert,
-        tls_key_file=pki.client.key,
+        request, repository, tmp_path_factory.mktemp("logs"), *flags, tls_ca_file=pki.ca, **client
     )
 
 
@@ -185,18 +168,9 @@ def triton_infer(client, headers: dict | None = None) -> int:
     return int(np.argmax(result.as_numpy("probabilities")[0]))
 
 
-def convserve(*args: str, token_env: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
-    if token_env is not None:
-        env["CONVSERVE_TOKEN"] = token_env
-    return subprocess.run(
-        [sys.executable, "-m", "convserve", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env=env,
-    )
+def convserve(*args: str, token_env: str = "") -> subprocess.CompletedProcess:
+    """`convserve ARGS` with $CONVSERVE_TOKEN set to `token_env` ("": no token)."""
+    return run_convserve(*args, env={"CONVSERVE_TOKEN": token_env})
 
 
 # -- TLS with tokens -----------------------------------------------------------------------
@@ -445,18 +419,8 @@ def test_certificate_and_token_rotation_without_restart(request, pki, repository
     pair.cert.write_bytes(pki.server.cert.read_bytes())
     pair.key.write_bytes(pki.server.key.read_bytes())
     tokens.write_text("old-token\n")
-    server = start(
-        request,
-        repository,
-        tmp_path,
-        "--tls-cert-file",
-        str(pair.cert),
-        "--tls-key-file",
-        str(pair.key),
-        "--auth-token-file",
-        str(tokens),
-        tls_ca_file=pki.ca,
-    )
+    flags = [*served_by(pair), "--auth-token-file", str(tokens)]
+    server = start(request, repository, tmp_path, *flags, tls_ca_file=pki.ca)
     pid = server.process.pid
     with server.client(token="old-token") as old_connection:
         assert old_connection.models() == ["fashion_mnist"]
@@ -473,9 +437,8 @@ def test_certificate_and_token_rotation_without_restart(request, pki, repository
                 return client.models()
 
         assert eventually(served_by_new_ca, "the new certificate", server) == ["fashion_mnist"]
-        with server.client(
-            token="old-token", retries=0, timeout=5
-        ) as stale:  # old CA, new connection
+        # a new connection that trusts only the old CA is refused now
+        with server.client(token="old-token", retries=0, timeout=5) as stale:
             with pytest.raises(InferenceError, match="CERTIFICATE_VERIFY_FAILED"):
                 stale.models()
 
