@@ -63,12 +63,15 @@ class AsyncClient(ClientBase):
 
     async def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
         rpc: Callable[..., Awaitable[Any]] = getattr(self._stub, method)
-        return await call_async(
-            lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata),
-            self._policy(retry),
-            deadline,
-            method,
-        )
+        try:
+            return await call_async(
+                lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata),
+                self._policy(retry),
+                deadline,
+                method,
+            )
+        except InferenceError as error:
+            raise self._explain(error) from None
 
     async def _model(self, model: str | None, deadline: Deadline) -> str:
         if model:
@@ -85,7 +88,7 @@ class AsyncClient(ClientBase):
         try:
             return await call_async(choose, self.retry, deadline, "RepositoryIndex")
         except InferenceError as error:
-            raise self._unlisted(error) from None
+            raise self._explain(self._unlisted(error)) from None
 
     async def _info(self, model: str, version: str, deadline: Deadline) -> ModelInfo:
         if (model, version) in self._infos:

@@ -59,8 +59,9 @@ class ClientBase:
         self._credentials = credentials or tls.channel_credentials(
             tls_ca_file, tls_cert_file, tls_key_file
         )
+        self._secure = self._credentials is not None
         # sent with every call; never shown (repr, errors)
-        self._metadata = tls.token_metadata(token, self._credentials is not None, self.target)
+        self._metadata = tls.token_metadata(token, self._secure, self.target)
         self._options = channel.options(round_robin, options)
         self._infos: dict[tuple[str, str], ModelInfo] = {}
         self._labels: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -87,6 +88,17 @@ class ClientBase:
         if error.code in UNREACHABLE:
             return False
         raise error
+
+    def _explain(self, error: InferenceError) -> InferenceError:
+        """The error, with a hint when a plaintext channel was closed (as a TLS server does)."""
+        if (
+            self._secure
+            or error.code != grpc.StatusCode.UNAVAILABLE
+            or "Socket closed" not in error.message
+        ):
+            return error
+        hint = "; if the server uses TLS, pass tls_ca_file (CLI: --tls-ca-file)"
+        return InferenceError(error.message + hint, error.code, attempts=error.attempts)
 
     def _ready_pause(self, deadline: Deadline, attempt: int, model: str | None) -> float:
         """Seconds to wait before readiness question `attempt + 1`; raises once time is up."""

@@ -182,7 +182,10 @@ def run_health(args: argparse.Namespace) -> int:
                 metadata=metadata,
             )
     except grpc.RpcError as error:
-        return _fail("health", f"{target}: {error.code().name}: {error.details()}")
+        details = error.details() or ""
+        if credentials is None and "Socket closed" in details:  # what a TLS port does to plaintext
+            details += "; if the server uses TLS, pass --tls-ca-file"
+        return _fail("health", f"{target}: {error.code().name}: {details}")
     except ValueError as error:  # e.g. an invalid timeout
         return _fail("health", str(error))
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -74,12 +74,15 @@ class Client(ClientBase):
 
     def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
         rpc: Callable[..., Any] = getattr(self._stub, method)
-        return call(
-            lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata),
-            self._policy(retry),
-            deadline,
-            method,
-        )
+        try:
+            return call(
+                lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata),
+                self._policy(retry),
+                deadline,
+                method,
+            )
+        except InferenceError as error:
+            raise self._explain(error) from None
 
     def _model(self, model: str | None, deadline: Deadline) -> str:
         if model:
@@ -97,7 +100,7 @@ class Client(ClientBase):
                 "RepositoryIndex",
             )
         except InferenceError as error:
-            raise self._unlisted(error) from None
+            raise self._explain(self._unlisted(error)) from None
 
     def _info(self, model: str, version: str, deadline: Deadline) -> ModelInfo:
         if (model, version) in self._infos:

@@ -139,8 +139,8 @@ def tls_server(request, pki, repository, tmp_path_factory) -> SecureServer:
 
 @pytest.fixture(scope="module")
 def mtls_server(request, pki, repository, tmp_path_factory) -> SecureServer:
-    """Mutual TLS, no tokens."""
-    flags = [*served_by(pki.server), "--tls-client-ca-file", str(pki.ca)]
+    """Mutual TLS (on /metrics too), no tokens."""
+    flags = [*served_by(pki.server), "--tls-client-ca-file", str(pki.ca), "--metrics-tls", "true"]
     client = {"tls_cert_file": pki.client.cert, "tls_key_file": pki.client.key}
     return start(
         request, repository, tmp_path_factory.mktemp("logs"), *flags, tls_ca_file=pki.ca, **client
@@ -290,6 +290,7 @@ def test_plaintext_client_on_tls_port_fails_cleanly(tls_server, pki):
         with pytest.raises(InferenceError) as error:
             client.models()
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "if the server uses TLS, pass tls_ca_file" in error.value.message
     with tls_server.client(token=TOKEN) as client:  # the server keeps serving
         assert client.models() == ["fashion_mnist"]
 
@@ -309,8 +310,10 @@ def test_client_trusting_another_ca_is_refused(tls_server, pki):
     assert "CERTIFICATE_VERIFY_FAILED" in error.value.message
 
 
-def metrics(server: SecureServer, pki: PKI) -> str:
+def metrics(server: SecureServer, pki: PKI, client: Pair | None = None) -> str:
     context = ssl.create_default_context(cafile=str(pki.ca))
+    if client is not None:
+        context.load_cert_chain(str(client.cert), str(client.key))
     url = f"https://127.0.0.1:{server.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10, context=context) as response:
         return response.read().decode()
@@ -338,6 +341,7 @@ def test_cli_over_tls(tls_server, pki):
     assert done.returncode == 0 and "SERVING" in done.stdout, done.stderr
     done = convserve("health", "--target", tls_server.target, "--timeout", "3")  # plaintext
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "pass --tls-ca-file" in done.stderr
 
 
 # -- mutual TLS ----------------------------------------------------------------------------
@@ -386,6 +390,13 @@ def test_mtls_refuses_clients_without_a_trusted_certificate(mtls_server, pki, wh
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
     with mtls_server.client() as client:
         assert client.is_live()
+
+
+def test_metrics_under_mtls_need_a_client_certificate(mtls_server, pki):
+    assert "convserve_server_ready 1.0" in metrics(mtls_server, pki, pki.client)
+    for stranger in (None, pki.stranger):
+        with pytest.raises(OSError):
+            metrics(mtls_server, pki, stranger)
 
 
 # -- rotation ------------------------------------------------------------------------------
