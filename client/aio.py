@@ -7,7 +7,6 @@ async with AsyncClient("localhost:8001") as client:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc.aio
@@ -62,14 +61,9 @@ class AsyncClient(ClientBase):
     # -- plumbing
 
     async def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
-        rpc: Callable[..., Awaitable[Any]] = getattr(self._stub, method)
+        attempt = self._attempt(getattr(self._stub, method), request)
         try:
-            return await call_async(
-                lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata),
-                self._policy(retry),
-                deadline,
-                method,
-            )
+            return await call_async(attempt, self._policy(retry), deadline, method)
         except InferenceError as error:
             raise self._explain(error) from None
 

@@ -7,7 +7,7 @@ requests and reading responses, lives here once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -78,6 +78,10 @@ class ClientBase:
 
     def _deadline(self, timeout: float | None) -> Deadline:
         return Deadline(self.timeout if timeout is None else timeout)
+
+    def _attempt(self, rpc: Callable[..., Any], request: Any) -> Callable[[float], Any]:
+        """One try of `rpc` with the seconds left, carrying the token metadata."""
+        return lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata)
 
     def _policy(self, retry: bool) -> RetryPolicy:
         return self.retry if retry else RetryPolicy(attempts=1)

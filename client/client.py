@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -73,14 +72,9 @@ class Client(ClientBase):
     # -- plumbing
 
     def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
-        rpc: Callable[..., Any] = getattr(self._stub, method)
+        attempt = self._attempt(getattr(self._stub, method), request)
         try:
-            return call(
-                lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata),
-                self._policy(retry),
-                deadline,
-                method,
-            )
+            return call(attempt, self._policy(retry), deadline, method)
         except InferenceError as error:
             raise self._explain(error) from None
 
