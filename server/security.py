@@ -202,7 +202,7 @@ class CertificateFiles(WatchedFiles[KeyPair]):
 def load_tokens(path: str) -> frozenset[bytes]:
     """SHA-256 digests of the tokens in `path`: one per line, blank lines and # comments ignored."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a token
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or exc

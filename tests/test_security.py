@@ -481,6 +481,22 @@ def test_certificate_and_token_rotation_without_restart(request, pki, repository
     assert "old-token" not in log and "new-token" not in log
 
 
+def test_workers_share_tls_tokens_and_metrics(request, pki, repository, tmp_path):
+    flags = ["--workers", "2", *served_by(pki.server), "--auth-token-file", str(pki.tokens)]
+    server = start(
+        request, repository, tmp_path, *flags, "--metrics-tls", "true", tls_ca_file=pki.ca
+    )
+    for _ in range(6):  # new connections, spread over both workers by the kernel
+        with server.client(token=TOKEN, timeout=60) as client:
+            client.wait_until_ready()
+            assert client.models() == ["fashion_mnist"]
+        with server.client(token="") as client:
+            with pytest.raises(InferenceError, match="UNAUTHENTICATED"):
+                client.models()
+    # the supervisor serves the workers' summed metrics over TLS
+    assert metric(metrics(server, pki), "convserve_auth_refusals_total", reason="missing") == 6
+
+
 # -- plaintext token for a loopback sidecar ------------------------------------------------
 
 
@@ -575,7 +591,7 @@ def test_every_misconfiguration_fails_start_up_with_one_line(pki, repository, tm
 
 def test_token_file_parsing_and_refusal_reasons(tmp_path):
     path = tmp_path / "tokens"
-    path.write_text("# comment\n\n  alpha  \nbeta\n#gamma\n")
+    path.write_text("\ufeff# comment\r\n\r\n  alpha  \r\nbeta\n#gamma\n", encoding="utf-8")
     known = load_tokens(str(path))
     assert len(known) == 2
     assert refusal((("authorization", "Bearer alpha"),), known) is None
