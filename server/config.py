@@ -340,7 +340,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def markdown_table() -> str:
-    """The option table as Markdown, for the README (a test checks that the two agree)."""
+    """The option table as Markdown, for docs/configuration.md (a test checks that the two agree)."""
     rows = ["| Flag | Variable | Default | Meaning |", "| --- | --- | --- | --- |"]
     for opt in OPTIONS:
         flag = f"{opt.flag} {opt.metavar}" if opt.metavar else opt.flag
