@@ -196,7 +196,23 @@ class InferenceServer:
             metrics.track_queue(lambda: batcher.queued_requests)
             return batcher
 
-        load = _in_daemon_thread(loop, repository.load, make_batcher, warmup, cfg.skip_bad_models)
+        from convserve.core.limits import Limits
+
+        limits = Limits(
+            cfg.max_parameters,
+            cfg.max_dimension,
+            cfg.max_image_activation_bytes,
+            cfg.max_batch_bytes,
+        )
+        load = _in_daemon_thread(
+            loop,
+            repository.load,
+            make_batcher,
+            warmup,
+            cfg.skip_bad_models,
+            limits,
+            cfg.max_batch_size,
+        )
         stop = asyncio.ensure_future(self._shutdown.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -267,7 +283,9 @@ class InferenceServer:
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0),
         ]
-        server = grpc.aio.server(options=options)
+        from convserve.server.wire import RawRequests
+
+        server = grpc.aio.server(options=options, interceptors=[RawRequests()])
         servicer = InferenceServicer(
             self.repository,
             self.state,

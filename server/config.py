@@ -187,6 +187,37 @@ OPTIONS: tuple[Option, ...] = (
         "and max(1, cores / N) Numba threads; metrics are summed over them (needs a fixed --port)",
         "N",
     ),
+    Option(
+        "--max-parameters",
+        _nonneg_int,
+        1_000_000_000,
+        "refuse a model with more weights than this at load (0: no limit)",
+        "N",
+    ),
+    Option(
+        "--max-dimension",
+        _nonneg_int,
+        65_536,
+        "refuse a model whose input or any layer output has a height, width, channel or unit "
+        "count above this (0: no limit)",
+        "N",
+    ),
+    Option(
+        "--max-image-activation-bytes",
+        _nonneg_int,
+        1 << 30,
+        "refuse a model whose widest layer needs more float32 activation bytes (input + output) "
+        "per image (0: no limit)",
+        "BYTES",
+    ),
+    Option(
+        "--max-batch-bytes",
+        _nonneg_int,
+        8 << 30,
+        "refuse a model whose batch of --max-batch-size images (inputs plus every image's "
+        "activations) would need more bytes (0: no limit)",
+        "BYTES",
+    ),
 )
 
 
@@ -211,6 +242,10 @@ class ServerConfig:
     skip_bad_models: bool = False
     log_level: str = "INFO"
     workers: int = 1
+    max_parameters: int = 1_000_000_000
+    max_dimension: int = 65_536
+    max_image_activation_bytes: int = 1 << 30
+    max_batch_bytes: int = 8 << 30
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
