@@ -26,7 +26,7 @@ class Limits:
     max_parameters: int = 1_000_000_000  # 4 GB of float32 weights
     max_dimension: int = 65_536  # any height, width, channel, filter or unit count
     max_image_activation_bytes: int = 1 * GIB  # largest layer input + output of one image
-    max_batch_bytes: int = 8 * GIB  # one batch: its inputs plus every image's activations
+    max_batch_bytes: int = 16 * GIB  # one batch: its inputs plus every image's activations
 
 
 def image_activation_bytes(arch: Architecture) -> int:
@@ -57,8 +57,11 @@ def check_limits(arch: Architecture, limits: Limits | None = None, batch_size: i
     """Raise `ModelError` if `arch` run at `batch_size` images would exceed a limit."""
     limits = limits or Limits()
     if limits.max_dimension:
-        for where, shape in [("input", arch.input_shape)] + [
-            (layer.label, layer.output_shape) for layer in arch.layers
+        # image shapes (height, width, channels) and the class count; a flattened length is
+        # legitimately large and bounded by the activation and parameter limits instead
+        images = [(layer.label, layer.output_shape) for layer in arch.layers]
+        for where, shape in [("input", arch.input_shape), ("output", (arch.num_outputs,))] + [
+            (label, shape) for label, shape in images if len(shape) == 3
         ]:
             big = max(shape)
             if big > limits.max_dimension:

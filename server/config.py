@@ -198,8 +198,8 @@ OPTIONS: tuple[Option, ...] = (
         "--max-dimension",
         _nonneg_int,
         65_536,
-        "refuse a model whose input or any layer output has a height, width, channel or unit "
-        "count above this (0: no limit)",
+        "refuse a model whose input or any layer output image has a height, width or channel "
+        "count above this, or with more classes (0: no limit)",
         "N",
     ),
     Option(
@@ -213,7 +213,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--max-batch-bytes",
         _nonneg_int,
-        8 << 30,
+        16 << 30,
         "refuse a model whose batch of --max-batch-size images (inputs plus every image's "
         "activations) would need more bytes (0: no limit)",
         "BYTES",
@@ -245,7 +245,7 @@ class ServerConfig:
     max_parameters: int = 1_000_000_000
     max_dimension: int = 65_536
     max_image_activation_bytes: int = 1 << 30
-    max_batch_bytes: int = 8 << 30
+    max_batch_bytes: int = 16 << 30
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
