@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from convserve.core.architecture import Architecture
 from convserve.core.errors import ModelError
 
 FLOAT_BYTES = 4  # activations and weights are float32
 GIB = 1 << 30
+# Headroom below float32's largest value for what the max-norm bound below does not cover:
+# rounding, and the Winograd transforms' intermediate sums (their matrices grow values < 100x).
+FLOAT32_HEADROOM = 1e3
 
 
 @dataclass(frozen=True)
@@ -94,3 +98,33 @@ def check_limits(arch: Architecture, limits: Limits | None = None, batch_size: i
                 limits.max_batch_bytes,
                 "--max-batch-bytes, or lower --max-batch-size",
             )
+
+
+def max_safe_pixel(arch: Architecture, weights: dict[str, np.ndarray]) -> float:
+    """The largest raw pixel magnitude for which no value anywhere in the network can overflow
+    float32 (so no infinity or NaN can arise, not even one a later ReLU or max-pool would hide).
+
+    Bounded in the max-norm, layer by layer: when every input of a conv or dense layer is at most
+    m in magnitude, output j is at most `sum_i |W_ij| * m + |b_j|`; pooling, flatten, dropout and
+    the activations never increase the bound. With m = a * B + c after each layer, B (the largest
+    preprocessed input) may be as large as keeps every `a * B + c` below float32's maximum over
+    FLOAT32_HEADROOM; the model's preprocessing `(p * scale - mean) / std` turns B into pixels.
+    """
+    limit = float(np.finfo(np.float32).max) / FLOAT32_HEADROOM
+    a, c, bound = 1.0, 0.0, limit
+    for index in range(len(arch.layers)):
+        kernel = weights.get(f"layers.{index}.kernel")  # the model file's tensor names
+        if kernel is None:
+            continue
+        columns = np.abs(kernel.astype(np.float64)).reshape(-1, kernel.shape[-1])
+        gain = float(columns.sum(axis=0).max())
+        bias = weights.get(f"layers.{index}.bias")
+        a, c = a * gain, c * gain + (0.0 if bias is None else float(np.abs(bias).max()))
+        if a > 0:
+            bound = min(bound, (limit - c) / a)
+    if arch.scale == 0:
+        return math.inf  # every pixel preprocesses to -mean / std
+    pixel = min(
+        (bound * abs(std) - abs(mean)) / abs(arch.scale) for mean, std in zip(arch.mean, arch.std)
+    )
+    return max(pixel, 0.0)

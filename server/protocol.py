@@ -35,6 +35,7 @@ class Signature:
     classes: int
     labels: tuple[bytes, ...]
     max_request_images: int
+    max_abs_pixel: float = float("inf")  # see convserve.core.limits.max_safe_pixel
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -53,11 +54,14 @@ class Signature:
 
 
 def signature_for(name: str, model, max_request_images: int) -> Signature:
+    from convserve.core.limits import max_safe_pixel
+
     h, w, c = model.input_shape
     labels = tuple(str(label).encode() for label in model.labels)
     if len(labels) != model.num_classes:
         labels = ()
-    return Signature(name, h, w, c, model.num_classes, labels, max_request_images)
+    bound = max_safe_pixel(model.architecture, model.weights)
+    return Signature(name, h, w, c, model.num_classes, labels, max_request_images, bound)
 
 
 class Decoded:
@@ -158,14 +162,29 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> Decoded:
             f"unable to find data for input tensor '{INPUT_NAME}' for model '{model}' in "
             f"request: expected raw_input_contents[0] or contents.{TYPED_FIELD[datatype]}"
         )
-    if datatype == "FP32" and not np.isfinite(images).all():
-        raise InvalidRequest(
-            f"input '{INPUT_NAME}' for model '{model}' contains NaN or Inf; FP32 pixel values "
-            "must be finite"
-        )
+    if datatype == "FP32" or sig.max_abs_pixel < 255:
+        _check_magnitude(images, sig)
     outputs = _requested_outputs(request, sig) if request.outputs else _DEFAULT_OUTPUTS
     priority, timeout_us = _request_parameters(request, model) if request.parameters else (0, None)
     return Decoded(images, outputs, priority, timeout_us)
+
+
+def _check_magnitude(images: np.ndarray, sig: Signature) -> None:
+    """Refuse NaN, Inf and values that could overflow the model's float32 arithmetic."""
+    bound = sig.max_abs_pixel
+    low, high = float(images.min()), float(images.max())  # NaN propagates and fails both tests
+    if -bound <= low and high <= bound:
+        return
+    if not np.isfinite(images).all():
+        raise InvalidRequest(
+            f"input '{INPUT_NAME}' for model '{sig.model}' contains NaN or Inf; FP32 pixel "
+            "values must be finite"
+        )
+    raise InvalidRequest(
+        f"input '{INPUT_NAME}' for model '{sig.model}' has pixel values up to "
+        f"{max(high, -low):.4g} in magnitude; this model accepts at most {bound:.4g} (larger "
+        "values could overflow its float32 arithmetic)"
+    )
 
 
 def _typed_contents(

@@ -86,6 +86,10 @@ async def _guarded(method: str, context: grpc.aio.ServicerContext, run: Callable
         return await run()
     except (AbortError, asyncio.CancelledError):
         raise
+    except NotImplementedError:  # a generated servicer base method (e.g. health's List)
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server"
+        )
     except Exception:
         if call_is_over(context):  # e.g. ExecuteBatchError: the call ended while we answered
             log.debug("%s: the call ended before its answer could be sent", method)
