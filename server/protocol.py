@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from convserve.proto import grpc_service_pb2 as pb
-from convserve.server.errors import InvalidRequest, Unimplemented
+from convserve.server.errors import InvalidRequest, Unimplemented, shown
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -94,7 +94,7 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> Decoded:
     model = sig.model
     inputs = request.inputs
     if len(inputs) != 1:
-        got = [i.name for i in inputs]
+        got = [shown(i.name) for i in inputs[:4]]
         raise InvalidRequest(
             f"expected 1 inputs but got {len(inputs)} inputs for model '{model}'. Got input(s) {got}, "
             f"expected exactly {sig.describe_input()}"
@@ -102,14 +102,14 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> Decoded:
     tensor = inputs[0]
     if tensor.name != INPUT_NAME:
         raise InvalidRequest(
-            f"unexpected inference input '{tensor.name}' for model '{model}': "
+            f"unexpected inference input '{shown(tensor.name)}' for model '{model}': "
             f"the model's only input is {sig.describe_input()}"
         )
     datatype = tensor.datatype
     dtype = INPUT_DTYPES.get(datatype)
     if dtype is None:
         raise InvalidRequest(
-            f"inference input '{INPUT_NAME}' data-type is '{datatype}', but model '{model}' "
+            f"inference input '{INPUT_NAME}' data-type is '{shown(datatype)}', but model '{model}' "
             "expects 'UINT8' or 'FP32'"
         )
     shape = tuple(tensor.shape)
@@ -251,7 +251,9 @@ def _request_parameters(request: pb.ModelInferRequest, model: str) -> tuple[int,
                 "sequence parameters are not supported"
             )
         elif key.startswith("shared_memory"):
-            raise Unimplemented(f"parameter '{key}': shared memory is not supported by this server")
+            raise Unimplemented(
+                f"parameter '{shown(key)}': shared memory is not supported by this server"
+            )
         # other keys (binary_data_output, custom parameters) are accepted and ignored
     return priority, timeout_us
 
@@ -263,7 +265,7 @@ def _requested_outputs(
     for out in request.outputs:
         if out.name != OUTPUT_NAME:
             raise InvalidRequest(
-                f"unexpected inference output '{out.name}' for model '{sig.model}': the "
+                f"unexpected inference output '{shown(out.name)}' for model '{sig.model}': the "
                 f"model's only output is '{OUTPUT_NAME}' (FP32, shape [-1,{sig.classes}])"
             )
         k = 0
@@ -278,7 +280,7 @@ def _requested_outputs(
                 k = min(k, sig.classes)
             elif key.startswith("shared_memory"):
                 raise Unimplemented(
-                    f"output parameter '{key}': shared memory is not supported by this server"
+                    f"output parameter '{shown(key)}': shared memory is not supported by this server"
                 )
         wanted.append((OUTPUT_NAME, k))
     return tuple(wanted)

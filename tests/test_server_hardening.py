@@ -317,3 +317,17 @@ def test_absurd_max_batch_size_is_refused_at_load(tmp_path):
     code, log = run_to_exit(tmp_path, "--max-batch-size", "1000000000")
     assert code != 0 and "Traceback" not in log
     assert "batch of 1,000,000,000 images" in log and "lower --max-batch-size" in log
+
+
+def test_long_client_strings_are_cut_in_messages(api):
+    long = "x" * 100_000
+    request = h.infer_request("fashion", h.images(1))
+    request.inputs[0].name = long
+    with pytest.raises(grpc.RpcError) as info:
+        api.ModelInfer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'" + "x" * 80 + "...'" in info.value.details() and len(info.value.details()) < 400
+    with pytest.raises(grpc.RpcError) as info:
+        api.ModelInfer(h.infer_request(long, h.images(1)), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(info.value.details()) < 400
