@@ -225,3 +225,20 @@ def test_server_is_well_after_fuzzing(server, channel):
     got = h.probabilities(api.ModelInfer(h.infer_request("fashion", x, version="1"), timeout=30))
     np.testing.assert_allclose(got, h.local_model("fashion", 1).predict(x), rtol=1e-4, atol=1e-6)
     assert "Traceback" not in server.log() and " ERROR " not in server.log()
+
+
+def test_fuzz_script_short_run_prints_the_table(server):
+    """loadtest/fuzz.py, the on-demand fuzzer, in a short run against the same server."""
+    import importlib.util
+
+    path = h.ROOT / "loadtest" / "fuzz.py"
+    spec = importlib.util.spec_from_file_location("convserve_loadtest_fuzz", path)
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    lines: list[str] = []
+    assert fuzz.run(server.target, 400, 8, seed=2, report=lines.append) == 0, lines
+    header = next(line for line in lines if line.startswith("call "))
+    assert "INVALID_ARGUMENT" in header and "OK" in header
+    total = next(line for line in lines if line.startswith("all "))
+    assert int(total.split()[-1]) == 400
+    assert any("failures: 0; server healthy afterwards: True" in line for line in lines)
