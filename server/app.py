@@ -126,7 +126,7 @@ class InferenceServer:
 
     async def run(self) -> int:
         from convserve.server.metrics import ServerMetrics
-        from convserve.server.repository import ModelRepository, RepositoryError
+        from convserve.server.repository import ModelRepository, RepositoryError, model_limits
         from convserve.server.servicer import ServerState
 
         cfg = self.config
@@ -196,22 +196,8 @@ class InferenceServer:
             metrics.track_queue(lambda: batcher.queued_requests)
             return batcher
 
-        from convserve.core.limits import Limits
-
-        limits = Limits(
-            cfg.max_parameters,
-            cfg.max_dimension,
-            cfg.max_image_activation_bytes,
-            cfg.max_batch_bytes,
-        )
         load = _in_daemon_thread(
-            loop,
-            repository.load,
-            make_batcher,
-            warmup,
-            cfg.skip_bad_models,
-            limits,
-            cfg.max_batch_size,
+            loop, repository.load, make_batcher, warmup, cfg.skip_bad_models, model_limits(cfg)
         )
         stop = asyncio.ensure_future(self._shutdown.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)

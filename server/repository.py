@@ -12,14 +12,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convserve.server.config import MODEL_FILENAME
 from convserve.server.errors import InvalidRequest, ModelNotFound, shown
+
+if TYPE_CHECKING:
+    from convserve.core.limits import Limits
 
 log = logging.getLogger(__name__)
 
 
 MAX_VERSION_DIGITS = 18  # fits an int64, as in Triton's version numbers
+
+
+def model_limits(config) -> tuple[Limits, int]:
+    """The size limits of a `ServerConfig` as the core takes them, with the largest batch a
+    model runs (`--max-batch-size`): the `limits` argument of `ModelRepository.load`."""
+    from convserve.core.limits import Limits
+
+    limits = Limits(
+        config.max_parameters,
+        config.max_dimension,
+        config.max_image_activation_bytes,
+        config.max_batch_bytes,
+    )
+    return limits, config.max_batch_size
 
 
 class RepositoryError(Exception):
@@ -150,23 +168,23 @@ class ModelRepository:
         make_batcher: Callable[[ModelVersion], object],
         warmup_batch_sizes: tuple[int, ...],
         skip_bad: bool = False,
-        limits=None,
-        max_batch_size: int = 1,
+        limits: tuple[Limits, int] | None = None,
     ) -> None:
         """Load and warm every version, then build its batcher. Bad files: raise or skip (logged).
 
-        `limits` (a `convserve.core.limits.Limits`) bound what a model may need when run at
-        the largest of `max_batch_size` and the warm-up sizes; a model beyond them is bad.
+        `limits` (see `model_limits`) bound what a model may need at its largest batch; a
+        model beyond them is a bad model.
         """
         from convserve.core import Model, ModelError  # heavy (numba); only when serving
 
+        size_limits, max_batch_size = limits or (None, 1)
         batch_size = max(max_batch_size, *warmup_batch_sizes)
 
         for name, versions in self.models.items():
             for version, entry in sorted(versions.items()):
                 t0 = time.perf_counter()
                 try:
-                    model = Model.load(entry.path, limits, batch_size)
+                    model = Model.load(entry.path, size_limits, batch_size)
                     t1 = time.perf_counter()
                     model.warmup(warmup_batch_sizes)
                 except (ModelError, OSError, ValueError, MemoryError) as exc:

@@ -322,3 +322,13 @@ def test_long_client_strings_are_cut_in_messages(api):
         api.ModelInfer(h.infer_request(long, h.images(1)), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(info.value.details()) < 400
+
+
+def test_limit_options_reach_the_core(tmp_path):
+    h.write_model(tmp_path / "lenet" / "1" / "model.safetensors", "lenet5", seed=4)
+    code, log = run_to_exit(tmp_path, "--max-parameters", "1000")
+    assert code != 0 and "Traceback" not in log
+    assert (
+        "parameter count is 61,706, above the limit of 1,000 (raise it with --max-parameters)"
+        in log
+    )
