@@ -332,3 +332,18 @@ def test_limit_options_reach_the_core(tmp_path):
         "parameter count is 61,706, above the limit of 1,000 (raise it with --max-parameters)"
         in log
     )
+
+
+def test_streaming_rpcs_still_work_through_the_raw_parser(channel):
+    from grpc_health.v1 import health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2_grpc
+
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    requests = [reflection_pb2.ServerReflectionRequest(list_services="")] * 2
+    answers = list(reflection.ServerReflectionInfo(iter(requests), timeout=10))
+    assert len(answers) == 2
+    names = {s.name for s in answers[0].list_services_response.service}
+    assert {SERVICE.full_name, HEALTH.full_name} <= names
