@@ -261,6 +261,11 @@ def _request_parameters(request: pb.ModelInferRequest, model: str) -> tuple[int,
 def _requested_outputs(
     request: pb.ModelInferRequest, sig: Signature
 ) -> tuple[tuple[str, int], ...]:
+    if len(request.outputs) > 2:  # each copy would repeat the whole result in the response
+        raise InvalidRequest(
+            f"output '{OUTPUT_NAME}' of model '{sig.model}' is requested {len(request.outputs)} "
+            "times; request it at most twice: once as scores, once with 'classification'"
+        )
     wanted = []
     for out in request.outputs:
         if out.name != OUTPUT_NAME:

@@ -347,3 +347,11 @@ def test_streaming_rpcs_still_work_through_the_raw_parser(channel):
     assert len(answers) == 2
     names = {s.name for s in answers[0].list_services_response.service}
     assert {SERVICE.full_name, HEALTH.full_name} <= names
+
+
+def test_output_requested_many_times_is_refused(api):
+    request = h.infer_request("fashion", h.images(1), outputs=[("probabilities", 0)] * 1000)
+    with pytest.raises(grpc.RpcError) as info:
+        api.ModelInfer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requested 1000 times; request it at most twice" in info.value.details()
