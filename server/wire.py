@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from grpc._cython.cygrpc import AbortError  # what context.abort raises (grpc.aio re-exports none)
+from grpc.aio import AbortError  # what context.abort raises
 
 log = logging.getLogger(__name__)
 
