@@ -355,3 +355,32 @@ def test_output_requested_many_times_is_refused(api):
         api.ModelInfer(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "requested 1000 times; request it at most twice" in info.value.details()
+
+
+def test_tokens_are_checked_before_the_bytes_are_parsed(tmp_path):
+    h.write_model(tmp_path / "repo" / "lenet" / "1" / "model.safetensors", "lenet5", seed=4)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret-token\n")
+    server = h.Server(
+        tmp_path / "repo",
+        "--auth-token-file",
+        str(tokens),
+        "--allow-insecure-token",
+        "true",
+        "--warmup-batch-sizes",
+        "1",
+        metrics=False,
+    )
+    try:
+        server.wait_ready()
+        with grpc.insecure_channel(server.target) as channel:
+            call = channel.unary_unary(f"/{SERVICE.full_name}/ModelInfer")
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"\xff", timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"\xff", timeout=10, metadata=(("authorization", "Bearer s3cret-token"),))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "does not parse as inference.ModelInferRequest" in info.value.details()
+    finally:
+        server.stop()
