@@ -127,7 +127,7 @@ class InferenceServer:
 
     async def run(self) -> int:
         from convserve.server.metrics import ServerMetrics
-        from convserve.server.repository import ModelRepository, RepositoryError
+        from convserve.server.repository import ModelRepository, RepositoryError, model_limits
         from convserve.server.security import Security, SecurityError
         from convserve.server.servicer import ServerState
 
@@ -199,7 +199,9 @@ class InferenceServer:
             metrics.track_queue(lambda: batcher.queued_requests)
             return batcher
 
-        load = _in_daemon_thread(loop, repository.load, make_batcher, warmup, cfg.skip_bad_models)
+        load = _in_daemon_thread(
+            loop, repository.load, make_batcher, warmup, cfg.skip_bad_models, model_limits(cfg)
+        )
         stop = asyncio.ensure_future(self._shutdown.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -275,9 +277,11 @@ class InferenceServer:
             ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0),
             *connection_options(cfg),  # connection age and keepalive (behind load balancers)
         ]
-        server = grpc.aio.server(
-            options=options, interceptors=self.security.interceptors(self.metrics.refused)
-        )
+        from convserve.server.wire import RawRequests
+
+        # security first: a call without a valid token is refused before its bytes are parsed
+        interceptors = [*self.security.interceptors(self.metrics.refused), RawRequests()]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         servicer = InferenceServicer(
             self.repository,
             self.state,
