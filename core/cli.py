@@ -32,4 +32,21 @@ def run_summary(args: argparse.Namespace) -> int:
         print(f"convserve summary: {exc}", file=sys.stderr)
         return 1
     print(summarize(arch))
+    print(describe_source(args.model_file))
     return 0
+
+
+def describe_source(path: str) -> str:
+    """`Source: ...` from the file's metadata `source` (set by `convserve import`)."""
+    import json
+
+    from convserve.core.modelfile import read_model_metadata
+
+    raw = read_model_metadata(path).get("source")
+    try:
+        source = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        source = None
+    if not isinstance(source, dict):
+        return "Source: convserve (not imported)" if raw is None else f"Source: {raw}"
+    return f"Source: {source.get('file', '?')} ({source.get('format', '?')}), imported {source.get('date', '?')}"

@@ -66,11 +66,26 @@ def parse_model_bytes(
     return architecture, tensors
 
 
+def read_model_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of a model file (format, architecture, source, ...)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as handle:
+            return dict(handle.metadata() or {})
+    except (OSError, SafetensorError) as exc:
+        raise ModelError(f"model file {path}: cannot read metadata: {exc}") from None
+
+
 def write_model_file(
-    path: str | os.PathLike, architecture: dict[str, Any], tensors: dict[str, np.ndarray]
+    path: str | os.PathLike,
+    architecture: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write a model file atomically (see `atomic_write`)."""
-    metadata = {"format": FORMAT, "architecture": json.dumps(architecture)}
+    """Write a model file atomically (see `atomic_write`); `metadata` adds string entries
+    (such as `source`, where an imported model came from) next to format and architecture."""
+    metadata = {**(metadata or {}), "format": FORMAT, "architecture": json.dumps(architecture)}
     atomic_write(
         path, st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
     )
