@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +176,10 @@ class _Walker:
         shape = (dims[1], dims[2], dims[3]) if nhwc else (dims[2], dims[3], dims[1])
         self.builder = ModelBuilder(shape)
         self.current, self.layout = name, "nhwc" if nhwc else "nchw"
+        for node in self.graph.node:  # name the first unknown op before any other complaint
+            known = node.op_type in (*ELEMENTWISE, *ARITHMETIC, *FOLDABLE)
+            if not known and not hasattr(self, f"_op_{node.op_type}"):
+                raise UnsupportedModel(f"{_label(node)}: unsupported op; supported: {SUPPORTED}")
         self._check_sequential(name)
         for node in self.graph.node:
             if node.domain not in ("", "ai.onnx"):
@@ -247,15 +250,20 @@ class _Walker:
 
     def _check_sequential(self, name: str) -> None:
         """Every computed tensor feeds at most one node (Shape reads aside)."""
-        uses: Counter[str] = Counter()
+        data, readers = {name}, {}
         for node in self.graph.node:
-            if node.op_type != "Shape":
-                uses.update(i for i in set(node.input) if i and i not in self.consts)
-        for tensor, count in uses.items():
-            if count > 1:
+            inputs = [i for i in set(node.input) if i in data]
+            if node.op_type == "Shape" or not inputs:
+                continue
+            data.update(o for o in node.output if o)
+            for i in inputs:
+                readers.setdefault(i, []).append(node)
+        for tensor, nodes in readers.items():
+            if len(nodes) > 1:
+                names = ", ".join(_label(n).removeprefix("ONNX node ") for n in nodes)
                 raise UnsupportedModel(
-                    f"ONNX graph: tensor '{tensor}' feeds {count} nodes; only sequential models "
-                    "are supported"
+                    f"ONNX graph: tensor '{tensor}' feeds {len(nodes)} nodes ({names}): a branch "
+                    "or residual connection; only sequential models are supported"
                 )
 
     # -- constants ------------------------------------------------------------------------------------
