@@ -28,6 +28,11 @@ SUPPORTED = (
     "Conv2D, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D, Flatten, "
     "Dense, Activation, ReLU, Softmax, Dropout, BatchNormalization, Rescaling, Normalization"
 )
+POOLS = {"MaxPooling2D": "max_pooling2d", "AveragePooling2D": "average_pooling2d"}
+GLOBAL_POOLS = {
+    "GlobalMaxPooling2D": "max_pooling2d",
+    "GlobalAveragePooling2D": "average_pooling2d",
+}
 # the order of each class's variables in a .keras weights file
 VARIABLES = {
     "Conv2D": ("kernel", "bias"),
@@ -248,6 +253,12 @@ class _Converter:
             raise UnsupportedModel(
                 f"{where}: data_format={cfg['data_format']} is not supported (channels_last only)"
             )
+        if kind in POOLS:
+            self._pool(builder, where, cfg, POOLS[kind])
+            return
+        if kind in GLOBAL_POOLS:
+            self._global(builder, where, cfg, GLOBAL_POOLS[kind])
+            return
         handler = getattr(self, f"_{kind}", None)
         if handler is None:
             raise UnsupportedModel(f"{where}: unsupported layer; supported: {SUPPORTED}")
@@ -332,30 +343,12 @@ class _Converter:
         strides = self._pair(where, cfg, "strides", list(size))
         builder.pool(where, kind, size, strides, self._padding(where, cfg))
 
-    def _MaxPooling2D(self, builder: ModelBuilder, where: str, cfg: dict, weights: dict) -> None:
-        self._pool(builder, where, cfg, "max_pooling2d")
-
-    def _AveragePooling2D(
-        self, builder: ModelBuilder, where: str, cfg: dict, weights: dict
-    ) -> None:
-        self._pool(builder, where, cfg, "average_pooling2d")
-
     def _global(self, builder: ModelBuilder, where: str, cfg: dict, kind: str) -> None:
         builder._need_image(where)
         h, w = builder.shape[0], builder.shape[1]
         builder.pool(where, kind, (h, w), (h, w), "valid")
         if not cfg.get("keepdims", False):
             builder.flatten(where)
-
-    def _GlobalAveragePooling2D(
-        self, builder: ModelBuilder, where: str, cfg: dict, weights: dict
-    ) -> None:
-        self._global(builder, where, cfg, "average_pooling2d")
-
-    def _GlobalMaxPooling2D(
-        self, builder: ModelBuilder, where: str, cfg: dict, weights: dict
-    ) -> None:
-        self._global(builder, where, cfg, "max_pooling2d")
 
     def _Flatten(self, builder: ModelBuilder, where: str, cfg: dict, weights: dict) -> None:
         builder.flatten(where)
