@@ -93,6 +93,9 @@ def run_import(args: argparse.Namespace) -> int:
     except (ModelError, ValueError, OSError) as exc:
         print(f"convserve import: {exc}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(f"convserve import: {args.source}: the model does not fit in memory", file=sys.stderr)
+        return 1
     for note in report.notes:
         print(f"note: {note}")
     if report.max_diff is None:

@@ -66,6 +66,19 @@ def detect_format(data: bytes) -> str:
 def read_source(path: Path, data: bytes) -> Source:
     """Convert the model file at `path` (whose contents are `data`)."""
     kind = detect_format(data)
+    try:
+        return _read_source(kind, path, data)
+    except ModelError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, OSError) as exc:
+        # a file whose structure is not what its format promises (hand-made or hostile)
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UnsupportedModel(
+            f"{path.name}: malformed {kind} file ({type(exc).__name__}: {message})"
+        ) from None
+
+
+def _read_source(kind: str, path: Path, data: bytes) -> Source:
     if kind == "onnx":
         from convserve.core.interop.onnx_import import import_onnx, load_onnx_file
 

@@ -181,12 +181,20 @@ class _Walker:
             if not known and not hasattr(self, f"_op_{node.op_type}"):
                 raise UnsupportedModel(f"{_label(node)}: unsupported op; supported: {SUPPORTED}")
         self._check_sequential(name)
+        known = {name}
         for node in self.graph.node:
             if node.domain not in ("", "ai.onnx"):
                 raise UnsupportedModel(
                     f"{_label(node)}: custom domain '{node.domain}' is not supported"
                 )
             data = [i for i in node.input if i and i not in self.consts]
+            undefined = [i for i in data if i not in known]
+            if undefined:
+                raise UnsupportedModel(
+                    f"{_label(node)}: input '{undefined[0]}' is neither an initializer nor the "
+                    "output of an earlier node"
+                )
+            known.update(o for o in node.output if o)
             if node.op_type == "Shape" and data:
                 self._shape(node)
             elif not data:
