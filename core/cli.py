@@ -40,9 +40,13 @@ def describe_source(path: str) -> str:
     """`Source: ...` from the file's metadata `source` (set by `convserve import`)."""
     import json
 
+    from convserve.core.errors import ModelError
     from convserve.core.modelfile import read_model_metadata
 
-    raw = read_model_metadata(path).get("source")
+    try:
+        raw = read_model_metadata(path).get("source")
+    except ModelError:
+        return "Source: unknown (unreadable metadata)"
     try:
         source = json.loads(raw) if raw else None
     except json.JSONDecodeError:
