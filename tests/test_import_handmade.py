@@ -156,3 +156,52 @@ def test_hostile_onnx_graphs_are_one_line(tmp_path):
     with pytest.raises(UnsupportedModel, match="static image shape"):
         import_model(tmp_path / "symbolic.onnx", tmp_path / "x.st")
     assert not (tmp_path / "x.st").exists()
+
+
+def test_tf2onnx_shaped_nhwc_graph(tmp_path):
+    """NHWC input -> Transpose -> Conv (TF 'same' as explicit pads) -> Relu -> MaxPool ->
+    Transpose to NHWC -> Reshape -> MatMul + Add -> Softmax, as tf2onnx writes a Keras model."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    hwio = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+    consts = {
+        "W": np.ascontiguousarray(hwio.transpose(3, 2, 0, 1)),
+        "B": rng.standard_normal(4).astype(np.float32),
+        "shape": np.array([-1, 144], np.int64),
+        "K": rng.standard_normal((144, 5)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t", "W", "B"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Transpose", ["p"], ["q"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["q", "shape"], ["f"]),
+        helper.make_node("MatMul", ["f", "K"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["a"]),
+        helper.make_node("Softmax", ["a"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tf2onnx",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 12, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    (tmp_path / "tf.onnx").write_bytes(model.SerializeToString())
+    import_model(tmp_path / "tf.onnx", tmp_path / "tf.safetensors")
+    ours = Model.load(tmp_path / "tf.safetensors")
+    assert [la.type for la in ours.architecture.layers] == [
+        "conv2d",
+        "max_pooling2d",
+        "flatten",
+        "dense",
+    ]
+    assert np.array_equal(ours.weights["layers.0.kernel"], hwio)  # bit for bit, no permutation
+    x = rng.standard_normal((3, 12, 12, 3)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.abs(ours.predict(x) - session.run(None, {"x": x})[0]).max() <= 1e-5
