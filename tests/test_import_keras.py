@@ -192,3 +192,35 @@ def test_broken_keras_files_are_one_line_errors(tmp_path):
             import_model(tmp_path / name, tmp_path / "x.safetensors")
         assert "\n" not in str(caught.value)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_batchnorm_variants_fold_and_become_preprocessing(tmp_path):
+    """BatchNormalization first (preprocessing), after a bias-less conv without beta, and after
+    a dense without gamma: the .keras file numbers only the variables that exist."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            layers.BatchNormalization(),
+            layers.Conv2D(3, 3, use_bias=False),
+            layers.BatchNormalization(center=False),
+            layers.Activation("relu"),
+            layers.Flatten(),
+            layers.Dense(4),
+            layers.BatchNormalization(scale=False, epsilon=0.01),
+            layers.Softmax(),
+        ]
+    )
+    rng = np.random.default_rng(3)
+    for item in model.layers:
+        if isinstance(item, layers.BatchNormalization):
+            item.set_weights([rng.uniform(0.5, 1.5, w.shape) for w in item.get_weights()])
+    x = rng.standard_normal((3, 8, 8, 2)).astype(np.float32)
+    expected = keras_output(model, x)
+    for path in save_both(model, tmp_path):
+        out = tmp_path / f"{path.suffix[1:]}.safetensors"
+        import_model(path, out)
+        ours = Model.load(out)
+        assert [la.type for la in ours.architecture.layers] == ["conv2d", "flatten", "dense"]
+        assert any(v != 1.0 for v in ours.architecture.std)  # the first BatchNormalization
+        assert np.abs(ours.predict(x) - expected).max() <= TOLERANCE
