@@ -51,19 +51,17 @@ def _json(text: str | bytes, where: str, what: str) -> Any:
         raise _problem(where, f"{what} is not valid JSON: {exc}") from None
 
 
-def parse_model_bytes(
-    data: bytes, where: str = "model file"
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Parse the bytes of a model file (see `read_model_file`); any problem raises `ModelError`
-    with one line starting with `where`."""
+def _header_metadata(data: bytes, payload_bytes: int, where: str) -> dict[str, Any]:
+    """The `__metadata__` object of a safetensors header; `data` starts at the length field and
+    holds at least the header, `payload_bytes` is how many bytes follow the length field."""
     if len(data) < 8:
         raise _problem(where, f"not a safetensors file: {len(data)} bytes, expected at least 8")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES or header_len > len(data) - 8:
+    if header_len > MAX_HEADER_BYTES or header_len > payload_bytes:
         raise _problem(
             where,
             f"not a safetensors file or truncated: header length {header_len} bytes, "
-            f"but the file has {len(data) - 8} bytes after the length field",
+            f"but the file has {payload_bytes} bytes after the length field",
         )
     header = _json(data[8 : 8 + header_len], where, "the safetensors header")
     if not isinstance(header, dict):
@@ -77,6 +75,15 @@ def parse_model_bytes(
             "the safetensors '__metadata__' must be an object of strings, got "
             f"{type(metadata).__name__}",
         )
+    return metadata
+
+
+def parse_model_bytes(
+    data: bytes, where: str = "model file"
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Parse the bytes of a model file (see `read_model_file`); any problem raises `ModelError`
+    with one line starting with `where`."""
+    metadata = _header_metadata(data, len(data) - 8, where)
     tag = metadata.get("format")
     if tag != FORMAT:
         raise _problem(where, f"metadata 'format' is {tag!r}, expected {FORMAT!r}")
@@ -97,11 +104,31 @@ def parse_model_bytes(
     return architecture, tensors
 
 
+def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The safetensors metadata of a model file (format, architecture, source, ...), reading only
+    its header; any problem raises `ModelError` with one line naming the file."""
+    where = f"model file {path}"
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            head = handle.read(8)
+            if len(head) == 8:
+                (header_len,) = struct.unpack("<Q", head)
+                head += handle.read(min(header_len, MAX_HEADER_BYTES))
+    except OSError as exc:
+        raise _problem(where, f"cannot read: {exc.strerror or exc}") from None
+    return _header_metadata(head, size - 8, where)
+
+
 def write_model_file(
-    path: str | os.PathLike, architecture: dict[str, Any], tensors: dict[str, np.ndarray]
+    path: str | os.PathLike,
+    architecture: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write a model file atomically (see `atomic_write`)."""
-    metadata = {"format": FORMAT, "architecture": json.dumps(architecture)}
+    """Write a model file atomically (see `atomic_write`); `metadata` adds string entries
+    (such as `source`, where an imported model came from) next to format and architecture."""
+    metadata = {**(metadata or {}), "format": FORMAT, "architecture": json.dumps(architecture)}
     atomic_write(
         path, st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
     )
