@@ -15,7 +15,7 @@ import signal
 import time
 
 import grpc
-from convserve.server.config import ServerConfig, resolve_repository
+from convserve.server.config import MODEL_FILENAME, ServerConfig, resolve_repository
 
 from convserve import __version__
 
@@ -36,9 +36,9 @@ def message_limit(config: ServerConfig, repository) -> int:
     if config.max_message_bytes:
         return config.max_message_bytes
     largest = 0
-    for entry in repository.entries():
-        if entry.model is not None:
-            h, w, c = entry.model.input_shape
+    for served in repository.served_versions():
+        if served.model is not None:
+            h, w, c = served.model.input_shape
             largest = max(largest, h * w * c * 4)
     return min(max(AUTO_MESSAGE_FLOOR, 4 * config.max_batch_size * largest + (1 << 20)), 2**31 - 1)
 
@@ -61,58 +61,6 @@ def threading_layer() -> str:
         return f"numba threading layer unknown ({exc})"
 
 
-def threads_by_batch(predict, parallel_min_batch: int, share: int | None = None, alone=None):
-    """Wrap `predict` so batches below `parallel_min_batch` images use one Numba thread.
-
-    Measured on 2 shared cores, one thread is as fast or faster up to batch 16 and leaves the
-    other core to the gRPC event loop; bigger batches use every thread, or with several model
-    instances their `share` unless `alone()` says no other instance is computing. The setting
-    is per calling thread (each instance's worker), so it never affects other threads.
-    """
-    import numba
-
-    most = numba.config.NUMBA_NUM_THREADS
-    share = most if share is None else share
-    if most <= 1:
-        return predict
-    state = {"threads": most}
-
-    def run(x):
-        if x.shape[0] < parallel_min_batch:
-            want = 1
-        else:
-            want = most if share == most or (alone is not None and alone()) else share
-        if want != state["threads"]:
-            numba.set_num_threads(want)
-            state["threads"] = want
-        return predict(x)
-
-    return run
-
-
-class _Observer:
-    """Batch hooks: Prometheus histograms and ModelStatistics counters (worker thread)."""
-
-    def __init__(self, metrics, stats):
-        self.metrics = metrics
-        self.stats = stats
-
-    def on_batch(self, batch_size: int, compute_ns: int) -> None:
-        self.metrics.compute_duration.observe(compute_ns / 1e9)
-        self.metrics.batch_size.observe(batch_size)
-        self.metrics.sample_queue()
-        s = self.stats
-        s.execution_count += 1
-        s.compute_count += 1
-        s.compute_ns += compute_ns
-        slot = s.batches.get(batch_size)
-        if slot is None:
-            s.batches[batch_size] = [1, compute_ns]
-        else:
-            slot[0] += 1
-            slot[1] += compute_ns
-
-
 class InferenceServer:
     """A running server: `await start()`, `await wait()`; `request_shutdown()` from a signal."""
 
@@ -126,8 +74,9 @@ class InferenceServer:
         self._signals = 0
 
     async def run(self) -> int:
+        from convserve.server.lifecycle import ModelLifecycle
         from convserve.server.metrics import ServerMetrics
-        from convserve.server.repository import ModelRepository, RepositoryError, model_limits
+        from convserve.server.repository import ModelRepository, RepositoryError, scan_disk
         from convserve.server.security import Security, SecurityError
         from convserve.server.servicer import ServerState
 
@@ -136,6 +85,12 @@ class InferenceServer:
         try:
             root = resolve_repository(cfg.model_repository)
             repository = ModelRepository(root)
+            on_disk = scan_disk(root)
+            if not on_disk and cfg.model_control_mode == "none":
+                raise RepositoryError(
+                    f"model repository {root} holds no models: expected "
+                    f"<model>/<version>/{MODEL_FILENAME}"
+                )
             self.security = self.security or Security.from_config(cfg)
         except (FileNotFoundError, RepositoryError, SecurityError) as exc:
             raise StartupError(str(exc)) from None
@@ -152,78 +107,50 @@ class InferenceServer:
             "model repository %s: %s",
             root,
             "; ".join(
-                f"{name} (versions {', '.join(map(str, sorted(v)))})"
-                for name, v in repository.models.items()
-            ),
+                f"{name} (versions {', '.join(map(str, sorted(m.versions)))})"
+                for name, m in on_disk.items()
+            )
+            or "empty",
         )
         self.metrics = ServerMetrics()
         self.state = ServerState()
+        self.state.empty_ok = cfg.model_control_mode != "none"
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
 
         # Listen first so that liveness and health (NOT_SERVING) answer during the warm-up.
         limit_hint = cfg.max_message_bytes or AUTO_MESSAGE_FLOOR
         self.repository = repository
-        self.signatures, self.model_metrics = {}, {}
+        self.lifecycle = ModelLifecycle(
+            repository,
+            version_factory(cfg, self.metrics, loop),
+            cfg.model_control_mode,
+            model_defaults(cfg),
+            self.metrics,
+            close_timeout=cfg.grace_period,
+        )
         server, health = await self._start_grpc(limit_hint)
         self._start_metrics()
 
-        def make_batcher(entry):
-            import numba
-            from convserve.server.batcher import DynamicBatcher
-            from convserve.server.servicer import resolve_jobs
-
-            metrics = self.metrics.for_model(entry.name, entry.version_str)
-            # every instance after the first is a copy with its own buffers, warmed the same way
-            models = [entry.model] + [entry.model.replica() for _ in range(cfg.instances - 1)]
-            for copy in models[1:]:
-                copy.warmup(warmup)
-            share = max(1, numba.config.NUMBA_NUM_THREADS // cfg.instances)
-
-            def alone() -> bool:  # an instance computing alone uses every thread
-                return batcher.busy_instances <= 1  # bound below; only called once jobs arrive
-
-            predicts = [
-                threads_by_batch(m.predict, cfg.parallel_min_batch, share, alone) for m in models
-            ]
-            batcher = DynamicBatcher(
-                predicts,
-                name=entry.name,
-                max_batch_size=cfg.max_batch_size,
-                max_queue_delay_us=cfg.max_queue_delay_us,
-                max_queue_size=cfg.max_queue_size,
-                on_complete=lambda jobs: loop.call_soon_threadsafe(resolve_jobs, jobs),
-                observer=_Observer(metrics, entry.stats),
-                extra_instance_min_images=max(cfg.parallel_min_batch, cfg.max_batch_size // 2),
-            )
-            metrics.track_queue(lambda: batcher.queued_requests)
-            return batcher
-
-        load = _in_daemon_thread(
-            loop, repository.load, make_batcher, warmup, cfg.skip_bad_models, model_limits(cfg)
-        )
+        load = asyncio.ensure_future(self.lifecycle.start(cfg.load_model))
         stop = asyncio.ensure_future(self._shutdown.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
             log.info(
                 "shutdown requested during start-up; exiting once the model being loaded is done"
             )
+            self.lifecycle.closing = True
             await server.stop(0)
             return 0
         stop.cancel()
-        try:
-            load.result()
-        except RepositoryError as exc:
+        failures = load.result()
+        if failures and not cfg.skip_bad_models:
+            await self.lifecycle.close_all(cfg.grace_period)
             await server.stop(0)
-            raise StartupError(str(exc)) from None
-        from convserve.server.protocol import signature_for
-
-        for entry in repository.ready_entries():
-            key = (entry.name, entry.version)
-            self.signatures[key] = signature_for(entry.name, entry.model, cfg.max_request_images)
-            mm = self.metrics.for_model(entry.name, entry.version_str)
-            mm.loaded(entry.load_seconds, entry.warmup_seconds)
-            self.model_metrics[key] = mm
+            raise StartupError(f"cannot load {failures[0]}")
+        if not repository.ready_entries() and cfg.model_control_mode == "none":
+            await server.stop(0)
+            raise StartupError(f"no model in {root} could be loaded")
         limit = message_limit(cfg, repository)
         if limit > limit_hint:
             log.warning(
@@ -246,17 +173,25 @@ class InferenceServer:
         await health.refresh()
         self.metrics.ready.set(1)
         log.info(
-            "ready: %d model version(s) on %s:%d (gRPC), metrics %s, started in %.2f s",
+            "ready: %d model version(s) on %s:%d (gRPC), metrics %s, model control mode %s, "
+            "started in %.2f s",
             len(repository.ready_entries()),
             cfg.host,
             self.bound_port,
             f"{'https' if cfg.metrics_tls else 'http'}://{cfg.host}:{self.metrics_port}/metrics"
             if self.metrics_port
             else "disabled",
+            cfg.model_control_mode,
             time.perf_counter() - t_start,
         )
+        polling = None
+        if cfg.model_control_mode == "poll":
+            polling = asyncio.ensure_future(self.lifecycle.poll_forever(cfg.repository_poll_secs))
 
         await self._shutdown.wait()
+        self.lifecycle.closing = True
+        if polling is not None:
+            polling.cancel()
         return await self._drain(server, health)
 
     # -- pieces ----------------------------------------------------------------------------
@@ -282,14 +217,7 @@ class InferenceServer:
         # security first: a call without a valid token is refused before its bytes are parsed
         interceptors = [*self.security.interceptors(self.metrics.refused), RawRequests()]
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        servicer = InferenceServicer(
-            self.repository,
-            self.state,
-            self.signatures,
-            self.model_metrics,
-            cfg.max_queue_delay_us,
-            cfg.max_queue_size,
-        )
+        servicer = InferenceServicer(self.repository, self.state, self.lifecycle)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -382,9 +310,7 @@ class InferenceServer:
         self.state.refusing = True
         await asyncio.sleep(min(REFUSE_SECONDS, max(0.0, deadline - time.monotonic() - 1.0)))
         await server.stop(max(0.1, deadline - time.monotonic() - 0.5))
-        stopped = True
-        for entry in self.repository.ready_entries():
-            stopped &= entry.batcher.close(timeout=max(0.1, deadline - time.monotonic()))
+        stopped = await self.lifecycle.close_all(max(0.1, deadline - time.monotonic()))
         if getattr(self, "_metrics_server", None) is not None:
             self._metrics_server.shutdown()
         log.info(
@@ -395,28 +321,22 @@ class InferenceServer:
         return 0 if stopped else 1
 
 
-def _in_daemon_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> asyncio.Future:
-    """Run fn(*args) in a daemon thread (so a shutdown during warm-up does not wait for it)."""
-    import threading
+def version_factory(config: ServerConfig, metrics, loop: asyncio.AbstractEventLoop):
+    """The factory of served versions: batchers hand finished jobs to the event loop."""
+    from convserve.server.served import VersionFactory, completion_on_loop
+    from convserve.server.servicer import resolve_jobs
 
-    future = loop.create_future()
+    return VersionFactory(
+        config, metrics, completion_on_loop(loop, resolve_jobs), config.warmup_batch_sizes or ()
+    )
 
-    def settle(result=None, error=None) -> None:
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(result)
 
-    def target() -> None:
-        try:
-            outcome = (fn(*args), None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the event loop
-            outcome = (None, exc)
-        try:
-            loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop is gone: the server stopped during start-up
-            pass
+def model_defaults(config: ServerConfig):
+    """The settings of a model without config.json: the flags, the mode's version policy."""
+    from convserve.server.lifecycle import ModelLifecycle
+    from convserve.server.model_config import ModelSettings
 
-    threading.Thread(target=target, name="model-loader", daemon=True).start()
-    return future
+    return ModelSettings.defaults(config, ModelLifecycle.default_policy(config.model_control_mode))
 
 
 def _reflection_pool():
@@ -447,6 +367,14 @@ def serve(config: ServerConfig) -> int:
         return 2
     if config.workers > 1:
         from convserve.server.workers import supervise
+
+        if config.model_control_mode == "explicit":
+            # a load or unload RPC reaches one worker only, so the workers' models would differ
+            log.error(
+                "cannot start: --model-control-mode explicit needs --workers 1 (a load or unload "
+                "call reaches one worker only); use --model-control-mode poll with several workers"
+            )
+            return 2
 
         return supervise(config)
     server = InferenceServer(config, security)

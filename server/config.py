@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 ENV_PREFIX = "CONVSERVE_"
 MODEL_FILENAME = "model.safetensors"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CONTROL_MODES = ("none", "poll", "explicit")
 
 
 def _bool(text: str) -> bool:
@@ -65,6 +66,25 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _control_mode(text: str) -> str:
+    value = text.strip().lower()
+    if value not in CONTROL_MODES:
+        raise ValueError(f"expected one of {', '.join(CONTROL_MODES)}, got {text!r}")
+    return value
+
+
+def _pos_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """Comma-separated model names (a repeated flag adds to the list)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _level(text: str) -> str:
     value = text.strip().upper()
     if value not in LOG_LEVELS:
@@ -79,6 +99,7 @@ class Option:
     default: Any
     help: str
     metavar: str | None = None
+    repeatable: bool = False  # the flag may be given several times; values add up (a tuple)
 
     @property
     def dest(self) -> str:
@@ -297,6 +318,30 @@ OPTIONS: tuple[Option, ...] = (
         "activations) would need more bytes (0: no limit)",
         "BYTES",
     ),
+    Option(
+        "--model-control-mode",
+        _control_mode,
+        "none",
+        "none: load the repository once at start-up; poll: also follow added, changed and removed "
+        "versions, models and config.json files while serving; explicit: load only the models "
+        "named by --load-model or the RepositoryModelLoad RPC (see docs/lifecycle.md)",
+        "MODE",
+    ),
+    Option(
+        "--repository-poll-secs",
+        _pos_float,
+        5.0,
+        "poll mode: seconds between two reads of the model repository",
+        "S",
+    ),
+    Option(
+        "--load-model",
+        _names,
+        (),
+        "explicit mode: a model to load at start-up (repeatable or comma-separated; * = all)",
+        "NAME",
+        repeatable=True,
+    ),
 )
 
 
@@ -330,12 +375,16 @@ def add_arguments(parser: argparse.ArgumentParser, environ: dict[str, str] | Non
         # A string default is parsed by argparse only when the flag is absent: the flag wins.
         default = raw if raw is not None else opt.default
         shown = "" if opt.default is None else f" [default: {opt.default}]"
+        extra: dict[str, Any] = {}
+        if opt.repeatable:  # values add up; the variable's value is parsed in config_from_args
+            extra, default = {"action": "append"}, None
         parser.add_argument(
             opt.flag,
             type=_argtype(opt, raw),
             default=default,
             metavar=opt.metavar,
             help=f"{opt.help}{shown} (env {opt.env})",
+            **extra,
         )
 
 
@@ -360,14 +409,30 @@ def to_flags(config: ServerConfig) -> list[str]:
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"
+        elif opt.repeatable:
+            flags += [part for item in value for part in (opt.flag, item)]
+            continue
         elif isinstance(value, tuple):
             value = ",".join(str(v) for v in value)
         flags += [opt.flag, str(value)]
     return flags
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(**{opt.dest: getattr(args, opt.dest) for opt in OPTIONS})
+def config_from_args(
+    args: argparse.Namespace, environ: dict[str, str] | None = None
+) -> ServerConfig:
+    values = {opt.dest: getattr(args, opt.dest) for opt in OPTIONS}
+    environ = os.environ if environ is None else environ
+    for opt in OPTIONS:
+        if not opt.repeatable:
+            continue
+        given = values[opt.dest]
+        if given is None:  # not on the command line: the variable, else the default
+            raw = environ.get(opt.env)
+            values[opt.dest] = opt.default if raw is None else opt.parse(raw)
+        else:
+            values[opt.dest] = tuple(name for part in given for name in part)
+    return ServerConfig(**values)
 
 
 def markdown_table() -> str:
@@ -376,7 +441,7 @@ def markdown_table() -> str:
     for opt in OPTIONS:
         flag = f"{opt.flag} {opt.metavar}" if opt.metavar else opt.flag
         value = "true" if opt.default is True else "false" if opt.default is False else opt.default
-        shown = "see meaning" if value is None else f"`{value}`"
+        shown = "see meaning" if value is None or value == () else f"`{value}`"
         meaning = opt.help.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
         rows.append(f"| `{flag}` | `{opt.env}` | {shown} | {meaning} |")
     return "\n".join(rows)

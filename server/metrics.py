@@ -116,18 +116,40 @@ class ServerMetrics:
             registry=r,
         )
 
+        self.owners: dict[tuple[str, str], ModelMetrics] = {}
+        self.versions_loaded = Gauge(
+            "convserve_model_versions_loaded",
+            "Model versions loaded and serving",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.transitions = Counter(
+            "convserve_model_transitions",
+            "Model lifecycle transitions by action (load, unload, config) and outcome "
+            "(success, failure)",
+            ("model", "action", "outcome"),
+            registry=r,
+        )
+
+    def transition(self, model: str, action: str, outcome: str) -> None:
+        """Count one load, unload or config.json read of `model` and how it ended."""
+        self.transitions.labels(model, action, outcome).inc()
+
     def refused(self, reason: str) -> None:
         """Count a call refused by the token check."""
         self.auth_refusals.labels(reason).inc()
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
-        return ModelMetrics(self, model, version)
+        bound = ModelMetrics(self, model, version)
+        self.owners[(model, version)] = bound  # a reload of the same version takes them over
+        return bound
 
 
 class ModelMetrics:
     """Children bound to one model version (label lookups done once)."""
 
     def __init__(self, metrics: ServerMetrics, model: str, version: str):
+        self._parent, self._labels = metrics, (model, version)
         self.outcome = {o: metrics.requests.labels(model, version, o) for o in OUTCOMES}
         self.images = metrics.images.labels(model, version)
         self.request_duration = metrics.request_duration.labels(model, version)
@@ -154,3 +176,17 @@ class ModelMetrics:
     def loaded(self, load_seconds: float, warmup_seconds: float) -> None:
         self._load.set(load_seconds)
         self._warmup.set(warmup_seconds)
+
+    def forget(self) -> None:
+        """An unloaded version: drop its live gauges (the queue reader would keep its batcher
+        alive); its counters and histograms stay, as Prometheus counters must."""
+        self._depth = None
+        parent = self._parent
+        if parent.owners.get(self._labels) is not self:
+            return  # a newer build of the same version uses these children now
+        del parent.owners[self._labels]
+        for gauge in (parent.queue_depth, parent.load_seconds, parent.warmup_seconds):
+            try:
+                gauge.remove(*self._labels)
+            except KeyError:
+                pass

@@ -2,8 +2,10 @@
 
 grpc.health.v1 service names (kubelet's native gRPC probes name one in `service:`):
 - "readiness", "" and "inference.GRPCInferenceService": SERVING only when every loaded model
-  version can compute; NOT_SERVING while warming up, reloading models or draining. ServerReady
-  answers the same.
+  version can compute; NOT_SERVING while warming up or draining. ServerReady answers the same.
+  A model reload while serving (poll or explicit mode) leaves readiness SERVING: the version
+  being replaced keeps answering until its successor is warm, and replicas polling one shared
+  repository would otherwise all leave the load balancer at the same moment.
 - "liveness": SERVING from the moment the port listens, through warm-up and drain, so a slow
   compile or a drain never gets the container restarted. NOT_SERVING only when a model's batcher
   thread died outside a shutdown: a state that no wait cures.
@@ -31,11 +33,7 @@ class Verdict:
 
 def _stopped(repository) -> list[str]:
     """Loaded model versions whose batcher can no longer compute."""
-    return [
-        f"'{e.name}' version {e.version}"
-        for e in repository.ready_entries()
-        if e.batcher is None or not e.batcher.alive
-    ]
+    return [f"'{s.name}' version {s.version}" for s in repository.served_versions() if not s.alive]
 
 
 def readiness(state, repository) -> Verdict:
@@ -44,9 +42,7 @@ def readiness(state, repository) -> Verdict:
         return Verdict(False, "draining: the server is shutting down")
     if not state.ready:
         return Verdict(False, "warming up: models are loading")
-    if state.reloading:
-        return Verdict(False, "reloading: models are being loaded and warmed up")
-    if repository is None or not repository.ready_entries():
+    if repository is None or not (repository.ready_entries() or state.empty_ok):
         return Verdict(False, "no model version is loaded")
     stopped = _stopped(repository)
     if stopped:

@@ -1,24 +1,27 @@
-"""The model repository: `<dir>/<model>/<version>/model.safetensors`, loaded and warmed up front.
+"""The model repository: `<dir>/<model>/<version>/model.safetensors` on disk, and what is served.
 
-The repository knows models and versions, nothing of gRPC. Each loaded version owns a
-`DynamicBatcher`. A model file that cannot be loaded is either fatal (`RepositoryError`, the
-default: the server refuses to start) or skipped and listed as UNAVAILABLE with its reason.
+The repository knows models and versions, nothing of gRPC. `scan_disk` reads the folder;
+`ModelRepository` keeps one `ModelVersion` record per version it knows (state and reason, as
+RepositoryIndex reports them) pointing at the `ServedVersion` that answers for it, and resolves
+a request's model name and version. What to load and when is `convserve.server.lifecycle`'s job.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from convserve.server.config import MODEL_FILENAME
 from convserve.server.errors import InvalidRequest, ModelNotFound, shown
+from convserve.server.model_config import CONFIG_FILENAME
 
 if TYPE_CHECKING:
     from convserve.core.limits import Limits
+    from convserve.server.model_config import ModelSettings
+    from convserve.server.served import ServedVersion
 
 log = logging.getLogger(__name__)
 
@@ -56,38 +59,92 @@ def parse_version(text: str) -> int | None:
     return version if version >= 1 else None
 
 
-@dataclass
-class ModelStats:
-    """Counters for the ModelStatistics RPC (Triton semantics, durations in ns)."""
+def fingerprint(path: Path) -> tuple:
+    """What identifies a file's content cheaply: (inode, size, mtime); () if it is absent.
 
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    queue_count: int = 0
-    queue_ns: int = 0
-    compute_count: int = 0
-    compute_ns: int = 0
-    inference_count: int = 0  # images
-    execution_count: int = 0  # batches
-    last_inference_ms: int = 0
-    batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, ns]
+    A rename into place changes the inode, a copy in progress the size and mtime.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class ModelOnDisk:
+    """One `<repo>/<model>/` folder: its version files and its config.json's fingerprint."""
+
+    folder: Path
+    versions: dict[int, Path] = field(default_factory=dict)
+    config: tuple = ()  # fingerprint of config.json, () when absent
+
+    def version_fingerprint(self, version: int) -> tuple:
+        return fingerprint(self.versions[version])
+
+
+def scan_disk(root: Path, only: str | None = None) -> dict[str, ModelOnDisk]:
+    """The models in `root` (or just `only`): `<model>/<version>/model.safetensors` entries.
+
+    Hidden folders (".tmp-v3", a safe publish's staging place) and non-numeric version folders
+    are ignored; a version folder without its model file yet is skipped (not an error).
+    """
+    if not root.is_dir():
+        raise RepositoryError(f"model repository {root} is not a directory")
+    if only is not None:
+        folders = [root / only] if _visible_dir(root / only) else []
+    else:
+        folders = sorted(p for p in root.iterdir() if _visible_dir(p))
+    found: dict[str, ModelOnDisk] = {}
+    for model_dir in folders:
+        entry = ModelOnDisk(model_dir, config=fingerprint(model_dir / CONFIG_FILENAME))
+        try:
+            version_dirs = sorted(p for p in model_dir.iterdir() if _visible_dir(p))
+        except OSError:  # removed while scanning
+            continue
+        for version_dir in version_dirs:
+            version = parse_version(version_dir.name)
+            if version is None:
+                _warn_once(
+                    version_dir,
+                    "ignoring %s (version folders are positive integers written with the ASCII "
+                    "digits 0-9)",
+                )
+                continue
+            path = version_dir / MODEL_FILENAME
+            if path.is_file():
+                entry.versions[version] = path
+        found[model_dir.name] = entry
+    return found
+
+
+_warned: set[Path] = set()  # folders already reported: a poll does not repeat the warning
+
+
+def _warn_once(path: Path, message: str) -> None:
+    if path not in _warned:
+        _warned.add(path)
+        log.warning("model repository: " + message, path)
+
+
+def _visible_dir(path: Path) -> bool:
+    return not path.name.startswith(".") and path.is_dir()
 
 
 @dataclass
 class ModelVersion:
-    """One loaded version of a model, with its batcher and counters."""
+    """What the repository knows of one version: its file, state, reason and served object.
+
+    `served` answers requests while set, also when state is UNAVAILABLE because a newer file of
+    the same version failed to load (the previous build keeps serving)."""
 
     name: str
     version: int
     path: Path
-    model: object = None  # convserve.core.Model
-    batcher: object = None  # convserve.server.batcher.DynamicBatcher
-    state: str = "UNAVAILABLE"  # READY or UNAVAILABLE
+    state: str = "UNAVAILABLE"  # READY, LOADING, UNLOADING or UNAVAILABLE
     reason: str = ""
-    load_seconds: float = 0.0
-    warmup_seconds: float = 0.0
-    stats: ModelStats = field(default_factory=ModelStats)
+    served: ServedVersion | None = None
+    failed: tuple = ()  # the (file, settings) that failed to load: retried only once changed
 
     @property
     def version_str(self) -> str:
@@ -95,162 +152,103 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return self.state == "READY"
-
-    def reported_state(self) -> tuple[str, str]:
-        """State and reason as RepositoryIndex reports them, checked against the disk.
-
-        A loaded version whose file was removed is reported UNAVAILABLE: nothing is unloaded
-        (the loaded copy keeps answering), but the repository no longer holds it.
-        """
-        if self.ready and not self.path.is_file():
-            return "UNAVAILABLE", (
-                f"model file {self.path} was removed after loading; the loaded copy keeps "
-                "answering until the server restarts"
-            )
-        return self.state, self.reason
+        return self.served is not None
 
 
 class ModelRepository:
-    """Scans a repository folder; `load()` loads every version; `get()` resolves name + version."""
+    """The versions known, and the lookup of a request's model and version to a ServedVersion.
+
+    Event-loop only: records change between requests, never under one.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.models: dict[str, dict[int, ModelVersion]] = {}
-        self._latest: dict[str, ModelVersion] = {}
-        self._by_key: dict[tuple[str, str], ModelVersion] = {}
-        self.scan()
-
-    def scan(self) -> None:
-        """Find `<model>/<version>/model.safetensors` entries (no loading)."""
         if not self.root.is_dir():
             raise RepositoryError(f"model repository {self.root} is not a directory")
-        models: dict[str, dict[int, ModelVersion]] = {}
-        for model_dir in sorted(
-            p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        ):
-            versions: dict[int, ModelVersion] = {}
-            for version_dir in sorted(
-                p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-            ):
-                version = parse_version(version_dir.name)
-                if version is None:
-                    log.warning(
-                        "model repository: ignoring %s (version folders are positive integers "
-                        "written with the ASCII digits 0-9)",
-                        version_dir,
-                    )
-                    continue
-                path = version_dir / MODEL_FILENAME
-                if not path.is_file():
-                    log.warning(
-                        "model repository: ignoring %s (no %s inside)", version_dir, MODEL_FILENAME
-                    )
-                    continue
-                versions[version] = ModelVersion(model_dir.name, version, path)
-            if versions:
-                models[model_dir.name] = versions
-            else:
-                log.warning(
-                    "model repository: ignoring %s (no <version>/%s inside)",
-                    model_dir,
-                    MODEL_FILENAME,
-                )
-        if not models:
-            raise RepositoryError(
-                f"model repository {self.root} holds no models: expected "
-                f"<model>/<version>/{MODEL_FILENAME}"
-            )
-        self.models = models
+        self.models: dict[str, dict[int, ModelVersion]] = {}
+        self.settings: dict[str, ModelSettings] = {}  # the effective settings of each model
+        self._by_key: dict[tuple[str, str], ServedVersion] = {}
 
-    def load(
-        self,
-        make_batcher: Callable[[ModelVersion], object],
-        warmup_batch_sizes: tuple[int, ...],
-        skip_bad: bool = False,
-        limits: tuple[Limits, int] | None = None,
-    ) -> None:
-        """Load and warm every version, then build its batcher. Bad files: raise or skip (logged).
+    def record(self, name: str, version: int, path: Path) -> ModelVersion:
+        """The record of `name` version `version`, created if new."""
+        versions = self.models.setdefault(name, {})
+        entry = versions.get(version)
+        if entry is None:
+            entry = versions[version] = ModelVersion(name, version, path)
+        entry.path = path
+        return entry
 
-        `limits` (see `model_limits`) bound what a model may need at its largest batch; a
-        model beyond them is a bad model.
-        """
-        from convserve.core import Model, ModelError  # heavy (numba); only when serving
+    def publish(self, entry: ModelVersion, served: ServedVersion | None) -> ServedVersion | None:
+        """Let `served` answer for `entry` (None: stop serving it); returns what it replaced.
 
-        size_limits, max_batch_size = limits or (None, 1)
-        batch_size = max(max_batch_size, *warmup_batch_sizes)
-
-        for name, versions in self.models.items():
-            for version, entry in sorted(versions.items()):
-                t0 = time.perf_counter()
-                try:
-                    model = Model.load(entry.path, size_limits, batch_size)
-                    t1 = time.perf_counter()
-                    model.warmup(warmup_batch_sizes)
-                except (ModelError, OSError, ValueError, MemoryError) as exc:
-                    entry.reason = str(exc)
-                    if not skip_bad:
-                        raise RepositoryError(
-                            f"cannot load model '{name}' version {version}: {exc}"
-                        ) from None
-                    log.error("skipping model '%s' version %d: %s", name, version, exc)
-                    continue
-                t2 = time.perf_counter()
-                entry.model = model
-                entry.load_seconds, entry.warmup_seconds = t1 - t0, t2 - t1
-                entry.batcher = make_batcher(entry)
-                entry.state, entry.reason = "READY", ""
-                log.info(
-                    "model '%s' version %d ready: %s, input %s, %d classes, loaded in %.2f s, "
-                    "warm-up (batch sizes %s) %.2f s",
-                    name,
-                    version,
-                    entry.path,
-                    "x".join(map(str, model.input_shape)),
-                    model.num_classes,
-                    t1 - t0,
-                    ",".join(map(str, warmup_batch_sizes)),
-                    t2 - t1,
-                )
+        New requests reach the new object at once; requests already holding the old one
+        finish on it."""
+        previous, entry.served = entry.served, served
+        if served is not None:
+            entry.state, entry.reason = "READY", ""
         self._index()
-        if not self._latest:
-            raise RepositoryError(f"no model in {self.root} could be loaded")
+        return previous
+
+    def forget(self, name: str) -> None:
+        """Drop every record of a model that left the disk (nothing of it is served)."""
+        self.models.pop(name, None)
+        self.settings.pop(name, None)
+        self._index()
 
     def _index(self) -> None:
-        self._by_key.clear()
-        self._latest.clear()
+        by_key: dict[tuple[str, str], ServedVersion] = {}
         for name, versions in self.models.items():
-            ready = [v for v in versions.values() if v.ready]
-            for entry in ready:
-                self._by_key[(name, entry.version_str)] = entry
-            if ready:
-                latest = max(ready, key=lambda v: v.version)
-                self._latest[name] = latest
-                self._by_key[(name, "")] = latest
+            served = [e.served for e in versions.values() if e.served is not None]
+            for item in served:
+                by_key[(name, item.version_str)] = item
+            if served:
+                by_key[(name, "")] = max(served, key=lambda s: s.version)
+            settings = self.settings.get(name)
+            for label, version in (settings.labels if settings else {}).items():
+                if (name, str(version)) in by_key:
+                    by_key[(name, label)] = by_key[(name, str(version))]
+        self._by_key = by_key
 
-    def get(self, name: str, version: str = "") -> ModelVersion:
-        """The ready version `version` of `name` ("" = highest); Triton's errors otherwise."""
-        entry = self._by_key.get((name, version))
-        if entry is not None:
-            return entry
+    def get(self, name: str, version: str = "") -> ServedVersion:
+        """The served version `version` (a number, a label or "" = highest) of `name`."""
+        served = self._by_key.get((name, version))
+        if served is not None:
+            return served
         if name not in self.models:
-            known = ", ".join(f"'{m}'" for m in self.models)
+            known = ", ".join(f"'{m}'" for m in self.served_names())
             raise InvalidRequest(
                 f"Request for unknown model: '{shown(name)}' is not found (available models: {known})"
             )
-        if version and parse_version(version) is None:
+        settings = self.settings.get(name)
+        labels = settings.labels if settings else {}
+        if version and version not in labels and parse_version(version) is None:
             raise InvalidRequest(
                 f"failed to parse model version '{shown(version)}' for model '{name}': "
-                "expected a positive integer written with the ASCII digits 0-9, or empty for the "
-                "latest version"
+                "expected a positive integer written with the ASCII digits 0-9, a label of the "
+                "model's config.json, or empty for the latest version"
             )
         available = self.ready_versions(name)
         if not available:
-            raise ModelNotFound(f"Request for unknown model: '{name}' has no available versions")
+            states = ", ".join(
+                f"version {e.version} {e.state}" + (f" ({e.reason})" if e.reason else "")
+                for _, e in sorted(self.models[name].items())
+            )
+            raise ModelNotFound(
+                f"Request for unknown model: '{name}' has no available versions"
+                + (f": {states}" if states else "")
+            )
+        what = f"label '{shown(version)}'" if version in labels else f"version {version}"
         raise ModelNotFound(
-            f"Request for unknown model: '{name}' version {version} is not found "
+            f"Request for unknown model: '{name}' {what} is not found "
             f"(available versions: {', '.join(available)})"
         )
+
+    def served_names(self) -> list[str]:
+        return [
+            name
+            for name, versions in self.models.items()
+            if any(e.ready for e in versions.values())
+        ]
 
     def ready_versions(self, name: str) -> list[str]:
         return [str(v) for v, e in sorted(self.models.get(name, {}).items()) if e.ready]
@@ -260,3 +258,6 @@ class ModelRepository:
 
     def ready_entries(self) -> list[ModelVersion]:
         return [entry for entry in self.entries() if entry.ready]
+
+    def served_versions(self) -> list[ServedVersion]:
+        return [entry.served for entry in self.ready_entries()]

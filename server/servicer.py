@@ -20,6 +20,7 @@ from convserve.server.errors import (
     QueueFull,
     RequestTimeout,
     ServingError,
+    shown,
 )
 from convserve.server.protocol import (
     ADVERTISED_INPUT_DTYPE,
@@ -30,7 +31,8 @@ from convserve.server.protocol import (
     encode_response,
 )
 from convserve.server.readiness import readiness
-from convserve.server.repository import ModelRepository, ModelStats, ModelVersion
+from convserve.server.repository import ModelRepository, scan_disk
+from convserve.server.served import ServedVersion
 
 from convserve import __version__
 
@@ -49,6 +51,7 @@ EXTENSIONS = (
     "parameters",
     "model_configuration",
     "statistics",
+    "model_repository",
 )
 _STATUS = {code.name: code for code in grpc.StatusCode}
 
@@ -60,7 +63,7 @@ class ServerState:
         self.ready = False
         self.exiting = False
         self.refusing = False  # after the drain window: new inferences get UNAVAILABLE from us
-        self.reloading = 0  # model loads under way while serving: readiness NOT_SERVING meanwhile
+        self.empty_ok = False  # poll and explicit modes: ready with no model loaded (yet)
         self.loading_message = "Server not ready: models are loading"
 
 
@@ -88,52 +91,13 @@ def _passed(deadline_ns: int | None, slack_ns: int = 0) -> bool:
     return deadline_ns is not None and time.monotonic_ns() >= deadline_ns - slack_ns
 
 
-class _Outcome:
-    """One ModelInfer call's bookkeeping: Prometheus outcome counters and ModelStatistics."""
-
-    __slots__ = ("metrics", "stats", "t0")
-
-    def __init__(self, metrics: Any, stats: ModelStats, t0: int):
-        self.metrics, self.stats, self.t0 = metrics, stats, t0
-
-    def failed(self, reason: str) -> None:
-        self.metrics.outcome[reason].inc()
-        self.stats.fail_count += 1
-        self.stats.fail_ns += time.perf_counter_ns() - self.t0
-
-    def succeeded(self, job: Job) -> None:
-        elapsed = time.perf_counter_ns() - self.t0
-        metrics, stats = self.metrics, self.stats
-        metrics.outcome["success"].inc()
-        metrics.images.inc(job.size)
-        metrics.request_duration.observe(elapsed / 1e9)
-        metrics.queue_duration.observe(job.queue_ns / 1e9)
-        stats.success_count += 1
-        stats.success_ns += elapsed
-        stats.queue_count += 1
-        stats.queue_ns += job.queue_ns
-        stats.inference_count += job.size
-        stats.last_inference_ms = int(time.time() * 1000)
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Open Inference Protocol over the repository's models."""
 
-    def __init__(
-        self,
-        repository: ModelRepository,
-        state: ServerState,
-        signatures: dict[tuple[str, int], Signature],
-        model_metrics: dict[tuple[str, int], Any],
-        max_queue_delay_us: int,
-        max_queue_size: int,
-    ):
+    def __init__(self, repository: ModelRepository, state: ServerState, lifecycle: Any):
         self.repository = repository
         self.state = state
-        self.signatures = signatures
-        self.model_metrics = model_metrics
-        self.max_queue_delay_us = max_queue_delay_us
-        self.max_queue_size = max_queue_size
+        self.lifecycle = lifecycle  # convserve.server.lifecycle.ModelLifecycle
 
     # -- helpers ---------------------------------------------------------------------------
     async def _fail(self, context, error: ServingError) -> None:
@@ -143,7 +107,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not self.state.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.loading_message)
 
-    async def _entry(self, context, name: str, version: str) -> ModelVersion:
+    async def _entry(self, context, name: str, version: str) -> ServedVersion:
         await self._require_ready(context)
         try:
             return self.repository.get(name, version)
@@ -167,7 +131,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if exc.code == "NOT_FOUND":
                 return pb.ModelReadyResponse(ready=False)
             await self._fail(context, exc)  # unknown model: Triton answers an error
-        return pb.ModelReadyResponse(ready=entry.ready and not self.state.exiting)
+        return pb.ModelReadyResponse(ready=entry.alive and not self.state.exiting)
 
     async def ServerMetadata(self, request, context):
         await self._require_ready(context)
@@ -177,7 +141,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         entry = await self._entry(context, request.name, request.version)
-        sig = self.signatures[(entry.name, entry.version)]
+        sig = entry.signature
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=entry.name,
@@ -195,12 +159,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request, context):
         entry = await self._entry(context, request.name, request.version)
-        sig = self.signatures[(entry.name, entry.version)]
+        sig, settings = entry.signature, entry.settings
         config = pb.ModelConfig(
             name=entry.name,
             platform=PLATFORM,
             backend=BACKEND,
-            max_batch_size=entry.batcher.max_batch_size,
+            max_batch_size=settings.max_batch_size,
+            version_policy=_version_policy(settings.version_policy),
+            instance_group=[
+                pb.ModelInstanceGroup(
+                    name=entry.name, kind=pb.ModelInstanceGroup.KIND_CPU, count=settings.instances
+                )
+            ],
             input=[
                 pb.ModelInput(
                     name=INPUT_NAME,
@@ -211,13 +181,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
             output=[pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[sig.classes])],
             dynamic_batching=pb.ModelDynamicBatching(
-                max_queue_delay_microseconds=self.max_queue_delay_us,
+                max_queue_delay_microseconds=settings.max_queue_delay_us,
                 default_queue_policy=pb.ModelQueuePolicy(
                     timeout_action=pb.ModelQueuePolicy.REJECT,
                     allow_timeout_override=True,
-                    max_queue_size=self.max_queue_size,
+                    max_queue_size=settings.max_queue_size,
                 ),
             ),
+            parameters={
+                f"label:{label}": pb.ModelParameter(string_value=str(version))
+                for label, version in sorted(settings.labels.items())
+            },
         )
         return pb.ModelConfigResponse(config=config)
 
@@ -230,18 +204,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 "Server exiting: the drain window is over; retry on another replica",
             )
         entry = await self._entry(context, request.model_name, request.model_version)
-        key = (entry.name, entry.version)
-        outcome = _Outcome(self.model_metrics[key], entry.stats, t0)
+        outcome = entry.outcome(t0)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
         try:
-            decoded, job = await self._run(entry, self.signatures[key], request, deadline)
+            decoded, job = await self._run(entry, entry.signature, request, deadline)
             response = encode_response(
                 request,
                 entry.version_str,
                 decoded,
                 job.result,
-                self.signatures[key],
+                entry.signature,
                 job.queue_ns // 1000,
                 job.compute_ns // 1000,
                 job.batch_size,
@@ -266,7 +239,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         outcome.succeeded(job)
         return response
 
-    async def _run(self, entry: ModelVersion, sig: Signature, request, deadline: int | None):
+    async def _run(self, entry: ServedVersion, sig: Signature, request, deadline: int | None):
         """Decode, queue and await one request; returns (decoded, finished job) or raises
         ServingError (also when the deadline passed while the batch computed)."""
         decoded = decode_request(request, sig)
@@ -319,11 +292,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             entries = [await self._entry(context, request.name, request.version)]
             if not request.version:  # Triton: all versions of the model
-                entries = [
-                    e for e in self.repository.entries() if e.name == request.name and e.ready
-                ]
+                entries = [e for e in self.repository.served_versions() if e.name == request.name]
         else:
-            entries = self.repository.ready_entries()
+            entries = self.repository.served_versions()
         response = pb.ModelStatisticsResponse()
         for entry in entries:
             s = entry.stats
@@ -345,21 +316,59 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def RepositoryIndex(self, request, context):
+        from convserve.server.lifecycle import in_daemon_thread
+
+        disk = await in_daemon_thread(scan_disk, self.repository.root)
         response = pb.RepositoryIndexResponse()
-        for entry in self.repository.entries():
-            state, reason = entry.reported_state()
+        for name, version, state, reason in self.lifecycle.index_rows(disk):
             if request.ready and state != "READY":
                 continue
-            response.models.add(
-                name=entry.name, version=entry.version_str, state=state, reason=reason
-            )
+            response.models.add(name=name, version=version, state=state, reason=reason)
         return response
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._repository_call(context, "load", request)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._repository_call(context, "unload", request)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _repository_call(self, context, action: str, request) -> None:
+        """Load or unload through the lifecycle; errors answer their status with one line."""
+        if self.state.exiting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "Server exiting: no model changes")
+        unsupported = sorted(set(request.parameters) - {"unload_dependents"})
+        if unsupported:  # Triton's config / file: overrides: models come from the repository
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{action} parameter '{shown(unsupported[0])}' is not supported: {SERVER_NAME} "
+                "loads models from the repository folder (publish files there, then load)",
+            )
+        try:
+            if action == "load":
+                await self.lifecycle.load(request.model_name)
+            else:
+                await self.lifecycle.unload(request.model_name)
+        except ServingError as exc:
+            await self._fail(context, exc)
+
+
+def _version_policy(policy) -> pb.ModelVersionPolicy:
+    if policy.kind == "all":
+        return pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All())
+    if policy.kind == "specific":
+        return pb.ModelVersionPolicy(
+            specific=pb.ModelVersionPolicy.Specific(versions=list(policy.specific))
+        )
+    return pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=policy.latest))
 
 
 def _unimplemented(name: str, streaming: bool):
     message = (
         f"{name} is not implemented by {SERVER_NAME}; served RPCs: ServerLive, ServerReady, ModelReady, "
-        "ServerMetadata, ModelMetadata, ModelInfer, ModelConfig, ModelStatistics, RepositoryIndex"
+        "ServerMetadata, ModelMetadata, ModelInfer, ModelConfig, ModelStatistics, RepositoryIndex, "
+        "RepositoryModelLoad, RepositoryModelUnload"
     )
 
     async def handler(self, request, context):

@@ -25,6 +25,7 @@ DELIBERATE = {
     grpc.StatusCode.UNIMPLEMENTED,
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,  # load/unload outside explicit mode
 }
 PYTHON_TEXT = ("Traceback", "Exception", "Error:", "<class ", 'File "')
 FUZZ = settings(

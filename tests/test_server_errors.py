@@ -262,8 +262,6 @@ def test_message_over_the_limit_is_resource_exhausted(api):
 @pytest.mark.parametrize(
     "rpc,request_type",
     [
-        ("RepositoryModelLoad", pb.RepositoryModelLoadRequest),
-        ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest),
         ("SystemSharedMemoryStatus", pb.SystemSharedMemoryStatusRequest),
         ("SystemSharedMemoryRegister", pb.SystemSharedMemoryRegisterRequest),
         ("SystemSharedMemoryUnregister", pb.SystemSharedMemoryUnregisterRequest),
@@ -278,6 +276,21 @@ def test_unserved_rpcs_are_unimplemented(api, rpc, request_type):
     error = rpc_error(getattr(api, rpc), request_type())
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     assert rpc in error.details() and "ModelInfer" in error.details()
+
+
+@pytest.mark.parametrize(
+    "rpc,request_type",
+    [
+        ("RepositoryModelLoad", pb.RepositoryModelLoadRequest),
+        ("RepositoryModelUnload", pb.RepositoryModelUnloadRequest),
+    ],
+)
+def test_load_and_unload_need_explicit_mode(api, rpc, request_type):
+    error = rpc_error(getattr(api, rpc), request_type(model_name="fashion"))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'none'" in error.details() and "--model-control-mode explicit" in error.details()
+    assert "\n" not in error.details()
+    assert api.ModelReady(pb.ModelReadyRequest(name="fashion"), timeout=10).ready
 
 
 def test_stream_infer_is_unimplemented(api):

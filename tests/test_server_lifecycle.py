@@ -330,7 +330,7 @@ def test_not_ready_until_every_model_is_warm(tmp_path):
         log = server.log()
         assert (
             log.index("listening on")
-            < log.index("model 'm' version 1 ready")
+            < log.index("model 'm' version 1 loaded")
             < log.index("ready: 1 model version")
         )
     finally:

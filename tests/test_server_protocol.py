@@ -67,6 +67,7 @@ def test_server_metadata_advertises_only_what_is_implemented(api):
         "parameters",
         "model_configuration",
         "statistics",
+        "model_repository",
     }
 
 

@@ -1,8 +1,9 @@
 """Readiness and liveness as Kubernetes probes read them, and the connection options.
 
 Readiness (health services "readiness", "" and ServerReady) is SERVING only when every loaded
-model version can compute; warming up, reloading and draining make it NOT_SERVING. Liveness
-("liveness") stays SERVING through all of those and fails only when a batcher died.
+model version can compute; warming up and draining make it NOT_SERVING (a model reload while
+serving does not: see docs/lifecycle.md). Liveness ("liveness") stays SERVING through all of
+those and fails only when a batcher died.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import grpc
 import pytest
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.server import config as cfg
-from convserve.server.batcher import DynamicBatcher
 from convserve.server.connections import connection_options
+from convserve.server.metrics import ServerMetrics
+from convserve.server.model_config import ModelSettings, VersionPolicy
 from convserve.server.readiness import liveness, readiness
-from convserve.server.repository import ModelRepository
+from convserve.server.repository import ModelRepository, scan_disk
+from convserve.server.served import VersionFactory
 from convserve.server.servicer import ServerState
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -36,7 +39,7 @@ def parse(argv: list[str], environ: dict[str, str] | None = None) -> cfg.ServerC
 
 
 # -- readiness from the real state objects ----------------------------------------------------
-def test_readiness_follows_warm_up_reload_a_dead_batcher_and_drain(tmp_path):
+def test_readiness_follows_warm_up_a_dead_batcher_and_drain(tmp_path):
     h.write_model(tmp_path / "m" / "1" / "model.safetensors", "lenet5", seed=1)
     h.write_model(tmp_path / "n" / "1" / "model.safetensors", "lenet5", seed=2)
     state, repository = ServerState(), ModelRepository(tmp_path)
@@ -45,16 +48,14 @@ def test_readiness_follows_warm_up_reload_a_dead_batcher_and_drain(tmp_path):
     assert not verdict.ready and "warming up" in verdict.reason
     assert liveness(state, repository)
 
-    repository.load(lambda entry: DynamicBatcher(entry.model.predict, name=entry.name), (1,))
+    config = cfg.ServerConfig(instances=1, warmup_batch_sizes=(1,))
+    factory = VersionFactory(config, ServerMetrics(), lambda jobs: None)
+    settings = ModelSettings.defaults(config, VersionPolicy("all"))
+    for name, on_disk in scan_disk(tmp_path).items():
+        entry = repository.record(name, 1, on_disk.versions[1])
+        repository.publish(entry, factory.build(name, 1, entry.path, settings))
     state.ready = True
     assert readiness(state, repository).ready and liveness(state, repository)
-
-    state.reloading += 1  # a model version is being loaded and warmed while serving
-    verdict = readiness(state, repository)
-    assert not verdict.ready and "reloading" in verdict.reason
-    assert liveness(state, repository)
-    state.reloading -= 1
-    assert readiness(state, repository).ready
 
     # A batcher that stopped outside a shutdown: no traffic, and the pod should be restarted.
     broken = repository.get("n")
