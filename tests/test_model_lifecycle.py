@@ -361,8 +361,29 @@ def test_explicit_mode_through_tritonclient_under_load(tmp_path):
         assert rows[("other", "1")]["reason"] == "unloaded"
         assert not client.is_model_ready("other")
 
-        # an unloaded model answers a clear error; m's versions are gone from the metrics
+        # an unload waits for the requests in flight: long requests queued before it succeed
+        big = h.infer_request("m", h.images(3000, seed=9))
+        answers: list = []
+        senders = [
+            threading.Thread(target=lambda: answers.append(api.ModelInfer(big, timeout=120)))
+            for _ in range(4)
+        ]
+        for sender in senders:
+            sender.start()
+        wait_until(
+            lambda: re.search(
+                r'convserve_queue_depth\{model="m",version="2"\} [1-9]', server.metrics()
+            ),
+            60,
+            "long requests queued",
+        )
         client.unload_model("m")
+        for sender in senders:
+            sender.join(120)
+        assert len(answers) == 4 and {a.model_version for a in answers} == {"2"}
+        assert all(h.probabilities(a).shape == (3000, 10) for a in answers)
+
+        # an unloaded model answers a clear error; m's versions are gone from the metrics
         with pytest.raises(grpc.RpcError) as err:
             api.ModelInfer(h.infer_request("m", traffic.image), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -382,6 +403,38 @@ def test_explicit_mode_through_tritonclient_under_load(tmp_path):
         assert "no such model folder" in str(info.value)
         channel.close()
         client.close()
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_poll_mode_converges_on_every_worker(tmp_path):
+    publish(tmp_path / "m", 1, write(1))
+    server = h.Server(
+        tmp_path,
+        "--model-control-mode",
+        "poll",
+        "--repository-poll-secs",
+        str(POLL_SECS),
+        "--workers",
+        "2",
+        *FLAGS,
+    )
+    try:
+        server.wait_ready()
+        wait_until(lambda: server.log().count("model 'm' version 1 loaded") == 2, 120, "2 workers")
+        publish(tmp_path / "m", 2, write(2))
+        wait_until(
+            lambda: all(
+                f"[worker {i}]: model 'm' version 2 loaded" in server.log() for i in (0, 1)
+            ),
+            SWITCH_TIMEOUT,
+            "version 2 loaded on both workers",
+        )
+        wait_until(
+            lambda: "convserve_model_versions_loaded 2.0" in server.metrics(),
+            60,
+            "one version per worker after the swap",
+        )
     finally:
         assert server.stop() == 0, server.log()
 
