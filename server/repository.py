@@ -19,7 +19,6 @@ from convserve.server.errors import InvalidRequest, ModelNotFound, shown
 from convserve.server.model_config import CONFIG_FILENAME
 
 if TYPE_CHECKING:
-    from convserve.core.limits import Limits
     from convserve.server.model_config import ModelSettings
     from convserve.server.served import ServedVersion
 
@@ -27,20 +26,6 @@ log = logging.getLogger(__name__)
 
 
 MAX_VERSION_DIGITS = 18  # fits an int64, as in Triton's version numbers
-
-
-def model_limits(config) -> tuple[Limits, int]:
-    """The size limits of a `ServerConfig` as the core takes them, with the largest batch a
-    model runs (`--max-batch-size`): the `limits` argument of `ModelRepository.load`."""
-    from convserve.core.limits import Limits
-
-    limits = Limits(
-        config.max_parameters,
-        config.max_dimension,
-        config.max_image_activation_bytes,
-        config.max_batch_bytes,
-    )
-    return limits, config.max_batch_size
 
 
 class RepositoryError(Exception):

@@ -156,12 +156,10 @@ class VersionFactory:
         OSError, ValueError or MemoryError with a one-line message on a bad model file."""
         from convserve.core import Model
         from convserve.server.protocol import signature_for
-        from convserve.server.repository import model_limits
 
         warmup = self.warmup_sizes(settings)
-        size_limits, _ = model_limits(self.config)
         t0 = time.perf_counter()
-        model = Model.load(path, size_limits, max(settings.max_batch_size, *warmup))
+        model = Model.load(path, size_limits(self.config), max(settings.max_batch_size, *warmup))
         t1 = time.perf_counter()
         # every instance after the first is a copy with its own buffers, warmed the same way
         models = [model] + [model.replica() for _ in range(settings.instances - 1)]
@@ -213,6 +211,19 @@ class VersionFactory:
             extra_instance_min_images=max(cfg.parallel_min_batch, settings.max_batch_size // 2),
         )
         return batcher
+
+
+def size_limits(config):
+    """The load-time size limits of a `ServerConfig` as the core takes them (a model beyond
+    them, at its largest batch, is a bad model)."""
+    from convserve.core.limits import Limits
+
+    return Limits(
+        config.max_parameters,
+        config.max_dimension,
+        config.max_image_activation_bytes,
+        config.max_batch_bytes,
+    )
 
 
 def completion_on_loop(loop: asyncio.AbstractEventLoop, resolve: Callable[[list], None]):
