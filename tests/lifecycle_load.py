@@ -24,6 +24,7 @@ class Call:
     version: str
     seconds: float
     error: str = ""
+    build: int = 0  # which file of that version answered (0: the first one expected)
 
 
 @dataclass
@@ -35,14 +36,16 @@ class Traffic:
     calls: list[Call] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
-    _expected: dict[str, np.ndarray] = field(default_factory=dict)
+    _expected: dict[str, list[np.ndarray]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def expect(self, version: int, path: Path) -> None:
-        """The scores version `version` must answer (computed here from its file)."""
+        """Scores version `version` may answer (computed here from its file); a second call for
+        the same version adds the scores of a replacement file."""
         from convserve.core import Model
 
-        self._expected[str(version)] = Model.load(path).predict(self.image.astype(np.float32))
+        scores = Model.load(path).predict(self.image.astype(np.float32)).ravel()
+        self._expected.setdefault(str(version), []).append(scores)
 
     @property
     def image(self) -> np.ndarray:
@@ -70,18 +73,20 @@ class Traffic:
                     response = stub.ModelInfer(request, timeout=30)
                     version = response.model_version
                     scores = np.frombuffer(response.raw_output_contents[0], np.float32)
-                    expected = self._expected.get(version)
-                    error = ""
-                    if expected is None:
-                        error = f"answered by unexpected version {version!r}"
-                    elif not np.allclose(scores, expected.ravel(), rtol=1e-4, atol=1e-5):
-                        error = f"version {version} answered wrong scores"
+                    builds = [
+                        i
+                        for i, expected in enumerate(self._expected.get(version, []))
+                        if np.allclose(scores, expected, rtol=1e-4, atol=1e-5)
+                    ]
+                    build = builds[-1] if builds else 0
+                    error = "" if builds else f"version {version!r} answered unexpected scores"
                 except Exception as exc:  # noqa: BLE001 - every failure is recorded
                     details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
                     version, error = "", f"{type(exc).__name__}: {details}"
+                    build = 0
                 t1 = time.monotonic()
                 with self._lock:
-                    self.calls.append(Call(t1, version, t1 - t0, error))
+                    self.calls.append(Call(t1, version, t1 - t0, error, build))
         finally:
             channel.close()
 
@@ -89,13 +94,16 @@ class Traffic:
         with self._lock:
             return self.calls[-1].version if self.calls else ""
 
-    def wait_for_version(self, version: str, timeout: float) -> float:
-        """Seconds until every client's newest answers come from `version` (fails at timeout)."""
+    def wait_for_version(self, version: str, timeout: float, build: int = 0) -> float:
+        """Seconds until every client's newest answers come from `version` (and its `build`-th
+        expected file); fails at timeout."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             with self._lock:
                 recent = self.calls[-self.clients :]
-            if len(recent) == self.clients and all(c.version == version for c in recent):
+            if len(recent) == self.clients and all(
+                c.version == version and c.build == build for c in recent
+            ):
                 return time.monotonic() - t0
             time.sleep(0.05)
         raise AssertionError(f"answers did not switch to version {version} within {timeout} s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -266,6 +267,15 @@ def test_poll_mode_swaps_versions_under_load_without_a_failed_call(tmp_path):
         assert config().max_batch_size == 4
         assert server.log().count("config.json refused") == 1
 
+        # a changed file of a served version (replaced atomically) is rebuilt and swapped in
+        staged = tmp_path / "v4b.safetensors"
+        write(5)(staged)
+        traffic.expect(4, staged)
+        t_replace = time.monotonic()
+        os.replace(staged, target)
+        traffic.wait_for_version("4", SWITCH_TIMEOUT, build=1)
+        report("poll replaced v4 file", traffic, t_replace)
+
         traffic.stop()
         statuses = health.stop()
         failures = traffic.failures()
@@ -462,6 +472,7 @@ def test_unload_releases_the_model(tmp_path):
     from convserve.server.metrics import ServerMetrics
     from convserve.server.repository import ModelRepository
     from convserve.server.served import VersionFactory
+    from prometheus_client import generate_latest
 
     publish(tmp_path / "m", 1, write(1))
     config = cfg.ServerConfig(instances=2, warmup_batch_sizes=(1,), model_control_mode="explicit")
@@ -477,12 +488,16 @@ def test_unload_releases_the_model(tmp_path):
         )
         await lifecycle.load("m")
         served = lifecycle.repository.get("m")
-        model = weakref.ref(served.model)
-        batcher = weakref.ref(served.batcher)
+        model, batcher = weakref.ref(served.model), served.batcher
         del served
         await lifecycle.unload("m")
-        return model, batcher
+        return model, batcher, lifecycle
 
-    model, batcher = asyncio.run(scenario())
+    model, batcher, lifecycle = asyncio.run(scenario())
     gc.collect()
-    assert model() is None and batcher() is None
+    assert model() is None  # weights and buffers are freed
+    assert not batcher.alive and not any(t.is_alive() for t in batcher._threads)
+    assert lifecycle.repository.served_versions() == []
+    text = generate_latest(metrics.registry).decode()
+    assert 'convserve_queue_depth{model="m"' not in text  # the gauge reading the queue is gone
+    assert "convserve_model_versions_loaded 0.0" in text
