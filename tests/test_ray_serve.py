@@ -1,5 +1,6 @@
-"""convserve on Ray Serve, for real: a local Ray cluster (2 CPUs) deploys a repository with 2
-replicas behind Ray Serve's gRPC proxy, next to a `convserve serve` of the same repository.
+"""convserve on Ray Serve, for real: a local Ray cluster (2 CPUs) deploys a repository of two
+models (2 replicas each, behind the ingress) with Ray Serve's gRPC proxy in front, next to a
+`convserve serve` of the same repository.
 
 Checks: tritonclient inference through Ray matches `Model.predict`; every RPC and every bad
 request answers exactly as the direct server does (status and message); a replica killed under
@@ -42,6 +43,7 @@ def make_settings(repository: Path, replicas: int, grpc_port: int):
         min_replicas=replicas,
         max_replicas=replicas,
         num_cpus=2,
+        replica_cpus=0.5,  # 2 models x 2 replicas on 2 CPUs
         instances=1,
         max_request_images=1000,
         max_message_bytes=h.MAX_MESSAGE_BYTES,
@@ -103,6 +105,8 @@ def repository(tmp_path_factory) -> Path:
         h.write_model(
             root / MODEL / str(version) / "model.safetensors", "fashion_mnist", seed, MODEL
         )
+    # a second model: calls go through the ingress that routes to each model's deployment
+    h.write_model(root / "lenet" / "1" / "model.safetensors", "lenet5", 3, "lenet")
     return root
 
 
@@ -178,8 +182,9 @@ def test_our_client_and_health_through_ray(ray_app):
     _, target = ray_app
     x = np.random.default_rng(6).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
     with Client(target) as client:
-        assert client.models() == [MODEL]
-        assert client.predict(x).shape == (3, 10)
+        assert client.models() == sorted([MODEL, "lenet"])
+        assert client.predict(x, MODEL).shape == (3, 10)
+        assert client.predict(x, "lenet").shape == (3, 10)
     with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "inference.GRPCInferenceService"):

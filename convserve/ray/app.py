@@ -52,7 +52,8 @@ def model_deployment_options(settings: RaySettings) -> dict[str, Any]:
 
 
 def build(settings: RaySettings, model_server: type | None = None):
-    """The application: one deployment per model of the repository behind the ingress."""
+    """The application: one deployment per model of the repository, behind the ingress when
+    there are several (a single model's deployment is the entry itself: one Ray hop fewer)."""
     from ray import serve
 
     from convserve.ray.deployments import Ingress, ModelServer
@@ -68,6 +69,8 @@ def build(settings: RaySettings, model_server: type | None = None):
         )
         for name in repository.models
     }
+    if len(models) == 1:
+        return next(iter(models.values()))
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_NAME,
         max_ongoing_requests=INGRESS_MAX_ONGOING,
@@ -105,8 +108,9 @@ def message_limit(settings: RaySettings) -> int:
     return server_limit(settings.server, repository)
 
 
-def start(settings: RaySettings) -> None:
-    """Start (address 'local') or join the Ray cluster, start Serve's proxies, deploy the app."""
+def start(settings: RaySettings, model_server: type | None = None) -> None:
+    """Start (address 'local') or join the Ray cluster, start Serve's proxies, deploy the app
+    (`model_server`: another model deployment class, for loadtest/ray_bench.py)."""
     import ray
     from ray import serve
 
@@ -124,7 +128,7 @@ def start(settings: RaySettings) -> None:
         http_options={"host": "0.0.0.0", "port": settings.http_port},
         grpc_options=grpc_options(settings),
     )
-    serve.run(build(settings), name=APP_NAME, blocking=False)
+    serve.run(build(settings, model_server), name=APP_NAME, blocking=False)
 
 
 def run(settings: RaySettings) -> int:

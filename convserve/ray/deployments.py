@@ -102,8 +102,62 @@ class OneModelRepository(ModelRepository):
         self.models = {self.only: self.models[self.only]}
 
 
-class ModelServer:
-    """A replica of one model: its versions loaded and warmed, a batcher each, the servicer."""
+class Endpoint:
+    """What Ray's proxy calls: one method per RPC (added below) and grpc.health.v1.Health."""
+
+    async def answer(self, method: str, request) -> Outcome:
+        raise NotImplementedError
+
+    async def ready(self) -> bool:
+        raise NotImplementedError
+
+    async def handle(self, method: str, request, grpc_context) -> Any:
+        """One RPC through Ray: the response, or the servicer's status set on Ray's context."""
+        response, code, details, trailing = await self.answer(method, request)
+        if grpc_context is not None:
+            if trailing:
+                grpc_context.set_trailing_metadata(list(trailing))
+            if code is not None:
+                grpc_context.set_code(code)
+                grpc_context.set_details(details)
+        if code is not None:
+            output = SERVICE.methods_by_name[method].output_type.full_name
+            return _EMPTY[output]
+        return response
+
+    async def _health(self, service: str) -> int:
+        if service not in ("", SERVICE.full_name):
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        if await self.ready():
+            return health_pb2.HealthCheckResponse.SERVING
+        return health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request, grpc_context=None):
+        status = await self._health(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            if grpc_context is not None:  # as grpc's own health servicer answers
+                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+                grpc_context.set_details("unknown service")
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, grpc_context=None):
+        """The status now, then each change (checked every second) until the caller leaves."""
+        last = None
+        while True:
+            status = await self._health(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(1.0)
+
+
+class ModelServer(Endpoint):
+    """A replica of one model: its versions loaded and warmed, a batcher each, the servicer.
+
+    It is the application's entry itself when the repository holds one model (one Ray hop
+    fewer); otherwise the `Ingress` calls `call()`.
+    """
 
     def __init__(self, root: str, name: str, config: ServerConfig):
         from convserve.core.runtime import release_compiler_pages
@@ -151,6 +205,12 @@ class ModelServer:
     async def call(self, method: str, request) -> Outcome:
         return await run_rpc(self.servicer, method, request)
 
+    async def answer(self, method: str, request) -> Outcome:
+        return await self.call(method, request)
+
+    async def ready(self) -> bool:
+        return self.servicer.state.ready
+
     def pid(self) -> int:
         """This replica's process id (for operators and the fault-tolerance test)."""
         return os.getpid()
@@ -179,8 +239,9 @@ def _failure(model: str, exc: BaseException) -> Outcome:
     )
 
 
-class Ingress:
-    """The application's entry: routes model RPCs, answers server RPCs and health itself."""
+class Ingress(Endpoint):
+    """The entry of a repository of several models: routes model RPCs to each model's
+    deployment, answers server RPCs and health itself."""
 
     def __init__(self, root: str, models: dict[str, Any]):
         self.models = models  # model name -> DeploymentHandle of its ModelServer
@@ -201,7 +262,7 @@ class Ingress:
         names = sorted(self.models)
         return list(await asyncio.gather(*(self._model_call(n, method, request) for n in names)))
 
-    async def _ready(self) -> bool:
+    async def ready(self) -> bool:
         """Every model deployment answers ServerReady true within READY_TIMEOUT_S."""
         try:
             outcomes = await asyncio.wait_for(
@@ -211,7 +272,7 @@ class Ingress:
             return False
         return all(code is None and response.ready for response, code, _, _ in outcomes)
 
-    async def _answer(self, method: str, request) -> Outcome:
+    async def answer(self, method: str, request) -> Outcome:
         if method in MODEL_RPCS:
             name = getattr(request, MODEL_RPCS[method][0])
             if name in self.models:
@@ -219,7 +280,7 @@ class Ingress:
             if method == "ModelStatistics" and not name:
                 return await self._statistics(request)
         elif method == "ServerReady":
-            return pb.ServerReadyResponse(ready=await self._ready()), None, "", ()
+            return pb.ServerReadyResponse(ready=await self.ready()), None, "", ()
         elif method == "RepositoryIndex":
             return await self._index(request)
         # unknown models, ServerLive, ServerMetadata and unimplemented RPCs: the server's answer
@@ -241,47 +302,6 @@ class Ingress:
             merged.models.extend(response.models)
         return merged, None, "", ()
 
-    async def handle(self, method: str, request, grpc_context) -> Any:
-        """One RPC through Ray: the response, or the servicer's status set on Ray's context."""
-        response, code, details, trailing = await self._answer(method, request)
-        if grpc_context is not None:
-            if trailing:
-                grpc_context.set_trailing_metadata(list(trailing))
-            if code is not None:
-                grpc_context.set_code(code)
-                grpc_context.set_details(details)
-        if code is not None:
-            output = SERVICE.methods_by_name[method].output_type.full_name
-            return _EMPTY[output]
-        return response
-
-    # -- grpc.health.v1.Health ---------------------------------------------------------------
-    async def _health(self, service: str) -> int:
-        if service not in ("", SERVICE.full_name):
-            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-        if await self._ready():
-            return health_pb2.HealthCheckResponse.SERVING
-        return health_pb2.HealthCheckResponse.NOT_SERVING
-
-    async def Check(self, request, grpc_context=None):
-        status = await self._health(request.service)
-        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-            if grpc_context is not None:  # as grpc's own health servicer answers
-                grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
-                grpc_context.set_details("unknown service")
-            return health_pb2.HealthCheckResponse()
-        return health_pb2.HealthCheckResponse(status=status)
-
-    async def Watch(self, request, grpc_context=None):
-        """The status now, then each change (checked every second) until the caller leaves."""
-        last = None
-        while True:
-            status = await self._health(request.service)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(1.0)
-
 
 _EMPTY = {m.output_type.full_name: getattr(pb, m.output_type.name)() for m in SERVICE.methods}
 
@@ -295,6 +315,6 @@ def _rpc(method: str):
     return rpc
 
 
-# one method per RPC: Ray's proxy calls the ingress method named after the RPC
+# one method per RPC: Ray's proxy calls the entry's method named after the RPC
 for _method in SERVICE.methods:
-    setattr(Ingress, _method.name, _rpc(_method.name))
+    setattr(Endpoint, _method.name, _rpc(_method.name))
