@@ -39,20 +39,22 @@ def _patch_pb2(text: str) -> str:
     )
     if n != 1:
         raise RuntimeError("unexpected protoc output: no _sym_db line")
-    text, n = re.subn(
-        r"_descriptor_pool\.Default\(\)\.AddSerializedFile",
-        "DESCRIPTOR_POOL.AddSerializedFile",
-        text,
+    edits = (
+        (
+            r"_descriptor_pool\.Default\(\)\.AddSerializedFile",
+            "DESCRIPTOR_POOL.AddSerializedFile",
+            "AddSerializedFile call",
+        ),
+        (
+            r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '[\w.]+', _globals\)",
+            "BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)",
+            "BuildTopDescriptorsAndMessages call",
+        ),
     )
-    if n != 1:
-        raise RuntimeError("unexpected protoc output: no AddSerializedFile call")
-    text, n = re.subn(
-        r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '[\w.]+', _globals\)",
-        "BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)",
-        text,
-    )
-    if n != 1:
-        raise RuntimeError("unexpected protoc output: no BuildTopDescriptorsAndMessages call")
+    for pattern, replacement, what in edits:
+        text, n = re.subn(pattern, replacement, text)
+        if n != 1:
+            raise RuntimeError(f"unexpected protoc output: no {what}")
     return text
 
 

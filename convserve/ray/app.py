@@ -108,11 +108,9 @@ def message_limit(settings: RaySettings) -> int:
     return server_limit(settings.server, repository)
 
 
-def start(settings: RaySettings, model_server: type | None = None) -> None:
-    """Start (address 'local') or join the Ray cluster, start Serve's proxies, deploy the app
-    (`model_server`: another model deployment class, for loadtest/ray_bench.py)."""
+def connect(settings: RaySettings) -> None:
+    """Start (address 'local') or join the Ray cluster."""
     import ray
-    from ray import serve
 
     if settings.address == "local":
         # Ray's proxy reads its message limit from its environment: the local cluster inherits ours
@@ -124,6 +122,13 @@ def start(settings: RaySettings, model_server: type | None = None) -> None:
         )
     else:
         ray.init(address=settings.address, logging_level=logging.WARNING)
+
+
+def deploy(settings: RaySettings, model_server: type | None = None) -> None:
+    """Start Serve's proxies (gRPC with our services) and deploy the application; returns once it
+    runs (`model_server`: another model deployment class, for loadtest/ray_bench.py)."""
+    from ray import serve
+
     serve.start(
         http_options={"host": "0.0.0.0", "port": settings.http_port},
         grpc_options=grpc_options(settings),
@@ -131,12 +136,23 @@ def start(settings: RaySettings, model_server: type | None = None) -> None:
     serve.run(build(settings, model_server), name=APP_NAME, blocking=False)
 
 
+def start(settings: RaySettings, model_server: type | None = None) -> None:
+    """Connect to (or start) the cluster and deploy."""
+    connect(settings)
+    deploy(settings, model_server)
+
+
 def run(settings: RaySettings) -> int:
     """`convserve ray-serve`: deploy; with a local cluster serve until SIGTERM/SIGINT."""
     import ray
     from ray import serve
 
-    start(settings)
+    connect(settings)
+    stop = threading.Event()
+    if settings.address == "local":  # after ray.init, which installs its own SIGTERM handler
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    deploy(settings)
     log.info(
         "application '%s' running: gRPC on port %d of every node (Ray Serve's proxy)",
         APP_NAME,
@@ -147,9 +163,6 @@ def run(settings: RaySettings) -> int:
             "deployed to the cluster at %s; it keeps running after this command", settings.address
         )
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping: Serve, then the local Ray cluster")
     serve.shutdown()

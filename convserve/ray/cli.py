@@ -6,20 +6,21 @@ import argparse
 import logging
 import sys
 
+DESCRIPTION = (
+    "Deploy every model of a repository as a Ray Serve deployment (replicas, autoscaling, "
+    "restarts) behind Ray Serve's gRPC proxy, which speaks the same Open Inference Protocol as "
+    "`convserve serve`. Needs the `ray` extra: pip install 'convserve[ray]'. A flag wins over "
+    "--config FILE, which wins over the CONVSERVE_* variable. See docs/ray.md."
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from convserve.ray.settings import add_flags
 
-    parser = subparsers.add_parser(
-        "ray-serve",
-        help="serve the model repository on Ray Serve (starts or joins a Ray cluster)",
-        description="Deploy every model of a repository as a Ray Serve deployment (replicas, "
-        "autoscaling, restarts) behind Ray Serve's gRPC proxy, which speaks the same Open "
-        "Inference Protocol as `convserve serve`. Needs the `ray` extra: pip install "
-        "'convserve[ray]'. A flag wins over --config FILE, which wins over the CONVSERVE_* variable.",
-    )
-    add_flags(parser)
+    help_text = "serve the model repository on Ray Serve (starts or joins a Ray cluster)"
+    parser = subparsers.add_parser("ray-serve", help=help_text, description=DESCRIPTION)
     parser.set_defaults(func=run)
+    add_flags(parser)
 
 
 def run(args: argparse.Namespace) -> int:

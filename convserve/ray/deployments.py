@@ -278,28 +278,21 @@ class Ingress(Endpoint):
             if name in self.models:
                 return await self._model_call(name, method, request)
             if method == "ModelStatistics" and not name:
-                return await self._statistics(request)
+                return await self._merged(method, request, "model_stats")
         elif method == "ServerReady":
             return pb.ServerReadyResponse(ready=await self.ready()), None, "", ()
         elif method == "RepositoryIndex":
-            return await self._index(request)
+            return await self._merged(method, request, "models")
         # unknown models, ServerLive, ServerMetadata and unimplemented RPCs: the server's answer
         return await run_rpc(self.servicer, method, request)
 
-    async def _statistics(self, request) -> Outcome:
-        merged = pb.ModelStatisticsResponse()
-        for response, code, details, trailing in await self._all_models("ModelStatistics", request):
+    async def _merged(self, method: str, request, field: str) -> Outcome:
+        """One response listing every model's `field` entries (the first error otherwise)."""
+        merged = getattr(pb, SERVICE.methods_by_name[method].output_type.name)()
+        for response, code, details, trailing in await self._all_models(method, request):
             if code is not None:
                 return response, code, details, trailing
-            merged.model_stats.extend(response.model_stats)
-        return merged, None, "", ()
-
-    async def _index(self, request) -> Outcome:
-        merged = pb.RepositoryIndexResponse()
-        for response, code, details, trailing in await self._all_models("RepositoryIndex", request):
-            if code is not None:
-                return response, code, details, trailing
-            merged.models.extend(response.models)
+            getattr(merged, field).extend(getattr(response, field))
         return merged, None, "", ()
 
 

@@ -73,20 +73,9 @@ RAY_OPTIONS: tuple[Option, ...] = (
     Option(
         "--http-port", _port, 8000, "port of Ray Serve's HTTP proxy (unused by convserve)", "PORT"
     ),
-    Option(
-        "--min-replicas",
-        _nonneg_int,
-        1,
-        "fewest replicas of each model (0: scale to zero when idle)",
-        "N",
-    ),
-    Option(
-        "--max-replicas",
-        _pos_int,
-        1,
-        "most replicas of each model; more than --min-replicas turns autoscaling on",
-        "N",
-    ),
+    Option("--min-replicas", _nonneg_int, 1, "fewest replicas per model (0: scale to zero)", "N"),
+    # more than --min-replicas turns autoscaling on
+    Option("--max-replicas", _pos_int, 1, "most replicas per model (autoscaling above min)", "N"),
     Option(
         "--target-ongoing-requests",
         _pos_float,
