@@ -78,7 +78,7 @@ def serve_batch_model_server():
 
 def start_ray(repo: Path, replica_cpus: float, model_server=None) -> str:
 
-    from convserve.ray.app import start
+    from convserve.ray.serving import start
     from convserve.ray.settings import resolve
 
     port = bench.free_port()

@@ -55,7 +55,7 @@ def make_settings(repository: Path, replicas: int, grpc_port: int):
 def running_replicas() -> int:
     from ray import serve
 
-    from convserve.ray.app import APP_NAME
+    from convserve.ray.serving import APP_NAME
 
     app = serve.status().applications.get(APP_NAME)
     deployment = app and app.deployments.get(f"model_{MODEL}")
@@ -66,7 +66,7 @@ def replica_pids(calls: int = 24) -> set[int]:
     """Process ids of the model's replicas that answer (Serve spreads calls over them)."""
     from ray import serve
 
-    from convserve.ray.app import APP_NAME
+    from convserve.ray.serving import APP_NAME
 
     handle = serve.get_deployment_handle(f"model_{MODEL}", APP_NAME)
     pids = set()
@@ -116,7 +116,7 @@ def ray_app(repository):
     import ray
     from ray import serve
 
-    from convserve.ray.app import MESSAGE_SIZE_ENV, start
+    from convserve.ray.serving import MESSAGE_SIZE_ENV, start
 
     os.environ.setdefault("NUMBA_CACHE_DIR", str(h.ROOT / ".numba_cache"))
     saved = os.environ.get(MESSAGE_SIZE_ENV)
@@ -342,7 +342,7 @@ def test_killed_replica_is_restarted_and_no_call_fails(ray_app):
 def test_two_replicas_serve_more_than_one(ray_app, repository):
     from ray import serve
 
-    from convserve.ray.app import APP_NAME, build
+    from convserve.ray.serving import APP_NAME, build
 
     settings, target = ray_app
     rates = {}

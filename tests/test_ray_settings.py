@@ -122,3 +122,27 @@ def test_serve_config_example_is_valid_for_ray_serve():
     for path in document["grpc_options"]["grpc_servicer_functions"]:
         module, _, name = path.rpartition(".")
         assert callable(getattr(__import__(module, fromlist=[name]), name))
+
+
+def test_app_import_path_builds_from_variables(monkeypatch):
+    pytest.importorskip("ray.serve", reason="the `ray` extra is not installed")
+    from ray.serve import Application
+
+    from convserve.ray.serving import model_deployment_options
+
+    monkeypatch.setenv("CONVSERVE_MODEL_REPOSITORY", str(ROOT / "models"))
+    monkeypatch.setenv("CONVSERVE_MAX_REPLICAS", "3")
+    import convserve.ray
+
+    assert isinstance(convserve.ray.app, Application)  # what `serve run convserve.ray:app` loads
+    options = model_deployment_options(resolve())
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 32.0,
+    }
+    assert options["ray_actor_options"]["num_cpus"] == 1.0
+    assert options["ray_actor_options"]["runtime_env"]["env_vars"]["NUMBA_NUM_THREADS"] == "1"
+    # the replica holds its batcher's whole queue: QueueFull comes from convserve, as directly
+    assert options["max_ongoing_requests"] == 1024 + 64

@@ -14,8 +14,8 @@ __all__ = ["app", "build_app"]
 
 
 def build_app(args: dict[str, Any] | None = None):
-    """Serve's application builder (see convserve.ray.app.build_app)."""
-    from convserve.ray.app import build_app as build
+    """Serve's application builder (see convserve.ray.serving.build_app)."""
+    from convserve.ray.serving import build_app as build
 
     return build(args)
 

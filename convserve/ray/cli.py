@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from convserve.ray.app import run as run_app
+    from convserve.ray.serving import run as run_app
 
     try:
         return run_app(settings)

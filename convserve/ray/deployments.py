@@ -5,7 +5,7 @@ and hands it to the application's ingress, calling the method named after the RP
 sends model calls to that model's deployment and answers server-wide calls itself. Both run the
 server's own `InferenceServicer` (server/servicer.py): requests are decoded, checked, batched and
 encoded exactly as by `convserve serve`, and its gRPC status and message travel back unchanged.
-This module imports Ray; `convserve.ray.app` imports it only when an application is built.
+This module imports Ray; `convserve.ray.serving` imports it only when an application is built.
 """
 
 from __future__ import annotations

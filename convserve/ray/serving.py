@@ -1,4 +1,8 @@
-"""Build and run the Ray Serve application: `build_app` for Serve, `run` for `convserve ray-serve`."""
+"""Build and run the Ray Serve application: `build_app` for Serve, `run` for `convserve ray-serve`.
+
+(Not named `app`: a submodule of that name would hide the package's lazy `app` attribute, the
+`convserve.ray:app` import path.)
+"""
 
 from __future__ import annotations
 
