@@ -193,6 +193,19 @@ def test_our_client_and_health_through_ray(ray_app):
         with pytest.raises(grpc.RpcError) as info:
             health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_stream_infer_is_unimplemented_through_ray(ray_app):
+    _, target = ray_app
+    stub, channel = h.stub(target)
+    request = h.infer_request(MODEL, np.zeros((1, 28, 28, 1), np.uint8))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.ModelStreamInfer(iter([request]), timeout=30))
+    channel.close()
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, info.value.details()
 
 
 def bad_requests() -> dict[str, tuple[str, object]]:

@@ -48,7 +48,7 @@ def model_deployment_options(settings: RaySettings) -> dict[str, Any]:
         settings.scaling(),
         max_ongoing_requests=queue + cfg.max_batch_size,
         ray_actor_options={"num_cpus": settings.replica_cpus, "runtime_env": {"env_vars": env}},
-        # a replica restarted after a crash compiles or loads its kernels before it is ready
+        # a hung replica is noticed within seconds (Serve's default checks every 10 s)
         health_check_period_s=2.0,
         graceful_shutdown_timeout_s=5.0,
         logging_config=LOGGING,
