@@ -50,3 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, RepositoryError) as exc:
         logging.getLogger("convserve.ray").error("cannot start: %s", exc)
         return 2
+    except ConnectionError as exc:  # no cluster at --address
+        logging.getLogger("convserve.ray").error(
+            "cannot join the Ray cluster at %s: %s", settings.address, str(exc).splitlines()[0]
+        )
+        return 2
