@@ -68,3 +68,45 @@ def test_ray_serve_command_serves_classify_and_stops_on_sigterm(tmp_path):
             process.wait(timeout=30)
     with Client(target, retries=0) as client:  # the cluster and its proxy are gone
         assert not client.is_live(timeout=2)
+
+
+def test_ray_serve_joins_a_running_cluster_and_leaves_the_app_running(tmp_path):
+    from convserve.client import Client
+
+    gcs, port = h.free_port(), h.free_port()
+    # Token authentication (docs/ray.md) is Ray's business; this test is about joining
+    env = dict(h.server_env(), RAY_AUTH_MODE="disabled")
+    head_log = open(tmp_path / "head.log", "wb")
+    # `ray start --block` keeps the head in this process tree: SIGTERM to it stops that cluster only
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"]
+        + ["--port", str(gcs), "--num-cpus", "2", "--include-dashboard=false"]
+        + ["--disable-usage-stats"],
+        stdout=head_log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    command = [sys.executable, "-m", "convserve", "ray-serve", "--address", f"127.0.0.1:{gcs}"]
+    command += ["--model-repository", str(h.ROOT / "models"), "--grpc-port", str(port)]
+    command += ["--http-port", str(h.free_port())]
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the head takes a few seconds to accept drivers
+            joined = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+            if joined.returncode != 2 or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        assert "keeps running after this command" in joined.stderr
+        with Client(f"127.0.0.1:{port}") as client:  # the command has returned; the app serves
+            assert client.classify(h.images(2), top_k=1)
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=30)
+        head_log.close()
+    with Client(f"127.0.0.1:{port}", retries=0) as client:
+        assert not client.is_live(timeout=2)
