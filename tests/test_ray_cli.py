@@ -3,9 +3,11 @@ served through Ray Serve's gRPC proxy, `convserve classify` against it, SIGTERM 
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -78,10 +80,12 @@ def test_ray_serve_joins_a_running_cluster_and_leaves_the_app_running(tmp_path):
     env = dict(h.server_env(), RAY_AUTH_MODE="disabled")
     head_log = open(tmp_path / "head.log", "wb")
     # `ray start --block` keeps the head in this process tree: SIGTERM to it stops that cluster only
+    # its own temp dir: the head's address record (ray_current_cluster) must not outlive the test
+    temp_dir = tempfile.mkdtemp(prefix="ray-")
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"]
         + ["--port", str(gcs), "--num-cpus", "2", "--include-dashboard=false"]
-        + ["--disable-usage-stats"],
+        + ["--disable-usage-stats", "--temp-dir", temp_dir],
         stdout=head_log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -108,5 +112,6 @@ def test_ray_serve_joins_a_running_cluster_and_leaves_the_app_running(tmp_path):
             head.kill()
             head.wait(timeout=30)
         head_log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     with Client(f"127.0.0.1:{port}", retries=0) as client:
         assert not client.is_live(timeout=2)

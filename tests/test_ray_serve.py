@@ -127,7 +127,8 @@ def ray_app(repository):
         wait_for(lambda: server_ready(target), 180, "ServerReady through Ray's proxy")
         yield settings, target
     finally:
-        serve.shutdown()
+        if ray.is_initialized():  # serve.shutdown() would otherwise look for a cluster to join
+            serve.shutdown()
         ray.shutdown()
         if saved is None:
             os.environ.pop(MESSAGE_SIZE_ENV, None)

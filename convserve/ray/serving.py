@@ -120,6 +120,7 @@ def connect(settings: RaySettings) -> None:
         # Ray's proxy reads its message limit from its environment: the local cluster inherits ours
         os.environ[MESSAGE_SIZE_ENV] = str(message_limit(settings))
         ray.init(
+            address="local",  # a new cluster, even if this machine runs one (or has a stale record)
             num_cpus=settings.num_cpus or None,
             include_dashboard=False,
             logging_level=logging.WARNING,
