@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import time
@@ -31,16 +32,19 @@ class StartupError(Exception):
     """The server cannot start; the message says why (no traceback is shown)."""
 
 
-def message_limit(config: ServerConfig, repository) -> int:
-    """Configured limit, or: 4 full batches of the largest model's FP32 images plus 1 MiB, >= 64 MiB."""
+def message_limit(config: ServerConfig, image_bytes: int) -> int:
+    """Configured limit, or: 4 full batches of the largest model's FP32 images (`image_bytes`
+    each) plus 1 MiB, >= 64 MiB."""
     if config.max_message_bytes:
         return config.max_message_bytes
-    largest = 0
-    for served in repository.served_versions():
-        if served.model is not None:
-            h, w, c = served.model.input_shape
-            largest = max(largest, h * w * c * 4)
-    return min(max(AUTO_MESSAGE_FLOOR, 4 * config.max_batch_size * largest + (1 << 20)), 2**31 - 1)
+    return min(
+        max(AUTO_MESSAGE_FLOOR, 4 * config.max_batch_size * image_bytes + (1 << 20)), 2**31 - 1
+    )
+
+
+def largest_image_bytes(models) -> int:
+    """Bytes of one FP32 image of the largest input among `models` (convserve.core.Model)."""
+    return max((4 * math.prod(m.input_shape) for m in models if m is not None), default=0)
 
 
 def configure_logging(level: str) -> None:
@@ -151,7 +155,9 @@ class InferenceServer:
         if not repository.ready_entries() and cfg.model_control_mode == "none":
             await server.stop(0)
             raise StartupError(f"no model in {root} could be loaded")
-        limit = message_limit(cfg, repository)
+        limit = message_limit(
+            cfg, largest_image_bytes(s.model for s in repository.served_versions())
+        )
         if limit > limit_hint:
             log.warning(
                 "message limit %d B exceeds the %d B the listener was started with; "

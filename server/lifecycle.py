@@ -71,6 +71,7 @@ class ModelLifecycle:
         self._config_errors: dict[str, str] = {}  # model -> why its config.json was refused
         self._locks: dict[str, asyncio.Lock] = {}
         self.closing = False
+        self.only: str | None = None  # index rows of this model only (a Ray Serve replica)
 
     @staticmethod
     def default_policy(mode: str) -> VersionPolicy:
@@ -255,6 +256,15 @@ class ModelLifecycle:
         if self.closing:
             await in_daemon_thread(served.close, self.close_timeout)
             return "the server is shutting down"
+        previous = self._publish(entry, served, t0, replacing)
+        if previous is not None:
+            await self._close(previous, entry.name, entry.version, "replaced")
+        return ""
+
+    def _publish(
+        self, entry: ModelVersion, served: ServedVersion, t0: float, replacing: bool = False
+    ) -> ServedVersion | None:
+        """Swap `served` in for `entry`, count and log it; returns the build it replaced."""
         previous = self.repository.publish(entry, served)
         entry.failed = ()
         self.metrics.transition(entry.name, "load", "success")
@@ -271,12 +281,33 @@ class ModelLifecycle:
             entry.path,
             "x".join(map(str, served.model.input_shape)),
             served.model.num_classes,
-            settings.max_batch_size,
-            settings.instances,
+            served.settings.max_batch_size,
+            served.settings.instances,
         )
-        if previous is not None:
-            await self._close(previous, entry.name, entry.version, "replaced")
-        return ""
+        return previous
+
+    def load_blocking(self, only: str | None = None) -> list[str]:
+        """The start-up load without an event loop (a Ray Serve replica's constructor): every
+        model (or `only`) with the versions its policy selects; returns the failures."""
+        from convserve.core import ModelError
+
+        failures: list[str] = []
+        for name, on_disk in scan_disk(self.repository.root, only).items():
+            settings, error = self._settings(name, on_disk)
+            if settings is None:
+                failures.append(error)
+                continue
+            for version in sorted(settings.version_policy.select(on_disk.versions)):
+                entry = self.repository.record(name, version, on_disk.versions[version])
+                key = (on_disk.version_fingerprint(version), settings)
+                t0 = time.perf_counter()
+                try:
+                    served = self.factory.build(name, version, entry.path, settings, key[0])
+                except (ModelError, OSError, ValueError, MemoryError) as exc:
+                    failures.append(self._failed(entry, key, str(exc), t0))
+                    continue
+                self._publish(entry, served, t0)
+        return failures
 
     def _failed(self, entry: ModelVersion, key: tuple, error: str, t0: float) -> str:
         line = " ".join(error.split()) or "unknown error"
@@ -344,7 +375,8 @@ class ModelLifecycle:
     def index_rows(self, disk: dict[str, ModelOnDisk]) -> list[tuple[str, str, str, str]]:
         """RepositoryIndex rows (name, version, state, reason): every version known or on disk."""
         rows = []
-        for name in sorted(set(disk) | set(self.repository.models)):
+        names = set(disk) | set(self.repository.models)
+        for name in sorted(names if self.only is None else names & {self.only}):
             known = self.repository.models.get(name, {})
             on_disk = disk.get(name)
             versions = set(known) | set(on_disk.versions if on_disk else ())

@@ -200,7 +200,7 @@ class ModelRepository:
         if served is not None:
             return served
         if name not in self.models:
-            known = ", ".join(f"'{m}'" for m in self.served_names())
+            known = ", ".join(f"'{m}'" for m in self.models)
             raise InvalidRequest(
                 f"Request for unknown model: '{shown(name)}' is not found (available models: {known})"
             )
@@ -227,13 +227,6 @@ class ModelRepository:
             f"Request for unknown model: '{name}' {what} is not found "
             f"(available versions: {', '.join(available)})"
         )
-
-    def served_names(self) -> list[str]:
-        return [
-            name
-            for name, versions in self.models.items()
-            if any(e.ready for e in versions.values())
-        ]
 
     def ready_versions(self, name: str) -> list[str]:
         return [str(v) for v, e in sorted(self.models.get(name, {}).items()) if e.ready]
