@@ -32,6 +32,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(check, timeout: float, what: str, interval: float = 0.1):
+    """Call `check()` until it returns something true (returned); fails after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def server_env() -> dict[str, str]:
     env = dict(
         os.environ, NUMBA_CACHE_DIR=os.environ.get("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))

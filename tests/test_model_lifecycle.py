@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import server_harness as h
 from tests.lifecycle_load import Traffic, publish
+from tests.server_harness import wait_until
 
 POLL_SECS = 0.5
 SWITCH_TIMEOUT = 120.0  # poll + warm-up on 2 shared cores, with generous slack
@@ -57,16 +58,6 @@ def corrupt(path: Path) -> None:
 def index(api) -> dict[str, tuple[str, str]]:
     rows = api.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
     return {f"{r.name}/{r.version}": (r.state, r.reason) for r in rows}
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not reached within {timeout} s: {what}")
 
 
 def report(label: str, traffic: Traffic, at: float) -> None:

@@ -79,13 +79,7 @@ def replica_pids(calls: int = 24) -> set[int]:
 
 
 def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return h.wait_until(condition, timeout, what, interval=0.25)
 
 
 def server_ready(target: str) -> bool:
