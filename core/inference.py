@@ -20,8 +20,8 @@ import numba
 import numpy as np
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.architecture import Architecture, LayerSpec
-from convserve.core.kernels import conv as kconv
 from convserve.core.kernels import dense as kdense
+from convserve.core.kernels import direct, elementwise, first_layer, padding, winograd
 from convserve.core.kernels import pool as kpool
 
 ACT_CODES = {"linear": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "softmax": 4}
@@ -133,7 +133,7 @@ def _splits(tasks: int, groups: int, threads: int) -> int:
 def _pad_kernel(n: int, step: _Step) -> Any:
     """The padding copy of a conv step's input: serial for small inputs."""
     h, w, c = step.params["padded"]
-    return kconv.pad_input_serial if n * h * w * c < SERIAL_MAX_WORK else kconv.pad_input
+    return padding.pad_input_serial if n * h * w * c < SERIAL_MAX_WORK else padding.pad_input
 
 
 @dataclass
@@ -202,7 +202,7 @@ def _channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 
 def _pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The weights for `kconv.dense`: units rounded up to 16 (zero columns), in blocks of 64
+    """The weights for `kdense.dense`: units rounded up to 16 (zero columns), in blocks of 64
     units, each block's K rows contiguous; flat. And the bias padded the same way."""
     k, units = kernel.shape
     up = _round_up(units, 16)
@@ -385,7 +385,7 @@ class InferencePlan:
             elif step.kind == "conv":
                 tile = max(tile, step.shape[1] * step.params["wk"].shape[1])
             elif step.kind == "dense":
-                tile = max(tile, kconv.DENSE_ROWS * step.params["bias"].size)
+                tile = max(tile, kdense.DENSE_ROWS * step.params["bias"].size)
             elif step.kind == "conv_wino":
                 tw = step.shape[1] if step.params["pool"] else (step.shape[1] + 1) // 2
                 tile = max(tile, 16 * tw * sum(step.params["u"].shape[1:]))
@@ -525,7 +525,7 @@ class InferencePlan:
                 x = padded
             if step.kind in ("conv_pool2", "conv"):
                 splits = _splits(n * step.shape[0], step.shape[1], threads)
-                kernel = kconv.conv_pool2 if step.kind == "conv_pool2" else kconv.conv
+                kernel = direct.conv_pool2 if step.kind == "conv_pool2" else direct.conv
                 add(
                     kernel,
                     x,
@@ -544,7 +544,7 @@ class InferencePlan:
                 rows = step.shape[0] if p["pool"] else (step.shape[0] + 1) // 2
                 splits = _splits(n * rows, p["u"].shape[2] // 16, threads)
                 add(
-                    kconv.conv_wino,
+                    winograd.conv_wino,
                     x,
                     p["u"],
                     p["bias"],
@@ -558,7 +558,7 @@ class InferencePlan:
                 padded = self._padded[k][:n]
                 add(_pad_kernel(n, step), x, sc, sf, int(raw), padded, p["pt"], p["pl"])
                 add(
-                    kconv.conv1_pixels_pool2,
+                    first_layer.conv1_pixels_pool2,
                     padded,
                     p["wt"],
                     p["bias"],
@@ -571,7 +571,7 @@ class InferencePlan:
             elif step.kind == "conv1_k3_pool2":
                 splits = _splits(n * step.shape[0], p["wb"].shape[0], threads)
                 add(
-                    kconv.conv1_k3_pool2,
+                    first_layer.conv1_k3_pool2,
                     x,
                     p["wb"],
                     sc,
@@ -584,7 +584,7 @@ class InferencePlan:
                 )
             elif step.kind == "preprocess":
                 add(
-                    kdense.preprocess,
+                    elementwise.preprocess,
                     x,
                     *((self.scale, self.shift) if raw else self._identity),
                     out,
@@ -606,14 +606,14 @@ class InferencePlan:
                 out = x.reshape(n, -1)  # x is a buffer here: a preprocess step always comes first
             elif step.kind == "dense":
                 if n * p["wk"].size < DENSE_SERIAL_MAX_WORK:
-                    add(kconv.dense_serial, x, p["wk"], p["bias"], self._tiles, out, p["act"])
+                    add(kdense.dense_serial, x, p["wk"], p["bias"], self._tiles, out, p["act"])
                 else:
-                    rows = (n + kconv.DENSE_ROWS - 1) // kconv.DENSE_ROWS
+                    rows = (n + kdense.DENSE_ROWS - 1) // kdense.DENSE_ROWS
                     blocks = (p["bias"].size + 63) // 64
                     splits = 1 if p["act"] == 4 else _splits(rows, blocks, threads)
-                    add(kconv.dense, x, p["wk"], p["bias"], self._tiles, out, p["act"], splits)
+                    add(kdense.dense, x, p["wk"], p["bias"], self._tiles, out, p["act"], splits)
             elif step.kind == "activate":
-                add(kdense.activate, x.reshape(-1, p["width"]), p["act"])
+                add(elementwise.activate, x.reshape(-1, p["width"]), p["act"])
             x = out
             k += 1
         return calls, result_shape, (None if x is _RESULT else x)

@@ -9,7 +9,7 @@ import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.errors import ModelError
 from convserve.core.inference import InferencePlan
-from convserve.core.kernels.dense import all_finite_f32
+from convserve.core.kernels.elementwise import all_finite_f32
 from convserve.core.modelfile import read_model_file, write_model_file
 
 
