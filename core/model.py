@@ -56,17 +56,25 @@ def all_finite(x: np.ndarray) -> bool:
 class Model:
     """A CNN classifier. `Model(architecture, weights)` validates both and infers all shapes."""
 
-    def __init__(self, architecture: dict[str, Any], weights: dict[str, np.ndarray]):
+    def __init__(
+        self,
+        architecture: dict[str, Any],
+        weights: dict[str, np.ndarray],
+        winograd: bool = True,
+    ):
+        """`winograd=False` runs 3x3 convolutions on the direct kernels (for comparison)."""
         self.architecture: Architecture = parse_architecture(architecture)
         self.weights: dict[str, np.ndarray] = check_weights(self.architecture, weights)
-        self._plan = InferencePlan(self.architecture, self.weights)
+        self._winograd = winograd
+        self._plan = InferencePlan(self.architecture, self.weights, winograd)
 
     def replica(self) -> Model:
         """Another instance of this model (same architecture and weights, its own buffers), for
         running batches side by side from several threads."""
         twin = Model.__new__(Model)
         twin.architecture, twin.weights = self.architecture, self.weights
-        twin._plan = InferencePlan(self.architecture, self.weights)
+        twin._winograd = self._winograd
+        twin._plan = InferencePlan(self.architecture, self.weights, self._winograd)
         return twin
 
     # -- identity -------------------------------------------------------------------------
@@ -167,15 +175,7 @@ def summarize(arch: Architecture) -> str:
     rows = [("Layer (type)", "Output shape", "Param #")]
     rows.append(("input", _shape(arch.input_shape), "0"))
     for layer in arch.layers:
-        desc = f"{layer.index}: {layer.type}"
-        if layer.type == "conv2d":
-            desc += f" {layer.kernel_size[0]}x{layer.kernel_size[1]}/{layer.strides[0]} {layer.padding} {layer.activation}"
-        elif layer.type in ("max_pooling2d", "average_pooling2d"):
-            desc += f" {layer.pool_size[0]}x{layer.pool_size[1]}/{layer.strides[0]} {layer.padding}"
-        elif layer.type in ("dense", "activation"):
-            desc += f" {layer.activation}"
-        elif layer.type == "dropout":
-            desc += f" {layer.rate:g}"
+        desc = f"{layer.index}: {layer.type} {layer.describe()}".rstrip()
         rows.append((desc, _shape(layer.output_shape), f"{layer.param_count():,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     line = "-" * (sum(widths) + 6)
