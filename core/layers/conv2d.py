@@ -332,37 +332,49 @@ class Conv2D(Layer):
     def _geometry(self) -> tuple[int, ...]:
         return (*self.kernel_size, *self.strides, self.pads[0], self.pads[2])
 
+    def _kernel_layouts(self, bound) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(wd, wt, small): the kernel (CO, K), its transpose (K, CO) when the reduction is
+        short enough for the outer-product form (`small`), else wd again."""
+        wd = bound.params["kernel"]
+        small = wd.shape[1] <= bound.SMALL_K
+        return wd, (np.ascontiguousarray(wd.T) if small else wd), small
+
+    def _weight_grads(self, bound, dw_part, db_part, small: bool) -> None:
+        """Sum the per-chunk partials (transposed with `small`) into the gradients, in order."""
+        if small:
+            bound.grads["kernel"][:] = dw_part.sum(axis=0).T  # fixed order: numpy's pairwise sum
+        else:
+            K.sum_partials(dw_part.reshape(K.NCHUNKS, -1), bound.grads["kernel"].reshape(-1))
+        if self.use_bias:
+            K.sum_partials(db_part, bound.grads["bias"])
+
+    def _partials(self, wd, x, need_dx, small):
+        """Buffers for a backward pass: dx, weight and bias partials per chunk."""
+        dw_shape = wd.shape[::-1] if small else wd.shape
+        dx = np.empty_like(x) if need_dx else np.empty((1, 1, 1, 1), x.dtype)
+        return (
+            dx,
+            np.empty((K.NCHUNKS, *dw_shape), wd.dtype),
+            np.empty((K.NCHUNKS, wd.shape[0]), wd.dtype),
+        )
+
     def forward(self, bound, x, rng):
         out = np.empty((x.shape[0], *self.output_shape), x.dtype)
-        wd = bound.params["kernel"]
-        bias = bound.bias(x.dtype, self.filters)
+        wd, wt, small = self._kernel_layouts(bound)
         relu = bound.act == RELU
-        if wd.shape[1] <= bound.SMALL_K:
-            K.conv2d_forward_small(
-                x, np.ascontiguousarray(wd.T), bias, out, *self._geometry(), relu
-            )
-        else:
-            K.conv2d_forward(x, wd, bias, out, *self._geometry(), relu)
+        bias = bound.bias(x.dtype, self.filters)
+        K.conv2d_forward(x, wd, wt, bias, out, *self._geometry(), relu, small)
         return activate(out, bound.act, relu_done=True), (x, out)
 
     def backward(self, bound, dout, cache, need_dx):
         x, y = cache
         dz = np.ascontiguousarray(activation_grad(dout, y, bound.act))
-        wd = bound.params["kernel"]
-        db_part = np.empty((K.NCHUNKS, wd.shape[0]), wd.dtype)
-        dx = np.empty_like(x) if need_dx else np.empty((1, 1, 1, 1), x.dtype)
-        if wd.shape[1] <= bound.SMALL_K:
-            dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
-            K.conv2d_backward_small(
-                x, np.ascontiguousarray(wd.T), dz, dx, dwt_part, db_part, *self._geometry(), need_dx
-            )
-            bound.grads["kernel"][:] = dwt_part.sum(axis=0).T  # fixed order: numpy's pairwise sum
-        else:
-            dw_part = np.empty((K.NCHUNKS, *wd.shape), wd.dtype)
-            K.conv2d_backward(x, wd, dz, dx, dw_part, db_part, *self._geometry(), need_dx)
-            K.sum_partials(dw_part.reshape(K.NCHUNKS, -1), bound.grads["kernel"].reshape(-1))
-        if self.use_bias:
-            K.sum_partials(db_part, bound.grads["bias"])
+        wd, wt, small = self._kernel_layouts(bound)
+        dx, dw_part, db_part = self._partials(wd, x, need_dx, small)
+        K.conv2d_backward(
+            x, wt if small else wd, dz, dx, dw_part, db_part, *self._geometry(), need_dx, small
+        )
+        self._weight_grads(bound, dw_part, db_part, small)
         return dx if need_dx else None
 
     @staticmethod
@@ -375,9 +387,7 @@ class Conv2D(Layer):
         """Forward of this conv (+ReLU) and the max pool after it: (pooled, (conv cache, pool cache))."""
         pooled = np.empty((x.shape[0], *pool.output_shape), x.dtype)
         arg = np.empty(pooled.shape, np.int32)
-        wd = bound.params["kernel"]
-        small = wd.shape[1] <= bound.SMALL_K
-        wt = np.ascontiguousarray(wd.T) if small else wd
+        wd, wt, small = self._kernel_layouts(bound)
         bias = bound.bias(x.dtype, self.filters)
         relu = bound.act == RELU
         if small and self.first_layer_special(pool):
@@ -404,49 +414,32 @@ class Conv2D(Layer):
         """Backward through this conv (+ReLU) and the max pool after it, in one sparse pass."""
         (x, _), (_, arg, pooled) = cache
         oh, ow = self.output_shape[:2]
-        wd = bound.params["kernel"]
+        wd, wt, small = self._kernel_layouts(bound)
         relu = bound.act == RELU
-        db_part = np.empty((K.NCHUNKS, wd.shape[0]), wd.dtype)
-        dx = np.empty_like(x) if need_dx else np.empty((1, 1, 1, 1), x.dtype)
+        dx, dw_part, db_part = self._partials(wd, x, need_dx, small)
         dpool = np.ascontiguousarray(dpool)
-        geometry = (
-            *self._geometry(),
-            *pool.pool_size,
-            *pool.strides,
-            pool.pads[0],
-            pool.pads[2],
-            relu,
-            need_dx,
-        )
-        small = wd.shape[1] <= bound.SMALL_K
         if small and not need_dx and self.first_layer_special(pool):
-            dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
             K.conv3x3c1_pool2_backward(
-                x, pooled, dpool, arg, dwt_part, db_part, ow, self.pads[0], self.pads[2], relu
+                x, pooled, dpool, arg, dw_part, db_part, ow, self.pads[0], self.pads[2], relu
             )
-            bound.grads["kernel"][:] = dwt_part.sum(axis=0).T
-        elif small:
-            dwt_part = np.empty((K.NCHUNKS, wd.shape[1], wd.shape[0]), wd.dtype)
-            K.conv2d_pool_backward_small(
+        else:
+            pool_geometry = (*pool.pool_size, *pool.strides, pool.pads[0], pool.pads[2])
+            K.conv2d_pool_backward(
                 x,
-                np.ascontiguousarray(wd.T),
+                wt if small else wd,
                 pooled,
                 oh,
                 ow,
                 dpool,
                 arg,
                 dx,
-                dwt_part,
+                dw_part,
                 db_part,
-                *geometry,
+                *self._geometry(),
+                *pool_geometry,
+                relu,
+                need_dx,
+                small,
             )
-            bound.grads["kernel"][:] = dwt_part.sum(axis=0).T
-        else:
-            dw_part = np.empty((K.NCHUNKS, *wd.shape), wd.dtype)
-            K.conv2d_pool_backward(
-                x, wd, pooled, oh, ow, dpool, arg, dx, dw_part, db_part, *geometry
-            )
-            K.sum_partials(dw_part.reshape(K.NCHUNKS, -1), bound.grads["kernel"].reshape(-1))
-        if self.use_bias:
-            K.sum_partials(db_part, bound.grads["bias"])
+        self._weight_grads(bound, dw_part, db_part, small)
         return dx if need_dx else None
