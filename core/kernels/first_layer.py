@@ -39,38 +39,11 @@ def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act):
         tile = tiles[numba.get_thread_id()]
         x0 = 32 * blk
         for dy in range(2):  # tile[dy*256 + co*32 + j]: conv row 2py+dy, filter co, pixel x0+j
+            b_off = (n * Hp + 2 * py + dy) * Wp + x0
             if CO <= 6:
-                _mkt6x2(
-                    wf,
-                    0,
-                    taps,
-                    kw,
-                    kh,
-                    kw,
-                    xf,
-                    (n * Hp + 2 * py + dy) * Wp + x0,
-                    Wp,
-                    1,
-                    tile,
-                    dy * 256,
-                    32,
-                )
+                _mkt6x2(wf, 0, taps, kw, kh, kw, xf, b_off, Wp, 1, tile, dy * 256, 32)
             else:
-                _mkt8x2(
-                    wf,
-                    0,
-                    taps,
-                    kw,
-                    kh,
-                    kw,
-                    xf,
-                    (n * Hp + 2 * py + dy) * Wp + x0,
-                    Wp,
-                    1,
-                    tile,
-                    dy * 256,
-                    32,
-                )
+                _mkt8x2(wf, 0, taps, kw, kh, kw, xf, b_off, Wp, 1, tile, dy * 256, 32)
         for px in range(16 * blk, min(PW, 16 * blk + 16)):
             j = np.uint64(2 * px - x0)
             o = np.uint64(((n * PH + py) * PW + px) * CO)

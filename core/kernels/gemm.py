@@ -88,44 +88,13 @@ def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off, ldc,
     while c < width:
         nv = 4 if width - c >= 64 else (2 if width - c >= 32 else 1)
         lo, hi = (4, 6) if nv == 4 else (5, 8)
-        if count < lo:
-            for i in range(count):
-                _mk_call(
-                    1,
-                    nv,
-                    xf,
-                    a_off + i * lda,
-                    lda,
-                    a_step,
-                    kh,
-                    seg,
-                    wf,
-                    b_off + c,
-                    ldb,
-                    tile,
-                    t_off + i * ldc + c,
-                    ldc,
-                )
-        else:
-            R = _block_rows(count, lo, hi)
-            i = 0
-            while i < count:
-                i = min(i, count - R)
-                _mk_call(
-                    R,
-                    nv,
-                    xf,
-                    a_off + i * lda,
-                    lda,
-                    a_step,
-                    kh,
-                    seg,
-                    wf,
-                    b_off + c,
-                    ldb,
-                    tile,
-                    t_off + i * ldc + c,
-                    ldc,
-                )
-                i += R
+        R = 1 if count < lo else _block_rows(count, lo, hi)  # short rows: one pixel a call
+        i = 0
+        while i < count:
+            i = min(i, count - R)  # the last block ends at the row's end (recomputing some)
+            t = t_off + i * ldc + c
+            _mk_call(
+                R, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off + c, ldb, tile, t, ldc
+            )
+            i += R
         c += 16 * nv

@@ -293,37 +293,14 @@ def conv_wino(x, u, bias, tiles, out, act, pool, splits):
                     TW,
                     c1 - c0,
                 )
+            # constant flags: under fastmath the code LLVM makes of the inlined transform, and so
+            # its last-bit rounding, depends on them (results stay bit-identical this way)
             if pool:
-                _wino_output(
-                    mf,
-                    TW,
-                    COp,
-                    c0,
-                    c1,
-                    bias,
-                    act,
-                    of,
-                    (n * OH + ty) * row_out,
-                    row_out,
-                    CO,
-                    True,
-                    1,
-                    OW,
-                )
+                o_row = (n * OH + ty) * row_out
+                _wino_output(mf, TW, COp, c0, c1, bias, act, of, o_row, row_out, CO, True, 1, OW)
             else:
+                o_row = (n * OH + 2 * ty) * row_out
+                rows = min(2, OH - 2 * ty)  # one at an odd bottom edge
                 _wino_output(
-                    mf,
-                    TW,
-                    COp,
-                    c0,
-                    c1,
-                    bias,
-                    act,
-                    of,
-                    (n * OH + 2 * ty) * row_out,
-                    row_out,
-                    CO,
-                    False,
-                    min(2, OH - 2 * ty),
-                    OW,
+                    mf, TW, COp, c0, c1, bias, act, of, o_row, row_out, CO, False, rows, OW
                 )

@@ -424,17 +424,17 @@ class Conv2D(Layer):
             )
         else:
             pool_geometry = (*pool.pool_size, *pool.strides, pool.pads[0], pool.pads[2])
+            buffers = (dx, dw_part, db_part)
+            w = wt if small else wd
             K.conv2d_pool_backward(
                 x,
-                wt if small else wd,
+                w,
                 pooled,
                 oh,
                 ow,
                 dpool,
                 arg,
-                dx,
-                dw_part,
-                db_part,
+                *buffers,
                 *self._geometry(),
                 *pool_geometry,
                 relu,

@@ -264,12 +264,13 @@ def conv2d_forward(x, wd, wt, bias, out, kh, kw, sh, sw, pt, pl, relu, small):
 
 
 @njit(inline="always", **_JIT)
-def _pixel_backward(
-    x, n, oy, ox, kh, kw, sh, sw, pt, pl, g, w, small, dwc, dbc, dx, need_dx, patch, gpatch
-):
+def _pixel_backward(x, n, oy, ox, geometry, g, w, small, acc, dx, need_dx):
     """Add conv output pixel (oy, ox) of image n, with gradient g (CO,), to the weight and bias
     gradients dwc, dbc and (when need_dx) to dx. Only channels with a non-zero gradient cost
-    anything. w and dwc are (CO, K) in the dot form, (K, CO) with `small` (outer products)."""
+    anything. w and dwc are (CO, K) in the dot form, (K, CO) with `small` (outer products).
+    geometry: (kh, kw, sh, sw, pt, pl); acc: (dwc, dbc, patch, gpatch), the chunk's state."""
+    kh, kw, sh, sw, pt, pl = geometry
+    dwc, dbc, patch, gpatch = acc
     z = dwc.dtype.type(0)
     co_n = g.shape[0]
     nonzero = False
@@ -309,13 +310,17 @@ def _pixel_backward(
 
 
 @njit(inline="always", **_JIT)
-def _chunk_images(chunk, nchunks, n_img, dw_part, db_part):
-    """Images [n0, n1) of work chunk `chunk`, its zeroed partial sums (dw, db)."""
+def _chunk_start(chunk, nchunks, x, kdim, dw_part, db_part):
+    """Work chunk `chunk` of a conv backward: its images [n0, n1), its zeroed partial sums
+    and the state `_pixel_backward` updates: (dw, db) zeroed and two scratch patches."""
     dwc = dw_part[chunk]
     dbc = db_part[chunk]
     dwc[:] = dwc.dtype.type(0)
     dbc[:] = dbc.dtype.type(0)
-    return chunk * n_img // nchunks, (chunk + 1) * n_img // nchunks, dwc, dbc
+    n_img = x.shape[0]
+    n0 = chunk * n_img // nchunks
+    n1 = (chunk + 1) * n_img // nchunks
+    return n0, n1, (dwc, dbc, np.empty(kdim, x.dtype), np.empty(kdim, x.dtype))
 
 
 @njit(parallel=True, **_JIT)
@@ -326,42 +331,20 @@ def conv2d_backward(x, w, dout, dx, dw_part, db_part, kh, kw, sh, sw, pt, pl, ne
     transposed with `small`, and db_part (NCHUNKS, CO) receive per-chunk partial sums (the caller
     adds them in order); dx (N, H, W, CI) is overwritten when need_dx.
     """
-    n_img = x.shape[0]
+    geometry = (kh, kw, sh, sw, pt, pl)
     oh = dout.shape[1]
     ow = dout.shape[2]
     kdim = x.shape[3] * kh * kw
     nchunks = dw_part.shape[0]
     for chunk in prange(nchunks):
-        n0, n1, dwc, dbc = _chunk_images(chunk, nchunks, n_img, dw_part, db_part)
-        patch = np.empty(kdim, x.dtype)
-        gpatch = np.empty(kdim, x.dtype)
+        n0, n1, acc = _chunk_start(chunk, nchunks, x, kdim, dw_part, db_part)
         for n in range(n0, n1):
             if need_dx:
                 dx[n] = 0
             for oy in range(oh):
                 for ox in range(ow):
                     g = dout[n, oy, ox]
-                    _pixel_backward(
-                        x,
-                        n,
-                        oy,
-                        ox,
-                        kh,
-                        kw,
-                        sh,
-                        sw,
-                        pt,
-                        pl,
-                        g,
-                        w,
-                        small,
-                        dwc,
-                        dbc,
-                        dx,
-                        need_dx,
-                        patch,
-                        gpatch,
-                    )
+                    _pixel_backward(x, n, oy, ox, geometry, g, w, small, acc, dx, need_dx)
 
 
 @njit(parallel=True, **_JIT)
@@ -671,16 +654,14 @@ def conv2d_pool_backward(
     there. Same outputs as maxpool_backward + activation_backward + conv2d_backward, whose
     layouts (w, dw_part by `small`) it takes.
     """
-    n_img = x.shape[0]
+    geometry = (kh, kw, sh, sw, pt, pl)
     co_n = dpool.shape[3]
     qh = dpool.shape[1]
     qw = dpool.shape[2]
     kdim = x.shape[3] * kh * kw
     nchunks = dw_part.shape[0]
     for chunk in prange(nchunks):
-        n0, n1, dwc, dbc = _chunk_images(chunk, nchunks, n_img, dw_part, db_part)
-        patch = np.empty(kdim, x.dtype)
-        gpatch = np.empty(kdim, x.dtype)
+        n0, n1, acc = _chunk_start(chunk, nchunks, x, kdim, dw_part, db_part)
         gvec = np.empty(co_n, x.dtype)
         for n in range(n0, n1):
             if need_dx:
@@ -699,25 +680,7 @@ def conv2d_pool_backward(
                                 dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec
                             ):
                                 _pixel_backward(
-                                    x,
-                                    n,
-                                    iy,
-                                    ix,
-                                    kh,
-                                    kw,
-                                    sh,
-                                    sw,
-                                    pt,
-                                    pl,
-                                    gvec,
-                                    w,
-                                    small,
-                                    dwc,
-                                    dbc,
-                                    dx,
-                                    need_dx,
-                                    patch,
-                                    gpatch,
+                                    x, n, iy, ix, geometry, gvec, w, small, acc, dx, need_dx
                                 )
 
 
