@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the Docker image and run it for real (see /work/shared/docs/docker-build.md):
+# Build the Docker image and run it for real, with no image registry (see .ci/docker-engine.sh):
 # hadolint -> private dockerd -> stand-in python:3.11-slim -> docker build -> docker run ->
 # health SERVING (timed) -> Docker's own HEALTHCHECK healthy -> real inferences from outside the
 # container -> no JIT at start-up (docker diff) -> docker stop drains and exits 0 in time.

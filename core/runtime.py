@@ -10,12 +10,13 @@ Importing this module (the kernels do it first) sets, unless the user already ch
 Both are read when numba is imported; if numba was imported earlier, the same values are put
 into `numba.config` as long as nothing has been compiled or run in parallel yet.
 
-GNU OpenMP's spin count (how long a waiting thread spins before it sleeps) is left alone: its
-default, about 300,000 spins, gives the fastest hand-off between the parallel regions of one
-forward pass when the cores are otherwise idle. Where the cores are shared, a spinning thread
-burns the core a descheduled partner needs; set `GOMP_SPINCOUNT=1000` there. `convserve serve`
-does that itself unless the variable is set, because a server's numba threads always share the
-cores with its gRPC threads.
+GNU OpenMP's spin count (how long a waiting thread spins before it sleeps) is left alone: with
+the cores otherwise idle its default, about 300,000 spins, hands off between the parallel
+regions of one forward pass at least as fast as a short spin, and on some machines markedly
+faster. Where the cores are shared, a spinning thread burns the core a descheduled partner
+needs; set `GOMP_SPINCOUNT=1000` there. `convserve serve` does that itself unless the variable
+is set, because a server's numba threads always share the cores with its gRPC threads (figures:
+BENCHMARKS.md, "Settings and the figures behind them").
 """
 
 from __future__ import annotations

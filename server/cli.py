@@ -22,10 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # See convserve.core.runtime: the library leaves GNU OpenMP's spin count alone, a server
-    # sets a short one unless the user chose. Its numba threads always share the cores with its
-    # gRPC threads (and often with its clients), and a waiting OpenMP thread that spins for long
-    # takes the CPU they need.
+    # The core leaves GNU OpenMP's spin count alone (see convserve.core.runtime); a server sets a
+    # short one unless the user chose: its numba threads always share the cores with its gRPC
+    # threads (and often with its clients), and a waiting OpenMP thread that spins for long takes
+    # the CPU they need (figures: BENCHMARKS.md, "Settings and the figures behind them").
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     from convserve.server.app import serve
     from convserve.server.config import config_from_args
