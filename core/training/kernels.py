@@ -1,7 +1,7 @@
 """Numba kernels for training: train-mode forward and backward of every layer, loss, optimizers.
 
-Module-level pure functions on arrays with explicit output buffers (see docs/performance.md,
-sections 3 and 7). They run in float32 for training and in float64 for the gradient checks.
+Module-level pure functions on arrays with explicit output buffers. They run in float32 for
+training and in float64 for the gradient checks.
 Layouts: activations NHWC; conv weights packed as `wd[CO, KH*KW*CI]` in (ky, kx, ci) order;
 dense weights as `W[units, in_features]`. Every reduction runs in a fixed order over a fixed
 partition of the work (never "whichever thread comes first"), so results are bit-reproducible.
