@@ -88,8 +88,9 @@ class _Observer:
 class InferenceServer:
     """A running server: `await start()`, `await wait()`; `request_shutdown()` from a signal."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, security=None):
         self.config = config
+        self.security = security  # convserve.server.security.Security; read in run() if None
         self.bound_port: int | None = None
         self.metrics_port: int | None = None
         self._shutdown = asyncio.Event()
@@ -99,6 +100,7 @@ class InferenceServer:
     async def run(self) -> int:
         from convserve.server.metrics import ServerMetrics
         from convserve.server.repository import ModelRepository, RepositoryError
+        from convserve.server.security import Security, SecurityError
         from convserve.server.servicer import ServerState
 
         cfg = self.config
@@ -106,7 +108,8 @@ class InferenceServer:
         try:
             root = resolve_repository(cfg.model_repository)
             repository = ModelRepository(root)
-        except (FileNotFoundError, RepositoryError) as exc:
+            self.security = self.security or Security.from_config(cfg)
+        except (FileNotFoundError, RepositoryError, SecurityError) as exc:
             raise StartupError(str(exc)) from None
         warmup = cfg.warmup_batch_sizes or tuple(sorted({1, cfg.max_batch_size}))
         shown = dict(
@@ -217,7 +220,9 @@ class InferenceServer:
             len(repository.ready_entries()),
             cfg.host,
             self.bound_port,
-            f"http://{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "disabled",
+            f"{'https' if cfg.metrics_tls else 'http'}://{cfg.host}:{self.metrics_port}/metrics"
+            if self.metrics_port
+            else "disabled",
             time.perf_counter() - t_start,
         )
 
@@ -239,7 +244,9 @@ class InferenceServer:
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0),
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(
+            options=options, interceptors=self.security.interceptors(self.metrics.refused)
+        )
         servicer = InferenceServicer(
             self.repository,
             self.state,
@@ -263,15 +270,20 @@ class InferenceServer:
             pool=_reflection_pool(),
         )
         address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+        credentials = self.security.server_credentials()
         try:
-            self.bound_port = server.add_insecure_port(address)
+            if credentials is None:
+                self.bound_port = server.add_insecure_port(address)
+            else:
+                self.bound_port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {address}: {exc}") from None
         await server.start()
         log.info(
-            "listening on %s:%d (gRPC, max message %d B); health NOT_SERVING until models are warm",
+            "listening on %s:%d (gRPC, %s, max message %d B); health NOT_SERVING until models are warm",
             cfg.host,
             self.bound_port,
+            self.security.describe(),
             limit,
         )
         self._health_services = ("", service_name)
@@ -292,11 +304,11 @@ class InferenceServer:
         cfg = self.config
         if not cfg.metrics_port:
             return
-        from prometheus_client import start_http_server
+        from convserve.server.security import serve_metrics
 
         try:
-            self._metrics_server, _ = start_http_server(
-                cfg.metrics_port, cfg.host, registry=self.metrics.registry
+            self._metrics_server = serve_metrics(
+                cfg.metrics_port, cfg.host, self.metrics.registry, self.security
             )
         except OSError as exc:
             raise StartupError(
@@ -400,12 +412,19 @@ def _reflection_pool():
 def serve(config: ServerConfig) -> int:
     """Run a server until SIGTERM/SIGINT; returns the process exit code. With `workers` > 1,
     supervise that many server processes instead (see `convserve.server.workers`)."""
+    from convserve.server.security import Security, SecurityError
+
     configure_logging(config.log_level)
+    try:
+        security = Security.from_config(config)  # before any worker starts: one clear line
+    except SecurityError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     if config.workers > 1:
         from convserve.server.workers import supervise
 
         return supervise(config)
-    server = InferenceServer(config)
+    server = InferenceServer(config, security)
     try:
         return asyncio.run(server.run())
     except StartupError as exc:

@@ -187,6 +187,46 @@ OPTIONS: tuple[Option, ...] = (
         "and max(1, cores / N) Numba threads; metrics are summed over them (needs a fixed --port)",
         "N",
     ),
+    Option(
+        "--tls-cert-file",
+        str,
+        None,
+        "serve gRPC over TLS with this PEM certificate (chain); a changed file is used for new "
+        "connections without a restart",
+        "FILE",
+    ),
+    Option("--tls-key-file", str, None, "the PEM private key of --tls-cert-file", "FILE"),
+    Option(
+        "--tls-client-ca-file",
+        str,
+        None,
+        "mutual TLS: require client certificates signed by this PEM CA",
+        "FILE",
+    ),
+    Option(
+        "--auth-token-file",
+        str,
+        None,
+        "require 'authorization: Bearer <token>' metadata on every call except health, "
+        "ServerLive and ServerReady; one token per line, blank lines and # comments ignored, "
+        "re-read when it changes",
+        "FILE",
+    ),
+    Option(
+        "--allow-insecure-token",
+        _bool,
+        False,
+        "allow --auth-token-file without TLS: tokens then cross the network in clear text, so "
+        "only for a port that nothing but a local TLS-terminating proxy (sidecar) can reach",
+        "BOOL",
+    ),
+    Option(
+        "--metrics-tls",
+        _bool,
+        False,
+        "serve /metrics over HTTPS with the gRPC certificate (and client CA, if set)",
+        "BOOL",
+    ),
 )
 
 

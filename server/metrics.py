@@ -109,6 +109,16 @@ class ServerMetrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.auth_refusals = Counter(
+            "convserve_auth_refusals",
+            "Calls refused for their token, by reason (missing, malformed, unknown)",
+            ("reason",),
+            registry=r,
+        )
+
+    def refused(self, reason: str) -> None:
+        """Count a call refused by the token check."""
+        self.auth_refusals.labels(reason).inc()
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)
