@@ -99,7 +99,7 @@ class InferenceServer:
 
     async def run(self) -> int:
         from convserve.server.metrics import ServerMetrics
-        from convserve.server.repository import ModelRepository, RepositoryError
+        from convserve.server.repository import ModelRepository, RepositoryError, model_limits
         from convserve.server.security import Security, SecurityError
         from convserve.server.servicer import ServerState
 
@@ -171,7 +171,9 @@ class InferenceServer:
             metrics.track_queue(lambda: batcher.queued_requests)
             return batcher
 
-        load = _in_daemon_thread(loop, repository.load, make_batcher, warmup, cfg.skip_bad_models)
+        load = _in_daemon_thread(
+            loop, repository.load, make_batcher, warmup, cfg.skip_bad_models, model_limits(cfg)
+        )
         stop = asyncio.ensure_future(self._shutdown.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -212,8 +214,8 @@ class InferenceServer:
             before,
             resident_mb(),
         )
-        await self._set_serving(health, True)
         self.state.ready = True
+        await health.refresh()
         self.metrics.ready.set(1)
         log.info(
             "ready: %d model version(s) on %s:%d (gRPC), metrics %s, started in %.2f s",
@@ -233,6 +235,8 @@ class InferenceServer:
     async def _start_grpc(self, limit: int):
         from convserve.proto import grpc_service_pb2 as pb
         from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+        from convserve.server.connections import connection_options
+        from convserve.server.readiness import HealthReporter
         from convserve.server.servicer import InferenceServicer
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         from grpc_health.v1._async import HealthServicer
@@ -243,10 +247,13 @@ class InferenceServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0),
+            *connection_options(cfg),  # connection age and keepalive (behind load balancers)
         ]
-        server = grpc.aio.server(
-            options=options, interceptors=self.security.interceptors(self.metrics.refused)
-        )
+        from convserve.server.wire import RawRequests
+
+        # security first: a call without a valid token is refused before its bytes are parsed
+        interceptors = [*self.security.interceptors(self.metrics.refused), RawRequests()]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         servicer = InferenceServicer(
             self.repository,
             self.state,
@@ -256,9 +263,10 @@ class InferenceServer:
             cfg.max_queue_size,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        await self._set_serving(health, False)
+        health_servicer = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health = HealthReporter(health_servicer, self.state, lambda: self.repository)
+        await health.refresh()
         service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
         reflection.enable_server_reflection(
             [
@@ -286,19 +294,8 @@ class InferenceServer:
             self.security.describe(),
             limit,
         )
-        self._health_services = ("", service_name)
+        self._health_watch = asyncio.ensure_future(health.watch())
         return server, health
-
-    async def _set_serving(self, health, serving: bool) -> None:
-        from grpc_health.v1 import health_pb2
-
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", "inference.GRPCInferenceService"):
-            await health.set(name, status)
 
     def _start_metrics(self) -> None:
         cfg = self.config
@@ -338,7 +335,7 @@ class InferenceServer:
         t0 = time.monotonic()
         self.state.exiting = True
         self.metrics.ready.set(0)
-        await self._set_serving(health, False)
+        await health.refresh()
         drain = min(cfg.drain_seconds, cfg.grace_period / 2)
         deadline = t0 + cfg.grace_period
         if drain > 0 and not self._hurry.is_set():

@@ -227,6 +227,76 @@ OPTIONS: tuple[Option, ...] = (
         "serve /metrics over HTTPS with the gRPC certificate (and client CA, if set)",
         "BOOL",
     ),
+    Option(
+        "--max-connection-age-secs",
+        _nonneg_float,
+        60.0,
+        "close each client connection after about this long (gRPC adds up to 10 percent jitter) so clients "
+        "reconnect, re-resolve DNS and spread over new replicas (0: never)",
+        "S",
+    ),
+    Option(
+        "--max-connection-age-grace-secs",
+        _nonneg_float,
+        float("inf"),
+        "how long calls already running on a connection closed by --max-connection-age-secs may "
+        "take to finish (inf: as long as they need; new calls move to a new connection at once)",
+        "S",
+    ),
+    Option(
+        "--keepalive-time-secs",
+        _nonneg_float,
+        30.0,
+        "send a keepalive ping on each client connection (idle ones too) every this many seconds, "
+        "to find and drop dead peers (0: never)",
+        "S",
+    ),
+    Option(
+        "--keepalive-timeout-secs",
+        _nonneg_float,
+        10.0,
+        "drop a connection whose keepalive ping is not answered within this many seconds",
+        "S",
+    ),
+    Option(
+        "--keepalive-min-client-interval-secs",
+        _nonneg_float,
+        10.0,
+        "clients may send keepalive pings this often, also between calls; a client pinging more "
+        "often is disconnected (GOAWAY too_many_pings)",
+        "S",
+    ),
+    Option(
+        "--max-parameters",
+        _nonneg_int,
+        1_000_000_000,
+        "refuse a model with more weights than this at load (0: no limit)",
+        "N",
+    ),
+    Option(
+        "--max-dimension",
+        _nonneg_int,
+        65_536,
+        "refuse a model whose input or any layer output image has a height, width or channel "
+        "count above this, or with more classes (0: no limit)",
+        "N",
+    ),
+    Option(
+        "--max-image-activation-bytes",
+        _nonneg_int,
+        1 << 30,
+        "refuse a model whose widest layer needs more float32 activation bytes (input + output) "
+        "per image (0: no limit)",
+        "BYTES",
+    ),
+    Option(
+        "--max-batch-bytes",
+        _nonneg_int,
+        16 << 30,
+        "refuse a model whose batch of --max-batch-size images (inputs plus every image's "
+        "activations) would need more bytes (0: no limit)",
+        "BYTES",
+    ),
 )
 
 
@@ -301,7 +371,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def markdown_table() -> str:
-    """The option table as Markdown, for the README (a test checks that the two agree)."""
+    """The option table as Markdown, for docs/configuration.md (a test checks that the two agree)."""
     rows = ["| Flag | Variable | Default | Meaning |", "| --- | --- | --- | --- |"]
     for opt in OPTIONS:
         flag = f"{opt.flag} {opt.metavar}" if opt.metavar else opt.flag

@@ -124,7 +124,10 @@ class Layer:
 
     type: ClassVar[str]
     KEYS: ClassVar[frozenset[str]] = frozenset()  # config keys besides `type` and `name`
+    # window geometry, overridden by the windowed layers (conv, pooling): for the others a
+    # 1x1 window, stride 1, no pads, so code that walks every layer may read them
     pads: ClassVar[tuple[int, int, int, int]] = NO_PADS  # (top, bottom, left, right)
+    strides: ClassVar[tuple[int, int]] = (1, 1)
 
     index: int
     input_shape: tuple[int, ...]
