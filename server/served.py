@@ -188,6 +188,7 @@ class VersionFactory:
 
     def _batcher(self, name: str, models: list, settings: ModelSettings, recorder: BatchRecorder):
         import numba
+        from convserve.core.threads import threads_by_batch
         from convserve.server.batcher import DynamicBatcher
 
         cfg = self.config
@@ -233,32 +234,3 @@ def completion_on_loop(loop: asyncio.AbstractEventLoop, resolve: Callable[[list]
         loop.call_soon_threadsafe(resolve, jobs)
 
     return on_complete
-
-
-def threads_by_batch(predict, parallel_min_batch: int, share: int | None = None, alone=None):
-    """Wrap `predict` so batches below `parallel_min_batch` images use one Numba thread.
-
-    Measured on 2 shared cores, one thread is as fast or faster up to batch 16 and leaves the
-    other core to the gRPC event loop; bigger batches use every thread, or with several model
-    instances their `share` unless `alone()` says no other instance is computing. The setting
-    is per calling thread (each instance's worker), so it never affects other threads.
-    """
-    import numba
-
-    most = numba.config.NUMBA_NUM_THREADS
-    share = most if share is None else share
-    if most <= 1:
-        return predict
-    state = {"threads": most}
-
-    def run(x):
-        if x.shape[0] < parallel_min_batch:
-            want = 1
-        else:
-            want = most if share == most or (alone is not None and alone()) else share
-        if want != state["threads"]:
-            numba.set_num_threads(want)
-            state["threads"] = want
-        return predict(x)
-
-    return run

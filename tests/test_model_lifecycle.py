@@ -363,7 +363,7 @@ def test_explicit_mode_through_tritonclient_under_load(tmp_path):
         assert not client.is_model_ready("other")
 
         # an unload waits for the requests in flight: long requests queued before it succeed
-        big = h.infer_request("m", h.images(3000, seed=9))
+        big = h.infer_request("m", h.images(8000, seed=9))
         answers: list = []
         senders = [
             threading.Thread(target=lambda: answers.append(api.ModelInfer(big, timeout=120)))
@@ -372,17 +372,15 @@ def test_explicit_mode_through_tritonclient_under_load(tmp_path):
         for sender in senders:
             sender.start()
         wait_until(
-            lambda: re.search(
-                r'convserve_queue_depth\{model="m",version="2"\} [1-9]', server.metrics()
-            ),
+            lambda: 'convserve_queue_depth{model="m",version="2"} 4.0' in server.metrics(),
             60,
-            "long requests queued",
+            "all 4 long requests in the queue",
         )
         client.unload_model("m")
         for sender in senders:
             sender.join(120)
         assert len(answers) == 4 and {a.model_version for a in answers} == {"2"}
-        assert all(h.probabilities(a).shape == (3000, 10) for a in answers)
+        assert all(h.probabilities(a).shape == (8000, 10) for a in answers)
 
         # an unloaded model answers a clear error; m's versions are gone from the metrics
         with pytest.raises(grpc.RpcError) as err:
