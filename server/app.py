@@ -15,12 +15,11 @@ import signal
 import time
 
 import grpc
-from convserve.server.config import ServerConfig, resolve_repository
+from convserve.server.config import WORKER_ENV, ServerConfig, resolve_repository
 
 from convserve import __version__
 
 REFUSE_SECONDS = 0.5  # UNAVAILABLE from the servicer before the transport stops
-WORKER_ENV = "CONVSERVE_WORKER_INDEX"  # set by the supervisor in each worker process
 
 log = logging.getLogger("convserve.server")
 

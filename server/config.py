@@ -17,6 +17,7 @@ from typing import Any
 ENV_PREFIX = "CONVSERVE_"
 MODEL_FILENAME = "model.safetensors"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+WORKER_ENV = "CONVSERVE_WORKER_INDEX"  # set by the `--workers` supervisor in each worker process
 
 
 def _bool(text: str) -> bool:

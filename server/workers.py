@@ -22,8 +22,7 @@ import sys
 import tempfile
 import time
 
-from convserve.server.app import WORKER_ENV
-from convserve.server.config import ServerConfig, to_flags
+from convserve.server.config import WORKER_ENV, ServerConfig, to_flags
 
 log = logging.getLogger("convserve.server")
 POLL_SECONDS = 0.2
