@@ -188,6 +188,15 @@ OPTIONS: tuple[Option, ...] = (
         "and max(1, cores / N) Numba threads; metrics are summed over them (needs a fixed --port)",
         "N",
     ),
+    Option(
+        "--max-queue-bytes",
+        _pos_int,
+        512 * 1024 * 1024,
+        "most request bytes one server process holds at once (received, queued or computing; "
+        "at least the message limit). A call reserves the message limit before its message is "
+        "read; one that finds no room is refused with RESOURCE_EXHAUSTED, unread",
+        "BYTES",
+    ),
 )
 
 
@@ -212,6 +221,7 @@ class ServerConfig:
     skip_bad_models: bool = False
     log_level: str = "INFO"
     workers: int = 1
+    max_queue_bytes: int = 512 * 1024 * 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
