@@ -495,6 +495,10 @@ def serve(config: ServerConfig) -> int:
         return supervise(config)
     from convserve.server.memory import prefer_mmap_for_large_blocks
 
+    if os.environ.get(WORKER_ENV) is not None:
+        from convserve.server.workers import die_with_supervisor
+
+        die_with_supervisor()
     prefer_mmap_for_large_blocks()
     server = InferenceServer(config)
     try:
