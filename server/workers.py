@@ -176,7 +176,9 @@ class Supervisor:
         multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         if self.stopping is not None:
-            if code != 0:
+            # killed by the forwarded signal itself: it was still starting (no handler yet) and
+            # had accepted nothing, so that is a clean stop too
+            if code not in (0, -self.stopping):
                 log.warning("worker %d (pid %d) stopped with %s", index, worker.pid, how)
                 self.exit_code = self.exit_code or (code if code > 0 else 1)
             return

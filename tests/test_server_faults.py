@@ -55,7 +55,7 @@ def burst(target: str, request, count: int) -> dict[str, int]:
 @pytest.mark.timeout(400)
 def test_burst_of_large_requests_is_bounded_refused_early_counted_and_given_back():
     """24 concurrent 2,048-image FP32 requests (6.4 MB each) against a 64 MiB byte budget: the
-    excess is refused with RESOURCE_EXHAUSTED, RSS stays under idle + 3 x the budget (the bound
+    excess is refused with RESOURCE_EXHAUSTED, RSS stays under idle + 4 x the budget (the bound
     docs/operations.md gives), every refusal is counted, and RSS is back within 20 % of its
     pre-burst level within a minute of idling."""
     budget = 64 * MIB
@@ -95,7 +95,7 @@ def test_burst_of_large_requests_is_bounded_refused_early_counted_and_given_back
             sampler.join()
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
         assert codes.get("OK", 0) >= 4 and codes.get("RESOURCE_EXHAUSTED", 0) >= 1, codes
-        assert peak - idle < 3 * budget / MIB, f"idle {idle:.0f} MB, peak {peak:.0f} MB"
+        assert peak - idle < 4 * budget / MIB, f"idle {idle:.0f} MB, peak {peak:.0f} MB"
 
         text = server.metrics()
         refused = codes["RESOURCE_EXHAUSTED"]
