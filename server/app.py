@@ -2,8 +2,9 @@
 
 Lifecycle: listen at once (ServerLive true, health NOT_SERVING) -> load and warm every model
 version in a thread -> SERVING / ServerReady true -> on SIGTERM or SIGINT: health NOT_SERVING at
-once, keep serving for the drain window, then refuse new calls (UNAVAILABLE), finish every accepted
-request, stop the batchers and return 0 within the grace period.
+once, keep serving for the drain window, then hold new calls unread, finish every accepted request,
+stop the transport (GOAWAY), answer the held calls UNAVAILABLE, stop the batchers and return 0
+within the grace period (docs/operations.md says why in that order).
 """
 
 from __future__ import annotations
@@ -315,7 +316,9 @@ class InferenceServer:
                 budget_bytes,
             )
         self.admission = AdmissionInterceptor(
-            ByteBudget(budget_bytes, limit), self.metrics.refused, max(256, 2 * cfg.max_queue_size)
+            ByteBudget(budget_bytes, limit),
+            self.metrics.refused_early,
+            max(256, 2 * cfg.max_queue_size),
         )
         server = grpc.aio.server(options=options, interceptors=[self.admission])
         servicer = InferenceServicer(

@@ -119,7 +119,7 @@ class ServerMetrics:
             multiprocess_mode="livemin",
         )
 
-    def refused(self, method: str, reason: str) -> None:
+    def refused_early(self, method: str, reason: str) -> None:
         """A call refused before its model was known (see `convserve.server.admission`)."""
         name = method.rsplit("/", 1)[-1]
         self.refusals.labels(name, reason).inc()
