@@ -6,8 +6,10 @@
 #
 # The Numba kernels are compiled here, at build time, into /var/cache/convserve/numba, so a
 # container answers SERVING a second or two after it starts instead of after 10-60 s of JIT.
-# That cache is keyed by the CPU's features: on a host with another CPU the kernels compile
-# once at start-up (into the same writable directory) and the container still works.
+# The root filesystem may be read-only (docker run --read-only --tmpfs /tmp; Kubernetes
+# readOnlyRootFilesystem with an emptyDir at /tmp): the entry point copies that cache to
+# NUMBA_CACHE_DIR under /tmp, the only path the server writes. The cache is keyed by the CPU's
+# features: on a host with another CPU the kernels compile once at start-up into that copy.
 
 # ---------------------------------------------------------------------------- build stage
 FROM python:3.11-slim AS build
@@ -64,7 +66,7 @@ COPY --from=build /models /models
 ENV PATH=/opt/convserve/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    NUMBA_CACHE_DIR=/var/cache/convserve/numba \
+    NUMBA_CACHE_DIR=/tmp/convserve-numba \
     CONVSERVE_MODEL_REPOSITORY=/models \
     CONVSERVE_HOST=0.0.0.0 \
     CONVSERVE_PORT=8001 \
@@ -75,10 +77,12 @@ ENV PATH=/opt/convserve/bin:$PATH \
 USER 10001:10001
 
 # Compile every kernel the server's start-up warm-up runs (batch 1 and the default
-# --max-batch-size 64), as the runtime user, into the runtime cache directory and against the
+# --max-batch-size 64), as the runtime user, into the seed cache directory and against the
 # installed files: numba keys its cache by source path and mtime and by the CPU's features.
-RUN python3 -c "import glob; from convserve.core import Model; \
+RUN NUMBA_CACHE_DIR=/var/cache/convserve/numba python3 -c "import glob; from convserve.core import Model; \
 [Model.load(p).warmup((1, 64)) for p in sorted(glob.glob('/models/*/*/model.safetensors'))]"
+
+COPY deploy/docker/entrypoint.sh /usr/local/bin/convserve-entrypoint
 
 EXPOSE 8001 8002
 
@@ -87,5 +91,5 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["sh", "-c", "exec convserve health --target 127.0.0.1:${CONVSERVE_PORT} --timeout 3"]
 
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["convserve"]
+ENTRYPOINT ["convserve-entrypoint"]
 CMD ["serve"]

@@ -1,6 +1,6 @@
 # Sourced by the CI scripts: a private Docker engine and a stand-in `python:3.11-slim` base.
 #
-# No image registry is reachable from CI (see /work/shared/docs/docker-build.md), so the CI
+# No image registry is reachable from CI (only package registries: PyPI, Debian), so the CI
 # starts Debian's dockerd itself, in a temporary directory, with no bridge network, and makes
 # the Dockerfile's base image from Debian packages with mmdebstrap. Every wait has a timeout;
 # `engine_cleanup` (run it from an EXIT trap) removes containers, the engine and its mounts.

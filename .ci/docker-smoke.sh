@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Build the Docker image and run it for real (see /work/shared/docs/docker-build.md):
+# Build the Docker image and run it for real, with no image registry (see .ci/docker-engine.sh):
 # hadolint -> private dockerd -> stand-in python:3.11-slim -> docker build -> docker run ->
 # health SERVING (timed) -> Docker's own HEALTHCHECK healthy -> real inferences from outside the
-# container -> no JIT at start-up (docker diff) -> docker stop drains and exits 0 in time.
+# container -> no JIT at start-up -> docker stop drains and exits 0 in time. The container runs
+# with a read-only root filesystem and a tmpfs at /tmp, as Kubernetes' readOnlyRootFilesystem.
 # Figures go to stdout and to $OUT/docker-smoke.txt. Exit status non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,7 @@ METRICS=$(free_port)
 TARGET=127.0.0.1:$PORT
 start=$(date +%s.%N)
 timeout 120 "$DOCKER" run -d --name "$NAME" --network host --health-interval 1s \
+  --read-only --tmpfs /tmp \
   -e CONVSERVE_PORT="$PORT" -e CONVSERVE_METRICS_PORT="$METRICS" "$IMAGE" >/dev/null
 python3 .ci/smoke.py wait --target "$TARGET" --since "$start" --timeout 120 | tee -a "$RESULTS"
 
@@ -86,9 +88,21 @@ assert "convserve_" in text, "no convserve_ metric on /metrics"
 print("metrics_endpoint: ok")
 EOF
 
+# --- read-only root: nothing outside the tmpfs is writable ------------------------------------
+if timeout 30 "$DOCKER" exec "$NAME" sh -c 'touch /opt/convserve/probe' 2>/dev/null; then
+  log "the container's root filesystem is writable: --read-only did not apply"
+  exit 1
+fi
+figure read_only_root ok
+
 # --- no JIT at start-up: the Numba cache baked in at build time was used as is ---------------
-new_cache_files=$(timeout 30 "$DOCKER" diff "$NAME" | awk '$2 ~ /^\/var\/cache\/convserve\/numba\/.+\.nb[ic]$/' | wc -l)
+# (the entry point copied it to $NUMBA_CACHE_DIR on the tmpfs and marked the copy .seeded)
+new_cache_files=$(timeout 30 "$DOCKER" exec "$NAME" sh -c \
+  'find "$NUMBA_CACHE_DIR" -name "*.nb[ic]" -newer "$NUMBA_CACHE_DIR/.seeded" | wc -l')
+seeded_files=$(timeout 30 "$DOCKER" exec "$NAME" sh -c 'find "$NUMBA_CACHE_DIR" -name "*.nbc" | wc -l')
+figure numba_cache_files_seeded "$seeded_files"
 figure numba_cache_files_written_at_start "$new_cache_files"
+[ "$seeded_files" -gt 0 ] || { log "the entry point did not seed the Numba cache"; exit 1; }
 [ "$new_cache_files" -eq 0 ] || { log "the container compiled kernels at start-up: the build's cache missed"; exit 1; }
 
 # --- docker stop: SIGTERM, drain, exit 0 within the grace period ------------------------------

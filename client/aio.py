@@ -7,10 +7,8 @@ async with AsyncClient("localhost:8001") as client:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
 import grpc.aio
 import numpy as np
 from convserve.proto import grpc_service_pb2 as pb
@@ -18,10 +16,10 @@ from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import images as imaging
 from . import protocol
-from .client import _UNREACHABLE, ClientBase
+from .base import ClientBase
 from .errors import InferenceError
 from .protocol import ModelInfo, ModelVersionState, Prediction
-from .retry import Deadline, RetryPolicy, call_async
+from .retry import Deadline, call_async
 
 
 class AsyncClient(ClientBase):
@@ -63,11 +61,11 @@ class AsyncClient(ClientBase):
     # -- plumbing
 
     async def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
-        rpc: Callable[..., Awaitable[Any]] = getattr(self._stub, method)
-        policy = self.retry if retry else RetryPolicy(attempts=1)
-        return await call_async(
-            lambda seconds: rpc(request, timeout=seconds), policy, deadline, method
-        )
+        attempt = self._attempt(getattr(self._stub, method), request)
+        try:
+            return await call_async(attempt, self._policy(retry), deadline, method)
+        except InferenceError as error:
+            raise self._explain(error) from None
 
     async def _model(self, model: str | None, deadline: Deadline) -> str:
         if model:
@@ -77,29 +75,26 @@ class AsyncClient(ClientBase):
         request = pb.RepositoryIndexRequest()
 
         async def choose(seconds: float) -> str:
-            return self._choose_model(await self._stub.RepositoryIndex(request, timeout=seconds))
+            return self._choose_model(
+                await self._stub.RepositoryIndex(request, timeout=seconds, metadata=self._metadata)
+            )
 
         try:
             return await call_async(choose, self.retry, deadline, "RepositoryIndex")
         except InferenceError as error:
-            raise self._unlisted(error) from None
+            raise self._explain(self._unlisted(error)) from None
 
     async def _info(self, model: str, version: str, deadline: Deadline) -> ModelInfo:
-        key = (model, version)
-        if key not in self._infos:
-            meta = await self._call(
-                "ModelMetadata", pb.ModelMetadataRequest(name=model, version=version), deadline
-            )
-            try:
-                config = await self._call(
-                    "ModelConfig", pb.ModelConfigRequest(name=model, version=version), deadline
-                )
-            except InferenceError as error:
-                if error.code != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                config = None
-            self._infos[key] = protocol.model_info(meta, config)
-        return self._infos[key]
+        if (model, version) in self._infos:
+            return self._infos[(model, version)]
+        meta_request, config_request = self._metadata_requests(model, version)
+        meta = await self._call("ModelMetadata", meta_request, deadline)
+        config = None
+        try:
+            config = await self._call("ModelConfig", config_request, deadline)
+        except InferenceError as error:
+            self._config_missing(error)
+        return self._remember(model, version, meta, config)
 
     async def _index(self, deadline: Deadline, ready: bool = False) -> list[ModelVersionState]:
         try:
@@ -135,31 +130,23 @@ class AsyncClient(ClientBase):
 
     async def is_live(self, *, timeout: float | None = None) -> bool:
         """Whether the server answers and says it is live (False when it cannot be reached)."""
-        return await self._ask(
-            self._call("ServerLive", pb.ServerLiveRequest(), self._deadline(timeout), retry=False),
-            "live",
-        )
+        return await self._ask("ServerLive", pb.ServerLiveRequest(), "live", timeout)
 
     async def is_ready(
         self, model: str | None = None, version: str = "", *, timeout: float | None = None
     ) -> bool:
         """Whether the server (or one model) is ready; False when the server cannot be reached."""
-        deadline = self._deadline(timeout)
         if model is None:
-            return await self._ask(
-                self._call("ServerReady", pb.ServerReadyRequest(), deadline, retry=False), "ready"
-            )
+            return await self._ask("ServerReady", pb.ServerReadyRequest(), "ready", timeout)
         request = pb.ModelReadyRequest(name=model, version=version)
-        return await self._ask(self._call("ModelReady", request, deadline, retry=False), "ready")
+        return await self._ask("ModelReady", request, "ready", timeout)
 
-    @staticmethod
-    async def _ask(answer: Awaitable[Any], field: str) -> bool:
+    async def _ask(self, method: str, request: Any, field: str, timeout: float | None) -> bool:
         try:
-            return bool(getattr(await answer, field))
+            response = await self._call(method, request, self._deadline(timeout), retry=False)
         except InferenceError as error:
-            if error.code in _UNREACHABLE:
-                return False
-            raise
+            return self._answer_or_false(error)
+        return bool(getattr(response, field))
 
     async def wait_until_ready(
         self, model: str | None = None, *, timeout: float | None = None
@@ -169,19 +156,13 @@ class AsyncClient(ClientBase):
         attempt = 0
         while True:
             attempt += 1
-            if await self.is_ready(model, timeout=max(min(deadline.remaining(), 2.0), 0.001)):
+            if await self.is_ready(model, timeout=self._ready_question_timeout(deadline)):
                 return
-            pause = min(0.05 * 2 ** min(attempt, 5), deadline.remaining())
-            if pause <= 0:
-                raise deadline.expired_error(
-                    attempt, f"waiting for {model or 'the server'} at {self.target} to be ready"
-                )
-            await asyncio.sleep(pause)
+            await asyncio.sleep(self._ready_pause(deadline, attempt, model))
 
     async def models(self, *, timeout: float | None = None) -> list[str]:
         """Names of the server's ready models, sorted."""
-        index = await self._index(self._deadline(timeout), ready=True)
-        return sorted({m.name for m in index if m.state.upper() == "READY"})
+        return self._ready_names(await self._index(self._deadline(timeout), ready=True))
 
     async def repository(self, *, timeout: float | None = None) -> list[ModelVersionState]:
         """Every model version the server knows, with its state."""
@@ -200,15 +181,12 @@ class AsyncClient(ClientBase):
         """The model's class labels, by output index (learned from one classification; cached)."""
         deadline = self._deadline(timeout)
         info = await self._info(await self._model(model, deadline), version, deadline)
-        key = (info.name, version)
-        if key not in self._labels:
-            [(response, rows)] = await self._infer(
-                info, version, self._probe(info), info.num_classes or 1_000_000, deadline
-            )
-            self._labels[key] = self._labels_from(
-                info, protocol.classifications(response, info.output.name, rows)
-            )
-        return self._labels[key]
+        if (info.name, version) in self._labels:
+            return self._labels[(info.name, version)]
+        probe = await self._infer(
+            info, version, self._probe(info), self._probe_classes(info), deadline
+        )
+        return self._learn_labels(info, version, probe)
 
     # -- inference
 
@@ -223,9 +201,8 @@ class AsyncClient(ClientBase):
         """Class probabilities, shape (N, classes); see `Client.predict`."""
         deadline = self._deadline(timeout)
         info = await self._info(await self._model(model, deadline), version, deadline)
-        batch = imaging.prepare(images, info.input_shape, info.input_dtype)
-        results = await self._infer(info, version, batch, 0, deadline)
-        return np.concatenate([protocol.probabilities(r, info.output.name, n) for r, n in results])
+        results = await self._infer(info, version, self._batch(images, info), 0, deadline)
+        return self._probabilities(info, results)
 
     async def classify(
         self,
@@ -240,6 +217,5 @@ class AsyncClient(ClientBase):
         self._check_top_k(top_k)
         deadline = self._deadline(timeout)
         info = await self._info(await self._model(model, deadline), version, deadline)
-        batch = imaging.prepare(images, info.input_shape, info.input_dtype)
-        results = await self._infer(info, version, batch, top_k, deadline)
-        return [row for r, n in results for row in protocol.classifications(r, info.output.name, n)]
+        results = await self._infer(info, version, self._batch(images, info), top_k, deadline)
+        return self._rows(info, results)

@@ -90,5 +90,10 @@ def options(
     opts = dict(BASE_OPTIONS)
     if round_robin:
         opts["grpc.lb_policy_name"] = "round_robin"
+        # gRPC re-resolves a dns:/// name only when a connection ends (a server's GOAWAY at its
+        # max connection age, a replica gone), and by default at most every 30 s: a replica added
+        # behind the name would then wait up to 30 s for traffic after the GOAWAY that should
+        # bring it. One look-up a second per channel at most is cheap for any cluster DNS.
+        opts["grpc.dns_min_time_between_resolutions_ms"] = 1000
     opts.update(dict(extra))
     return list(opts.items())

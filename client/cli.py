@@ -15,6 +15,39 @@ from typing import Any
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+SECURITY_FLAGS = (
+    (
+        "--tls-ca-file",
+        "FILE",
+        "PEM CA that signed the server's certificate (default with TLS: the system's CAs)",
+    ),
+    ("--tls-cert-file", "FILE", "client certificate (PEM) for mutual TLS"),
+    ("--tls-key-file", "FILE", "its private key (PEM)"),
+    (
+        "--token",
+        "TOKEN",
+        "bearer token (default: $CONVSERVE_TOKEN, which is better: other local users can see command lines)",
+    ),
+)
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls-ca-file, --tls-cert-file, --tls-key-file and --token (TLS is on when a file is given)."""
+    group = parser.add_argument_group("security (TLS is on as soon as one --tls-* file is given)")
+    for flag, metavar, text in SECURITY_FLAGS:
+        group.add_argument(flag, metavar=metavar, default=None, help=text)
+
+
+def security_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The Client's keyword arguments for the security flags."""
+    return {
+        "tls_ca_file": args.tls_ca_file,
+        "tls_cert_file": args.tls_cert_file,
+        "tls_key_file": args.tls_key_file,
+        "token": args.token,
+    }
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     target_help = (
         "server address host:port, several comma-separated, or dns:///name:port "
@@ -38,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     classify.add_argument(
         "--timeout", type=float, default=30.0, help="deadline in seconds (default: 30)"
     )
+    add_security_arguments(classify)
     classify.set_defaults(func=run_classify)
 
     health = subparsers.add_parser(
@@ -52,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     health.add_argument(
         "--timeout", type=float, default=2.0, help="deadline in seconds (default: 2)"
     )
+    add_security_arguments(health)
     health.set_defaults(func=run_health)
 
     models = subparsers.add_parser(
@@ -61,6 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.add_argument(
         "--timeout", type=float, default=10.0, help="deadline in seconds (default: 10)"
     )
+    add_security_arguments(models)
     models.set_defaults(func=run_models)
 
 
@@ -79,12 +115,19 @@ def format_table(
     return "\n".join(lines)
 
 
+def _quiet_grpc() -> None:
+    """Keep gRPC's own log lines (a failed TLS handshake, say) off the terminal: the command
+    prints one line of its own. Must run before grpc is first imported."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
 def _fail(command: str, message: str, code: int = EXIT_FAILED) -> int:
     print(f"convserve {command}: {message}", file=sys.stderr)
     return code
 
 
 def run_classify(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from convserve.client import Client, InferenceError
 
     if args.top_k < 1:
@@ -93,7 +136,7 @@ def run_classify(args: argparse.Namespace) -> int:
     if missing:
         return _fail("classify", f"no such file: {', '.join(missing)}", EXIT_USAGE)
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, **security_arguments(args)) as client:
             results = client.classify(
                 args.images, top_k=args.top_k, model=args.model, version=args.version
             )
@@ -114,18 +157,35 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def run_health(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     import grpc
     from convserve.client.channel import default_target
+    from convserve.client.credentials import channel_credentials, token_metadata
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     target = args.target or default_target()
     try:
-        with grpc.insecure_channel(target) as channel:
+        # The health service needs no token; one given is sent anyway (a proxy may ask for it).
+        credentials = channel_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+        metadata = token_metadata(args.token, credentials is not None, target)
+    except ValueError as error:
+        return _fail("health", str(error), EXIT_USAGE)
+    try:
+        with (
+            grpc.insecure_channel(target)
+            if credentials is None
+            else grpc.secure_channel(target, credentials)
+        ) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+                metadata=metadata,
             )
     except grpc.RpcError as error:
-        return _fail("health", f"{target}: {error.code().name}: {error.details()}")
+        details = error.details() or ""
+        if credentials is None and "Socket closed" in details:  # what a TLS port does to plaintext
+            details += "; if the server uses TLS, pass --tls-ca-file"
+        return _fail("health", f"{target}: {error.code().name}: {details}")
     except ValueError as error:  # e.g. an invalid timeout
         return _fail("health", str(error))
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
@@ -140,10 +200,11 @@ def _shape(shape: Sequence[int]) -> str:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from convserve.client import Client, InferenceError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, **security_arguments(args)) as client:
             index = client.repository()
             names = sorted({m.name for m in index})
             rows, labels = [], {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,107 +18,12 @@ import numpy as np
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
-from . import channel, protocol
 from . import images as imaging
+from . import protocol
+from .base import ClientBase
 from .errors import InferenceError
 from .protocol import ModelInfo, ModelVersionState, Prediction
-from .retry import Deadline, RetryPolicy, call
-
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_RETRIES = 4
-_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_STALE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
-
-
-class ClientBase:
-    """Settings and bookkeeping shared by Client and AsyncClient (no I/O)."""
-
-    def __init__(
-        self,
-        target: str | Sequence[str] | None = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        retries: int | RetryPolicy | None = DEFAULT_RETRIES,
-        credentials: grpc.ChannelCredentials | None = None,
-        concurrency: int = 4,
-        options: Sequence[tuple[str, Any]] = (),
-    ):
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
-        self.target, round_robin = channel.resolve(target)
-        self.round_robin = round_robin
-        self.timeout = float(timeout)
-        self.retry = RetryPolicy.of(retries)
-        self.concurrency = concurrency
-        self._credentials = credentials
-        self._options = channel.options(round_robin, options)
-        self._infos: dict[tuple[str, str], ModelInfo] = {}
-        self._labels: dict[tuple[str, str], tuple[str, ...]] = {}
-        self._default_model: str | None = None
-        self._connect()
-
-    def _connect(self) -> None:
-        """Open the channel (the sync and asyncio clients differ here)."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.target!r}, timeout={self.timeout:g})"
-
-    def _deadline(self, timeout: float | None) -> Deadline:
-        return Deadline(self.timeout if timeout is None else timeout)
-
-    def _choose_model(self, response: Any) -> str:
-        """The only ready model in a RepositoryIndexResponse (UNAVAILABLE, so retried, while models load)."""
-        index = protocol.repository_index(response)
-        names = sorted({m.name for m in index if m.state.upper() == "READY"})
-        if not names and index:
-            loading = sorted({f"{m.name} ({m.state.lower()})" for m in index})
-            raise InferenceError(
-                f"no model given and no model of the server at {self.target} is ready yet: "
-                f"{', '.join(loading)}",
-                grpc.StatusCode.UNAVAILABLE,
-            )
-        if len(names) != 1:
-            raise InferenceError(
-                f"no model given and the server at {self.target} has {len(names)} ready models "
-                f"{names}; pass model=NAME"
-            )
-        self._default_model = names[0]
-        return names[0]
-
-    def _unlisted(self, error: InferenceError) -> InferenceError:
-        if error.code == grpc.StatusCode.UNIMPLEMENTED:
-            return InferenceError(
-                f"the server at {self.target} does not list its models (RepositoryIndex is "
-                "unimplemented); pass model=NAME",
-                error.code,
-            )
-        return error
-
-    def _forget(self, error: InferenceError, key: tuple[str, str]) -> None:
-        """After a refused inference, re-read the model's metadata next time (it may have changed)."""
-        if error.code in _STALE:
-            self._infos.pop(key, None)
-            self._labels.pop(key, None)
-            if self._default_model == key[0]:
-                self._default_model = None
-
-    @staticmethod
-    def _check_top_k(top_k: int) -> None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-
-    @staticmethod
-    def _labels_from(info: ModelInfo, rows: list[list[Prediction]]) -> tuple[str, ...]:
-        by_index = {p.index: p.label for p in rows[0]}
-        return tuple(by_index.get(i, str(i)) for i in range(info.num_classes or len(by_index)))
-
-    @staticmethod
-    def _probe(info: ModelInfo) -> np.ndarray:
-        """One blank image of the model's input, used to learn its labels."""
-        shape = tuple(d or 1 for d in info.input_shape)
-        return np.zeros((1, *shape), dtype=info.input_dtype)
+from .retry import Deadline, call
 
 
 class Client(ClientBase):
@@ -129,8 +33,14 @@ class Client(ClientBase):
     with gRPC's round_robin policy), or a gRPC name such as "dns:///convserve:8001"; by default
     $CONVSERVE_TARGET or "localhost:8001". `timeout` is each call's deadline in seconds (every
     attempt and chunk included), `retries` how often UNAVAILABLE is retried (or a RetryPolicy),
-    `credentials` gRPC channel credentials for TLS (None: plaintext), `concurrency` how many
-    chunks of a large input are in flight at once. Failed calls raise InferenceError.
+    `concurrency` how many chunks of a large input are in flight at once. Failed calls raise
+    InferenceError.
+
+    Security: TLS is on when any `tls_*` file is given: `tls_ca_file` is the PEM CA that signed
+    the server's certificate (default: the system's CAs), `tls_cert_file` and `tls_key_file`
+    the client's certificate and key for mutual TLS. `token` is sent as `authorization: Bearer
+    <token>` (default: $CONVSERVE_TOKEN; "" sends none); without TLS only to a loopback target.
+    `credentials` (gRPC channel credentials) replaces the `tls_*` files for full control.
     """
 
     def _connect(self) -> None:
@@ -162,9 +72,11 @@ class Client(ClientBase):
     # -- plumbing
 
     def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
-        rpc: Callable[..., Any] = getattr(self._stub, method)
-        policy = self.retry if retry else RetryPolicy(attempts=1)
-        return call(lambda seconds: rpc(request, timeout=seconds), policy, deadline, method)
+        attempt = self._attempt(getattr(self._stub, method), request)
+        try:
+            return call(attempt, self._policy(retry), deadline, method)
+        except InferenceError as error:
+            raise self._explain(error) from None
 
     def _model(self, model: str | None, deadline: Deadline) -> str:
         if model:
@@ -175,31 +87,26 @@ class Client(ClientBase):
         try:
             return call(
                 lambda seconds: self._choose_model(
-                    self._stub.RepositoryIndex(request, timeout=seconds)
+                    self._stub.RepositoryIndex(request, timeout=seconds, metadata=self._metadata)
                 ),
                 self.retry,
                 deadline,
                 "RepositoryIndex",
             )
         except InferenceError as error:
-            raise self._unlisted(error) from None
+            raise self._explain(self._unlisted(error)) from None
 
     def _info(self, model: str, version: str, deadline: Deadline) -> ModelInfo:
-        key = (model, version)
-        if key not in self._infos:
-            meta = self._call(
-                "ModelMetadata", pb.ModelMetadataRequest(name=model, version=version), deadline
-            )
-            try:
-                config = self._call(
-                    "ModelConfig", pb.ModelConfigRequest(name=model, version=version), deadline
-                )
-            except InferenceError as error:
-                if error.code != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-                config = None
-            self._infos[key] = protocol.model_info(meta, config)
-        return self._infos[key]
+        if (model, version) in self._infos:
+            return self._infos[(model, version)]
+        meta_request, config_request = self._metadata_requests(model, version)
+        meta = self._call("ModelMetadata", meta_request, deadline)
+        config = None
+        try:
+            config = self._call("ModelConfig", config_request, deadline)
+        except InferenceError as error:
+            self._config_missing(error)
+        return self._remember(model, version, meta, config)
 
     def _index(self, deadline: Deadline, ready: bool = False) -> list[ModelVersionState]:
         try:
@@ -238,9 +145,7 @@ class Client(ClientBase):
 
     def is_live(self, *, timeout: float | None = None) -> bool:
         """Whether the server answers and says it is live (False when it cannot be reached)."""
-        return self._ask(
-            lambda d: self._call("ServerLive", pb.ServerLiveRequest(), d, retry=False).live, timeout
-        )
+        return self._ask("ServerLive", pb.ServerLiveRequest(), "live", timeout)
 
     def is_ready(
         self, model: str | None = None, version: str = "", *, timeout: float | None = None
@@ -250,20 +155,16 @@ class Client(ClientBase):
         An unknown model raises InferenceError (INVALID_ARGUMENT), as Triton does.
         """
         if model is None:
-            return self._ask(
-                lambda d: self._call("ServerReady", pb.ServerReadyRequest(), d, retry=False).ready,
-                timeout,
-            )
+            return self._ask("ServerReady", pb.ServerReadyRequest(), "ready", timeout)
         request = pb.ModelReadyRequest(name=model, version=version)
-        return self._ask(lambda d: self._call("ModelReady", request, d, retry=False).ready, timeout)
+        return self._ask("ModelReady", request, "ready", timeout)
 
-    def _ask(self, question: Callable[[Deadline], bool], timeout: float | None) -> bool:
+    def _ask(self, method: str, request: Any, field: str, timeout: float | None) -> bool:
         try:
-            return bool(question(self._deadline(timeout)))
+            response = self._call(method, request, self._deadline(timeout), retry=False)
         except InferenceError as error:
-            if error.code in _UNREACHABLE:
-                return False
-            raise
+            return self._answer_or_false(error)
+        return bool(getattr(response, field))
 
     def wait_until_ready(self, model: str | None = None, *, timeout: float | None = None) -> None:
         """Block until the server (or a model) is ready; InferenceError DEADLINE_EXCEEDED if it does not get there."""
@@ -271,24 +172,13 @@ class Client(ClientBase):
         attempt = 0
         while True:
             attempt += 1
-            if self.is_ready(model, timeout=max(min(deadline.remaining(), 2.0), 0.001)):
+            if self.is_ready(model, timeout=self._ready_question_timeout(deadline)):
                 return
-            pause = min(0.05 * 2 ** min(attempt, 5), deadline.remaining())
-            if pause <= 0:
-                raise deadline.expired_error(
-                    attempt, f"waiting for {model or 'the server'} at {self.target} to be ready"
-                )
-            time.sleep(pause)
+            time.sleep(self._ready_pause(deadline, attempt, model))
 
     def models(self, *, timeout: float | None = None) -> list[str]:
         """Names of the server's ready models, sorted."""
-        return sorted(
-            {
-                m.name
-                for m in self._index(self._deadline(timeout), ready=True)
-                if m.state.upper() == "READY"
-            }
-        )
+        return self._ready_names(self._index(self._deadline(timeout), ready=True))
 
     def repository(self, *, timeout: float | None = None) -> list[ModelVersionState]:
         """Every model version the server knows, with its state (READY, UNAVAILABLE, ...)."""
@@ -307,16 +197,10 @@ class Client(ClientBase):
         """The model's class labels, by output index (learned from one classification; cached)."""
         deadline = self._deadline(timeout)
         info = self._info(self._model(model, deadline), version, deadline)
-        key = (info.name, version)
-        if key not in self._labels:
-            probe = self._probe(info)
-            [(response, rows)] = self._infer(
-                info, version, probe, info.num_classes or 1_000_000, deadline
-            )
-            self._labels[key] = self._labels_from(
-                info, protocol.classifications(response, info.output.name, rows)
-            )
-        return self._labels[key]
+        if (info.name, version) in self._labels:
+            return self._labels[(info.name, version)]
+        probe = self._infer(info, version, self._probe(info), self._probe_classes(info), deadline)
+        return self._learn_labels(info, version, probe)
 
     # -- inference
 
@@ -336,9 +220,8 @@ class Client(ClientBase):
         """
         deadline = self._deadline(timeout)
         info = self._info(self._model(model, deadline), version, deadline)
-        batch = imaging.prepare(images, info.input_shape, info.input_dtype)
-        results = self._infer(info, version, batch, 0, deadline)
-        return np.concatenate([protocol.probabilities(r, info.output.name, n) for r, n in results])
+        results = self._infer(info, version, self._batch(images, info), 0, deadline)
+        return self._probabilities(info, results)
 
     def classify(
         self,
@@ -353,6 +236,5 @@ class Client(ClientBase):
         self._check_top_k(top_k)
         deadline = self._deadline(timeout)
         info = self._info(self._model(model, deadline), version, deadline)
-        batch = imaging.prepare(images, info.input_shape, info.input_dtype)
-        results = self._infer(info, version, batch, top_k, deadline)
-        return [row for r, n in results for row in protocol.classifications(r, info.output.name, n)]
+        results = self._infer(info, version, self._batch(images, info), top_k, deadline)
+        return self._rows(info, results)

@@ -20,7 +20,7 @@ latency. Scenarios:
   a native generator that costs far less CPU than Python; correctness checked on the server
 
 The load generator shares the 2 cores with the server; it costs about 0.3-0.4 ms CPU per request
-(performance.md), so single-image figures at high rates are bounded by the generator as well.
+(BENCHMARKS.md), so single-image figures at high rates are bounded by the generator as well.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 MLServer is not a dependency of convserve (it pins its own grpcio, protobuf and pydantic), so it
 lives in its own virtual environment. This script exports the bundled model to ONNX (the same
 export the core benchmark uses), writes an MLServer model directory with adaptive batching
-(max batch 64, max batch time 2 ms, as in `../shared/docs/performance.md`), starts MLServer on
+(max batch 64, max batch time 2 ms, as in the anchor of BENCHMARKS.md), starts MLServer on
 free loopback ports (inference in the server process, `parallel_workers: 0`: with the default
 pool of inference processes this custom runtime did not become ready here), and drives it with `bench_throughput.py`'s generator: single-image UINT8
 requests from 1 and 64 concurrent clients, every answer compared with the first one.

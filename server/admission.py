@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable
 
 import grpc
+from grpc._cython.cygrpc import ExecuteBatchError  # what a failed send raises (not re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,15 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 size = len(request) if isinstance(request, bytes) else request.ByteSize()
                 budget.give_back(held - size)
                 held = size
-                return await behaviour(request, context)
+                try:
+                    return await behaviour(request, context)
+                except ExecuteBatchError:
+                    remaining = context.time_remaining()
+                    if not (context.cancelled() or (remaining is not None and remaining <= 0)):
+                        raise
+                    # the client cancelled or its deadline passed while the answer was being
+                    # sent: nothing to answer, not an error (gRPC ends a cancelled handler quietly)
+                    raise asyncio.CancelledError from None
             finally:
                 self.active -= 1
                 budget.give_back(held)

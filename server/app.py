@@ -148,8 +148,9 @@ class _Observer:
 class InferenceServer:
     """A running server: `await start()`, `await wait()`; `request_shutdown()` from a signal."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, security=None):
         self.config = config
+        self.security = security  # convserve.server.security.Security; read in run() if None
         self.bound_port: int | None = None
         self.metrics_port: int | None = None
         self._shutdown = asyncio.Event()
@@ -159,6 +160,7 @@ class InferenceServer:
     async def run(self) -> int:
         from convserve.server.metrics import ServerMetrics
         from convserve.server.repository import ModelRepository, RepositoryError
+        from convserve.server.security import Security, SecurityError
         from convserve.server.servicer import ServerState
 
         cfg = self.config
@@ -166,7 +168,8 @@ class InferenceServer:
         try:
             root = resolve_repository(cfg.model_repository)
             repository = ModelRepository(root)
-        except (FileNotFoundError, RepositoryError) as exc:
+            self.security = self.security or Security.from_config(cfg)
+        except (FileNotFoundError, RepositoryError, SecurityError) as exc:
             raise StartupError(str(exc)) from None
         warmup = cfg.warmup_batch_sizes or tuple(sorted({1, cfg.max_batch_size}))
         shown = dict(
@@ -272,15 +275,17 @@ class InferenceServer:
         from convserve.server.memory import Trimmer
 
         trimmer = asyncio.ensure_future(Trimmer(lambda: self.admission.idle).run())
-        await self._set_serving(health, True)
         self.state.ready = True
+        await health.refresh()
         self.metrics.ready.set(1)
         log.info(
             "ready: %d model version(s) on %s:%d (gRPC), metrics %s, started in %.2f s",
             len(repository.ready_entries()),
             cfg.host,
             self.bound_port,
-            f"http://{cfg.host}:{self.metrics_port}/metrics" if self.metrics_port else "disabled",
+            f"{'https' if cfg.metrics_tls else 'http'}://{cfg.host}:{self.metrics_port}/metrics"
+            if self.metrics_port
+            else "disabled",
             time.perf_counter() - t_start,
         )
 
@@ -293,6 +298,8 @@ class InferenceServer:
         from convserve.proto import grpc_service_pb2 as pb
         from convserve.proto import grpc_service_pb2_grpc as pb_grpc
         from convserve.server.admission import AdmissionInterceptor, ByteBudget
+        from convserve.server.connections import connection_options
+        from convserve.server.readiness import HealthReporter
         from convserve.server.servicer import InferenceServicer
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         from grpc_health.v1._async import HealthServicer
@@ -306,6 +313,7 @@ class InferenceServer:
             ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
             ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
             ("grpc.http2.bdp_probe", 0),
+            *connection_options(cfg),  # connection age and keepalive (behind load balancers)
         ]
         budget_bytes = max(cfg.max_queue_bytes, limit)
         if budget_bytes > cfg.max_queue_bytes:
@@ -320,7 +328,11 @@ class InferenceServer:
             self.metrics.refused_early,
             max(256, 2 * cfg.max_queue_size),
         )
-        server = grpc.aio.server(options=options, interceptors=[self.admission])
+        # admission first: it holds calls at shutdown and refuses before anything reads them
+        server = grpc.aio.server(
+            options=options,
+            interceptors=[self.admission, *self.security.interceptors(self.metrics.refused)],
+        )
         servicer = InferenceServicer(
             self.repository,
             self.state,
@@ -330,9 +342,10 @@ class InferenceServer:
             cfg.max_queue_size,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        await self._set_serving(health, False)
+        health_servicer = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health = HealthReporter(health_servicer, self.state, lambda: self.repository)
+        await health.refresh()
         service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
         reflection.enable_server_reflection(
             [
@@ -344,42 +357,36 @@ class InferenceServer:
             pool=_reflection_pool(),
         )
         address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+        credentials = self.security.server_credentials()
         try:
-            self.bound_port = server.add_insecure_port(address)
+            if credentials is None:
+                self.bound_port = server.add_insecure_port(address)
+            else:
+                self.bound_port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {address}: {exc}") from None
         await server.start()
         log.info(
-            "listening on %s:%d (gRPC, max message %d B, request bytes held at most %d B); "
+            "listening on %s:%d (gRPC, %s, max message %d B, request bytes held at most %d B); "
             "health NOT_SERVING until models are warm",
             cfg.host,
             self.bound_port,
+            self.security.describe(),
             limit,
             budget_bytes,
         )
-        self._health_services = ("", service_name)
+        self._health_watch = asyncio.ensure_future(health.watch())
         return server, health
-
-    async def _set_serving(self, health, serving: bool) -> None:
-        from grpc_health.v1 import health_pb2
-
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", "inference.GRPCInferenceService"):
-            await health.set(name, status)
 
     def _start_metrics(self) -> None:
         cfg = self.config
         if not cfg.metrics_port:
             return
-        from prometheus_client import start_http_server
+        from convserve.server.security import serve_metrics
 
         try:
-            self._metrics_server, _ = start_http_server(
-                cfg.metrics_port, cfg.host, registry=self.metrics.registry
+            self._metrics_server = serve_metrics(
+                cfg.metrics_port, cfg.host, self.metrics.registry, self.security
             )
         except OSError as exc:
             raise StartupError(
@@ -409,7 +416,7 @@ class InferenceServer:
         t0 = time.monotonic()
         self.state.exiting = True
         self.metrics.ready.set(0)
-        await self._set_serving(health, False)
+        await health.refresh()
         drain = min(cfg.drain_seconds, cfg.grace_period / 2)
         deadline = t0 + cfg.grace_period
         if drain > 0 and not self._hurry.is_set():
@@ -491,7 +498,14 @@ def _reflection_pool():
 def serve(config: ServerConfig) -> int:
     """Run a server until SIGTERM/SIGINT; returns the process exit code. With `workers` > 1,
     supervise that many server processes instead (see `convserve.server.workers`)."""
+    from convserve.server.security import Security, SecurityError
+
     configure_logging(config.log_level)
+    try:
+        security = Security.from_config(config)  # before any worker starts: one clear line
+    except SecurityError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     if config.workers > 1:
         from convserve.server.workers import supervise
 
@@ -503,7 +517,7 @@ def serve(config: ServerConfig) -> int:
 
         die_with_supervisor()
     prefer_mmap_for_large_blocks()
-    server = InferenceServer(config)
+    server = InferenceServer(config, security)
     try:
         return asyncio.run(server.run())
     except StartupError as exc:

@@ -233,6 +233,11 @@ class DynamicBatcher:
                 self._extra_cond.notify()
         return job
 
+    @property
+    def alive(self) -> bool:
+        """True while the batcher accepts requests and every worker thread runs (readiness)."""
+        return not self._closed and all(thread.is_alive() for thread in self._threads)
+
     def drain_estimate_ms(self) -> int:
         """Rough time until the current queue is computed (a retry hint for refused callers)."""
         return int(min(10_000, max(1.0, self._queued_images * self.ns_per_image / 1e6)))

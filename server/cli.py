@@ -24,14 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # numba imports SciPy only to check its version (and for np.linalg, which the core never
-    # compiles): keeping it out of the server saves about 16 MB of RSS and a second OpenBLAS
-    # thread pool. CONVSERVE_ALLOW_SCIPY=1 lets it load.
+    # compiles): keeping it out of the server saves resident memory and a second OpenBLAS
+    # thread pool (BENCHMARKS.md). CONVSERVE_ALLOW_SCIPY=1 lets it load.
     if "scipy" not in sys.modules and not os.environ.get("CONVSERVE_ALLOW_SCIPY"):
         sys.modules["scipy"] = None  # makes `import scipy` raise ImportError, which numba handles
     # A server's Numba threads always share the cores with its gRPC threads (and often with its
-    # clients): a waiting OpenMP thread that spins for long takes the CPU they need. GNU OpenMP
-    # spins about 300,000 times by default; 1,000 measured the same on a quiet machine and
-    # 1.6x faster with one busy competing process (batch 64: 18,700 against 11,300 img/s).
+    # clients): a waiting OpenMP thread that spins for long takes the CPU they need. A short
+    # spin costs nothing on a quiet machine and is much faster under competing load
+    # (BENCHMARKS.md, "Settings and the figures behind them").
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     from convserve.server.app import serve
     from convserve.server.config import config_from_args

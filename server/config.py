@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 ENV_PREFIX = "CONVSERVE_"
 MODEL_FILENAME = "model.safetensors"
@@ -189,6 +189,85 @@ OPTIONS: tuple[Option, ...] = (
         "N",
     ),
     Option(
+        "--tls-cert-file",
+        str,
+        None,
+        "serve gRPC over TLS with this PEM certificate (chain); a changed file is used for new "
+        "connections without a restart",
+        "FILE",
+    ),
+    Option("--tls-key-file", str, None, "the PEM private key of --tls-cert-file", "FILE"),
+    Option(
+        "--tls-client-ca-file",
+        str,
+        None,
+        "mutual TLS: require client certificates signed by this PEM CA",
+        "FILE",
+    ),
+    Option(
+        "--auth-token-file",
+        str,
+        None,
+        "require 'authorization: Bearer <token>' metadata on every call except health, "
+        "ServerLive and ServerReady; one token per line, blank lines and # comments ignored, "
+        "re-read when it changes",
+        "FILE",
+    ),
+    Option(
+        "--allow-insecure-token",
+        _bool,
+        False,
+        "allow --auth-token-file without TLS: tokens then cross the network in clear text, so "
+        "only for a port that nothing but a local TLS-terminating proxy (sidecar) can reach",
+        "BOOL",
+    ),
+    Option(
+        "--metrics-tls",
+        _bool,
+        False,
+        "serve /metrics over HTTPS with the gRPC certificate (and client CA, if set)",
+        "BOOL",
+    ),
+    Option(
+        "--max-connection-age-secs",
+        _nonneg_float,
+        60.0,
+        "close each client connection after about this long (gRPC adds up to 10 percent jitter) so clients "
+        "reconnect, re-resolve DNS and spread over new replicas (0: never)",
+        "S",
+    ),
+    Option(
+        "--max-connection-age-grace-secs",
+        _nonneg_float,
+        float("inf"),
+        "how long calls already running on a connection closed by --max-connection-age-secs may "
+        "take to finish (inf: as long as they need; new calls move to a new connection at once)",
+        "S",
+    ),
+    Option(
+        "--keepalive-time-secs",
+        _nonneg_float,
+        30.0,
+        "send a keepalive ping on each client connection (idle ones too) every this many seconds, "
+        "to find and drop dead peers (0: never)",
+        "S",
+    ),
+    Option(
+        "--keepalive-timeout-secs",
+        _nonneg_float,
+        10.0,
+        "drop a connection whose keepalive ping is not answered within this many seconds",
+        "S",
+    ),
+    Option(
+        "--keepalive-min-client-interval-secs",
+        _nonneg_float,
+        10.0,
+        "clients may send keepalive pings this often, also between calls; a client pinging more "
+        "often is disconnected (GOAWAY too_many_pings)",
+        "S",
+    ),
+    Option(
         "--max-queue-bytes",
         _pos_int,
         512 * 1024 * 1024,
@@ -200,34 +279,26 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-@dataclass
-class ServerConfig:
-    """Effective configuration of one server (see OPTIONS for the meaning of each field)."""
+def _field_type(opt: Option) -> Any:
+    """The type a parsed value has (from the parser's return annotation, or the parser itself)."""
+    kind = (
+        opt.parse if isinstance(opt.parse, type) else get_type_hints(opt.parse).get("return", Any)
+    )
+    return kind if opt.default is not None else kind | None
 
-    model_repository: str | None = None
-    host: str = "0.0.0.0"
-    port: int = 8001
-    metrics_port: int = 8002
-    max_batch_size: int = 64
-    max_queue_delay_us: int = 0
-    max_queue_size: int = 1024
-    parallel_min_batch: int = 16
-    instances: int = 2
-    max_request_images: int = 8192
-    max_message_bytes: int = 0
-    warmup_batch_sizes: tuple[int, ...] | None = None
-    grace_period: float = 30.0
-    drain_seconds: float = 2.0
-    skip_bad_models: bool = False
-    log_level: str = "INFO"
-    workers: int = 1
-    max_queue_bytes: int = 512 * 1024 * 1024
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"
-        }
+def _as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# The effective configuration of one server: one field per option, named after its flag
+# (`--max-batch-size` -> `max_batch_size`), with the table's default. Built from OPTIONS so that
+# a default is written once; see OPTIONS for the meaning of each field.
+ServerConfig = dataclasses.make_dataclass(
+    "ServerConfig",
+    [(opt.dest, _field_type(opt), field(default=opt.default)) for opt in OPTIONS],
+    namespace={"as_dict": _as_dict, "__doc__": "Effective configuration of one server."},
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> None:
@@ -278,6 +349,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**{opt.dest: getattr(args, opt.dest) for opt in OPTIONS})
 
 
+def markdown_table() -> str:
+    """The option table as Markdown, for docs/configuration.md (a test checks that the two agree)."""
+    rows = ["| Flag | Variable | Default | Meaning |", "| --- | --- | --- | --- |"]
+    for opt in OPTIONS:
+        flag = f"{opt.flag} {opt.metavar}" if opt.metavar else opt.flag
+        value = "true" if opt.default is True else "false" if opt.default is False else opt.default
+        shown = "see meaning" if value is None else f"`{value}`"
+        meaning = opt.help.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+        rows.append(f"| `{flag}` | `{opt.env}` | {shown} | {meaning} |")
+    return "\n".join(rows)
+
+
 def candidate_repositories() -> list[Path]:
     """Where the bundled repository may be: next to the source tree (editable install), then ./models."""
     import convserve
@@ -304,3 +387,7 @@ def resolve_repository(configured: str | None) -> Path:
         "no model repository: pass --model-repository DIR or set CONVSERVE_MODEL_REPOSITORY "
         f"(the bundled repository was not found at {', '.join(str(p) for p in tried)})"
     )
+
+
+if __name__ == "__main__":
+    print(markdown_table())

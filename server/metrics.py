@@ -118,6 +118,16 @@ class ServerMetrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.auth_refusals = Counter(
+            "convserve_auth_refusals",
+            "Calls refused for their token, by reason (missing, malformed, unknown)",
+            ("reason",),
+            registry=r,
+        )
+
+    def refused(self, reason: str) -> None:
+        """Count a call refused by the token check."""
+        self.auth_refusals.labels(reason).inc()
 
     def refused_early(self, method: str, reason: str) -> None:
         """A call refused before its model was known (see `convserve.server.admission`)."""

@@ -29,6 +29,7 @@ from convserve.server.protocol import (
     decode_request,
     encode_response,
 )
+from convserve.server.readiness import readiness
 from convserve.server.repository import ModelRepository, ModelVersion
 
 from convserve import __version__
@@ -59,6 +60,7 @@ class ServerState:
         self.ready = False
         self.exiting = False
         self.refusing = False  # after the drain window: new inferences get UNAVAILABLE from us
+        self.reloading = 0  # model loads under way while serving: readiness NOT_SERVING meanwhile
         self.loading_message = "Server not ready: models are loading"
 
 
@@ -121,7 +123,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.state.ready and not self.state.exiting)
+        return pb.ServerReadyResponse(ready=readiness(self.state, self.repository).ready)
 
     async def ModelReady(self, request, context):
         if not self.state.ready:

@@ -229,10 +229,10 @@ def die_with_supervisor() -> None:
 
 
 def _serve_metrics(config: ServerConfig, metrics_dir: str):
-    from prometheus_client import CollectorRegistry, start_http_server
+    from convserve.server.security import Security, serve_metrics
+    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)
-    server, _ = start_http_server(config.metrics_port, config.host, registry=registry)
-    return server
+    return serve_metrics(config.metrics_port, config.host, registry, Security.from_config(config))

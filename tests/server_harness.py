@@ -83,11 +83,12 @@ class Server:
         env: dict | None = None,
         port: int | None = None,
         log_dir: Path | None = None,
+        host: str = "127.0.0.1",
     ):
         self.repository = repository
         self.port = port or free_port()
         self.metrics_port = free_port() if metrics else 0
-        self.target = f"127.0.0.1:{self.port}"
+        self.target = f"{host}:{self.port}"
         self.log_path = Path(
             tempfile.mkstemp(
                 prefix=f"convserve-{self.port}-", suffix=".log", dir=log_dir or _SESSION_DIR
@@ -99,7 +100,7 @@ class Server:
             "convserve",
             "serve",
             "--host",
-            "127.0.0.1",
+            host,
             "--port",
             str(self.port),
             "--metrics-port",

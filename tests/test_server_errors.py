@@ -1,4 +1,4 @@
-"""Errors as Triton answers them (serving.md 1.9): status code, message prefix, expected vs received."""
+"""Errors as Triton answers them (docs/protocol.md, Errors): status code, message prefix, expected vs received."""
 
 from __future__ import annotations
 

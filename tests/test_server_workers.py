@@ -159,6 +159,10 @@ def test_a_dead_worker_is_restarted_while_the_others_serve():
             assert server.process.poll() is None, server.log()
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.1)
+        while server.log().count("]: ready: ") < 3:  # the two first workers and the replacement
+            assert server.process.poll() is None, server.log()
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
         _wait_all_serving(server, deadline)
         sent += _infer_on_fresh_connections(server, 6)
         text = server.metrics()
