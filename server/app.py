@@ -272,8 +272,9 @@ class InferenceServer:
             before,
             resident_mb(),
         )
-        from convserve.server.memory import Trimmer
+        from convserve.server.memory import Trimmer, freeze_startup_objects
 
+        freeze_startup_objects()
         trimmer = asyncio.ensure_future(Trimmer(lambda: self.admission.idle).run())
         self.state.ready = True
         await health.refresh()

@@ -9,8 +9,9 @@ Two glibc behaviours keep a server's RSS near its peak long after a burst:
 * gRPC core and protobuf hold a request in many small blocks (network reads, arena chunks),
   spread over per-thread arenas; once freed they stay resident until `malloc_trim(0)`.
 
-`prefer_mmap_for_large_blocks()` is called once at start-up; `Trimmer` runs `malloc_trim(0)` when
-the server has gone quiet after holding more memory than before.
+`prefer_mmap_for_large_blocks()` is called once at start-up, `freeze_startup_objects()` after
+warm-up; `Trimmer` runs `malloc_trim(0)` when the server has gone quiet after holding more
+memory than before.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def prefer_mmap_for_large_blocks() -> bool:
     """Fix glibc's mmap threshold at 1 MiB (no dynamic raise); False where that is not glibc."""
     libc = _libc()
     return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive after warm-up (numba, the models, the modules: about 130,000) out
+    of the garbage collector's view. Full collections then look at request-time objects only, so
+    Python runs them often and cheaply, and request buffers caught in reference cycles (a
+    cancelled call's traceback, for example) are freed within seconds instead of piling up until
+    a rare full collection of everything."""
+    gc.collect()
+    gc.freeze()
 
 
 def trim() -> None:
