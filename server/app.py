@@ -23,7 +23,6 @@ from convserve import __version__
 
 SETTLE_SECONDS = 0.2  # at shutdown: from the last answered call to stopping the transport
 GOAWAY_SECONDS = 0.1  # at shutdown: from the transport's GOAWAY to answering the held calls
-MAX_CONCURRENT_STREAMS = 256  # per connection; a client's further calls wait on its side
 MAX_CONNECTIONS = 1024  # per server process; more are closed at accept (UNAVAILABLE)
 MESSAGE_OVERHEAD = 1 << 20  # protobuf framing, names, parameters around the pixels
 FALLBACK_IMAGE_BYTES = 224 * 224 * 3 * 4  # a model whose header cannot be read: assume this
@@ -311,7 +310,6 @@ class InferenceServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0),
-            ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
             ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
             ("grpc.http2.bdp_probe", 0),
             *connection_options(cfg),  # connection age and keepalive (behind load balancers)
