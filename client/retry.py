@@ -78,15 +78,47 @@ class Deadline:
         )
 
 
-def _delay(policy: RetryPolicy, attempt: int, deadline: Deadline) -> float | None:
-    """The sleep before the next attempt, or None when no further attempt fits."""
-    if attempt >= policy.attempts:
-        return None
-    delay = policy.backoff(attempt)
-    # An attempt needs some time to run; a retry that could only start at the deadline is pointless.
-    if deadline.remaining() - delay <= 0.001:
-        return None
-    return delay
+class _Attempts:
+    """The bookkeeping of one retried call, shared by `call` and `call_async`."""
+
+    def __init__(self, policy: RetryPolicy, deadline: Deadline, what: str):
+        self.policy, self.deadline, self.what = policy, deadline, what
+        self.count = 0
+
+    def start(self) -> float:
+        """Seconds left for the next attempt; raises DEADLINE_EXCEEDED when none are."""
+        self.count += 1
+        remaining = self.deadline.remaining()
+        if remaining <= 0:
+            raise self.deadline.expired_error(self.count - 1, self.what)
+        return remaining
+
+    def failed(self, error: grpc.RpcError | InferenceError) -> float:
+        """The sleep before the next attempt; raises the failure when it is not retried.
+
+        `error` is a grpc.RpcError (from the call) or an InferenceError (from checking the
+        answer); both are retried when their code is in the policy, and end as an InferenceError.
+        """
+        if isinstance(error, grpc.RpcError):
+            failure = from_rpc_error(error, attempts=self.count)
+        else:  # raised by fn itself, e.g. "no model is ready yet"
+            failure = error
+            failure.attempts = self.count
+        delay = self._delay() if failure.code in self.policy.retry_on else None
+        if delay is None:
+            raise failure from None
+        return delay
+
+    def _delay(self) -> float | None:
+        """The sleep before the next attempt, or None when no further attempt fits."""
+        if self.count >= self.policy.attempts:
+            return None
+        delay = self.policy.backoff(self.count)
+        # An attempt needs some time to run; a retry that could only start at the deadline is
+        # pointless.
+        if self.deadline.remaining() - delay <= 0.001:
+            return None
+        return delay
 
 
 def call(
@@ -96,27 +128,14 @@ def call(
     what: str,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Run `fn(seconds_left)` until it succeeds, retrying the codes in the policy.
-
-    `fn` raises grpc.RpcError (from the call) or InferenceError (from checking the answer); both
-    are retried when their code is in the policy, and end as an InferenceError otherwise.
-    """
-    attempt = 0
+    """Run `fn(seconds_left)` until it succeeds, retrying the codes in the policy."""
+    attempts = _Attempts(policy, deadline, what)
     while True:
-        attempt += 1
-        remaining = deadline.remaining()
-        if remaining <= 0:
-            raise deadline.expired_error(attempt - 1, what)
+        remaining = attempts.start()
         try:
             return fn(remaining)
-        except grpc.RpcError as error:
-            failure = from_rpc_error(error, attempts=attempt)
-        except InferenceError as error:  # raised by fn itself, e.g. "no model is ready yet"
-            failure = error
-            failure.attempts = attempt
-        delay = _delay(policy, attempt, deadline) if failure.code in policy.retry_on else None
-        if delay is None:
-            raise failure from None
+        except (grpc.RpcError, InferenceError) as error:
+            delay = attempts.failed(error)
         sleep(delay)
 
 
@@ -124,20 +143,11 @@ async def call_async(
     fn: Callable[[float], Awaitable[T]], policy: RetryPolicy, deadline: Deadline, what: str
 ) -> T:
     """The asyncio twin of `call`."""
-    attempt = 0
+    attempts = _Attempts(policy, deadline, what)
     while True:
-        attempt += 1
-        remaining = deadline.remaining()
-        if remaining <= 0:
-            raise deadline.expired_error(attempt - 1, what)
+        remaining = attempts.start()
         try:
             return await fn(remaining)
-        except grpc.RpcError as error:
-            failure = from_rpc_error(error, attempts=attempt)
-        except InferenceError as error:
-            failure = error
-            failure.attempts = attempt
-        delay = _delay(policy, attempt, deadline) if failure.code in policy.retry_on else None
-        if delay is None:
-            raise failure from None
+        except (grpc.RpcError, InferenceError) as error:
+            delay = attempts.failed(error)
         await asyncio.sleep(delay)

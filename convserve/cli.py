@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "convserve.core.cli",  # summary, train
     "convserve.server.cli",  # serve
     "convserve.client.cli",  # classify, health, models
+    "convserve.core.interop.cli",  # import, export
 ]
 
 

@@ -27,12 +27,13 @@ import time
 from typing import Any
 
 import numpy as np
+from convserve.core.interop.onnx_export import onnx_model
 
 ROUND_SECONDS = 0.04
 ROUNDS = 7
 
 
-# -- weights and ONNX export ----------------------------------------------------------------
+# -- weights and ONNX Runtime ----------------------------------------------------------------
 def random_weights(doc: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     """He-normal kernels and small random biases for an architecture document (seeded)."""
     from convserve.core.architecture import parse_architecture
@@ -49,123 +50,6 @@ def random_weights(doc: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
         else:
             weights[name] = (rng.standard_normal(shape) * 0.05).astype(np.float32)
     return weights
-
-
-def onnx_model(doc: dict[str, Any], weights: dict[str, np.ndarray], opset: int = 17) -> bytes:
-    """The architecture as a serialized ONNX graph: input `input` float32 NHWC (preprocessed),
-    output `output` float32 (N, outputs). Pads and count_include_pad=0 follow the Keras
-    semantics; flatten transposes back to NHWC first, so weights need no permutation."""
-    import onnx
-    from convserve.core.architecture import parse_architecture
-    from onnx import TensorProto, helper, numpy_helper
-
-    arch = parse_architecture(doc)
-    nodes: list[Any] = []
-    inits: list[Any] = []
-    counter = [0]
-
-    def fresh(prefix: str) -> str:
-        counter[0] += 1
-        return f"{prefix}_{counter[0]}"
-
-    def act(name: str, x: str, axis: int) -> str:
-        if name == "linear":
-            return x
-        y = fresh(name)
-        op = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softmax": "Softmax"}[name]
-        nodes.append(helper.make_node(op, [x], [y], **({"axis": axis} if op == "Softmax" else {})))
-        return y
-
-    cur = fresh("nchw")
-    nodes.append(helper.make_node("Transpose", ["input"], [cur], perm=[0, 3, 1, 2]))
-    nchw = True
-    for layer in arch.layers:
-        prefix = f"layers.{layer.index}"
-        top, bottom, left, right = layer.pads
-        if layer.type == "conv2d":
-            w = numpy_helper.from_array(
-                np.ascontiguousarray(weights[f"{prefix}.kernel"].transpose(3, 2, 0, 1)), fresh("W")
-            )
-            inits.append(w)
-            inputs = [cur, w.name]
-            if layer.use_bias:
-                b = numpy_helper.from_array(weights[f"{prefix}.bias"], fresh("B"))
-                inits.append(b)
-                inputs.append(b.name)
-            y = fresh("conv")
-            nodes.append(
-                helper.make_node(
-                    "Conv",
-                    inputs,
-                    [y],
-                    kernel_shape=list(layer.kernel_size),
-                    strides=list(layer.strides),
-                    pads=[top, left, bottom, right],
-                )
-            )
-            cur = act(layer.activation, y, 1)
-        elif layer.type in ("max_pooling2d", "average_pooling2d"):
-            y = fresh("pool")
-            if layer.type == "max_pooling2d":
-                nodes.append(
-                    helper.make_node(
-                        "MaxPool",
-                        [cur],
-                        [y],
-                        kernel_shape=list(layer.pool_size),
-                        strides=list(layer.strides),
-                        pads=[top, left, bottom, right],
-                    )
-                )
-            else:
-                nodes.append(
-                    helper.make_node(
-                        "AveragePool",
-                        [cur],
-                        [y],
-                        kernel_shape=list(layer.pool_size),
-                        strides=list(layer.strides),
-                        pads=[top, left, bottom, right],
-                        count_include_pad=0,
-                    )
-                )
-            cur = y
-        elif layer.type == "flatten":
-            if nchw:
-                y = fresh("nhwc")
-                nodes.append(helper.make_node("Transpose", [cur], [y], perm=[0, 2, 3, 1]))
-                cur, nchw = y, False
-            y = fresh("flat")
-            nodes.append(helper.make_node("Flatten", [cur], [y], axis=1))
-            cur = y
-        elif layer.type == "dense":
-            w = numpy_helper.from_array(weights[f"{prefix}.kernel"], fresh("W"))
-            inits.append(w)
-            inputs = [cur, w.name]
-            if layer.use_bias:
-                b = numpy_helper.from_array(weights[f"{prefix}.bias"], fresh("B"))
-                inits.append(b)
-                inputs.append(b.name)
-            y = fresh("dense")
-            nodes.append(helper.make_node("Gemm", inputs, [y]))
-            cur = act(layer.activation, y, 1)
-        elif layer.type == "activation":
-            cur = act(
-                layer.activation, cur, 1 if len(layer.input_shape) == 1 else (1 if nchw else 3)
-            )
-    nodes.append(helper.make_node("Identity", [cur], ["output"]))
-    h, w_, c = arch.input_shape
-    graph = helper.make_graph(
-        nodes,
-        arch.name,
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", h, w_, c])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", arch.num_outputs])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = min(model.ir_version, 9)
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
 
 
 def ort_session(model_bytes: bytes, threads: int = 2):

@@ -10,7 +10,8 @@ from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.errors import ModelError
 from convserve.core.inference import InferencePlan
 from convserve.core.kernels.dense import all_finite_f32
-from convserve.core.modelfile import read_model_file, write_model_file
+from convserve.core.limits import Limits, check_limits
+from convserve.core.modelfile import one_line, read_model_file, write_model_file
 
 
 def check_weights(architecture: Architecture, weights: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -56,8 +57,17 @@ def all_finite(x: np.ndarray) -> bool:
 class Model:
     """A CNN classifier. `Model(architecture, weights)` validates both and infers all shapes."""
 
-    def __init__(self, architecture: dict[str, Any], weights: dict[str, np.ndarray]):
+    def __init__(
+        self,
+        architecture: dict[str, Any],
+        weights: dict[str, np.ndarray],
+        limits: Limits | None = None,
+        batch_size: int = 1,
+    ):
+        """`limits` (default `Limits()`) bound the sizes the model may need when run on batches
+        of up to `batch_size` images; checked before any buffer is allocated."""
         self.architecture: Architecture = parse_architecture(architecture)
+        check_limits(self.architecture, limits, batch_size)
         self.weights: dict[str, np.ndarray] = check_weights(self.architecture, weights)
         self._plan = InferencePlan(self.architecture, self.weights)
 
@@ -88,13 +98,16 @@ class Model:
 
     # -- files ----------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Model:
-        """Load a `convserve/1` model file; any problem raises `ModelError` naming the file."""
+    def load(
+        cls, path: str | os.PathLike, limits: Limits | None = None, batch_size: int = 1
+    ) -> Model:
+        """Load a `convserve/1` model file (limits as in `Model()`); any problem raises
+        `ModelError` with one line naming the file."""
         document, tensors = read_model_file(path)
         try:
-            return cls(document, tensors)
-        except ModelError as exc:
-            raise ModelError(f"model file {path}: {exc}") from None
+            return cls(document, tensors, limits, batch_size)
+        except (ModelError, RecursionError) as exc:
+            raise ModelError(one_line(f"model file {path}: {exc}")) from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this model as a `convserve/1` file (atomically)."""

@@ -11,66 +11,124 @@ from typing import Any
 
 import numpy as np
 from convserve.core.errors import ModelError
-from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 FORMAT = "convserve/1"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MESSAGE_CHARS = 400  # a hostile file can put megabytes into one value: messages are cut
+
+
+def one_line(message: str, limit: int = MESSAGE_CHARS) -> str:
+    """`message` on one line and at most `limit` characters."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _problem(where: str, message: str) -> ModelError:
+    return ModelError(one_line(f"{where}: {message}"))
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read and check a model file; returns (architecture document, tensors by name)."""
     path = Path(path)
+    where = f"model file {path}"
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ModelError(f"model file {path}: no such file") from None
+        raise _problem(where, "no such file") from None
     except OSError as exc:
-        raise ModelError(f"model file {path}: cannot read: {exc.strerror or exc}") from None
-    return parse_model_bytes(data, str(path))
+        raise _problem(where, f"cannot read: {exc.strerror or exc}") from None
+    return parse_model_bytes(data, where)
+
+
+def _json(text: str | bytes, where: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _problem(where, f"{what} is nested too deeply to be a model") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
+        raise _problem(where, f"{what} is not valid JSON: {exc}") from None
+
+
+def _header_metadata(data: bytes, payload_bytes: int, where: str) -> dict[str, Any]:
+    """The `__metadata__` object of a safetensors header; `data` starts at the length field and
+    holds at least the header, `payload_bytes` is how many bytes follow the length field."""
+    if len(data) < 8:
+        raise _problem(where, f"not a safetensors file: {len(data)} bytes, expected at least 8")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or header_len > payload_bytes:
+        raise _problem(
+            where,
+            f"not a safetensors file or truncated: header length {header_len} bytes, "
+            f"but the file has {payload_bytes} bytes after the length field",
+        )
+    header = _json(data[8 : 8 + header_len], where, "the safetensors header")
+    if not isinstance(header, dict):
+        raise _problem(
+            where, f"the safetensors header must be a JSON object, got {type(header).__name__}"
+        )
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise _problem(
+            where,
+            "the safetensors '__metadata__' must be an object of strings, got "
+            f"{type(metadata).__name__}",
+        )
+    return metadata
 
 
 def parse_model_bytes(
     data: bytes, where: str = "model file"
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Parse the bytes of a model file (see `read_model_file`)."""
-    if len(data) < 8:
-        raise ModelError(f"{where}: not a safetensors file: {len(data)} bytes, expected at least 8")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES or header_len > len(data) - 8:
-        raise ModelError(
-            f"{where}: not a safetensors file or truncated: header length {header_len} bytes, "
-            f"but the file has {len(data) - 8} bytes after the length field"
-        )
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{where}: safetensors header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise ModelError(f"{where}: safetensors header must be a JSON object")
-    metadata = header.get("__metadata__") or {}
+    """Parse the bytes of a model file (see `read_model_file`); any problem raises `ModelError`
+    with one line starting with `where`."""
+    metadata = _header_metadata(data, len(data) - 8, where)
     tag = metadata.get("format")
     if tag != FORMAT:
-        raise ModelError(f"{where}: metadata 'format' is {tag!r}, expected {FORMAT!r}")
-    if "architecture" not in metadata:
-        raise ModelError(f"{where}: metadata has no 'architecture'")
-    try:
-        architecture = json.loads(metadata["architecture"])
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{where}: metadata 'architecture' is not valid JSON: {exc}") from None
+        raise _problem(where, f"metadata 'format' is {tag!r}, expected {FORMAT!r}")
+    text = metadata.get("architecture")
+    if text is None:
+        raise _problem(where, "metadata has no 'architecture'")
+    if not isinstance(text, str):
+        raise _problem(
+            where, f"metadata 'architecture' must be a JSON string, got {type(text).__name__}"
+        )
+    architecture = _json(text, where, "metadata 'architecture'")
     try:
         tensors = st_load(data)
-    except (SafetensorError, ValueError, TypeError) as exc:
-        raise ModelError(f"{where}: corrupt safetensors data: {exc}") from None
+    except BaseException as exc:  # noqa: BLE001 - a Rust panic arrives as pyo3's PanicException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise _problem(where, f"corrupt safetensors data: {exc}") from None
     return architecture, tensors
 
 
+def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The safetensors metadata of a model file (format, architecture, source, ...), reading only
+    its header; any problem raises `ModelError` with one line naming the file."""
+    where = f"model file {path}"
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            head = handle.read(8)
+            if len(head) == 8:
+                (header_len,) = struct.unpack("<Q", head)
+                head += handle.read(min(header_len, MAX_HEADER_BYTES))
+    except OSError as exc:
+        raise _problem(where, f"cannot read: {exc.strerror or exc}") from None
+    return _header_metadata(head, size - 8, where)
+
+
 def write_model_file(
-    path: str | os.PathLike, architecture: dict[str, Any], tensors: dict[str, np.ndarray]
+    path: str | os.PathLike,
+    architecture: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write a model file atomically (see `atomic_write`)."""
-    metadata = {"format": FORMAT, "architecture": json.dumps(architecture)}
+    """Write a model file atomically (see `atomic_write`); `metadata` adds string entries
+    (such as `source`, where an imported model came from) next to format and architecture."""
+    metadata = {**(metadata or {}), "format": FORMAT, "architecture": json.dumps(architecture)}
     atomic_write(
         path, st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
     )

@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 def write_model_dir(folder: Path, batching: bool) -> tuple[int, int]:
-    from convserve.core.bench import onnx_model
+    from convserve.core.interop.onnx_export import onnx_model
     from convserve.core.model import Model
 
     model = Model.load(ROOT / "models" / "fashion_mnist" / "1" / "model.safetensors")

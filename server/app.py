@@ -158,7 +158,7 @@ class InferenceServer:
 
     async def run(self) -> int:
         from convserve.server.metrics import ServerMetrics
-        from convserve.server.repository import ModelRepository, RepositoryError
+        from convserve.server.repository import ModelRepository, RepositoryError, model_limits
         from convserve.server.security import Security, SecurityError
         from convserve.server.servicer import ServerState
 
@@ -231,7 +231,9 @@ class InferenceServer:
             metrics.track_queue(lambda: batcher.queued_requests)
             return batcher
 
-        load = _in_daemon_thread(loop, repository.load, make_batcher, warmup, cfg.skip_bad_models)
+        load = _in_daemon_thread(
+            loop, repository.load, make_batcher, warmup, cfg.skip_bad_models, model_limits(cfg)
+        )
         stop = asyncio.ensure_future(self._shutdown.wait())
         await asyncio.wait([load, stop], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -327,11 +329,16 @@ class InferenceServer:
             self.metrics.refused_early,
             max(256, 2 * cfg.max_queue_size),
         )
-        # admission first: it holds calls at shutdown and refuses before anything reads them
-        server = grpc.aio.server(
-            options=options,
-            interceptors=[self.admission, *self.security.interceptors(self.metrics.refused)],
-        )
+        from convserve.server.wire import RawRequests
+
+        # Admission first: it holds calls at shutdown and bounds the bytes every call may read,
+        # a call with a bad token included; then the token check, before any bytes are parsed.
+        interceptors = [
+            self.admission,
+            *self.security.interceptors(self.metrics.refused),
+            RawRequests(),
+        ]
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         servicer = InferenceServicer(
             self.repository,
             self.state,

@@ -268,6 +268,37 @@ OPTIONS: tuple[Option, ...] = (
         "S",
     ),
     Option(
+        "--max-parameters",
+        _nonneg_int,
+        1_000_000_000,
+        "refuse a model with more weights than this at load (0: no limit)",
+        "N",
+    ),
+    Option(
+        "--max-dimension",
+        _nonneg_int,
+        65_536,
+        "refuse a model whose input or any layer output image has a height, width or channel "
+        "count above this, or with more classes (0: no limit)",
+        "N",
+    ),
+    Option(
+        "--max-image-activation-bytes",
+        _nonneg_int,
+        1 << 30,
+        "refuse a model whose widest layer needs more float32 activation bytes (input + output) "
+        "per image (0: no limit)",
+        "BYTES",
+    ),
+    Option(
+        "--max-batch-bytes",
+        _nonneg_int,
+        16 << 30,
+        "refuse a model whose batch of --max-batch-size images (inputs plus every image's "
+        "activations) would need more bytes (0: no limit)",
+        "BYTES",
+    ),
+    Option(
         "--max-queue-bytes",
         _pos_int,
         512 * 1024 * 1024,

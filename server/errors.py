@@ -6,6 +6,14 @@ The batcher and repository raise these without knowing gRPC; the servicer turns 
 
 from __future__ import annotations
 
+SHOWN_CHARS = 80  # a client's text echoed in an error message is cut to this length
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """A client-supplied string as quoted in error messages: cut short, control characters escaped."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return cut if cut.isprintable() else cut.encode("unicode_escape").decode("ascii")
+
 
 class ServingError(Exception):
     """An error answered to the caller: `code` is a gRPC status code name."""

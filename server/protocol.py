@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from convserve.proto import grpc_service_pb2 as pb
-from convserve.server.errors import InvalidRequest, Unimplemented
+from convserve.server.errors import InvalidRequest, Unimplemented, shown
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -35,6 +35,7 @@ class Signature:
     classes: int
     labels: tuple[bytes, ...]
     max_request_images: int
+    max_abs_pixel: float = float("inf")  # see convserve.core.limits.max_safe_pixel
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -53,11 +54,14 @@ class Signature:
 
 
 def signature_for(name: str, model, max_request_images: int) -> Signature:
+    from convserve.core.limits import max_safe_pixel
+
     h, w, c = model.input_shape
     labels = tuple(str(label).encode() for label in model.labels)
     if len(labels) != model.num_classes:
         labels = ()
-    return Signature(name, h, w, c, model.num_classes, labels, max_request_images)
+    bound = max_safe_pixel(model.architecture, model.weights)
+    return Signature(name, h, w, c, model.num_classes, labels, max_request_images, bound)
 
 
 class Decoded:
@@ -90,7 +94,7 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> Decoded:
     model = sig.model
     inputs = request.inputs
     if len(inputs) != 1:
-        got = [i.name for i in inputs]
+        got = [shown(i.name) for i in inputs[:4]]
         raise InvalidRequest(
             f"expected 1 inputs but got {len(inputs)} inputs for model '{model}'. Got input(s) {got}, "
             f"expected exactly {sig.describe_input()}"
@@ -98,14 +102,14 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> Decoded:
     tensor = inputs[0]
     if tensor.name != INPUT_NAME:
         raise InvalidRequest(
-            f"unexpected inference input '{tensor.name}' for model '{model}': "
+            f"unexpected inference input '{shown(tensor.name)}' for model '{model}': "
             f"the model's only input is {sig.describe_input()}"
         )
     datatype = tensor.datatype
     dtype = INPUT_DTYPES.get(datatype)
     if dtype is None:
         raise InvalidRequest(
-            f"inference input '{INPUT_NAME}' data-type is '{datatype}', but model '{model}' "
+            f"inference input '{INPUT_NAME}' data-type is '{shown(datatype)}', but model '{model}' "
             "expects 'UINT8' or 'FP32'"
         )
     shape = tuple(tensor.shape)
@@ -158,14 +162,29 @@ def decode_request(request: pb.ModelInferRequest, sig: Signature) -> Decoded:
             f"unable to find data for input tensor '{INPUT_NAME}' for model '{model}' in "
             f"request: expected raw_input_contents[0] or contents.{TYPED_FIELD[datatype]}"
         )
-    if datatype == "FP32" and not np.isfinite(images).all():
-        raise InvalidRequest(
-            f"input '{INPUT_NAME}' for model '{model}' contains NaN or Inf; FP32 pixel values "
-            "must be finite"
-        )
+    if datatype == "FP32" or sig.max_abs_pixel < 255:
+        _check_magnitude(images, sig)
     outputs = _requested_outputs(request, sig) if request.outputs else _DEFAULT_OUTPUTS
     priority, timeout_us = _request_parameters(request, model) if request.parameters else (0, None)
     return Decoded(images, outputs, priority, timeout_us)
+
+
+def _check_magnitude(images: np.ndarray, sig: Signature) -> None:
+    """Refuse NaN, Inf and values that could overflow the model's float32 arithmetic."""
+    bound = sig.max_abs_pixel
+    low, high = float(images.min()), float(images.max())  # NaN propagates and fails both tests
+    if -bound <= low and high <= bound:
+        return
+    if not np.isfinite(images).all():
+        raise InvalidRequest(
+            f"input '{INPUT_NAME}' for model '{sig.model}' contains NaN or Inf; FP32 pixel "
+            "values must be finite"
+        )
+    raise InvalidRequest(
+        f"input '{INPUT_NAME}' for model '{sig.model}' has pixel values up to "
+        f"{max(high, -low):.4g} in magnitude; this model accepts at most {bound:.4g} (larger "
+        "values could overflow its float32 arithmetic)"
+    )
 
 
 def _typed_contents(
@@ -232,7 +251,9 @@ def _request_parameters(request: pb.ModelInferRequest, model: str) -> tuple[int,
                 "sequence parameters are not supported"
             )
         elif key.startswith("shared_memory"):
-            raise Unimplemented(f"parameter '{key}': shared memory is not supported by this server")
+            raise Unimplemented(
+                f"parameter '{shown(key)}': shared memory is not supported by this server"
+            )
         # other keys (binary_data_output, custom parameters) are accepted and ignored
     return priority, timeout_us
 
@@ -240,11 +261,16 @@ def _request_parameters(request: pb.ModelInferRequest, model: str) -> tuple[int,
 def _requested_outputs(
     request: pb.ModelInferRequest, sig: Signature
 ) -> tuple[tuple[str, int], ...]:
+    if len(request.outputs) > 2:  # each copy would repeat the whole result in the response
+        raise InvalidRequest(
+            f"output '{OUTPUT_NAME}' of model '{sig.model}' is requested {len(request.outputs)} "
+            "times; request it at most twice: once as scores, once with 'classification'"
+        )
     wanted = []
     for out in request.outputs:
         if out.name != OUTPUT_NAME:
             raise InvalidRequest(
-                f"unexpected inference output '{out.name}' for model '{sig.model}': the "
+                f"unexpected inference output '{shown(out.name)}' for model '{sig.model}': the "
                 f"model's only output is '{OUTPUT_NAME}' (FP32, shape [-1,{sig.classes}])"
             )
         k = 0
@@ -259,7 +285,7 @@ def _requested_outputs(
                 k = min(k, sig.classes)
             elif key.startswith("shared_memory"):
                 raise Unimplemented(
-                    f"output parameter '{key}': shared memory is not supported by this server"
+                    f"output parameter '{shown(key)}': shared memory is not supported by this server"
                 )
         wanted.append((OUTPUT_NAME, k))
     return tuple(wanted)

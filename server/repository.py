@@ -12,15 +12,48 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convserve.server.config import MODEL_FILENAME
-from convserve.server.errors import InvalidRequest, ModelNotFound
+from convserve.server.errors import InvalidRequest, ModelNotFound, shown
+
+if TYPE_CHECKING:
+    from convserve.core.limits import Limits
 
 log = logging.getLogger(__name__)
 
 
+MAX_VERSION_DIGITS = 18  # fits an int64, as in Triton's version numbers
+
+
+def model_limits(config) -> tuple[Limits, int]:
+    """The size limits of a `ServerConfig` as the core takes them, with the largest batch a
+    model runs (`--max-batch-size`): the `limits` argument of `ModelRepository.load`."""
+    from convserve.core.limits import Limits
+
+    limits = Limits(
+        config.max_parameters,
+        config.max_dimension,
+        config.max_image_activation_bytes,
+        config.max_batch_bytes,
+    )
+    return limits, config.max_batch_size
+
+
 class RepositoryError(Exception):
     """The repository cannot be served (no models, or a model failed to load)."""
+
+
+def parse_version(text: str) -> int | None:
+    """A version number from ASCII digits (>= 1), else None.
+
+    `str.isdigit()` accepts other scripts' digits and superscripts ("²") that `int()` refuses,
+    so only 0-9 count; the length bound keeps `int()` cheap on a hostile string.
+    """
+    if not (0 < len(text) <= MAX_VERSION_DIGITS and text.isascii() and text.isdigit()):
+        return None
+    version = int(text)
+    return version if version >= 1 else None
 
 
 @dataclass
@@ -64,6 +97,19 @@ class ModelVersion:
     def ready(self) -> bool:
         return self.state == "READY"
 
+    def reported_state(self) -> tuple[str, str]:
+        """State and reason as RepositoryIndex reports them, checked against the disk.
+
+        A loaded version whose file was removed is reported UNAVAILABLE: nothing is unloaded
+        (the loaded copy keeps answering), but the repository no longer holds it.
+        """
+        if self.ready and not self.path.is_file():
+            return "UNAVAILABLE", (
+                f"model file {self.path} was removed after loading; the loaded copy keeps "
+                "answering until the server restarts"
+            )
+        return self.state, self.reason
+
 
 class ModelRepository:
     """Scans a repository folder; `load()` loads every version; `get()` resolves name + version."""
@@ -87,9 +133,11 @@ class ModelRepository:
             for version_dir in sorted(
                 p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
             ):
-                if not version_dir.name.isdigit() or int(version_dir.name) < 1:
+                version = parse_version(version_dir.name)
+                if version is None:
                     log.warning(
-                        "model repository: ignoring %s (version folders are positive integers)",
+                        "model repository: ignoring %s (version folders are positive integers "
+                        "written with the ASCII digits 0-9)",
                         version_dir,
                     )
                     continue
@@ -99,7 +147,6 @@ class ModelRepository:
                         "model repository: ignoring %s (no %s inside)", version_dir, MODEL_FILENAME
                     )
                     continue
-                version = int(version_dir.name)
                 versions[version] = ModelVersion(model_dir.name, version, path)
             if versions:
                 models[model_dir.name] = versions
@@ -121,18 +168,26 @@ class ModelRepository:
         make_batcher: Callable[[ModelVersion], object],
         warmup_batch_sizes: tuple[int, ...],
         skip_bad: bool = False,
+        limits: tuple[Limits, int] | None = None,
     ) -> None:
-        """Load and warm every version, then build its batcher. Bad files: raise or skip (logged)."""
+        """Load and warm every version, then build its batcher. Bad files: raise or skip (logged).
+
+        `limits` (see `model_limits`) bound what a model may need at its largest batch; a
+        model beyond them is a bad model.
+        """
         from convserve.core import Model, ModelError  # heavy (numba); only when serving
+
+        size_limits, max_batch_size = limits or (None, 1)
+        batch_size = max(max_batch_size, *warmup_batch_sizes)
 
         for name, versions in self.models.items():
             for version, entry in sorted(versions.items()):
                 t0 = time.perf_counter()
                 try:
-                    model = Model.load(entry.path)
+                    model = Model.load(entry.path, size_limits, batch_size)
                     t1 = time.perf_counter()
                     model.warmup(warmup_batch_sizes)
-                except (ModelError, OSError, ValueError) as exc:
+                except (ModelError, OSError, ValueError, MemoryError) as exc:
                     entry.reason = str(exc)
                     if not skip_bad:
                         raise RepositoryError(
@@ -181,12 +236,13 @@ class ModelRepository:
         if name not in self.models:
             known = ", ".join(f"'{m}'" for m in self.models)
             raise InvalidRequest(
-                f"Request for unknown model: '{name}' is not found (available models: {known})"
+                f"Request for unknown model: '{shown(name)}' is not found (available models: {known})"
             )
-        if version and not (version.isdigit() and int(version) >= 1):
+        if version and parse_version(version) is None:
             raise InvalidRequest(
-                f"failed to parse model version '{version}' for model '{name}': "
-                "expected a positive integer, or empty for the latest version"
+                f"failed to parse model version '{shown(version)}' for model '{name}': "
+                "expected a positive integer written with the ASCII digits 0-9, or empty for the "
+                "latest version"
             )
         available = self.ready_versions(name)
         if not available:

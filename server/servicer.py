@@ -30,7 +30,7 @@ from convserve.server.protocol import (
     encode_response,
 )
 from convserve.server.readiness import readiness
-from convserve.server.repository import ModelRepository, ModelVersion
+from convserve.server.repository import ModelRepository, ModelStats, ModelVersion
 
 from convserve import __version__
 
@@ -81,6 +81,39 @@ def _expire(batcher, job: Job, timeout_us: int) -> None:
     )
     if batcher.abandon(job, error) and not job.future.done():
         job.future.set_result(job)
+
+
+def _passed(deadline_ns: int | None, slack_ns: int = 0) -> bool:
+    """The call's deadline (monotonic ns) has passed, or will within `slack_ns`."""
+    return deadline_ns is not None and time.monotonic_ns() >= deadline_ns - slack_ns
+
+
+class _Outcome:
+    """One ModelInfer call's bookkeeping: Prometheus outcome counters and ModelStatistics."""
+
+    __slots__ = ("metrics", "stats", "t0")
+
+    def __init__(self, metrics: Any, stats: ModelStats, t0: int):
+        self.metrics, self.stats, self.t0 = metrics, stats, t0
+
+    def failed(self, reason: str) -> None:
+        self.metrics.outcome[reason].inc()
+        self.stats.fail_count += 1
+        self.stats.fail_ns += time.perf_counter_ns() - self.t0
+
+    def succeeded(self, job: Job) -> None:
+        elapsed = time.perf_counter_ns() - self.t0
+        metrics, stats = self.metrics, self.stats
+        metrics.outcome["success"].inc()
+        metrics.images.inc(job.size)
+        metrics.request_duration.observe(elapsed / 1e9)
+        metrics.queue_duration.observe(job.queue_ns / 1e9)
+        stats.success_count += 1
+        stats.success_ns += elapsed
+        stats.queue_count += 1
+        stats.queue_ns += job.queue_ns
+        stats.inference_count += job.size
+        stats.last_inference_ms = int(time.time() * 1000)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -191,107 +224,94 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference -------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context):
         t0 = time.perf_counter_ns()
-        if not self.state.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.loading_message)
         if self.state.refusing:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "Server exiting: the drain window is over; retry on another replica",
             )
-        try:
-            entry = self.repository.get(request.model_name, request.model_version)
-        except ServingError as exc:
-            await self._fail(context, exc)
+        entry = await self._entry(context, request.model_name, request.model_version)
         key = (entry.name, entry.version)
-        metrics = self.model_metrics[key]
-        sig = self.signatures[key]
-        stats = entry.stats
+        outcome = _Outcome(self.model_metrics[key], entry.stats, t0)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
         try:
-            decoded = decode_request(request, sig)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
-            timeout = (
-                None
-                if decoded.timeout_us is None
-                else time.monotonic_ns() + decoded.timeout_us * 1000
+            decoded, job = await self._run(entry, self.signatures[key], request, deadline)
+            response = encode_response(
+                request,
+                entry.version_str,
+                decoded,
+                job.result,
+                self.signatures[key],
+                job.queue_ns // 1000,
+                job.compute_ns // 1000,
+                job.batch_size,
             )
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            batcher = entry.batcher
-            job = batcher.submit(
-                decoded.images,
-                deadline_ns=deadline,
-                timeout_ns=timeout,
-                priority=decoded.priority,
-                future=fut,
-            )
+        except asyncio.CancelledError:  # the caller cancelled or its deadline passed
+            # The client's deadline timer fires (and cancels the call) a little before the server's
+            # copy of it, which counts from the request's arrival: within DEADLINE_SLACK_NS of the
+            # deadline a cancellation is the deadline passing.
+            outcome.failed("timeout" if _passed(deadline, DEADLINE_SLACK_NS) else "cancelled")
+            raise
         except ServingError as exc:
-            metrics.outcome[exc.reason].inc()
-            stats.fail_count += 1
-            stats.fail_ns += time.perf_counter_ns() - t0
+            outcome.failed(exc.reason)
+            if _passed(deadline):  # gRPC has answered DEADLINE_EXCEEDED: nothing left to send
+                raise asyncio.CancelledError from None
+            if exc.code == "INTERNAL":
+                log.error("model '%s' version %d: %s", entry.name, entry.version, exc)
             if isinstance(exc, QueueFull):  # gRPC retry policies honour this hint
                 context.set_trailing_metadata(
                     (("grpc-retry-pushback-ms", str(entry.batcher.drain_estimate_ms())),)
                 )
             await self._fail(context, exc)
+        outcome.succeeded(job)
+        return response
+
+    async def _run(self, entry: ModelVersion, sig: Signature, request, deadline: int | None):
+        """Decode, queue and await one request; returns (decoded, finished job) or raises
+        ServingError (also when the deadline passed while the batch computed)."""
+        decoded = decode_request(request, sig)
+        timeout = (
+            None if decoded.timeout_us is None else time.monotonic_ns() + decoded.timeout_us * 1000
+        )
+        loop = asyncio.get_running_loop()
+        batcher = entry.batcher
+        job = batcher.submit(
+            decoded.images,
+            deadline_ns=deadline,
+            timeout_ns=timeout,
+            priority=decoded.priority,
+            future=loop.create_future(),
+        )
         timer = None
         if timeout is not None:  # Triton's queue timeout: leave the queue when it expires
             timer = loop.call_later(
                 decoded.timeout_us / 1e6, _expire, batcher, job, decoded.timeout_us
             )
         try:
-            await fut
-        except asyncio.CancelledError:  # the caller cancelled or its deadline passed
-            # The client's deadline timer fires (and cancels the call) a little before the server's
-            # copy of it, which counts from the request's arrival: within DEADLINE_SLACK_NS of the
-            # deadline a cancellation is the deadline passing.
-            expired = deadline is not None and time.monotonic_ns() >= deadline - DEADLINE_SLACK_NS
-            if not batcher.abandon(
-                job,
+            await job.future
+        except asyncio.CancelledError:
+            expired = _passed(deadline, DEADLINE_SLACK_NS)
+            error = (
                 DeadlineExceeded("Deadline Exceeded")
                 if expired
-                else Cancelled("cancelled by the client"),
-            ):
+                else Cancelled("cancelled by the client")
+            )
+            if not batcher.abandon(job, error):
                 job.cancel()
-            metrics.outcome["timeout" if expired else "cancelled"].inc()
-            stats.fail_count += 1
             raise
         finally:
             if timer is not None:
                 timer.cancel()
         if job.error is not None:
             error = job.error
-            reason = getattr(error, "reason", "error")
-            metrics.outcome[reason].inc()
-            stats.fail_count += 1
-            stats.fail_ns += time.perf_counter_ns() - t0
             if not isinstance(error, ServingError):
                 error = ServingError(f"model '{entry.name}' failed: {error}")
-            if error.code == "INTERNAL":
-                log.error("model '%s' version %d: %s", entry.name, entry.version, error)
-            await self._fail(context, error)
-        response = encode_response(
-            request,
-            entry.version_str,
-            decoded,
-            job.result,
-            sig,
-            job.queue_ns // 1000,
-            job.compute_ns // 1000,
-            job.batch_size,
-        )
-        elapsed = time.perf_counter_ns() - t0
-        metrics.outcome["success"].inc()
-        metrics.images.inc(job.size)
-        metrics.request_duration.observe(elapsed / 1e9)
-        metrics.queue_duration.observe(job.queue_ns / 1e9)
-        stats.success_count += 1
-        stats.success_ns += elapsed
-        stats.queue_count += 1
-        stats.queue_ns += job.queue_ns
-        stats.inference_count += job.size
-        stats.last_inference_ms = int(time.time() * 1000)
-        return response
+            raise error
+        if _passed(deadline):
+            # A client's race: its deadline passed while its batch computed. gRPC has answered
+            # DEADLINE_EXCEEDED; sending our answer now would fail inside grpc.aio.
+            raise asyncio.CancelledError
+        return decoded, job
 
     # -- statistics and repository ---------------------------------------------------------
     async def ModelStatistics(self, request, context):
@@ -327,10 +347,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request, context):
         response = pb.RepositoryIndexResponse()
         for entry in self.repository.entries():
-            if request.ready and not entry.ready:
+            state, reason = entry.reported_state()
+            if request.ready and state != "READY":
                 continue
             response.models.add(
-                name=entry.name, version=entry.version_str, state=entry.state, reason=entry.reason
+                name=entry.name, version=entry.version_str, state=state, reason=reason
             )
         return response
 

@@ -428,7 +428,8 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 @pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime/onnx not installed")
 def test_random_architectures_match_onnxruntime(cases):
-    from convserve.core.bench import onnx_model, ort_session
+    from convserve.core.bench import ort_session
+    from convserve.core.interop.onnx_export import onnx_model
 
     for doc, weights, model, x in cases:
         session = ort_session(onnx_model(doc, weights), threads=1)

@@ -1,0 +1,169 @@
+"""Requests parsed by us, not by grpc.aio: a message that does not parse gets INVALID_ARGUMENT.
+
+grpc.aio answers UNKNOWN, with the protobuf exception's text, when a method's request
+deserializer raises before the handler runs. `RawRequests`, a server interceptor, re-registers
+every method of every service (ours, health, reflection) without a deserializer, so handlers
+receive the raw bytes; it parses them itself and answers a message that does not parse with
+INVALID_ARGUMENT naming the message type that was expected. It is also the last line of defence:
+an exception escaping a handler (a server bug) is logged with its traceback and answered
+INTERNAL without Python exception text; one escaping after the call's deadline passed is the
+client's race and only logged at DEBUG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc.aio import AbortError  # what context.abort raises
+
+log = logging.getLogger(__name__)
+
+WARNING_INTERVAL_S = 10.0  # at most one WARNING per method in this many seconds
+
+
+class Throttled:
+    """A WARNING logger for clients' mistakes: at most one line per key per interval."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = WARNING_INTERVAL_S):
+        self.logger = logger
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        skipped = self._suppressed.pop(key, 0)
+        more = f" ({skipped} more since the last such line)" if skipped else ""
+        self.logger.warning("%s%s", message, more)
+
+
+_throttled = Throttled(log)
+
+
+def call_is_over(context: grpc.aio.ServicerContext) -> bool:
+    """True once the client cancelled or the deadline passed: gRPC has answered the call itself."""
+    remaining = context.time_remaining()
+    return context.cancelled() or (remaining is not None and remaining <= 0)
+
+
+def message_name(deserializer: Callable[[bytes], Any]) -> str:
+    """`inference.ModelInferRequest` for `ModelInferRequest.FromString`."""
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "the method's request message")
+
+
+def _parser(method: str, deserializer: Callable[[bytes], Any]):
+    expected = message_name(deserializer)
+    details = (
+        f"{method}: the request does not parse as {expected}: expected a serialized "
+        "protobuf message of that type"
+    )
+
+    async def parse(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:  # DecodeError, RecursionError, ...: the bytes are the client's mistake
+            _throttled.warning(method, f"refused an undecodable request to {method}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+    return parse
+
+
+async def _guarded(method: str, context: grpc.aio.ServicerContext, run: Callable[[], Any]) -> Any:
+    """Await `run()`; turn an unexpected exception into INTERNAL (or nothing after the deadline)."""
+    try:
+        return await run()
+    except (AbortError, asyncio.CancelledError):
+        raise
+    except NotImplementedError:  # a generated servicer base method (e.g. health's List)
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server"
+        )
+    except Exception:
+        if call_is_over(context):  # e.g. ExecuteBatchError: the call ended while we answered
+            log.debug("%s: the call ended before its answer could be sent", method)
+            raise asyncio.CancelledError from None
+        log.exception("internal error in %s", method)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"{method}: internal server error (details in the server log)"
+        )
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    parse = _parser(method, handler.request_deserializer)
+    serialize = handler.response_serializer
+
+    async def requests(raw_iterator: AsyncIterator[bytes], context) -> AsyncIterator[Any]:
+        async for raw in raw_iterator:
+            yield await parse(raw, context)
+
+    if not handler.request_streaming and not handler.response_streaming:
+        behavior = handler.unary_unary
+
+        async def unary_unary(raw: bytes, context):
+            request = await parse(raw, context)
+            return await _guarded(method, context, lambda: behavior(request, context))
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, None, serialize)
+    if not handler.request_streaming:
+        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+
+        async def first(raw, context):
+            return await parse(raw, context)
+    elif not handler.response_streaming:
+        behavior = handler.stream_unary
+
+        async def stream_unary(raw_iterator, context):
+            return await _guarded(
+                method, context, lambda: behavior(requests(raw_iterator, context), context)
+            )
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, None, serialize)
+    else:
+        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+
+        async def first(raw_iterator, context):
+            return requests(raw_iterator, context)
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streaming(raw, context):
+            responses = behavior(await first(raw, context), context)
+            async for response in responses:
+                yield response
+
+    else:  # a coroutine that writes its responses with context.write
+
+        async def streaming(raw, context):
+            request = await first(raw, context)
+            return await _guarded(method, context, lambda: behavior(request, context))
+
+    return make(streaming, None, serialize)
+
+
+class RawRequests(grpc.aio.ServerInterceptor):
+    """Hand every handler raw bytes and parse them here (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler  # unknown method (gRPC answers UNIMPLEMENTED) or already raw
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:  # handlers are registered once: wrap once
+            cached = self._wrapped[method] = (handler, _wrap(handler, method))
+        return cached[1]
