@@ -299,7 +299,7 @@ class InferenceServer:
     async def _start_grpc(self, limit: int):
         from convserve.proto import grpc_service_pb2 as pb
         from convserve.proto import grpc_service_pb2_grpc as pb_grpc
-        from convserve.server.admission import AdmissionInterceptor, ByteBudget
+        from convserve.server.admission import CONCURRENT_READS, AdmissionInterceptor, ByteBudget
         from convserve.server.connections import connection_options
         from convserve.server.readiness import HealthReporter
         from convserve.server.servicer import InferenceServicer
@@ -316,12 +316,15 @@ class InferenceServer:
             ("grpc.http2.bdp_probe", 0),
             *connection_options(cfg),  # connection age and keepalive (behind load balancers)
         ]
-        budget_bytes = max(cfg.max_queue_bytes, limit)
+        # room for the messages being read (each reserves the limit) and one more held: a held
+        # request then never keeps the next one from being read
+        budget_bytes = max(cfg.max_queue_bytes, (CONCURRENT_READS + 1) * limit)
         if budget_bytes > cfg.max_queue_bytes:
             log.warning(
-                "--max-queue-bytes %d is below the message limit: raised to %d B so that the "
-                "largest legal request can be admitted",
+                "--max-queue-bytes %d is below %d x the message limit (%d B): raised to %d B",
                 cfg.max_queue_bytes,
+                CONCURRENT_READS + 1,
+                limit,
                 budget_bytes,
             )
         self.admission = AdmissionInterceptor(

@@ -303,8 +303,8 @@ OPTIONS: tuple[Option, ...] = (
         _pos_int,
         512 * 1024 * 1024,
         "most request bytes one server process holds at once (received, queued or computing; "
-        "at least the message limit). A call reserves the message limit before its message is "
-        "read; one that finds no room is refused with RESOURCE_EXHAUSTED, unread",
+        "at least 5 x the message limit). A call reserves the message limit before its message "
+        "is read; one that finds no room is refused with RESOURCE_EXHAUSTED, unread",
         "BYTES",
     ),
 )
