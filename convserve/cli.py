@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "convserve.server.cli",  # serve
     "convserve.client.cli",  # classify, health, models
     "convserve.core.interop.cli",  # import, export
+    "convserve.ray.cli",  # ray-serve
 ]
 
 

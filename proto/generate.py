@@ -3,10 +3,13 @@
     python -m convserve.proto.generate            # writes next to this file
     python -m convserve.proto.generate --out DIR  # writes into DIR (used by tests/test_proto_sync.py)
 
-Needs grpcio-tools (a test/dev dependency). Two edits are applied to protoc's output:
+Needs grpcio-tools (a test/dev dependency). Three edits are applied to protoc's output:
 
 * the generated `_pb2_grpc` module imports its `_pb2` sibling package-relatively, so the
   modules work as `convserve.proto.*`;
+* the message classes are built with the importing module's name (`__name__`, e.g.
+  `convserve.proto.grpc_service_pb2`) instead of protoc's bare `grpc_service_pb2`, so pickle can
+  find them again: Ray Serve pickles requests and responses between its processes;
 * the messages are registered in a private descriptor pool (`DESCRIPTOR_POOL`) instead of
   protobuf's process-wide default pool, because `tritonclient.grpc` registers the same
   `inference.*` names there: with the default pool, importing both in one process fails with
@@ -36,13 +39,22 @@ def _patch_pb2(text: str) -> str:
     )
     if n != 1:
         raise RuntimeError("unexpected protoc output: no _sym_db line")
-    text, n = re.subn(
-        r"_descriptor_pool\.Default\(\)\.AddSerializedFile",
-        "DESCRIPTOR_POOL.AddSerializedFile",
-        text,
+    edits = (
+        (
+            r"_descriptor_pool\.Default\(\)\.AddSerializedFile",
+            "DESCRIPTOR_POOL.AddSerializedFile",
+            "AddSerializedFile call",
+        ),
+        (
+            r"BuildTopDescriptorsAndMessages\(DESCRIPTOR, '[\w.]+', _globals\)",
+            "BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)",
+            "BuildTopDescriptorsAndMessages call",
+        ),
     )
-    if n != 1:
-        raise RuntimeError("unexpected protoc output: no AddSerializedFile call")
+    for pattern, replacement, what in edits:
+        text, n = re.subn(pattern, replacement, text)
+        if n != 1:
+            raise RuntimeError(f"unexpected protoc output: no {what}")
     return text
 
 

@@ -144,6 +144,37 @@ class _Observer:
             slot[1] += compute_ns
 
 
+def build_batcher(entry, cfg: ServerConfig, warmup: tuple[int, ...], metrics, on_complete):
+    """The DynamicBatcher of one loaded model version: `cfg.instances` warmed copies of the model,
+    Numba threads by batch size, metrics and statistics hooks; `on_complete(jobs)` gets finished
+    jobs on a worker thread (used by `convserve serve` and by Ray Serve replicas)."""
+    import numba
+    from convserve.server.batcher import DynamicBatcher
+
+    # every instance after the first is a copy with its own buffers, warmed the same way
+    models = [entry.model] + [entry.model.replica() for _ in range(cfg.instances - 1)]
+    for copy in models[1:]:
+        copy.warmup(warmup)
+    share = max(1, numba.config.NUMBA_NUM_THREADS // cfg.instances)
+
+    def alone() -> bool:  # an instance computing alone uses every thread
+        return batcher.busy_instances <= 1  # bound below; only called once jobs arrive
+
+    predicts = [threads_by_batch(m.predict, cfg.parallel_min_batch, share, alone) for m in models]
+    batcher = DynamicBatcher(
+        predicts,
+        name=entry.name,
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_us=cfg.max_queue_delay_us,
+        max_queue_size=cfg.max_queue_size,
+        on_complete=on_complete,
+        observer=_Observer(metrics, entry.stats),
+        extra_instance_min_images=max(cfg.parallel_min_batch, cfg.max_batch_size // 2),
+    )
+    metrics.track_queue(lambda: batcher.queued_requests)
+    return batcher
+
+
 class InferenceServer:
     """A running server: `await start()`, `await wait()`; `request_shutdown()` from a signal."""
 
@@ -201,35 +232,16 @@ class InferenceServer:
         self._start_metrics()
 
         def make_batcher(entry):
-            import numba
-            from convserve.server.batcher import DynamicBatcher
             from convserve.server.servicer import resolve_jobs
 
             metrics = self.metrics.for_model(entry.name, entry.version_str)
-            # every instance after the first is a copy with its own buffers, warmed the same way
-            models = [entry.model] + [entry.model.replica() for _ in range(cfg.instances - 1)]
-            for copy in models[1:]:
-                copy.warmup(warmup)
-            share = max(1, numba.config.NUMBA_NUM_THREADS // cfg.instances)
-
-            def alone() -> bool:  # an instance computing alone uses every thread
-                return batcher.busy_instances <= 1  # bound below; only called once jobs arrive
-
-            predicts = [
-                threads_by_batch(m.predict, cfg.parallel_min_batch, share, alone) for m in models
-            ]
-            batcher = DynamicBatcher(
-                predicts,
-                name=entry.name,
-                max_batch_size=cfg.max_batch_size,
-                max_queue_delay_us=cfg.max_queue_delay_us,
-                max_queue_size=cfg.max_queue_size,
-                on_complete=lambda jobs: loop.call_soon_threadsafe(resolve_jobs, jobs),
-                observer=_Observer(metrics, entry.stats),
-                extra_instance_min_images=max(cfg.parallel_min_batch, cfg.max_batch_size // 2),
+            return build_batcher(
+                entry,
+                cfg,
+                warmup,
+                metrics,
+                lambda jobs: loop.call_soon_threadsafe(resolve_jobs, jobs),
             )
-            metrics.track_queue(lambda: batcher.queued_requests)
-            return batcher
 
         load = _in_daemon_thread(
             loop, repository.load, make_batcher, warmup, cfg.skip_bad_models, model_limits(cfg)
