@@ -454,7 +454,6 @@ class InferenceServer:
         # the transport stops (grpc/grpc#41785). So: hold every new call unread, let the accepted
         # ones finish, stop the transport (GOAWAY to every client), and only then answer the held
         # calls (UNAVAILABLE); their retries find the port closed and fail cleanly too.
-        self.state.refusing = True
         self.admission.hold()
         await self.admission.wait_idle(max(0.0, deadline - time.monotonic() - 1.0))
         # A client answered just now sends its next call at once: let gRPC hand it to us (held)
@@ -462,6 +461,7 @@ class InferenceServer:
         await asyncio.sleep(SETTLE_SECONDS)
         stopping = asyncio.ensure_future(server.stop(max(0.1, deadline - time.monotonic() - 0.5)))
         await asyncio.sleep(GOAWAY_SECONDS)
+        self.state.refusing = True  # the held calls, and only they, are refused
         self.admission.release()
         await stopping
         stopped = True
