@@ -22,6 +22,7 @@ import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.datasets import Dataset, check_against, load_dataset, split_validation
 from convserve.core.errors import ModelError
+from convserve.core.layers import Dropout
 from convserve.core.model import Model
 from convserve.core.presets import PRESET_NAMES, preset
 from convserve.core.training import kernels as K
@@ -284,7 +285,7 @@ def fit(
         log(f"resuming from {resume}: epoch {state['epoch'] + 1}, step {state['step']}")
     history: list[dict[str, Any]] = state["history"]
     needs_rng = config.flip or any(
-        layer.type == "dropout" and layer.rate > 0 for layer in arch.layers
+        isinstance(layer, Dropout) and layer.rate > 0 for layer in arch.layers
     )
 
     def snapshot(epoch: int, step: int, running: list) -> None:
