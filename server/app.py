@@ -2,8 +2,9 @@
 
 Lifecycle: listen at once (ServerLive true, health NOT_SERVING) -> load and warm every model
 version in a thread -> SERVING / ServerReady true -> on SIGTERM or SIGINT: health NOT_SERVING at
-once, keep serving for the drain window, then refuse new calls (UNAVAILABLE), finish every accepted
-request, stop the batchers and return 0 within the grace period.
+once, keep serving for the drain window, then hold new calls unread, finish every accepted request,
+stop the transport (GOAWAY), answer the held calls UNAVAILABLE, stop the batchers and return 0
+within the grace period (docs/operations.md says why in that order).
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import signal
 import time
 
 import grpc
-from convserve.server.config import MODEL_FILENAME, ServerConfig, resolve_repository
+from convserve.server.config import MODEL_FILENAME, WORKER_ENV, ServerConfig, resolve_repository
 
 from convserve import __version__
 
-REFUSE_SECONDS = 0.5  # UNAVAILABLE from the servicer before the transport stops
-WORKER_ENV = "CONVSERVE_WORKER_INDEX"  # set by the supervisor in each worker process
+SETTLE_SECONDS = 0.2  # at shutdown: from the last answered call to stopping the transport
+GOAWAY_SECONDS = 0.1  # at shutdown: from the transport's GOAWAY to answering the held calls
+MAX_CONNECTIONS = 1024  # per server process; more are closed at accept (UNAVAILABLE)
+MESSAGE_OVERHEAD = 1 << 20  # protobuf framing, names, parameters around the pixels
+FALLBACK_IMAGE_BYTES = 224 * 224 * 3 * 4  # a model whose header cannot be read: assume this
+PEEK_HEADER_BYTES = 16 << 20  # larger model headers are not read for the message limit
 
 log = logging.getLogger("convserve.server")
-
-AUTO_MESSAGE_FLOOR = 64 * 1024 * 1024
 
 
 class StartupError(Exception):
@@ -33,18 +36,41 @@ class StartupError(Exception):
 
 
 def message_limit(config: ServerConfig, image_bytes: int) -> int:
-    """Configured limit, or: 4 full batches of the largest model's FP32 images (`image_bytes`
-    each) plus 1 MiB, >= 64 MiB."""
+    """Configured limit, or the largest legal request: --max-request-images FP32 images of the
+    largest model (`image_bytes` each, FP32), plus framing."""
     if config.max_message_bytes:
         return config.max_message_bytes
-    return min(
-        max(AUTO_MESSAGE_FLOOR, 4 * config.max_batch_size * image_bytes + (1 << 20)), 2**31 - 1
-    )
+    return min(config.max_request_images * image_bytes + MESSAGE_OVERHEAD, 2**31 - 1)
 
 
-def largest_image_bytes(models) -> int:
-    """Bytes of one FP32 image of the largest input among `models` (convserve.core.Model)."""
-    return max((4 * math.prod(m.input_shape) for m in models if m is not None), default=0)
+def largest_image_bytes(paths) -> int:
+    """Bytes of one FP32 image of the largest model input among the model files `paths`, read
+    from their headers (before they are loaded, so the listener gets its message limit at once)."""
+    largest = 0
+    for path in paths:
+        shape = peek_input_shape(path)
+        elements = FALLBACK_IMAGE_BYTES // 4 if shape is None else math.prod(shape)
+        largest = max(largest, elements * 4)
+    return largest
+
+
+def peek_input_shape(path) -> tuple[int, ...] | None:
+    """The input shape in a model file's header, or None if it cannot be read (the model's load
+    reports why)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > PEEK_HEADER_BYTES:
+                return None
+            metadata = json.loads(f.read(size))["__metadata__"]
+            shape = json.loads(metadata["architecture"])["input"]["shape"]
+        shape = tuple(int(d) for d in shape)
+        return shape if shape and all(d > 0 for d in shape) else None
+    except Exception:  # noqa: BLE001 - any malformed header: the load reports it properly
+        return None
 
 
 def configure_logging(level: str) -> None:
@@ -122,8 +148,11 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
 
-        # Listen first so that liveness and health (NOT_SERVING) answer during the warm-up.
-        limit_hint = cfg.max_message_bytes or AUTO_MESSAGE_FLOOR
+        # Listen first so that liveness and health (NOT_SERVING) answer during the warm-up; the
+        # message limit comes from the model files' headers.
+        limit = message_limit(
+            cfg, largest_image_bytes(p for m in on_disk.values() for p in m.versions.values())
+        )
         self.repository = repository
         self.lifecycle = ModelLifecycle(
             repository,
@@ -133,7 +162,7 @@ class InferenceServer:
             self.metrics,
             close_timeout=cfg.grace_period,
         )
-        server, health = await self._start_grpc(limit_hint)
+        server, health = await self._start_grpc(limit)
         self._start_metrics()
 
         load = asyncio.ensure_future(self.lifecycle.start(cfg.load_model))
@@ -155,15 +184,12 @@ class InferenceServer:
         if not repository.ready_entries() and cfg.model_control_mode == "none":
             await server.stop(0)
             raise StartupError(f"no model in {root} could be loaded")
-        limit = message_limit(
-            cfg, largest_image_bytes(s.model for s in repository.served_versions())
-        )
-        if limit > limit_hint:
+        loaded = [math.prod(s.model.input_shape) * 4 for s in repository.served_versions()]
+        if message_limit(cfg, max(loaded, default=0)) > limit:
             log.warning(
-                "message limit %d B exceeds the %d B the listener was started with; "
+                "the message limit %d B is below the largest legal request of a loaded model; "
                 "pass --max-message-bytes to raise it",
                 limit,
-                limit_hint,
             )
         log.info("%s", threading_layer())
         from convserve.core.runtime import release_compiler_pages, resident_mb
@@ -175,6 +201,10 @@ class InferenceServer:
             before,
             resident_mb(),
         )
+        from convserve.server.memory import Trimmer, freeze_startup_objects
+
+        freeze_startup_objects()
+        trimmer = asyncio.ensure_future(Trimmer(lambda: self.admission.idle).run())
         self.state.ready = True
         await health.refresh()
         self.metrics.ready.set(1)
@@ -198,12 +228,14 @@ class InferenceServer:
         self.lifecycle.closing = True
         if polling is not None:
             polling.cancel()
+        trimmer.cancel()
         return await self._drain(server, health)
 
     # -- pieces ----------------------------------------------------------------------------
     async def _start_grpc(self, limit: int):
         from convserve.proto import grpc_service_pb2 as pb
         from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+        from convserve.server.admission import CONCURRENT_READS, AdmissionInterceptor, ByteBudget
         from convserve.server.connections import connection_options
         from convserve.server.readiness import HealthReporter
         from convserve.server.servicer import InferenceServicer
@@ -216,12 +248,35 @@ class InferenceServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0),
+            ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
+            ("grpc.http2.bdp_probe", 0),
             *connection_options(cfg),  # connection age and keepalive (behind load balancers)
         ]
+        # room for the messages being read (each reserves the limit) and one more held: a held
+        # request then never keeps the next one from being read
+        budget_bytes = max(cfg.max_queue_bytes, (CONCURRENT_READS + 1) * limit)
+        if budget_bytes > cfg.max_queue_bytes:
+            log.warning(
+                "--max-queue-bytes %d is below %d x the message limit (%d B): raised to %d B",
+                cfg.max_queue_bytes,
+                CONCURRENT_READS + 1,
+                limit,
+                budget_bytes,
+            )
+        self.admission = AdmissionInterceptor(
+            ByteBudget(budget_bytes, limit),
+            self.metrics.refused_early,
+            max(256, 2 * cfg.max_queue_size),
+        )
         from convserve.server.wire import RawRequests
 
-        # security first: a call without a valid token is refused before its bytes are parsed
-        interceptors = [*self.security.interceptors(self.metrics.refused), RawRequests()]
+        # Admission first: it holds calls at shutdown and bounds the bytes every call may read,
+        # a call with a bad token included; then the token check, before any bytes are parsed.
+        interceptors = [
+            self.admission,
+            *self.security.interceptors(self.metrics.refused),
+            RawRequests(),
+        ]
         server = grpc.aio.server(options=options, interceptors=interceptors)
         servicer = InferenceServicer(self.repository, self.state, self.lifecycle)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -250,11 +305,13 @@ class InferenceServer:
             raise StartupError(f"cannot listen on {address}: {exc}") from None
         await server.start()
         log.info(
-            "listening on %s:%d (gRPC, %s, max message %d B); health NOT_SERVING until models are warm",
+            "listening on %s:%d (gRPC, %s, max message %d B, request bytes held at most %d B); "
+            "health NOT_SERVING until models are warm",
             cfg.host,
             self.bound_port,
             self.security.describe(),
             limit,
+            budget_bytes,
         )
         self._health_watch = asyncio.ensure_future(health.watch())
         return server, health
@@ -310,12 +367,20 @@ class InferenceServer:
             "refusing new requests; finishing the accepted ones (at most %.1f s)",
             max(0.0, deadline - time.monotonic()),
         )
-        # Refuse with UNAVAILABLE ourselves for a moment before stopping the transport: gRPC core
-        # answers calls it has received but not yet handed to a handler with CANCELLED when the
-        # server stops (grpc/grpc#41785), and clients should see UNAVAILABLE and retry elsewhere.
-        self.state.refusing = True
-        await asyncio.sleep(min(REFUSE_SECONDS, max(0.0, deadline - time.monotonic() - 1.0)))
-        await server.stop(max(0.1, deadline - time.monotonic() - 0.5))
+        # gRPC core answers the calls it holds but has not handed to Python with CANCELLED when
+        # the transport stops (grpc/grpc#41785). So: hold every new call unread, let the accepted
+        # ones finish, stop the transport (GOAWAY to every client), and only then answer the held
+        # calls (UNAVAILABLE); their retries find the port closed and fail cleanly too.
+        self.admission.hold()
+        await self.admission.wait_idle(max(0.0, deadline - time.monotonic() - 1.0))
+        # A client answered just now sends its next call at once: let gRPC hand it to us (held)
+        # before the transport stops, or it would be one of the calls core cancels.
+        await asyncio.sleep(SETTLE_SECONDS)
+        stopping = asyncio.ensure_future(server.stop(max(0.1, deadline - time.monotonic() - 0.5)))
+        await asyncio.sleep(GOAWAY_SECONDS)
+        self.state.refusing = True  # the held calls, and only they, are refused
+        self.admission.release()
+        await stopping
         stopped = await self.lifecycle.close_all(max(0.1, deadline - time.monotonic()))
         if getattr(self, "_metrics_server", None) is not None:
             self._metrics_server.shutdown()
@@ -383,6 +448,13 @@ def serve(config: ServerConfig) -> int:
             return 2
 
         return supervise(config)
+    from convserve.server.memory import prefer_mmap_for_large_blocks
+
+    if os.environ.get(WORKER_ENV) is not None:
+        from convserve.server.workers import die_with_supervisor
+
+        die_with_supervisor()
+    prefer_mmap_for_large_blocks()
     server = InferenceServer(config, security)
     try:
         return asyncio.run(server.run())

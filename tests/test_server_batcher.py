@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from convserve.server.batcher import DynamicBatcher, wait_all
+from convserve.server.batcher import DynamicBatcher, Job
 from convserve.server.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -20,6 +20,11 @@ from convserve.server.errors import (
     RequestTimeout,
     Unavailable,
 )
+
+
+def wait_all(jobs: list[Job], timeout: float | None = None) -> list[Job]:
+    """Block until every job's (concurrent) future is done; returns the finished jobs."""
+    return [job.future.result(timeout) for job in jobs]
 
 
 class GatedModel:

@@ -104,16 +104,9 @@ def message_limit(settings: RaySettings) -> int:
 
     if settings.server.max_message_bytes:
         return settings.server.max_message_bytes
-    from convserve.core import Model
-
-    models = []
-    for on_disk in scan_disk(resolve_repository(settings.server.model_repository)).values():
-        for path in on_disk.versions.values():
-            try:
-                models.append(Model.load(path))
-            except (OSError, ValueError):  # the replica reports it
-                pass
-    return server_limit(settings.server, largest_image_bytes(models))
+    root = resolve_repository(settings.server.model_repository)
+    paths = [p for on_disk in scan_disk(root).values() for p in on_disk.versions.values()]
+    return server_limit(settings.server, largest_image_bytes(paths))
 
 
 def connect(settings: RaySettings) -> None:
