@@ -1,6 +1,7 @@
 """Training kernels: every backward pass against central finite differences (float64, randomized
-shapes), forward passes against a plain-NumPy reference written here, optimizers against their
-textbook update rules, and the trainable network against the inference `Model`."""
+shapes), forward passes against plain-NumPy references (conv and pooling written here, the
+activations from reference_numpy), optimizers against their textbook update rules, and the
+trainable network against the inference `Model`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from convserve.core.training import kernels as K
 from convserve.core.training.network import Network
 from convserve.core.training.optim import SGD, Adam
 from convserve.core.training.schedule import Schedule
+
+from tests.reference_numpy import activation as ref_activation
 
 EPS = 1e-6
 
@@ -65,19 +68,6 @@ def ref_pool(x, layer, kind):
                 acc += window
                 count += ones[:, ky : ky + oh * sh : sh, kx : kx + ow * sw : sw, :]
     return acc if kind == "max" else acc / count
-
-
-def ref_activation(z, name):
-    if name == "relu":
-        return np.maximum(z, 0)
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "sigmoid":
-        return 1 / (1 + np.exp(-z))
-    if name == "softmax":
-        e = np.exp(z - z.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    return z
 
 
 # ----------------------------------------------------------------------------- helpers
