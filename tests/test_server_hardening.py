@@ -63,23 +63,9 @@ def repository(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repository):
-    server = h.Server(
-        repository,
-        "--skip-bad-models",
-        "true",
-        "--max-batch-size",
-        "8",
-        "--warmup-batch-sizes",
-        "1,8",
-        "--drain-seconds",
-        "0",
-        "--grace-period",
-        "10",
-    )
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    flags = ("--skip-bad-models", "true", "--max-batch-size", "8", "--warmup-batch-sizes", "1,8")
+    with h.serving(repository, *flags, *h.quick_stop()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

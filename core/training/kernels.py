@@ -406,6 +406,25 @@ def _pix(xn, iy, ix, h, w):
     return xn.dtype.type(0)
 
 
+@njit(inline="always", **_JIT)
+def _pix4(xn, iy, x0, h, w):
+    """x[n, iy, x0:x0+4, 0], 0 in the padding: one row of the 4x4 input patch under a 2x2/2
+    pool window of a 3x3 conv (inlined, the values stay in registers)."""
+    return (
+        _pix(xn, iy, x0, h, w),
+        _pix(xn, iy, x0 + 1, h, w),
+        _pix(xn, iy, x0 + 2, h, w),
+        _pix(xn, iy, x0 + 3, h, w),
+    )
+
+
+@njit(inline="always", **_JIT)
+def _pool2_positions(py, px, ow):
+    """Flat conv-output positions (iy * OW + ix) of the four pixels of 2x2/2 pool cell (py, px)."""
+    pos00 = (2 * py) * ow + 2 * px
+    return pos00, pos00 + 1, pos00 + ow, pos00 + ow + 1
+
+
 @njit(parallel=True, **_JIT)
 def conv3x3c1_pool2_forward(x, wt, bias, pooled, arg, ow, pt, pl, relu):
     """conv2d_pool_forward for the common first layer: 1 input channel, 3x3 kernel, stride 1, then a
@@ -423,28 +442,13 @@ def conv3x3c1_pool2_forward(x, wt, bias, pooled, arg, ow, pt, pl, relu):
         y0 = 2 * py - pt
         for px in range(qw):
             x0 = 2 * px - pl
-            p00 = _pix(xn, y0 + 0, x0, h, w)
-            p01 = _pix(xn, y0 + 0, x0 + 1, h, w)
-            p02 = _pix(xn, y0 + 0, x0 + 2, h, w)
-            p03 = _pix(xn, y0 + 0, x0 + 3, h, w)
-            p10 = _pix(xn, y0 + 1, x0, h, w)
-            p11 = _pix(xn, y0 + 1, x0 + 1, h, w)
-            p12 = _pix(xn, y0 + 1, x0 + 2, h, w)
-            p13 = _pix(xn, y0 + 1, x0 + 3, h, w)
-            p20 = _pix(xn, y0 + 2, x0, h, w)
-            p21 = _pix(xn, y0 + 2, x0 + 1, h, w)
-            p22 = _pix(xn, y0 + 2, x0 + 2, h, w)
-            p23 = _pix(xn, y0 + 2, x0 + 3, h, w)
-            p30 = _pix(xn, y0 + 3, x0, h, w)
-            p31 = _pix(xn, y0 + 3, x0 + 1, h, w)
-            p32 = _pix(xn, y0 + 3, x0 + 2, h, w)
-            p33 = _pix(xn, y0 + 3, x0 + 3, h, w)
+            p00, p01, p02, p03 = _pix4(xn, y0 + 0, x0, h, w)
+            p10, p11, p12, p13 = _pix4(xn, y0 + 1, x0, h, w)
+            p20, p21, p22, p23 = _pix4(xn, y0 + 2, x0, h, w)
+            p30, p31, p32, p33 = _pix4(xn, y0 + 3, x0, h, w)
             o = pooled[n, py, px]
             a = arg[n, py, px]
-            pos00 = (2 * py) * ow + 2 * px
-            pos01 = pos00 + 1
-            pos10 = pos00 + ow
-            pos11 = pos10 + 1
+            pos00, pos01, pos10, pos11 = _pool2_positions(py, px, ow)
             for c in range(co_n):
                 w0 = wt[0, c]
                 w1 = wt[1, c]
@@ -556,29 +560,14 @@ def conv3x3c1_pool2_backward(x, pooled, dpool, arg, dwt_part, db_part, ow, pt, p
                 y0 = 2 * py - pt
                 for px in range(qw):
                     x0 = 2 * px - pl
-                    p00 = _pix(xn, y0 + 0, x0, h, w)
-                    p01 = _pix(xn, y0 + 0, x0 + 1, h, w)
-                    p02 = _pix(xn, y0 + 0, x0 + 2, h, w)
-                    p03 = _pix(xn, y0 + 0, x0 + 3, h, w)
-                    p10 = _pix(xn, y0 + 1, x0, h, w)
-                    p11 = _pix(xn, y0 + 1, x0 + 1, h, w)
-                    p12 = _pix(xn, y0 + 1, x0 + 2, h, w)
-                    p13 = _pix(xn, y0 + 1, x0 + 3, h, w)
-                    p20 = _pix(xn, y0 + 2, x0, h, w)
-                    p21 = _pix(xn, y0 + 2, x0 + 1, h, w)
-                    p22 = _pix(xn, y0 + 2, x0 + 2, h, w)
-                    p23 = _pix(xn, y0 + 2, x0 + 3, h, w)
-                    p30 = _pix(xn, y0 + 3, x0, h, w)
-                    p31 = _pix(xn, y0 + 3, x0 + 1, h, w)
-                    p32 = _pix(xn, y0 + 3, x0 + 2, h, w)
-                    p33 = _pix(xn, y0 + 3, x0 + 3, h, w)
+                    p00, p01, p02, p03 = _pix4(xn, y0 + 0, x0, h, w)
+                    p10, p11, p12, p13 = _pix4(xn, y0 + 1, x0, h, w)
+                    p20, p21, p22, p23 = _pix4(xn, y0 + 2, x0, h, w)
+                    p30, p31, p32, p33 = _pix4(xn, y0 + 3, x0, h, w)
                     g_row = dpool[n, py, px]
                     a_row = arg[n, py, px]
                     v_row = pooled[n, py, px]
-                    pos00 = (2 * py) * ow + 2 * px
-                    pos01 = pos00 + 1
-                    pos10 = pos00 + ow
-                    pos11 = pos10 + 1
+                    pos00, pos01, pos10, pos11 = _pool2_positions(py, px, ow)
                     for c in range(co_n):
                         g = g_row[c]
                         if relu and v_row[c] <= z:
