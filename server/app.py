@@ -275,7 +275,7 @@ class InferenceServer:
         interceptors = [
             self.admission,
             *self.security.interceptors(self.metrics.refused),
-            RawRequests(),
+            RawRequests(self.metrics.refused_early),
         ]
         server = grpc.aio.server(options=options, interceptors=interceptors)
         servicer = InferenceServicer(self.repository, self.state, self.lifecycle)
