@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data",
         required=True,
         metavar="DATA",
-        help="fashion-mnist, a directory of IDX files, a CIFAR-10 binary directory, or an .npz file",
+        help="fashion-mnist, a directory of IDX files, a CIFAR-10 binary directory, an .npz file, or an "
+        "image folder (one subfolder of PNG/JPEG files per class; optional train/ and test/ or val/)",
     )
     p.add_argument(
         "--architecture",

@@ -22,6 +22,7 @@ import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.datasets import Dataset, check_against, load_dataset, split_validation
 from convserve.core.errors import ModelError
+from convserve.core.imagefolder import adopt_class_names
 from convserve.core.model import Model
 from convserve.core.presets import PRESET_NAMES, preset
 from convserve.core.training import kernels as K
@@ -234,14 +235,26 @@ def fit(
             config.__post_init__()
     arch = parse_architecture(doc)
 
-    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    dataset = (
+        data
+        if isinstance(data, Dataset)
+        else load_dataset(data, arch.input_shape, progress=progress, log=log)
+    )
+    if dataset.class_names is not None and list(arch.labels) != dataset.class_names:
+        if resumed is not None:
+            raise ModelError(
+                f"checkpoint {resume}: its labels {list(arch.labels)} differ from the data's classes {dataset.class_names}"
+            )
+        doc = adopt_class_names(doc, dataset.class_names, log)
+        arch = parse_architecture(doc)
     check_against(dataset, arch.input_shape, arch.num_outputs)
-    if dataset.x_test is not None:
-        x_train, y_train, x_val, y_val = (
-            dataset.x_train,
-            dataset.y_train,
-            dataset.x_test,
-            dataset.y_test,
+    held_out = dataset.x_val is not None or dataset.x_test is not None
+    if held_out:  # a validation split the data brings: val/ first, else the test split
+        x_train, y_train = dataset.x_train, dataset.y_train
+        x_val, y_val = (
+            (dataset.x_val, dataset.y_val)
+            if dataset.x_val is not None
+            else (dataset.x_test, dataset.y_test)
         )
     elif config.validation_split:
         x_train, y_train, x_val, y_val = split_validation(
