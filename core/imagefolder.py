@@ -31,6 +31,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 TRAIN_NAMES = ("train",)
 TEST_NAMES = ("test",)
 VAL_NAMES = ("val", "validation")
+IMAGES_EXTRA = "pip install 'convserve[images]'"
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning
 
 Log = Callable[[str], None]
@@ -78,8 +79,12 @@ def _class_files(directory: Path) -> dict[str, list[Path]]:
     return {name: files for name, files in classes.items() if files}
 
 
-def _decode(path: Path, height: int, width: int, channels: int) -> np.ndarray:
-    from PIL import Image, ImageOps
+def decode_image(path: Path, height: int, width: int, channels: int) -> np.ndarray:
+    """One image file as uint8 (height, width, channels): grayscale or RGB, resized (bilinear)."""
+    try:
+        from PIL import Image, ImageOps
+    except ImportError:
+        raise DataError(f"decoding {path.name} needs Pillow: {IMAGES_EXTRA}") from None
 
     mode = {1: "L", 3: "RGB"}[channels]
     with Image.open(path) as image:
@@ -223,9 +228,7 @@ def _decode_all(
     try:
         from PIL import Image
     except ImportError:
-        raise DataError(
-            "reading image folders needs Pillow: pip install 'convserve[images]'"
-        ) from None
+        raise DataError(f"reading image folders needs Pillow: {IMAGES_EXTRA}") from None
     from tqdm import tqdm
 
     images = {split: [] for split, _, _ in listing}
@@ -235,7 +238,7 @@ def _decode_all(
         listing, desc=f"decoding {root.name}", unit="img", disable=not progress, dynamic_ncols=True
     ):
         try:
-            pixels = _decode(path, *shape)
+            pixels = decode_image(path, *shape)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             skipped.append(f"{path}: {exc}".replace("\n", " "))
             continue
