@@ -7,13 +7,14 @@ the same seed, data and machine give bit-identical weights, with or without a re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from convserve.core.imagefolder import adopt_class_names
 from convserve.core.model import Model
 from convserve.core.presets import PRESET_NAMES, preset
 from convserve.core.training import kernels as K
+from convserve.core.training.augment import random_flip, random_shift
 from convserve.core.training.checkpoint import load_checkpoint, save_checkpoint
 from convserve.core.training.network import Network
 from convserve.core.training.optim import OPTIMIZERS, make_optimizer
@@ -61,6 +63,8 @@ class TrainConfig:
     validation_split: float = 0.1
     flip: bool = False
     eval_batch_size: int = 500
+    shift: int = 0  # random shifts of up to this many pixels (pad and crop)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -75,6 +79,10 @@ class TrainConfig:
                 raise ModelError(f"{name} must be an integer >= 1, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ModelError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
+            raise ModelError(f"shift must be an integer >= 0 (pixels), got {self.shift!r}")
+        if not 0 <= self.ema < 1:
+            raise ModelError(f"ema must be in [0, 1) (0 turns it off), got {self.ema!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ModelError(
                 f"weight_decay must be >= 0 and momentum in [0, 1); got {self.weight_decay}, {self.momentum}"
@@ -163,6 +171,20 @@ class _InterruptFlag:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+@contextlib.contextmanager
+def _averaged(network: Network, ema: np.ndarray | None) -> Iterator[None]:
+    """Run the block with the averaged weights in place of the current ones (if averaging)."""
+    if ema is None:
+        yield
+        return
+    current = network.params.copy()
+    network.params[:] = ema
+    try:
+        yield
+    finally:
+        network.params[:] = current
 
 
 def _default_paths(out: Path | None) -> tuple[Path | None, Path | None, Path | None]:
@@ -296,8 +318,16 @@ def fit(
             raise ModelError(f"checkpoint {resume}: {exc}") from None
         log(f"resuming from {resume}: epoch {state['epoch'] + 1}, step {state['step']}")
     history: list[dict[str, Any]] = state["history"]
-    needs_rng = config.flip or any(
-        layer.type == "dropout" and layer.rate > 0 for layer in arch.layers
+    # the averaged weights (validation and the saved model use them), starting at the initial ones
+    ema = network.params.copy() if config.ema else None
+    if ema is not None and resumed is not None:
+        if "ema" not in resumed or resumed["ema"].shape != ema.shape:
+            raise ModelError(f"checkpoint {resume}: no weight average 'ema' to continue --ema with")
+        ema[:] = resumed["ema"]
+    needs_rng = (
+        config.flip
+        or config.shift
+        or any(layer.type == "dropout" and layer.rate > 0 for layer in arch.layers)
     )
 
     def snapshot(epoch: int, step: int, running: list) -> None:
@@ -307,7 +337,7 @@ def fit(
             ckpt_path,
             doc,
             network.params,
-            optimizer.state(),
+            {**optimizer.state(), **({"ema": ema} if ema is not None else {})},
             {
                 "epoch": epoch,
                 "step": step,
@@ -349,11 +379,14 @@ def fit(
                     np.random.default_rng([config.seed, _STEP, epoch, step]) if needs_rng else None
                 )
                 if config.flip:
-                    flipped = rng.random(len(x)) < 0.5
-                    x[flipped] = x[flipped, :, ::-1]
+                    random_flip(x, rng)
+                if config.shift:
+                    x = random_shift(x, rng, config.shift)
                 batch_loss, batch_correct = network.loss_and_grad(x, y_train[idx], rng)
                 lr = schedule(epoch * steps + step)
                 optimizer.step(network.params, network.grads, lr)
+                if ema is not None:  # ema += (1 - decay) * (params - ema), in place
+                    ema += np.float32(1 - config.ema) * (network.params - ema)
                 loss_sum += batch_loss
                 correct += batch_correct
                 seen += len(idx)
@@ -378,9 +411,10 @@ def fit(
                 "images_per_second": round(trained / seconds, 1),
             }
             if x_val is not None:
-                record["val_loss"], record["val_accuracy"], predictions = evaluate(
-                    network, x_val, y_val, config.eval_batch_size
-                )
+                with _averaged(network, ema):
+                    record["val_loss"], record["val_accuracy"], predictions = evaluate(
+                        network, x_val, y_val, config.eval_batch_size
+                    )
             history.append(record)
             val = (
                 f", val_loss {record['val_loss']:.4f}, val_accuracy {record['val_accuracy']:.4f}"
@@ -401,6 +435,8 @@ def fit(
                     title=f"{arch.name} on {Path(dataset.source).name or dataset.source}",
                 )
 
+    if ema is not None:
+        network.params[:] = ema  # the model kept is the average
     model = Model(doc, network.to_weights())
     if out is not None:
         model.save(out)
