@@ -171,7 +171,7 @@ def draw_activations(
         ax_top.text(
             score,
             k,
-            f" {score:.3f}" if score >= 1e-3 else f" {score:.1e}",
+            f" {score:.3f}" if score >= 1e-3 or score == 0 else f" {score:.1e}",
             va="center",
             fontsize=10,
         )
