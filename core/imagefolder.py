@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def _read_cache(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
             if str(archive["fingerprint"]) != fingerprint:
                 return None
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # absent, stale format or damaged: decode again
 
 

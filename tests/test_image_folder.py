@@ -141,3 +141,18 @@ def test_errors_are_one_line_and_name_the_folder(tmp_path, capsys):
         load_dataset(odd, (28, 28, 1))
     with pytest.raises(DataError, match="1 \\(grayscale\\) or 3 \\(RGB\\)"):
         load_dataset(odd, (28, 28, 2))
+
+
+def test_resume_with_the_architecture_given_and_a_damaged_cache(fashion, tmp_path):
+    root = tmp_path / "flat"
+    write_folder(root, fashion.x_train[:200], fashion.y_train[:200])
+    quiet = dict(progress=False, log=lambda line: None)
+    settings = dict(batch_size=32, lr=1e-2, seed=2, validation_split=0.25)
+    straight = fit(str(root), TINY, tmp_path / "a.safetensors", **quiet, epochs=2, **settings)
+    for entry in (tmp_path / "cache").rglob("*.npz"):
+        entry.write_bytes(b"PK\x03\x04 damaged")  # a broken cache entry is decoded again
+    first = fit(str(root), TINY, tmp_path / "b.safetensors", **quiet, epochs=1, **settings)
+    resumed = fit(str(root), TINY, tmp_path / "b.safetensors", resume=first.checkpoint,
+                  **quiet, epochs=2)  # fmt: skip
+    for name, value in straight.model.weights.items():
+        assert np.array_equal(value, resumed.model.weights[name]), name

@@ -173,6 +173,15 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _same_but_labels(given: dict[str, Any], checkpointed: dict[str, Any]) -> bool:
+    """True when the checkpoint's architecture is `given` with class names taken from an image
+    folder (labels set, last dense layer sized to them)."""
+    labels = checkpointed.get("labels")
+    if not isinstance(labels, list):
+        return False
+    return adopt_class_names(given, labels, lambda line: None) == checkpointed
+
+
 @contextlib.contextmanager
 def _averaged(network: Network, ema: np.ndarray | None) -> Iterator[None]:
     """Run the block with the averaged weights in place of the current ones (if averaging)."""
@@ -237,7 +246,8 @@ def fit(
     resumed: dict[str, np.ndarray] | None = None
     if resume is not None:
         doc, resumed, state = load_checkpoint(resume)
-        if architecture is not None and resolve_architecture(architecture) != doc:
+        given = None if architecture is None else resolve_architecture(architecture)
+        if given is not None and given != doc and not _same_but_labels(given, doc):
             raise ModelError(f"checkpoint {resume}: its architecture differs from the one given")
         base = dict(state["config"])
         base.update({k: v for k, v in overrides.items() if k == "epochs"})
