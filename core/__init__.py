@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "Architecture": "convserve.core.architecture",
-    "LayerSpec": "convserve.core.architecture",
+    "Layer": "convserve.core.layers",
     "parse_architecture": "convserve.core.architecture",
     "ModelError": "convserve.core.errors",
     "Model": "convserve.core.model",

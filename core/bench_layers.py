@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -96,11 +95,12 @@ def worker(name: str, batch: int) -> dict[str, Any]:
     from convserve.core.architecture import parse_architecture
     from convserve.core.bench import random_weights
     from convserve.core.inference import bind_args
+    from convserve.core.layers.dense import DenseStep
     from convserve.core.model import Model
 
     doc = _document(name)
     arch = parse_architecture(doc)
-    model = Model(doc, random_weights(doc))
+    model = Model(doc, random_weights(doc), winograd=VARIANTS[name][4])
     plan = model._plan
     x = np.random.default_rng(0).standard_normal((batch, *arch.input_shape)).astype(np.float32)
     plan.run(x)
@@ -109,7 +109,7 @@ def worker(name: str, batch: int) -> dict[str, Any]:
     conv = arch.layers[0]
     oh, ow, _ = conv.output_shape
     macs = batch * oh * ow * FILTERS * conv.kernel_size[0] * conv.kernel_size[1] * CHANNELS
-    dense_steps = sum(1 for s in plan.steps if s.kind == "dense")
+    dense_steps = sum(1 for s in plan.steps if isinstance(s, DenseStep))
     timed = calls[
         : len(calls) - dense_steps
     ]  # padding copy, conv, separate pool: not the dense head
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[float]] = {name: [] for name in VARIANTS}
     steps: dict[str, list[str]] = {}
     for rep in range(args.repeats):
-        for name, (*_, winograd) in VARIANTS.items():
-            env = {**os.environ, "CONVSERVE_WINOGRAD": "1" if winograd else "0"}
+        for name in VARIANTS:
             cmd = [
                 sys.executable,
                 "-m",
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--batch",
                 str(args.batch),
             ]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise RuntimeError(f"worker for {name!r} failed:\n{done.stderr[-3000:]}")
             res = json.loads(done.stdout.strip().splitlines()[-1])

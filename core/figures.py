@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 import numpy as np
-from convserve.core.architecture import LayerSpec
+from convserve.core.layers import Layer
 from convserve.core.modelfile import atomic_write
 
 PLOT_EXTRA = "pip install 'convserve[plot]'"
@@ -116,9 +116,9 @@ def _show_channels(ax: Any, maps: np.ndarray, title: str) -> None:
 def draw_activations(
     path: str | os.PathLike,
     image: np.ndarray,
-    first: LayerSpec,
+    first: Layer,
     kernel: np.ndarray | None,
-    maps: list[tuple[LayerSpec, np.ndarray]],
+    maps: list[tuple[Layer, np.ndarray]],
     top: list[tuple[str, float]],
     title: str,
 ) -> None:
@@ -184,7 +184,7 @@ def draw_activations(
         _show_channels(
             ax,
             values,
-            f"{layer.label} {layer.activation}: {c} feature maps {h}x{w} "
+            f"{layer.label} {layer.describe()}: {c} feature maps {h}x{w} "
             f"(each scaled to its own range; range {values.min():.2f} to {values.max():.2f})",
         )
     _save(fig, path)

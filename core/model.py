@@ -9,7 +9,7 @@ import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.errors import ModelError
 from convserve.core.inference import InferencePlan
-from convserve.core.kernels.dense import all_finite_f32
+from convserve.core.kernels.elementwise import all_finite_f32
 from convserve.core.limits import Limits, check_limits
 from convserve.core.modelfile import one_line, read_model_file, write_model_file
 
@@ -63,20 +63,24 @@ class Model:
         weights: dict[str, np.ndarray],
         limits: Limits | None = None,
         batch_size: int = 1,
+        winograd: bool = True,
     ):
         """`limits` (default `Limits()`) bound the sizes the model may need when run on batches
-        of up to `batch_size` images; checked before any buffer is allocated."""
+        of up to `batch_size` images; checked before any buffer is allocated. `winograd=False`
+        runs 3x3 convolutions on the direct kernels (for comparison)."""
         self.architecture: Architecture = parse_architecture(architecture)
         check_limits(self.architecture, limits, batch_size)
         self.weights: dict[str, np.ndarray] = check_weights(self.architecture, weights)
-        self._plan = InferencePlan(self.architecture, self.weights)
+        self._winograd = winograd
+        self._plan = InferencePlan(self.architecture, self.weights, winograd)
 
     def replica(self) -> Model:
         """Another instance of this model (same architecture and weights, its own buffers), for
         running batches side by side from several threads."""
         twin = Model.__new__(Model)
         twin.architecture, twin.weights = self.architecture, self.weights
-        twin._plan = InferencePlan(self.architecture, self.weights)
+        twin._winograd = self._winograd
+        twin._plan = InferencePlan(self.architecture, self.weights, self._winograd)
         return twin
 
     # -- identity -------------------------------------------------------------------------
@@ -146,7 +150,7 @@ class Model:
         """Each layer's output for raw pixels (as `predict` takes them): {layer index: array of
         shape (N, *layer output shape)}, for the `layers` given (default all). For inspection
         and figures: it builds extra plans on first use and leaves `predict` as fast as it was."""
-        from convserve.core.activations import LayerOutputs
+        from convserve.core.layer_outputs import LayerOutputs
 
         single = isinstance(images, np.ndarray) and images.ndim == 3
         batch = images[None] if single else images
@@ -161,7 +165,7 @@ class Model:
         if bad:
             raise ModelError(f"activations: layer index {bad[0]!r} outside 0-{count - 1}")
         if getattr(self, "_layer_outputs", None) is None:
-            self._layer_outputs = LayerOutputs(self.architecture, self.weights)
+            self._layer_outputs = LayerOutputs(self.architecture, self.weights, self._winograd)
         return self._layer_outputs(batch, wanted)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
@@ -204,15 +208,7 @@ def summarize(arch: Architecture) -> str:
     rows = [("Layer (type)", "Output shape", "Param #")]
     rows.append(("input", _shape(arch.input_shape), "0"))
     for layer in arch.layers:
-        desc = f"{layer.index}: {layer.type}"
-        if layer.type == "conv2d":
-            desc += f" {layer.kernel_size[0]}x{layer.kernel_size[1]}/{layer.strides[0]} {layer.padding} {layer.activation}"
-        elif layer.type in ("max_pooling2d", "average_pooling2d"):
-            desc += f" {layer.pool_size[0]}x{layer.pool_size[1]}/{layer.strides[0]} {layer.padding}"
-        elif layer.type in ("dense", "activation"):
-            desc += f" {layer.activation}"
-        elif layer.type == "dropout":
-            desc += f" {layer.rate:g}"
+        desc = f"{layer.index}: {layer.type} {layer.describe()}".rstrip()
         rows.append((desc, _shape(layer.output_shape), f"{layer.param_count():,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     line = "-" * (sum(widths) + 6)

@@ -3,18 +3,20 @@
 Importing this module (the kernels do it first) sets, unless the user already chose:
 
 - `NUMBA_THREADING_LAYER=omp`: GNU OpenMP, a few microseconds per parallel region; the
-  `workqueue` fallback costs 50-90 us per region, which would ruin small batches.
+  `workqueue` fallback costs tens of microseconds per region, which would ruin small batches.
 - `NUMBA_CPU_FEATURES=<host features>,-prefer-256-bit` on AVX-512 hosts: without it LLVM only
-  emits 256-bit vectors there (conv runs 20-55 % slower).
-- GNU OpenMP's own spin count is left alone (about 300,000 spins before a waiting thread sleeps):
-  on a quiet or dedicated machine it gives the fastest hand-off between the parallel regions of
-  one forward pass (measured: batch 64 about 12,000 img/s against 8,900 with `GOMP_SPINCOUNT=1000`).
-  On a busy, shared host set `GOMP_SPINCOUNT=1000` yourself: a waiting thread then stops burning
-  the core its descheduled partner needs (under heavy load that took batch 64 from about 2,000
-  to 6,000 img/s).
+  emits 256-bit vectors there, and the conv kernels run markedly slower.
 
 Both are read when numba is imported; if numba was imported earlier, the same values are put
 into `numba.config` as long as nothing has been compiled or run in parallel yet.
+
+GNU OpenMP's spin count (how long a waiting thread spins before it sleeps) is left alone: with
+the cores otherwise idle its default, about 300,000 spins, hands off between the parallel
+regions of one forward pass at least as fast as a short spin, and on some machines markedly
+faster. Where the cores are shared, a spinning thread burns the core a descheduled partner
+needs; set `GOMP_SPINCOUNT=1000` there. `convserve serve` does that itself unless the variable
+is set, because a server's numba threads always share the cores with its gRPC threads (figures:
+BENCHMARKS.md, "Settings and the figures behind them").
 """
 
 from __future__ import annotations

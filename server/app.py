@@ -15,6 +15,7 @@ import signal
 import time
 
 import grpc
+from convserve.core.threads import threads_by_batch
 from convserve.server.config import ServerConfig, resolve_repository
 
 from convserve import __version__
@@ -59,35 +60,6 @@ def threading_layer() -> str:
         return f"numba {numba.__version__}, threading layer {numba.threading_layer()}, {numba.get_num_threads()} threads"
     except Exception as exc:  # noqa: BLE001 - informational only (no parallel kernel run yet)
         return f"numba threading layer unknown ({exc})"
-
-
-def threads_by_batch(predict, parallel_min_batch: int, share: int | None = None, alone=None):
-    """Wrap `predict` so batches below `parallel_min_batch` images use one Numba thread.
-
-    Measured on 2 shared cores, one thread is as fast or faster up to batch 16 and leaves the
-    other core to the gRPC event loop; bigger batches use every thread, or with several model
-    instances their `share` unless `alone()` says no other instance is computing. The setting
-    is per calling thread (each instance's worker), so it never affects other threads.
-    """
-    import numba
-
-    most = numba.config.NUMBA_NUM_THREADS
-    share = most if share is None else share
-    if most <= 1:
-        return predict
-    state = {"threads": most}
-
-    def run(x):
-        if x.shape[0] < parallel_min_batch:
-            want = 1
-        else:
-            want = most if share == most or (alone is not None and alone()) else share
-        if want != state["threads"]:
-            numba.set_num_threads(want)
-            state["threads"] = want
-        return predict(x)
-
-    return run
 
 
 class _Observer:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,15 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # numba imports SciPy only to check its version (and for np.linalg, which the core never
-    # compiles): keeping it out of the server saves resident memory and a second OpenBLAS
-    # thread pool (BENCHMARKS.md). CONVSERVE_ALLOW_SCIPY=1 lets it load.
-    if "scipy" not in sys.modules and not os.environ.get("CONVSERVE_ALLOW_SCIPY"):
-        sys.modules["scipy"] = None  # makes `import scipy` raise ImportError, which numba handles
-    # A server's Numba threads always share the cores with its gRPC threads (and often with its
-    # clients): a waiting OpenMP thread that spins for long takes the CPU they need. A short
-    # spin costs nothing on a quiet machine and is much faster under competing load
-    # (BENCHMARKS.md, "Settings and the figures behind them").
+    # The core leaves GNU OpenMP's spin count alone (see convserve.core.runtime); a server sets a
+    # short one unless the user chose: its numba threads always share the cores with its gRPC
+    # threads (and often with its clients), and a waiting OpenMP thread that spins for long takes
+    # the CPU they need (figures: BENCHMARKS.md, "Settings and the figures behind them").
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     from convserve.server.app import serve
     from convserve.server.config import config_from_args

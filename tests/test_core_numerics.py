@@ -32,6 +32,11 @@ def _weights(doc: dict, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
+def _kind(step) -> str:
+    """Which kernel a plan step runs: its class, `+pool` when a 2x2 max pool is fused in."""
+    return type(step).__name__ + ("+pool" if getattr(step, "pool", False) else "")
+
+
 def _valid(doc: dict) -> bool:
     try:
         parse_architecture(doc)
@@ -161,18 +166,18 @@ def test_random_architectures_cover_every_option(cases):
     assert any(not l.use_bias for l in convs)
     assert any(l.filters % 4 for l in convs) and any(l.filters == 16 for l in convs)
     assert {"activation", "dropout", "dense"} <= {l.type for l in layers}
-    kinds = {s.kind for _, _, m, _ in cases for s in m._plan.steps}
+    kinds = {_kind(s) for _, _, m, _ in cases for s in m._plan.steps}
     assert {
-        "conv",
-        "conv_pool2",
-        "conv1_k3_pool2",
-        "conv1_pixels_pool2",
-        "pool",
-        "dense",
-        "activate",
+        "DirectConv",
+        "DirectConv+pool",
+        "K3PoolConv",
+        "PixelsPoolConv",
+        "PoolStep",
+        "DenseStep",
+        "Activate",
     } <= kinds
-    assert "conv_wino" in {
-        s.kind
+    assert "WinogradConv+pool" in {
+        _kind(s)
         for name in PRESET_NAMES
         for s in Model(preset(name), _weights(preset(name), 0))._plan.steps
     }
@@ -220,7 +225,7 @@ def test_wide_convolutions_match_numpy_reference(filters):
             }
             weights = _weights(doc, filters + width)
             model = Model(doc, weights)
-            assert model._plan.steps[0].kind == ("conv_pool2" if pool else "conv")
+            assert _kind(model._plan.steps[0]) == ("DirectConv+pool" if pool else "DirectConv")
             x = rng.standard_normal((3, width + 2, width, 5)).astype(np.float32)
             np.testing.assert_allclose(
                 model.forward(x),
@@ -268,17 +273,17 @@ def test_winograd_convolutions_match_numpy_reference(channels, filters):
             }
             weights = _weights(doc, channels + filters + h)
             model = Model(doc, weights)
-            assert model._plan.steps[0].kind == "conv_wino"
+            assert _kind(model._plan.steps[0]) == ("WinogradConv+pool" if pool else "WinogradConv")
+            direct = Model(doc, weights, winograd=False)  # the plan's explicit opt-out
+            assert _kind(direct._plan.steps[0]) == ("DirectConv+pool" if pool else "DirectConv")
             for n in (1, 4):
                 x = rng.standard_normal((n, h, w, channels)).astype(np.float32)
                 where = f"{h}x{w}, {act}, pool {pool}, {padding}, batch {n}"
-                np.testing.assert_allclose(
-                    model.forward(x),
-                    ref.forward(doc, weights, x),
-                    atol=TOLERANCE,
-                    rtol=1e-5,
-                    err_msg=where,
-                )
+                expected = ref.forward(doc, weights, x)
+                for plan in (model, direct):
+                    np.testing.assert_allclose(
+                        plan.forward(x), expected, atol=TOLERANCE, rtol=1e-5, err_msg=where
+                    )
                 pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
                 np.testing.assert_allclose(
                     model.predict(pixels),
@@ -287,6 +292,24 @@ def test_winograd_convolutions_match_numpy_reference(channels, filters):
                     rtol=1e-5,
                     err_msg=where + ", raw pixels",
                 )
+
+
+def test_a_model_may_end_with_flatten():
+    """The last step is then a view of the one before: the result must still be computed."""
+    doc = {
+        "input": {"shape": [6, 5, 2]},
+        "layers": [
+            {"type": "conv2d", "filters": 3, "kernel_size": 3, "activation": "tanh"},
+            {"type": "flatten"},
+        ],
+    }
+    weights = _weights(doc, 11)
+    model = Model(doc, weights)
+    for n in (1, 40):  # one chunk and several
+        x = np.random.default_rng(n).standard_normal((n, 6, 5, 2)).astype(np.float32)
+        np.testing.assert_allclose(
+            model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE, rtol=1e-5
+        )
 
 
 def test_random_architectures_match_numpy_reference(cases):
@@ -517,21 +540,3 @@ def test_core_does_not_import_torch_or_onnxruntime():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
-
-
-def test_thread_chooser_prefers_the_faster_setting_and_keeps_checking():
-    from convserve.core.inference import ThreadChooser
-
-    chooser = ThreadChooser(explore=4)
-    picks = []
-    for _ in range(40):
-        k = chooser.choose(1, 2)
-        picks.append(k)
-        chooser.record(1, k, 0.001 if k == 1 else 0.004)  # one thread is faster here
-    assert picks[:2] == [2, 1]  # tries both first
-    assert picks[10:].count(1) >= 20  # then mostly the faster one
-    assert 2 in picks[10:]  # but still re-checks the other
-    for _ in range(60):  # load goes away: two threads become faster
-        k = chooser.choose(1, 2)
-        chooser.record(1, k, 0.004 if k == 1 else 0.0005)
-    assert [chooser.choose(1, 2) for _ in range(3)].count(2) >= 2

@@ -226,7 +226,7 @@ def test_abandoned_request_frees_its_queue_slot_at_once():
 
 def test_small_batches_use_one_numba_thread():
     import numba
-    from convserve.server.app import threads_by_batch
+    from convserve.core.threads import threads_by_batch
 
     seen = []
     run = threads_by_batch(

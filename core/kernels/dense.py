@@ -1,86 +1,83 @@
-"""Standalone activations and preprocessing (float32).
-
-The dense layers themselves run on the convolution micro-kernels, in `conv.py` (`dense`,
-`dense_serial`): a dense layer is a 1x1 convolution over a batch of 1-pixel images.
-
-Activation codes: 0 linear, 1 relu, 2 tanh, 3 sigmoid, 4 softmax (over the last axis).
-Keep helpers in this file: numba's cache only tracks the kernel's own source file.
+"""Dense layers (float32): `out = act(x @ W + b)` on the micro-kernels, a batch row as a pixel
+of a 1x1 convolution. Weights are packed by the plan (`layers.dense`) in blocks of 64 units.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
+from convserve.core.kernels.elementwise import _softmax_row, _store_row
+from convserve.core.kernels.gemm import _conv_row
 from numba import njit, prange
 
-_Z = np.float32(0.0)
-_ONE = np.float32(1.0)
+DENSE_ROWS = 8  # batch rows per dense task: one 8-row or two 4-row micro-kernel calls
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _act(v, act):
-    if act == 1:
-        return v if v > _Z else _Z
-    if act == 2:
-        return np.tanh(v)
-    if act == 3:
-        return _ONE / (_ONE + np.exp(-v))
-    return v
-
-
-@njit(fastmath=True, cache=True, nogil=True)
-def _softmax_row(row):
-    m = row[0]
-    for j in range(1, row.size):
-        m = row[j] if row[j] > m else m
-    s = _Z
-    for j in range(row.size):
-        e = np.exp(row[j] - m)
-        row[j] = e
-        s += e
-    inv = _ONE / s
-    for j in range(row.size):
-        row[j] *= inv
-
-
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def activate(x, act):
-    """In place: x = act(x) on a 2-D array; softmax (4) works on each row."""
-    for r in prange(x.shape[0]):
-        row = x[r]
+def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
+    """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
+    out.shape[1] are computed on zero columns and dropped): the conv micro-kernels with one
+    segment of K taps, a batch row as a pixel. Softmax (4) needs c0 = 0 and c1 = Up."""
+    K = xf.size // out.shape[0]
+    Up = wf.size // K
+    U = out.shape[1]
+    # weight block of units c..c+w-1: K rows of w contiguous floats from wf[c*K]
+    for c in range(c0, c1, 64):
+        w = min(64, Up - c)
+        _conv_row(xf, r0 * K, K, 0, 1, K, wf, c * K, w, tile, c, Up, r1 - r0, w)
+    of = out.reshape(out.size)
+    for i in range(r1 - r0):
+        _store_row(tile, i * Up, bias, of, (r0 + i) * U, c0, min(c1, U), 0 if act == 4 else act)
         if act == 4:
-            _softmax_row(row)
-        elif act == 1:
-            for j in range(row.size):
-                v = row[j]
-                row[j] = v if v > _Z else _Z
-        else:
-            for j in range(row.size):
-                row[j] = _act(row[j], act)
+            _softmax_row(out[r0 + i])
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def preprocess(x, scale, shift, out):
-    """out = x * scale + shift per channel; x, out: (N, H, W, C)."""
-    N, H, W, C = x.shape
-    for t in prange(N * H):
-        n = t // H
-        y = t % H
-        for i in range(W):
-            src = x[n, y, i]
-            dst = out[n, y, i]
-            for c in range(C):
-                dst[c] = src[c] * scale[c] + shift[c]
+def dense(x, wk, bias, tiles, out, act, splits):
+    """out = act(x @ W + b). x: (N, K) C-contiguous; wk: the weights in blocks of 64 units (the
+    last block narrower), each K rows of its units, contiguous (see `_pack_dense` in inference.py), Up the
+    units rounded up to 16 (zero columns); out: (N, U). A block streams from memory in order,
+    which matters at batch 1, where every weight is read once per call. Tasks: (group of
+    DENSE_ROWS rows, range of 64-unit blocks), `splits` ranges per group (softmax needs whole
+    rows: splits=1). tiles: (threads, >= DENSE_ROWS*Up).
+    Every output is one in-order chain of fused multiply-adds over K, whatever the batch size
+    or the block it falls in, so a row's result is bit-identical alone and in any batch."""
+    N = x.shape[0]
+    Up = wk.size // x.shape[1]
+    per = ((Up + 64 * splits - 1) // (64 * splits)) * 64
+    groups = (N + DENSE_ROWS - 1) // DENSE_ROWS
+    xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
+    for t in prange(groups * splits):
+        s = t % splits
+        g = t // splits
+        c0 = min(Up, s * per)
+        c1 = min(Up, c0 + per)
+        if c0 < c1:
+            r0 = g * DENSE_ROWS
+            _dense_block(
+                xf,
+                wf,
+                bias,
+                tiles[numba.get_thread_id()],
+                out,
+                r0,
+                min(N, r0 + DENSE_ROWS),
+                c0,
+                c1,
+                act,
+            )
 
 
-@njit(cache=True, nogil=True)
-def all_finite_f32(bits):
-    """True when no float32 (given as its uint32 bit patterns) is NaN or infinite: an integer
-    max over the exponent fields, which vectorizes (a float test would need strict IEEE
-    semantics, which do not)."""
-    exponent = np.uint32(0x7F800000)
-    top = np.uint32(0)
-    for i in range(bits.size):
-        e = bits[i] & exponent
-        top = e if e > top else top
-    return top != exponent
+@njit(fastmath=True, cache=True, nogil=True)
+def dense_serial(x, wk, bias, tiles, out, act):
+    """`dense` on the calling thread only, for layers too small to pay for a parallel region
+    (the same micro-kernel calls, so the same results)."""
+    N = x.shape[0]
+    xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
+    tile = tiles[0]
+    for r0 in range(0, N, DENSE_ROWS):
+        _dense_block(
+            xf, wf, bias, tile, out, r0, min(N, r0 + DENSE_ROWS), 0, wk.size // x.shape[1], act
+        )

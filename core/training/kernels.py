@@ -1,7 +1,7 @@
 """Numba kernels for training: train-mode forward and backward of every layer, loss, optimizers.
 
-Module-level pure functions on arrays with explicit output buffers (see docs/performance.md,
-sections 3 and 7). They run in float32 for training and in float64 for the gradient checks.
+Module-level pure functions on arrays with explicit output buffers. They run in float32 for
+training and in float64 for the gradient checks.
 Layouts: activations NHWC; conv weights packed as `wd[CO, KH*KW*CI]` in (ky, kx, ci) order;
 dense weights as `W[units, in_features]`. Every reduction runs in a fixed order over a fixed
 partition of the work (never "whichever thread comes first"), so results are bit-reproducible.
@@ -10,10 +10,9 @@ partition of the work (never "whichever thread comes first"), so results are bit
 from __future__ import annotations
 
 import numpy as np
+from convserve.core.activations import RELU, SIGMOID, SOFTMAX, TANH
 from numba import njit, prange
 
-# Activation codes shared with layers.py.
-LINEAR, RELU, TANH, SIGMOID, SOFTMAX = 0, 1, 2, 3, 4
 # Work partitions for per-chunk gradient partials: fixed, so results do not depend on thread count.
 NCHUNKS = 4
 
@@ -227,9 +226,29 @@ def _gemm_nt_rows(a, rows, b, bias, out2, out_row0, relu):
 
 
 # --------------------------------------------------------------------------------- conv2d
+@njit(inline="always", **_JIT)
+def _conv_rows(patch, rows, wd, wt, bias, out2, relu, small):
+    """out2[i] = bias + conv of patch row i for i < rows (then ReLU if relu): the 4x4 dot form
+    over wd (CO, K), or with `small` (a short reduction) outer products over wt (K, CO)."""
+    if not small:
+        _gemm_nt_rows(patch, rows, wd, bias, out2, 0, relu)
+        return
+    z = out2.dtype.type(0)
+    for r in range(rows):
+        row = out2[r]
+        row[:] = bias
+        pr = patch[r]
+        for k in range(pr.shape[0]):
+            _axpy(row, pr[k], wt[k])
+        if relu:
+            for c in range(row.shape[0]):
+                row[c] = max(row[c], z)
+
+
 @njit(parallel=True, **_JIT)
-def conv2d_forward(x, wd, bias, out, kh, kw, sh, sw, pt, pl, relu):
-    """out (N, OH, OW, CO) = conv(x (N, H, W, CI), wd (CO, K)) + bias, then ReLU if relu."""
+def conv2d_forward(x, wd, wt, bias, out, kh, kw, sh, sw, pt, pl, relu, small):
+    """out (N, OH, OW, CO) = conv(x (N, H, W, CI), wd (CO, K)) + bias, then ReLU if relu;
+    `small` (K = KH*KW*CI short, e.g. a first layer) uses the transposed kernel wt (K, CO)."""
     n_img = x.shape[0]
     oh = out.shape[1]
     ow = out.shape[2]
@@ -241,132 +260,91 @@ def conv2d_forward(x, wd, bias, out, kh, kw, sh, sw, pt, pl, relu):
         patch = np.zeros((ow4, kdim), x.dtype)
         for ox in range(ow):
             _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch[ox])
-        row = out[n, oy]
-        _gemm_nt_rows(patch, ow, wd, bias, row, 0, relu)
+        _conv_rows(patch, ow, wd, wt, bias, out[n, oy], relu, small)
+
+
+@njit(inline="always", **_JIT)
+def _pixel_backward(x, n, oy, ox, geometry, g, w, small, acc, dx, need_dx):
+    """Add conv output pixel (oy, ox) of image n, with gradient g (CO,), to the weight and bias
+    gradients dwc, dbc and (when need_dx) to dx. Only channels with a non-zero gradient cost
+    anything. w and dwc are (CO, K) in the dot form, (K, CO) with `small` (outer products).
+    geometry: (kh, kw, sh, sw, pt, pl); acc: (dwc, dbc, patch, gpatch), the chunk's state."""
+    kh, kw, sh, sw, pt, pl = geometry
+    dwc, dbc, patch, gpatch = acc
+    z = dwc.dtype.type(0)
+    co_n = g.shape[0]
+    nonzero = False
+    for co in range(co_n):
+        if g[co] != z:
+            nonzero = True
+            break
+    if not nonzero:
+        return
+    _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch)
+    if small:
+        for k in range(patch.shape[0]):
+            pk = patch[k]
+            if pk != z:
+                _axpy(dwc[k], pk, g)
+        for co in range(co_n):
+            dbc[co] += g[co]
+        if need_dx:
+            for k in range(patch.shape[0]):
+                wk = w[k]
+                s = z
+                for co in range(co_n):
+                    s += g[co] * wk[co]
+                gpatch[k] = s
+    else:
+        if need_dx:
+            gpatch[:] = z
+        for co in range(co_n):
+            gc = g[co]
+            if gc != z:
+                _axpy(dwc[co], gc, patch)
+                dbc[co] += gc
+                if need_dx:
+                    _axpy(gpatch, gc, w[co])
+    if need_dx:
+        _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, gpatch)
+
+
+@njit(inline="always", **_JIT)
+def _chunk_start(chunk, nchunks, x, kdim, dw_part, db_part):
+    """Work chunk `chunk` of a conv backward: its images [n0, n1), its zeroed partial sums
+    and the state `_pixel_backward` updates: (dw, db) zeroed and two scratch patches."""
+    dwc = dw_part[chunk]
+    dbc = db_part[chunk]
+    dwc[:] = dwc.dtype.type(0)
+    dbc[:] = dbc.dtype.type(0)
+    n_img = x.shape[0]
+    n0 = chunk * n_img // nchunks
+    n1 = (chunk + 1) * n_img // nchunks
+    return n0, n1, (dwc, dbc, np.empty(kdim, x.dtype), np.empty(kdim, x.dtype))
 
 
 @njit(parallel=True, **_JIT)
-def conv2d_backward(x, wd, dout, dx, dw_part, db_part, kh, kw, sh, sw, pt, pl, need_dx):
+def conv2d_backward(x, w, dout, dx, dw_part, db_part, kh, kw, sh, sw, pt, pl, need_dx, small):
     """Sparse backward: only output cells with a non-zero gradient cost anything.
 
-    dw_part (NCHUNKS, CO, K) and db_part (NCHUNKS, CO) receive per-chunk partial sums (the caller
+    w is wd (CO, K), or with `small` the transposed kernel wt (K, CO); dw_part (NCHUNKS, CO, K),
+    transposed with `small`, and db_part (NCHUNKS, CO) receive per-chunk partial sums (the caller
     adds them in order); dx (N, H, W, CI) is overwritten when need_dx.
     """
-    n_img = x.shape[0]
+    geometry = (kh, kw, sh, sw, pt, pl)
     oh = dout.shape[1]
     ow = dout.shape[2]
-    co_n = dout.shape[3]
-    kdim = wd.shape[1]
+    kdim = x.shape[3] * kh * kw
     nchunks = dw_part.shape[0]
-    z = dw_part.dtype.type(0)
     for chunk in prange(nchunks):
-        dwc = dw_part[chunk]
-        dbc = db_part[chunk]
-        dwc[:] = z
-        dbc[:] = z
-        n0 = chunk * n_img // nchunks
-        n1 = (chunk + 1) * n_img // nchunks
-        patch = np.empty(kdim, x.dtype)
-        gpatch = np.empty(kdim, x.dtype)
+        n0, n1, acc = _chunk_start(chunk, nchunks, x, kdim, dw_part, db_part)
         for n in range(n0, n1):
             if need_dx:
-                dx[n] = z
+                dx[n] = 0
             for oy in range(oh):
                 for ox in range(ow):
-                    g_row = dout[n, oy, ox]
-                    gathered = False
-                    for co in range(co_n):
-                        g = g_row[co]
-                        if g != z:
-                            if not gathered:
-                                _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch)
-                                gpatch[:] = z
-                                gathered = True
-                            _axpy(dwc[co], g, patch)
-                            dbc[co] += g
-                            if need_dx:
-                                _axpy(gpatch, g, wd[co])
-                    if gathered and need_dx:
-                        _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, gpatch)
-
-
-@njit(parallel=True, **_JIT)
-def conv2d_forward_small(x, wt, bias, out, kh, kw, sh, sw, pt, pl, relu):
-    """conv2d_forward for a short reduction (K = KH*KW*CI small, e.g. a first layer).
-
-    wt is the transposed kernel (K, CO); each output pixel is bias + sum_k patch[k] * wt[k],
-    vectorised over the output channels.
-    """
-    n_img = x.shape[0]
-    oh = out.shape[1]
-    ow = out.shape[2]
-    kdim = wt.shape[0]
-    z = out.dtype.type(0)
-    for task in prange(n_img * oh):
-        n = task // oh
-        oy = task - n * oh
-        patch = np.empty(kdim, x.dtype)
-        for ox in range(ow):
-            _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch)
-            row = out[n, oy, ox]
-            row[:] = bias
-            for k in range(kdim):
-                _axpy(row, patch[k], wt[k])
-            if relu:
-                for c in range(row.shape[0]):
-                    row[c] = max(row[c], z)
-
-
-@njit(parallel=True, **_JIT)
-def conv2d_backward_small(x, wt, dout, dx, dwt_part, db_part, kh, kw, sh, sw, pt, pl, need_dx):
-    """conv2d_backward for a short reduction: per pixel, outer products over the output channels.
-
-    wt (K, CO) is the transposed kernel; dwt_part (NCHUNKS, K, CO) receives transposed partials.
-    """
-    n_img = x.shape[0]
-    oh = dout.shape[1]
-    ow = dout.shape[2]
-    co_n = dout.shape[3]
-    kdim = wt.shape[0]
-    nchunks = dwt_part.shape[0]
-    z = dwt_part.dtype.type(0)
-    for chunk in prange(nchunks):
-        dwc = dwt_part[chunk]
-        dbc = db_part[chunk]
-        dwc[:] = z
-        dbc[:] = z
-        n0 = chunk * n_img // nchunks
-        n1 = (chunk + 1) * n_img // nchunks
-        patch = np.empty(kdim, x.dtype)
-        gpatch = np.empty(kdim, x.dtype)
-        for n in range(n0, n1):
-            if need_dx:
-                dx[n] = z
-            for oy in range(oh):
-                for ox in range(ow):
-                    g_row = dout[n, oy, ox]
-                    nonzero = False
-                    for co in range(co_n):
-                        if g_row[co] != z:
-                            nonzero = True
-                            break
-                    if not nonzero:
-                        continue
-                    _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, patch)
-                    for k in range(kdim):
-                        pk = patch[k]
-                        if pk != z:
-                            _axpy(dwc[k], pk, g_row)
-                    for co in range(co_n):
-                        dbc[co] += g_row[co]
-                    if need_dx:
-                        for k in range(kdim):
-                            wk = wt[k]
-                            s = z
-                            for co in range(co_n):
-                                s += g_row[co] * wk[co]
-                            gpatch[k] = s
-                        _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, gpatch)
+                    g = dout[n, oy, ox]
+                    _pixel_backward(x, n, oy, ox, geometry, g, w, small, acc, dx, need_dx)
 
 
 @njit(parallel=True, **_JIT)
@@ -387,7 +365,6 @@ def conv2d_pool_forward(
     win = ph * pw
     rows = qw * win
     rows4 = (rows + 3) // 4 * 4
-    z = pooled.dtype.type(0)
     for task in prange(n_img * qh):
         n = task // qh
         py = task - n * qh
@@ -401,18 +378,7 @@ def conv2d_pool_forward(
                         x, n, py * ph + wy, px * pw + wx, kh, kw, sh, sw, pt, pl, patch[r]
                     )
                     r += 1
-        if small:
-            for r in range(rows):
-                row = conv[r]
-                row[:] = bias
-                pr = patch[r]
-                for k in range(kdim):
-                    _axpy(row, pr[k], wt[k])
-                if relu:
-                    for c in range(co_n):
-                        row[c] = max(row[c], z)
-        else:
-            _gemm_nt_rows(patch, rows, wd, bias, conv, 0, relu)
+        _conv_rows(patch, rows, wd, wt, bias, conv, relu, small)
         for px in range(qw):
             o = pooled[n, py, px]
             a = arg[n, py, px]
@@ -657,7 +623,7 @@ def _pooled_grads(dpool, arg, pooled, n, py, px, pos, relu, gvec):
 @njit(parallel=True, **_JIT)
 def conv2d_pool_backward(
     x,
-    wd,
+    w,
     pooled,
     oh,
     ow,
@@ -680,33 +646,26 @@ def conv2d_pool_backward(
     ppl,
     relu,
     need_dx,
+    small,
 ):
     """Backward of conv2d (+ReLU) followed by max pooling, without the dense conv-output gradient.
 
     Visits each pooled cell's window pixels and does work only for the channels the pool picked
-    there ("scatter only where the pool picked", performance.md section 3). Same outputs as
-    maxpool_backward + activation_backward + conv2d_backward.
+    there. Same outputs as maxpool_backward + activation_backward + conv2d_backward, whose
+    layouts (w, dw_part by `small`) it takes.
     """
-    n_img = x.shape[0]
+    geometry = (kh, kw, sh, sw, pt, pl)
     co_n = dpool.shape[3]
     qh = dpool.shape[1]
     qw = dpool.shape[2]
-    kdim = wd.shape[1]
+    kdim = x.shape[3] * kh * kw
     nchunks = dw_part.shape[0]
-    z = dw_part.dtype.type(0)
     for chunk in prange(nchunks):
-        dwc = dw_part[chunk]
-        dbc = db_part[chunk]
-        dwc[:] = z
-        dbc[:] = z
-        n0 = chunk * n_img // nchunks
-        n1 = (chunk + 1) * n_img // nchunks
-        patch = np.empty(kdim, x.dtype)
-        gpatch = np.empty(kdim, x.dtype)
+        n0, n1, acc = _chunk_start(chunk, nchunks, x, kdim, dw_part, db_part)
         gvec = np.empty(co_n, x.dtype)
         for n in range(n0, n1):
             if need_dx:
-                dx[n] = z
+                dx[n] = 0
             for py in range(qh):
                 for px in range(qw):
                     for wy in range(ph):
@@ -717,100 +676,12 @@ def conv2d_pool_backward(
                             ix = px * psw - ppl + wx
                             if ix < 0 or ix >= ow:
                                 continue
-                            if not _pooled_grads(
+                            if _pooled_grads(
                                 dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec
                             ):
-                                continue
-                            _gather_patch(x, n, iy, ix, kh, kw, sh, sw, pt, pl, patch)
-                            if need_dx:
-                                gpatch[:] = z
-                            for co in range(co_n):
-                                g = gvec[co]
-                                if g != z:
-                                    _axpy(dwc[co], g, patch)
-                                    dbc[co] += g
-                                    if need_dx:
-                                        _axpy(gpatch, g, wd[co])
-                            if need_dx:
-                                _scatter_patch(dx, n, iy, ix, kh, kw, sh, sw, pt, pl, gpatch)
-
-
-@njit(parallel=True, **_JIT)
-def conv2d_pool_backward_small(
-    x,
-    wt,
-    pooled,
-    oh,
-    ow,
-    dpool,
-    arg,
-    dx,
-    dwt_part,
-    db_part,
-    kh,
-    kw,
-    sh,
-    sw,
-    pt,
-    pl,
-    ph,
-    pw,
-    psh,
-    psw,
-    ppt,
-    ppl,
-    relu,
-    need_dx,
-):
-    """conv2d_pool_backward for a short reduction: outer products over the output channels."""
-    n_img = x.shape[0]
-    co_n = dpool.shape[3]
-    qh = dpool.shape[1]
-    qw = dpool.shape[2]
-    kdim = wt.shape[0]
-    nchunks = dwt_part.shape[0]
-    z = dwt_part.dtype.type(0)
-    for chunk in prange(nchunks):
-        dwc = dwt_part[chunk]
-        dbc = db_part[chunk]
-        dwc[:] = z
-        dbc[:] = z
-        n0 = chunk * n_img // nchunks
-        n1 = (chunk + 1) * n_img // nchunks
-        patch = np.empty(kdim, x.dtype)
-        gpatch = np.empty(kdim, x.dtype)
-        gvec = np.empty(co_n, x.dtype)
-        for n in range(n0, n1):
-            if need_dx:
-                dx[n] = z
-            for py in range(qh):
-                for px in range(qw):
-                    for wy in range(ph):
-                        iy = py * psh - ppt + wy
-                        if iy < 0 or iy >= oh:
-                            continue
-                        for wx in range(pw):
-                            ix = px * psw - ppl + wx
-                            if ix < 0 or ix >= ow:
-                                continue
-                            if not _pooled_grads(
-                                dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec
-                            ):
-                                continue
-                            _gather_patch(x, n, iy, ix, kh, kw, sh, sw, pt, pl, patch)
-                            for k in range(kdim):
-                                pk = patch[k]
-                                if pk != z:
-                                    _axpy(dwc[k], pk, gvec)
-                            _axpy(dbc, dbc.dtype.type(1), gvec)
-                            if need_dx:
-                                for k in range(kdim):
-                                    wk = wt[k]
-                                    s = z
-                                    for co in range(co_n):
-                                        s += gvec[co] * wk[co]
-                                    gpatch[k] = s
-                                _scatter_patch(dx, n, iy, ix, kh, kw, sh, sw, pt, pl, gpatch)
+                                _pixel_backward(
+                                    x, n, iy, ix, geometry, gvec, w, small, acc, dx, need_dx
+                                )
 
 
 @njit(**_JIT)

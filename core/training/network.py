@@ -7,28 +7,37 @@ The flat buffers make the optimizer a single kernel call and checkpoints a few t
 from __future__ import annotations
 
 import numpy as np
+from convserve.core.activations import CODES, LINEAR, SOFTMAX
 from convserve.core.architecture import Architecture
+from convserve.core.layers.fusion import blocks
 from convserve.core.training import kernels as K
 from convserve.core.training.init import init_kernel
-from convserve.core.training.layers import Conv2D, Layer, _WithActivation, build_layer
+from convserve.core.training.layers import Bound
 
 
 class Network:
-    """The layers of `architecture` with parameters in one flat `params` array of `dtype`."""
+    """The layers of `architecture` with parameters in one flat `params` array of `dtype`.
+
+    `layers` holds one `Bound` layer per architecture layer; forward and backward run the fusion
+    blocks of `layers/fusion.py` (the same grouping inference uses)."""
 
     def __init__(self, architecture: Architecture, dtype: type = np.float32):
         self.architecture = architecture
         self.dtype = np.dtype(dtype)
-        self.layers: list[Layer] = [build_layer(spec) for spec in architecture.layers]
-        last = self.layers[-1]
-        # softmax on the last layer is fused into the loss: the forward yields logits
-        self.fused_softmax = isinstance(last, _WithActivation) and last.act == K.SOFTMAX
-        if self.fused_softmax:
-            last.fused_softmax = True
-        self._slots: list[tuple[Layer, str, slice, tuple[int, ...]]] = []
+        self.blocks = blocks(architecture.layers, inference=False)
+        self.layers: list[Bound] = [Bound(spec) for spec in architecture.layers]
+        last = self.blocks[-1]
+        # softmax on the last block is fused into the loss: the forward yields logits
+        self.fused_softmax = last.activation == "softmax"
+        for block in self.blocks:
+            if block.activation is not None:
+                act = CODES[block.activation]
+                fused = block is last and self.fused_softmax
+                self.layers[block.layer.index].act = LINEAR if fused else act
+        self._slots: list[tuple[Bound, str, slice, tuple[int, ...]]] = []
         offset = 0
         for layer in self.layers:
-            for name, shape in layer.param_shapes().items():
+            for name, shape in layer.spec.train_param_shapes().items():
                 size = int(np.prod(shape))
                 self._slots.append((layer, name, slice(offset, offset + size), shape))
                 offset += size
@@ -60,22 +69,18 @@ class Network:
         """Model-file tensors (`layers.{i}.kernel` in Keras layout, float32)."""
         weights: dict[str, np.ndarray] = {}
         for layer, name, where, shape in self._slots:
-            value = self.params[where].reshape(shape).astype(np.float32)
-            if name == "kernel":
-                if layer.spec.type == "conv2d":
-                    kh, kw = layer.spec.kernel_size
-                    value = value.T.reshape(kh, kw, layer.spec.input_shape[2], layer.spec.filters)
-                else:
-                    value = value.T
+            value = layer.spec.to_file_layout(
+                name, self.params[where].reshape(shape).astype(np.float32)
+            )
             weights[f"layers.{layer.spec.index}.{name}"] = np.ascontiguousarray(value)
         return weights
 
     def load_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Inverse of `to_weights` (shapes as in the model file)."""
-        for layer, name, where, shape in self._slots:
-            value = np.asarray(weights[f"layers.{layer.spec.index}.{name}"])
-            if name == "kernel":
-                value = value.reshape(-1, shape[0]).T
+        for layer, name, where, _ in self._slots:
+            value = layer.spec.from_file_layout(
+                name, np.asarray(weights[f"layers.{layer.spec.index}.{name}"])
+            )
             self.params[where] = value.reshape(-1).astype(self.dtype)
 
     # -- compute ----------------------------------------------------------------------------
@@ -89,48 +94,46 @@ class Network:
     def forward(
         self, x: np.ndarray, rng: np.random.Generator | None = None, fuse: bool = True
     ) -> tuple[np.ndarray, list]:
-        """Train-mode forward (dropout active when rng is given); returns (logits, caches).
+        """Train-mode forward (dropout active when rng is given); returns (logits, caches), one
+        cache per fusion block.
 
         With a fused final softmax the output is the logits, otherwise the last layer's output.
-        A conv2d (ReLU or linear) followed by a tiling max pool runs as one kernel unless `fuse`
-        is False; the caches then only suit `backward(..., fuse=True)`.
+        A conv block with a max pool runs as one kernel when the training kernels have one for
+        it, unless `fuse` is False; the caches then only suit `backward(..., fuse=True)`.
         """
         caches: list = []
-        i = 0
-        while i < len(self.layers):
-            layer = self.layers[i]
-            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+        for block in self.blocks:
+            conv = self.layers[block.layer.index]
             if (
-                fuse
-                and isinstance(layer, Conv2D)
-                and nxt is not None
-                and layer.can_fuse_pool_forward(nxt)
+                block.pool is not None
+                and fuse
+                and conv.spec.trains_fused_with(conv, block.pool, True)
             ):
-                x, conv_cache, pool_cache = layer.forward_pooled(x, nxt)
-                caches += [conv_cache, pool_cache]
-                i += 2
+                x, cache = conv.spec.forward_pooled(conv, x, block.pool)
             else:
-                x, cache = layer.forward(x, rng)
-                caches.append(cache)
-                i += 1
+                x, cache = conv.forward(x, rng)
+                if block.pool is not None:
+                    x, pool_cache = self.layers[block.pool.index].forward(x, rng)
+                    cache = (cache, pool_cache)
+            caches.append(cache)
         return x, caches
 
     def backward(self, dout: np.ndarray, caches: list, fuse: bool = True) -> None:
         """Fill `grads` from dL/d(output); the first layer's input gradient is not computed.
 
-        A conv2d (ReLU or linear) followed by max pooling goes backward in one fused sparse pass
-        unless `fuse` is False (the tests compare both ways).
+        A conv block with a max pool goes backward in one fused sparse pass when its activation
+        allows it, unless `fuse` is False (the tests compare both ways).
         """
-        i = len(self.layers) - 1
-        while i >= 0:
-            layer = self.layers[i]
-            prev = self.layers[i - 1] if i > 0 else None
-            if fuse and isinstance(prev, Conv2D) and prev.can_fuse_pool(layer):
-                dout, _ = prev.backward_pooled(dout, caches[i - 1], layer, caches[i], need_dx=i > 1)
-                i -= 2
+        for k in range(len(self.blocks) - 1, -1, -1):
+            block, cache, need_dx = self.blocks[k], caches[k], k > 0
+            layer = self.layers[block.layer.index]
+            if block.pool is None:
+                dout, _ = layer.backward(dout, cache, need_dx)
+            elif fuse and layer.spec.trains_fused_with(layer, block.pool, False):
+                dout = layer.spec.backward_pooled(layer, dout, cache, block.pool, need_dx)
             else:
-                dout, _ = layer.backward(dout, caches[i], need_dx=i > 0)
-                i -= 1
+                dout, _ = self.layers[block.pool.index].backward(dout, cache[1], True)
+                dout, _ = layer.backward(dout, cache[0], need_dx)
 
     def loss_and_grad(
         self, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator | None = None
@@ -155,5 +158,5 @@ class Network:
         """What `Model.forward` returns: logits with the final softmax applied when fused."""
         out = self.logits(x)
         if self.fused_softmax:
-            K.activation_forward(out, K.SOFTMAX)
+            K.activation_forward(out, SOFTMAX)
         return out

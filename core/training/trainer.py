@@ -24,6 +24,7 @@ from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.datasets import Dataset, check_against, load_dataset, split_validation
 from convserve.core.errors import ModelError
 from convserve.core.imagefolder import adopt_class_names
+from convserve.core.layers import Dropout
 from convserve.core.model import Model
 from convserve.core.presets import PRESET_NAMES, preset
 from convserve.core.training import kernels as K
@@ -337,7 +338,7 @@ def fit(
     needs_rng = (
         config.flip
         or config.shift
-        or any(layer.type == "dropout" and layer.rate > 0 for layer in arch.layers)
+        or any(isinstance(layer, Dropout) and layer.rate > 0 for layer in arch.layers)
     )
 
     def snapshot(epoch: int, step: int, running: list) -> None:

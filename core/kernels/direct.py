@@ -1,0 +1,106 @@
+"""Direct convolution (NHWC, float32) + bias + activation, optionally fused with 2x2/2 max pool.
+
+Weights are packed once by the plan in GEMM form `wk[K, COp]`: row k is tap k in (ky, kx, ci)
+order for every filter, K = kh*kw*ci, `COp` = filters rounded up to 16 (zero columns).
+The input is already padded (see `padding.py`). There is no patch copy ("implicit GEMM"): in
+NHWC the (kx, ci) part of a pixel's receptive field is contiguous, so the micro-kernel walks
+kernel rows as segments straight in the input.
+
+Fused pooling computes the two conv rows of a pooled row and keeps the max of each 2x2 window;
+max pooling commutes with the per-channel bias and with every monotonic activation, so bias and
+activation run once per pooled value.
+"""
+
+from __future__ import annotations
+
+import numba
+from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
+from convserve.core.kernels.elementwise import _store_pooled, _store_row
+from convserve.core.kernels.gemm import _conv_row
+from numba import njit, prange
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
+    """Valid conv + bias + activation + 2x2/2 max pool (floor) on an already padded and
+    preprocessed input. wk: (kh*kw*CI, COp) flat-packed, COp a multiple of 16. out: (N, PH, PW, CO).
+
+    Tasks: (image, pooled row, range of pooled columns), `splits` ranges per row.
+    tiles: (threads, >= 4 * PW * COp) floats: the task's two conv rows.
+    """
+    N, H, W, CI = x.shape
+    COp = wk.shape[1]
+    PH, PW, CO = out.shape[1], out.shape[2], out.shape[3]
+    per = (PW + splits - 1) // splits
+    xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
+    of = out.reshape(out.size)
+    seg = kw * CI
+    for t in prange(N * PH * splits):
+        s = t % splits
+        r = t // splits
+        py = r % PH
+        n = r // PH
+        px0 = min(PW, s * per)
+        nw = min(PW, px0 + per) - px0
+        tile = tiles[numba.get_thread_id()]
+        L = 2 * nw
+        for dy in range(2):
+            a_off = ((n * H + (2 * py + dy) * sh) * W + 2 * px0 * sw) * CI
+            _conv_row(
+                xf, a_off, sw * CI, W * CI, kh, seg, wf, 0, COp, tile, dy * L * COp, COp, L, COp
+            )
+        for w in range(nw):
+            _store_pooled(
+                tile,
+                2 * w * COp,
+                (L + 2 * w) * COp,
+                COp,
+                bias,
+                of,
+                ((n * PH + py) * PW + px0 + w) * CO,
+                CO,
+                act,
+            )
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
+    """Valid conv + bias + activation on an already padded and preprocessed input.
+    out: (N, OH, OW, CO). Tasks: (image, output row, range of columns), `splits` per row.
+    tiles: (threads, >= OW * COp) floats.
+    """
+    N, H, W, CI = x.shape
+    COp = wk.shape[1]
+    OH, OW, CO = out.shape[1], out.shape[2], out.shape[3]
+    per = (OW + splits - 1) // splits
+    xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
+    of = out.reshape(out.size)
+    seg = kw * CI
+    for t in prange(N * OH * splits):
+        s = t % splits
+        r = t // splits
+        oy = r % OH
+        n = r // OH
+        ox0 = min(OW, s * per)
+        cnt = min(OW, ox0 + per) - ox0
+        tile = tiles[numba.get_thread_id()]
+        _conv_row(
+            xf,
+            ((n * H + oy * sh) * W + ox0 * sw) * CI,
+            sw * CI,
+            W * CI,
+            kh,
+            seg,
+            wf,
+            0,
+            COp,
+            tile,
+            0,
+            COp,
+            cnt,
+            COp,
+        )
+        for i in range(cnt):
+            _store_row(tile, i * COp, bias, of, ((n * OH + oy) * OW + ox0 + i) * CO, 0, CO, act)

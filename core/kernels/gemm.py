@@ -1,0 +1,100 @@
+"""GEMM rows on the micro-kernels of `ir.py`: `_conv_row` computes a row of outputs (conv
+pixels, Winograd tiles or dense batch rows) x a range of output columns, choosing the block
+shapes that waste the fewest lanes. Every output is one in-order chain of fused multiply-adds
+whatever the batch size or the block it falls in, so results are batch-invariant.
+"""
+
+from __future__ import annotations
+
+from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
+from convserve.core.kernels.ir import (
+    _mk1x1,
+    _mk1x2,
+    _mk1x4,
+    _mk4x4,
+    _mk5x1,
+    _mk5x2,
+    _mk5x4,
+    _mk6x1,
+    _mk6x2,
+    _mk6x4,
+    _mk7x1,
+    _mk7x2,
+    _mk8x1,
+    _mk8x2,
+)
+from numba import njit
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _block_rows(count, lo, hi):
+    """Pixels per micro-kernel call for a row of `count` pixels, between lo and hi: the fewest
+    wasted pixels (the last block is shifted back to end at the row's end, recomputing some),
+    then the largest block."""
+    best = hi
+    waste = (count + hi - 1) // hi * hi - count
+    for r in range(hi - 1, lo - 1, -1):
+        w = (count + r - 1) // r * r - count
+        if w < waste:
+            best = r
+            waste = w
+    return best
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc):
+    """One micro-kernel call: R pixels x nv*16 channels; B from wf[c], rows ldb apart; C rows ldc apart."""
+    if nv == 4:
+        if R == 4:
+            _mk4x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        elif R == 5:
+            _mk5x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        elif R == 6:
+            _mk6x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        else:
+            _mk1x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+    elif nv == 2:
+        if R == 5:
+            _mk5x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        elif R == 6:
+            _mk6x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        elif R == 7:
+            _mk7x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        elif R == 8:
+            _mk8x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        else:
+            _mk1x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+    else:
+        if R == 5:
+            _mk5x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        elif R == 6:
+            _mk6x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        elif R == 7:
+            _mk7x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        elif R == 8:
+            _mk8x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+        else:
+            _mk1x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off, ldc, count, width):
+    """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
+    columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart. For a
+    conv row, output i is a pixel and the columns are output channels. Columns go in blocks of
+    64 (4-6 outputs per call), then 32 and 16 (5-8 per call); rows shorter than a block go one
+    by one."""
+    c = 0
+    while c < width:
+        nv = 4 if width - c >= 64 else (2 if width - c >= 32 else 1)
+        lo, hi = (4, 6) if nv == 4 else (5, 8)
+        R = 1 if count < lo else _block_rows(count, lo, hi)  # short rows: one pixel a call
+        i = 0
+        while i < count:
+            i = min(i, count - R)  # the last block ends at the row's end (recomputing some)
+            t = t_off + i * ldc + c
+            _mk_call(
+                R, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off + c, ldb, tile, t, ldc
+            )
+            i += R
+        c += 16 * nv

@@ -1,0 +1,191 @@
+"""LLVM-IR micro-kernels: numba intrinsics that emit vector IR for the GEMM rows of every conv
+and dense kernel.
+
+A micro-kernel (`_mk8x2`, `_mk4x4`, ...) computes 4-8 output pixels x 16-64 output channels,
+held as up to 16 accumulators of 16 floats in registers; each step broadcasts one input value
+per pixel and multiplies it with 1-4 weight vectors. Plain Numba cannot express this: its
+scalar-accumulator kernels either spill the accumulators or need a horizontal sum per output.
+Also the small vector helpers (`_vload`, `_vstore`, `_array_data`) other intrinsics build on.
+"""
+
+from __future__ import annotations
+
+from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+def _close_loop(builder, counter, limit, phis, values, latch, header, exit_block) -> None:
+    """The back edge of a counted loop in LLVM IR: counter + 1 and `values` flow from block
+    `latch` into `header`'s phis (`phis`, matching `values` row by row); leave for `exit_block`
+    once the counter reaches `limit`."""
+    following = builder.add(counter, ir.Constant(counter.type, 1))
+    counter.add_incoming(following, latch)
+    for phi_row, value_row in zip(phis, values):
+        for phi, value in zip(phi_row, value_row):
+            phi.add_incoming(value, latch)
+    builder.cbranch(builder.icmp_signed("<", following, limit), header, exit_block)
+
+
+def _microkernel(rows: int, vectors: int, b_steps: bool = False):
+    """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
+    convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
+
+        mk(a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc)
+        C[r, j] = sum over s < segs, k < seg_len of
+                  a[a_off + s*a_step + r*lda + k] * b[b_off + (s*seg_len + k)*ldb + j]
+        stored at c[c_off + r*ldc + j], j < 16*vectors
+
+    For a conv, segment s is kernel row ky (a_step = one input row), k runs over (kx, ci), which
+    are contiguous in NHWC, and lda = stride * channels steps to the next output pixel. With
+    `b_steps`, mk takes `b_step` after `b_off` and B's offset is b_off + s*b_step + k*ldb: the
+    transposed form of `conv1_pixels_pool2`, where B is the input image and A the weights. Every
+    output is one in-order chain of fused multiply-adds whatever the batch size or the block it
+    falls in. All arrays are flat float32; segs, seg_len >= 1; no bounds checks."""
+
+    def codegen(context, builder, signature, args):
+        if b_steps:
+            (
+                a_arr,
+                a_off,
+                lda,
+                a_step,
+                segs,
+                seg_len,
+                b_arr,
+                b_off,
+                b_step,
+                ldb,
+                c_arr,
+                c_off,
+                ldc,
+            ) = args
+        else:
+            a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args
+            b_step = builder.mul(seg_len, ldb)
+        ap = context.make_array(signature.args[0])(context, builder, a_arr).data
+        bp = context.make_array(signature.args[6])(context, builder, b_arr).data
+        cp = context.make_array(signature.args[-3])(context, builder, c_arr).data
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vec = ir.VectorType(ir.FloatType(), 16)
+        vptr = vec.as_pointer()
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32"
+        )
+        zero = ir.Constant(vec, [0.0] * 16)
+        undef = ir.Constant(vec, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+        fn = builder.function
+        entry = builder.block
+        outer = fn.append_basic_block("mk_segment")
+        inner = fn.append_basic_block("mk_step")
+        seg_end = fn.append_basic_block("mk_segment_end")
+        done = fn.append_basic_block("mk_done")
+        builder.branch(outer)
+
+        builder.position_at_end(outer)
+        s = builder.phi(i64)
+        s.add_incoming(ir.Constant(i64, 0), entry)
+        acc_seg = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
+        for row in acc_seg:
+            for phi in row:
+                phi.add_incoming(zero, entry)
+        a_seg = builder.add(a_off, builder.mul(s, a_step))
+        b_seg = builder.add(b_off, builder.mul(s, b_step))
+        builder.branch(inner)
+
+        builder.position_at_end(inner)
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), outer)
+        acc = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
+        for r in range(rows):
+            for v in range(vectors):
+                acc[r][v].add_incoming(acc_seg[r][v], outer)
+        b_row = builder.add(b_seg, builder.mul(k, ldb))
+        bv = [
+            builder.load(
+                builder.bitcast(
+                    builder.gep(bp, [builder.add(b_row, ir.Constant(i64, 16 * v))]), vptr
+                ),
+                align=4,
+            )
+            for v in range(vectors)
+        ]
+        a_k = builder.add(a_seg, k)
+        new = []
+        for r in range(rows):
+            scalar = builder.load(
+                builder.gep(ap, [builder.add(a_k, builder.mul(ir.Constant(i64, r), lda))]), align=4
+            )
+            splat = builder.shuffle_vector(
+                builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef, splat_mask
+            )
+            new.append([builder.call(fma, [splat, bv[v], acc[r][v]]) for v in range(vectors)])
+        _close_loop(builder, k, seg_len, acc, new, inner, inner, seg_end)
+
+        builder.position_at_end(seg_end)
+        _close_loop(builder, s, segs, acc_seg, new, seg_end, outer, done)
+
+        builder.position_at_end(done)
+        for r in range(rows):
+            c_row = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
+            for v in range(vectors):
+                dst = builder.gep(cp, [builder.add(c_row, ir.Constant(i64, 16 * v))])
+                builder.store(new[r][v], builder.bitcast(dst, vptr), align=4)
+        return context.get_dummy_value()
+
+    if b_steps:
+
+        @intrinsic
+        def mk(
+            typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc
+        ):
+            return types.void(
+                a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc
+            ), codegen
+    else:
+
+        @intrinsic
+        def mk(typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc):
+            return types.void(
+                a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc
+            ), codegen
+
+    return mk
+
+
+_mk1x1 = _microkernel(1, 1)
+_mk1x2 = _microkernel(1, 2)
+_mk1x4 = _microkernel(1, 4)
+_mk4x4 = _microkernel(4, 4)
+_mk5x4 = _microkernel(5, 4)
+_mk6x4 = _microkernel(6, 4)
+_mk5x2 = _microkernel(5, 2)
+_mk6x2 = _microkernel(6, 2)
+_mk7x2 = _microkernel(7, 2)
+_mk8x2 = _microkernel(8, 2)
+_mk5x1 = _microkernel(5, 1)
+_mk6x1 = _microkernel(6, 1)
+_mk7x1 = _microkernel(7, 1)
+_mk8x1 = _microkernel(8, 1)
+_mkt8x2 = _microkernel(8, 2, b_steps=True)
+_mkt6x2 = _microkernel(6, 2, b_steps=True)
+
+
+_V16 = ir.VectorType(ir.FloatType(), 16)
+
+
+def _array_data(context, builder, signature, args, index):
+    """Pointer to the data of the intrinsic's array argument `index`."""
+    return context.make_array(signature.args[index])(context, builder, args[index]).data
+
+
+def _vload(builder, ptr, offset):
+    """The 16 floats at ptr[offset] (unaligned)."""
+    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)
+
+
+def _vstore(builder, value, ptr, offset):
+    builder.store(value, builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)

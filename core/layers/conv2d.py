@@ -1,0 +1,445 @@
+"""2-D convolution (NHWC, Keras `channels_last`) + bias + activation, with the inference kernels
+chosen per shape and the training forward/backward.
+
+At inference a conv block (see `fusion.py`: the conv, a standalone activation after it, a max
+pool after that) becomes one of these steps:
+- `WinogradConv`: 3x3 stride 1 with at least WINO_MIN_CHANNELS input channels, pooled or not;
+- `PixelsPoolConv` / `K3PoolConv`: a 1-input-channel first layer fused with a 2x2/2 max pool;
+- `DirectConv`: everything else, fused with a 2x2/2 max pool when the block has one.
+A max pool of another shape runs as its own step after the conv; a softmax as an `Activate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from convserve.core.activations import CODES, LINEAR, RELU, SOFTMAX
+from convserve.core.kernels import direct, first_layer, winograd
+from convserve.core.layers import base
+from convserve.core.layers.base import NO_PADS, PADDINGS, Layer
+from convserve.core.layers.dense import round_up
+from convserve.core.layers.pooling import MaxPooling2D
+from convserve.core.steps import Activate, Padding, Program, Step
+from convserve.core.threads import splits
+from convserve.core.training import kernels as K
+from convserve.core.training.layers import activate, activation_grad
+
+WINO_MIN_CHANNELS = 8  # below this many input channels a GEMM over them is too short to pay
+_WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+# -- weight packing -----------------------------------------------------------------------------
+def pack_gemm(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """GEMM form `wk[K, COp]` (row k: tap k in (ky, kx, ci) order; COp: filters rounded up to
+    16, zero columns) and the bias padded the same way."""
+    kh, kw, ci, co = kernel.shape
+    k = kh * kw * ci
+    wk = np.zeros((k, round_up(co, 16)), np.float32)
+    wk[:k, :co] = kernel.reshape(k, co)
+    b = np.zeros(wk.shape[1], np.float32)
+    if bias is not None:
+        b[:co] = bias
+    return wk, b
+
+
+def winograd_kernel(kernel: np.ndarray, cop: int) -> np.ndarray:
+    """The F(2x2, 3x3) transformed kernel G g G^T as (16, CI, COp), computed in float64."""
+    _, _, ci, co = kernel.shape
+    u = np.einsum("ia,abcd,jb->ijcd", _WINO_G, kernel.astype(np.float64), _WINO_G)
+    out = np.zeros((16, ci, cop), np.float32)
+    out[:, :, :co] = u.reshape(16, ci, co)
+    return out
+
+
+def channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Pack a conv kernel for the channel-vector kernels: (ceil(CO/16), taps + 1, 16), per block
+    of 16 output channels the taps in (ky, kx, ci) order then the bias, zero padded."""
+    co = kernel.shape[-1]
+    nb = (co + 15) // 16
+    taps = np.zeros((kernel.size // co + 1, nb * 16), np.float32)
+    taps[:-1, :co] = kernel.reshape(-1, co)
+    taps[-1, :co] = bias[:co]
+    return np.ascontiguousarray(taps.reshape(-1, nb, 16).transpose(1, 0, 2))
+
+
+# -- inference steps ----------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class DirectConv(Step):
+    """`direct.conv` (or `direct.conv_pool2` with `pool`) on the padded input."""
+
+    wk: np.ndarray
+    bias: np.ndarray
+    window: tuple[int, int]
+    strides: tuple[int, int]
+    act: int
+    pool: bool
+
+    def tile_floats(self) -> int:
+        return (4 if self.pool else 1) * self.shape[1] * self.wk.shape[1]
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        x = program.pad(self, x)
+        ways = splits(program.n * self.shape[0], self.shape[1], program.threads)
+        kernel = direct.conv_pool2 if self.pool else direct.conv
+        program.add(
+            kernel,
+            x,
+            self.wk,
+            self.bias,
+            program.tiles,
+            out,
+            *self.window,
+            *self.strides,
+            self.act,
+            ways,
+        )
+        return out
+
+
+@dataclass(kw_only=True)
+class WinogradConv(Step):
+    """`winograd.conv_wino`: 3x3 stride 1, optionally fused with a 2x2/2 max pool."""
+
+    u: np.ndarray
+    bias: np.ndarray
+    act: int
+    pool: bool
+
+    def _tile_width(self) -> int:
+        return self.shape[1] if self.pool else (self.shape[1] + 1) // 2
+
+    def tile_floats(self) -> int:
+        return 16 * self._tile_width() * sum(self.u.shape[1:])
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        x = program.pad(self, x)
+        rows = self.shape[0] if self.pool else (self.shape[0] + 1) // 2
+        ways = splits(program.n * rows, self.u.shape[2] // 16, program.threads)
+        program.add(
+            winograd.conv_wino, x, self.u, self.bias, program.tiles, out, self.act, self.pool, ways
+        )
+        return out
+
+
+@dataclass(kw_only=True)
+class PixelsPoolConv(Step):
+    """`first_layer.conv1_pixels_pool2`: 1 input channel, at most 8 filters, 2x2/2 max pool."""
+
+    wt: np.ndarray
+    bias: np.ndarray
+    window: tuple[int, int]
+    act: int
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        x = program.pad(self, x)
+        program.add(
+            first_layer.conv1_pixels_pool2,
+            x,
+            self.wt,
+            self.bias,
+            program.tiles,
+            out,
+            *self.window,
+            self.act,
+        )
+        return out
+
+
+@dataclass(kw_only=True)
+class K3PoolConv(Step):
+    """`first_layer.conv1_k3_pool2`: 1 input channel, 3x3, filters a multiple of 16, 2x2/2 max
+    pool; pads and preprocesses on the fly."""
+
+    wb: np.ndarray
+    pt: int
+    pl: int
+    act: int
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        ways = splits(program.n * self.shape[0], self.wb.shape[0], program.threads)
+        program.add(
+            first_layer.conv1_k3_pool2,
+            x,
+            self.wb,
+            *program.scale_shift,
+            out,
+            self.pt,
+            self.pl,
+            self.act,
+            ways,
+        )
+        return out
+
+
+# -- the layer ----------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Conv2D(Layer):
+    type: ClassVar[str] = "conv2d"
+    KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"filters", "kernel_size", "strides", "padding", "activation", "use_bias"}
+    )
+
+    filters: int = 0
+    kernel_size: tuple[int, int] = (1, 1)
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "valid"
+    pads: tuple[int, int, int, int] = NO_PADS
+    activation: str = "linear"
+    use_bias: bool = True
+
+    @classmethod
+    def from_config(cls, raw, in_shape, where, **common):
+        base.image_input(in_shape, where)
+        if "filters" not in raw or "kernel_size" not in raw:
+            raise base.fail(where, "'filters' and 'kernel_size' are required")
+        window = base.pair(raw["kernel_size"], where, "kernel_size")
+        strides = base.pair(raw.get("strides", 1), where, "strides")
+        padding = base.choice(raw.get("padding", "valid"), where, "padding", PADDINGS)
+        out_h, out_w, pads = base.window_geometry(in_shape, window, strides, padding, where)
+        filters = base.integer(raw["filters"], where, "filters")
+        return cls(
+            **common,
+            output_shape=(out_h, out_w, filters),
+            filters=filters,
+            kernel_size=window,
+            strides=strides,
+            padding=padding,
+            pads=pads,
+            activation=base.activation(raw, where),
+            use_bias=base.use_bias(raw, where),
+        )
+
+    def describe(self) -> str:
+        kh, kw = self.kernel_size
+        return f"{kh}x{kw}/{self.strides[0]} {self.padding} {self.activation}"
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        prefix = f"layers.{self.index}"
+        shapes = {f"{prefix}.kernel": (*self.kernel_size, self.input_shape[2], self.filters)}
+        if self.use_bias:
+            shapes[f"{prefix}.bias"] = (self.filters,)
+        return shapes
+
+    def first_layer_special(self, pool: Layer) -> bool:
+        """1 input channel, 3x3 stride 1, then a 2x2/2 valid max pool: the first-layer kernels
+        (inference and training) apply."""
+        return (
+            self.input_shape[2] == 1
+            and self.kernel_size == (3, 3)
+            and self.strides == (1, 1)
+            and isinstance(pool, MaxPooling2D)
+            and pool.pool_size == (2, 2)
+            and pool.tiles_input
+        )
+
+    # -- inference ----------------------------------------------------------------------------
+    def inference_steps(self, block, weights, first, winograd):
+        act = CODES[block.activation]
+        kernel = self.tensor(weights, "kernel")
+        wk, bias = pack_gemm(kernel, self.tensor(weights, "bias"))
+        pool = block.pool
+        fused = pool is not None and pool.pool_size == (2, 2) and pool.tiles_input
+        shape = pool.output_shape if fused else self.output_shape
+        kernel_act = LINEAR if act == SOFTMAX else act  # softmax runs as its own step
+        common: dict[str, Any] = {"shape": shape, "takes_raw": first}
+
+        def padding_for(rows_cols: tuple[int, int]) -> Padding:
+            return Padding.for_output(
+                self.input_shape, rows_cols, self.kernel_size, self.strides, self.pads
+            )
+
+        pooled_rows_cols = (2 * shape[0], 2 * shape[1])  # the conv pixels a fused pool reads
+        ci, filters = self.input_shape[2], self.filters
+        if (
+            winograd
+            and self.kernel_size == (3, 3)
+            and self.strides == (1, 1)
+            and ci >= WINO_MIN_CHANNELS
+        ):
+            rows_cols = (
+                pooled_rows_cols if fused else (round_up(shape[0], 2), round_up(shape[1], 2))
+            )
+            step: Step = WinogradConv(
+                **common,
+                padding=padding_for(rows_cols),
+                u=winograd_kernel(kernel, wk.shape[1]),
+                bias=bias,
+                act=kernel_act,
+                pool=fused,
+            )
+        elif (
+            fused
+            and ci == 1
+            and self.strides == (1, 1)
+            and self.kernel_size == (3, 3)
+            and filters % 16 == 0
+        ):
+            step = K3PoolConv(
+                **common, wb=channel_blocks(kernel, bias), pt=self.pads[0], pl=self.pads[2], act=act
+            )
+        elif fused and ci == 1 and self.strides == (1, 1) and filters <= 8:
+            kh, kw = self.kernel_size
+            wt = np.zeros((8, kh * kw), np.float32)
+            wt[:filters] = kernel.reshape(kh * kw, filters).T
+            p = padding_for(pooled_rows_cols)
+            # its 32-pixel blocks read past the last column
+            width = max(p.shape[1], (pooled_rows_cols[1] + 31) // 32 * 32 + kw - 1)
+            p = Padding((p.shape[0], width, p.shape[2]), p.pt, p.pl, True)
+            step = PixelsPoolConv(
+                **common, padding=p, wt=wt, bias=bias, window=self.kernel_size, act=act
+            )
+        else:
+            rows_cols = pooled_rows_cols if fused else self.output_shape[:2]
+            step = DirectConv(
+                **common,
+                padding=padding_for(rows_cols),
+                wk=wk,
+                bias=bias,
+                window=self.kernel_size,
+                strides=self.strides,
+                act=kernel_act,
+                pool=fused,
+            )
+        steps = [step]
+        if act == SOFTMAX:
+            steps.append(Activate(act=SOFTMAX, width=filters))
+        if pool is not None and not fused:
+            steps.append(pool.step())
+        return steps
+
+    # -- training -----------------------------------------------------------------------------
+    def train_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        kh, kw = self.kernel_size
+        shapes = {"kernel": (self.filters, kh * kw * self.input_shape[2])}
+        if self.use_bias:
+            shapes["bias"] = (self.filters,)
+        return shapes
+
+    def to_file_layout(self, short, value):
+        if short != "kernel":
+            return value
+        return value.T.reshape(*self.kernel_size, self.input_shape[2], self.filters)
+
+    def from_file_layout(self, short, value):
+        return value.reshape(-1, self.filters).T if short == "kernel" else value
+
+    def fans(self) -> tuple[int, int]:
+        field = self.kernel_size[0] * self.kernel_size[1]
+        return field * self.input_shape[2], field * self.filters
+
+    def _geometry(self) -> tuple[int, ...]:
+        return (*self.kernel_size, *self.strides, self.pads[0], self.pads[2])
+
+    def _kernel_layouts(self, bound) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(wd, wt, small): the kernel (CO, K), its transpose (K, CO) when the reduction is
+        short enough for the outer-product form (`small`), else wd again."""
+        wd = bound.params["kernel"]
+        small = wd.shape[1] <= bound.SMALL_K
+        return wd, (np.ascontiguousarray(wd.T) if small else wd), small
+
+    def _weight_grads(self, bound, dw_part, db_part, small: bool) -> None:
+        """Sum the per-chunk partials (transposed with `small`) into the gradients, in order."""
+        if small:
+            bound.grads["kernel"][:] = dw_part.sum(axis=0).T  # fixed order: numpy's pairwise sum
+        else:
+            K.sum_partials(dw_part.reshape(K.NCHUNKS, -1), bound.grads["kernel"].reshape(-1))
+        if self.use_bias:
+            K.sum_partials(db_part, bound.grads["bias"])
+
+    def _partials(self, wd, x, need_dx, small):
+        """Buffers for a backward pass: dx, weight and bias partials per chunk."""
+        dw_shape = wd.shape[::-1] if small else wd.shape
+        dx = np.empty_like(x) if need_dx else np.empty((1, 1, 1, 1), x.dtype)
+        return (
+            dx,
+            np.empty((K.NCHUNKS, *dw_shape), wd.dtype),
+            np.empty((K.NCHUNKS, wd.shape[0]), wd.dtype),
+        )
+
+    def forward(self, bound, x, rng):
+        out = np.empty((x.shape[0], *self.output_shape), x.dtype)
+        wd, wt, small = self._kernel_layouts(bound)
+        relu = bound.act == RELU
+        bias = bound.bias(x.dtype, self.filters)
+        K.conv2d_forward(x, wd, wt, bias, out, *self._geometry(), relu, small)
+        return activate(out, bound.act, relu_done=True), (x, out)
+
+    def backward(self, bound, dout, cache, need_dx):
+        x, y = cache
+        dz = np.ascontiguousarray(activation_grad(dout, y, bound.act))
+        wd, wt, small = self._kernel_layouts(bound)
+        dx, dw_part, db_part = self._partials(wd, x, need_dx, small)
+        K.conv2d_backward(
+            x, wt if small else wd, dz, dx, dw_part, db_part, *self._geometry(), need_dx, small
+        )
+        self._weight_grads(bound, dw_part, db_part, small)
+        return dx if need_dx else None
+
+    @staticmethod
+    def trains_fused_with(bound, pool: MaxPooling2D, forward: bool) -> bool:
+        """Whether the fused training kernels run this conv with the max pool after it: the
+        activation must be linear or ReLU, and the forward kernel needs windows that tile."""
+        return bound.act in (LINEAR, RELU) and (pool.tiles_input or not forward)
+
+    def forward_pooled(self, bound, x, pool: MaxPooling2D):
+        """Forward of this conv (+ReLU) and the max pool after it: (pooled, (conv cache, pool cache))."""
+        pooled = np.empty((x.shape[0], *pool.output_shape), x.dtype)
+        arg = np.empty(pooled.shape, np.int32)
+        wd, wt, small = self._kernel_layouts(bound)
+        bias = bound.bias(x.dtype, self.filters)
+        relu = bound.act == RELU
+        if small and self.first_layer_special(pool):
+            K.conv3x3c1_pool2_forward(
+                x, wt, bias, pooled, arg, self.output_shape[1], self.pads[0], self.pads[2], relu
+            )
+        else:
+            K.conv2d_pool_forward(
+                x,
+                wd,
+                wt,
+                bias,
+                pooled,
+                arg,
+                *self.output_shape[:2],
+                *self._geometry(),
+                *pool.pool_size,
+                relu,
+                small,
+            )
+        return pooled, ((x, None), (x.shape[:1] + self.output_shape, arg, pooled))
+
+    def backward_pooled(self, bound, dpool, cache, pool: MaxPooling2D, need_dx):
+        """Backward through this conv (+ReLU) and the max pool after it, in one sparse pass."""
+        (x, _), (_, arg, pooled) = cache
+        oh, ow = self.output_shape[:2]
+        wd, wt, small = self._kernel_layouts(bound)
+        relu = bound.act == RELU
+        dx, dw_part, db_part = self._partials(wd, x, need_dx, small)
+        dpool = np.ascontiguousarray(dpool)
+        if small and not need_dx and self.first_layer_special(pool):
+            K.conv3x3c1_pool2_backward(
+                x, pooled, dpool, arg, dw_part, db_part, ow, self.pads[0], self.pads[2], relu
+            )
+        else:
+            pool_geometry = (*pool.pool_size, *pool.strides, pool.pads[0], pool.pads[2])
+            buffers = (dx, dw_part, db_part)
+            w = wt if small else wd
+            K.conv2d_pool_backward(
+                x,
+                w,
+                pooled,
+                oh,
+                ow,
+                dpool,
+                arg,
+                *buffers,
+                *self._geometry(),
+                *pool_geometry,
+                relu,
+                need_dx,
+                small,
+            )
+        self._weight_grads(bound, dw_part, db_part, small)
+        return dx if need_dx else None

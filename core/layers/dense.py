@@ -1,0 +1,130 @@
+"""Dense (fully connected) layer: `act(x @ kernel + bias)` on a flat input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from convserve.core.activations import CODES, RELU, SOFTMAX
+from convserve.core.kernels import dense as kdense
+from convserve.core.layers import base
+from convserve.core.layers.base import Layer
+from convserve.core.steps import Program, Step
+from convserve.core.threads import DENSE_SERIAL_MAX_WORK, splits
+from convserve.core.training import kernels as K
+from convserve.core.training.layers import activate, activation_grad
+
+
+def round_up(v: int, m: int) -> int:
+    return (v + m - 1) // m * m
+
+
+def pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The weights for `kdense.dense`: units rounded up to 16 (zero columns), in blocks of 64
+    units, each block's K rows contiguous; flat. And the bias padded the same way."""
+    k, units = kernel.shape
+    up = round_up(units, 16)
+    padded = np.zeros((k, up), np.float32)
+    padded[:, :units] = kernel
+    wk = np.concatenate([padded[:, c : c + 64].ravel() for c in range(0, up, 64)])
+    b = np.zeros(up, np.float32)
+    if bias is not None:
+        b[:units] = bias
+    return wk, b
+
+
+@dataclass(kw_only=True)
+class DenseStep(Step):
+    wk: np.ndarray
+    bias: np.ndarray
+    act: int
+
+    def tile_floats(self) -> int:
+        return kdense.DENSE_ROWS * self.bias.size
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        n, tiles = program.n, program.tiles
+        if n * self.wk.size < DENSE_SERIAL_MAX_WORK:
+            program.add(kdense.dense_serial, x, self.wk, self.bias, tiles, out, self.act)
+            return out
+        rows = (n + kdense.DENSE_ROWS - 1) // kdense.DENSE_ROWS
+        blocks = (self.bias.size + 63) // 64
+        ways = 1 if self.act == SOFTMAX else splits(rows, blocks, program.threads)
+        program.add(kdense.dense, x, self.wk, self.bias, tiles, out, self.act, ways)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dense(Layer):
+    type: ClassVar[str] = "dense"
+    KEYS: ClassVar[frozenset[str]] = frozenset({"units", "activation", "use_bias"})
+
+    units: int = 0
+    activation: str = "linear"
+    use_bias: bool = True
+
+    @classmethod
+    def from_config(cls, raw, in_shape, where, **common):
+        if len(in_shape) != 1:
+            raise base.fail(
+                where,
+                f"needs a flat input (features,), got shape {list(in_shape)}; add a 'flatten' layer first",
+            )
+        if "units" not in raw:
+            raise base.fail(where, "'units' is required")
+        units = base.integer(raw["units"], where, "units")
+        return cls(
+            **common,
+            output_shape=(units,),
+            units=units,
+            activation=base.activation(raw, where),
+            use_bias=base.use_bias(raw, where),
+        )
+
+    def describe(self) -> str:
+        return self.activation
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        prefix = f"layers.{self.index}"
+        shapes = {f"{prefix}.kernel": (self.input_shape[0], self.units)}
+        if self.use_bias:
+            shapes[f"{prefix}.bias"] = (self.units,)
+        return shapes
+
+    # -- inference ----------------------------------------------------------------------------
+    def inference_steps(self, block, weights, first, winograd):
+        wk, b = pack_dense(self.tensor(weights, "kernel"), self.tensor(weights, "bias"))
+        return [DenseStep(shape=self.output_shape, wk=wk, bias=b, act=CODES[block.activation])]
+
+    # -- training -----------------------------------------------------------------------------
+    def train_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {"kernel": (self.units, self.input_shape[0])}
+        if self.use_bias:
+            shapes["bias"] = (self.units,)
+        return shapes
+
+    def to_file_layout(self, short, value):
+        return value.T if short == "kernel" else value
+
+    def from_file_layout(self, short, value):
+        return value.T if short == "kernel" else value
+
+    def fans(self) -> tuple[int, int]:
+        return self.input_shape[0], self.units
+
+    def forward(self, bound, x, rng):
+        out = np.empty((x.shape[0], self.units), x.dtype)
+        relu = bound.act == RELU
+        K.dense_forward(x, bound.params["kernel"], bound.bias(x.dtype, self.units), out, relu)
+        return activate(out, bound.act, relu_done=True), (x, out)
+
+    def backward(self, bound, dout, cache, need_dx):
+        x, y = cache
+        relu = bound.act == RELU
+        dz = np.ascontiguousarray(dout if relu else activation_grad(dout, y, bound.act))
+        w = bound.params["kernel"]
+        db = bound.grads["bias"] if self.use_bias else np.empty(self.units, w.dtype)
+        dx = np.empty_like(x) if need_dx else np.empty((1, x.shape[1]), x.dtype)
+        K.dense_backward(x, w, y, dz, bound.grads["kernel"], db, dx, relu, need_dx)
+        return dx if need_dx else None

@@ -1,0 +1,126 @@
+"""Inference steps: one or a few kernel calls each, emitted by the layers (`Layer.inference_steps`)
+and run by `InferencePlan`.
+
+A step is a typed object holding its packed weights and geometry. It knows its per-image output
+shape, the per-thread scratch it needs (`tile_floats`), whether its input is copied into a
+zero-bordered buffer first (`padding`), and how to append its kernel calls for a batch of n to a
+`Program` (`emit`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from convserve.core.kernels import elementwise, padding
+from convserve.core.threads import SERIAL_MAX_WORK
+
+INPUT = object()  # placeholders in a prepared program: the call's input and its result
+RESULT = object()
+
+Call = tuple[Any, tuple, int, int]  # (kernel, args, input position, result position)
+
+
+@dataclass(frozen=True)
+class Padding:
+    """A conv input copied into a zero-bordered buffer of per-image `shape` at offset (pt, pl);
+    `needs_pad`: the copy is needed even when no preprocessing rides on it."""
+
+    shape: tuple[int, int, int]
+    pt: int
+    pl: int
+    needs_pad: bool
+
+    @staticmethod
+    def for_output(
+        input_shape: tuple[int, ...],
+        rows_cols: tuple[int, int],
+        kernel: tuple[int, int],
+        strides: tuple[int, int],
+        pads: tuple[int, int, int, int],
+    ) -> Padding:
+        """The padded input a 'valid' conv kernel reads to compute `rows_cols` output pixels."""
+        h, w, c = input_shape
+        hp = (rows_cols[0] - 1) * strides[0] + kernel[0]
+        wp = (rows_cols[1] - 1) * strides[1] + kernel[1]
+        pt, pl = pads[0], pads[2]
+        return Padding((hp, wp, c), pt, pl, pt > 0 or pl > 0 or hp > pt + h or wp > pl + w)
+
+
+class Program:
+    """The kernel calls of one batch size being assembled; steps call `add`."""
+
+    def __init__(self, n: int, threads: int, tiles: np.ndarray, affine: tuple, identity: tuple):
+        self.n, self.threads, self.tiles = n, threads, tiles
+        self.calls: list[Call] = []
+        self._affine, self._identity = affine, identity
+        self.raw = False  # the current step applies the model's preprocessing
+        self.padded: np.ndarray | None = None  # the current step's padding buffer
+
+    def add(self, fn: Any, *args: Any) -> None:
+        pos = [i for i, a in enumerate(args) if a is INPUT]
+        res = [i for i, a in enumerate(args) if a is RESULT]
+        self.calls.append((fn, args, pos[0] if pos else -1, res[0] if res else -1))
+
+    @property
+    def scale_shift(self) -> tuple[np.ndarray, np.ndarray]:
+        """The preprocessing `x * scale + shift` for the current step (identity unless raw),
+        per channel repeated along an input row."""
+        return self._affine if self.raw else self._identity
+
+    def pad(self, step: Step, x: Any) -> Any:
+        """Append the padding copy of `step`'s input when it needs one; returns what the conv
+        kernel reads."""
+        p = step.padding
+        if p is None or not (self.raw or p.needs_pad):
+            return x
+        buf = self.padded
+        kernel = (
+            padding.pad_input_serial
+            if self.n * np.prod(p.shape) < SERIAL_MAX_WORK
+            else padding.pad_input
+        )
+        self.add(kernel, x, *self.scale_shift, int(self.raw), buf, p.pt, p.pl)
+        return buf
+
+
+@dataclass(kw_only=True)
+class Step:
+    """One or a few kernel calls. `shape`: the per-image output shape (None: works in place)."""
+
+    VIEW: ClassVar[bool] = False  # the output is a view of the input: no buffer of its own
+
+    shape: tuple[int, ...] | None
+    takes_raw: bool = False  # may apply the model's preprocessing itself (a first conv)
+    padding: Padding | None = None
+
+    def tile_floats(self) -> int:
+        """Per-thread scratch floats the step's kernels need."""
+        return 0
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        """Append the calls that compute `out` from `x`; returns the step's output."""
+        raise NotImplementedError
+
+
+@dataclass(kw_only=True)
+class Preprocess(Step):
+    """The model's preprocessing on its own, when no convolution comes first."""
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        program.add(elementwise.preprocess, x, *program.scale_shift, out)
+        return out
+
+
+@dataclass(kw_only=True)
+class Activate(Step):
+    """A standalone activation, in place on rows of `width` values (softmax works per row)."""
+
+    act: int
+    width: int
+    shape: tuple[int, ...] | None = None
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        program.add(elementwise.activate, x.reshape(-1, self.width), self.act)
+        return x
