@@ -134,6 +134,15 @@ def stop_pid(pid: int, timeout: float) -> int:
     return 1
 
 
+def infer_times_after(
+    events: list[tuple[float, str, str]], outcome: str, since: float | None
+) -> list[float]:
+    """Times of inference calls that ended in `outcome` after `since` (none when `since` is None)."""
+    if since is None:
+        return []
+    return [t for t, kind, result in events if kind == "infer" and result == outcome and t > since]
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     import tritonclient.grpc as tc
 
@@ -181,27 +190,13 @@ def cmd_drain(args: argparse.Namespace) -> int:
     after = [e for e in events if e[0] >= t0]
     not_serving = [t for t, kind, outcome in after if kind == "health" and outcome != "SERVING"]
     first_not_serving = min(not_serving) if not_serving else None
-    drained_ok = [
-        t
-        for t, kind, outcome in after
-        if kind == "infer"
-        and outcome == "OK"
-        and first_not_serving is not None
-        and t > first_not_serving
-    ]
+    drained_ok = infer_times_after(after, "OK", first_not_serving)
     # Once the server refuses (UNAVAILABLE), the transport stops; gRPC core answers the calls it
     # holds but has not handed to a handler with CANCELLED (grpc/grpc#41785). Those were never
     # accepted, so they count apart; a CANCELLED before the refusal is a real failure.
     refused = [t for t, kind, outcome in after if kind == "infer" and outcome == "UNAVAILABLE"]
     first_refused = min(refused) if refused else None
-    cancelled_at_stop = [
-        t
-        for t, kind, outcome in after
-        if kind == "infer"
-        and outcome == "CANCELLED"
-        and first_refused is not None
-        and t > first_refused
-    ]
+    cancelled_at_stop = infer_times_after(after, "CANCELLED", first_refused)
     bad = sorted(
         {
             outcome

@@ -30,62 +30,58 @@ CIFAR10_LABELS = [
     "truck",
 ]
 
+
+def _conv(filters: int, size: int, padding: str, strides: int | None = None) -> dict[str, Any]:
+    """A square ReLU conv2d layer document (strides written out only when given)."""
+    layer: dict[str, Any] = {"type": "conv2d", "filters": filters, "kernel_size": [size, size]}
+    if strides is not None:
+        layer["strides"] = [strides, strides]
+    layer.update(padding=padding, activation="relu")
+    return layer
+
+
+def _pool(**options: Any) -> dict[str, Any]:
+    """A 2x2 max pooling layer document, with any further options (strides, padding)."""
+    return {"type": "max_pooling2d", "pool_size": [2, 2], **options}
+
+
+def _dense(units: int, activation: str = "relu") -> dict[str, Any]:
+    return {"type": "dense", "units": units, "activation": activation}
+
+
+_FLATTEN = {"type": "flatten"}
+_MNIST_INPUT = {"shape": [28, 28, 1], "scale": 1 / 255, "mean": [0.0], "std": [1.0]}
+
 _PRESETS: dict[str, dict[str, Any]] = {
     # The Keras Fashion-MNIST tutorial model: 243,786 parameters, about 10.1 MFLOP per image.
     "fashion_mnist": {
         "name": "fashion_mnist",
-        "input": {"shape": [28, 28, 1], "scale": 1 / 255, "mean": [0.0], "std": [1.0]},
+        "input": _MNIST_INPUT,
         "labels": FASHION_MNIST_LABELS,
         "layers": [
-            {
-                "type": "conv2d",
-                "filters": 64,
-                "kernel_size": [3, 3],
-                "strides": [1, 1],
-                "padding": "valid",
-                "activation": "relu",
-            },
-            {"type": "max_pooling2d", "pool_size": [2, 2], "strides": [2, 2], "padding": "valid"},
-            {
-                "type": "conv2d",
-                "filters": 64,
-                "kernel_size": [3, 3],
-                "strides": [1, 1],
-                "padding": "valid",
-                "activation": "relu",
-            },
-            {"type": "max_pooling2d", "pool_size": [2, 2], "strides": [2, 2], "padding": "valid"},
-            {"type": "flatten"},
-            {"type": "dense", "units": 128, "activation": "relu"},
-            {"type": "dense", "units": 10, "activation": "softmax"},
+            _conv(64, 3, "valid", strides=1),
+            _pool(strides=[2, 2], padding="valid"),
+            _conv(64, 3, "valid", strides=1),
+            _pool(strides=[2, 2], padding="valid"),
+            _FLATTEN,
+            _dense(128),
+            _dense(10, "softmax"),
         ],
     },
     # LeCun et al. 1998, with ReLU and max pooling as usually trained today; 28x28 input, `same` first conv.
     "lenet5": {
         "name": "lenet5",
-        "input": {"shape": [28, 28, 1], "scale": 1 / 255, "mean": [0.0], "std": [1.0]},
+        "input": _MNIST_INPUT,
         "labels": FASHION_MNIST_LABELS,
         "layers": [
-            {
-                "type": "conv2d",
-                "filters": 6,
-                "kernel_size": [5, 5],
-                "padding": "same",
-                "activation": "relu",
-            },
-            {"type": "max_pooling2d", "pool_size": [2, 2]},
-            {
-                "type": "conv2d",
-                "filters": 16,
-                "kernel_size": [5, 5],
-                "padding": "valid",
-                "activation": "relu",
-            },
-            {"type": "max_pooling2d", "pool_size": [2, 2]},
-            {"type": "flatten"},
-            {"type": "dense", "units": 120, "activation": "relu"},
-            {"type": "dense", "units": 84, "activation": "relu"},
-            {"type": "dense", "units": 10, "activation": "softmax"},
+            _conv(6, 5, "same"),
+            _pool(),
+            _conv(16, 5, "valid"),
+            _pool(),
+            _FLATTEN,
+            _dense(120),
+            _dense(84),
+            _dense(10, "softmax"),
         ],
     },
     # A small VGG-style net for 32x32x3 (CIFAR-10).
@@ -99,39 +95,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
         },
         "labels": CIFAR10_LABELS,
         "layers": [
-            {
-                "type": "conv2d",
-                "filters": 32,
-                "kernel_size": [3, 3],
-                "padding": "same",
-                "activation": "relu",
-            },
-            {
-                "type": "conv2d",
-                "filters": 32,
-                "kernel_size": [3, 3],
-                "padding": "valid",
-                "activation": "relu",
-            },
-            {"type": "max_pooling2d", "pool_size": [2, 2]},
-            {
-                "type": "conv2d",
-                "filters": 64,
-                "kernel_size": [3, 3],
-                "padding": "same",
-                "activation": "relu",
-            },
-            {
-                "type": "conv2d",
-                "filters": 64,
-                "kernel_size": [3, 3],
-                "padding": "valid",
-                "activation": "relu",
-            },
-            {"type": "max_pooling2d", "pool_size": [2, 2]},
-            {"type": "flatten"},
-            {"type": "dense", "units": 256, "activation": "relu"},
-            {"type": "dense", "units": 10, "activation": "softmax"},
+            _conv(32, 3, "same"),
+            _conv(32, 3, "valid"),
+            _pool(),
+            _conv(64, 3, "same"),
+            _conv(64, 3, "valid"),
+            _pool(),
+            _FLATTEN,
+            _dense(256),
+            _dense(10, "softmax"),
         ],
     },
 }

@@ -17,20 +17,9 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+from convserve.core.presets import FASHION_MNIST_LABELS
 from PIL import Image
 
-LABELS = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
 HERE = Path(__file__).resolve().parent
 
 
@@ -66,18 +55,18 @@ def main() -> None:
 
     rows = []
     for label, index in chosen.items():
-        name = f"{slug(LABELS[label])}_{index}.png"
+        name = f"{slug(FASHION_MNIST_LABELS[label])}_{index}.png"
         Image.fromarray(images[index], mode="L").save(HERE / name, optimize=True)
-        rows.append((name, index, label, LABELS[label]))
+        rows.append((name, index, label, FASHION_MNIST_LABELS[label]))
 
     # An RGB image of another size: the first test image, upscaled to 56x56 and tinted.
     index = 0
     label = int(labels[index])
     gray = Image.fromarray(images[index], mode="L").resize((56, 56), Image.Resampling.BILINEAR)
     rgb = np.stack([np.asarray(gray)] * 3, axis=-1).astype(np.float32) * np.array([1.0, 0.85, 0.7])
-    name = f"rgb_56x56_{slug(LABELS[label])}_{index}.png"
+    name = f"rgb_56x56_{slug(FASHION_MNIST_LABELS[label])}_{index}.png"
     Image.fromarray(rgb.round().astype(np.uint8), mode="RGB").save(HERE / name, optimize=True)
-    rows.append((name, index, label, LABELS[label]))
+    rows.append((name, index, label, FASHION_MNIST_LABELS[label]))
 
     with open(HERE / "labels.csv", "w", newline="") as f:
         writer = csv.writer(f)

@@ -2,46 +2,77 @@
 
 Lifecycle: listen at once (ServerLive true, health NOT_SERVING) -> load and warm every model
 version in a thread -> SERVING / ServerReady true -> on SIGTERM or SIGINT: health NOT_SERVING at
-once, keep serving for the drain window, then refuse new calls (UNAVAILABLE), finish every accepted
-request, stop the batchers and return 0 within the grace period.
+once, keep serving for the drain window, then hold new calls unread, finish every accepted request,
+stop the transport (GOAWAY), answer the held calls UNAVAILABLE, stop the batchers and return 0
+within the grace period (docs/operations.md says why in that order).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import time
 
 import grpc
 from convserve.core.threads import threads_by_batch
-from convserve.server.config import ServerConfig, resolve_repository
+from convserve.server.config import WORKER_ENV, ServerConfig, resolve_repository
 
 from convserve import __version__
 
-REFUSE_SECONDS = 0.5  # UNAVAILABLE from the servicer before the transport stops
-WORKER_ENV = "CONVSERVE_WORKER_INDEX"  # set by the supervisor in each worker process
+SETTLE_SECONDS = 0.2  # at shutdown: from the last answered call to stopping the transport
+GOAWAY_SECONDS = 0.1  # at shutdown: from the transport's GOAWAY to answering the held calls
+MAX_CONNECTIONS = 1024  # per server process; more are closed at accept (UNAVAILABLE)
+MESSAGE_OVERHEAD = 1 << 20  # protobuf framing, names, parameters around the pixels
+FALLBACK_IMAGE_BYTES = 224 * 224 * 3 * 4  # a model whose header cannot be read: assume this
+PEEK_HEADER_BYTES = 16 << 20  # larger model headers are not read for the message limit
 
 log = logging.getLogger("convserve.server")
-
-AUTO_MESSAGE_FLOOR = 64 * 1024 * 1024
 
 
 class StartupError(Exception):
     """The server cannot start; the message says why (no traceback is shown)."""
 
 
-def message_limit(config: ServerConfig, repository) -> int:
-    """Configured limit, or: 4 full batches of the largest model's FP32 images plus 1 MiB, >= 64 MiB."""
+def message_limit(config: ServerConfig, image_bytes: int) -> int:
+    """Configured limit, or the largest legal request: --max-request-images FP32 images of the
+    largest model (`image_bytes` each, FP32), plus framing."""
     if config.max_message_bytes:
         return config.max_message_bytes
+    return min(config.max_request_images * image_bytes + MESSAGE_OVERHEAD, 2**31 - 1)
+
+
+def largest_image_bytes(repository) -> int:
+    """Bytes of one FP32 image of the largest model input, read from the model files' headers
+    (before they are loaded, so the listener gets its message limit at once)."""
     largest = 0
-    for entry in repository.entries():
-        if entry.model is not None:
-            h, w, c = entry.model.input_shape
-            largest = max(largest, h * w * c * 4)
-    return min(max(AUTO_MESSAGE_FLOOR, 4 * config.max_batch_size * largest + (1 << 20)), 2**31 - 1)
+    for versions in repository.models.values():
+        for entry in versions.values():
+            shape = peek_input_shape(entry.path)
+            elements = FALLBACK_IMAGE_BYTES // 4 if shape is None else math.prod(shape)
+            largest = max(largest, elements * 4)
+    return largest
+
+
+def peek_input_shape(path) -> tuple[int, ...] | None:
+    """The input shape in a model file's header, or None if it cannot be read (the model's load
+    reports why)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > PEEK_HEADER_BYTES:
+                return None
+            metadata = json.loads(f.read(size))["__metadata__"]
+            shape = json.loads(metadata["architecture"])["input"]["shape"]
+        shape = tuple(int(d) for d in shape)
+        return shape if shape and all(d > 0 for d in shape) else None
+    except Exception:  # noqa: BLE001 - any malformed header: the load reports it properly
+        return None
 
 
 def configure_logging(level: str) -> None:
@@ -164,11 +195,12 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
 
-        # Listen first so that liveness and health (NOT_SERVING) answer during the warm-up.
-        limit_hint = cfg.max_message_bytes or AUTO_MESSAGE_FLOOR
+        # Listen first so that liveness and health (NOT_SERVING) answer during the warm-up; the
+        # message limit comes from the model files' headers.
+        limit = message_limit(cfg, largest_image_bytes(repository))
         self.repository = repository
         self.signatures, self.model_metrics = {}, {}
-        server, health = await self._start_grpc(limit_hint)
+        server, health = await self._start_grpc(limit)
         self._start_metrics()
 
         def make_batcher(entry):
@@ -208,13 +240,12 @@ class InferenceServer:
             mm = self.metrics.for_model(entry.name, entry.version_str)
             mm.loaded(entry.load_seconds, entry.warmup_seconds)
             self.model_metrics[key] = mm
-        limit = message_limit(cfg, repository)
-        if limit > limit_hint:
+        loaded = [math.prod(e.model.input_shape) * 4 for e in repository.ready_entries()]
+        if message_limit(cfg, max(loaded, default=0)) > limit:
             log.warning(
-                "message limit %d B exceeds the %d B the listener was started with; "
+                "the message limit %d B is below the largest legal request of a loaded model; "
                 "pass --max-message-bytes to raise it",
                 limit,
-                limit_hint,
             )
         log.info("%s", threading_layer())
         from convserve.core.runtime import release_compiler_pages, resident_mb
@@ -226,6 +257,10 @@ class InferenceServer:
             before,
             resident_mb(),
         )
+        from convserve.server.memory import Trimmer, freeze_startup_objects
+
+        freeze_startup_objects()
+        trimmer = asyncio.ensure_future(Trimmer(lambda: self.admission.idle).run())
         self.state.ready = True
         await health.refresh()
         self.metrics.ready.set(1)
@@ -241,12 +276,14 @@ class InferenceServer:
         )
 
         await self._shutdown.wait()
+        trimmer.cancel()
         return await self._drain(server, health)
 
     # -- pieces ----------------------------------------------------------------------------
     async def _start_grpc(self, limit: int):
         from convserve.proto import grpc_service_pb2 as pb
         from convserve.proto import grpc_service_pb2_grpc as pb_grpc
+        from convserve.server.admission import CONCURRENT_READS, AdmissionInterceptor, ByteBudget
         from convserve.server.connections import connection_options
         from convserve.server.readiness import HealthReporter
         from convserve.server.servicer import InferenceServicer
@@ -259,12 +296,35 @@ class InferenceServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0),
+            ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
+            ("grpc.http2.bdp_probe", 0),
             *connection_options(cfg),  # connection age and keepalive (behind load balancers)
         ]
+        # room for the messages being read (each reserves the limit) and one more held: a held
+        # request then never keeps the next one from being read
+        budget_bytes = max(cfg.max_queue_bytes, (CONCURRENT_READS + 1) * limit)
+        if budget_bytes > cfg.max_queue_bytes:
+            log.warning(
+                "--max-queue-bytes %d is below %d x the message limit (%d B): raised to %d B",
+                cfg.max_queue_bytes,
+                CONCURRENT_READS + 1,
+                limit,
+                budget_bytes,
+            )
+        self.admission = AdmissionInterceptor(
+            ByteBudget(budget_bytes, limit),
+            self.metrics.refused_early,
+            max(256, 2 * cfg.max_queue_size),
+        )
         from convserve.server.wire import RawRequests
 
-        # security first: a call without a valid token is refused before its bytes are parsed
-        interceptors = [*self.security.interceptors(self.metrics.refused), RawRequests()]
+        # Admission first: it holds calls at shutdown and bounds the bytes every call may read,
+        # a call with a bad token included; then the token check, before any bytes are parsed.
+        interceptors = [
+            self.admission,
+            *self.security.interceptors(self.metrics.refused),
+            RawRequests(self.metrics.refused_early),
+        ]
         server = grpc.aio.server(options=options, interceptors=interceptors)
         servicer = InferenceServicer(
             self.repository,
@@ -300,11 +360,13 @@ class InferenceServer:
             raise StartupError(f"cannot listen on {address}: {exc}") from None
         await server.start()
         log.info(
-            "listening on %s:%d (gRPC, %s, max message %d B); health NOT_SERVING until models are warm",
+            "listening on %s:%d (gRPC, %s, max message %d B, request bytes held at most %d B); "
+            "health NOT_SERVING until models are warm",
             cfg.host,
             self.bound_port,
             self.security.describe(),
             limit,
+            budget_bytes,
         )
         self._health_watch = asyncio.ensure_future(health.watch())
         return server, health
@@ -360,12 +422,20 @@ class InferenceServer:
             "refusing new requests; finishing the accepted ones (at most %.1f s)",
             max(0.0, deadline - time.monotonic()),
         )
-        # Refuse with UNAVAILABLE ourselves for a moment before stopping the transport: gRPC core
-        # answers calls it has received but not yet handed to a handler with CANCELLED when the
-        # server stops (grpc/grpc#41785), and clients should see UNAVAILABLE and retry elsewhere.
-        self.state.refusing = True
-        await asyncio.sleep(min(REFUSE_SECONDS, max(0.0, deadline - time.monotonic() - 1.0)))
-        await server.stop(max(0.1, deadline - time.monotonic() - 0.5))
+        # gRPC core answers the calls it holds but has not handed to Python with CANCELLED when
+        # the transport stops (grpc/grpc#41785). So: hold every new call unread, let the accepted
+        # ones finish, stop the transport (GOAWAY to every client), and only then answer the held
+        # calls (UNAVAILABLE); their retries find the port closed and fail cleanly too.
+        self.admission.hold()
+        await self.admission.wait_idle(max(0.0, deadline - time.monotonic() - 1.0))
+        # A client answered just now sends its next call at once: let gRPC hand it to us (held)
+        # before the transport stops, or it would be one of the calls core cancels.
+        await asyncio.sleep(SETTLE_SECONDS)
+        stopping = asyncio.ensure_future(server.stop(max(0.1, deadline - time.monotonic() - 0.5)))
+        await asyncio.sleep(GOAWAY_SECONDS)
+        self.state.refusing = True  # the held calls, and only they, are refused
+        self.admission.release()
+        await stopping
         stopped = True
         for entry in self.repository.ready_entries():
             stopped &= entry.batcher.close(timeout=max(0.1, deadline - time.monotonic()))
@@ -433,6 +503,13 @@ def serve(config: ServerConfig) -> int:
         from convserve.server.workers import supervise
 
         return supervise(config)
+    from convserve.server.memory import prefer_mmap_for_large_blocks
+
+    if os.environ.get(WORKER_ENV) is not None:
+        from convserve.server.workers import die_with_supervisor
+
+        die_with_supervisor()
+    prefer_mmap_for_large_blocks()
     server = InferenceServer(config, security)
     try:
         return asyncio.run(server.run())

@@ -29,7 +29,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -471,8 +471,3 @@ def _as_serving_error(exc: BaseException, model: str) -> ServingError:
     return ServingError(
         f"model '{model}' failed: {type(exc).__name__}: {exc}", code="INTERNAL", reason="error"
     )
-
-
-def wait_all(jobs: Iterable[Job], timeout: float | None = None) -> list[Job]:
-    """Block until every job's (concurrent) future is done; a helper for tests and scripts."""
-    return [job.future.result(timeout) for job in jobs]

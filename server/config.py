@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 ENV_PREFIX = "CONVSERVE_"
 MODEL_FILENAME = "model.safetensors"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+WORKER_ENV = "CONVSERVE_WORKER_INDEX"  # set by the `--workers` supervisor in each worker process
 
 
 def _bool(text: str) -> bool:
@@ -295,6 +296,15 @@ OPTIONS: tuple[Option, ...] = (
         16 << 30,
         "refuse a model whose batch of --max-batch-size images (inputs plus every image's "
         "activations) would need more bytes (0: no limit)",
+        "BYTES",
+    ),
+    Option(
+        "--max-queue-bytes",
+        _pos_int,
+        512 * 1024 * 1024,
+        "most request bytes one server process holds at once (received, queued or computing; "
+        "at least 5 x the message limit). A call reserves the message limit before its message "
+        "is read; one that finds no room is refused with RESOURCE_EXHAUSTED, unread",
         "BYTES",
     ),
 )

@@ -50,6 +50,15 @@ class ServerMetrics:
             labels + ("outcome",),
             registry=r,
         )
+        self.refusals = Counter(
+            "convserve_refusals",
+            "Calls refused before their message was read or by gRPC itself, by method and reason "
+            "(memory: byte budget full; concurrency: too many calls; message_size: over the "
+            "gRPC message limit); ModelInfer refusals also count in convserve_requests_total "
+            'with model="" and outcome "rejected"',
+            ("method", "reason"),
+            registry=r,
+        )
         self.images = Counter(
             "convserve_inference_images", "Images inferred successfully", labels, registry=r
         )
@@ -119,6 +128,13 @@ class ServerMetrics:
     def refused(self, reason: str) -> None:
         """Count a call refused by the token check."""
         self.auth_refusals.labels(reason).inc()
+
+    def refused_early(self, method: str, reason: str) -> None:
+        """A call refused before its model was known (see `convserve.server.admission`)."""
+        name = method.rsplit("/", 1)[-1]
+        self.refusals.labels(name, reason).inc()
+        if name == "ModelInfer":
+            self.requests.labels("", "", "rejected").inc()
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         return ModelMetrics(self, model, version)

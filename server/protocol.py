@@ -226,23 +226,23 @@ def _int_parameter(p: pb.InferParameter, what: str, model: str) -> int:
     )
 
 
+def _non_negative_parameter(p: pb.InferParameter, key: str, model: str, unit: str) -> int:
+    """An integer request parameter that must be >= 0; `unit` follows the bound in the message."""
+    value = _int_parameter(p, key, model)
+    if value < 0:
+        raise InvalidRequest(
+            f"parameter '{key}' for model '{model}' must be >= 0{unit}, got {value}"
+        )
+    return value
+
+
 def _request_parameters(request: pb.ModelInferRequest, model: str) -> tuple[int, int | None]:
     priority, timeout_us = 0, None
     for key, p in request.parameters.items():
         if key == "priority":
-            priority = _int_parameter(p, key, model)
-            if priority < 0:
-                raise InvalidRequest(
-                    f"parameter 'priority' for model '{model}' must be >= 0 "
-                    f"(1 is highest, 0 the default), got {priority}"
-                )
+            priority = _non_negative_parameter(p, key, model, " (1 is highest, 0 the default)")
         elif key == "timeout":
-            timeout_us = _int_parameter(p, key, model)
-            if timeout_us < 0:
-                raise InvalidRequest(
-                    f"parameter 'timeout' for model '{model}' must be >= 0 microseconds, "
-                    f"got {timeout_us}"
-                )
+            timeout_us = _non_negative_parameter(p, key, model, " microseconds")
             if timeout_us == 0:
                 timeout_us = None  # Triton: 0 = no timeout
         elif key in SEQUENCE_PARAMETERS:

@@ -63,7 +63,10 @@ def message_name(deserializer: Callable[[bytes], Any]) -> str:
     return getattr(descriptor, "full_name", "the method's request message")
 
 
-def _parser(method: str, deserializer: Callable[[bytes], Any]):
+Refused = Callable[[str, str], None]
+
+
+def _parser(method: str, deserializer: Callable[[bytes], Any], refused: Refused):
     expected = message_name(deserializer)
     details = (
         f"{method}: the request does not parse as {expected}: expected a serialized "
@@ -75,6 +78,7 @@ def _parser(method: str, deserializer: Callable[[bytes], Any]):
             return deserializer(raw)
         except Exception:  # DecodeError, RecursionError, ...: the bytes are the client's mistake
             _throttled.warning(method, f"refused an undecodable request to {method}")
+            refused(method, "undecodable")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
 
     return parse
@@ -100,8 +104,8 @@ async def _guarded(method: str, context: grpc.aio.ServicerContext, run: Callable
         )
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    parse = _parser(method, handler.request_deserializer)
+def _wrap(handler: grpc.RpcMethodHandler, method: str, refused: Refused) -> grpc.RpcMethodHandler:
+    parse = _parser(method, handler.request_deserializer, refused)
     serialize = handler.response_serializer
 
     async def requests(raw_iterator: AsyncIterator[bytes], context) -> AsyncIterator[Any]:
@@ -153,9 +157,11 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
 
 
 class RawRequests(grpc.aio.ServerInterceptor):
-    """Hand every handler raw bytes and parse them here (see the module docstring)."""
+    """Hand every handler raw bytes and parse them here (see the module docstring); `refused`
+    counts a request that does not parse (method, reason)."""
 
-    def __init__(self) -> None:
+    def __init__(self, refused: Refused = lambda method, reason: None) -> None:
+        self._refused = refused
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -165,5 +171,5 @@ class RawRequests(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is None or cached[0] is not handler:  # handlers are registered once: wrap once
-            cached = self._wrapped[method] = (handler, _wrap(handler, method))
+            cached = self._wrapped[method] = (handler, _wrap(handler, method, self._refused))
         return cached[1]

@@ -1,4 +1,4 @@
-"""Shared fixtures: small models with seeded random weights."""
+"""Shared fixtures: small models with seeded random weights, and a stub on a module's server."""
 
 from __future__ import annotations
 
@@ -29,3 +29,13 @@ def reference_model(reference_document):
     from convserve.core import Model
 
     return Model(reference_document, random_weights(reference_document))
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    """An inference stub on the test module's `server` fixture (its channel closed afterwards)."""
+    from tests import server_harness as h
+
+    stub, channel = h.stub(server.target)
+    yield stub
+    channel.close()

@@ -8,6 +8,7 @@ message limit) and `slow_server()` (--max-batch-size 1, --max-queue-size 4, for 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -170,10 +171,31 @@ def repository() -> Path:
     return make_repository(Path(tempfile.mkdtemp(prefix="repo-", dir=_SESSION_DIR)))
 
 
+def quick_stop(grace_seconds: int = 10) -> tuple[str, ...]:
+    """Shutdown flags for test servers: no drain wait, and a bounded grace period."""
+    return ("--drain-seconds", "0", "--grace-period", str(grace_seconds))
+
+
+@contextlib.contextmanager
+def serving(repository: Path, *flags: str, **options):
+    """A server on `repository`, ready inside the block and stopped when it ends."""
+    server = Server(repository, *flags, **options)
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+def _shared_server(*flags: str) -> Server:
+    """A server on the session's repository, ready, and stopped when the session ends."""
+    server = Server(repository(), *flags, *quick_stop())
+    _started.append(server)
+    return server.wait_ready()
+
+
 @cache
 def main_server() -> Server:
-    server = Server(
-        repository(),
+    return _shared_server(
         "--max-batch-size",
         "64",
         "--max-request-images",
@@ -182,33 +204,15 @@ def main_server() -> Server:
         str(MAX_MESSAGE_BYTES),
         "--warmup-batch-sizes",
         "1,64",
-        "--drain-seconds",
-        "0",
-        "--grace-period",
-        "10",
     )
-    _started.append(server)
-    return server.wait_ready()
 
 
 @cache
 def slow_server() -> Server:
     """One image per execution and at most 4 queued requests: queues fill up quickly."""
-    server = Server(
-        repository(),
-        "--max-batch-size",
-        "1",
-        "--max-queue-size",
-        "4",
-        "--warmup-batch-sizes",
-        "1",
-        "--drain-seconds",
-        "0",
-        "--grace-period",
-        "10",
+    return _shared_server(
+        "--max-batch-size", "1", "--max-queue-size", "4", "--warmup-batch-sizes", "1"
     )
-    _started.append(server)
-    return server.wait_ready()
 
 
 @cache

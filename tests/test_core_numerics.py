@@ -19,6 +19,12 @@ ACTIVATIONS = ["linear", "relu", "tanh", "sigmoid", "softmax"]
 TOLERANCE = 1e-4
 
 
+def assert_forward_matches_reference(model, doc, weights, x, rtol=0.0, where=""):
+    """`model.forward(x)` equals the NumPy reference within TOLERANCE (and `rtol`)."""
+    expected = ref.forward(doc, weights, x)
+    np.testing.assert_allclose(model.forward(x), expected, atol=TOLERANCE, rtol=rtol, err_msg=where)
+
+
 def _weights(doc: dict, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
@@ -227,13 +233,8 @@ def test_wide_convolutions_match_numpy_reference(filters):
             model = Model(doc, weights)
             assert _kind(model._plan.steps[0]) == ("DirectConv+pool" if pool else "DirectConv")
             x = rng.standard_normal((3, width + 2, width, 5)).astype(np.float32)
-            np.testing.assert_allclose(
-                model.forward(x),
-                ref.forward(doc, weights, x),
-                atol=TOLERANCE,
-                rtol=0,
-                err_msg=f"width {width}, pool {pool}, stride {stride}, {padding}",
-            )
+            where = f"width {width}, pool {pool}, stride {stride}, {padding}"
+            assert_forward_matches_reference(model, doc, weights, x, where=where)
 
 
 @pytest.mark.parametrize("channels,filters", [(8, 16), (16, 64), (20, 70), (37, 32), (64, 20)])
@@ -307,9 +308,7 @@ def test_a_model_may_end_with_flatten():
     model = Model(doc, weights)
     for n in (1, 40):  # one chunk and several
         x = np.random.default_rng(n).standard_normal((n, 6, 5, 2)).astype(np.float32)
-        np.testing.assert_allclose(
-            model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE, rtol=1e-5
-        )
+        assert_forward_matches_reference(model, doc, weights, x, rtol=1e-5)
 
 
 def test_random_architectures_match_numpy_reference(cases):
@@ -358,13 +357,7 @@ def test_softmax_hidden_dense_layer_at_every_batch_size():
     rng = np.random.default_rng(12)
     for n in (1, 3, 5, 7, 8, 40):
         x = rng.standard_normal((n, 6, 6, 2)).astype(np.float32)
-        np.testing.assert_allclose(
-            model.forward(x),
-            ref.forward(doc, weights, x),
-            atol=TOLERANCE,
-            rtol=0,
-            err_msg=f"batch {n}",
-        )
+        assert_forward_matches_reference(model, doc, weights, x, where=f"batch {n}")
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

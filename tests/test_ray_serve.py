@@ -138,22 +138,11 @@ def ray_app(repository):
 
 @pytest.fixture(scope="module")
 def direct(repository):
-    server = h.Server(
-        repository,
-        "--max-request-images",
-        "1000",
-        "--max-message-bytes",
-        str(h.MAX_MESSAGE_BYTES),
-        "--warmup-batch-sizes",
-        "1,64",
-        "--drain-seconds",
-        "0",
-        metrics=False,
-    )
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    flags = ("--max-request-images", "1000", "--max-message-bytes", str(h.MAX_MESSAGE_BYTES))
+    with h.serving(
+        repository, *flags, "--warmup-batch-sizes", "1,64", *h.quick_stop(), metrics=False
+    ) as server:
+        yield server
 
 
 def test_tritonclient_through_ray_matches_model_predict(ray_app, repository):

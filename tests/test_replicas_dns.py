@@ -22,7 +22,7 @@ from convserve.client import Client
 
 from tests.client_servers import statistics, write_repository
 from tests.dns_stand_in import DnsStandIn
-from tests.server_harness import Server, free_port, images
+from tests.server_harness import Server, free_port, images, quick_stop
 
 MODEL = "fashion_mnist"
 NAME = "convserve.test"
@@ -38,10 +38,7 @@ REPLICA_FLAGS = (
     "8",
     "--warmup-batch-sizes",
     "1,8",
-    "--drain-seconds",
-    "0",
-    "--grace-period",
-    "5",
+    *quick_stop(grace_seconds=5),
 )
 HOSTS = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 NEW_HOST = "127.0.0.4"

@@ -6,12 +6,13 @@ exactly what is queued while the "model" is busy; no timing is asserted.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 import numpy as np
 import pytest
-from convserve.server.batcher import DynamicBatcher, wait_all
+from convserve.server.batcher import DynamicBatcher, Job
 from convserve.server.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -20,6 +21,11 @@ from convserve.server.errors import (
     RequestTimeout,
     Unavailable,
 )
+
+
+def wait_all(jobs: list[Job], timeout: float | None = None) -> list[Job]:
+    """Block until every job's (concurrent) future is done; returns the finished jobs."""
+    return [job.future.result(timeout) for job in jobs]
 
 
 class GatedModel:
@@ -49,6 +55,20 @@ def imgs(n: int, first: float = 0.0) -> np.ndarray:
     x = np.ones((n, 2, 2, 1), np.float32)
     x[:, 0, 0, 0] = first
     return x
+
+
+@contextlib.contextmanager
+def busy_batcher(model: GatedModel, **options):
+    """A batcher over `model`, busy with a first one-image batch that blocks until release;
+    yields the batcher and that first request, and closes the batcher afterwards."""
+    batcher = DynamicBatcher(model.predict, name="m", **options)
+    try:
+        first = batcher.submit(imgs(1))
+        assert model.started.wait(5)
+        yield batcher, first
+    finally:
+        model.release()
+        batcher.close(5)
 
 
 @pytest.fixture
@@ -111,11 +131,7 @@ def test_priority_goes_first(gated):
 
 
 def test_queue_full_is_rejected_at_once():
-    model = GatedModel()
-    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=4, max_queue_size=2)
-    try:
-        batcher.submit(imgs(1))
-        assert model.started.wait(5)
+    with busy_batcher(GatedModel(), max_batch_size=4, max_queue_size=2) as (batcher, _):
         batcher.submit(imgs(1))
         batcher.submit(imgs(1))
         with pytest.raises(
@@ -124,9 +140,6 @@ def test_queue_full_is_rejected_at_once():
             r"the maximum is 2",
         ):
             batcher.submit(imgs(1))
-    finally:
-        model.release()
-        batcher.close(5)
 
 
 def test_expired_cancelled_and_timed_out_requests_leave_before_compute(gated):
@@ -153,17 +166,12 @@ def test_expired_cancelled_and_timed_out_requests_leave_before_compute(gated):
 
 def test_failing_batch_is_rerun_member_by_member():
     model = GatedModel(fail_on=99.0)
-    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=16)
-    try:
-        batcher.submit(imgs(1))
-        assert model.started.wait(5)
+    with busy_batcher(model, max_batch_size=16) as (batcher, _):
         good1 = batcher.submit(imgs(2, first=1))
         bad = batcher.submit(imgs(3, first=99))
         good2 = batcher.submit(imgs(4, first=2))
         model.release()
         done = wait_all([good1, bad, good2], timeout=10)
-    finally:
-        batcher.close(5)
     assert model.batches == [1, 9, 2, 3, 4]  # the batch of 9 failed, then each member alone
     assert done[0].error is None and done[2].error is None
     np.testing.assert_array_equal(done[2].result[:, 1], np.full(4, 2.0))
@@ -172,17 +180,12 @@ def test_failing_batch_is_rerun_member_by_member():
 
 def test_queue_delay_waits_for_more_after_a_busy_period():
     model = GatedModel()
-    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=8, max_queue_delay_us=300_000)
-    try:
-        batcher.submit(imgs(1))
-        assert model.started.wait(5)
+    with busy_batcher(model, max_batch_size=8, max_queue_delay_us=300_000) as (batcher, _):
         early = batcher.submit(imgs(1))
         model.release()
         time.sleep(0.05)  # well inside the 300 ms window counted from `early`'s arrival
         late = batcher.submit(imgs(2))
         wait_all([early, late], timeout=10)
-    finally:
-        batcher.close(5)
     assert model.batches == [1, 3]  # `late` joined the batch that was waiting for more
 
 
@@ -205,10 +208,7 @@ def test_closed_batcher_finishes_its_queue_and_refuses_new_work():
 
 def test_abandoned_request_frees_its_queue_slot_at_once():
     model = GatedModel()
-    batcher = DynamicBatcher(model.predict, name="m", max_batch_size=4, max_queue_size=1)
-    try:
-        running = batcher.submit(imgs(1))
-        assert model.started.wait(5)
+    with busy_batcher(model, max_batch_size=4, max_queue_size=1) as (batcher, running):
         queued = batcher.submit(imgs(3))
         with pytest.raises(QueueFull):
             batcher.submit(imgs(1))
@@ -217,8 +217,6 @@ def test_abandoned_request_frees_its_queue_slot_at_once():
         replacement = batcher.submit(imgs(2))  # the slot is free again
         model.release()
         done = wait_all([running, replacement], timeout=10)
-    finally:
-        batcher.close(5)
     assert isinstance(queued.error, RequestTimeout) and queued.result is None
     assert [j.error for j in done] == [None, None]
     assert model.batches == [1, 2]  # the abandoned images were never computed

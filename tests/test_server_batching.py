@@ -59,15 +59,19 @@ def test_responses_are_identical_alone_and_batched():
 def test_full_queue_is_refused_at_once_with_numbers():
     server = h.slow_server()  # --max-batch-size 1 --max-queue-size 4
     api, channel = h.stub(server.target)
-    try:
-        x = h.images(64, seed=22)
-        before = h.metric(
+
+    def rejected_total() -> float:
+        return h.metric(
             server.metrics(),
             "convserve_requests_total",
             model="fashion",
             version="2",
             outcome="rejected",
         )
+
+    try:
+        x = h.images(64, seed=22)
+        before = rejected_total()
         futures = [api.ModelInfer.future(h.infer_request("fashion", x)) for _ in range(16)]
         ok, rejected = 0, []
         for f in futures:
@@ -83,13 +87,7 @@ def test_full_queue_is_refused_at_once_with_numbers():
             assert int(pushback["grpc-retry-pushback-ms"]) >= 1
             assert exc.details().startswith("Exceeds maximum queue size:")
             assert "for model 'fashion', the maximum is 4" in exc.details()
-        after = h.metric(
-            server.metrics(),
-            "convserve_requests_total",
-            model="fashion",
-            version="2",
-            outcome="rejected",
-        )
+        after = rejected_total()
         assert after - before == len(rejected)
     finally:
         channel.close()

@@ -15,13 +15,6 @@ def server():
     return h.main_server()
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    stub, channel = h.stub(server.target)
-    yield stub
-    channel.close()
-
-
 def rpc_error(call, request) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call(request, timeout=30)
@@ -176,28 +169,24 @@ def test_missing_data_and_raw_with_contents(api):
     )
 
 
-def test_typed_contents_checked(api):
+@pytest.mark.parametrize(
+    "datatype,field,values,fragments",
+    [
+        ("UINT8", "uint_contents", [1] * 700, ["Expected 784 in contents.uint_contents, got 700"]),
+        ("UINT8", "uint_contents", [1] * 700 + [300] * 84, ["UINT8 values above 255"]),
+        (
+            "FP32",
+            "int_contents",
+            [1] * 784,
+            ["values go in contents.fp32_contents", "int_contents"],
+        ),
+    ],
+)
+def test_typed_contents_checked(api, datatype, field, values, fragments):
     req = pb.ModelInferRequest(model_name="fashion")
-    tensor = req.inputs.add(name="input", datatype="UINT8", shape=[1, 28, 28, 1])
-    tensor.contents.uint_contents.extend([1] * 700)
-    expect(
-        api,
-        req,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "Expected 784 in contents.uint_contents, got 700",
-    )
-    tensor.contents.uint_contents.extend([300] * 84)
-    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT, "UINT8 values above 255")
-    req = pb.ModelInferRequest(model_name="fashion")
-    tensor = req.inputs.add(name="input", datatype="FP32", shape=[1, 28, 28, 1])
-    tensor.contents.int_contents.extend([1] * 784)
-    expect(
-        api,
-        req,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "values go in contents.fp32_contents",
-        "int_contents",
-    )
+    tensor = req.inputs.add(name="input", datatype=datatype, shape=[1, 28, 28, 1])
+    getattr(tensor.contents, field).extend(values)
+    expect(api, req, grpc.StatusCode.INVALID_ARGUMENT, *fragments)
 
 
 def test_nan_input_refused_before_batching(api):
@@ -246,6 +235,12 @@ def test_bad_outputs_and_parameters(api):
         grpc.StatusCode.INVALID_ARGUMENT,
         "'timeout'",
         "got -5",
+    )
+    expect(
+        api,
+        h.infer_request("fashion", x, parameters={"priority": -1}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "parameter 'priority' for model 'fashion' must be >= 0 (1 is highest, 0 the default), got -1",
     )
     req = h.infer_request("fashion", x, outputs=[("probabilities", 0)])
     req.outputs[0].parameters["shared_memory_region"].string_param = "region0"

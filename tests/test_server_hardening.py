@@ -63,23 +63,9 @@ def repository(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repository):
-    server = h.Server(
-        repository,
-        "--skip-bad-models",
-        "true",
-        "--max-batch-size",
-        "8",
-        "--warmup-batch-sizes",
-        "1,8",
-        "--drain-seconds",
-        "0",
-        "--grace-period",
-        "10",
-    )
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    flags = ("--skip-bad-models", "true", "--max-batch-size", "8", "--warmup-batch-sizes", "1,8")
+    with h.serving(repository, *flags, *h.quick_stop()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -384,3 +370,22 @@ def test_tokens_are_checked_before_the_bytes_are_parsed(tmp_path):
             assert "does not parse as inference.ModelInferRequest" in info.value.details()
     finally:
         server.stop()
+
+
+def test_undecodable_requests_are_counted(server, channel):
+    def counts() -> tuple[float, float]:
+        text = server.metrics()
+        refused = h.metric(
+            text, "convserve_refusals_total", method="ModelInfer", reason="undecodable"
+        )
+        rejected = h.metric(text, "convserve_requests_total", model="", outcome="rejected")
+        return refused, rejected
+
+    before = counts()
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = counts()
+    assert after[0] - before[0] == 3 and after[1] - before[1] == 3, (before, after)

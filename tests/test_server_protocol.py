@@ -17,13 +17,6 @@ def server():
     return h.main_server()
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    stub, channel = h.stub(server.target)
-    yield stub
-    channel.close()
-
-
 def test_health_live_ready_and_model_ready(api, server):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -1,5 +1,5 @@
 """`convserve serve --workers N`: worker processes sharing one port, metrics summed over them,
-signals forwarded, a dead worker taking the server down (real processes on 127.0.0.1)."""
+signals forwarded, a dead worker restarted while the other serves (real processes on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,12 @@ def _start_workers(count: int) -> h.Server:
         assert server.process.poll() is None, server.log()
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.1)
-    # a fresh channel lands on any worker: wait until ten in a row find one SERVING
+    _wait_all_serving(server, deadline)
+    return server
+
+
+def _wait_all_serving(server: h.Server, deadline: float) -> None:
+    """A fresh channel lands on any worker: wait until ten in a row find one SERVING."""
     ready = 0
     while ready < 10:
         assert time.monotonic() < deadline, server.log()
@@ -53,7 +58,6 @@ def _start_workers(count: int) -> h.Server:
                 status = None
         ready = ready + 1 if status == health_pb2.HealthCheckResponse.SERVING else 0
         time.sleep(0.05)
-    return server
 
 
 def test_fixed_port_is_required():
@@ -114,19 +118,93 @@ def test_workers_share_the_port_sum_metrics_and_drain():
         code = server.stop(timeout=30)
     assert code == 0, server.log()
     for pid in workers:
-        assert (
-            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-        )
+        assert _gone(pid)
     assert server.log().count("shutdown complete") == 2
 
 
-def test_a_dead_worker_stops_the_server():
-    server = _start_workers(2)
-    victim = _children(server.process.pid)[0]
-    os.kill(victim, signal.SIGKILL)
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie awaiting its parent, or reaped)."""
     try:
-        code = server.process.wait(timeout=60)
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def _infer_on_fresh_connections(server: h.Server, count: int) -> int:
+    """`count` lenet requests, each on a new connection (so on any live worker); successes."""
+    expected = h.local_model("lenet", 1).predict(h.images(2, seed=6))
+    ok = 0
+    for _ in range(count):
+        api, channel = h.stub(server.target)
+        try:
+            response = api.ModelInfer(h.infer_request("lenet", h.images(2, seed=6)), timeout=30)
+            np.testing.assert_array_equal(h.probabilities(response), expected)
+            ok += 1
+        finally:
+            channel.close()
+    return ok
+
+
+def test_a_dead_worker_is_restarted_while_the_others_serve():
+    """SIGKILL one of two workers: the other keeps answering, the supervisor restarts the dead
+    one (a new pid), /metrics still counts every success (the dead worker's included) and reads
+    ready again, and SIGTERM then stops everything with exit code 0."""
+    server = _start_workers(2)
+    try:
+        sent = _infer_on_fresh_connections(server, 6)
+        before = _children(server.process.pid)
+        victim = before[0]
+        os.kill(victim, signal.SIGKILL)
+        # Until the killed process is gone its listening socket still takes a share of new
+        # connections (and resets them); from then on, while the dead worker is being replaced,
+        # every new connection lands on the survivor.
+        deadline = time.monotonic() + 60
+        while not _gone(victim):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        sent += _infer_on_fresh_connections(server, 6)
+        deadline = time.monotonic() + 240
+        while True:
+            now = _children(server.process.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            assert server.process.poll() is None, server.log()
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        while server.log().count("]: ready: ") < 3:  # the two first workers and the replacement
+            assert server.process.poll() is None, server.log()
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        _wait_all_serving(server, deadline)
+        sent += _infer_on_fresh_connections(server, 6)
+        text = server.metrics()
+        assert (
+            h.metric(
+                text, "convserve_requests_total", model="lenet", version="1", outcome="success"
+            )
+            == sent
+        )
+        assert h.metric(text, "convserve_server_ready") == 1
+        assert h.metric(text, "convserve_queue_depth", model="lenet", version="1") == 0
+    finally:
+        code = server.stop(timeout=30)
+    assert code == 0, server.log()
+    log = server.log()
+    assert f"(pid {victim}) died (signal SIGKILL)" in log
+    assert "restarting worker 0" in log
+    assert log.count("shutdown complete") == 2  # the survivor and the replacement
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_its_code(tmp_path):
+    """Exit code 2 (a bad model file): restarting cannot help, so the supervisor exits 2."""
+    bad = tmp_path / "bad" / "1" / "model.safetensors"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a model file")
+    server = h.Server(tmp_path, "--workers", "2", "--warmup-batch-sizes", "1")
+    try:
+        code = server.process.wait(timeout=120)
     finally:
         server.stop()
-    assert code != 0
-    assert f"(pid {victim}) exited with -9; stopping the others" in server.log()
+    assert code == 2, server.log()
+    assert "could not start (exit code 2); stopping the others" in server.log()
+    assert "restarting worker" not in server.log()

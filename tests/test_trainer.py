@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from convserve.core import Model, ModelError
 from convserve.core.datasets import Dataset, load_dataset
+from convserve.core.presets import FASHION_MNIST_LABELS
 from convserve.core.training import checkpoint as checkpoint_module
 from convserve.core.training.checkpoint import load_checkpoint
 from convserve.core.training.network import Network
@@ -20,18 +21,7 @@ from convserve.cli import main
 TINY = {
     "name": "tiny",
     "input": {"shape": [28, 28, 1], "scale": 1 / 255},
-    "labels": [
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ],
+    "labels": FASHION_MNIST_LABELS,
     "layers": [
         {
             "type": "conv2d",
@@ -45,6 +35,13 @@ TINY = {
         {"type": "dense", "units": 10, "activation": "softmax"},
     ],
 }
+
+
+def quiet_fit(*args, **kwargs):
+    """`fit` without the progress bar and log lines."""
+    return fit(*args, progress=False, log=lambda line: None, **kwargs)
+
+
 SETTINGS = dict(epochs=3, batch_size=32, lr=1e-2, seed=5)
 
 
@@ -63,7 +60,7 @@ def data():
 @pytest.fixture(scope="module")
 def trained(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "model.safetensors"
-    result = fit(data, TINY, out, progress=False, log=lambda line: None, **SETTINGS)
+    result = quiet_fit(data, TINY, out, **SETTINGS)
     return out, result
 
 
@@ -106,31 +103,24 @@ def test_saved_model_gives_the_measured_predictions(trained, data):
 
 def test_same_seed_gives_bit_identical_weights(trained, data):
     _, first = trained
-    again = fit(data, TINY, progress=False, log=lambda line: None, **SETTINGS)
+    again = quiet_fit(data, TINY, **SETTINGS)
     assert np.array_equal(_weights(again), _weights(first))
     assert again.history[-1]["loss"] == first.history[-1]["loss"]
-    other = fit(data, TINY, progress=False, log=lambda line: None, **{**SETTINGS, "seed": 6})
+    other = quiet_fit(data, TINY, **{**SETTINGS, "seed": 6})
     assert not np.array_equal(_weights(other), _weights(first))
 
 
 def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(trained, data, tmp_path):
     _, full = trained
     ckpt = tmp_path / "c.safetensors"
-    fit(
-        data,
-        TINY,
-        progress=False,
-        log=lambda line: None,
-        checkpoint=ckpt,
-        **{**SETTINGS, "epochs": 2},
-    )
+    quiet_fit(data, TINY, checkpoint=ckpt, **{**SETTINGS, "epochs": 2})
     _, tensors, state = load_checkpoint(ckpt)
     assert (
         state["epoch"] == 2
         and state["step"] == 0
         and set(tensors) == {"params", "adam.m", "adam.v"}
     )
-    resumed = fit(data, resume=ckpt, progress=False, log=lambda line: None, epochs=3)
+    resumed = quiet_fit(data, resume=ckpt, epochs=3)
     assert np.array_equal(_weights(resumed), _weights(full))
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
 
@@ -155,7 +145,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(
     )  # as in an interactive shell
     try:
         with pytest.raises(TrainingInterrupted) as info:
-            fit(data, TINY, progress=False, log=lambda line: None, checkpoint=ckpt, **SETTINGS)
+            quiet_fit(data, TINY, checkpoint=ckpt, **SETTINGS)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -163,21 +153,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_identically(
     monkeypatch.setattr(Network, "loss_and_grad", original)
     _, _, state = load_checkpoint(ckpt)
     assert (state["epoch"], state["step"]) == (1, 5)
-    resumed = fit(data, resume=ckpt, progress=False, log=lambda line: None)
+    resumed = quiet_fit(data, resume=ckpt)
     assert np.array_equal(_weights(resumed), _weights(full))
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
 
 
 def test_checkpoint_writes_are_atomic(data, tmp_path, monkeypatch):
     ckpt = tmp_path / "c.safetensors"
-    fit(
-        data,
-        TINY,
-        progress=False,
-        log=lambda line: None,
-        checkpoint=ckpt,
-        **{**SETTINGS, "epochs": 1},
-    )
+    quiet_fit(data, TINY, checkpoint=ckpt, **{**SETTINGS, "epochs": 1})
     before = ckpt.read_bytes()
 
     def failing_replace(src, dst):
@@ -185,14 +168,7 @@ def test_checkpoint_writes_are_atomic(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint_module.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        fit(
-            data,
-            TINY,
-            progress=False,
-            log=lambda line: None,
-            checkpoint=ckpt,
-            **{**SETTINGS, "epochs": 1, "seed": 9},
-        )
+        quiet_fit(data, TINY, checkpoint=ckpt, **{**SETTINGS, "epochs": 1, "seed": 9})
     assert ckpt.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
 
@@ -200,15 +176,13 @@ def test_checkpoint_writes_are_atomic(data, tmp_path, monkeypatch):
 def test_bad_checkpoint_and_mismatched_architecture(data, tmp_path, trained):
     out, _ = trained
     with pytest.raises(ModelError, match="expected 'convserve-checkpoint/1'"):
-        fit(
-            data, resume=out, progress=False, log=lambda line: None
-        )  # a model file, not a checkpoint
+        quiet_fit(data, resume=out)  # a model file, not a checkpoint
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ModelError, match="junk.safetensors"):
-        fit(data, resume=tmp_path / "junk.safetensors", progress=False, log=lambda line: None)
+        quiet_fit(data, resume=tmp_path / "junk.safetensors")
     ckpt = out.with_name("model.checkpoint.safetensors")
     with pytest.raises(ModelError, match="architecture differs"):
-        fit(data, "lenet5", resume=ckpt, progress=False, log=lambda line: None)
+        quiet_fit(data, "lenet5", resume=ckpt)
 
 
 def test_sgd_nesterov_step_schedule_dropout_flip_and_validation_split(data, tmp_path):
@@ -229,19 +203,12 @@ def test_sgd_nesterov_step_schedule_dropout_flip_and_validation_split(data, tmp_
         seed=1,
         validation_split=0.25,
     )
-    result = fit(
-        no_test,
-        doc,
-        progress=False,
-        log=lambda line: None,
-        history_path=tmp_path / "h.json",
-        config=config,
-    )
+    result = quiet_fit(no_test, doc, history_path=tmp_path / "h.json", config=config)
     history = json.loads((tmp_path / "h.json").read_text())
     assert [h["lr"] for h in history] == pytest.approx([0.05, 0.05, 0.005])
     assert history[-1]["loss"] < history[0]["loss"]
     assert result.confusion.sum() == 96  # 25 % of 384 held out
-    again = fit(no_test, doc, progress=False, log=lambda line: None, config=config)
+    again = quiet_fit(no_test, doc, config=config)
     assert np.array_equal(_weights(again), _weights(result))
 
 

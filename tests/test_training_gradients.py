@@ -1,6 +1,7 @@
 """Training kernels: every backward pass against central finite differences (float64, randomized
-shapes), forward passes against a plain-NumPy reference written here, optimizers against their
-textbook update rules, and the trainable network against the inference `Model`."""
+shapes), forward passes against plain-NumPy references (conv and pooling written here, the
+activations from reference_numpy), optimizers against their textbook update rules, and the
+trainable network against the inference `Model`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from convserve.core.training import kernels as K
 from convserve.core.training.network import Network
 from convserve.core.training.optim import SGD, Adam
 from convserve.core.training.schedule import Schedule
+
+from tests.reference_numpy import activation as ref_activation
 
 EPS = 1e-6
 
@@ -67,19 +70,6 @@ def ref_pool(x, layer, kind):
     return acc if kind == "max" else acc / count
 
 
-def ref_activation(z, name):
-    if name == "relu":
-        return np.maximum(z, 0)
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "sigmoid":
-        return 1 / (1 + np.exp(-z))
-    if name == "softmax":
-        e = np.exp(z - z.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    return z
-
-
 # ----------------------------------------------------------------------------- helpers
 def _layer_net(input_shape, layer_doc, rng):
     """A float64 network whose first layer is `layer_doc` (plus a flatten when needed)."""
@@ -91,6 +81,23 @@ def _layer_net(input_shape, layer_doc, rng):
     net.initialize(rng)
     net.params[:] += rng.normal(0, 0.3, net.size)
     return net, net.layers[0]
+
+
+def _numeric_gradient(values, loss):
+    """Central differences of `loss()` for every element of `values`, which is changed in place
+    (it must be contiguous, so that its flat view writes through) and restored."""
+    flat = values.reshape(-1)
+    assert np.shares_memory(flat, values)
+    numeric = np.zeros(flat.size)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + EPS
+        plus = loss()
+        flat[i] = old - EPS
+        minus = loss()
+        flat[i] = old
+        numeric[i] = (plus - minus) / (2 * EPS)
+    return numeric.reshape(values.shape)
 
 
 def _check_layer(layer, net, x, rng, *, forward_kwargs=None, fresh_rng=None):
@@ -108,32 +115,13 @@ def _check_layer(layer, net, x, rng, *, forward_kwargs=None, fresh_rng=None):
     dx, grads = layer.backward(weights.copy(), cache, need_dx=True)
     grads = {k: v.copy() for k, v in grads.items()}
 
-    def loss(inp):
-        return float(np.sum(run(inp)[0] * weights))
+    def loss():
+        return float(np.sum(run(x)[0] * weights))
 
-    num_dx = np.zeros_like(x)
-    flat = x.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + EPS
-        plus = loss(x)
-        flat[i] = old - EPS
-        minus = loss(x)
-        flat[i] = old
-        num_dx.reshape(-1)[i] = (plus - minus) / (2 * EPS)
-    np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dx, _numeric_gradient(x, loss), rtol=1e-5, atol=1e-7)
     for name, param in layer.params.items():
-        flat_p = param.reshape(-1)
-        num = np.zeros(flat_p.size)
-        for i in range(flat_p.size):
-            old = flat_p[i]
-            flat_p[i] = old + EPS
-            plus = loss(x)
-            flat_p[i] = old - EPS
-            minus = loss(x)
-            flat_p[i] = old
-            num[i] = (plus - minus) / (2 * EPS)
-        np.testing.assert_allclose(grads[name].reshape(-1), num, rtol=1e-5, atol=1e-7, err_msg=name)
+        num = _numeric_gradient(param, loss)
+        np.testing.assert_allclose(grads[name], num, rtol=1e-5, atol=1e-7, err_msg=name)
     return out
 
 
@@ -268,15 +256,7 @@ def test_fused_conv_pool_backward(seed, path):
     np.testing.assert_allclose(
         net.forward(x)[0], out, rtol=1e-12
     )  # fused forward (when the pool tiles)
-    numeric = np.zeros(net.size)
-    for i in range(net.size):
-        old = net.params[i]
-        net.params[i] = old + EPS
-        plus = loss()
-        net.params[i] = old - EPS
-        minus = loss()
-        net.params[i] = old
-        numeric[i] = (plus - minus) / (2 * EPS)
+    numeric = _numeric_gradient(net.params, loss)
     np.testing.assert_allclose(fused, numeric, rtol=1e-5, atol=1e-8)
 
 
@@ -323,15 +303,7 @@ def test_first_layer_scalar_patch_kernels(padding, activation):
     def loss():
         return softmax_cross_entropy(net.forward(x)[0], labels)[0]
 
-    numeric = np.zeros(net.size)
-    for i in range(net.size):
-        old = net.params[i]
-        net.params[i] = old + EPS
-        plus = loss()
-        net.params[i] = old - EPS
-        minus = loss()
-        net.params[i] = old
-        numeric[i] = (plus - minus) / (2 * EPS)
+    numeric = _numeric_gradient(net.params, loss)
     np.testing.assert_allclose(fused, numeric, rtol=1e-5, atol=1e-8)
 
 
@@ -413,15 +385,7 @@ def test_softmax_cross_entropy_value_and_gradient():
     p = ref_activation(logits, "softmax")
     assert loss == pytest.approx(-np.mean(np.log(p[np.arange(6), labels])), rel=1e-12)
     assert correct == int(np.sum(logits.argmax(1) == labels))
-    numeric = np.zeros_like(logits)
-    for i in np.ndindex(logits.shape):
-        old = logits[i]
-        logits[i] = old + EPS
-        plus = softmax_cross_entropy(logits, labels)[0]
-        logits[i] = old - EPS
-        minus = softmax_cross_entropy(logits, labels)[0]
-        logits[i] = old
-        numeric[i] = (plus - minus) / (2 * EPS)
+    numeric = _numeric_gradient(logits, lambda: softmax_cross_entropy(logits, labels)[0])
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-9)
 
 
@@ -487,15 +451,7 @@ def test_whole_network_gradient_with_every_layer_type():
     _, _, dlogits = softmax_cross_entropy(out, labels)
     net.backward(dlogits, caches)
     analytic = net.grads.copy()
-    numeric = np.zeros(net.size)
-    for i in range(net.size):
-        old = net.params[i]
-        net.params[i] = old + EPS
-        plus = loss()
-        net.params[i] = old - EPS
-        minus = loss()
-        net.params[i] = old
-        numeric[i] = (plus - minus) / (2 * EPS)
+    numeric = _numeric_gradient(net.params, loss)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-9)
 
 

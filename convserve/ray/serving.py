@@ -96,20 +96,14 @@ def grpc_options(settings: RaySettings) -> dict[str, Any]:
 
 def message_limit(settings: RaySettings) -> int:
     """The gRPC message limit `convserve serve` would use for this repository."""
+    from convserve.server.app import largest_image_bytes
     from convserve.server.app import message_limit as server_limit
     from convserve.server.repository import ModelRepository
 
     if settings.server.max_message_bytes:
         return settings.server.max_message_bytes
-    from convserve.core import Model
-
     repository = ModelRepository(resolve_repository(settings.server.model_repository))
-    for entry in repository.entries():
-        try:
-            entry.model = Model.load(entry.path)
-        except (OSError, ValueError):  # the replica reports it
-            pass
-    return server_limit(settings.server, repository)
+    return server_limit(settings.server, largest_image_bytes(repository))
 
 
 def connect(settings: RaySettings) -> None:

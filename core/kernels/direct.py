@@ -17,6 +17,7 @@ import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _store_pooled, _store_row
 from convserve.core.kernels.gemm import _conv_row
+from convserve.core.kernels.tasks import row_task
 from numba import njit, prange
 
 
@@ -37,12 +38,8 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
     of = out.reshape(out.size)
     seg = kw * CI
     for t in prange(N * PH * splits):
-        s = t % splits
-        r = t // splits
-        py = r % PH
-        n = r // PH
-        px0 = min(PW, s * per)
-        nw = min(PW, px0 + per) - px0
+        n, py, px0, px1 = row_task(t, splits, PH, per, PW)
+        nw = px1 - px0
         tile = tiles[numba.get_thread_id()]
         L = 2 * nw
         for dy in range(2):
@@ -79,12 +76,8 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
     of = out.reshape(out.size)
     seg = kw * CI
     for t in prange(N * OH * splits):
-        s = t % splits
-        r = t // splits
-        oy = r % OH
-        n = r // OH
-        ox0 = min(OW, s * per)
-        cnt = min(OW, ox0 + per) - ox0
+        n, oy, ox0, ox1 = row_task(t, splits, OH, per, OW)
+        cnt = ox1 - ox0
         tile = tiles[numba.get_thread_id()]
         _conv_row(
             xf,

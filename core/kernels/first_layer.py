@@ -11,6 +11,7 @@ import numpy as np
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _Z, _act
 from convserve.core.kernels.ir import _mkt6x2, _mkt8x2
+from convserve.core.kernels.tasks import row_task
 from numba import njit, prange
 
 
@@ -53,6 +54,12 @@ def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act):
                 of[o + np.uint64(co)] = _act(m + bias[co], act)
 
 
+@njit(inline="always", fastmath=True, cache=True, nogil=True)
+def _row4(xf, o, sc, sf):
+    """Four consecutive input pixels from xf[o], preprocessed (`x * scale + shift`)."""
+    return xf[o] * sc + sf, xf[o + 1] * sc + sf, xf[o + 2] * sc + sf, xf[o + 3] * sc + sf
+
+
 @njit(fastmath=True, cache=True, nogil=True)
 def _px(xf, H, W, n, y, x, sc, sf):
     if y < 0 or y >= H or x < 0 or x >= W:
@@ -79,12 +86,7 @@ def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
     o5 = out.reshape(N, PH, PW, nb, 16)  # channel blocks of 16: clean vector stores
     lo = _Z if act == 1 else np.float32(-np.inf)
     for t in prange(N * PH * splits):
-        s = t % splits
-        r = t // splits
-        py = r % PH
-        n = r // PH
-        b0 = s * per
-        b1 = min(nb, b0 + per)
+        n, py, b0, b1 = row_task(t, splits, PH, per, nb)
         y = 2 * py - pt
         for px in range(PW):
             xx = 2 * px - pl
@@ -93,30 +95,10 @@ def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
                 o1 = o + W
                 o2 = o1 + W
                 o3 = o2 + W
-                v00, v01, v02, v03 = (
-                    xf[o] * sc + sf,
-                    xf[o + 1] * sc + sf,
-                    xf[o + 2] * sc + sf,
-                    xf[o + 3] * sc + sf,
-                )
-                v10, v11, v12, v13 = (
-                    xf[o1] * sc + sf,
-                    xf[o1 + 1] * sc + sf,
-                    xf[o1 + 2] * sc + sf,
-                    xf[o1 + 3] * sc + sf,
-                )
-                v20, v21, v22, v23 = (
-                    xf[o2] * sc + sf,
-                    xf[o2 + 1] * sc + sf,
-                    xf[o2 + 2] * sc + sf,
-                    xf[o2 + 3] * sc + sf,
-                )
-                v30, v31, v32, v33 = (
-                    xf[o3] * sc + sf,
-                    xf[o3 + 1] * sc + sf,
-                    xf[o3 + 2] * sc + sf,
-                    xf[o3 + 3] * sc + sf,
-                )
+                v00, v01, v02, v03 = _row4(xf, o, sc, sf)
+                v10, v11, v12, v13 = _row4(xf, o1, sc, sf)
+                v20, v21, v22, v23 = _row4(xf, o2, sc, sf)
+                v30, v31, v32, v33 = _row4(xf, o3, sc, sf)
             else:
                 v00 = _px(xf, H, W, n, y, xx, sc, sf)
                 v01 = _px(xf, H, W, n, y, xx + 1, sc, sf)

@@ -11,6 +11,7 @@ from convserve.core import runtime as _runtime  # noqa: F401  (must precede numb
 from convserve.core.kernels.elementwise import _act
 from convserve.core.kernels.gemm import _conv_row
 from convserve.core.kernels.ir import _V16, _array_data, _vload, _vstore
+from convserve.core.kernels.tasks import row_task
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -265,12 +266,7 @@ def conv_wino(x, u, bias, tiles, out, act, pool, splits):
     usize = CI * COp
     row_out = OW * CO
     for t in prange(N * TH * splits):
-        s = t % splits
-        r = t // splits
-        ty = r % TH
-        n = r // TH
-        c0 = min(COp, s * per)
-        c1 = min(COp, c0 + per)
+        n, ty, c0, c1 = row_task(t, splits, TH, per, COp)
         if c0 < c1:
             buf = tiles[numba.get_thread_id()]
             vf = buf[:vsize]

@@ -21,6 +21,22 @@ _JIT = {"fastmath": True, "cache": True}
 
 # --------------------------------------------------------------------------------- helpers
 @njit(inline="always", **_JIT)
+def _store_row4(out2, row, exists, j, relu, z, v0, v1, v2, v3):
+    """Store one row of a 4x4 GEMM tile at out2[row, j:j+4] (ReLU first if asked), if it exists."""
+    if exists:
+        if relu:
+            v0 = max(v0, z)
+            v1 = max(v1, z)
+            v2 = max(v2, z)
+            v3 = max(v3, z)
+        o = out2[row]
+        o[j] = v0
+        o[j + 1] = v1
+        o[j + 2] = v2
+        o[j + 3] = v3
+
+
+@njit(inline="always", **_JIT)
 def _axpy(y, a, x):
     """y += a * x on contiguous 1-D arrays of the same length."""
     for i in range(y.shape[0]):
@@ -150,47 +166,10 @@ def _gemm_nt_rows(a, rows, b, bias, out2, out_row0, relu):
             s31 += c1
             s32 += c2
             s33 += c3
-            if relu:
-                s00 = max(s00, z)
-                s01 = max(s01, z)
-                s02 = max(s02, z)
-                s03 = max(s03, z)
-                s10 = max(s10, z)
-                s11 = max(s11, z)
-                s12 = max(s12, z)
-                s13 = max(s13, z)
-                s20 = max(s20, z)
-                s21 = max(s21, z)
-                s22 = max(s22, z)
-                s23 = max(s23, z)
-                s30 = max(s30, z)
-                s31 = max(s31, z)
-                s32 = max(s32, z)
-                s33 = max(s33, z)
-            if r0 < rows:
-                o = out2[out_row0 + r0]
-                o[j] = s00
-                o[j + 1] = s01
-                o[j + 2] = s02
-                o[j + 3] = s03
-            if r0 + 1 < rows:
-                o = out2[out_row0 + r0 + 1]
-                o[j] = s10
-                o[j + 1] = s11
-                o[j + 2] = s12
-                o[j + 3] = s13
-            if r0 + 2 < rows:
-                o = out2[out_row0 + r0 + 2]
-                o[j] = s20
-                o[j + 1] = s21
-                o[j + 2] = s22
-                o[j + 3] = s23
-            if r0 + 3 < rows:
-                o = out2[out_row0 + r0 + 3]
-                o[j] = s30
-                o[j + 1] = s31
-                o[j + 2] = s32
-                o[j + 3] = s33
+            _store_row4(out2, out_row0 + r0, r0 < rows, j, relu, z, s00, s01, s02, s03)
+            _store_row4(out2, out_row0 + r0 + 1, r0 + 1 < rows, j, relu, z, s10, s11, s12, s13)
+            _store_row4(out2, out_row0 + r0 + 2, r0 + 2 < rows, j, relu, z, s20, s21, s22, s23)
+            _store_row4(out2, out_row0 + r0 + 3, r0 + 3 < rows, j, relu, z, s30, s31, s32, s33)
             j += 4
         while j < cols:
             bj = b[j]
@@ -406,6 +385,25 @@ def _pix(xn, iy, ix, h, w):
     return xn.dtype.type(0)
 
 
+@njit(inline="always", **_JIT)
+def _pix4(xn, iy, x0, h, w):
+    """x[n, iy, x0:x0+4, 0], 0 in the padding: one row of the 4x4 input patch under a 2x2/2
+    pool window of a 3x3 conv (inlined, the values stay in registers)."""
+    return (
+        _pix(xn, iy, x0, h, w),
+        _pix(xn, iy, x0 + 1, h, w),
+        _pix(xn, iy, x0 + 2, h, w),
+        _pix(xn, iy, x0 + 3, h, w),
+    )
+
+
+@njit(inline="always", **_JIT)
+def _pool2_positions(py, px, ow):
+    """Flat conv-output positions (iy * OW + ix) of the four pixels of 2x2/2 pool cell (py, px)."""
+    pos00 = (2 * py) * ow + 2 * px
+    return pos00, pos00 + 1, pos00 + ow, pos00 + ow + 1
+
+
 @njit(parallel=True, **_JIT)
 def conv3x3c1_pool2_forward(x, wt, bias, pooled, arg, ow, pt, pl, relu):
     """conv2d_pool_forward for the common first layer: 1 input channel, 3x3 kernel, stride 1, then a
@@ -423,28 +421,13 @@ def conv3x3c1_pool2_forward(x, wt, bias, pooled, arg, ow, pt, pl, relu):
         y0 = 2 * py - pt
         for px in range(qw):
             x0 = 2 * px - pl
-            p00 = _pix(xn, y0 + 0, x0, h, w)
-            p01 = _pix(xn, y0 + 0, x0 + 1, h, w)
-            p02 = _pix(xn, y0 + 0, x0 + 2, h, w)
-            p03 = _pix(xn, y0 + 0, x0 + 3, h, w)
-            p10 = _pix(xn, y0 + 1, x0, h, w)
-            p11 = _pix(xn, y0 + 1, x0 + 1, h, w)
-            p12 = _pix(xn, y0 + 1, x0 + 2, h, w)
-            p13 = _pix(xn, y0 + 1, x0 + 3, h, w)
-            p20 = _pix(xn, y0 + 2, x0, h, w)
-            p21 = _pix(xn, y0 + 2, x0 + 1, h, w)
-            p22 = _pix(xn, y0 + 2, x0 + 2, h, w)
-            p23 = _pix(xn, y0 + 2, x0 + 3, h, w)
-            p30 = _pix(xn, y0 + 3, x0, h, w)
-            p31 = _pix(xn, y0 + 3, x0 + 1, h, w)
-            p32 = _pix(xn, y0 + 3, x0 + 2, h, w)
-            p33 = _pix(xn, y0 + 3, x0 + 3, h, w)
+            p00, p01, p02, p03 = _pix4(xn, y0 + 0, x0, h, w)
+            p10, p11, p12, p13 = _pix4(xn, y0 + 1, x0, h, w)
+            p20, p21, p22, p23 = _pix4(xn, y0 + 2, x0, h, w)
+            p30, p31, p32, p33 = _pix4(xn, y0 + 3, x0, h, w)
             o = pooled[n, py, px]
             a = arg[n, py, px]
-            pos00 = (2 * py) * ow + 2 * px
-            pos01 = pos00 + 1
-            pos10 = pos00 + ow
-            pos11 = pos10 + 1
+            pos00, pos01, pos10, pos11 = _pool2_positions(py, px, ow)
             for c in range(co_n):
                 w0 = wt[0, c]
                 w1 = wt[1, c]
@@ -556,29 +539,14 @@ def conv3x3c1_pool2_backward(x, pooled, dpool, arg, dwt_part, db_part, ow, pt, p
                 y0 = 2 * py - pt
                 for px in range(qw):
                     x0 = 2 * px - pl
-                    p00 = _pix(xn, y0 + 0, x0, h, w)
-                    p01 = _pix(xn, y0 + 0, x0 + 1, h, w)
-                    p02 = _pix(xn, y0 + 0, x0 + 2, h, w)
-                    p03 = _pix(xn, y0 + 0, x0 + 3, h, w)
-                    p10 = _pix(xn, y0 + 1, x0, h, w)
-                    p11 = _pix(xn, y0 + 1, x0 + 1, h, w)
-                    p12 = _pix(xn, y0 + 1, x0 + 2, h, w)
-                    p13 = _pix(xn, y0 + 1, x0 + 3, h, w)
-                    p20 = _pix(xn, y0 + 2, x0, h, w)
-                    p21 = _pix(xn, y0 + 2, x0 + 1, h, w)
-                    p22 = _pix(xn, y0 + 2, x0 + 2, h, w)
-                    p23 = _pix(xn, y0 + 2, x0 + 3, h, w)
-                    p30 = _pix(xn, y0 + 3, x0, h, w)
-                    p31 = _pix(xn, y0 + 3, x0 + 1, h, w)
-                    p32 = _pix(xn, y0 + 3, x0 + 2, h, w)
-                    p33 = _pix(xn, y0 + 3, x0 + 3, h, w)
+                    p00, p01, p02, p03 = _pix4(xn, y0 + 0, x0, h, w)
+                    p10, p11, p12, p13 = _pix4(xn, y0 + 1, x0, h, w)
+                    p20, p21, p22, p23 = _pix4(xn, y0 + 2, x0, h, w)
+                    p30, p31, p32, p33 = _pix4(xn, y0 + 3, x0, h, w)
                     g_row = dpool[n, py, px]
                     a_row = arg[n, py, px]
                     v_row = pooled[n, py, px]
-                    pos00 = (2 * py) * ow + 2 * px
-                    pos01 = pos00 + 1
-                    pos10 = pos00 + ow
-                    pos11 = pos10 + 1
+                    pos00, pos01, pos10, pos11 = _pool2_positions(py, px, ow)
                     for c in range(co_n):
                         g = g_row[c]
                         if relu and v_row[c] <= z:
