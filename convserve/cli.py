@@ -15,7 +15,7 @@ import sys
 from convserve import __version__
 
 COMMAND_MODULES = [
-    "convserve.core.cli",  # summary, train
+    "convserve.core.cli",  # summary, train, evaluate, visualize
     "convserve.server.cli",  # serve
     "convserve.client.cli",  # classify, health, models
     "convserve.core.interop.cli",  # import, export

@@ -1,4 +1,5 @@
-"""Core subcommands: `convserve summary` (and `convserve train`, from the trainer)."""
+"""Core subcommands: `convserve summary` (and `convserve train`, from the trainer;
+`convserve evaluate` and `convserve visualize`, from report_cli)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from convserve.core.training import cli as training_cli
 
     training_cli.register(subparsers)
+
+    from convserve.core import report_cli
+
+    report_cli.register(subparsers)
 
 
 def run_summary(args: argparse.Namespace) -> int:

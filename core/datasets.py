@@ -1,7 +1,8 @@
 """Image classification datasets for the trainer: IDX (MNIST/Fashion-MNIST), CIFAR-10 binary, .npz.
 
 `load_dataset(spec)` accepts `fashion-mnist` (Debian's dataset-fashion-mnist), a directory of
-IDX files, a CIFAR-10 binary directory, or a Keras-layout `.npz`. Images come back as NHWC
+IDX files, a CIFAR-10 binary directory, a Keras-layout `.npz`, or an image folder (one subfolder
+per class, see `imagefolder.py`; it needs the input shape to decode to). Images come back as NHWC
 (uint8 when the source is uint8) and labels as int64. Every problem raises `DataError` naming
 the file and what is wrong.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,13 +36,18 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """Training images and labels, with an optional test split. Images are NHWC."""
+    """Training images and labels, with optional test and validation splits. Images are NHWC.
+
+    `class_names` is set when the data names its classes (image folders: the folder names)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     source: str = ""
+    class_names: list[str] | None = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -231,8 +238,16 @@ def load_npz(path: str | os.PathLike) -> Dataset:
 
 
 # ------------------------------------------------------------------------------------- entry
-def load_dataset(spec: str | os.PathLike) -> Dataset:
-    """Load `fashion-mnist`, an IDX directory, a CIFAR-10 binary directory or an .npz file."""
+def load_dataset(
+    spec: str | os.PathLike,
+    image_shape: tuple[int, int, int] | None = None,
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Dataset:
+    """Load `fashion-mnist`, an IDX directory, a CIFAR-10 binary directory, an .npz file or an
+    image folder. Image folders are decoded to `image_shape` (H, W, C), which they require;
+    `progress` shows a bar while decoding and `log` receives the skipped-file report."""
     name = str(spec)
     if name in DATASET_ALIASES:
         directory = DATASET_ALIASES[name]
@@ -247,8 +262,15 @@ def load_dataset(spec: str | os.PathLike) -> Dataset:
             return load_idx_dir(path)
         if any((path / n).is_file() for n in CIFAR_TRAIN):
             return load_cifar10_dir(path)
+        from convserve.core.imagefolder import load_image_folder, looks_like_image_folder
+
+        if looks_like_image_folder(path):
+            if image_shape is None:
+                raise DataError(f"{path}: an image folder needs the input shape to decode to")
+            return load_image_folder(path, image_shape, progress=progress, log=log)
         raise DataError(
-            f"{path}: no IDX files (train-images-idx3-ubyte[.gz]) or CIFAR-10 files (data_batch_1.bin) found"
+            f"{path}: no IDX files (train-images-idx3-ubyte[.gz]), CIFAR-10 files (data_batch_1.bin) "
+            "or class subfolders of PNG/JPEG images found"
         )
     if path.suffix == ".npz":
         return load_npz(path)
@@ -266,6 +288,7 @@ def check_against(dataset: Dataset, input_shape: tuple[int, int, int], num_class
     for split, x, y in (
         ("train", dataset.x_train, dataset.y_train),
         ("test", dataset.x_test, dataset.y_test),
+        ("validation", dataset.x_val, dataset.y_val),
     ):
         if x is None:
             continue

@@ -144,6 +144,30 @@ class Model:
             raise ModelError("predict input contains NaN or Inf")
         return self._plan.run(images, preprocess=True)  # preprocessing runs inside the first kernel
 
+    def activations(
+        self, images: np.ndarray, layers: list[int] | None = None
+    ) -> dict[int, np.ndarray]:
+        """Each layer's output for raw pixels (as `predict` takes them): {layer index: array of
+        shape (N, *layer output shape)}, for the `layers` given (default all). For inspection
+        and figures: it builds extra plans on first use and leaves `predict` as fast as it was."""
+        from convserve.core.layer_outputs import LayerOutputs
+
+        single = isinstance(images, np.ndarray) and images.ndim == 3
+        batch = images[None] if single else images
+        self._check_batch(batch, floating_only=False, what="activations input")
+        if batch.dtype.kind == "f" and not all_finite(batch):
+            raise ModelError("activations input contains NaN or Inf")
+        count = len(self.architecture.layers)
+        wanted = list(range(count)) if layers is None else list(layers)
+        bad = [
+            i for i in wanted if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count
+        ]
+        if bad:
+            raise ModelError(f"activations: layer index {bad[0]!r} outside 0-{count - 1}")
+        if getattr(self, "_layer_outputs", None) is None:
+            self._layer_outputs = LayerOutputs(self.architecture, self.weights, self._winograd)
+        return self._layer_outputs(batch, wanted)
+
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Compile every kernel the model needs (and run each batch size once)."""
         self._plan.warmup(tuple(batch_sizes))

@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data",
         required=True,
         metavar="DATA",
-        help="fashion-mnist, a directory of IDX files, a CIFAR-10 binary directory, or an .npz file",
+        help="fashion-mnist, a directory of IDX files, a CIFAR-10 binary directory, an .npz file, or an "
+        "image folder (one subfolder of PNG/JPEG files per class; optional train/ and test/ or val/)",
     )
     p.add_argument(
         "--architecture",
@@ -53,6 +54,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--flip", action="store_true", default=None, help="augment with random horizontal flips"
+    )
+    p.add_argument(
+        "--shift",
+        type=int,
+        metavar="PIXELS",
+        help="augment with random shifts of up to PIXELS rows and columns (pad and crop; default 0)",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights (e.g. 0.999) for validation "
+        "and the saved model (default 0: off)",
     )
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument(
@@ -91,6 +105,8 @@ _CONFIG_ARGS = (
     "warmup_steps",
     "init",
     "flip",
+    "shift",
+    "ema",
     "seed",
     "validation_split",
 )

@@ -7,13 +7,14 @@ the same seed, data and machine give bit-identical weights, with or without a re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.datasets import Dataset, check_against, load_dataset, split_validation
 from convserve.core.errors import ModelError
+from convserve.core.imagefolder import adopt_class_names
 from convserve.core.layers import Dropout
 from convserve.core.model import Model
 from convserve.core.presets import PRESET_NAMES, preset
 from convserve.core.training import kernels as K
+from convserve.core.training.augment import random_flip, random_shift
 from convserve.core.training.checkpoint import load_checkpoint, save_checkpoint
 from convserve.core.training.network import Network
 from convserve.core.training.optim import OPTIMIZERS, make_optimizer
@@ -61,6 +64,8 @@ class TrainConfig:
     validation_split: float = 0.1
     flip: bool = False
     eval_batch_size: int = 500
+    shift: int = 0  # random shifts of up to this many pixels (pad and crop)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -75,6 +80,10 @@ class TrainConfig:
                 raise ModelError(f"{name} must be an integer >= 1, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ModelError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
+            raise ModelError(f"shift must be an integer >= 0 (pixels), got {self.shift!r}")
+        if not 0 <= self.ema < 1:
+            raise ModelError(f"ema must be in [0, 1) (0 turns it off), got {self.ema!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ModelError(
                 f"weight_decay must be >= 0 and momentum in [0, 1); got {self.weight_decay}, {self.momentum}"
@@ -165,6 +174,29 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _same_but_labels(given: dict[str, Any], checkpointed: dict[str, Any]) -> bool:
+    """True when the checkpoint's architecture is `given` with class names taken from an image
+    folder (labels set, last dense layer sized to them)."""
+    labels = checkpointed.get("labels")
+    if not isinstance(labels, list):
+        return False
+    return adopt_class_names(given, labels, lambda line: None) == checkpointed
+
+
+@contextlib.contextmanager
+def _averaged(network: Network, ema: np.ndarray | None) -> Iterator[None]:
+    """Run the block with the averaged weights in place of the current ones (if averaging)."""
+    if ema is None:
+        yield
+        return
+    current = network.params.copy()
+    network.params[:] = ema
+    try:
+        yield
+    finally:
+        network.params[:] = current
+
+
 def _default_paths(out: Path | None) -> tuple[Path | None, Path | None, Path | None]:
     if out is None:
         return None, None, None
@@ -215,7 +247,8 @@ def fit(
     resumed: dict[str, np.ndarray] | None = None
     if resume is not None:
         doc, resumed, state = load_checkpoint(resume)
-        if architecture is not None and resolve_architecture(architecture) != doc:
+        given = None if architecture is None else resolve_architecture(architecture)
+        if given is not None and given != doc and not _same_but_labels(given, doc):
             raise ModelError(f"checkpoint {resume}: its architecture differs from the one given")
         base = dict(state["config"])
         base.update({k: v for k, v in overrides.items() if k == "epochs"})
@@ -235,14 +268,26 @@ def fit(
             config.__post_init__()
     arch = parse_architecture(doc)
 
-    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    dataset = (
+        data
+        if isinstance(data, Dataset)
+        else load_dataset(data, arch.input_shape, progress=progress, log=log)
+    )
+    if dataset.class_names is not None and list(arch.labels) != dataset.class_names:
+        if resumed is not None:
+            raise ModelError(
+                f"checkpoint {resume}: its labels {list(arch.labels)} differ from the data's classes {dataset.class_names}"
+            )
+        doc = adopt_class_names(doc, dataset.class_names, log)
+        arch = parse_architecture(doc)
     check_against(dataset, arch.input_shape, arch.num_outputs)
-    if dataset.x_test is not None:
-        x_train, y_train, x_val, y_val = (
-            dataset.x_train,
-            dataset.y_train,
-            dataset.x_test,
-            dataset.y_test,
+    held_out = dataset.x_val is not None or dataset.x_test is not None
+    if held_out:  # a validation split the data brings: val/ first, else the test split
+        x_train, y_train = dataset.x_train, dataset.y_train
+        x_val, y_val = (
+            (dataset.x_val, dataset.y_val)
+            if dataset.x_val is not None
+            else (dataset.x_test, dataset.y_test)
         )
     elif config.validation_split:
         x_train, y_train, x_val, y_val = split_validation(
@@ -284,8 +329,16 @@ def fit(
             raise ModelError(f"checkpoint {resume}: {exc}") from None
         log(f"resuming from {resume}: epoch {state['epoch'] + 1}, step {state['step']}")
     history: list[dict[str, Any]] = state["history"]
-    needs_rng = config.flip or any(
-        isinstance(layer, Dropout) and layer.rate > 0 for layer in arch.layers
+    # the averaged weights (validation and the saved model use them), starting at the initial ones
+    ema = network.params.copy() if config.ema else None
+    if ema is not None and resumed is not None:
+        if "ema" not in resumed or resumed["ema"].shape != ema.shape:
+            raise ModelError(f"checkpoint {resume}: no weight average 'ema' to continue --ema with")
+        ema[:] = resumed["ema"]
+    needs_rng = (
+        config.flip
+        or config.shift
+        or any(isinstance(layer, Dropout) and layer.rate > 0 for layer in arch.layers)
     )
 
     def snapshot(epoch: int, step: int, running: list) -> None:
@@ -295,7 +348,7 @@ def fit(
             ckpt_path,
             doc,
             network.params,
-            optimizer.state(),
+            {**optimizer.state(), **({"ema": ema} if ema is not None else {})},
             {
                 "epoch": epoch,
                 "step": step,
@@ -337,11 +390,14 @@ def fit(
                     np.random.default_rng([config.seed, _STEP, epoch, step]) if needs_rng else None
                 )
                 if config.flip:
-                    flipped = rng.random(len(x)) < 0.5
-                    x[flipped] = x[flipped, :, ::-1]
+                    random_flip(x, rng)
+                if config.shift:
+                    x = random_shift(x, rng, config.shift)
                 batch_loss, batch_correct = network.loss_and_grad(x, y_train[idx], rng)
                 lr = schedule(epoch * steps + step)
                 optimizer.step(network.params, network.grads, lr)
+                if ema is not None:  # ema += (1 - decay) * (params - ema), in place
+                    ema += np.float32(1 - config.ema) * (network.params - ema)
                 loss_sum += batch_loss
                 correct += batch_correct
                 seen += len(idx)
@@ -366,9 +422,10 @@ def fit(
                 "images_per_second": round(trained / seconds, 1),
             }
             if x_val is not None:
-                record["val_loss"], record["val_accuracy"], predictions = evaluate(
-                    network, x_val, y_val, config.eval_batch_size
-                )
+                with _averaged(network, ema):
+                    record["val_loss"], record["val_accuracy"], predictions = evaluate(
+                        network, x_val, y_val, config.eval_batch_size
+                    )
             history.append(record)
             val = (
                 f", val_loss {record['val_loss']:.4f}, val_accuracy {record['val_accuracy']:.4f}"
@@ -389,6 +446,8 @@ def fit(
                     title=f"{arch.name} on {Path(dataset.source).name or dataset.source}",
                 )
 
+    if ema is not None:
+        network.params[:] = ema  # the model kept is the average
     model = Model(doc, network.to_weights())
     if out is not None:
         model.save(out)
