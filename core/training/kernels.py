@@ -44,43 +44,43 @@ def _axpy(y, a, x):
 
 
 @njit(inline="always", **_JIT)
-def _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, dst):
-    """Copy the receptive field of output pixel (oy, ox) of image n into dst (K,), zeros outside."""
-    h = x.shape[1]
-    w = x.shape[2]
-    c_in = x.shape[3]
-    z = dst.dtype.type(0)
+def _patch_copy(img, n, oy, ox, kh, kw, sh, sw, pt, pl, vec, gather):
+    """Move data between the receptive field of output pixel (oy, ox) of image n and vec (K,):
+    gather copies the field into vec (zeros in the padding); otherwise img[n] += vec over the
+    field, padding skipped. `gather` is a constant at each call site, so the branch folds."""
+    h = img.shape[1]
+    w = img.shape[2]
+    c_in = img.shape[3]
+    z = vec.dtype.type(0)
     k = 0
     for ky in range(kh):
         iy = oy * sh - pt + ky
         for kx in range(kw):
             ix = ox * sw - pl + kx
-            if iy >= 0 and iy < h and ix >= 0 and ix < w:
-                src = x[n, iy, ix]
+            inside = iy >= 0 and iy < h and ix >= 0 and ix < w
+            if inside:
+                pixel = img[n, iy, ix]
                 for c in range(c_in):
-                    dst[k + c] = src[c]
-            else:
+                    if gather:
+                        vec[k + c] = pixel[c]
+                    else:
+                        pixel[c] += vec[k + c]
+            elif gather:
                 for c in range(c_in):
-                    dst[k + c] = z
+                    vec[k + c] = z
             k += c_in
+
+
+@njit(inline="always", **_JIT)
+def _gather_patch(x, n, oy, ox, kh, kw, sh, sw, pt, pl, dst):
+    """Copy the receptive field of output pixel (oy, ox) of image n into dst (K,), zeros outside."""
+    _patch_copy(x, n, oy, ox, kh, kw, sh, sw, pt, pl, dst, True)
 
 
 @njit(inline="always", **_JIT)
 def _scatter_patch(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, src):
     """dx[n] += src (K,) over the receptive field of output pixel (oy, ox), skipping padding."""
-    h = dx.shape[1]
-    w = dx.shape[2]
-    c_in = dx.shape[3]
-    k = 0
-    for ky in range(kh):
-        iy = oy * sh - pt + ky
-        for kx in range(kw):
-            ix = ox * sw - pl + kx
-            if iy >= 0 and iy < h and ix >= 0 and ix < w:
-                dst = dx[n, iy, ix]
-                for c in range(c_in):
-                    dst[c] += src[k + c]
-            k += c_in
+    _patch_copy(dx, n, oy, ox, kh, kw, sh, sw, pt, pl, src, False)
 
 
 @njit(inline="always", **_JIT)
@@ -398,6 +398,18 @@ def _pix4(xn, iy, x0, h, w):
 
 
 @njit(inline="always", **_JIT)
+def _patch4x4(xn, y0, x0, h, w):
+    """The 4x4 input patch at (y0, x0) as 16 values, row by row (p[4 * row + col]): what a
+    2x2/2 pool window of a 3x3 conv reads."""
+    return (
+        _pix4(xn, y0, x0, h, w)
+        + _pix4(xn, y0 + 1, x0, h, w)
+        + _pix4(xn, y0 + 2, x0, h, w)
+        + _pix4(xn, y0 + 3, x0, h, w)
+    )
+
+
+@njit(inline="always", **_JIT)
 def _pool2_positions(py, px, ow):
     """Flat conv-output positions (iy * OW + ix) of the four pixels of 2x2/2 pool cell (py, px)."""
     pos00 = (2 * py) * ow + 2 * px
@@ -421,10 +433,7 @@ def conv3x3c1_pool2_forward(x, wt, bias, pooled, arg, ow, pt, pl, relu):
         y0 = 2 * py - pt
         for px in range(qw):
             x0 = 2 * px - pl
-            p00, p01, p02, p03 = _pix4(xn, y0 + 0, x0, h, w)
-            p10, p11, p12, p13 = _pix4(xn, y0 + 1, x0, h, w)
-            p20, p21, p22, p23 = _pix4(xn, y0 + 2, x0, h, w)
-            p30, p31, p32, p33 = _pix4(xn, y0 + 3, x0, h, w)
+            p = _patch4x4(xn, y0, x0, h, w)
             o = pooled[n, py, px]
             a = arg[n, py, px]
             pos00, pos01, pos10, pos11 = _pool2_positions(py, px, ow)
@@ -441,51 +450,51 @@ def conv3x3c1_pool2_forward(x, wt, bias, pooled, arg, ow, pt, pl, relu):
                 b = bias[c]
                 s00 = (
                     b
-                    + p00 * w0
-                    + p01 * w1
-                    + p02 * w2
-                    + p10 * w3
-                    + p11 * w4
-                    + p12 * w5
-                    + p20 * w6
-                    + p21 * w7
-                    + p22 * w8
+                    + p[0] * w0
+                    + p[1] * w1
+                    + p[2] * w2
+                    + p[4] * w3
+                    + p[5] * w4
+                    + p[6] * w5
+                    + p[8] * w6
+                    + p[9] * w7
+                    + p[10] * w8
                 )
                 s01 = (
                     b
-                    + p01 * w0
-                    + p02 * w1
-                    + p03 * w2
-                    + p11 * w3
-                    + p12 * w4
-                    + p13 * w5
-                    + p21 * w6
-                    + p22 * w7
-                    + p23 * w8
+                    + p[1] * w0
+                    + p[2] * w1
+                    + p[3] * w2
+                    + p[5] * w3
+                    + p[6] * w4
+                    + p[7] * w5
+                    + p[9] * w6
+                    + p[10] * w7
+                    + p[11] * w8
                 )
                 s10 = (
                     b
-                    + p10 * w0
-                    + p11 * w1
-                    + p12 * w2
-                    + p20 * w3
-                    + p21 * w4
-                    + p22 * w5
-                    + p30 * w6
-                    + p31 * w7
-                    + p32 * w8
+                    + p[4] * w0
+                    + p[5] * w1
+                    + p[6] * w2
+                    + p[8] * w3
+                    + p[9] * w4
+                    + p[10] * w5
+                    + p[12] * w6
+                    + p[13] * w7
+                    + p[14] * w8
                 )
                 s11 = (
                     b
-                    + p11 * w0
-                    + p12 * w1
-                    + p13 * w2
-                    + p21 * w3
-                    + p22 * w4
-                    + p23 * w5
-                    + p31 * w6
-                    + p32 * w7
-                    + p33 * w8
+                    + p[5] * w0
+                    + p[6] * w1
+                    + p[7] * w2
+                    + p[9] * w3
+                    + p[10] * w4
+                    + p[11] * w5
+                    + p[13] * w6
+                    + p[14] * w7
+                    + p[15] * w8
                 )
                 if relu:
                     s00 = max(s00, z)
@@ -539,10 +548,7 @@ def conv3x3c1_pool2_backward(x, pooled, dpool, arg, dwt_part, db_part, ow, pt, p
                 y0 = 2 * py - pt
                 for px in range(qw):
                     x0 = 2 * px - pl
-                    p00, p01, p02, p03 = _pix4(xn, y0 + 0, x0, h, w)
-                    p10, p11, p12, p13 = _pix4(xn, y0 + 1, x0, h, w)
-                    p20, p21, p22, p23 = _pix4(xn, y0 + 2, x0, h, w)
-                    p30, p31, p32, p33 = _pix4(xn, y0 + 3, x0, h, w)
+                    p = _patch4x4(xn, y0, x0, h, w)
                     g_row = dpool[n, py, px]
                     a_row = arg[n, py, px]
                     v_row = pooled[n, py, px]
@@ -557,15 +563,15 @@ def conv3x3c1_pool2_backward(x, pooled, dpool, arg, dwt_part, db_part, ow, pt, p
                         g10 = g if ai == pos10 else z
                         g11 = g if ai == pos11 else z
                         dbc[c] += g
-                        d0[c] += g00 * p00 + g01 * p01 + g10 * p10 + g11 * p11
-                        d1[c] += g00 * p01 + g01 * p02 + g10 * p11 + g11 * p12
-                        d2[c] += g00 * p02 + g01 * p03 + g10 * p12 + g11 * p13
-                        d3[c] += g00 * p10 + g01 * p11 + g10 * p20 + g11 * p21
-                        d4[c] += g00 * p11 + g01 * p12 + g10 * p21 + g11 * p22
-                        d5[c] += g00 * p12 + g01 * p13 + g10 * p22 + g11 * p23
-                        d6[c] += g00 * p20 + g01 * p21 + g10 * p30 + g11 * p31
-                        d7[c] += g00 * p21 + g01 * p22 + g10 * p31 + g11 * p32
-                        d8[c] += g00 * p22 + g01 * p23 + g10 * p32 + g11 * p33
+                        d0[c] += g00 * p[0] + g01 * p[1] + g10 * p[4] + g11 * p[5]
+                        d1[c] += g00 * p[1] + g01 * p[2] + g10 * p[5] + g11 * p[6]
+                        d2[c] += g00 * p[2] + g01 * p[3] + g10 * p[6] + g11 * p[7]
+                        d3[c] += g00 * p[4] + g01 * p[5] + g10 * p[8] + g11 * p[9]
+                        d4[c] += g00 * p[5] + g01 * p[6] + g10 * p[9] + g11 * p[10]
+                        d5[c] += g00 * p[6] + g01 * p[7] + g10 * p[10] + g11 * p[11]
+                        d6[c] += g00 * p[8] + g01 * p[9] + g10 * p[12] + g11 * p[13]
+                        d7[c] += g00 * p[9] + g01 * p[10] + g10 * p[13] + g11 * p[14]
+                        d8[c] += g00 * p[10] + g01 * p[11] + g10 * p[14] + g11 * p[15]
 
 
 @njit(inline="always", **_JIT)
@@ -636,14 +642,10 @@ def conv2d_pool_backward(
                 dx[n] = 0
             for py in range(qh):
                 for px in range(qw):
-                    for wy in range(ph):
-                        iy = py * psh - ppt + wy
-                        if iy < 0 or iy >= oh:
-                            continue
-                        for wx in range(pw):
-                            ix = px * psw - ppl + wx
-                            if ix < 0 or ix >= ow:
-                                continue
+                    y0, y1 = _span(py, psh, ppt, ph, oh)
+                    x0, x1 = _span(px, psw, ppl, pw, ow)
+                    for iy in range(y0, y1):
+                        for ix in range(x0, x1):
                             if _pooled_grads(
                                 dpool, arg, pooled, n, py, px, iy * ow + ix, relu, gvec
                             ):
@@ -662,6 +664,13 @@ def sum_partials(parts, out):
             out[i] += p[i]
 
 
+@njit(inline="always", **_JIT)
+def _span(o, stride, pad, size, limit):
+    """The input range [start, stop) that window o covers along one axis, clipped to [0, limit)."""
+    start = o * stride - pad
+    return max(start, 0), min(start + size, limit)
+
+
 # --------------------------------------------------------------------------------- pooling
 @njit(parallel=True, **_JIT)
 def maxpool_forward(x, out, arg, ph, pw, sh, sw, pt, pl):
@@ -676,14 +685,10 @@ def maxpool_forward(x, out, arg, ph, pw, sh, sw, pt, pl):
             o = out[n, oy, ox]
             a = arg[n, oy, ox]
             first = True
-            for ky in range(ph):
-                iy = oy * sh - pt + ky
-                if iy < 0 or iy >= h:
-                    continue
-                for kx in range(pw):
-                    ix = ox * sw - pl + kx
-                    if ix < 0 or ix >= w:
-                        continue
+            y0, y1 = _span(oy, sh, pt, ph, h)
+            x0, x1 = _span(ox, sw, pl, pw, w)
+            for iy in range(y0, y1):
+                for ix in range(x0, x1):
                     src = x[n, iy, ix]
                     pos = iy * w + ix
                     if first:
@@ -732,20 +737,14 @@ def avgpool_forward(x, out, ph, pw, sh, sw, pt, pl):
         for ox in range(ow):
             o = out[n, oy, ox]
             o[:] = z
-            count = 0
-            for ky in range(ph):
-                iy = oy * sh - pt + ky
-                if iy < 0 or iy >= h:
-                    continue
-                for kx in range(pw):
-                    ix = ox * sw - pl + kx
-                    if ix < 0 or ix >= w:
-                        continue
-                    count += 1
+            y0, y1 = _span(oy, sh, pt, ph, h)
+            x0, x1 = _span(ox, sw, pl, pw, w)
+            for iy in range(y0, y1):
+                for ix in range(x0, x1):
                     src = x[n, iy, ix]
                     for c in range(c_n):
                         o[c] += src[c]
-            inv = out.dtype.type(1) / out.dtype.type(count)
+            inv = out.dtype.type(1) / out.dtype.type((y1 - y0) * (x1 - x0))
             for c in range(c_n):
                 o[c] *= inv
 
@@ -760,11 +759,9 @@ def avgpool_backward(dout, dx, ph, pw, sh, sw, pt, pl):
     for n in prange(n_img):
         dx[n] = z
         for oy in range(oh):
-            y0 = max(oy * sh - pt, 0)
-            y1 = min(oy * sh - pt + ph, h)
+            y0, y1 = _span(oy, sh, pt, ph, h)
             for ox in range(ow):
-                x0 = max(ox * sw - pl, 0)
-                x1 = min(ox * sw - pl + pw, w)
+                x0, x1 = _span(ox, sw, pl, pw, w)
                 inv = dx.dtype.type(1) / dx.dtype.type((y1 - y0) * (x1 - x0))
                 g = dout[n, oy, ox]
                 for iy in range(y0, y1):
