@@ -278,7 +278,7 @@ class InferenceServer:
             RawRequests(self.metrics.refused_early),
         ]
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        servicer = InferenceServicer(self.repository, self.state, self.lifecycle)
+        servicer = InferenceServicer(self.repository, self.state, self.lifecycle, self.admission)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
