@@ -158,9 +158,16 @@ def table(rows: list[dict[str, str]]) -> str:
 
 
 def run_sweep(
-    target: str, model: str, concurrencies: list[int], interval_ms: int, streaming: bool, extra
+    target: str,
+    model: str,
+    concurrencies: list[int],
+    interval_ms: int,
+    streaming: bool,
+    extra: list[str],
+    echo: bool = True,
 ) -> list[dict[str, str]]:
-    """Run perf_analyzer once per concurrency; its report goes to stdout. Raises on failure."""
+    """Run perf_analyzer once per concurrency; its report goes to stdout (with `echo`, else only
+    when it fails). Raises SetupError or RuntimeError."""
     binary = perf_analyzer_binary()
     env = environment()
     missing = missing_libraries(binary, env)
@@ -184,13 +191,28 @@ def run_sweep(
                 extra=extra,
             )
             print("$", " ".join(cmd), flush=True)
-            done = subprocess.run(cmd, env=env)
+            done = subprocess.run(cmd, env=env, capture_output=not echo, text=True)
             if done.returncode != 0:
+                if not echo:
+                    print(done.stdout, done.stderr, file=sys.stderr)
                 raise RuntimeError(
                     f"perf_analyzer exited with {done.returncode} at concurrency {concurrency}"
                 )
             rows.append(summary_row(csv_path))
     return rows
+
+
+def start_default_server(
+    folder: Path, repository: Path | None, model: str | None, server_args: list[str]
+):
+    """Start `convserve serve` on `repository` (default models/, or a generated one in
+    `folder`); returns (process, target, model name)."""
+    repo = repository or ROOT / "models"
+    if not any(repo.glob("*/*/model.safetensors")):
+        repo = make_repository(folder)
+    model = model or sorted(p.parent.parent.name for p in repo.glob("*/*/model.safetensors"))[0]
+    proc, target = start_server(repo, 64, server_args)
+    return proc, target, model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,14 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             target, model = args.target, args.model
             if target is None:
-                repo = args.model_repository or ROOT / "models"
-                if not any(repo.glob("*/*/model.safetensors")):
-                    repo = make_repository(Path(tmp))
-                model = (
-                    model
-                    or sorted(p.parent.parent.name for p in repo.glob("*/*/model.safetensors"))[0]
+                proc, target, model = start_default_server(
+                    Path(tmp), args.model_repository, model, args.server_arg
                 )
-                proc, target = start_server(repo, 64, args.server_arg)
             if model is None:
                 parser.error("--model is needed with --target")
             rows = run_sweep(
