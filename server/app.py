@@ -379,6 +379,7 @@ class InferenceServer:
         stopping = asyncio.ensure_future(server.stop(max(0.1, deadline - time.monotonic() - 0.5)))
         await asyncio.sleep(GOAWAY_SECONDS)
         self.state.refusing = True  # the held calls, and only they, are refused
+        self.state.streams_end.set()  # open ModelStreamInfer calls end (UNAVAILABLE)
         self.admission.release()
         await stopping
         stopped = await self.lifecycle.close_all(max(0.1, deadline - time.monotonic()))

@@ -65,6 +65,7 @@ class ServerState:
         self.refusing = False  # after the drain window: new inferences get UNAVAILABLE from us
         self.empty_ok = False  # poll and explicit modes: ready with no model loaded (yet)
         self.loading_message = "Server not ready: models are loading"
+        self.streams_end = asyncio.Event()  # set once refusing: open streams end (UNAVAILABLE)
 
 
 def resolve_jobs(jobs: list[Job]) -> None:

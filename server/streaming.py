@@ -7,8 +7,10 @@ answers may come out of order; each carries the request's `id`. A request that f
 answered with a ModelStreamInferResponse whose `error_message` says why (its `infer_response`
 still names the model, version and id, so the caller can match it) and the stream goes on.
 
-Bounds: at most STREAM_WINDOW requests of one stream are in progress; the next message is read
-only when one finishes, so a fast writer is held back by HTTP/2 flow control, not by our memory.
+Bounds: at most STREAM_WINDOW requests of one stream are in progress (queued, computing, or
+answered but not yet sent); the next message is read only when one is done, so a fast writer,
+or a client that does not read its answers, is held back by HTTP/2 flow control, not by our
+memory.
 Stream requests also share the server's admission limits with unary calls (the byte budget of
 --max-queue-bytes and the limit on calls in progress): a request over them is answered
 "Server busy" in the stream. The call's deadline, if any, applies to every request in it.
@@ -27,6 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from convserve.proto import grpc_service_pb2 as pb
 from convserve.server.errors import ServingError, Unavailable
 
@@ -49,46 +52,71 @@ class InferStream:
 
     async def serve(self, requests: AsyncIterator[pb.ModelInferRequest]) -> None:
         """Answer every request of the stream; return once the client half-closed and every
-        answer is written. Cancelled (client gone): the queued requests are abandoned."""
+        answer is written. Cancelled (client gone): the queued requests are abandoned. At the
+        end of a shutdown's refusal phase: stop reading, answer the requests in progress, then
+        end the call with UNAVAILABLE (so the server's stop does not wait for open streams)."""
         pending: set[asyncio.Task] = set()
         loop = asyncio.get_running_loop()
+        reader = loop.create_task(self._read(requests, pending))
+        ending = loop.create_task(self.servicer.state.streams_end.wait())
         try:
-            while True:
-                await self._window.acquire()  # read the next message only with room for it
-                request = await anext(requests, None)
-                if request is None:
-                    break
-                task = loop.create_task(self._one(request))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
+            await asyncio.wait((reader, ending), return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():  # the client half-closed, or sent an undecodable message
+                reader.result()  # (then AbortError: the call is over, the rest is dropped)
+                if pending:
+                    await asyncio.gather(*pending)
+                return
+            reader.cancel()  # the server is stopping: answer what is in progress, then end
+            await asyncio.wait((reader,))
             if pending:
                 await asyncio.gather(*pending)
+            await self.context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "Server exiting: the stream is closed; retry on another replica",
+            )
         finally:
             # cancelled, or the client sent an undecodable message: drop what is still queued
-            for task in pending:
+            for task in (reader, ending, *pending):
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
 
+    async def _read(
+        self, requests: AsyncIterator[pb.ModelInferRequest], pending: set[asyncio.Task]
+    ) -> None:
+        """Read requests until the client half-closes, each one started as a task."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._window.acquire()  # read the next message only with room for it
+            request = await anext(requests, None)
+            if request is None:
+                return
+            task = loop.create_task(self._one(request))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
     async def _one(self, request: pb.ModelInferRequest) -> None:
+        """Answer one request; its window slot is freed once the answer is sent, so a client
+        that does not read its answers stops the reading of new requests too."""
         try:
-            response = await self._answer(request)
-        except ServingError as exc:
-            response = _error_response(request, str(exc))
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a server bug: this request fails, the stream and server go on
-            log.exception("internal error in a ModelStreamInfer request")
-            response = _error_response(
-                request, "ModelStreamInfer: internal server error (details in the server log)"
-            )
+            try:
+                response = await self._answer(request)
+            except ServingError as exc:
+                response = _error_response(request, str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a server bug: this request fails, the stream and server go on
+                log.exception("internal error in a ModelStreamInfer request")
+                response = _error_response(
+                    request, "ModelStreamInfer: internal server error (details in the server log)"
+                )
+            try:
+                async with self._write_lock:
+                    await self.context.write(response)
+            except Exception:  # noqa: BLE001 - the client went away; the call's end cancels the rest
+                log.debug("ModelStreamInfer: an answer could not be sent (the stream has ended)")
         finally:
             self._window.release()
-        try:
-            async with self._write_lock:
-                await self.context.write(response)
-        except Exception:  # noqa: BLE001 - the client went away; the call's end cancels the rest
-            log.debug("ModelStreamInfer: an answer could not be sent (the stream has ended)")
 
     async def _answer(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         """Infer one request under the server's limits; raises ServingError."""

@@ -289,3 +289,33 @@ def test_async_client_streams_predictions_and_classes(server):
     assert [len(by_index[0]), len(by_index[1])] == [3, 1]
     expected = np.argsort(-model.predict(x[:3]), axis=1)[:, :2]
     assert [[p.index for p in row] for row in by_index[0]] == expected.tolist()
+
+
+def test_open_stream_ends_unavailable_when_the_server_stops(tmp_path):
+    """An idle open stream does not hold the shutdown for the grace period: after the drain
+    window it ends with UNAVAILABLE and the server exits 0."""
+    import signal
+
+    server = h.Server(h.repository(), "--drain-seconds", "0", "--grace-period", "60")
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        while (item := outbox.get()) is not None:
+            yield item
+
+    try:
+        server.wait_ready()
+        api, channel = h.stub(server.target)
+        call = api.ModelStreamInfer(requests(), timeout=120)
+        outbox.put(_request("fashion", h.images(1, seed=49), "before"))
+        assert next(call).infer_response.id == "before"
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as info:
+            next(call)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Server exiting" in info.value.details()
+        assert server.process.wait(timeout=40) == 0  # well before the 60 s grace period
+        channel.close()
+    finally:
+        outbox.put(None)
+        server.stop()
