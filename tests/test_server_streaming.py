@@ -153,23 +153,15 @@ def test_cancelling_a_stream_drops_its_queued_requests(slow_server):
         assert first.error_message == ""
         call.cancel()
 
+        labels = {"model": "fashion", "version": "2"}
+
         def cancelled_total() -> float:
-            return h.metric(
-                slow_server.metrics(),
-                "convserve_requests_total",
-                model="fashion",
-                version="2",
-                outcome="cancelled",
-            )
+            text = slow_server.metrics()
+            return h.metric(text, "convserve_requests_total", **labels, outcome="cancelled")
 
         h.wait_until(lambda: cancelled_total() >= 1, 30, "cancelled requests to be counted")
         h.wait_until(
-            lambda: (
-                h.metric(
-                    slow_server.metrics(), "convserve_queue_depth", model="fashion", version="2"
-                )
-                == 0
-            ),
+            lambda: h.metric(slow_server.metrics(), "convserve_queue_depth", **labels) == 0,
             30,
             "the queue to empty",
         )
