@@ -41,7 +41,7 @@ class ModelStats:
     queue_ns: int = 0
     compute_input_ns: int = 0  # decoding the request and assembling its batch
     compute_ns: int = 0  # running the model (compute_infer)
-    compute_output_ns: int = 0  # handing out the batch's rows and encoding the response
+    compute_output_ns: int = 0  # encoding the response
     inference_count: int = 0  # images
     execution_count: int = 0  # batches
     last_inference_ms: int = 0
