@@ -26,6 +26,7 @@ _EXPORTS = {
     "Prediction": "convserve.client.protocol",
     "TensorSpec": "convserve.client.protocol",
     "RetryPolicy": "convserve.client.retry",
+    "StreamResult": "convserve.client.protocol",
 }
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "ModelVersionState",
     "Prediction",
     "RetryPolicy",
+    "StreamResult",
     "TensorSpec",
 ]
 
@@ -43,7 +45,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .aio import AsyncClient
     from .client import Client
     from .errors import InferenceError
-    from .protocol import ModelInfo, ModelVersionState, Prediction, TensorSpec
+    from .protocol import ModelInfo, ModelVersionState, Prediction, StreamResult, TensorSpec
     from .retry import RetryPolicy
 
 

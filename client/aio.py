@@ -1,12 +1,16 @@
-"""The asyncio client: `AsyncClient`, the same methods as `Client` as coroutines on grpc.aio.
+"""The asyncio client: `AsyncClient`, the same methods as `Client` as coroutines on grpc.aio,
+plus streams (`predict_stream`, `classify_stream`) over Triton's ModelStreamInfer.
 
 async with AsyncClient("localhost:8001") as client:
     rows = await client.classify(["examples/coat_6.png"], top_k=3)
+    async for answer in client.predict_stream(batches, model="fashion"):
+        probabilities = answer.result()  # answer.index: which batch of `batches`
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any
 
 import grpc.aio
@@ -17,8 +21,8 @@ from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 from . import images as imaging
 from . import protocol
 from .base import ClientBase
-from .errors import InferenceError
-from .protocol import ModelInfo, ModelVersionState, Prediction
+from .errors import InferenceError, from_rpc_error
+from .protocol import ModelInfo, ModelVersionState, Prediction, StreamResult
 from .retry import Deadline, call_async
 
 
@@ -219,3 +223,95 @@ class AsyncClient(ClientBase):
         info = await self._info(await self._model(model, deadline), version, deadline)
         results = await self._infer(info, version, self._batch(images, info), top_k, deadline)
         return self._rows(info, results)
+
+    # -- streams
+
+    def predict_stream(
+        self,
+        batches: Iterable[imaging.ImageSource] | AsyncIterable[imaging.ImageSource],
+        model: str | None = None,
+        version: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamResult]:
+        """Send each item of `batches` (images, as `predict` takes them) as one request of a
+        single ModelStreamInfer call, and yield a `StreamResult` per request as it finishes
+        (completion order; `.index` is the item's position, `.result()` the probabilities).
+
+        A request the server refuses yields a result with `.error` and the stream goes on.
+        `timeout` bounds the whole stream (None: no deadline). Leaving the loop early cancels
+        the stream: the server drops its requests still queued. InferenceError is raised when
+        the stream itself fails (server unreachable, refused token, deadline passed)."""
+        return self._stream(batches, 0, model, version, timeout)
+
+    def classify_stream(
+        self,
+        batches: Iterable[imaging.ImageSource] | AsyncIterable[imaging.ImageSource],
+        top_k: int = 5,
+        model: str | None = None,
+        version: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[StreamResult]:
+        """Like `predict_stream`, each result's value being the `top_k` best classes of each
+        image, best first (as `classify` returns them)."""
+        self._check_top_k(top_k)
+        return self._stream(batches, top_k, model, version, timeout)
+
+    async def _stream(
+        self,
+        batches: Iterable[imaging.ImageSource] | AsyncIterable[imaging.ImageSource],
+        class_count: int,
+        model: str | None,
+        version: str,
+        timeout: float | None,
+    ) -> AsyncIterator[StreamResult]:
+        setup = self._deadline(timeout)
+        info = await self._info(await self._model(model, setup), version, setup)
+        call = self._stub.ModelStreamInfer(
+            timeout=None if timeout is None else setup.remaining(), metadata=self._metadata
+        )
+
+        async def send() -> None:
+            index = 0
+            async for images in _as_async(batches):
+                await call.write(self._stream_request(info, version, images, class_count, index))
+                index += 1
+            await call.done_writing()
+
+        def stop_on_failure(task: asyncio.Task) -> None:
+            if _failure(task) is not None:
+                call.cancel()
+
+        sender = asyncio.ensure_future(send())
+        sender.add_done_callback(stop_on_failure)
+        try:
+            async for response in call:
+                yield self._stream_result(info, response, class_count)
+            await sender
+        except (grpc.RpcError, asyncio.CancelledError) as error:
+            failure = _failure(sender)
+            if failure is not None:  # e.g. an item that is not images: the caller's mistake
+                raise failure from None
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            raise self._explain(from_rpc_error(error)) from None
+        finally:
+            sender.cancel()
+            call.cancel()
+
+
+def _failure(task: asyncio.Task) -> BaseException | None:
+    """The exception a finished task raised (None while running, when cancelled or fine)."""
+    if not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+async def _as_async(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

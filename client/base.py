@@ -18,7 +18,7 @@ from . import channel, protocol
 from . import credentials as tls
 from . import images as imaging
 from .errors import InferenceError
-from .protocol import ModelInfo, ModelVersionState, Prediction
+from .protocol import ModelInfo, ModelVersionState, Prediction, StreamResult
 from .retry import Deadline, RetryPolicy
 
 DEFAULT_TIMEOUT = 30.0
@@ -216,3 +216,43 @@ class ClientBase:
         labels = tuple(by_index.get(i, str(i)) for i in range(info.num_classes or len(by_index)))
         self._labels[(info.name, version)] = labels
         return labels
+
+    # -- streams
+
+    def _stream_request(
+        self,
+        info: ModelInfo,
+        version: str,
+        images: imaging.ImageSource,
+        class_count: int,
+        index: int,
+    ) -> Any:
+        """Request `index` of a stream: the whole batch in one message, its index as the id."""
+        return protocol.infer_request(
+            info, version, self._batch(images, info), class_count, str(index)
+        )
+
+    def _stream_result(self, info: ModelInfo, response: Any, class_count: int) -> StreamResult:
+        """A ModelStreamInferResponse as a StreamResult (matched to its request by `id`)."""
+        answer = response.infer_response
+        try:
+            index = int(answer.id)
+        except ValueError:
+            index = -1  # not one of ours (a server that does not echo ids)
+        if response.error_message:
+            message = response.error_message
+            return StreamResult(index, error=InferenceError(message, _stream_code(message)))
+        rows = answer.outputs[0].shape[0] if answer.outputs and answer.outputs[0].shape else 0
+        results = [(answer, rows)]
+        if class_count:
+            return StreamResult(index, self._rows(info, results))
+        return StreamResult(index, self._probabilities(info, results))
+
+
+def _stream_code(message: str) -> grpc.StatusCode:
+    """A stream's error carries only a message: UNAVAILABLE for the retryable refusals (busy,
+    exiting, queue full, not ready, queue timeout), INVALID_ARGUMENT otherwise."""
+    retryable = ("Server busy", "Server exiting", "Server not ready", "Exceeds maximum queue size")
+    if message.startswith(retryable) or message.startswith("Request timeout expired"):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INVALID_ARGUMENT

@@ -43,6 +43,26 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class StreamResult:
+    """The answer to one request of a stream (`AsyncClient.predict_stream` / `classify_stream`).
+
+    `index` is the request's position in the input sequence (answers arrive in completion
+    order, not input order). `value` holds the probabilities, shape (N, classes), or the rows of
+    `Prediction`s; `error` says why this request failed (the stream went on). `result()`
+    returns `value` or raises `error`.
+    """
+
+    index: int
+    value: Any = None
+    error: InferenceError | None = None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """A model input or output as the server's metadata announces it (shape with -1 for batch)."""
 

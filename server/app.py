@@ -278,7 +278,7 @@ class InferenceServer:
             RawRequests(self.metrics.refused_early),
         ]
         server = grpc.aio.server(options=options, interceptors=interceptors)
-        servicer = InferenceServicer(self.repository, self.state, self.lifecycle)
+        servicer = InferenceServicer(self.repository, self.state, self.lifecycle, self.admission)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -379,6 +379,7 @@ class InferenceServer:
         stopping = asyncio.ensure_future(server.stop(max(0.1, deadline - time.monotonic() - 0.5)))
         await asyncio.sleep(GOAWAY_SECONDS)
         self.state.refusing = True  # the held calls, and only they, are refused
+        self.state.streams_end.set()  # open ModelStreamInfer calls end (UNAVAILABLE)
         self.admission.release()
         await stopping
         stopped = await self.lifecycle.close_all(max(0.1, deadline - time.monotonic()))

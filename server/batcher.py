@@ -64,6 +64,7 @@ class Job:
         "result",
         "error",
         "queue_ns",
+        "assembly_ns",
         "compute_ns",
         "batch_size",
         "_parts_left",
@@ -92,6 +93,7 @@ class Job:
         self.result: np.ndarray | None = None
         self.error: BaseException | None = None
         self.queue_ns = 0  # arrival -> start of (first) compute
+        self.assembly_ns = 0  # building the batch(es) it ran in (ModelStatistics compute_input)
         self.compute_ns = 0  # compute time of the batch(es) it ran in
         self.batch_size = 0  # images in the (largest) batch it ran in
         self._parts_left = 0
@@ -115,8 +117,11 @@ def _set_concurrent_future(jobs: list[Job]) -> None:
 class BatchObserver:
     """Hooks for metrics; the default does nothing."""
 
-    def on_batch(self, batch_size: int, compute_ns: int) -> None:  # pragma: no cover - trivial
-        pass
+    def on_batch(  # pragma: no cover - trivial
+        self, batch_size: int, compute_ns: int, input_ns: int = 0, output_ns: int = 0
+    ) -> None:
+        """One execution: `input_ns` built the batch, `compute_ns` ran the model, `output_ns`
+        handed the rows out to the requests (0 when the batch failed)."""
 
 
 class DynamicBatcher:
@@ -375,21 +380,23 @@ class DynamicBatcher:
             x = job.images if (start == 0 and stop == job.size) else job.images[start:stop]
         else:
             x = np.concatenate([job.images[start:stop] for job, start, stop in batch])
+        assembled = time.monotonic_ns()
         try:
             out = predict(x)
             failed = False
         except Exception:  # noqa: BLE001 - isolated below
             failed = True
         finished = time.monotonic_ns()
-        compute = finished - started
+        compute = finished - assembled
+        assembly = assembled - started
         total = x.shape[0]
         per_image = compute / total
         self.ns_per_image = (
             per_image if not self.ns_per_image else 0.9 * self.ns_per_image + 0.1 * per_image
         )
-        self._observer.on_batch(total, compute)
         done: list[Job] = []
         if failed:
+            self._observer.on_batch(total, compute, assembly)
             if len(batch) > 1:
                 log.warning(
                     "model '%s': a batch of %d images from %d requests failed; re-running each alone",
@@ -404,10 +411,12 @@ class DynamicBatcher:
             with self._deliver_lock:
                 for job, start, stop in batch:
                     n = stop - start
+                    job.assembly_ns += assembly
                     self._deliver(
                         job, start, stop, out[offset : offset + n], started, compute, total, done
                     )
                     offset += n
+            self._observer.on_batch(total, compute, assembly, time.monotonic_ns() - finished)
         if done:
             self._on_complete(done)
 
@@ -430,10 +439,10 @@ class DynamicBatcher:
                     job._parts_left = 0
                     done.append(job)
             return
-        compute = time.monotonic_ns() - t0
-        self._observer.on_batch(stop - start, compute)
+        finished = time.monotonic_ns()
         with self._deliver_lock:
-            self._deliver(job, start, stop, out, batch_started, compute, stop - start, done)
+            self._deliver(job, start, stop, out, batch_started, finished - t0, stop - start, done)
+        self._observer.on_batch(stop - start, finished - t0, 0, time.monotonic_ns() - finished)
 
     @staticmethod
     def _deliver(

@@ -25,24 +25,31 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelStats:
-    """Counters for the ModelStatistics RPC (Triton semantics, durations in ns)."""
+    """Counters for the ModelStatistics RPC, with Triton's semantics (durations in ns).
+
+    success, queue and the three compute stages count successful requests (one each, so the
+    compute counts are always equal, as Triton's perf_analyzer requires); a request's compute
+    durations are those of the batch(es) it ran in. inference_count counts images,
+    execution_count batches; `batches` holds, per batch size, [executions, input ns, infer ns,
+    output ns] of the batches themselves.
+    """
 
     success_count: int = 0
     success_ns: int = 0
     fail_count: int = 0
     fail_ns: int = 0
-    queue_count: int = 0
     queue_ns: int = 0
-    compute_count: int = 0
-    compute_ns: int = 0
+    compute_input_ns: int = 0  # decoding the request and assembling its batch
+    compute_ns: int = 0  # running the model (compute_infer)
+    compute_output_ns: int = 0  # encoding the response
     inference_count: int = 0  # images
     execution_count: int = 0  # batches
     last_inference_ms: int = 0
-    batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, ns]
+    batches: dict[int, list[int]] = field(default_factory=dict)
 
 
 class Outcome:
-    """One ModelInfer call's bookkeeping: Prometheus outcome counters and ModelStatistics."""
+    """One inference request's bookkeeping: Prometheus outcome counters and ModelStatistics."""
 
     __slots__ = ("metrics", "stats", "t0")
 
@@ -54,17 +61,22 @@ class Outcome:
         self.stats.fail_count += 1
         self.stats.fail_ns += time.perf_counter_ns() - self.t0
 
-    def succeeded(self, job) -> None:
+    def succeeded(self, job, decode_ns: int = 0, encode_ns: int = 0) -> None:
+        """`job` finished; decoding its request took `decode_ns`, encoding the answer
+        `encode_ns`."""
         elapsed = time.perf_counter_ns() - self.t0
         metrics, stats = self.metrics, self.stats
         metrics.outcome["success"].inc()
         metrics.images.inc(job.size)
         metrics.request_duration.observe(elapsed / 1e9)
         metrics.queue_duration.observe(job.queue_ns / 1e9)
+        # one request: every count below moves together (no await between them)
         stats.success_count += 1
         stats.success_ns += elapsed
-        stats.queue_count += 1
         stats.queue_ns += job.queue_ns
+        stats.compute_input_ns += decode_ns + job.assembly_ns
+        stats.compute_ns += job.compute_ns
+        stats.compute_output_ns += encode_ns
         stats.inference_count += job.size
         stats.last_inference_ms = int(time.time() * 1000)
 
@@ -76,20 +88,22 @@ class BatchRecorder:
         self.metrics = metrics
         self.stats = stats
 
-    def on_batch(self, batch_size: int, compute_ns: int) -> None:
+    def on_batch(
+        self, batch_size: int, compute_ns: int, input_ns: int = 0, output_ns: int = 0
+    ) -> None:
         self.metrics.compute_duration.observe(compute_ns / 1e9)
         self.metrics.batch_size.observe(batch_size)
         self.metrics.sample_queue()
         s = self.stats
         s.execution_count += 1
-        s.compute_count += 1
-        s.compute_ns += compute_ns
         slot = s.batches.get(batch_size)
         if slot is None:
-            s.batches[batch_size] = [1, compute_ns]
-        else:
+            s.batches[batch_size] = [1, input_ns, compute_ns, output_ns]
+        else:  # a list replaced whole would race the reader; in-place adds are fine
             slot[0] += 1
-            slot[1] += compute_ns
+            slot[1] += input_ns
+            slot[2] += compute_ns
+            slot[3] += output_ns
 
 
 @dataclass

@@ -65,6 +65,7 @@ class ServerState:
         self.refusing = False  # after the drain window: new inferences get UNAVAILABLE from us
         self.empty_ok = False  # poll and explicit modes: ready with no model loaded (yet)
         self.loading_message = "Server not ready: models are loading"
+        self.streams_end = asyncio.Event()  # set once refusing: open streams end (UNAVAILABLE)
 
 
 def resolve_jobs(jobs: list[Job]) -> None:
@@ -94,10 +95,13 @@ def _passed(deadline_ns: int | None, slack_ns: int = 0) -> bool:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Open Inference Protocol over the repository's models."""
 
-    def __init__(self, repository: ModelRepository, state: ServerState, lifecycle: Any):
+    def __init__(
+        self, repository: ModelRepository, state: ServerState, lifecycle: Any, admission: Any = None
+    ):
         self.repository = repository
         self.state = state
         self.lifecycle = lifecycle  # convserve.server.lifecycle.ModelLifecycle
+        self.admission = admission  # its limits apply to stream requests too (see streaming)
 
     # -- helpers ---------------------------------------------------------------------------
     async def _fail(self, context, error: ServingError) -> None:
@@ -208,17 +212,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
         try:
-            decoded, job = await self._run(entry, entry.signature, request, deadline)
-            response = encode_response(
-                request,
-                entry.version_str,
-                decoded,
-                job.result,
-                entry.signature,
-                job.queue_ns // 1000,
-                job.compute_ns // 1000,
-                job.batch_size,
-            )
+            response = await self.answer(entry, request, deadline, outcome)
         except asyncio.CancelledError:  # the caller cancelled or its deadline passed
             # The client's deadline timer fires (and cancels the call) a little before the server's
             # copy of it, which counts from the request's arrival: within DEADLINE_SLACK_NS of the
@@ -236,13 +230,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     (("grpc-retry-pushback-ms", str(entry.batcher.drain_estimate_ms())),)
                 )
             await self._fail(context, exc)
-        outcome.succeeded(job)
+        return response
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Triton's bidirectional stream: see convserve.server.streaming."""
+        from convserve.server.streaming import InferStream
+
+        await InferStream(self, context, self.admission).serve(request_iterator)
+
+    async def answer(
+        self, entry: ServedVersion, request, deadline: int | None, outcome
+    ) -> pb.ModelInferResponse:
+        """Decode, batch and encode one request (unary or from a stream) and count its success
+        in `outcome`; raises ServingError, or CancelledError when the call is over."""
+        decoded, job, decode_ns = await self._run(entry, entry.signature, request, deadline)
+        t0 = time.perf_counter_ns()
+        response = encode_response(
+            request,
+            entry.version_str,
+            decoded,
+            job.result,
+            entry.signature,
+            job.queue_ns // 1000,
+            job.compute_ns // 1000,
+            job.batch_size,
+        )
+        outcome.succeeded(job, decode_ns, time.perf_counter_ns() - t0)
         return response
 
     async def _run(self, entry: ServedVersion, sig: Signature, request, deadline: int | None):
-        """Decode, queue and await one request; returns (decoded, finished job) or raises
-        ServingError (also when the deadline passed while the batch computed)."""
+        """Decode, queue and await one request; returns (decoded, finished job, decoding ns) or
+        raises ServingError (also when the deadline passed while the batch computed)."""
+        t0 = time.perf_counter_ns()
         decoded = decode_request(request, sig)
+        decode_ns = time.perf_counter_ns() - t0
         timeout = (
             None if decoded.timeout_us is None else time.monotonic_ns() + decoded.timeout_us * 1000
         )
@@ -284,7 +305,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # A client's race: its deadline passed while its batch computed. gRPC has answered
             # DEADLINE_EXCEEDED; sending our answer now would fail inside grpc.aio.
             raise asyncio.CancelledError
-        return decoded, job
+        return decoded, job, decode_ns
 
     # -- statistics and repository ---------------------------------------------------------
     async def ModelStatistics(self, request, context):
@@ -307,12 +328,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 execution_count=s.execution_count,
             )
             inf = stat.inference_stats
-            inf.success.CopyFrom(d(count=s.success_count, ns=s.success_ns))
+            done = s.success_count  # queue and the compute stages count successful requests
+            inf.success.CopyFrom(d(count=done, ns=s.success_ns))
             inf.fail.CopyFrom(d(count=s.fail_count, ns=s.fail_ns))
-            inf.queue.CopyFrom(d(count=s.queue_count, ns=s.queue_ns))
-            inf.compute_infer.CopyFrom(d(count=s.compute_count, ns=s.compute_ns))
-            for size, (count, ns) in sorted(dict(s.batches).items()):
-                stat.batch_stats.add(batch_size=size, compute_infer=d(count=count, ns=ns))
+            inf.queue.CopyFrom(d(count=done, ns=s.queue_ns))
+            inf.compute_input.CopyFrom(d(count=done, ns=s.compute_input_ns))
+            inf.compute_infer.CopyFrom(d(count=done, ns=s.compute_ns))
+            inf.compute_output.CopyFrom(d(count=done, ns=s.compute_output_ns))
+            for size, slot in sorted(dict(s.batches).items()):
+                count, input_ns, infer_ns, output_ns = list(slot)
+                stat.batch_stats.add(
+                    batch_size=size,
+                    compute_input=d(count=count, ns=input_ns),
+                    compute_infer=d(count=count, ns=infer_ns),
+                    compute_output=d(count=count, ns=output_ns),
+                )
         return response
 
     async def RepositoryIndex(self, request, context):
@@ -367,7 +397,8 @@ def _version_policy(policy) -> pb.ModelVersionPolicy:
 def _unimplemented(name: str, streaming: bool):
     message = (
         f"{name} is not implemented by {SERVER_NAME}; served RPCs: ServerLive, ServerReady, ModelReady, "
-        "ServerMetadata, ModelMetadata, ModelInfer, ModelConfig, ModelStatistics, RepositoryIndex, "
+        "ServerMetadata, ModelMetadata, ModelInfer, ModelStreamInfer, ModelConfig, ModelStatistics, "
+        "RepositoryIndex, "
         "RepositoryModelLoad, RepositoryModelUnload"
     )
 

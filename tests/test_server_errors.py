@@ -288,12 +288,6 @@ def test_load_and_unload_need_explicit_mode(api, rpc, request_type):
     assert api.ModelReady(pb.ModelReadyRequest(name="fashion"), timeout=10).ready
 
 
-def test_stream_infer_is_unimplemented(api):
-    with pytest.raises(grpc.RpcError) as info:
-        list(api.ModelStreamInfer(iter([h.infer_request("fashion", h.images(1))]), timeout=10))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_errors_are_counted_by_outcome(server, api):
     def invalid_count() -> float:
         for line in server.metrics().splitlines():
