@@ -24,11 +24,14 @@ simulated clock; `SloWindow` is what the batcher's worker threads call.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 PERIOD_REQUESTS = 200  # a control period: this many requests (p99 = the 3rd slowest) ...
 PERIOD_SECONDS = 1.0  # ... or this long, once MIN_REQUESTS were seen (low load)
@@ -113,7 +116,9 @@ class SloController:
         self.window_s = 0.0  # start like the fixed default: take what is queued
         self.batch_limit = max_batch_size
         self.service = ServiceModel()
-        self.last_p99_s = 0.0
+        self.last_p99_s = 0.0  # the last period's p99, requests per batch, windowed batches
+        self.last_gathered = 0.0
+        self.last_windowed = 0
         self.adjustments = {"up": 0, "down": 0}
         self._latencies: list[float] = []
         self._windowed = 0  # batches of this period whose dispatch the window decided
@@ -131,7 +136,7 @@ class SloController:
         self._latencies.extend(latencies_s)
 
     def update(self, now_s: float) -> bool:
-        """End the control period if it is long enough, and adjust; True if anything changed."""
+        """End the control period if it is long enough, and adjust; True if a period ended."""
         if self._period_start is None:
             self._period_start = now_s
         seen = len(self._latencies)
@@ -140,12 +145,13 @@ class SloController:
         )
         if not long_enough:
             return False
-        before = (self.window_s, self.batch_limit)
-        self._adjust(_p99(self._latencies), seen / max(1, self._batches))
+        self.last_gathered = seen / max(1, self._batches)
+        self.last_windowed = self._windowed
+        self._adjust(_p99(self._latencies), self.last_gathered)
         self._latencies = []
         self._windowed = self._batches = 0
         self._period_start = now_s
-        return (self.window_s, self.batch_limit) != before
+        return True
 
     def _adjust(self, p99: float, gathered: float) -> None:
         self.last_p99_s = p99
@@ -204,7 +210,18 @@ class SloWindow:
             controller.observe_latencies((now - arrived) / 1e9 for arrived in arrivals_ns)
             if not controller.update(now / 1e9):
                 return
+            before = (self.delay_ns, self.batch_limit)
             self.delay_ns = round(controller.window_s * 1e9)
             self.batch_limit = controller.batch_limit
-        if self._on_change is not None:
+            changed = (self.delay_ns, self.batch_limit) != before
+        log.debug(
+            "SLO window: p99 %.2f ms, %.2f requests per batch, %d windowed batches -> "
+            "window %.2f ms, batch limit %d",
+            controller.last_p99_s * 1e3,
+            controller.last_gathered,
+            controller.last_windowed,
+            controller.window_s * 1e3,
+            controller.batch_limit,
+        )
+        if changed and self._on_change is not None:
             self._on_change(controller.window_s, controller.batch_limit)
