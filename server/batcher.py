@@ -322,7 +322,8 @@ class DynamicBatcher:
         self, cond: threading.Condition, kind: int, delay_ns: int, limit: int
     ) -> None:
         """Hold a batch under `limit` images until its oldest request has waited `delay_ns`."""
-        while self._queued_images < limit and not self._closed:
+        # another instance may take the queue while this one waits (the lock is released)
+        while self._heap and self._queued_images < limit and not self._closed:
             oldest = min(entry[2].arrival_ns for entry in self._heap)
             remaining = oldest + delay_ns - time.monotonic_ns()
             if remaining <= 0:

@@ -45,6 +45,40 @@ def test_batcher_obeys_the_window_batch_limit_and_reports_every_batch():
         batcher.close(10)
 
 
+def test_a_window_survives_another_instance_taking_the_queue():
+    """Instance 0 holds a batch for the window; instance 1 takes the queue meanwhile."""
+    gate, started, sizes = threading.Event(), threading.Event(), []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        if len(sizes) == 1:
+            started.set()
+            assert gate.wait(10)
+        return x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float32)
+
+    batcher = DynamicBatcher(
+        [predict, predict],
+        max_batch_size=8,
+        max_queue_delay_us=300_000,
+        extra_instance_min_images=2,
+    )
+    try:
+        image = np.ones((1, 2, 2, 1), np.float32)
+        jobs = [batcher.submit(image)]
+        assert started.wait(10)
+        jobs.append(batcher.submit(image))  # waits for instance 0 (below the extra's minimum)
+        gate.set()
+        h.wait_until(lambda: batcher._waiting[0], 10, "instance 0 to hold its batch")
+        jobs.append(batcher.submit(image))  # two queued: instance 1 takes them
+        for job in jobs:
+            assert job.future.result(10).error is None
+        time.sleep(0.5)  # instance 0's window ends with an empty queue
+        assert batcher.alive
+        assert batcher.submit(image).future.result(10).error is None
+    finally:
+        batcher.close(10)
+
+
 def _load(target: str, stop: threading.Event, errors: list, count: list) -> None:
     api, channel = h.stub(target)
     request = h.infer_request("fashion", h.images(1, seed=5))
