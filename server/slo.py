@@ -7,11 +7,10 @@ With `--latency-slo-ms T` the fixed `--max-queue-delay-us` window gives way to a
   `PERIOD_SECONDS` once `MIN_REQUESTS` were seen, and its p99 is compared with T;
 * AIMD on the window, as Clipper does on its batch size: p99 above T multiplies the window by
   `BACKOFF`; p99 at or below `HEADROOM` x T adds `STEP_FRACTION` x T, but only when the window
-  decided a batch in that period (a batch formed after a busy period and sent under-full) and
-  requests do meet in batches (at least `MIN_GATHER` requests per batch on average), so the
-  window does not wind up while batches fill anyway or requests come one by one;
-* at low load, where batches average fewer than `MIN_GATHER` requests, a window only adds
-  latency: it shrinks by `BACKOFF` per period, down to 0 (take what is queued);
+  decided a batch in that period (a batch formed after a busy period and sent under-full), so
+  it does not wind up while batches fill anyway or the model is idle;
+* an open window whose held batches still average fewer than `MIN_GATHER` images gathers
+  nothing and only adds latency (very low load): it shrinks by `BACKOFF` too;
 * the batch size is capped as Nexus does: a request that just misses a batch waits for it and
   then runs in the next, so two executions of a batch must fit in T. A least-squares fit
   t(n) = a*n + c over the last batches gives the largest such n (never below 1) and also keeps
@@ -26,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -39,9 +39,9 @@ MIN_REQUESTS = 20
 HEADROOM = 0.8  # grow the window only while p99 <= HEADROOM x SLO
 STEP_FRACTION = 1 / 16  # additive increase: SLO / 16 per period
 BACKOFF = 0.7  # multiplicative decrease when p99 > SLO (gentler than TCP's halving, as Clipper)
-MIN_GATHER = 1.25  # requests per batch below which waiting gathers too little to pay
+MIN_GATHER = 1.1  # images per held batch below which an open window gathers too little
 FIT_BATCHES = 64  # batches in the service-time fit
-FIT_MIN_BATCHES = 8
+FIT_MIN_SAMPLES = 3  # batches of one size before its median joins the fit
 
 
 def window_bound_error(slo_ms: float, max_queue_delay_us: int, what: str = "flag") -> str | None:
@@ -64,26 +64,37 @@ def window_bound_error(slo_ms: float, max_queue_delay_us: int, what: str = "flag
 
 
 class ServiceModel:
-    """Least-squares fit of batch compute time t(n) = a*n + c over the last batches."""
+    """Least-squares fit of batch compute time t(n) = a*n + c over the last batches.
+
+    The fit goes through the median time of each batch size seen at least `FIT_MIN_SAMPLES`
+    times: on a shared machine one preempted batch must not tilt the line (and cap batches).
+    """
 
     def __init__(self, keep: int = FIT_BATCHES):
         self._samples: deque[tuple[int, float]] = deque(maxlen=keep)
         self.per_image = 0.0  # a, seconds per image
         self.overhead = 0.0  # c, seconds per batch
         self.fitted = False
+        self._points: list[tuple[int, float]] = []  # (batch size, median seconds) of the fit
 
     def add(self, images: int, seconds: float) -> None:
         self._samples.append((images, seconds))
 
     def refit(self) -> None:
-        samples = self._samples
-        if len(samples) < FIT_MIN_BATCHES or len({n for n, _ in samples}) < 2:
+        by_size: dict[int, list[float]] = {}
+        for n, t in self._samples:
+            by_size.setdefault(n, []).append(t)
+        points = [
+            (n, statistics.median(ts)) for n, ts in by_size.items() if len(ts) >= FIT_MIN_SAMPLES
+        ]
+        self._points = points
+        if len(points) < 2:
             return  # one batch size says nothing about the slope: keep the last fit
-        count = len(samples)
-        mean_n = sum(n for n, _ in samples) / count
-        mean_t = sum(t for _, t in samples) / count
-        spread = sum((n - mean_n) ** 2 for n, _ in samples)
-        slope = sum((n - mean_n) * (t - mean_t) for n, t in samples) / spread
+        count = len(points)
+        mean_n = sum(n for n, _ in points) / count
+        mean_t = sum(t for _, t in points) / count
+        spread = sum((n - mean_n) ** 2 for n, _ in points)
+        slope = sum((n - mean_n) * (t - mean_t) for n, t in points) / spread
         self.per_image = max(slope, 0.0)
         self.overhead = max(mean_t - self.per_image * mean_n, 0.0)
         self.fitted = True
@@ -96,9 +107,12 @@ class ServiceModel:
         """The largest batch (1..most) whose predicted time is at most `budget` seconds."""
         if not self.fitted or self.seconds(most) <= budget:
             return most
+        # never below a size actually seen to run within the budget: the line is an estimate
+        seen = max((n for n, t in self._points if t <= budget), default=1)
         if self.per_image <= 0:
-            return 1
-        return max(1, min(most, math.floor((budget - self.overhead) / self.per_image)))
+            return min(most, seen)
+        predicted = math.floor((budget - self.overhead) / self.per_image)
+        return max(1, min(most, max(predicted, seen)))
 
 
 class SloController:
@@ -116,20 +130,21 @@ class SloController:
         self.window_s = 0.0  # start like the fixed default: take what is queued
         self.batch_limit = max_batch_size
         self.service = ServiceModel()
-        self.last_p99_s = 0.0  # the last period's p99, requests per batch, windowed batches
+        self.last_p99_s = 0.0  # the last period's p99, images per held batch, held batches
         self.last_gathered = 0.0
         self.last_windowed = 0
         self.adjustments = {"up": 0, "down": 0}
         self._latencies: list[float] = []
         self._windowed = 0  # batches of this period whose dispatch the window decided
-        self._batches = 0  # batches of this period
+        self._windowed_images = 0
         self._period_start: float | None = None
 
     def observe_batch(self, images: int, compute_s: float, windowed: bool) -> None:
         """One executed batch; `windowed`: it formed after a busy period and left under-full."""
         self.service.add(images, compute_s)
-        self._windowed += windowed
-        self._batches += 1
+        if windowed:
+            self._windowed += 1
+            self._windowed_images += images
 
     def observe_latencies(self, latencies_s: Iterable[float]) -> None:
         """Queue + compute latency of finished requests."""
@@ -145,15 +160,15 @@ class SloController:
         )
         if not long_enough:
             return False
-        self.last_gathered = seen / max(1, self._batches)
+        self.last_gathered = self._windowed_images / self._windowed if self._windowed else 0.0
         self.last_windowed = self._windowed
-        self._adjust(_p99(self._latencies), self.last_gathered)
+        self._adjust(_p99(self._latencies))
         self._latencies = []
-        self._windowed = self._batches = 0
+        self._windowed = self._windowed_images = 0
         self._period_start = now_s
         return True
 
-    def _adjust(self, p99: float, gathered: float) -> None:
+    def _adjust(self, p99: float) -> None:
         self.last_p99_s = p99
         service = self.service
         service.refit()
@@ -162,7 +177,8 @@ class SloController:
         # a held request waits at most the window (or the running batch), then its own batch
         ceiling = min(self.max_window_s, max(0.0, self.slo_s - service.seconds(self.batch_limit)))
         window = self.window_s
-        if p99 > self.slo_s or gathered < MIN_GATHER:
+        gathers_nothing = window and self._windowed and self.last_gathered < MIN_GATHER
+        if p99 > self.slo_s or gathers_nothing:
             window *= BACKOFF
             if window < self.step_s / 4:  # a sliver of a window only adds latency
                 window = 0.0
@@ -215,11 +231,11 @@ class SloWindow:
             self.batch_limit = controller.batch_limit
             changed = (self.delay_ns, self.batch_limit) != before
         log.debug(
-            "SLO window: p99 %.2f ms, %.2f requests per batch, %d windowed batches -> "
+            "SLO window: p99 %.2f ms, %d batches held by the window, %.2f images each -> "
             "window %.2f ms, batch limit %d",
             controller.last_p99_s * 1e3,
-            controller.last_gathered,
             controller.last_windowed,
+            controller.last_gathered,
             controller.window_s * 1e3,
             controller.batch_limit,
         )
