@@ -15,31 +15,38 @@ from convserve.server.slo import SloController, SloWindow
 from tests import server_harness as h
 
 
-def test_batcher_obeys_the_window_batch_limit_and_reports_every_batch():
-    gate, started, sizes = threading.Event(), threading.Event(), []
+class Gated:
+    """predict = per-image sum; the first call blocks until `gate` is set; records batch sizes."""
 
-    def predict(x: np.ndarray) -> np.ndarray:
-        sizes.append(len(x))
-        if len(sizes) == 1:
-            started.set()
-            assert gate.wait(10)
+    def __init__(self):
+        self.gate, self.started, self.sizes = threading.Event(), threading.Event(), []
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(x))
+        if len(self.sizes) == 1:
+            self.started.set()
+            assert self.gate.wait(10)
         return x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float32)
+
+
+def test_batcher_obeys_the_window_batch_limit_and_reports_every_batch():
+    model = Gated()
 
     controller = SloController(0.5, 0.5, 8)
     window = SloWindow(controller)
     window.batch_limit = 3  # as if the service-time fit had capped the batch
-    batcher = DynamicBatcher(predict, max_batch_size=8, window=window)
+    batcher = DynamicBatcher(model.predict, max_batch_size=8, window=window)
     try:
         first = batcher.submit(np.ones((1, 2, 2, 1), np.float32))
-        assert started.wait(10)
+        assert model.started.wait(10)
         queued = [batcher.submit(np.full((1, 2, 2, 1), i, np.float32)) for i in range(7)]
         big = batcher.submit(np.ones((5, 2, 2, 1), np.float32))  # one chunk above the limit
-        gate.set()
+        model.gate.set()
         for job in [first, *queued, big]:
             assert job.future.result(10).error is None
         assert [job.future.result().result[0, 0] for job in queued] == [4 * i for i in range(7)]
-        assert sizes[:4] == [1, 3, 3, 1] and sizes[4] == 5  # a chunk runs whole, alone
-        assert len(controller.service._samples) == len(sizes)
+        assert model.sizes[:4] == [1, 3, 3, 1] and model.sizes[4] == 5  # a chunk runs whole, alone
+        assert len(controller.service._samples) == len(model.sizes)
         assert len(controller._latencies) == 9  # every request's latency reached the controller
     finally:
         batcher.close(10)
@@ -47,17 +54,10 @@ def test_batcher_obeys_the_window_batch_limit_and_reports_every_batch():
 
 def test_a_window_survives_another_instance_taking_the_queue():
     """Instance 0 holds a batch for the window; instance 1 takes the queue meanwhile."""
-    gate, started, sizes = threading.Event(), threading.Event(), []
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        sizes.append(len(x))
-        if len(sizes) == 1:
-            started.set()
-            assert gate.wait(10)
-        return x.reshape(len(x), -1).sum(axis=1, keepdims=True).astype(np.float32)
+    model = Gated()
 
     batcher = DynamicBatcher(
-        [predict, predict],
+        [model.predict, model.predict],
         max_batch_size=8,
         max_queue_delay_us=300_000,
         extra_instance_min_images=2,
@@ -65,9 +65,9 @@ def test_a_window_survives_another_instance_taking_the_queue():
     try:
         image = np.ones((1, 2, 2, 1), np.float32)
         jobs = [batcher.submit(image)]
-        assert started.wait(10)
+        assert model.started.wait(10)
         jobs.append(batcher.submit(image))  # waits for instance 0 (below the extra's minimum)
-        gate.set()
+        model.gate.set()
         h.wait_until(lambda: batcher._waiting[0], 10, "instance 0 to hold its batch")
         jobs.append(batcher.submit(image))  # two queued: instance 1 takes them
         for job in jobs:
