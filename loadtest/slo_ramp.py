@@ -1,6 +1,7 @@
 """Latency-SLO batching on a load ramp: fixed windows against `--latency-slo-ms`, side by side.
 
     python loadtest/slo_ramp.py                                  # default ramp, about 4 minutes
+    python loadtest/slo_ramp.py --rounds 3                       # three ramps, medians
     python loadtest/slo_ramp.py --slo-ms 20 --rates 50,200,500,900,500,200,50 --seconds 8
 
 Three servers run on loopback with the bundled model: `fixed-small` (--max-queue-delay-us 0,
@@ -25,6 +26,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -155,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=3.0, help="unmeasured seconds per step")
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="ramps run back to back; the table shows medians"
+    )
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     large_us = args.large_us or int(args.slo_ms * 750)
@@ -171,20 +176,27 @@ def main(argv: list[str] | None = None) -> int:
                 servers[name] = start_server(ROOT / "models", args.max_batch_size, flags)
             ctx = mp.get_context("spawn")
             with ctx.Pool(args.procs) as pool:
-                pool.map(_generator, [(servers["slo"][1], 20, 0, 1.0, 0)] * args.procs)  # warm
-                rows = []
-                for step, rate in enumerate(rates):
-                    order = list(flavours)[step % 3 :] + list(flavours)[: step % 3]
-                    results = {}
-                    for name in order:
-                        proc, target = servers[name]
-                        results[name] = run_step(pool, proc, target, rate, args, seed=100 * step)
-                    rows.append((rate, results))
-                    _print_step(rate, results, args.slo_ms)
+                for _, target in servers.values():  # first calls on a fresh server are slow
+                    pool.map(_generator, [(target, 50, 0, 2.0, 0)] * args.procs)
+                rounds = []  # per round, per step: {server: figures}
+                for round_index in range(args.rounds):
+                    print(f"round {round_index + 1} of {args.rounds}", flush=True)
+                    steps = []
+                    for step, rate in enumerate(rates):
+                        turn = step + round_index
+                        order = list(flavours)[turn % 3 :] + list(flavours)[: turn % 3]
+                        results = {}
+                        for name in order:
+                            proc, target = servers[name]
+                            seed = 1000 * round_index + 100 * step
+                            results[name] = run_step(pool, proc, target, rate, args, seed)
+                        steps.append(results)
+                        _print_step(rate, results, args.slo_ms)
+                    rounds.append(steps)
         finally:
             for proc, _ in servers.values():
                 stop_server(proc)
-    _print_table(rows, args, large_us)
+    _print_table(rates, list(flavours), rounds, args, large_us)
     return 0
 
 
@@ -199,30 +211,41 @@ def _print_step(rate: float, results: dict, slo_ms: float) -> None:
         )
 
 
-def _print_table(rows: list, args, large_us: int) -> None:
+def _print_table(rates: list, names: list, rounds: list, args, large_us: int) -> None:
+    """Medians over the rounds of every figure, one row per step, one column group per server."""
     print(
         f"\nSLO {args.slo_ms:g} ms (server queue + compute, p99); fixed-small: window 0; "
         f"fixed-large: window {large_us / 1000:g} ms; {args.seconds:g} s measured per step "
-        f"after {args.settle:g} s; {args.procs} open-loop generator processes on the same host\n"
+        f"after {args.settle:g} s; median of {len(rounds)} round(s); {args.procs} open-loop "
+        "generator processes on the same host\n"
     )
-    names = list(rows[0][1])
     head = "| offered req/s | " + " | ".join(
         f"{n} img/s | {n} p99 ms | {n} batch | {n} CPU us/req" for n in names
     )
     print(head + " | slo window ms |")
     print("|" + " --- |" * (2 + 4 * len(names)))
-    for rate, results in rows:
+    held = dict.fromkeys(names, 0)
+    for step, rate in enumerate(rates):
+
+        def median(name: str, key: str, step: int = step) -> float:
+            return statistics.median(r[step][name][key] for r in rounds)
+
         cells = []
         for name in names:
-            r = results[name]
-            miss = " (miss)" if r["p99"] > args.slo_ms else ""
+            p99 = median(name, "p99")
+            held[name] += p99 <= args.slo_ms
+            miss = " (miss)" if p99 > args.slo_ms else ""
             cells += [
-                f"{r['achieved']:.0f}",
-                f"{r['p99']:.1f}{miss}",
-                f"{r['batch']:.1f}",
-                f"{r['cpu_us']:.0f}",
+                f"{median(name, 'achieved'):.0f}",
+                f"{p99:.1f}{miss}",
+                f"{median(name, 'batch'):.1f}",
+                f"{median(name, 'cpu_us'):.0f}",
             ]
-        print(f"| {rate:.0f} | " + " | ".join(cells) + f" | {results['slo']['window']:.1f} |")
+        print(f"| {rate:.0f} | " + " | ".join(cells) + f" | {median('slo', 'window'):.1f} |")
+    print(
+        "\nsteps with p99 within the SLO: "
+        + ", ".join(f"{name} {held[name]}/{len(rates)}" for name in names)
+    )
 
 
 if __name__ == "__main__":
