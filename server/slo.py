@@ -13,8 +13,9 @@ With `--latency-slo-ms T` the fixed `--max-queue-delay-us` window gives way to a
   nothing and only adds latency (very low load): it shrinks by `BACKOFF` too;
 * the batch size is capped as Nexus does: a request that just misses a batch waits for it and
   then runs in the next, so two executions of a batch must fit in T. A least-squares fit
-  t(n) = a*n + c over the last batches gives the largest such n (never below 1) and also keeps
-  the window at most T - t(cap): a held request waits the window, then its own batch;
+  t(n) = a*n + c over the last batches gives the largest such n (never below 1, nor below a
+  size seen to run in T/2) and also keeps the window at most T - t(cap): a held request waits
+  the window, then its own batch;
 * the window stays within [0, upper bound]: `--max-queue-delay-us` when set, else T itself.
 
 `SloController` is pure (observations in, window out; time is passed in), so it can be driven by a
