@@ -437,6 +437,12 @@ def serve(config: ServerConfig) -> int:
     except SecurityError as exc:
         log.error("cannot start: %s", exc)
         return 2
+    from convserve.server.slo import window_bound_error
+
+    error = window_bound_error(config.latency_slo_ms, config.max_queue_delay_us)
+    if error:
+        log.error("cannot start: %s", error)
+        return 2
     if config.workers > 1:
         from convserve.server.workers import supervise
 

@@ -19,7 +19,10 @@ takes queued requests and runs its `predict` (Numba releases the GIL) on their s
 * with several instances, the first takes every batch as before and the others take a batch
   when at least `extra_instance_min_images` images are queued, so large batches (chunks of one
   large request too) compute side by side while single-image traffic keeps forming batches on
-  one instance.
+  one instance;
+* with a `window` (`convserve.server.slo.SloWindow`, `--latency-slo-ms`) the wait and the batch
+  size limit come from a latency-SLO controller instead of `max_queue_delay_us`, and every
+  executed batch is reported to it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from convserve.server.errors import (
@@ -43,6 +46,9 @@ from convserve.server.errors import (
     ServingError,
     Unavailable,
 )
+
+if TYPE_CHECKING:
+    from convserve.server.slo import SloWindow
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +149,7 @@ class DynamicBatcher:
         on_complete: Callable[[list[Job]], None] | None = None,
         observer: BatchObserver | None = None,
         extra_instance_min_images: int = 1,
+        window: SloWindow | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -160,6 +167,7 @@ class DynamicBatcher:
         self._on_complete = on_complete or _set_concurrent_future
         self._observer = observer or BatchObserver()
         self._delay_ns = max_queue_delay_us * 1000
+        self._window = window  # None: the fixed max_queue_delay_us and max_batch_size
         self._heap: list[tuple[int, int, Job, int, int]] = []  # (level, seq, job, start, stop)
         self._seq = itertools.count()
         self._queued_requests = 0
@@ -292,9 +300,17 @@ class DynamicBatcher:
                     self._waiting[kind] += 1
                     cond.wait()
                     self._waiting[kind] -= 1
-                if not idle and self._delay_ns:
-                    self._wait_for_more(cond, kind)
-                batch, dropped = self._take()
+                window = self._window
+                delay_ns, limit = (
+                    (window.delay_ns, window.batch_limit)
+                    if window
+                    else (self._delay_ns, self.max_batch_size)
+                )
+                if not idle and delay_ns:
+                    self._wait_for_more(cond, kind, delay_ns, limit)
+                # the window decided this batch: it follows a busy period and leaves under-full
+                windowed = not idle and self._queued_images < limit
+                batch, dropped = self._take(limit)
                 if batch:
                     self.busy_instances += 1
             idle = False
@@ -302,24 +318,28 @@ class DynamicBatcher:
                 self._on_complete(dropped)
             if batch:
                 try:
-                    self._execute(batch, predict)
+                    self._execute(batch, predict, windowed)
                 finally:
                     with self._cond:
                         self.busy_instances -= 1
 
-    def _wait_for_more(self, cond: threading.Condition, kind: int) -> None:
-        """Hold an under-full batch until its oldest request has waited `max_queue_delay_us`."""
-        while self._queued_images < self.max_batch_size and not self._closed:
+    def _wait_for_more(
+        self, cond: threading.Condition, kind: int, delay_ns: int, limit: int
+    ) -> None:
+        """Hold a batch under `limit` images until its oldest request has waited `delay_ns`."""
+        # another instance may take the queue while this one waits (the lock is released)
+        while self._heap and self._queued_images < limit and not self._closed:
             oldest = min(entry[2].arrival_ns for entry in self._heap)
-            remaining = oldest + self._delay_ns - time.monotonic_ns()
+            remaining = oldest + delay_ns - time.monotonic_ns()
             if remaining <= 0:
                 return
             self._waiting[kind] += 1
             cond.wait(remaining / 1e9)
             self._waiting[kind] -= 1
 
-    def _take(self) -> tuple[list[tuple[Job, int, int]], list[Job]]:
-        """Pop live entries (oldest first within a priority) up to max_batch_size images."""
+    def _take(self, limit: int) -> tuple[list[tuple[Job, int, int]], list[Job]]:
+        """Pop live entries (oldest first within a priority) up to `limit` images (at least one
+        entry: a chunk is at most max_batch_size images, and `limit` may be smaller)."""
         batch: list[tuple[Job, int, int]] = []
         dropped: list[Job] = []
         images = 0
@@ -327,7 +347,7 @@ class DynamicBatcher:
         heap = self._heap
         while heap:
             _, _, job, start, stop = heap[0]
-            if images + (stop - start) > self.max_batch_size:
+            if images and images + (stop - start) > limit:
                 break
             heapq.heappop(heap)
             if job._removed:  # abandoned: already uncounted and answered
@@ -372,7 +392,10 @@ class DynamicBatcher:
         job._parts_left = 0
 
     def _execute(
-        self, batch: list[tuple[Job, int, int]], predict: Callable[[np.ndarray], np.ndarray]
+        self,
+        batch: list[tuple[Job, int, int]],
+        predict: Callable[[np.ndarray], np.ndarray],
+        windowed: bool = False,
     ) -> None:
         started = time.monotonic_ns()
         if len(batch) == 1:
@@ -417,6 +440,8 @@ class DynamicBatcher:
                     )
                     offset += n
             self._observer.on_batch(total, compute, assembly, time.monotonic_ns() - finished)
+        if self._window is not None:
+            self._window.observe((job.arrival_ns for job in done), total, compute, windowed)
         if done:
             self._on_complete(done)
 

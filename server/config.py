@@ -81,6 +81,13 @@ def _pos_float(text: str) -> float:
     return value
 
 
+def _milliseconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 3_600_000:
+        raise ValueError(f"expected milliseconds from 0 to 3600000, got {text}")
+    return value
+
+
 def _names(text: str) -> tuple[str, ...]:
     """Comma-separated model names (a repeated flag adds to the list)."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -351,6 +358,15 @@ OPTIONS: tuple[Option, ...] = (
         "explicit mode: a model to load at start-up (repeatable or comma-separated; * = all)",
         "NAME",
         repeatable=True,
+    ),
+    Option(
+        "--latency-slo-ms",
+        _milliseconds,
+        0.0,
+        "p99 latency target (queue + compute) per model: the batching window then adapts to hold "
+        "it with batches as large as it allows, bounded by --max-queue-delay-us when that is set "
+        "(0: off, the fixed --max-queue-delay-us window; see docs/operations.md)",
+        "MS",
     ),
 )
 

@@ -98,6 +98,22 @@ class ServerMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.batch_window = Gauge(
+            "convserve_batch_window_seconds",
+            "How long an under-full batch may wait for more requests now: --max-queue-delay-us, "
+            "or with --latency-slo-ms the window the SLO controller chose",
+            labels,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.batch_limit = Gauge(
+            "convserve_batch_limit",
+            "Most images per model execution now: --max-batch-size, or with --latency-slo-ms "
+            "the controller's cap (two executions must fit in the SLO)",
+            labels,
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.load_seconds = Gauge(
             "convserve_model_load_seconds",
             "Time to load the model file",
@@ -177,6 +193,8 @@ class ModelMetrics:
         self._depth: Callable[[], float] | None = None
         self._load = metrics.load_seconds.labels(model, version)
         self._warmup = metrics.warmup_seconds.labels(model, version)
+        self._window = metrics.batch_window.labels(model, version)
+        self._limit = metrics.batch_limit.labels(model, version)
 
     def track_queue(self, depth: Callable[[], float]) -> None:
         if self._multiprocess:
@@ -188,6 +206,11 @@ class ModelMetrics:
         """Multiprocess mode: record the queue depth now (called after each batch)."""
         if self._depth is not None:
             self._queue_depth.set(self._depth())
+
+    def batch_window(self, window_seconds: float, batch_limit: int) -> None:
+        """The batching window and batch size limit in force (set when they change)."""
+        self._window.set(window_seconds)
+        self._limit.set(batch_limit)
 
     def loaded(self, load_seconds: float, warmup_seconds: float) -> None:
         self._load.set(load_seconds)
@@ -201,7 +224,14 @@ class ModelMetrics:
         if parent.owners.get(self._labels) is not self:
             return  # a newer build of the same version uses these children now
         del parent.owners[self._labels]
-        for gauge in (parent.queue_depth, parent.load_seconds, parent.warmup_seconds):
+        gauges = (
+            parent.queue_depth,
+            parent.load_seconds,
+            parent.warmup_seconds,
+            parent.batch_window,
+            parent.batch_limit,
+        )
+        for gauge in gauges:
             try:
                 gauge.remove(*self._labels)
             except KeyError:

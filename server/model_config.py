@@ -6,7 +6,8 @@
 ```
 
 Every key is optional. `version_policy` is `{"latest": N}`, `"all"` or `{"specific": [1, 3]}`;
-`labels` name versions (a request may ask for model_version "stable"). An unknown key or a bad
+`labels` name versions (a request may ask for model_version "stable"); `latency_slo_ms` (a
+number, 0 = off) turns on latency-SLO batching for this model. An unknown key or a bad
 value refuses the whole file with one line (`ModelConfigError`): a typo must not silently serve
 the defaults.
 """
@@ -17,6 +18,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from convserve.server.slo import window_bound_error
 
 CONFIG_FILENAME = "config.json"
 MAX_CONFIG_BYTES = 64 * 1024  # a settings file, not a data file
@@ -66,6 +69,7 @@ class ModelSettings:
     max_queue_size: int
     version_policy: VersionPolicy = VersionPolicy()
     labels: dict[str, int] = field(default_factory=dict, hash=False)
+    latency_slo_ms: float = 0.0  # > 0: adaptive batching window (convserve.server.slo)
 
     @classmethod
     def defaults(cls, config, policy: VersionPolicy) -> ModelSettings:
@@ -76,6 +80,7 @@ class ModelSettings:
             config.instances,
             config.max_queue_size,
             policy,
+            latency_slo_ms=config.latency_slo_ms,
         )
 
 
@@ -105,7 +110,7 @@ def read_settings(model_dir: Path, defaults: ModelSettings) -> ModelSettings:
 def _settings(document: object, defaults: ModelSettings) -> ModelSettings:
     if not isinstance(document, dict):
         raise ModelConfigError("expected a JSON object")
-    known = {*LIMITS, "version_policy", "labels"}
+    known = {*LIMITS, "version_policy", "labels", "latency_slo_ms"}
     unknown = sorted(set(document) - known)
     if unknown:
         raise ModelConfigError(
@@ -119,13 +124,31 @@ def _settings(document: object, defaults: ModelSettings) -> ModelSettings:
         changes["version_policy"] = _policy(document["version_policy"])
     if "labels" in document:
         changes["labels"] = _labels(document["labels"])
-    return replace(defaults, **changes)
+    if "latency_slo_ms" in document:
+        changes["latency_slo_ms"] = _milliseconds(document["latency_slo_ms"])
+    settings = replace(defaults, **changes)
+    error = window_bound_error(settings.latency_slo_ms, settings.max_queue_delay_us, "key")
+    if error:
+        raise ModelConfigError(error)
+    return settings
 
 
 def _integer(value: object, what: str, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not least <= value < MAX_INTEGER:
         raise ModelConfigError(f"{what} must be an integer >= {least}, got {_shown(value)}")
     return value
+
+
+def _milliseconds(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= value <= 3_600_000
+    ):
+        raise ModelConfigError(
+            f"latency_slo_ms must be a number from 0 to 3600000, got {_shown(value)}"
+        )
+    return float(value)
 
 
 def _policy(value: object) -> VersionPolicy:

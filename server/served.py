@@ -182,7 +182,7 @@ class VersionFactory:
         t2 = time.perf_counter()
         metrics = self.metrics.for_model(name, str(version))
         stats = ModelStats()
-        batcher = self._batcher(name, models, settings, BatchRecorder(metrics, stats))
+        batcher = self._batcher(name, models, settings, BatchRecorder(metrics, stats), metrics)
         metrics.track_queue(lambda: batcher.queued_requests)
         metrics.loaded(t1 - t0, t2 - t1)
         return ServedVersion(
@@ -200,7 +200,14 @@ class VersionFactory:
             stats,
         )
 
-    def _batcher(self, name: str, models: list, settings: ModelSettings, recorder: BatchRecorder):
+    def _batcher(
+        self,
+        name: str,
+        models: list,
+        settings: ModelSettings,
+        recorder: BatchRecorder,
+        metrics,
+    ):
         import numba
         from convserve.core.threads import threads_by_batch
         from convserve.server.batcher import DynamicBatcher
@@ -224,8 +231,24 @@ class VersionFactory:
             on_complete=self.on_complete,
             observer=recorder,
             extra_instance_min_images=max(cfg.parallel_min_batch, settings.max_batch_size // 2),
+            window=slo_window(settings, metrics.batch_window),
         )
         return batcher
+
+
+def slo_window(settings: ModelSettings, report: Callable[[float, int], None]):
+    """The SLO controller's window for a model with `latency_slo_ms` (None: the fixed window);
+    `report(window_s, batch_limit)` receives the window now and whenever it moves."""
+    if not settings.latency_slo_ms:
+        report(settings.max_queue_delay_us / 1e6, settings.max_batch_size)
+        return None
+    from convserve.server.slo import SloController, SloWindow
+
+    slo_s = settings.latency_slo_ms / 1000
+    bound_s = settings.max_queue_delay_us / 1e6 or slo_s
+    window = SloWindow(SloController(slo_s, bound_s, settings.max_batch_size), report)
+    report(0.0, window.batch_limit)
+    return window
 
 
 def size_limits(config):
