@@ -26,7 +26,9 @@ root, a full disk) never fails model loading: the plan is then timed again or ke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -35,6 +37,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,26 +259,52 @@ def plan_for(
         if key in _memo:
             return dict(_memo[key])
         directory = plan_cache_dir(cache_dir)
-        plan = read_cached(directory, key, arch)
-        if plan is None:
-            start = time.perf_counter()
-            plan, timings, complete = measure_plan(arch, weights, seconds)
-            took = time.perf_counter() - start
-            log.info(
-                "kernel plan for %s in %.2f s%s: %s",
-                arch.name,
-                took,
-                "" if complete else " (out of time: the rest keeps the defaults)",
-                plan,
-            )
-            if complete:
-                record = {
-                    "model": arch.name,
-                    "plan": plan,
-                    "seconds": timings,
-                    "batches": TIMING_BATCHES,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                }
-                write_cached(directory, key, record)
+        with _directory_lock(directory):  # other processes (server workers) wait, then read
+            plan = _cached_or_timed(arch, weights, directory, key, seconds)
         _memo[key] = plan
         return dict(plan)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the cache directory where one can be taken (best effort: an
+    unwritable directory is planned without)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / ".lock", "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield  # closing the file releases the lock
+
+
+def _cached_or_timed(
+    arch: Architecture, weights: dict, directory: Path, key: str, seconds: float
+) -> Plan:
+    plan = read_cached(directory, key, arch)
+    if plan is None:
+        start = time.perf_counter()
+        plan, timings, complete = measure_plan(arch, weights, seconds)
+        took = time.perf_counter() - start
+        log.info(
+            "kernel plan for %s in %.2f s%s: %s",
+            arch.name,
+            took,
+            "" if complete else " (out of time: the rest keeps the defaults)",
+            plan,
+        )
+        if complete:
+            record = {
+                "model": arch.name,
+                "plan": plan,
+                "seconds": timings,
+                "batches": TIMING_BATCHES,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            write_cached(directory, key, record)
+    return plan
