@@ -250,7 +250,8 @@ class Conv2D(Layer):
         `direct` (every shape)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
-        one_channel_pool = self._fuses_pool(block) and ci == 1 and self.strides == (1, 1)
+        max_pool = self._fuses_pool(block) and isinstance(block.pool, MaxPooling2D)
+        one_channel_pool = max_pool and ci == 1 and self.strides == (1, 1)
         wide = three and ci >= WINO_MIN_CHANNELS
         names = ["winograd"] if wide else []
         if one_channel_pool and self.kernel_size == (3, 3) and filters % 16 == 0:
