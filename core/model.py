@@ -78,6 +78,7 @@ class Model:
         self.weights: dict[str, np.ndarray] = check_weights(self.architecture, weights)
         self._planning = plan and winograd
         self._plan_cache = plan_cache
+        self._batch_size = batch_size
         self._plan = InferencePlan(
             self.architecture, self.weights, default_plan(self.architecture, winograd)
         )
@@ -88,6 +89,7 @@ class Model:
         twin = Model.__new__(Model)
         twin.architecture, twin.weights = self.architecture, self.weights
         twin._planning, twin._plan_cache = self._planning, self._plan_cache
+        twin._batch_size = self._batch_size
         twin._plan = InferencePlan(self.architecture, self.weights, self._plan.plan)
         return twin
 
@@ -191,7 +193,10 @@ class Model:
         if self._planning:
             from convserve.core.planner import plan_for
 
-            chosen = plan_for(self.architecture, self.weights, self._plan_cache)
+            largest = max(self._batch_size, *batch_sizes)  # planning stays within the limits
+            chosen = plan_for(
+                self.architecture, self.weights, self._plan_cache, largest_batch=largest
+            )
             if chosen != self._plan.plan:
                 self._plan = InferencePlan(self.architecture, self.weights, chosen)
                 self._layer_outputs = None

@@ -6,7 +6,8 @@ is a dict {layer index: variant} that `build_steps` / `InferencePlan` take. `pla
 the plan for a model: from this process's memo, else from the on-disk cache, else by timing.
 
 Timing: every candidate of a layer runs that layer alone (its fusion block, with its padding
-copy and any separate pooling step) on random input at each of TIMING_BATCHES, in interleaved
+copy and any separate pooling step) on random input at batch 1 and at the largest batch the
+model runs up to BATCH_CHUNK (`timing_batches`; a bigger batch runs in chunks), in interleaved
 rounds, keeping each one's fastest round. A candidate's score is the geometric mean over those
 batch sizes of its time divided by the best candidate's; the default keeps its place unless
 another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy). The whole
@@ -51,7 +52,6 @@ from convserve.core.layers.fusion import Block, blocks
 log = logging.getLogger("convserve.planner")
 
 PLAN_SECONDS = 2.0  # most wall time planning one model may take (kernel loading included)
-TIMING_BATCHES = (1, BATCH_CHUNK)  # batch sizes each candidate is timed at (bigger run in chunks)
 ROUNDS = 5  # interleaved timing rounds per candidate and batch size (the fastest counts)
 ROUND_SECONDS = 0.004  # about this much work per round
 SWITCH_MARGIN = 0.03  # another variant replaces the default only when this much faster
@@ -113,10 +113,16 @@ def _block_shape(block: Block) -> list[Any]:
     ]
 
 
-def plan_key(arch: Architecture) -> str:
-    """The cache key of a model's plan on this machine with this code."""
+def timing_batches(largest: int) -> tuple[int, ...]:
+    """The batch sizes candidates are timed at for a model run on batches of up to `largest`
+    images: 1 and the largest chunk (never more images than the model may hold at once)."""
+    return tuple(sorted({1, max(1, min(largest, BATCH_CHUNK))}))
+
+
+def plan_key(arch: Architecture, batches: tuple[int, ...] = (1,)) -> str:
+    """The cache key of a model's plan timed at `batches` on this machine with this code."""
     shapes = [_block_shape(block) for block, _ in _choices(arch)]
-    text = json.dumps([FORMAT, cpu_identity(), code_stamp(), shapes])
+    text = json.dumps([FORMAT, cpu_identity(), code_stamp(), shapes, batches])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -187,7 +193,7 @@ def time_block(
     weights: dict,
     variants: tuple[str, ...],
     deadline: float,
-    batches: tuple[int, ...] = TIMING_BATCHES,
+    batches: tuple[int, ...],
 ) -> dict[str, list[float]] | None:
     """{variant: [best seconds per call at each of `batches`]}, or None when the deadline
     passes first."""
@@ -228,15 +234,18 @@ def pick(variants: tuple[str, ...], seconds: dict[str, list[float]]) -> str:
 
 
 def measure_plan(
-    arch: Architecture, weights: dict, seconds: float = PLAN_SECONDS
+    arch: Architecture,
+    weights: dict,
+    seconds: float = PLAN_SECONDS,
+    batches: tuple[int, ...] = timing_batches(BATCH_CHUNK),
 ) -> tuple[Plan, dict[int, dict[str, list[float]]], bool]:
-    """Time every layer's variants within `seconds`: (plan, timings per layer, complete).
-    Layers not reached keep their default variant."""
+    """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
+    complete). Layers not reached keep their default variant."""
     plan = default_plan(arch)
     deadline = time.perf_counter() + seconds
     timings: dict[int, dict[str, list[float]]] = {}
     for block, variants in _choices(arch):
-        measured = time_block(arch, block, weights, variants, deadline)
+        measured = time_block(arch, block, weights, variants, deadline, batches)
         if measured is None:
             return plan, timings, False
         timings[block.layer.index] = measured
@@ -249,18 +258,21 @@ def plan_for(
     weights: dict,
     cache_dir: str | os.PathLike | None = None,
     seconds: float = PLAN_SECONDS,
+    largest_batch: int = BATCH_CHUNK,
 ) -> Plan:
-    """The timed plan for `arch` on this machine: from this process's memo, the disk cache in
-    `plan_cache_dir(cache_dir)`, or by timing (then cached when complete)."""
+    """The timed plan for `arch`, run on batches of up to `largest_batch` images, on this
+    machine: from this process's memo, the disk cache in `plan_cache_dir(cache_dir)`, or by
+    timing (then cached when complete)."""
     if not _choices(arch):
         return default_plan(arch)
-    key = plan_key(arch)
+    batches = timing_batches(largest_batch)
+    key = plan_key(arch, batches)
     with _memo_lock:  # one model planned at a time: concurrent timings would disturb each other
         if key in _memo:
             return dict(_memo[key])
         directory = plan_cache_dir(cache_dir)
         with _directory_lock(directory):  # other processes (server workers) wait, then read
-            plan = _cached_or_timed(arch, weights, directory, key, seconds)
+            plan = _cached_or_timed(arch, weights, directory, key, seconds, batches)
         _memo[key] = plan
         return dict(plan)
 
@@ -284,12 +296,17 @@ def _directory_lock(directory: Path) -> Iterator[None]:
 
 
 def _cached_or_timed(
-    arch: Architecture, weights: dict, directory: Path, key: str, seconds: float
+    arch: Architecture,
+    weights: dict,
+    directory: Path,
+    key: str,
+    seconds: float,
+    batches: tuple[int, ...],
 ) -> Plan:
     plan = read_cached(directory, key, arch)
     if plan is None:
         start = time.perf_counter()
-        plan, timings, complete = measure_plan(arch, weights, seconds)
+        plan, timings, complete = measure_plan(arch, weights, seconds, batches)
         took = time.perf_counter() - start
         log.info(
             "kernel plan for %s in %.2f s%s: %s",
@@ -303,7 +320,7 @@ def _cached_or_timed(
                 "model": arch.name,
                 "plan": plan,
                 "seconds": timings,
-                "batches": TIMING_BATCHES,
+                "batches": batches,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             write_cached(directory, key, record)

@@ -138,7 +138,8 @@ def test_a_plan_is_timed_cached_and_read_back(tmp_path, fresh_planner, monkeypat
     assert set(plan) == set(default_plan(arch))
     assert all(plan[i] in choices[i] for i in plan)
     files = list(tmp_path.glob("*.json"))
-    assert [f.name for f in files] == [f"{planner.plan_key(arch)}.json"]
+    key = planner.plan_key(arch, (1, BATCH_CHUNK))
+    assert [f.name for f in files] == [f"{key}.json"]
     record = json.loads(files[0].read_text())
     assert {int(k): v for k, v in record["plan"].items()} == plan
     timed = {int(k) for k in record["seconds"]}
@@ -153,7 +154,7 @@ def test_a_plan_is_timed_cached_and_read_back(tmp_path, fresh_planner, monkeypat
     # the model uses it: its warm-up takes the cached plan
     planner._memo.clear()
     model = Model(doc, weights, plan_cache=tmp_path)
-    model.warmup((1,))
+    model.warmup((1, BATCH_CHUNK + 8))
     assert model.kernel_plan == plan
     assert model.replica().kernel_plan == plan
 
@@ -162,7 +163,7 @@ def test_a_damaged_cache_file_is_replanned(tmp_path, fresh_planner):
     planner = fresh_planner
     doc = preset("fashion_mnist")
     arch = parse_architecture(doc)
-    key = planner.plan_key(arch)
+    key = planner.plan_key(arch, (1, BATCH_CHUNK))
     (tmp_path / f"{key}.json").write_text('{"plan": {"0": "no such kernel"}}')
     assert planner.read_cached(tmp_path, key, arch) is None
     plan = planner.plan_for(arch, random_weights(doc), tmp_path, seconds=60)
@@ -184,6 +185,7 @@ def test_the_key_follows_shapes_cpu_and_code_not_names(fresh_planner, monkeypatc
     more = preset("cifar10")
     more["layers"][3]["filters"] = 96
     assert planner.plan_key(parse_architecture(more)) != key
+    assert planner.plan_key(parse_architecture(doc), (1, 8)) != key
     monkeypatch.setattr(planner, "code_stamp", lambda: "another version")
     assert planner.plan_key(parse_architecture(doc)) != key
     monkeypatch.undo()
@@ -198,6 +200,16 @@ def test_the_code_stamp_covers_kernels_and_layers(tmp_path):
     before = cache_stamp.package_stamp(tmp_path)
     (tmp_path / "a.py").write_text("x = 2\n")
     assert cache_stamp.package_stamp(tmp_path) != before
+
+
+def test_planning_stays_within_the_models_batch_size(tmp_path, fresh_planner):
+    """A model limited to batches of 4 is timed at batch 1 and 4, never at a larger batch."""
+    doc = preset("fashion_mnist")
+    model = Model(doc, random_weights(doc), batch_size=4, plan_cache=tmp_path)
+    model.warmup((1, 2))
+    (record,) = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
+    assert record["batches"] == [1, 4]
+    assert {int(k): v for k, v in record["plan"].items()} == model.kernel_plan
 
 
 def test_an_unwritable_cache_does_not_fail_loading(tmp_path, fresh_planner):
