@@ -8,12 +8,13 @@ the plan for a model: from this process's memo, else from the on-disk cache, els
 Timing: every candidate of a layer runs that layer alone (its fusion block, with its padding
 copy and any separate pooling step) on random input at batch 1 and at the largest batch the
 model runs up to BATCH_CHUNK (`timing_batches`; a bigger batch runs in chunks), in interleaved
-rounds, keeping each one's fastest round. A candidate's score is the geometric mean over those
-batch sizes of its time divided by the best candidate's; the default keeps its place unless
+rounds of single calls, keeping each one's fastest call. A candidate's score is the geometric
+mean over those batch sizes of its time divided by the best candidate's; the default keeps unless
 another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy). The whole
 model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
 included; layers not reached by then keep their default, and such an incomplete plan is used
-but not written to disk (the next start, with the kernels compiled, tries again).
+but not written to disk (the next start, with the kernels compiled, tries again). Neither is a
+plan timed on a busy machine (median calls more than NOISE_LIMIT times the fastest).
 
 One variant per layer for every batch size: the variants do not round alike, so switching by
 batch size would break batch invariance.
@@ -52,9 +53,11 @@ from convserve.core.layers.fusion import Block, blocks
 log = logging.getLogger("convserve.planner")
 
 PLAN_SECONDS = 2.0  # most wall time planning one model may take (kernel loading included)
-ROUNDS = 5  # interleaved timing rounds per candidate and batch size (the fastest counts)
-ROUND_SECONDS = 0.004  # about this much work per round
+ROUNDS = 5  # interleaved timing rounds per candidate and batch size
+ROUND_SECONDS = 0.004  # calls of one candidate per round: at least one, then until this long
 SWITCH_MARGIN = 0.03  # another variant replaces the default only when this much faster
+NOISE_LIMIT = 2.0  # a plan timed with calls this much slower in the median than the fastest
+# (a busy machine) is used but not cached
 FORMAT = 1  # of the cache files; part of the key
 CACHE_SUBDIR = "convserve-plans"
 
@@ -194,30 +197,37 @@ def time_block(
     variants: tuple[str, ...],
     deadline: float,
     batches: tuple[int, ...],
-) -> dict[str, list[float]] | None:
-    """{variant: [best seconds per call at each of `batches`]}, or None when the deadline
-    passes first."""
+) -> tuple[dict[str, list[float]], float] | None:
+    """({variant: [its fastest call's seconds at each of `batches`]}, noise), or None when the
+    deadline passes first. Noise: the largest ratio of a variant's median call to its fastest
+    (about 1 on a quiet machine)."""
     rng = np.random.default_rng(block.layer.index)
     runners = {v: _block_runner(arch, block, weights, v) for v in variants}
     best = {v: [math.inf] * len(batches) for v in variants}
+    noise = 1.0
     for b, n in enumerate(batches):
         x = rng.standard_normal((n, *block.layer.input_shape)).astype(np.float32)
-        calls = {}
-        for v, runner in runners.items():  # the first call compiles or loads the kernels
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        for runner in runners.values():  # the first call compiles or loads the kernels
             if time.perf_counter() > deadline:
                 return None
-            start = time.perf_counter()
             runner.run(x)
-            calls[v] = max(1, int(ROUND_SECONDS / max(time.perf_counter() - start, 1e-6)))
         for _ in range(ROUNDS):
             for v, runner in runners.items():  # interleaved: drift hits every candidate alike
-                if time.perf_counter() > deadline:
-                    return None
-                start = time.perf_counter()
-                for _ in range(calls[v]):
+                round_end = time.perf_counter() + ROUND_SECONDS
+                while True:  # single calls: the fastest is the one nothing else disturbed
+                    start = time.perf_counter()
+                    if start > deadline:
+                        return None
                     runner.run(x)
-                best[v][b] = min(best[v][b], (time.perf_counter() - start) / calls[v])
-    return best
+                    end = time.perf_counter()
+                    samples[v].append(end - start)
+                    if end > round_end:
+                        break
+        for v, times in samples.items():
+            best[v][b] = min(times)
+            noise = max(noise, float(np.median(times)) / best[v][b])
+    return best, noise
 
 
 def pick(variants: tuple[str, ...], seconds: dict[str, list[float]]) -> str:
@@ -238,19 +248,22 @@ def measure_plan(
     weights: dict,
     seconds: float = PLAN_SECONDS,
     batches: tuple[int, ...] = timing_batches(BATCH_CHUNK),
-) -> tuple[Plan, dict[int, dict[str, list[float]]], bool]:
+) -> tuple[Plan, dict[int, dict[str, list[float]]], float | None]:
     """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
-    complete). Layers not reached keep their default variant."""
+    noise: the largest of `time_block`'s, None when out of time). Layers not reached keep
+    their default variant."""
     plan = default_plan(arch)
     deadline = time.perf_counter() + seconds
     timings: dict[int, dict[str, list[float]]] = {}
+    noise = 1.0
     for block, variants in _choices(arch):
         measured = time_block(arch, block, weights, variants, deadline, batches)
         if measured is None:
-            return plan, timings, False
-        timings[block.layer.index] = measured
-        plan[block.layer.index] = pick(variants, measured)
-    return plan, timings, True
+            return plan, timings, None
+        timings[block.layer.index], layer_noise = measured
+        noise = max(noise, layer_noise)
+        plan[block.layer.index] = pick(variants, measured[0])
+    return plan, timings, noise
 
 
 def plan_for(
@@ -306,17 +319,18 @@ def _cached_or_timed(
     plan = read_cached(directory, key, arch)
     if plan is None:
         start = time.perf_counter()
-        plan, timings, complete = measure_plan(arch, weights, seconds, batches)
+        plan, timings, noise = measure_plan(arch, weights, seconds, batches)
         took = time.perf_counter() - start
-        log.info(
-            "kernel plan for %s in %.2f s%s: %s",
-            arch.name,
-            took,
-            "" if complete else " (out of time: the rest keeps the defaults)",
-            plan,
-        )
-        if complete:
+        if noise is None:
+            note = " (out of time: the rest keeps the defaults; not cached)"
+        elif noise > NOISE_LIMIT:
+            note = f" (a busy machine, median call {noise:.1f}x the fastest: not cached)"
+        else:
+            note = ""
+        log.info("kernel plan for %s in %.2f s%s: %s", arch.name, took, note, plan)
+        if not note:
             record = {
+                "noise": noise,
                 "model": arch.name,
                 "plan": plan,
                 "seconds": timings,

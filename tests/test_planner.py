@@ -4,6 +4,7 @@ shapes, batch invariance for a fixed plan, the choice itself and its on-disk cac
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -121,10 +122,12 @@ def test_pick_keeps_the_default_unless_clearly_faster():
 
 @pytest.fixture
 def fresh_planner(monkeypatch):
-    """The planner with an empty in-process memo (the disk cache is each test's own)."""
+    """The planner with an empty in-process memo (the disk cache is each test's own) that
+    caches plans however busy the machine is while the tests run."""
     from convserve.core import planner
 
     monkeypatch.setattr(planner, "_memo", {})
+    monkeypatch.setattr(planner, "NOISE_LIMIT", math.inf)
     return planner
 
 
@@ -229,10 +232,24 @@ def test_out_of_time_keeps_the_defaults_and_writes_nothing(tmp_path, fresh_plann
     planner = fresh_planner
     doc = preset("cifar10")
     arch = parse_architecture(doc)
-    plan, timings, complete = planner.measure_plan(arch, random_weights(doc), seconds=0.0)
-    assert (plan, timings, complete) == (default_plan(arch), {}, False)
+    plan, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=0.0)
+    assert (plan, timings, noise) == (default_plan(arch), {}, None)
     assert planner.plan_for(arch, random_weights(doc), tmp_path, seconds=0.0) == plan
     assert list(tmp_path.glob("*.json")) == []
+
+
+def test_a_plan_timed_on_a_busy_machine_is_used_but_not_cached(
+    tmp_path, fresh_planner, monkeypatch
+):
+    planner = fresh_planner
+    monkeypatch.setattr(planner, "NOISE_LIMIT", 0.5)  # every timing counts as disturbed
+    doc = preset("lenet5")
+    arch = parse_architecture(doc)
+    plan = planner.plan_for(arch, random_weights(doc), tmp_path, seconds=60)
+    assert plan[0] in ("pixels_pool", "direct")
+    assert list(tmp_path.glob("*.json")) == []
+    _, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=60)
+    assert noise >= 1.0 and set(timings) == {0}
 
 
 def test_planning_off_keeps_the_heuristic(tmp_path, fresh_planner):
