@@ -63,6 +63,17 @@ def default_plan(arch: Architecture, winograd: bool = True) -> Plan:
     return plan
 
 
+def fitting_plan(arch: Architecture, plan: Plan) -> Plan:
+    """The entries of `plan` that `arch`'s blocks can run (a model cut after a conv whose pool
+    it fused loses the pooled variants), the defaults for the rest."""
+    fitting = default_plan(arch)
+    for block in blocks(arch.layers, inference=True):
+        index = block.layer.index
+        if plan.get(index) in block.layer.inference_variants(block):
+            fitting[index] = plan[index]
+    return fitting
+
+
 def build_steps(
     arch: Architecture, weights: dict[str, np.ndarray], plan: Plan | None = None
 ) -> list[Step]:
