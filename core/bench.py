@@ -1,14 +1,23 @@
 """Forward-pass benchmark: the Numba core against ONNX Runtime, each in its own process.
 
-    python -m convserve.core.bench [--models fashion_mnist,lenet5,cifar10] [--batches 1,8,64,256] [--repeats N]
+    python -m convserve.core.bench [--models a,b,...] [--batches 1,8,64,256] [--repeats N]
+                                   [--compare-plan] [--json results.json]
 
-For every model (a preset with seeded He-initialised weights) the driver starts, `repeats`
-times and alternately, one worker process for our core and one for ONNX Runtime (2 intra-op
-threads, the same weights exported to ONNX). Each worker times 7 rounds of about 40 ms of work
-per batch size and reports its median; the table shows the median over processes and the ratio
-ours/ORT. The ORT worker first measures numpy's sgemm GFLOP/s as a calibration of how busy the
-machine is. Both workers also classify the same 16 images; the driver prints the largest
-difference between their outputs. Without onnxruntime, only our figures are printed.
+The models (`bench_models.py`): the three presets, issue 14's VGG-style CIFAR net and everyday
+architectures (stride-2 convs, the classic MNIST net, tanh with average pooling, 64x64 RGB, 1x1
+convs, dense only); all by default. Each has seeded He-initialised weights. For every model the
+driver starts, `repeats` times and alternately, one worker process per engine: our core with the
+planner's kernel choice (`ours`), with the built-in heuristic choice (`unplanned`, with
+--compare-plan) and ONNX Runtime (2 intra-op threads, the same weights exported to ONNX). Each
+worker times 7 rounds of about 40 ms of work per batch size and reports its median; the table
+shows per model and batch size the median over processes of the milliseconds per batch, the
+ratio ORT time / our time (above 1: we are faster), and our achieved GFLOP/s, counted two ways:
+as the direct convolution would compute it ("direct-eq") and as the kernels the plan chose
+actually multiply (Winograd F(2x2, 3x3) does 16 products per 2x2 outputs and channel pair
+instead of 36). Next to them: numpy's 1024^3 sgemm GFLOP/s, measured in every ORT process, the
+machine's practical peak and a gauge of how busy it was. Then the geometric mean of all ratios
+and the worst cell. Both engines classify the same 16 images; the largest difference is printed.
+Without onnxruntime, only our figures are printed.
 
 onnx/onnxruntime are imported only inside the functions that need them (never by the core).
 """
@@ -66,6 +75,7 @@ def ort_session(model_bytes: bytes, threads: int = 2):
 
 # -- workers (one engine per process) --------------------------------------------------------
 def _inputs(doc: dict[str, Any], n: int, seed: int) -> np.ndarray:
+    """n seeded standard-normal inputs (already preprocessed) of the model's input shape."""
     from convserve.core.architecture import parse_architecture
 
     shape = parse_architecture(doc).input_shape
@@ -101,18 +111,49 @@ def sgemm_gflops(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> dict[str, Any]:
-    from convserve.core.presets import preset
+def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, float]:
+    """(direct-equivalent, actual) floating-point operations per image of the conv and dense
+    layers (2 per multiply-add) for a kernel plan {layer index: variant}: a Winograd layer does
+    16 products per tile of 2x2 outputs and channel pair where the direct one does 36."""
+    from convserve.core.architecture import parse_architecture
+    from convserve.core.layers.fusion import blocks
 
-    doc = preset(model)
+    direct = actual = 0.0
+    for block in blocks(parse_architecture(doc).layers, inference=True):
+        layer = block.layer
+        if layer.type == "dense":
+            work = 2.0 * layer.input_shape[0] * layer.output_shape[0]
+            direct, actual = direct + work, actual + work
+        elif layer.type == "conv2d":
+            oh, ow, co = layer.output_shape
+            ci = layer.input_shape[2]
+            kh, kw = layer.kernel_size
+            work = 2.0 * oh * ow * co * kh * kw * ci
+            direct += work
+            if plan.get(layer.index) == "winograd":
+                fused = block.pool is not None and block.pool.tiles_input
+                tiles = (oh // 2) * (ow // 2) if fused else ((oh + 1) // 2) * ((ow + 1) // 2)
+                actual += 2.0 * 16 * tiles * ci * co
+            else:
+                actual += work
+    return direct, actual
+
+
+def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> dict[str, Any]:
+    from convserve.core.bench_models import bench_model
+
+    doc = bench_model(model)
     weights = random_weights(doc)
     result: dict[str, Any] = {"engine": engine, "model": model}
-    if engine == "ours":
+    if engine in ("ours", "unplanned"):
         from convserve.core import runtime
         from convserve.core.model import Model
 
-        m = Model(doc, weights)
+        m = Model(doc, weights, plan=engine == "ours")
+        start = time.perf_counter()
         m.warmup(tuple(batches) + (16,))
+        result["warmup_s"] = time.perf_counter() - start
+        result["plan"] = m.kernel_plan
         fn = m.forward
         result["runtime"] = runtime.describe()
     else:
@@ -160,16 +201,109 @@ def _have_ort() -> bool:
     return True
 
 
+def _median_table(
+    rates: dict[tuple[str, str, int], list[float]],
+    models: list[str],
+    engines: list[str],
+    batches: list[int],
+) -> dict[str, dict[str, dict[int, float]]]:
+    """{model: {engine: {batch: median ms per batch}}} from the img/s each process measured."""
+    return {
+        model: {
+            e: {n: 1000.0 * n / statistics.median(rates[(model, e, n)]) for n in batches}
+            for e in engines
+        }
+        for model in models
+    }
+
+
+def report(
+    ms: dict[str, dict[str, dict[int, float]]],
+    flops: dict[str, tuple[float, float]],
+    plans: dict[str, dict[str, Any]],
+    calib: list[float],
+    batches: list[int],
+) -> tuple[list[str], dict[str, Any]]:
+    """The result table as markdown lines, and the same figures as a JSON-ready dict."""
+    engines = list(next(iter(ms.values())))
+    has_ort, has_unplanned = "ort" in engines, "unplanned" in engines
+    lines = []
+    if calib:
+        lines.append(
+            f"numpy sgemm 1024^3: {min(calib):.0f}-{max(calib):.0f} GFLOP/s "
+            f"(median {statistics.median(calib):.0f}) in the ORT processes"
+        )
+    head = ["model", "batch", "ours ms"]
+    head += ["unplanned ms", "plan gain"] if has_unplanned else []
+    head += ["ORT ms", "ours/ORT"] if has_ort else []
+    head += ["GFLOP/s direct-eq", "GFLOP/s actual"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    cells: list[dict[str, Any]] = []
+    for model, by_engine in ms.items():
+        direct, actual = flops[model]
+        for n in batches:
+            ours = by_engine["ours"][n]
+            cell: dict[str, Any] = {"model": model, "batch": n, "ours_ms": ours}
+            cell["gflops_direct"] = direct * n / ours / 1e6
+            cell["gflops_actual"] = actual * n / ours / 1e6
+            row = [model, str(n), f"{ours:.3f}"]
+            if has_unplanned:
+                cell["unplanned_ms"] = by_engine["unplanned"][n]
+                cell["plan_gain"] = cell["unplanned_ms"] / ours
+                row += [f"{cell['unplanned_ms']:.3f}", f"{cell['plan_gain']:.2f}x"]
+            if has_ort:
+                cell["ort_ms"] = by_engine["ort"][n]
+                cell["ratio"] = cell["ort_ms"] / ours
+                row += [f"{cell['ort_ms']:.3f}", f"{cell['ratio']:.2f}x"]
+            row += [f"{cell['gflops_direct']:.0f}", f"{cell['gflops_actual']:.0f}"]
+            lines.append("| " + " | ".join(row) + " |")
+            cells.append(cell)
+    summary: dict[str, Any] = {"cells": cells, "plans": plans, "batches": batches}
+    if calib:
+        summary["sgemm_gflops"] = {
+            "min": min(calib),
+            "max": max(calib),
+            "median": statistics.median(calib),
+        }
+    lines.append("")
+    for key, what in (("ratio", "ours/ORT"), ("plan_gain", "planned/unplanned")):
+        if cells and key in cells[0]:
+            geo = math.exp(statistics.fmean(math.log(c[key]) for c in cells))
+            worst = min(cells, key=lambda c: c[key])
+            summary[f"{key}_geomean"] = geo
+            summary[f"{key}_worst"] = {k: worst[k] for k in ("model", "batch", key)}
+            lines.append(
+                f"{what}: geometric mean {geo:.2f}x over {len(cells)} cells; worst "
+                f"{worst[key]:.2f}x ({worst['model']}, batch {worst['batch']})"
+            )
+    if has_ort:
+        reached = sum(1 for c in cells if c["ratio"] >= 1.2)
+        lines.append(f"cells at 1.2x ORT or better: {reached} of {len(cells)}")
+    for model, plan in plans.items():
+        lines.append(f"{model}: kernel plan {plan}")
+    return lines, summary
+
+
 def main(argv: list[str] | None = None) -> int:
+    from convserve.core.bench_models import BENCH_MODEL_NAMES
+
     parser = argparse.ArgumentParser(
         prog="python -m convserve.core.bench", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--models", default="fashion_mnist,lenet5,cifar10")
+    parser.add_argument(
+        "--models", default=",".join(BENCH_MODEL_NAMES), help="comma-separated (default: all)"
+    )
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument(
         "--repeats", type=int, default=3, help="worker processes per engine and model"
     )
-    parser.add_argument("--worker", choices=("ours", "ort"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compare-plan",
+        action="store_true",
+        help="also run our core with planning off (the built-in heuristic kernel choice)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--worker", choices=("ours", "unplanned", "ort"), help=argparse.SUPPRESS)
     parser.add_argument("--outputs", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -178,17 +312,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, models[0], batches, args.outputs)))
         return 0
 
-    from convserve.core.presets import PRESET_NAMES
-
-    unknown = [m for m in models if m not in PRESET_NAMES]
+    unknown = [m for m in models if m not in BENCH_MODEL_NAMES]
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(PRESET_NAMES)}")
-    engines = ["ours", "ort"] if _have_ort() else ["ours"]
-    if engines == ["ours"]:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(BENCH_MODEL_NAMES)}")
+    engines = ["ours", "unplanned"] if args.compare_plan else ["ours"]
+    if _have_ort():
+        engines.append("ort")
+    else:
         print("onnxruntime/onnx not installed: measuring ours only")
     rates: dict[tuple[str, str, int], list[float]] = {}
     calib: list[float] = []
     diffs: dict[str, float] = {}
+    plans: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             for rep in range(args.repeats):
@@ -201,39 +336,36 @@ def main(argv: list[str] | None = None) -> int:
                         calib.append(res["sgemm_gflops"])
                     if "runtime" in res and rep == 0 and model == models[0]:
                         print(f"ours: {res['runtime']}")
+                    if engine == "ours":
+                        plans[model] = res["plan"]
                     for n in batches:
                         rates.setdefault((model, engine, n), []).append(res["img_s"][str(n)])
                     print(
-                        f"  {model} rep {rep + 1} {engine:4}: "
-                        + ", ".join(f"b{n} {res['img_s'][str(n)]:,.0f}" for n in batches),
+                        f"  {model} rep {rep + 1} {engine:9}: "
+                        + ", ".join(f"b{n} {res['img_s'][str(n)]:,.0f} img/s" for n in batches),
                         flush=True,
                     )
                 if "ort" in outs:
                     diffs[model] = max(
                         diffs.get(model, 0.0), float(np.abs(outs["ours"] - outs["ort"]).max())
                     )
-    print()
-    if calib:
-        print(
-            f"calibration: numpy sgemm 1024^3 {min(calib):.0f}-{max(calib):.0f} GFLOP/s "
-            f"(median {statistics.median(calib):.0f}) in the ORT processes"
-        )
-    print(f"median img/s over {args.repeats} processes per engine\n")
-    header = "| model | engine | " + " | ".join(f"batch {n}" for n in batches) + " |"
-    print(header)
-    print("|" + " --- |" * (2 + len(batches)))
-    for model in models:
-        med = {e: [statistics.median(rates[(model, e, n)]) for n in batches] for e in engines}
-        print(f"| {model} | ours | " + " | ".join(f"{v:,.0f}" for v in med["ours"]) + " |")
-        if "ort" in med:
-            print(f"| {model} | ORT | " + " | ".join(f"{v:,.0f}" for v in med["ort"]) + " |")
-            print(
-                f"| {model} | ours/ORT | "
-                + " | ".join(f"{a / b:.2f}x" for a, b in zip(med["ours"], med["ort"]))
-                + " |"
-            )
+    from convserve.core.bench_models import bench_model
+
+    flops = {
+        m: flops_per_image(bench_model(m), {int(k): v for k, v in plans[m].items()}) for m in models
+    }
+    ms = _median_table(rates, models, engines, batches)
+    lines, summary = report(ms, flops, plans, calib, batches)
+    print(f"\nmedian over {args.repeats} processes per engine; ms per batch")
+    print("\n".join(lines))
     for model, d in diffs.items():
         print(f"{model}: max |ours - ORT| over 16 images = {d:.2e}")
+    if args.json:
+        summary.update(
+            repeats=args.repeats, max_abs_diff_vs_ort=diffs, ms=ms, flops_per_image=flops
+        )
+        with open(args.json, "w") as out:
+            json.dump(summary, out, indent=1)
     return 0
 
 

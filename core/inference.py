@@ -49,14 +49,41 @@ def _entry_point(dispatcher: Any, args: Any) -> Any:
         return dispatcher
 
 
+Plan = dict[int, str]  # layer index -> kernel variant, for the layers that have a choice
+
+
+def default_plan(arch: Architecture, winograd: bool = True) -> Plan:
+    """Today's heuristic choice for every layer with alternatives: each layer's first variant;
+    `winograd=False` takes the first non-Winograd one (for comparison)."""
+    plan: Plan = {}
+    for block in blocks(arch.layers, inference=True):
+        names = [v for v in block.layer.inference_variants(block) if winograd or v != "winograd"]
+        if names:
+            plan[block.layer.index] = names[0]
+    return plan
+
+
+def fitting_plan(arch: Architecture, plan: Plan) -> Plan:
+    """The entries of `plan` that `arch`'s blocks can run (a model cut after a conv whose pool
+    it fused loses the pooled variants), the defaults for the rest."""
+    fitting = default_plan(arch)
+    for block in blocks(arch.layers, inference=True):
+        index = block.layer.index
+        if plan.get(index) in block.layer.inference_variants(block):
+            fitting[index] = plan[index]
+    return fitting
+
+
 def build_steps(
-    arch: Architecture, weights: dict[str, np.ndarray], winograd: bool = True
+    arch: Architecture, weights: dict[str, np.ndarray], plan: Plan | None = None
 ) -> list[Step]:
-    """The model's kernel steps: fusion blocks, each compiled by its layer (packing weights).
-    `winograd=False` runs 3x3 layers on the direct kernels instead (for comparison)."""
+    """The model's kernel steps: fusion blocks, each compiled by its layer (packing weights)
+    with the kernel variant `plan` names for it (a layer it does not name: its default)."""
+    plan = plan or {}
     steps: list[Step] = []
     for block in blocks(arch.layers, inference=True):
-        emitted = block.layer.inference_steps(block, weights, not steps, winograd)
+        variant = plan.get(block.layer.index)
+        emitted = block.layer.inference_steps(block, weights, not steps, variant)
         if not steps and not emitted[0].takes_raw:  # the preprocessing, when no conv comes first
             steps.append(Preprocess(shape=arch.input_shape, takes_raw=True))
         steps += emitted
@@ -71,8 +98,9 @@ class InferencePlan:
         self,
         architecture: Architecture,
         weights: dict[str, np.ndarray],
-        winograd: bool = True,
+        plan: Plan | None = None,
     ):
+        """`plan`: the kernel variant per layer (default: `default_plan`)."""
         self.architecture = architecture
         self.weights = weights
         arch = architecture
@@ -83,7 +111,9 @@ class InferencePlan:
         h, w, c = arch.input_shape
         self._row_scale, self._row_shift = np.tile(self.scale, w), np.tile(self.shift, w)
         self._identity = (np.ones(w * c, np.float32), np.zeros(w * c, np.float32))
-        self.steps = build_steps(arch, weights, winograd)
+        given = plan or {}
+        self.plan: Plan = {i: given.get(i, v) for i, v in default_plan(arch).items()}
+        self.steps = build_steps(arch, weights, self.plan)
         self.threads = numba.config.NUMBA_NUM_THREADS
         self._threads_now = thread_count_reader()
         # per-thread scratch; 512 floats at least: the first-layer kernels' 2x8x32 block

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 from convserve.core.architecture import Architecture
-from convserve.core.inference import InferencePlan
+from convserve.core.inference import InferencePlan, Plan, fitting_plan
 
 _PASS_THROUGH = ("flatten", "dropout")
 
@@ -20,10 +20,10 @@ _PASS_THROUGH = ("flatten", "dropout")
 class LayerOutputs:
     """Computes chosen layers' outputs for raw-pixel batches (preprocessing applied)."""
 
-    def __init__(
-        self, architecture: Architecture, weights: dict[str, np.ndarray], winograd: bool = True
-    ):
-        self.architecture, self.weights, self.winograd = architecture, weights, winograd
+    def __init__(self, architecture: Architecture, weights: dict[str, np.ndarray], plan: Plan):
+        """`plan`: the kernel variant per layer, as the model's own plan has them (where the
+        cut model's layers can run it)."""
+        self.architecture, self.weights, self.plan = architecture, weights, plan
         self._plans: dict[int, InferencePlan] = {}
 
     def _plan(self, index: int) -> InferencePlan:
@@ -32,7 +32,7 @@ class LayerOutputs:
             cut = dataclasses.replace(arch, layers=arch.layers[: index + 1])
             names = cut.weight_shapes()
             weights = {n: self.weights[n] for n in names}
-            self._plans[index] = InferencePlan(cut, weights, self.winograd)
+            self._plans[index] = InferencePlan(cut, weights, fitting_plan(cut, self.plan))
         return self._plans[index]
 
     def __call__(self, images: np.ndarray, indices: list[int]) -> dict[int, np.ndarray]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.errors import ModelError
-from convserve.core.inference import InferencePlan
+from convserve.core.inference import InferencePlan, default_plan
 from convserve.core.kernels.elementwise import all_finite_f32
 from convserve.core.limits import Limits, check_limits
 from convserve.core.modelfile import one_line, read_model_file, write_model_file
@@ -64,24 +64,39 @@ class Model:
         limits: Limits | None = None,
         batch_size: int = 1,
         winograd: bool = True,
+        plan: bool = True,
+        plan_cache: str | os.PathLike | None = None,
     ):
         """`limits` (default `Limits()`) bound the sizes the model may need when run on batches
         of up to `batch_size` images; checked before any buffer is allocated. `winograd=False`
-        runs 3x3 convolutions on the direct kernels (for comparison)."""
+        runs 3x3 convolutions on the direct kernels (for comparison; no planning then).
+        `plan`: `warmup` times the kernel variants of every layer that has a choice and keeps
+        the fastest (`core/planner.py`; cached in `plan_cache`, default
+        `planner.plan_cache_dir()`); False keeps the built-in heuristic choice."""
         self.architecture: Architecture = parse_architecture(architecture)
         check_limits(self.architecture, limits, batch_size)
         self.weights: dict[str, np.ndarray] = check_weights(self.architecture, weights)
-        self._winograd = winograd
-        self._plan = InferencePlan(self.architecture, self.weights, winograd)
+        self._planning = plan and winograd
+        self._plan_cache = plan_cache
+        self._batch_size = batch_size
+        self._plan = InferencePlan(
+            self.architecture, self.weights, default_plan(self.architecture, winograd)
+        )
 
     def replica(self) -> Model:
-        """Another instance of this model (same architecture and weights, its own buffers), for
-        running batches side by side from several threads."""
+        """Another instance of this model (same architecture, weights and kernel plan, its own
+        buffers), for running batches side by side from several threads."""
         twin = Model.__new__(Model)
         twin.architecture, twin.weights = self.architecture, self.weights
-        twin._winograd = self._winograd
-        twin._plan = InferencePlan(self.architecture, self.weights, self._winograd)
+        twin._planning, twin._plan_cache = self._planning, self._plan_cache
+        twin._batch_size = self._batch_size
+        twin._plan = InferencePlan(self.architecture, self.weights, self._plan.plan)
         return twin
+
+    @property
+    def kernel_plan(self) -> dict[int, str]:
+        """The kernel variant each layer with a choice runs: {layer index: variant}."""
+        return dict(self._plan.plan)
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -103,13 +118,17 @@ class Model:
     # -- files ----------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, path: str | os.PathLike, limits: Limits | None = None, batch_size: int = 1
+        cls,
+        path: str | os.PathLike,
+        limits: Limits | None = None,
+        batch_size: int = 1,
+        **options: Any,
     ) -> Model:
-        """Load a `convserve/1` model file (limits as in `Model()`); any problem raises
-        `ModelError` with one line naming the file."""
+        """Load a `convserve/1` model file (limits and `options` as in `Model()`); any problem
+        raises `ModelError` with one line naming the file."""
         document, tensors = read_model_file(path)
         try:
-            return cls(document, tensors, limits, batch_size)
+            return cls(document, tensors, limits, batch_size, **options)
         except (ModelError, RecursionError) as exc:
             raise ModelError(one_line(f"model file {path}: {exc}")) from None
 
@@ -165,11 +184,23 @@ class Model:
         if bad:
             raise ModelError(f"activations: layer index {bad[0]!r} outside 0-{count - 1}")
         if getattr(self, "_layer_outputs", None) is None:
-            self._layer_outputs = LayerOutputs(self.architecture, self.weights, self._winograd)
+            self._layer_outputs = LayerOutputs(self.architecture, self.weights, self._plan.plan)
         return self._layer_outputs(batch, wanted)
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """Compile every kernel the model needs (and run each batch size once)."""
+        """Choose the kernel variants (when planning) and compile every kernel the model needs
+        (and run each batch size once)."""
+        if self._planning:
+            from convserve.core.planner import plan_for
+
+            largest = max(self._batch_size, *batch_sizes)  # planning stays within the limits
+            chosen = plan_for(
+                self.architecture, self.weights, self._plan_cache, largest_batch=largest
+            )
+            if chosen != self._plan.plan:
+                self._plan = InferencePlan(self.architecture, self.weights, chosen)
+                self._layer_outputs = None
+            self._planning = False  # planned once: later warm-ups keep it
         self._plan.warmup(tuple(batch_sizes))
 
     def _check_batch(

@@ -368,6 +368,24 @@ OPTIONS: tuple[Option, ...] = (
         "(0: off, the fixed --max-queue-delay-us window; see docs/operations.md)",
         "MS",
     ),
+    Option(
+        "--plan-kernels",
+        _bool,
+        True,
+        "at load, time the kernel variants of every layer that has a choice (Winograd or "
+        "direct, ...) on this machine and keep the fastest, within 2 s a model; plans are cached "
+        "(see --plan-cache-dir). false: the built-in choice",
+        "BOOL",
+    ),
+    Option(
+        "--plan-cache-dir",
+        str,
+        None,
+        "where kernel plans are cached (default: $NUMBA_CACHE_DIR/convserve-plans, else "
+        "~/.cache/convserve-plans); a directory that cannot be written only costs the timing "
+        "at every start",
+        "DIR",
+    ),
 )
 
 

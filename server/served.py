@@ -173,7 +173,13 @@ class VersionFactory:
 
         warmup = self.warmup_sizes(settings)
         t0 = time.perf_counter()
-        model = Model.load(path, size_limits(self.config), max(settings.max_batch_size, *warmup))
+        model = Model.load(
+            path,
+            size_limits(self.config),
+            max(settings.max_batch_size, *warmup),
+            plan=self.config.plan_kernels,
+            plan_cache=self.config.plan_cache_dir,
+        )
         t1 = time.perf_counter()
         # every instance after the first is a copy with its own buffers, warmed the same way
         models = [model] + [model.replica() for _ in range(settings.instances - 1)]

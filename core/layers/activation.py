@@ -32,7 +32,7 @@ class Activation(Layer):
     def describe(self) -> str:
         return self.activation
 
-    def inference_steps(self, block, weights, first, winograd):
+    def inference_steps(self, block, weights, first, variant=None):
         return [Activate(act=CODES[block.activation], width=self.output_shape[-1])]
 
     def forward(self, bound, x, rng):

@@ -165,11 +165,17 @@ class Layer:
         return weights.get(f"layers.{self.index}.{short}")
 
     # -- inference ----------------------------------------------------------------------------
+    def inference_variants(self, block: Block) -> tuple[str, ...]:
+        """The names of the kernel variants that can compute `block`, today's heuristic choice
+        first; empty when there is no choice. The planner times them (`core/planner.py`)."""
+        return ()
+
     def inference_steps(
-        self, block: Block, weights: Weights, first: bool, winograd: bool
+        self, block: Block, weights: Weights, first: bool, variant: str | None = None
     ) -> list[Step]:
         """The kernel steps that compute `block` (this layer, plus what fusion merged into it).
-        `first`: the block reads the raw model input (its step may apply the preprocessing)."""
+        `first`: the block reads the raw model input (its step may apply the preprocessing).
+        `variant`: one of `inference_variants(block)` (None: the first)."""
         return []
 
     # -- training -----------------------------------------------------------------------------

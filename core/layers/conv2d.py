@@ -3,9 +3,13 @@ chosen per shape and the training forward/backward.
 
 At inference a conv block (see `fusion.py`: the conv, a standalone activation after it, a max
 pool after that) becomes one of these steps:
-- `WinogradConv`: 3x3 stride 1 with at least WINO_MIN_CHANNELS input channels, pooled or not;
-- `PixelsPoolConv` / `K3PoolConv`: a 1-input-channel first layer fused with a 2x2/2 max pool;
-- `DirectConv`: everything else, fused with a 2x2/2 max pool when the block has one.
+- `WinogradConv` (variant `winograd`): 3x3 stride 1, pooled or not;
+- `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
+  with a 2x2/2 max pool;
+- `DirectConv` (`direct`): every shape, fused with a 2x2/2 max pool when the block has one.
+`inference_variants` lists the ones that apply, today's heuristic choice first (Winograd from
+WINO_MIN_CHANNELS input channels on, else the first-layer kernels, else direct); the planner
+(`core/planner.py`) may time them and pick another.
 A max pool of another shape runs as its own step after the conv; a softmax as an `Activate`.
 """
 
@@ -235,12 +239,39 @@ class Conv2D(Layer):
         )
 
     # -- inference ----------------------------------------------------------------------------
-    def inference_steps(self, block, weights, first, winograd):
+    def _fuses_pool(self, block) -> bool:
+        """The block's max pool is a 2x2/2 pool that tiles the conv output: the kernels fuse it."""
+        pool = block.pool
+        return pool is not None and pool.pool_size == (2, 2) and pool.tiles_input
+
+    def inference_variants(self, block) -> tuple[str, ...]:
+        """`winograd` (3x3 stride 1; the heuristic's choice from WINO_MIN_CHANNELS input
+        channels on), `k3_pool` and `pixels_pool` (1 input channel, fused 2x2/2 max pool),
+        `direct` (every shape)."""
+        ci, filters = self.input_shape[2], self.filters
+        three = self.kernel_size == (3, 3) and self.strides == (1, 1)
+        max_pool = self._fuses_pool(block) and isinstance(block.pool, MaxPooling2D)
+        one_channel_pool = max_pool and ci == 1 and self.strides == (1, 1)
+        wide = three and ci >= WINO_MIN_CHANNELS
+        names = ["winograd"] if wide else []
+        if one_channel_pool and self.kernel_size == (3, 3) and filters % 16 == 0:
+            names.append("k3_pool")
+        if one_channel_pool and filters <= 8:
+            names.append("pixels_pool")
+        names.append("direct")
+        if three and not wide:
+            names.append("winograd")
+        return tuple(names)
+
+    def inference_steps(self, block, weights, first, variant=None):
+        variant = variant or self.inference_variants(block)[0]
+        if variant not in self.inference_variants(block):
+            raise ValueError(f"{self.label}: no kernel variant {variant!r} for this shape")
         act = CODES[block.activation]
         kernel = self.tensor(weights, "kernel")
         wk, bias = pack_gemm(kernel, self.tensor(weights, "bias"))
         pool = block.pool
-        fused = pool is not None and pool.pool_size == (2, 2) and pool.tiles_input
+        fused = self._fuses_pool(block)
         shape = pool.output_shape if fused else self.output_shape
         kernel_act = LINEAR if act == SOFTMAX else act  # softmax runs as its own step
         common: dict[str, Any] = {"shape": shape, "takes_raw": first}
@@ -251,13 +282,8 @@ class Conv2D(Layer):
             )
 
         pooled_rows_cols = (2 * shape[0], 2 * shape[1])  # the conv pixels a fused pool reads
-        ci, filters = self.input_shape[2], self.filters
-        if (
-            winograd
-            and self.kernel_size == (3, 3)
-            and self.strides == (1, 1)
-            and ci >= WINO_MIN_CHANNELS
-        ):
+        filters = self.filters
+        if variant == "winograd":
             rows_cols = (
                 pooled_rows_cols if fused else (round_up(shape[0], 2), round_up(shape[1], 2))
             )
@@ -269,17 +295,11 @@ class Conv2D(Layer):
                 act=kernel_act,
                 pool=fused,
             )
-        elif (
-            fused
-            and ci == 1
-            and self.strides == (1, 1)
-            and self.kernel_size == (3, 3)
-            and filters % 16 == 0
-        ):
+        elif variant == "k3_pool":
             step = K3PoolConv(
                 **common, wb=channel_blocks(kernel, bias), pt=self.pads[0], pl=self.pads[2], act=act
             )
-        elif fused and ci == 1 and self.strides == (1, 1) and filters <= 8:
+        elif variant == "pixels_pool":
             kh, kw = self.kernel_size
             wt = np.zeros((8, kh * kw), np.float32)
             wt[:filters] = kernel.reshape(kh * kw, filters).T

@@ -93,7 +93,7 @@ class Dense(Layer):
         return shapes
 
     # -- inference ----------------------------------------------------------------------------
-    def inference_steps(self, block, weights, first, winograd):
+    def inference_steps(self, block, weights, first, variant=None):
         wk, b = pack_dense(self.tensor(weights, "kernel"), self.tensor(weights, "bias"))
         return [DenseStep(shape=self.output_shape, wk=wk, bias=b, act=CODES[block.activation])]
 

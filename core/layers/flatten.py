@@ -27,7 +27,7 @@ class Flatten(Layer):
     def from_config(cls, raw, in_shape, where, **common):
         return cls(**common, output_shape=(math.prod(in_shape),))
 
-    def inference_steps(self, block, weights, first, winograd):
+    def inference_steps(self, block, weights, first, variant=None):
         return [FlattenStep(shape=self.output_shape)]
 
     def forward(self, bound, x, rng):

@@ -72,7 +72,7 @@ class Pooling2D(Layer):
         """The windows tile the input: stride = window, no padding."""
         return self.padding == "valid" and self.strides == self.pool_size
 
-    def inference_steps(self, block, weights, first, winograd):
+    def inference_steps(self, block, weights, first, variant=None):
         return [self.step()]
 
     def step(self) -> PoolStep:

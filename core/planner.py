@@ -1,0 +1,341 @@
+"""The planner: per layer, time the kernel variants that can compute it on this machine and on
+the layer's real shapes, and keep the fastest; plans are cached on disk.
+
+A layer lists its variants (`Layer.inference_variants`, today's heuristic choice first); a plan
+is a dict {layer index: variant} that `build_steps` / `InferencePlan` take. `plan_for` returns
+the plan for a model: from this process's memo, else from the on-disk cache, else by timing.
+
+Timing: every candidate of a layer runs that layer alone (its fusion block, with its padding
+copy and any separate pooling step) on random input at batch 1 and at the largest batch the
+model runs up to BATCH_CHUNK (`timing_batches`; a bigger batch runs in chunks), in interleaved
+rounds of single calls, keeping each one's fastest call. A candidate's score is the geometric
+mean over those batch sizes of its time divided by the best candidate's; the default keeps unless
+another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy). The whole
+model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
+included; layers not reached by then keep their default, and such an incomplete plan is used
+but not written to disk (the next start, with the kernels compiled, tries again). Neither is a
+plan timed on a busy machine (median calls more than NOISE_LIMIT times the fastest).
+
+One variant per layer for every batch size: the variants do not round alike, so switching by
+batch size would break batch invariance.
+
+The cache: one JSON file per key in `plan_cache_dir()`. The key hashes the CPU (model name and
+flags from /proc/cpuinfo, LLVM's host CPU name and features, NUMBA_CPU_FEATURES, numba's thread
+count), the shapes of the layers that have a choice, and the code (the sources of the kernel and
+layer packages, `cache_stamp.package_stamp`). Failing to read or write the cache (a read-only
+root, a full disk) never fails model loading: the plan is then timed again or kept in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numba
+import numpy as np
+from convserve.core.architecture import Architecture
+from convserve.core.inference import BATCH_CHUNK, InferencePlan, Plan, default_plan
+from convserve.core.kernels import cache_stamp
+from convserve.core.layers.fusion import Block, blocks
+
+log = logging.getLogger("convserve.planner")
+
+PLAN_SECONDS = 2.0  # most wall time planning one model may take (kernel loading included)
+ROUNDS = 5  # interleaved timing rounds per candidate and batch size
+ROUND_SECONDS = 0.004  # calls of one candidate per round: at least one, then until this long
+SWITCH_MARGIN = 0.03  # another variant replaces the default only when this much faster
+NOISE_LIMIT = 2.0  # a plan timed with calls this much slower in the median than the fastest
+# (a busy machine) is used but not cached
+FORMAT = 1  # of the cache files; part of the key
+CACHE_SUBDIR = "convserve-plans"
+
+_memo: dict[str, Plan] = {}  # key -> plan, so every instance of a model in a process agrees
+_memo_lock = threading.Lock()
+
+
+# -- the cache key ------------------------------------------------------------------------------
+def cpu_identity() -> str:
+    """What makes timings on this machine comparable: CPU model and flags, LLVM's view of the
+    host, the vector features numba compiles for and its thread count."""
+    parts = []
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "vendor_id", "cpu family", "model"):
+                    parts.append(line.strip())
+                elif not line.strip() and parts:
+                    break  # the first processor is enough
+    except OSError:
+        pass
+    try:
+        import llvmlite.binding as llvm
+
+        parts += [llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()]
+    except Exception:  # pragma: no cover - an llvmlite without the host query
+        pass
+    parts += [os.environ.get("NUMBA_CPU_FEATURES", ""), f"threads {numba.config.NUMBA_NUM_THREADS}"]
+    return "\n".join(parts)
+
+
+def code_stamp() -> str:
+    """A hash of the sources that decide what a variant computes and how fast: the kernel
+    package and the layer package (which packs weights and splits work)."""
+    layers = Path(__file__).resolve().parent / "layers"
+    return cache_stamp.package_stamp() + cache_stamp.package_stamp(layers)
+
+
+def _choices(arch: Architecture) -> list[tuple[Block, tuple[str, ...]]]:
+    """The fusion blocks whose layer has more than one variant, with those variants."""
+    found = []
+    for block in blocks(arch.layers, inference=True):
+        variants = block.layer.inference_variants(block)
+        if len(variants) > 1:
+            found.append((block, variants))
+    return found
+
+
+def _block_shape(block: Block) -> list[Any]:
+    """What identifies a block's work: its layers' types, hyperparameters and shapes (not the
+    user's layer names)."""
+    return [
+        [layer.index, layer.type, layer.describe(), layer.input_shape, layer.output_shape]
+        for layer in block.layers
+    ]
+
+
+def timing_batches(largest: int) -> tuple[int, ...]:
+    """The batch sizes candidates are timed at for a model run on batches of up to `largest`
+    images: 1 and the largest chunk (never more images than the model may hold at once)."""
+    return tuple(sorted({1, max(1, min(largest, BATCH_CHUNK))}))
+
+
+def plan_key(arch: Architecture, batches: tuple[int, ...] = (1,)) -> str:
+    """The cache key of a model's plan timed at `batches` on this machine with this code."""
+    shapes = [_block_shape(block) for block, _ in _choices(arch)]
+    text = json.dumps([FORMAT, cpu_identity(), code_stamp(), shapes, batches])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# -- the cache directory ------------------------------------------------------------------------
+def plan_cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where plans are cached: `override` when given, else next to numba's cache
+    ($NUMBA_CACHE_DIR/convserve-plans: a read-only install points it at a writable place), else
+    the user's cache directory ($XDG_CACHE_HOME or ~/.cache, then convserve-plans)."""
+    if override:
+        return Path(override)
+    numba_dir = os.environ.get("NUMBA_CACHE_DIR")
+    if numba_dir:
+        return Path(numba_dir) / CACHE_SUBDIR
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / CACHE_SUBDIR
+
+
+def read_cached(directory: Path, key: str, arch: Architecture) -> Plan | None:
+    """The cached plan under `key`, if a readable file holds one that fits `arch`."""
+    try:
+        data = json.loads((directory / f"{key}.json").read_text())
+        plan = {int(k): str(v) for k, v in data["plan"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    allowed = {block.layer.index: variants for block, variants in _choices(arch)}
+    if any(plan.get(i) not in variants for i, variants in allowed.items()):
+        return None  # a damaged or foreign file: plan again
+    return {**default_plan(arch), **{i: plan[i] for i in allowed}}
+
+
+def write_cached(directory: Path, key: str, record: dict[str, Any]) -> bool:
+    """Write a plan record atomically; False (and a log line) when the directory is not
+    writable, which never fails the caller."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(record, out, indent=1, sort_keys=True)
+            os.replace(tmp, directory / f"{key}.json")
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return True
+    except OSError as exc:
+        log.info("kernel plan not cached (%s): %s", directory, exc)
+        return False
+
+
+# -- timing -------------------------------------------------------------------------------------
+def _block_runner(arch: Architecture, block: Block, weights: dict, variant: str) -> InferencePlan:
+    """An InferencePlan computing `block` alone with `variant`, on its own input shape."""
+    channels = block.layer.input_shape[-1]
+    alone = dataclasses.replace(
+        arch,
+        input_shape=block.layer.input_shape,
+        mean=(0.0,) * channels,
+        std=(1.0,) * channels,
+        scale=1.0,
+        layers=block.layers,
+    )
+    return InferencePlan(alone, weights, {block.layer.index: variant})
+
+
+def time_block(
+    arch: Architecture,
+    block: Block,
+    weights: dict,
+    variants: tuple[str, ...],
+    deadline: float,
+    batches: tuple[int, ...],
+) -> tuple[dict[str, list[float]], float] | None:
+    """({variant: [its fastest call's seconds at each of `batches`]}, noise), or None when the
+    deadline passes first. Noise: the largest ratio of a variant's median call to its fastest
+    (about 1 on a quiet machine)."""
+    rng = np.random.default_rng(block.layer.index)
+    runners = {v: _block_runner(arch, block, weights, v) for v in variants}
+    best = {v: [math.inf] * len(batches) for v in variants}
+    noise = 1.0
+    for b, n in enumerate(batches):
+        x = rng.standard_normal((n, *block.layer.input_shape)).astype(np.float32)
+        samples: dict[str, list[float]] = {v: [] for v in variants}
+        for runner in runners.values():  # the first call compiles or loads the kernels
+            if time.perf_counter() > deadline:
+                return None
+            runner.run(x)
+        for _ in range(ROUNDS):
+            for v, runner in runners.items():  # interleaved: drift hits every candidate alike
+                round_end = time.perf_counter() + ROUND_SECONDS
+                while True:  # single calls: the fastest is the one nothing else disturbed
+                    start = time.perf_counter()
+                    if start > deadline:
+                        return None
+                    runner.run(x)
+                    end = time.perf_counter()
+                    samples[v].append(end - start)
+                    if end > round_end:
+                        break
+        for v, times in samples.items():
+            best[v][b] = min(times)
+            noise = max(noise, float(np.median(times)) / best[v][b])
+    return best, noise
+
+
+def pick(variants: tuple[str, ...], seconds: dict[str, list[float]]) -> str:
+    """The variant with the lowest geometric-mean time relative to the best at each batch
+    size; the default (first) unless another beats it by more than SWITCH_MARGIN."""
+    count = len(next(iter(seconds.values())))
+    fastest = [min(seconds[v][b] for v in variants) for b in range(count)]
+
+    def score(v: str) -> float:
+        return math.exp(sum(math.log(seconds[v][b] / fastest[b]) for b in range(count)) / count)
+
+    best = min(variants, key=score)
+    return best if score(best) * (1 + SWITCH_MARGIN) < score(variants[0]) else variants[0]
+
+
+def measure_plan(
+    arch: Architecture,
+    weights: dict,
+    seconds: float = PLAN_SECONDS,
+    batches: tuple[int, ...] = timing_batches(BATCH_CHUNK),
+) -> tuple[Plan, dict[int, dict[str, list[float]]], float | None]:
+    """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
+    noise: the largest of `time_block`'s, None when out of time). Layers not reached keep
+    their default variant."""
+    plan = default_plan(arch)
+    deadline = time.perf_counter() + seconds
+    timings: dict[int, dict[str, list[float]]] = {}
+    noise = 1.0
+    for block, variants in _choices(arch):
+        measured = time_block(arch, block, weights, variants, deadline, batches)
+        if measured is None:
+            return plan, timings, None
+        timings[block.layer.index], layer_noise = measured
+        noise = max(noise, layer_noise)
+        plan[block.layer.index] = pick(variants, measured[0])
+    return plan, timings, noise
+
+
+def plan_for(
+    arch: Architecture,
+    weights: dict,
+    cache_dir: str | os.PathLike | None = None,
+    seconds: float = PLAN_SECONDS,
+    largest_batch: int = BATCH_CHUNK,
+) -> Plan:
+    """The timed plan for `arch`, run on batches of up to `largest_batch` images, on this
+    machine: from this process's memo, the disk cache in `plan_cache_dir(cache_dir)`, or by
+    timing (then cached when complete)."""
+    if not _choices(arch):
+        return default_plan(arch)
+    batches = timing_batches(largest_batch)
+    key = plan_key(arch, batches)
+    with _memo_lock:  # one model planned at a time: concurrent timings would disturb each other
+        if key in _memo:
+            return dict(_memo[key])
+        directory = plan_cache_dir(cache_dir)
+        with _directory_lock(directory):  # other processes (server workers) wait, then read
+            plan = _cached_or_timed(arch, weights, directory, key, seconds, batches)
+        _memo[key] = plan
+        return dict(plan)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the cache directory where one can be taken (best effort: an
+    unwritable directory is planned without)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / ".lock", "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield  # closing the file releases the lock
+
+
+def _cached_or_timed(
+    arch: Architecture,
+    weights: dict,
+    directory: Path,
+    key: str,
+    seconds: float,
+    batches: tuple[int, ...],
+) -> Plan:
+    plan = read_cached(directory, key, arch)
+    if plan is None:
+        start = time.perf_counter()
+        plan, timings, noise = measure_plan(arch, weights, seconds, batches)
+        took = time.perf_counter() - start
+        if noise is None:
+            note = " (out of time: the rest keeps the defaults; not cached)"
+        elif noise > NOISE_LIMIT:
+            note = f" (a busy machine, median call {noise:.1f}x the fastest: not cached)"
+        else:
+            note = ""
+        log.info("kernel plan for %s in %.2f s%s: %s", arch.name, took, note, plan)
+        if not note:
+            record = {
+                "noise": noise,
+                "model": arch.name,
+                "plan": plan,
+                "seconds": timings,
+                "batches": batches,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            write_cached(directory, key, record)
+    return plan

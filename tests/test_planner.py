@@ -1,0 +1,275 @@
+"""The kernel planner: every variant it can choose against the NumPy reference on randomized
+shapes, batch invariance for a fixed plan, the choice itself and its on-disk cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from convserve.core import Model
+from convserve.core.architecture import parse_architecture
+from convserve.core.inference import BATCH_CHUNK, InferencePlan, default_plan
+from convserve.core.layers.fusion import blocks
+from convserve.core.presets import preset
+
+from tests import reference_numpy as ref
+from tests.conftest import random_weights
+
+TOLERANCE = 1e-4
+STEP_OF = {
+    "winograd": "WinogradConv",
+    "direct": "DirectConv",
+    "k3_pool": "K3PoolConv",
+    "pixels_pool": "PixelsPoolConv",
+}
+
+
+def _random_conv_model(rng: np.random.Generator, case: int) -> dict:
+    """One conv layer (maybe a pool after it) and a dense head, with shapes drawn at random;
+    every third case has one input channel and a 2x2 max pool (the first-layer kernels)."""
+    one_channel = case % 3 == 0
+    size = int(rng.choice([1, 3, 3, 5])) if not one_channel else int(rng.choice([3, 3, 5]))
+    stride = 1 if one_channel or rng.random() < 0.6 else 2
+    channels = 1 if one_channel else int(rng.choice([2, 3, 8, 13, 32]))
+    filters = int(rng.choice([4, 8, 16, 20, 32, 48]))
+    h, w = (int(v) for v in rng.integers(size + 2, 19, size=2))
+    padding = str(rng.choice(["valid", "same"]))
+    act = str(rng.choice(["relu", "linear", "tanh", "sigmoid"]))
+    layers = [
+        {
+            "type": "conv2d",
+            "filters": filters,
+            "kernel_size": size,
+            "strides": stride,
+            "padding": padding,
+            "activation": act,
+        }
+    ]
+    if one_channel or rng.random() < 0.5:
+        layers.append({"type": "max_pooling2d", "pool_size": 2})
+    layers += [{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "linear"}]
+    return {
+        "name": f"case{case}",
+        "input": {
+            "shape": [h, w, channels],
+            "scale": 1 / 255,
+            "mean": [0.2] * channels,
+            "std": [0.7] * channels,
+        },
+        "labels": ["a", "b", "c"],
+        "layers": layers,
+    }
+
+
+def _cases(count: int = 24):
+    rng = np.random.default_rng(2026)
+    for case in range(count):
+        doc = _random_conv_model(rng, case)
+        arch = parse_architecture(doc)
+        block = blocks(arch.layers, inference=True)[0]
+        yield doc, arch, block.layer.inference_variants(block)
+
+
+def test_random_shapes_reach_every_variant():
+    """The randomized cases below cover every variant the planner may choose."""
+    seen = {v for _, _, variants in _cases() for v in variants}
+    assert seen == set(STEP_OF)
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_every_variant_matches_the_reference_and_is_batch_invariant(case):
+    doc, arch, variants = list(_cases())[case]
+    weights = random_weights(doc, seed=case)
+    rng = np.random.default_rng(case)
+    n = BATCH_CHUNK + 5  # two chunks
+    x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
+    pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
+    expected = ref.forward(doc, weights, x)
+    expected_raw = ref.forward(doc, weights, pixels, preprocess=True)
+    for variant in variants:
+        plan = InferencePlan(arch, weights, {0: variant})
+        assert type(plan.steps[0]).__name__ == STEP_OF[variant]
+        where = f"{doc['layers'][:2]} {arch.input_shape}, variant {variant}"
+        whole = plan.run(x)
+        np.testing.assert_allclose(whole, expected, atol=TOLERANCE, rtol=1e-5, err_msg=where)
+        raw = plan.run(pixels, preprocess=True)
+        np.testing.assert_allclose(raw, expected_raw, atol=TOLERANCE, rtol=1e-5, err_msg=where)
+        # bit-identical whatever the batch it runs in
+        for start, stop in ((0, 1), (3, 11), (n - 1, n), (1, BATCH_CHUNK + 2)):
+            part = plan.run(x[start:stop])
+            assert np.array_equal(part, whole[start:stop]), f"{where}: rows {start}-{stop}"
+
+
+def test_an_unknown_variant_is_refused():
+    doc = preset("fashion_mnist")
+    with pytest.raises(ValueError, match="layer 2 .*no kernel variant 'k3_pool'"):
+        InferencePlan(parse_architecture(doc), random_weights(doc), {0: "direct", 2: "k3_pool"})
+
+
+# -- the choice ---------------------------------------------------------------------------------
+def test_pick_keeps_the_default_unless_clearly_faster():
+    from convserve.core import planner
+
+    seconds = {"winograd": [1.0, 1.0], "direct": [0.99, 0.99]}  # within the margin: noise
+    assert planner.pick(("winograd", "direct"), seconds) == "winograd"
+    seconds = {"winograd": [1.0, 1.0], "direct": [0.5, 1.2]}  # geometric mean 0.77: faster
+    assert planner.pick(("winograd", "direct"), seconds) == "direct"
+    seconds = {"winograd": [1.0, 1.0], "direct": [0.5, 2.5]}  # geometric mean 1.12: slower
+    assert planner.pick(("winograd", "direct"), seconds) == "winograd"
+
+
+@pytest.fixture
+def fresh_planner(monkeypatch):
+    """The planner with an empty in-process memo (the disk cache is each test's own) that
+    caches plans however busy the machine is while the tests run."""
+    from convserve.core import planner
+
+    monkeypatch.setattr(planner, "_memo", {})
+    monkeypatch.setattr(planner, "NOISE_LIMIT", math.inf)
+    return planner
+
+
+def test_a_plan_is_timed_cached_and_read_back(tmp_path, fresh_planner, monkeypatch):
+    planner = fresh_planner
+    doc = preset("cifar10")
+    arch = parse_architecture(doc)
+    weights = random_weights(doc)
+    plan = planner.plan_for(arch, weights, tmp_path, seconds=60)
+    choices = {b.layer.index: b.layer.inference_variants(b) for b in blocks(arch.layers, True)}
+    assert set(plan) == set(default_plan(arch))
+    assert all(plan[i] in choices[i] for i in plan)
+    files = list(tmp_path.glob("*.json"))
+    key = planner.plan_key(arch, (1, BATCH_CHUNK))
+    assert [f.name for f in files] == [f"{key}.json"]
+    record = json.loads(files[0].read_text())
+    assert {int(k): v for k, v in record["plan"].items()} == plan
+    timed = {int(k) for k in record["seconds"]}
+    assert timed == {i for i, v in choices.items() if len(v) > 1} == {0, 1, 3, 4}
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed again despite the cache")
+
+    monkeypatch.setattr(planner, "measure_plan", no_timing)
+    planner._memo.clear()
+    assert planner.plan_for(arch, weights, tmp_path) == plan  # from disk
+    # the model uses it: its warm-up takes the cached plan
+    planner._memo.clear()
+    model = Model(doc, weights, plan_cache=tmp_path)
+    model.warmup((1, BATCH_CHUNK + 8))
+    assert model.kernel_plan == plan
+    assert model.replica().kernel_plan == plan
+
+
+def test_a_damaged_cache_file_is_replanned(tmp_path, fresh_planner):
+    planner = fresh_planner
+    doc = preset("fashion_mnist")
+    arch = parse_architecture(doc)
+    key = planner.plan_key(arch, (1, BATCH_CHUNK))
+    (tmp_path / f"{key}.json").write_text('{"plan": {"0": "no such kernel"}}')
+    assert planner.read_cached(tmp_path, key, arch) is None
+    plan = planner.plan_for(arch, random_weights(doc), tmp_path, seconds=60)
+    assert planner.read_cached(tmp_path, key, arch) == plan
+
+
+def test_the_key_follows_shapes_cpu_and_code_not_names(fresh_planner, monkeypatch):
+    planner = fresh_planner
+    doc = preset("cifar10")
+    key = planner.plan_key(parse_architecture(doc))
+    renamed = preset("cifar10")
+    renamed["name"] = "other"
+    renamed["layers"][0]["name"] = "first"
+    renamed["labels"] = [f"class {i}" for i in range(10)]
+    assert planner.plan_key(parse_architecture(renamed)) == key
+    wider = preset("cifar10")
+    wider["input"]["shape"] = [40, 32, 3]
+    assert planner.plan_key(parse_architecture(wider)) != key
+    more = preset("cifar10")
+    more["layers"][3]["filters"] = 96
+    assert planner.plan_key(parse_architecture(more)) != key
+    assert planner.plan_key(parse_architecture(doc), (1, 8)) != key
+    monkeypatch.setattr(planner, "code_stamp", lambda: "another version")
+    assert planner.plan_key(parse_architecture(doc)) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(planner, "cpu_identity", lambda: "another CPU")
+    assert planner.plan_key(parse_architecture(doc)) != key
+
+
+def test_the_code_stamp_covers_kernels_and_layers(tmp_path):
+    from convserve.core.kernels import cache_stamp
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    before = cache_stamp.package_stamp(tmp_path)
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert cache_stamp.package_stamp(tmp_path) != before
+
+
+def test_planning_stays_within_the_models_batch_size(tmp_path, fresh_planner):
+    """A model limited to batches of 4 is timed at batch 1 and 4, never at a larger batch."""
+    doc = preset("fashion_mnist")
+    model = Model(doc, random_weights(doc), batch_size=4, plan_cache=tmp_path)
+    model.warmup((1, 2))
+    (record,) = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
+    assert record["batches"] == [1, 4]
+    assert {int(k): v for k, v in record["plan"].items()} == model.kernel_plan
+
+
+def test_an_unwritable_cache_does_not_fail_loading(tmp_path, fresh_planner):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a directory")
+    cache = blocker / "plans"  # cannot be created: its parent is a file
+    doc = preset("lenet5")
+    weights = random_weights(doc)
+    model = Model(doc, weights, plan_cache=cache)
+    model.warmup((1, 4))
+    x = np.random.default_rng(0).standard_normal((4, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_allclose(model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE)
+    assert not cache.exists()
+
+
+def test_out_of_time_keeps_the_defaults_and_writes_nothing(tmp_path, fresh_planner):
+    planner = fresh_planner
+    doc = preset("cifar10")
+    arch = parse_architecture(doc)
+    plan, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=0.0)
+    assert (plan, timings, noise) == (default_plan(arch), {}, None)
+    assert planner.plan_for(arch, random_weights(doc), tmp_path, seconds=0.0) == plan
+    assert list(tmp_path.glob("*.json")) == []
+
+
+def test_a_plan_timed_on_a_busy_machine_is_used_but_not_cached(
+    tmp_path, fresh_planner, monkeypatch
+):
+    planner = fresh_planner
+    monkeypatch.setattr(planner, "NOISE_LIMIT", 0.5)  # every timing counts as disturbed
+    doc = preset("lenet5")
+    arch = parse_architecture(doc)
+    plan = planner.plan_for(arch, random_weights(doc), tmp_path, seconds=60)
+    assert plan[0] in ("pixels_pool", "direct")
+    assert list(tmp_path.glob("*.json")) == []
+    _, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=60)
+    assert noise >= 1.0 and set(timings) == {0}
+
+
+def test_planning_off_keeps_the_heuristic(tmp_path, fresh_planner):
+    doc = preset("cifar10")
+    model = Model(doc, random_weights(doc), plan=False, plan_cache=tmp_path)
+    model.warmup((1,))
+    assert model.kernel_plan == default_plan(parse_architecture(doc))
+    assert list(tmp_path.iterdir()) == []
+    direct = Model(doc, random_weights(doc), winograd=False, plan_cache=tmp_path)
+    direct.warmup((1,))
+    assert set(direct.kernel_plan.values()) == {"direct"}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_directory_follows_numba_then_the_user_cache(monkeypatch, tmp_path):
+    from convserve.core.planner import CACHE_SUBDIR, plan_cache_dir
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba"))
+    assert plan_cache_dir() == tmp_path / "numba" / CACHE_SUBDIR
+    assert plan_cache_dir(tmp_path / "mine") == tmp_path / "mine"
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert plan_cache_dir() == tmp_path / "xdg" / CACHE_SUBDIR
