@@ -149,6 +149,7 @@ def _worker(
     warmup: float,
     seed: int,
     queue: mp.Queue,
+    shape: tuple[int, ...] = (28, 28, 1),
 ) -> None:
     """One generator process: `clients` concurrent closed-loop callers; reports latencies (s)."""
     import grpc
@@ -169,7 +170,7 @@ def _worker(
             # Distinct images per client; the expected output of each comes from a first call.
             payloads = []
             for _ in range(clients):
-                imgs = rng.integers(0, 256, (images_per_request, 28, 28, 1), dtype=np.uint8)
+                imgs = rng.integers(0, 256, (images_per_request, *shape), dtype=np.uint8)
                 body = build_request(model, imgs)
                 first = await call(body, timeout=60)
                 payloads.append((body, first.raw_output_contents[0]))
@@ -274,14 +275,18 @@ def run_load(
     seconds: float,
     procs: int,
     warmup: float = 1.0,
+    shape: tuple[int, ...] = (28, 28, 1),
 ) -> dict:
+    """Closed-loop load from `procs` processes: img/s, p50/p99 latency and errors; `shape` is
+    one image's (H, W, C)."""
     procs = max(1, min(procs, clients))
     shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     workers = [
         ctx.Process(
-            target=_worker, args=(target, model, n, images, seconds, warmup, 1000 + i, queue)
+            target=_worker,
+            args=(target, model, n, images, seconds, warmup, 1000 + i, queue, shape),
         )
         for i, n in enumerate(shares)
     ]

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 from convserve.client import Client
 
+from tests.client_load import ClientLoad
 from tests.client_servers import statistics, write_repository
 from tests.dns_stand_in import DnsStandIn
 from tests.server_harness import Server, free_port, images, quick_stop
@@ -63,41 +63,15 @@ def common_port(hosts: list[str]) -> int:
     raise RuntimeError(f"no port free on all of {hosts}")
 
 
-class Load:
-    """Threads calling `client.predict` until stopped; counts calls and keeps every failure."""
+def predict_load(client: Client) -> ClientLoad:
+    """Four threads predicting 4 images (a random slice of 64) per call, checking the shape."""
+    x = images(64, seed=5)
 
-    def __init__(self, client: Client, threads: int = 4):
-        self.client = client
-        self.calls = 0
-        self.failures: list[BaseException] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._x = images(64, seed=5)
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+    def call(rng: np.random.Generator) -> None:
+        start = int(rng.integers(0, 60))
+        assert client.predict(x[start : start + 4], model=MODEL).shape == (4, 10)
 
-    def _run(self, index: int) -> None:
-        rng = np.random.default_rng(index)
-        while not self._stop.is_set():
-            start = int(rng.integers(0, 60))
-            try:
-                probabilities = self.client.predict(self._x[start : start + 4], model=MODEL)
-                assert probabilities.shape == (4, 10)
-            except Exception as exc:  # noqa: BLE001 - every failure is reported by the test
-                with self._lock:
-                    self.failures.append(exc)
-                continue
-            with self._lock:
-                self.calls += 1
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
+    return ClientLoad(call)
 
 
 def served(server: Server) -> int:
@@ -143,7 +117,7 @@ def test_three_replicas_behind_one_name_sigkill_and_scale_up(repository, tmp_pat
 
             # 2. SIGKILL one replica under load: no call fails.
             victim = replicas[1]
-            with Load(client) as load:
+            with predict_load(client) as load:
                 wait_for(lambda: load.calls >= 40, timeout=60)
                 assert served(victim) > before[1]  # the victim was taking part of the load
                 victim.process.kill()
@@ -162,7 +136,7 @@ def test_three_replicas_behind_one_name_sigkill_and_scale_up(repository, tmp_pat
                 host=NEW_HOST,
                 log_dir=tmp_path,
             ).wait_ready()
-            with Load(client) as load:
+            with predict_load(client) as load:
                 wait_for(lambda: load.calls >= 20, timeout=60)
                 dns.set_addresses([HOSTS[0], HOSTS[2], NEW_HOST])
                 # gRPC jitters the age by up to 10 %; 1 s more for polling on a busy machine

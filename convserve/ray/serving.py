@@ -26,6 +26,7 @@ GRPC_SERVICERS = (
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
 MESSAGE_SIZE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"  # read by Ray's proxy when it starts
+GRACEFUL_SHUTDOWN_S = 30.0
 INGRESS_MAX_ONGOING = 4096  # the ingress only awaits model calls: never the bottleneck
 # Serve's per-request access log line costs each replica more than a small batch's compute
 LOGGING = {"enable_access_log": False}
@@ -41,7 +42,15 @@ def model_deployment_options(settings: RaySettings) -> dict[str, Any]:
     # The batcher queues and refuses (QueueFull) as `convserve serve` does: Ray hands a replica
     # its whole queue plus the batch computing, instead of queueing in front of it.
     queue = cfg.max_queue_size or 100_000
-    env = {"NUMBA_NUM_THREADS": str(settings.numba_threads), "GOMP_SPINCOUNT": "1000"}
+    # one thread pool per replica, sized to its CPUs: Numba's, and any OpenMP/BLAS pool too
+    threads = str(settings.numba_threads)
+    env = {
+        "NUMBA_NUM_THREADS": threads,
+        "OMP_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "GOMP_SPINCOUNT": "1000",
+    }
     if os.environ.get("NUMBA_CACHE_DIR"):  # replicas reuse the compiled kernels
         env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
     return dict(
@@ -50,7 +59,9 @@ def model_deployment_options(settings: RaySettings) -> dict[str, Any]:
         ray_actor_options={"num_cpus": settings.replica_cpus, "runtime_env": {"env_vars": env}},
         # a hung replica is noticed within seconds (Serve's default checks every 10 s)
         health_check_period_s=2.0,
-        graceful_shutdown_timeout_s=5.0,
+        # a replica being replaced or removed answers the calls it holds before it stops; Serve
+        # kills it after this even if it still holds some (a loaded replica needs seconds)
+        graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
         logging_config=LOGGING,
     )
 
