@@ -311,3 +311,24 @@ def test_open_stream_ends_unavailable_when_the_server_stops(tmp_path):
     finally:
         outbox.put(None)
         server.stop()
+
+
+def test_stream_requests_meet_the_queue_limit_like_unary_calls():
+    """--max-queue-size 4 at one image per execution: a burst of 20 requests in one stream gets
+    "Exceeds maximum queue size" answers for some, results for the others, and every id back."""
+    server = h.slow_server()
+    api, channel = h.stub(server.target)
+    try:
+        x = h.images(64, seed=50)
+        requests = [_request("fashion", x, f"q{i}") for i in range(20)]
+        answers = {
+            r.infer_response.id: r for r in api.ModelStreamInfer(iter(requests), timeout=120)
+        }
+        assert sorted(answers) == sorted(r.id for r in requests)
+        refused = [a for a in answers.values() if a.error_message]
+        served = [a for a in answers.values() if not a.error_message]
+        assert refused and served
+        assert all(a.error_message.startswith("Exceeds maximum queue size") for a in refused)
+        assert all(h.probabilities(a.infer_response).shape == (64, 10) for a in served)
+    finally:
+        channel.close()

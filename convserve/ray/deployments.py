@@ -75,6 +75,9 @@ Outcome = tuple[Any, "grpc.StatusCode | None", str, tuple]
 
 async def run_rpc(servicer: InferenceServicer, method: str, request) -> Outcome:
     """Run one servicer RPC; its abort becomes the outcome's status instead of an exception."""
+    if SERVICE.methods_by_name[method].client_streaming:  # Ray's proxy passes single messages
+        details = f"{method} is not served through Ray Serve; streams need `convserve serve`"
+        return None, grpc.StatusCode.UNIMPLEMENTED, details, ()
     context = CallContext()
     try:
         response = await getattr(servicer, method)(request, context)
