@@ -165,6 +165,7 @@ def write_cached(directory: Path, key: str, record: dict[str, Any]) -> bool:
         try:
             with os.fdopen(fd, "w") as out:
                 json.dump(record, out, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)  # as a plain file would be (mkstemp makes it private)
             os.replace(tmp, directory / f"{key}.json")
         except BaseException:
             os.unlink(tmp)
