@@ -271,7 +271,7 @@ def plan_for(
     arch: Architecture,
     weights: dict,
     cache_dir: str | os.PathLike | None = None,
-    seconds: float = PLAN_SECONDS,
+    seconds: float | None = None,
     largest_batch: int = BATCH_CHUNK,
 ) -> Plan:
     """The timed plan for `arch`, run on batches of up to `largest_batch` images, on this
@@ -279,6 +279,7 @@ def plan_for(
     timing (then cached when complete)."""
     if not _choices(arch):
         return default_plan(arch)
+    seconds = PLAN_SECONDS if seconds is None else seconds
     batches = timing_batches(largest_batch)
     key = plan_key(arch, batches)
     with _memo_lock:  # one model planned at a time: concurrent timings would disturb each other
