@@ -165,6 +165,7 @@ def write_cached(directory: Path, key: str, record: dict[str, Any]) -> bool:
         try:
             with os.fdopen(fd, "w") as out:
                 json.dump(record, out, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)  # as a plain file would be (mkstemp makes it private)
             os.replace(tmp, directory / f"{key}.json")
         except BaseException:
             os.unlink(tmp)
@@ -270,7 +271,7 @@ def plan_for(
     arch: Architecture,
     weights: dict,
     cache_dir: str | os.PathLike | None = None,
-    seconds: float = PLAN_SECONDS,
+    seconds: float | None = None,
     largest_batch: int = BATCH_CHUNK,
 ) -> Plan:
     """The timed plan for `arch`, run on batches of up to `largest_batch` images, on this
@@ -278,6 +279,7 @@ def plan_for(
     timing (then cached when complete)."""
     if not _choices(arch):
         return default_plan(arch)
+    seconds = PLAN_SECONDS if seconds is None else seconds
     batches = timing_batches(largest_batch)
     key = plan_key(arch, batches)
     with _memo_lock:  # one model planned at a time: concurrent timings would disturb each other

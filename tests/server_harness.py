@@ -220,9 +220,17 @@ def main_server() -> Server:
 
 @cache
 def slow_server() -> Server:
-    """One image per execution and at most 4 queued requests: queues fill up quickly."""
+    """One image per execution and at most 4 queued requests: queues fill up quickly. The
+    built-in kernel choice (no planning) keeps its speed the same from run to run."""
     return _shared_server(
-        "--max-batch-size", "1", "--max-queue-size", "4", "--warmup-batch-sizes", "1"
+        "--max-batch-size",
+        "1",
+        "--max-queue-size",
+        "4",
+        "--warmup-batch-sizes",
+        "1",
+        "--plan-kernels",
+        "false",
     )
 
 

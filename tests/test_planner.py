@@ -123,11 +123,12 @@ def test_pick_keeps_the_default_unless_clearly_faster():
 @pytest.fixture
 def fresh_planner(monkeypatch):
     """The planner with an empty in-process memo (the disk cache is each test's own) that
-    caches plans however busy the machine is while the tests run."""
+    caches complete plans however busy the machine is while the tests run."""
     from convserve.core import planner
 
     monkeypatch.setattr(planner, "_memo", {})
     monkeypatch.setattr(planner, "NOISE_LIMIT", math.inf)
+    monkeypatch.setattr(planner, "PLAN_SECONDS", 120.0)  # never out of time on a busy machine
     return planner
 
 
