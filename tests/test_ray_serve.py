@@ -40,7 +40,7 @@ MODEL = "fashion"
 LOAD_THREADS = 4
 # the scaling test: replica counts of its phases (alternated), measured windows per phase
 SCALING_PHASES, WINDOWS, WINDOW_SECONDS = (1, 2, 1, 2, 1), 3, 2.0
-SCALING_MARGIN = 1.2  # 2 replicas measured 1.5-1.8x on 2 cores shared with other jobs
+SCALING_MARGIN = 1.2  # measured 1.6-1.8x at a load average of 10-20 (docs/ray.md)
 
 
 def make_settings(repository: Path, replicas: int, grpc_port: int, replica_cpus: float = 0.5):
