@@ -19,6 +19,12 @@ latency. Scenarios:
 * h2load-64 / h2load-nobatch-64 (with --h2load): single-image load from h2load (nghttp2-client),
   a native generator that costs far less CPU than Python; correctness checked on the server
 
+With --versus-noop it runs paired rounds instead (FP32 requests, the order alternating by round):
+the no-op grpc.aio server of loadtest/noop_server.py, the same behind convserve's interceptors,
+convserve, and with --before-python an older checkout's convserve, each at single-64, single-1
+(and batch64-8 for convserve), then the core in process; it prints img/s, p50/p99, the server's
+CPU per call (from /proc/<pid>/stat, warm-up included) and the ratios of each round.
+
 The load generator shares the 2 cores with the server; it costs about 0.3-0.4 ms CPU per request
 (BENCHMARKS.md), so single-image figures at high rates are bounded by the generator as well.
 """
@@ -76,10 +82,12 @@ def make_repository(path: Path) -> Path:
     return path
 
 
-def start_server(repo: Path, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(
+    repo: Path, max_batch: int, extra: list[str], python: str = sys.executable
+) -> tuple[subprocess.Popen, str]:
     port, metrics_port = free_port(), free_port()
     cmd = [
-        sys.executable,
+        python,
         "-m",
         "convserve",
         "serve",
@@ -98,11 +106,22 @@ def start_server(repo: Path, max_batch: int, extra: list[str]) -> tuple[subproce
         *extra,
     ]
     METRICS[f"127.0.0.1:{port}"] = f"http://127.0.0.1:{metrics_port}/metrics"
-    proc = subprocess.Popen(cmd)
+    return wait_ready(subprocess.Popen(cmd), f"127.0.0.1:{port}")
+
+
+def start_noop_server(*extra: str) -> tuple[subprocess.Popen, str]:
+    """The no-op grpc.aio server of loadtest/noop_server.py (the ceiling of the stack)."""
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "loadtest" / "noop_server.py"), "--port", str(port), *extra]
+    return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL), f"127.0.0.1:{port}")
+
+
+def wait_ready(proc: subprocess.Popen, target: str) -> tuple[subprocess.Popen, str]:
+    """Wait until the server at `target` answers health SERVING; returns (proc, target)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = grpc.insecure_channel(target)
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -114,12 +133,18 @@ def start_server(repo: Path, max_batch: int, extra: list[str]) -> tuple[subproce
                 == health_pb2.HealthCheckResponse.SERVING
             ):
                 channel.close()
-                return proc, f"127.0.0.1:{port}"
+                return proc, target
         except grpc.RpcError:
             pass
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not become ready in 180 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -130,11 +155,14 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def build_request(model: str, images: np.ndarray) -> bytes:
+def build_request(model: str, images: np.ndarray, datatype: str = "UINT8") -> bytes:
+    """A serialized request for `images` (uint8), sent as UINT8 or as FP32 pixel values."""
     from convserve.proto import grpc_service_pb2 as pb
 
+    if datatype == "FP32":
+        images = images.astype("<f4")
     req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input", datatype="UINT8", shape=images.shape)
+    req.inputs.add(name="input", datatype=datatype, shape=images.shape)
     req.outputs.add(name="probabilities")
     req.raw_input_contents.append(images.tobytes())
     return req.SerializeToString()
@@ -150,12 +178,17 @@ def _worker(
     seed: int,
     queue: mp.Queue,
     shape: tuple[int, ...] = (28, 28, 1),
+    datatype: str = "UINT8",
 ) -> None:
-    """One generator process: `clients` concurrent closed-loop callers; reports latencies (s)."""
+    """One generator process: `clients` concurrent closed-loop callers; reports latencies (s)
+    and the number of calls it made in all (warm-up included)."""
     import grpc
     from convserve.proto import grpc_service_pb2 as pb
 
+    calls = 0
+
     async def main() -> tuple[list[float], int, int, str]:
+        nonlocal calls
         rng = np.random.default_rng(seed)
         options = [
             ("grpc.max_receive_message_length", 1 << 30),
@@ -171,8 +204,9 @@ def _worker(
             payloads = []
             for _ in range(clients):
                 imgs = rng.integers(0, 256, (images_per_request, *shape), dtype=np.uint8)
-                body = build_request(model, imgs)
+                body = build_request(model, imgs, datatype)
                 first = await call(body, timeout=60)
+                calls += 1
                 payloads.append((body, first.raw_output_contents[0]))
             latencies: list[float] = []
             errors = inexact = 0
@@ -182,7 +216,7 @@ def _worker(
             t_end = t_measure + seconds
 
             async def client(body: bytes, expected: bytes) -> None:
-                nonlocal errors, inexact, first_error
+                nonlocal errors, inexact, first_error, calls
                 perf = time.perf_counter
                 want = np.frombuffer(expected, np.float32)
                 while True:
@@ -207,6 +241,7 @@ def _worker(
                         if not first_error:
                             first_error = f"{exc.code()}: {exc.details()}"
                     t1 = perf()
+                    calls += 1
                     if t0 >= t_measure:
                         if ok:
                             latencies.append(t1 - t0)
@@ -217,7 +252,7 @@ def _worker(
             return latencies, errors, inexact, first_error
 
     lat, errors, inexact, first_error = asyncio.run(main())
-    queue.put((lat, errors, inexact, first_error))
+    queue.put((lat, errors, inexact, first_error, calls))
 
 
 METRICS: dict[str, str] = {}  # target -> its /metrics URL, for servers with several workers
@@ -276,17 +311,24 @@ def run_load(
     procs: int,
     warmup: float = 1.0,
     shape: tuple[int, ...] = (28, 28, 1),
+    datatype: str = "UINT8",
+    server_pid: int | None = None,
 ) -> dict:
     """Closed-loop load from `procs` processes: img/s, p50/p99 latency and errors; `shape` is
-    one image's (H, W, C)."""
+    one image's (H, W, C). With `server_pid`, also the server's CPU time per call (its CPU over
+    the whole run, warm-up included, over every call the generator made)."""
+    import resource
+
     procs = max(1, min(procs, clients))
+    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
+    gen0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     workers = [
         ctx.Process(
             target=_worker,
-            args=(target, model, n, images, seconds, warmup, 1000 + i, queue, shape),
+            args=(target, model, n, images, seconds, warmup, 1000 + i, queue, shape, datatype),
         )
         for i, n in enumerate(shares)
     ]
@@ -307,7 +349,11 @@ def run_load(
                 ) from None
     for w in workers:
         w.join()
-    latencies = sorted(x for lat, _, _, _ in results for x in lat)
+    cpu = cpu_seconds(server_pid) - cpu0 if server_pid else float("nan")
+    gen1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    gen_cpu = gen1.ru_utime + gen1.ru_stime - gen0.ru_utime - gen0.ru_stime
+    calls = sum(r[4] for r in results)
+    latencies = sorted(x for lat, *_ in results for x in lat)
     errors = sum(r[1] for r in results)
     inexact = sum(r[2] for r in results)
     first_error = next((r[3] for r in results if r[3]), "")
@@ -320,7 +366,14 @@ def run_load(
         "img_per_s": n * images / seconds,
         "p50_ms": 1e3 * latencies[n // 2] if n else float("nan"),
         "p99_ms": 1e3 * latencies[min(n - 1, int(n * 0.99))] if n else float("nan"),
+        "server_us_per_call": 1e6 * cpu / max(1, calls),
+        "generator_us_per_call": 1e6 * gen_cpu / max(1, calls),
     }
+
+
+def error_note(result: dict) -> str:
+    """The first error of a run, for the end of its line ("" when none)."""
+    return f"  first error: {result['first_error']}" if result["first_error"] else ""
 
 
 def run_h2load(target: str, model: str, clients: int, seconds: float, verify: bool = True) -> dict:
@@ -422,6 +475,100 @@ def core_throughput(repo: Path, model: str, seconds: float, batch: int = 64) -> 
     return statistics.median(runs)
 
 
+VERSUS = (  # scenario, clients, images per request, servers it runs against
+    ("single-64", 64, 1, "all"),
+    ("single-1", 1, 1, "all"),
+    ("batch64-8", 8, 64, "convserve"),
+)
+
+
+def versus_noop(args: argparse.Namespace, repo: Path, model: str) -> int:
+    """Paired rounds: the no-op grpc.aio server, convserve (and convserve run by
+    `--before-python`, e.g. an older checkout) under the same FP32 load, one after the other,
+    the order alternating by round; then the core in process. Prints every run, then medians
+    and the ratios of each round."""
+    # noop+interceptors: the same no-op handler behind convserve's admission and parsing
+    # interceptors, to show what they cost apart from the rest of the request path
+    servers = {"noop": None, "noop+interceptors": None, "convserve": sys.executable}
+    if args.before_python:
+        servers["before"] = args.before_python
+    rows: dict[tuple[str, str], list[dict]] = {}
+    print(
+        f"{'round':>5} {'server':<17} {'scenario':<10} {'img/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'server us/call':>14} {'generator us/call':>17} {'errors':>6}"
+    )
+    for round_ in range(args.repeat):
+        order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
+        for kind in order:
+            if kind.startswith("noop"):
+                proc, target = start_noop_server(*(["--with-interceptors"] if "+" in kind else []))
+            else:
+                proc, target = start_server(repo, 64, args.server_arg, servers[kind])
+            try:
+                for name, clients, images, where in VERSUS:
+                    if where != "all" and kind.startswith("noop"):
+                        continue
+                    r = run_load(
+                        target,
+                        model,
+                        clients,
+                        images,
+                        args.seconds,
+                        args.procs,
+                        datatype="FP32",
+                        server_pid=proc.pid,
+                    )
+                    rows.setdefault((kind, name), []).append(r)
+                    print(
+                        f"{round_ + 1:>5} {kind:<17} {name:<10} {r['img_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
+                        f"{r['server_us_per_call']:>14.0f} {r['generator_us_per_call']:>17.0f} {r['errors']:>6}"
+                        + error_note(r),
+                        flush=True,
+                    )
+            finally:
+                stop_server(proc)
+        core = core_throughput(repo, model, args.seconds)
+        rows.setdefault(("core", "batch-64"), []).append({"img_per_s": core})
+        print(f"{round_ + 1:>5} {'core':<10} {'batch-64':<10} {core:>8.0f}", flush=True)
+
+    def median(kind: str, name: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows[(kind, name)])
+
+    def ratios(a: tuple[str, str], b: tuple[str, str], key: str = "img_per_s") -> str:
+        each = [x[key] / y[key] for x, y in zip(rows[a], rows[b])]
+        return f"{statistics.median(each):.1%} (rounds: {', '.join(f'{v:.1%}' for v in each)})"
+
+    print(f"\n# medians of {args.repeat} round(s), {args.seconds:g} s per run, FP32 requests")
+    print(
+        f"{'server':<17} {'scenario':<10} {'img/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'server us/call':>14}"
+    )
+    for kind, name in rows:
+        if kind == "core":
+            print(f"{kind:<17} {name:<10} {median(kind, name, 'img_per_s'):>8.0f}")
+            continue
+        print(
+            f"{kind:<17} {name:<10} {median(kind, name, 'img_per_s'):>8.0f} {median(kind, name, 'p50_ms'):>7.2f} "
+            f"{median(kind, name, 'p99_ms'):>7.2f} {median(kind, name, 'server_us_per_call'):>14.0f}"
+        )
+    for kind in servers:
+        if kind.startswith("noop"):
+            if kind != "noop":
+                print(
+                    f"{kind}/noop at 64 single-image clients: {ratios((kind, 'single-64'), ('noop', 'single-64'))}"
+                )
+            continue
+        print(
+            f"{kind}/noop at 64 single-image clients: {ratios((kind, 'single-64'), ('noop', 'single-64'))}"
+        )
+        print(
+            f"{kind} 64-image requests / core batch 64: {ratios((kind, 'batch64-8'), ('core', 'batch-64'))}"
+        )
+    if "before" in servers:
+        print(
+            f"p50 at 1 client, convserve/before: {ratios(('convserve', 'single-1'), ('before', 'single-1'), 'p50_ms')}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", help="HOST:PORT of a running server (default: start servers)")
@@ -459,6 +606,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also load with h2load (native, nghttp2-client), "
         "to see the server's capacity without the Python generator's CPU cost",
     )
+    parser.add_argument(
+        "--versus-noop",
+        action="store_true",
+        help="paired rounds against the no-op grpc.aio server (loadtest/noop_server.py) with "
+        "FP32 requests: single-64, single-1, batch64-8 and the core; --repeat is the rounds",
+    )
+    parser.add_argument(
+        "--before-python",
+        help="with --versus-noop: also run convserve with this interpreter (a venv holding an "
+        "older checkout), to compare before and after in the same rounds",
+    )
     args = parser.parse_args(argv)
     scenarios = args.scenario or [*(s for s in SCENARIOS if args.h2load or s not in H2LOAD), "core"]
 
@@ -475,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model
             or sorted(p.parent.parent.name for p in repo.glob("*/*/model.safetensors"))[0]
         )
+        if args.versus_noop:
+            return versus_noop(args, repo, model)
         print(
             f"# model '{model}' from {repo}; {args.seconds:g} s per run, {args.procs} generator process(es), "
             f"median of {args.repeat}; cpu count {os.cpu_count()}"
@@ -516,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(
                         f"{name:<12} {clients:>7} {images:>7} {r['img_per_s']:>9.0f} {r['p50_ms']:>8.2f} "
                         f"{r['p99_ms']:>8.2f} {r['errors']:>6} {r['inexact']:>17} {done_images / max(1, executions):>9.1f}"
-                        + (f"  first error: {r['first_error']}" if r["first_error"] else ""),
+                        + error_note(r),
                         flush=True,
                     )
             finally:

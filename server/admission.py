@@ -68,6 +68,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self._reading = asyncio.Semaphore(CONCURRENT_READS)
         self.holding = False
         self._released = asyncio.Event()
+        # method -> (its handler, the budgeted one): handlers are registered once, so each is
+        # wrapped once instead of on every call
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     @property
     def idle(self) -> bool:
@@ -93,11 +96,15 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler  # reflection streams: small messages, bounded by the message limit
-        return grpc.stream_unary_rpc_method_handler(
-            self._budgeted(details.method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        cached = self._wrapped.get(details.method)
+        if cached is None or cached[0] is not handler:
+            budgeted = grpc.stream_unary_rpc_method_handler(
+                self._budgeted(details.method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            cached = self._wrapped[details.method] = (handler, budgeted)
+        return cached[1]
 
     def _budgeted(self, method: str, behaviour):
         """The unary `behaviour`, served as a stream-unary call so the read happens here."""
