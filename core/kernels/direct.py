@@ -1,4 +1,5 @@
-"""Direct convolution (NHWC, float32) + bias + activation, optionally fused with 2x2/2 max pool.
+"""Direct convolution (NHWC, float32) + bias + activation, optionally fused with a 2x2/2 max or
+average pool. Any kernel size, stride and padding.
 
 Weights are packed once by the plan in GEMM form `wk[K, COp]`: row k is tap k in (ky, kx, ci)
 order for every filter, K = kh*kw*ci, `COp` = filters rounded up to 16 (zero columns).
@@ -8,7 +9,7 @@ kernel rows as segments straight in the input.
 
 Fused pooling computes the two conv rows of a pooled row and keeps the max of each 2x2 window;
 max pooling commutes with the per-channel bias and with every monotonic activation, so bias and
-activation run once per pooled value.
+activation run once per pooled value. Average pooling activates the four values, then averages.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from numba import njit, prange
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
-    """Valid conv + bias + activation + 2x2/2 max pool (floor) on an already padded and
-    preprocessed input. wk: (kh*kw*CI, COp) flat-packed, COp a multiple of 16. out: (N, PH, PW, CO).
+def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits):
+    """Valid conv + bias + activation + 2x2/2 max pool (average pool with `average`; floor) on
+    an already padded and preprocessed input. wk: (kh*kw*CI, COp) flat-packed, COp a multiple of 16. out: (N, PH, PW, CO).
 
     Tasks: (image, pooled row, range of pooled columns), `splits` ranges per row.
     tiles: (threads, >= 4 * PW * COp) floats: the task's two conv rows.
@@ -58,6 +59,7 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
                 ((n * PH + py) * PW + px0 + w) * CO,
                 CO,
                 act,
+                average,
             )
 
 
