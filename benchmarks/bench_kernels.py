@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py [--models cifar10,vgg,...] [--batches 1,8,64,256] [--repeats 3]
     python benchmarks/bench_kernels.py --layers [--models ...] [--batches 8,64]
+    python benchmarks/bench_kernels.py --one-thread [--models ...] [--batches 1,8,64,256]
 
 The first form runs, per model and `repeats` times alternately, one worker process for the core
 and one for ONNX Runtime (2 intra-op threads, same seeded weights), the method of
@@ -11,6 +12,12 @@ numpy's sgemm calibration. `--layers` times every kernel call of the core's plan
 (fastest of 30 calls; CPU time
 when run with NUMBA_NUM_THREADS=1, which other processes on the machine barely disturb) and prints its share of the forward pass and its GFLOP/s.
 
+`--one-thread` compares the kernels themselves where the cores are shared: both engines on one
+thread in one process (NUMBA_NUM_THREADS=1, ORT with 1 intra-op thread), calls alternating, each
+timed by the CPU time of the calling thread, which other processes barely disturb; it prints
+the median ratio per cell and each engine's GFLOP/s. It says nothing about how the two scale
+to more threads.
+
 The machine may be shared: compare figures from one run only, and rerun on a quiet machine.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -179,6 +187,42 @@ def layer_times(name: str, batches: list[int]) -> None:
             print(f"  {call[0].__name__:24} {t * 1e6:9.1f} us {100 * t / total:5.1f} %")
 
 
+def one_thread(names: list[str], batches: list[int], rounds: int) -> None:
+    """Both engines on this thread, alternating calls, CPU time; prints the table."""
+    from convserve.core.bench import _inputs, ort_session, random_weights
+    from convserve.core.interop.onnx_export import onnx_model
+    from convserve.core.model import Model
+
+    ratios = []
+    print("| model | " + " | ".join(f"batch {n}" for n in batches) + " |")
+    print("|" + " --- |" * (1 + len(batches)))
+    for name in names:
+        doc = architectures()[name]
+        weights = random_weights(doc)
+        model = Model(doc, weights)
+        sess = ort_session(onnx_model(doc, weights), threads=1)
+        flops = direct_flops(doc)
+        cells = []
+        for n in batches:
+            x = _inputs(doc, n, 3)
+            engines = (model.forward, lambda x, s=sess: s.run(["output"], {"input": x})[0])
+            times: list[list[float]] = [[], []]
+            for _ in range(rounds):
+                for fn, spent in zip(engines, times):
+                    t = time.thread_time()
+                    fn(x)
+                    spent.append(time.thread_time() - t)
+            ours, ort = (statistics.median(t[1:]) for t in times)  # the first call warms up
+            ratios.append(ort / ours)
+            cells.append(
+                f"{ort / ours:.2f}x ({flops * n / ours / 1e9:.0f}/{flops * n / ort / 1e9:.0f} GF/s)"
+            )
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    geo = math.exp(statistics.mean(math.log(r) for r in ratios))
+    print(f"\ngeometric mean ours/ORT {geo:.2f}x; worst cell {min(ratios):.2f}x")
+    print("cells: ratio of CPU times ORT/ours (GFLOP/s ours/ORT, direct-convolution equivalent)")
+
+
 # -- driver -----------------------------------------------------------------------------------
 def _run(engine: str, name: str, batches: list[int]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", engine, "--models", name]
@@ -195,12 +239,20 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", action="store_true", help="per-kernel-call times")
+    parser.add_argument("--one-thread", action="store_true", help="one thread, CPU time")
+    parser.add_argument("--rounds", type=int, default=15, help="alternating calls (--one-thread)")
     parser.add_argument("--worker", choices=("ours", "ort"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     names = args.models.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
         print(json.dumps(worker(args.worker, names[0], batches)))
+        return 0
+    if args.one_thread:
+        if os.environ.get("NUMBA_NUM_THREADS") != "1":  # numba reads it at import: start afresh
+            env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
+            return subprocess.run([sys.executable, *sys.argv], env=env, check=False).returncode
+        one_thread(names, batches, args.rounds)
         return 0
     if args.layers:
         for name in names:

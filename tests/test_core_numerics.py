@@ -395,6 +395,32 @@ def test_softmax_hidden_dense_layer_at_every_batch_size():
         assert_forward_matches_reference(model, doc, weights, x, where=f"batch {n}")
 
 
+@pytest.mark.parametrize("inputs", [4100, 9000, 20000])
+def test_wide_dense_layers_in_weight_stripes(inputs):
+    """Dense layers with so many inputs that their weights go in stripes of 32 or 16 units (so
+    they stay in cache while every row of a task passes over them): the NumPy reference at
+    batch sizes across the 32-row tasks, and each row bit-identical to its single-image call."""
+    doc = {
+        "name": "wide-dense",
+        "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+        "labels": [str(i) for i in range(5)],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "dense", "units": 90, "activation": "tanh"},
+            {"type": "dense", "units": 5, "activation": "linear"},
+        ],
+    }
+    weights = _weights(doc, inputs)
+    model = Model(doc, weights)
+    rng = np.random.default_rng(inputs)
+    x = rng.standard_normal((45, inputs, 1, 1)).astype(np.float32)
+    for n in (1, 8, 33, 45):
+        assert_forward_matches_reference(model, doc, weights, x[:n], where=f"batch {n}")
+    whole = model.forward(x)
+    for i in (0, 31, 32, 44):
+        np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], whole[i])
+
+
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_presets_match_numpy_reference(name):
     doc = preset(name)
