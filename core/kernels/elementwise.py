@@ -3,7 +3,8 @@ and dense kernels, preprocessing and the finiteness scan.
 
 Activation codes are `convserve.core.activations.CODES` (softmax works on the last axis).
 Kernels here use numba's `error_model="numpy"`: its default checks every float division for a
-zero divisor, a branch that keeps loops holding tanh's division from vectorizing.
+zero divisor, a branch that keeps loops holding tanh's division from vectorizing. The stores
+run once per output pixel: they are inlined into the conv kernels' row loops.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def all_finite_f32(bits):
     return top != exponent
 
 
-@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act, average):
     """of[o + co] = act(max of a 2x2 window + bias[co]) for co < CO, the window's conv outputs at
     tile rows i0, i0 + COp (upper conv row) and i1, i1 + COp (lower); with `average`, the mean
@@ -159,7 +160,7 @@ def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act, average):
             )
 
 
-@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _store_row(tile, t, bias, of, o, lo, hi, act):
     """of[o + j] = act(tile[t + j] + bias[j]) for lo <= j < hi (unsigned indices, as above)."""
     tt = np.uint64(t)
