@@ -37,14 +37,8 @@ import numpy as np
 
 
 def _conv(filters: int, size: int, act: str = "relu", padding: str = "same", strides: int = 1):
-    return {
-        "type": "conv2d",
-        "filters": filters,
-        "kernel_size": [size, size],
-        "strides": [strides, strides],
-        "padding": padding,
-        "activation": act,
-    }
+    layer = {"type": "conv2d", "filters": filters, "activation": act, "padding": padding}
+    return {**layer, "kernel_size": [size, size], "strides": [strides, strides]}
 
 
 def _pool(kind: str = "max") -> dict[str, Any]:
