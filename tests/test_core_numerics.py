@@ -264,6 +264,44 @@ def test_wide_convolutions_match_numpy_reference(filters):
             assert_forward_matches_reference(model, doc, weights, x, where=where)
 
 
+@pytest.mark.parametrize(
+    "channels,kernel,stride,pool",
+    [(100, 3, 2, None), (300, 1, 1, "max"), (40, 5, 1, "average"), (70, 2, 1, None)],
+)
+def test_direct_convolutions_with_weights_in_chunks(channels, kernel, stride, pool):
+    """Direct convolutions whose weights exceed one chunk run chunk by chunk (whole kernel rows,
+    several taps of a row, single taps), each adding to the sums so far: the NumPy reference,
+    and each image bit-identical alone and in a batch."""
+    layers = [
+        {
+            "type": "conv2d",
+            "filters": 40,
+            "kernel_size": kernel,
+            "strides": stride,
+            "padding": "same",
+            "activation": "relu",
+        }
+    ]
+    if pool:
+        layers.append({"type": f"{pool}_pooling2d", "pool_size": 2})
+    layers += [{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "linear"}]
+    doc = {
+        "name": "chunks",
+        "input": {"shape": [7, 9, channels], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+        "labels": ["a", "b", "c"],
+        "layers": layers,
+    }
+    doc["input"]["mean"], doc["input"]["std"] = [0.0] * channels, [1.0] * channels
+    weights = _weights(doc, channels + kernel)
+    model = Model(doc, weights, winograd=False)
+    assert _kind(model._plan.steps[0]) == ("DirectConv+pool" if pool else "DirectConv")
+    x = np.random.default_rng(channels).standard_normal((3, 7, 9, channels)).astype(np.float32)
+    assert_forward_matches_reference(model, doc, weights, x, rtol=1e-5)
+    whole = model.forward(x)
+    for i in range(3):
+        np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], whole[i])
+
+
 @pytest.mark.parametrize("channels,filters", [(8, 16), (16, 64), (20, 70), (37, 32), (64, 20)])
 def test_winograd_convolutions_match_numpy_reference(channels, filters):
     """3x3 stride-1 layers with 8 or more input channels run as Winograd F(2x2, 3x3): whole and
