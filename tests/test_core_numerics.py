@@ -39,7 +39,8 @@ def _weights(doc: dict, seed: int) -> dict[str, np.ndarray]:
 
 
 def _kind(step) -> str:
-    """Which kernel a plan step runs: its class, `+pool` when a 2x2 max pool is fused in."""
+    """Which kernel a plan step runs: its class, `+pool` when a 2x2 max or average pool is fused
+    in."""
     return type(step).__name__ + ("+pool" if getattr(step, "pool", False) else "")
 
 
@@ -189,21 +190,47 @@ def test_random_architectures_cover_every_option(cases):
     }
 
 
+def test_tanh_and_sigmoid_kernels_match_float64():
+    """The kernels' vectorizing tanh (a rational function) and sigmoid (from tanh) against
+    float64 libm over every magnitude, from subnormal-small to saturated, both signs."""
+    from convserve.core.kernels import elementwise
+
+    rng = np.random.default_rng(7)
+    mags = np.concatenate([np.logspace(-30, 2, 20001), rng.uniform(0, 12, 20000)])
+    x = np.concatenate([mags, -mags, [0.0]]).astype(np.float32).reshape(1, -1)
+    exact = x.astype(np.float64)
+    for code, reference in ((2, np.tanh(exact)), (3, 1 / (1 + np.exp(-exact)))):
+        got = x.copy()
+        elementwise.activate(got, code)
+        assert np.abs(got - reference).max() < 1e-6
+    small = np.abs(exact) < 1e-3  # tanh(x) ~ x: small values keep their relative precision
+    got = x.copy()
+    elementwise.activate(got, 2)
+    assert np.abs(got[small] - exact[small]).max() < 1e-9
+
+
 @pytest.mark.parametrize("filters", [20, 32, 48, 64, 80, 130])
 def test_wide_convolutions_match_numpy_reference(filters):
     """Every micro-kernel shape (8 pixels x 16/32 channels, 4 x 64, 4 x 32 and 4 x 16 remainders,
     single pixels for rows shorter than a block) and the shifted tail block of a row, on
-    images from 1 to 13 pixels wide, fused with pooling or not, strided and padded."""
+    images from 1 to 13 pixels wide, fused with max or average pooling or not, strided and
+    padded, every activation."""
     rng = np.random.default_rng(filters)
     for width in (1, 2, 3, 5, 9, 13):
-        for pool, stride, padding in (
-            (True, 1, "valid"),
-            (False, 1, "same"),
-            (False, 2, "same"),
-            (True, 1, "same"),
+        for (pool, stride, padding), act in zip(
+            (
+                ("max", 1, "valid"),
+                (None, 1, "same"),
+                (None, 2, "same"),
+                ("max", 1, "same"),
+                ("average", 1, "same"),
+                ("average", 2, "valid"),
+            ),
+            ("relu", "tanh", "relu", "sigmoid", "tanh", "linear"),
         ):
             kernel = int(rng.integers(1, 4))
-            if pool and (width < kernel + 1 if padding == "valid" else width < 2):
+            span = width - kernel + 1 if padding == "valid" else width
+            if pool and (span + stride - 1) // stride < 2:  # too narrow for a 2x2 pool
                 continue
             layers = [
                 {
@@ -212,11 +239,11 @@ def test_wide_convolutions_match_numpy_reference(filters):
                     "kernel_size": [kernel, kernel],
                     "strides": [stride, stride],
                     "padding": padding,
-                    "activation": "relu",
+                    "activation": act,
                 }
             ]
             if pool:
-                layers.append({"type": "max_pooling2d", "pool_size": [2, 2]})
+                layers.append({"type": f"{pool}_pooling2d", "pool_size": [2, 2]})
             layers += [{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "linear"}]
             doc = {
                 "name": "wide",
@@ -237,16 +264,62 @@ def test_wide_convolutions_match_numpy_reference(filters):
             assert_forward_matches_reference(model, doc, weights, x, where=where)
 
 
+@pytest.mark.parametrize(
+    "channels,kernel,stride,pool",
+    [(100, 3, 2, None), (300, 1, 1, "max"), (40, 5, 1, "average"), (70, 2, 1, None)],
+)
+def test_direct_convolutions_with_weights_in_chunks(channels, kernel, stride, pool):
+    """Direct convolutions whose weights exceed one chunk run chunk by chunk (whole kernel rows,
+    several taps of a row, single taps), each adding to the sums so far: the NumPy reference,
+    and each image bit-identical alone and in a batch."""
+    layers = [
+        {
+            "type": "conv2d",
+            "filters": 40,
+            "kernel_size": kernel,
+            "strides": stride,
+            "padding": "same",
+            "activation": "relu",
+        }
+    ]
+    if pool:
+        layers.append({"type": f"{pool}_pooling2d", "pool_size": 2})
+    layers += [{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "linear"}]
+    doc = {
+        "name": "chunks",
+        "input": {"shape": [7, 9, channels], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+        "labels": ["a", "b", "c"],
+        "layers": layers,
+    }
+    doc["input"]["mean"], doc["input"]["std"] = [0.0] * channels, [1.0] * channels
+    weights = _weights(doc, channels + kernel)
+    model = Model(doc, weights, winograd=False)
+    assert _kind(model._plan.steps[0]) == ("DirectConv+pool" if pool else "DirectConv")
+    x = np.random.default_rng(channels).standard_normal((3, 7, 9, channels)).astype(np.float32)
+    assert_forward_matches_reference(model, doc, weights, x, rtol=1e-5)
+    whole = model.forward(x)
+    for i in range(3):
+        np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], whole[i])
+
+
 @pytest.mark.parametrize("channels,filters", [(8, 16), (16, 64), (20, 70), (37, 32), (64, 20)])
 def test_winograd_convolutions_match_numpy_reference(channels, filters):
     """3x3 stride-1 layers with 8 or more input channels run as Winograd F(2x2, 3x3): whole and
     partial vectors of 16 channels in both transforms, odd and even output sizes (edge tiles
-    that are half outside), pooled or not, every activation, raw input preprocessed in the
-    padding copy, batches of 1 and 4 (the channel-split tasks of small batches)."""
+    that are half outside), max or average pooled or not, every activation, raw input
+    preprocessed in the padding copy, batches of 1 and 4 (the channel-split tasks of small
+    batches)."""
     rng = np.random.default_rng(channels * 100 + filters)
     shapes = ((3, 3), (4, 5), (7, 6), (10, 13))
     for (h, w), act in zip(shapes, ACTIVATIONS + ["relu"]):
-        for pool, padding in ((True, "valid"), (False, "same"), (False, "valid"), (True, "same")):
+        for pool, padding in (
+            ("max", "valid"),
+            (None, "same"),
+            (None, "valid"),
+            ("max", "same"),
+            ("average", "valid"),
+            ("average", "same"),
+        ):
             if pool and padding == "valid" and min(h, w) < 4:
                 continue
             layers = [
@@ -259,7 +332,7 @@ def test_winograd_convolutions_match_numpy_reference(channels, filters):
                 }
             ]
             if pool:
-                layers.append({"type": "max_pooling2d", "pool_size": 2})
+                layers.append({"type": f"{pool}_pooling2d", "pool_size": 2})
             layers += [{"type": "flatten"}, {"type": "dense", "units": 4, "activation": "linear"}]
             doc = {
                 "name": "wino",
@@ -358,6 +431,32 @@ def test_softmax_hidden_dense_layer_at_every_batch_size():
     for n in (1, 3, 5, 7, 8, 40):
         x = rng.standard_normal((n, 6, 6, 2)).astype(np.float32)
         assert_forward_matches_reference(model, doc, weights, x, where=f"batch {n}")
+
+
+@pytest.mark.parametrize("inputs", [4100, 9000, 20000])
+def test_wide_dense_layers_in_weight_stripes(inputs):
+    """Dense layers with so many inputs that their weights go in stripes of 32 or 16 units (so
+    they stay in cache while every row of a task passes over them): the NumPy reference at
+    batch sizes across the 32-row tasks, and each row bit-identical to its single-image call."""
+    doc = {
+        "name": "wide-dense",
+        "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+        "labels": [str(i) for i in range(5)],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "dense", "units": 90, "activation": "tanh"},
+            {"type": "dense", "units": 5, "activation": "linear"},
+        ],
+    }
+    weights = _weights(doc, inputs)
+    model = Model(doc, weights)
+    rng = np.random.default_rng(inputs)
+    x = rng.standard_normal((45, inputs, 1, 1)).astype(np.float32)
+    for n in (1, 8, 33, 45):
+        assert_forward_matches_reference(model, doc, weights, x[:n], where=f"batch {n}")
+    whole = model.forward(x)
+    for i in (0, 31, 32, 44):
+        np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], whole[i])
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

@@ -2,6 +2,9 @@
 and dense kernels, preprocessing and the finiteness scan.
 
 Activation codes are `convserve.core.activations.CODES` (softmax works on the last axis).
+Kernels here use numba's `error_model="numpy"`: its default checks every float division for a
+zero divisor, a branch that keeps loops holding tanh's division from vectorizing. The stores
+run once per output pixel: they are inlined into the conv kernels' row loops.
 """
 
 from __future__ import annotations
@@ -14,18 +17,61 @@ _Z = np.float32(0.0)
 _ONE = np.float32(1.0)
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+_HALF = np.float32(0.5)
+_QUARTER = np.float32(0.25)
+_TANH_CLAMP = np.float32(7.90531110763549805)  # float32 tanh is +-1 within 3.5e-7 past this
+# tanh(x) ~ x * P(x^2) / Q(x^2) on [-clamp, clamp]: the minimax rational fit Eigen uses for
+# float tanh; largest error 3.5e-7 over all floats (checked in tests against float64 tanh).
+_TP = (
+    np.float32(4.89352455891786e-03),
+    np.float32(6.37261928875436e-04),
+    np.float32(1.48572235717979e-05),
+    np.float32(5.12229709037114e-08),
+    np.float32(-8.60467152213735e-11),
+    np.float32(2.00018790482477e-13),
+    np.float32(-2.76076847742355e-16),
+)
+_TQ = (
+    np.float32(4.89352518554385e-03),
+    np.float32(2.26843463243900e-03),
+    np.float32(1.18534705686654e-04),
+    np.float32(1.19825839466702e-06),
+)
+
+
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _tanh(v):
+    """tanh in float32 by a rational function: additions, multiplies and one division, so loops
+    calling it vectorize (libm's tanhf is a scalar call per value, 10-20 times slower)."""
+    x = min(max(v, -_TANH_CLAMP), _TANH_CLAMP)
+    x2 = x * x
+    p = _TP[6]
+    p = p * x2 + _TP[5]
+    p = p * x2 + _TP[4]
+    p = p * x2 + _TP[3]
+    p = p * x2 + _TP[2]
+    p = p * x2 + _TP[1]
+    p = p * x2 + _TP[0]
+    q = _TQ[3]
+    q = q * x2 + _TQ[2]
+    q = q * x2 + _TQ[1]
+    q = q * x2 + _TQ[0]
+    return x * p / q
+
+
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _act(v, act):
+    """Activation `act` of one value; sigmoid(v) = (1 + tanh(v/2)) / 2, on the vectorizing tanh."""
     if act == 1:
         return v if v > _Z else _Z
     if act == 2:
-        return np.tanh(v)
+        return _tanh(v)
     if act == 3:
-        return _ONE / (_ONE + np.exp(-v))
+        return _HALF + _HALF * _tanh(_HALF * v)
     return v
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _softmax_row(row):
     m = row[0]
     for j in range(1, row.size):
@@ -40,7 +86,7 @@ def _softmax_row(row):
         row[j] *= inv
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def activate(x, act):
     """In place: x = act(x) on a 2-D array; softmax (4) works on each row."""
     for r in prange(x.shape[0]):
@@ -56,7 +102,7 @@ def activate(x, act):
                 row[j] = _act(row[j], act)
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def preprocess(x, scale, shift, out):
     """out = x * scale + shift per channel; x, out: (N, H, W, C)."""
     N, H, W, C = x.shape
@@ -83,17 +129,25 @@ def all_finite_f32(bits):
     return top != exponent
 
 
-@njit(fastmath=True, cache=True, nogil=True)
-def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act):
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act, average):
     """of[o + co] = act(max of a 2x2 window + bias[co]) for co < CO, the window's conv outputs at
-    tile rows i0, i0 + COp (upper conv row) and i1, i1 + COp (lower). Unsigned flat indices:
-    numba's negative-index check on a signed computed index keeps loops like this one scalar."""
+    tile rows i0, i0 + COp (upper conv row) and i1, i1 + COp (lower); with `average`, the mean
+    of the four act(output + bias[co]). Unsigned flat indices: numba's negative-index check on a
+    signed computed index keeps loops like this one scalar."""
     a = np.uint64(i0)
     b = np.uint64(i0 + COp)
     c = np.uint64(i1)
     d = np.uint64(i1 + COp)
     oo = np.uint64(o)
-    if act == 1:
+    if average:
+        for co in range(CO):
+            u = np.uint64(co)
+            bc = bias[co]
+            s = _act(tile[a + u] + bc, act) + _act(tile[b + u] + bc, act)
+            s += _act(tile[c + u] + bc, act) + _act(tile[d + u] + bc, act)
+            of[oo + u] = s * _QUARTER
+    elif act == 1:
         for co in range(CO):
             u = np.uint64(co)
             m = max(max(tile[a + u], tile[b + u]), max(tile[c + u], tile[d + u])) + bias[co]
@@ -106,7 +160,7 @@ def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act):
             )
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _store_row(tile, t, bias, of, o, lo, hi, act):
     """of[o + j] = act(tile[t + j] + bias[j]) for lo <= j < hi (unsigned indices, as above)."""
     tt = np.uint64(t)

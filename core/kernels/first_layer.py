@@ -15,7 +15,7 @@ from convserve.core.kernels.tasks import row_task
 from numba import njit, prange
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act):
     """1-input-channel, stride-1 conv with at most 8 filters + bias + activation + 2x2/2 max pool,
     with output pixels in the vector lanes (filters in the lanes would leave most of them empty):
@@ -54,20 +54,20 @@ def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act):
                 of[o + np.uint64(co)] = _act(m + bias[co], act)
 
 
-@njit(inline="always", fastmath=True, cache=True, nogil=True)
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _row4(xf, o, sc, sf):
     """Four consecutive input pixels from xf[o], preprocessed (`x * scale + shift`)."""
     return xf[o] * sc + sf, xf[o + 1] * sc + sf, xf[o + 2] * sc + sf, xf[o + 3] * sc + sf
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _px(xf, H, W, n, y, x, sc, sf):
     if y < 0 or y >= H or x < 0 or x >= W:
         return _Z
     return xf[(n * H + y) * W + x] * sc + sf
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def conv1_k3_pool2(x, wb, scale, shift, out, pt, pl, act, splits):
     """1 input channel, 3x3, stride 1 conv + bias + activation + 2x2/2 max pool (floor).
 

@@ -42,48 +42,52 @@ def _block_rows(count, lo, hi):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc):
-    """One micro-kernel call: R pixels x nv*16 channels; B from wf[c], rows ldb apart; C rows ldc apart."""
+def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more):
+    """One micro-kernel call: R pixels x nv*16 channels; B from wf[c], rows ldb apart; C rows
+    ldc apart; with `more`, adding to the C stored there."""
     if nv == 4:
         if R == 4:
-            _mk4x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk4x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 5:
-            _mk5x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk5x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 6:
-            _mk6x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk6x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         else:
-            _mk1x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk1x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
     elif nv == 2:
         if R == 5:
-            _mk5x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk5x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 6:
-            _mk6x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk6x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 7:
-            _mk7x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk7x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 8:
-            _mk8x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk8x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         else:
-            _mk1x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk1x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
     else:
         if R == 5:
-            _mk5x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk5x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 6:
-            _mk6x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk6x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 7:
-            _mk7x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk7x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 8:
-            _mk8x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk8x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         else:
-            _mk1x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc)
+            _mk1x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off, ldc, count, width):
+def _conv_row(
+    xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off, ldc, count, width, more=0
+):
     """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
-    columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart. For a
-    conv row, output i is a pixel and the columns are output channels. Columns go in blocks of
-    64 (4-6 outputs per call), then 32 and 16 (5-8 per call); rows shorter than a block go one
-    by one."""
+    columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart (with
+    `more`: added to what the tile holds there, continuing its chain of fused multiply-adds).
+    For a conv row, output i is a pixel and the columns are output channels. Columns go in
+    blocks of 64 (4-6 outputs per call), then 32 and 16 (5-8 per call); rows shorter than a
+    block go one by one."""
     c = 0
     while c < width:
         nv = 4 if width - c >= 64 else (2 if width - c >= 32 else 1)
@@ -91,10 +95,28 @@ def _conv_row(xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off, ldc,
         R = 1 if count < lo else _block_rows(count, lo, hi)  # short rows: one pixel a call
         i = 0
         while i < count:
-            i = min(i, count - R)  # the last block ends at the row's end (recomputing some)
+            if i + R > count:
+                if more:  # a block shifted back would add twice to the outputs it repeats
+                    R = 1
+                else:
+                    i = count - R  # the last block ends at the row's end (recomputing some)
             t = t_off + i * ldc + c
             _mk_call(
-                R, nv, xf, a_off + i * lda, lda, a_step, kh, seg, wf, b_off + c, ldb, tile, t, ldc
+                R,
+                nv,
+                xf,
+                a_off + i * lda,
+                lda,
+                a_step,
+                kh,
+                seg,
+                wf,
+                b_off + c,
+                ldb,
+                tile,
+                t,
+                ldc,
+                more,
             )
             i += R
         c += 16 * nv

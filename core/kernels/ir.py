@@ -33,17 +33,20 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
     """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
     convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
 
-        mk(a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc)
+        mk(a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more)
         C[r, j] = sum over s < segs, k < seg_len of
                   a[a_off + s*a_step + r*lda + k] * b[b_off + (s*seg_len + k)*ldb + j]
-        stored at c[c_off + r*ldc + j], j < 16*vectors
+        stored at c[c_off + r*ldc + j], j < 16*vectors; with `more` != 0 the sum starts from
+        the C already stored there instead of zero (the same chain of fused multiply-adds
+        continued, so splitting the segments over several calls changes no bit)
 
     For a conv, segment s is kernel row ky (a_step = one input row), k runs over (kx, ci), which
     are contiguous in NHWC, and lda = stride * channels steps to the next output pixel. With
     `b_steps`, mk takes `b_step` after `b_off` and B's offset is b_off + s*b_step + k*ldb: the
     transposed form of `conv1_pixels_pool2`, where B is the input image and A the weights. Every
     output is one in-order chain of fused multiply-adds whatever the batch size or the block it
-    falls in. All arrays are flat float32; segs, seg_len >= 1; no bounds checks."""
+    falls in. All arrays are flat float32; segs, seg_len >= 1; no bounds checks. (`b_steps`
+    kernels take no `more`.)"""
 
     def codegen(context, builder, signature, args):
         if b_steps:
@@ -62,12 +65,16 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
                 c_off,
                 ldc,
             ) = args
+            more = None
         else:
-            a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args
+            a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args[
+                :-1
+            ]
+            more = args[-1]
             b_step = builder.mul(seg_len, ldb)
         ap = context.make_array(signature.args[0])(context, builder, a_arr).data
         bp = context.make_array(signature.args[6])(context, builder, b_arr).data
-        cp = context.make_array(signature.args[-3])(context, builder, c_arr).data
+        cp = _array_data(context, builder, signature, args, 10 if more is None else 9)
         i32, i64 = ir.IntType(32), ir.IntType(64)
         vec = ir.VectorType(ir.FloatType(), 16)
         vptr = vec.as_pointer()
@@ -76,6 +83,14 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
         )
         zero = ir.Constant(vec, [0.0] * 16)
         undef = ir.Constant(vec, ir.Undefined)
+        start = [[zero] * vectors for _ in range(rows)]
+        if more is not None:  # C as it is (a valid location: the results go there) or zero
+            go_on = builder.icmp_signed("!=", more, ir.Constant(more.type, 0))
+            for r in range(rows):
+                c_row = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
+                for v in range(vectors):
+                    old = _vload(builder, cp, builder.add(c_row, ir.Constant(i64, 16 * v)))
+                    start[r][v] = builder.select(go_on, old, zero)
         splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
         fn = builder.function
         entry = builder.block
@@ -89,9 +104,9 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
         s = builder.phi(i64)
         s.add_incoming(ir.Constant(i64, 0), entry)
         acc_seg = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
-        for row in acc_seg:
-            for phi in row:
-                phi.add_incoming(zero, entry)
+        for phi_row, start_row in zip(acc_seg, start):
+            for phi, value in zip(phi_row, start_row):
+                phi.add_incoming(value, entry)
         a_seg = builder.add(a_off, builder.mul(s, a_step))
         b_seg = builder.add(b_off, builder.mul(s, b_step))
         builder.branch(inner)
@@ -148,9 +163,9 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
     else:
 
         @intrinsic
-        def mk(typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc):
+        def mk(typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more):
             return types.void(
-                a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc
+                a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more
             ), codegen
 
     return mk

@@ -1,14 +1,14 @@
 """Winograd F(2x2, 3x3) convolution (NHWC, float32) for 3x3 stride-1 layers: per 2x2 block of
 outputs, 16 products per channel pair instead of 36. The input and output transforms are
 vector intrinsics (16 channels at a time) with scalar tails; the 16 products are GEMMs on the
-micro-kernels (`gemm._conv_row`). A fused 2x2/2 max pool is exactly one tile.
+micro-kernels (`gemm._conv_row`). A fused 2x2/2 max or average pool is exactly one tile.
 """
 
 from __future__ import annotations
 
 import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
-from convserve.core.kernels.elementwise import _act
+from convserve.core.kernels.elementwise import _QUARTER, _act
 from convserve.core.kernels.gemm import _conv_row
 from convserve.core.kernels.ir import _V16, _array_data, _vload, _vstore
 from convserve.core.kernels.tasks import row_task
@@ -127,7 +127,7 @@ _wino_out_full = _wino_out_kernel(False, False)
 _wino_out_full_relu = _wino_out_kernel(False, True)
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _wino_input(xf, base, row, CI, TW, vf):
     """Winograd F(2x2, 3x3) input transform of one row of tiles: for tile tx (the 4x4 input
     pixels from column 2*tx of the four input rows starting at xf[base], `row` floats apart)
@@ -182,12 +182,16 @@ def _wino_input(xf, base, row, CI, TW, vf):
             vf[v + 15 * step] = t31 - t33
 
 
-@njit(fastmath=True, cache=True, nogil=True)
-def _wino_output(mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, rows, cols):
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _wino_output(
+    mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, average, rows, cols, edge
+):
     """Winograd output transform of one row of tiles, plus bias and activation: tile tx's 2x2
     outputs Y = A^T M A, M[p] = mf[(p*TW + tx)*COp + co]. With `pool`, writes max(Y) (one pooled
-    pixel per tile) at of[o_row + tx*CO + co]; else Y's `rows` rows (1 or 2) and the columns
-    below `cols` at of[o_row + y*row + (2*tx + x)*CO + co]."""
+    pixel per tile; with `average` the mean of the four activated values) at
+    of[o_row + tx*CO + co]; else Y's `rows` rows (1 or 2) and the columns below `cols` at
+    of[o_row + y*row + (2*tx + x)*CO + co]. An edge tile, partly outside the output, goes
+    through `edge` (64 floats): whole vectors there too, then its valid outputs are copied."""
     step = TW * COp
     hi = min(c1, CO)
     for tx in range(TW):
@@ -195,7 +199,23 @@ def _wino_output(mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, rows,
         o = o_row + (tx if pool else 2 * tx) * CO
         two = 2 * tx + 1 < cols
         start = c0
-        if pool or (two and rows == 2):  # whole vectors of 16 channels
+        full = two and rows == 2
+        # whole vectors of 16 channels (an average pool takes the loop below, which vectorizes)
+        if not pool and not full:
+            while start + 16 <= hi:
+                m = q + start
+                if act == 1:
+                    _wino_out_full_relu(mf, m, step, bias, start, edge, 0, 16, 32)
+                else:
+                    _wino_out_full(mf, m, step, bias, start, edge, 0, 16, 32)
+                for y in range(rows):
+                    for x in range(2 if two else 1):
+                        for j in range(16):
+                            of[o + y * row + x * CO + start + j] = _act(
+                                edge[32 * y + 16 * x + j], act
+                            )
+                start += 16
+        elif (pool and not average) or full:
             while start + 16 <= hi:
                 m = q + start
                 if pool and act == 1:
@@ -229,7 +249,11 @@ def _wino_output(mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, rows,
             y10 = s10 + s11 + s12
             y11 = s11 - s12 - s13
             b = bias[co]
-            if pool:
+            if pool and average:
+                s = _act(y00 + b, act) + _act(y01 + b, act)
+                s += _act(y10 + b, act) + _act(y11 + b, act)
+                of[o + co] = s * _QUARTER
+            elif pool:
                 of[o + co] = _act(max(max(y00, y01), max(y10, y11)) + b, act)
             else:
                 of[o + co] = _act(y00 + b, act)
@@ -241,9 +265,10 @@ def _wino_output(mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, rows,
                         of[o + row + CO + co] = _act(y11 + b, act)
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def conv_wino(x, u, bias, tiles, out, act, pool, splits):
-    """3x3 stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`) by Winograd's
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
+def conv_wino(x, u, bias, tiles, out, act, pool, average, splits):
+    """3x3 stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`, average pool when
+    also `average`) by Winograd's
     F(2x2, 3x3): per 2x2 block of outputs, 16 products per channel pair instead of 36.
 
     x: padded, preprocessed input (N, Hp, Wp, CI) holding every 4x4 tile; u: (16, CI, COp) the
@@ -251,7 +276,8 @@ def conv_wino(x, u, bias, tiles, out, act, pool, splits):
     pooled pixel is exactly one tile. Tasks: (image, row of tiles, range of output channels),
     `splits` ranges per row; each runs the input transform of its row of tiles, 16 GEMMs
     (tiles x CI) @ (CI x channels) with the conv micro-kernels, and the output transform.
-    tiles: (threads, >= 16 * TW * (CI + COp)) floats for the transformed tiles and products.
+    tiles: (threads, >= 16 * TW * (CI + COp) + 64) floats: the transformed tiles, the products
+    and an edge tile.
     The transforms are additions only, and results do not depend on the batch size."""
     N, Hp, Wp, CI = x.shape
     COp = u.shape[2]
@@ -263,6 +289,7 @@ def conv_wino(x, u, bias, tiles, out, act, pool, splits):
     uf = u.reshape(u.size)
     of = out.reshape(out.size)
     vsize = 16 * TW * CI
+    msize = 16 * TW * COp
     usize = CI * COp
     row_out = OW * CO
     for t in prange(N * TH * splits):
@@ -270,7 +297,8 @@ def conv_wino(x, u, bias, tiles, out, act, pool, splits):
         if c0 < c1:
             buf = tiles[numba.get_thread_id()]
             vf = buf[:vsize]
-            mf = buf[vsize:]
+            mf = buf[vsize : vsize + msize]
+            edge = buf[vsize + msize : vsize + msize + 64]
             _wino_input(xf, (n * Hp + 2 * ty) * Wp * CI, Wp * CI, CI, TW, vf)
             for p in range(16):
                 _conv_row(
@@ -291,12 +319,34 @@ def conv_wino(x, u, bias, tiles, out, act, pool, splits):
                 )
             # constant flags: under fastmath the code LLVM makes of the inlined transform, and so
             # its last-bit rounding, depends on them (results stay bit-identical this way)
-            if pool:
+            if pool and average:
                 o_row = (n * OH + ty) * row_out
-                _wino_output(mf, TW, COp, c0, c1, bias, act, of, o_row, row_out, CO, True, 1, OW)
+                _wino_output(
+                    mf, TW, COp, c0, c1, bias, act, of, o_row, row_out, CO, True, True, 1, OW, edge
+                )
+            elif pool:
+                o_row = (n * OH + ty) * row_out
+                _wino_output(
+                    mf, TW, COp, c0, c1, bias, act, of, o_row, row_out, CO, True, False, 1, OW, edge
+                )
             else:
                 o_row = (n * OH + 2 * ty) * row_out
                 rows = min(2, OH - 2 * ty)  # one at an odd bottom edge
                 _wino_output(
-                    mf, TW, COp, c0, c1, bias, act, of, o_row, row_out, CO, False, rows, OW
+                    mf,
+                    TW,
+                    COp,
+                    c0,
+                    c1,
+                    bias,
+                    act,
+                    of,
+                    o_row,
+                    row_out,
+                    CO,
+                    False,
+                    False,
+                    rows,
+                    OW,
+                    edge,
                 )

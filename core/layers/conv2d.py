@@ -2,15 +2,16 @@
 chosen per shape and the training forward/backward.
 
 At inference a conv block (see `fusion.py`: the conv, a standalone activation after it, a max
-pool after that) becomes one of these steps:
+or average pool after that) becomes one of these steps:
 - `WinogradConv` (variant `winograd`): 3x3 stride 1, pooled or not;
 - `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
   with a 2x2/2 max pool;
-- `DirectConv` (`direct`): every shape, fused with a 2x2/2 max pool when the block has one.
+- `DirectConv` (`direct`): every shape (any kernel size, stride and padding).
+A 2x2/2 `valid` pool, max or average, is fused into the Winograd and direct kernels.
 `inference_variants` lists the ones that apply, today's heuristic choice first (Winograd from
 WINO_MIN_CHANNELS input channels on, else the first-layer kernels, else direct); the planner
 (`core/planner.py`) may time them and pick another.
-A max pool of another shape runs as its own step after the conv; a softmax as an `Activate`.
+A pool of another shape runs as its own step after the conv; a softmax as an `Activate`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from convserve.core.kernels import direct, first_layer, winograd
 from convserve.core.layers import base
 from convserve.core.layers.base import NO_PADS, PADDINGS, Layer
 from convserve.core.layers.dense import round_up
-from convserve.core.layers.pooling import MaxPooling2D
+from convserve.core.layers.pooling import AveragePooling2D, MaxPooling2D
 from convserve.core.steps import Activate, Padding, Program, Step
 from convserve.core.threads import splits
 from convserve.core.training import kernels as K
@@ -71,7 +72,8 @@ def channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
 # -- inference steps ----------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class DirectConv(Step):
-    """`direct.conv` (or `direct.conv_pool2` with `pool`) on the padded input."""
+    """`direct.conv` (or `direct.conv_pool2` with `pool`, averaging with `average`) on the
+    padded input."""
 
     wk: np.ndarray
     bias: np.ndarray
@@ -79,6 +81,7 @@ class DirectConv(Step):
     strides: tuple[int, int]
     act: int
     pool: bool
+    average: bool = False
 
     def tile_floats(self) -> int:
         return (4 if self.pool else 1) * self.shape[1] * self.wk.shape[1]
@@ -86,43 +89,46 @@ class DirectConv(Step):
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
         ways = splits(program.n * self.shape[0], self.shape[1], program.threads)
-        kernel = direct.conv_pool2 if self.pool else direct.conv
-        program.add(
-            kernel,
-            x,
-            self.wk,
-            self.bias,
-            program.tiles,
-            out,
-            *self.window,
-            *self.strides,
-            self.act,
-            ways,
-        )
+        args = (x, self.wk, self.bias, program.tiles, out, *self.window, *self.strides, self.act)
+        if self.pool:
+            program.add(direct.conv_pool2, *args, self.average, ways)
+        else:
+            program.add(direct.conv, *args, ways)
         return out
 
 
 @dataclass(kw_only=True)
 class WinogradConv(Step):
-    """`winograd.conv_wino`: 3x3 stride 1, optionally fused with a 2x2/2 max pool."""
+    """`winograd.conv_wino`: 3x3 stride 1, optionally fused with a 2x2/2 max pool (average
+    pool with `average`)."""
 
     u: np.ndarray
     bias: np.ndarray
     act: int
     pool: bool
+    average: bool = False
 
     def _tile_width(self) -> int:
         return self.shape[1] if self.pool else (self.shape[1] + 1) // 2
 
     def tile_floats(self) -> int:
-        return 16 * self._tile_width() * sum(self.u.shape[1:])
+        return 16 * self._tile_width() * sum(self.u.shape[1:]) + 64  # + an edge tile
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
         rows = self.shape[0] if self.pool else (self.shape[0] + 1) // 2
         ways = splits(program.n * rows, self.u.shape[2] // 16, program.threads)
         program.add(
-            winograd.conv_wino, x, self.u, self.bias, program.tiles, out, self.act, self.pool, ways
+            winograd.conv_wino,
+            x,
+            self.u,
+            self.bias,
+            program.tiles,
+            out,
+            self.act,
+            self.pool,
+            self.average,
+            ways,
         )
         return out
 
@@ -240,7 +246,8 @@ class Conv2D(Layer):
 
     # -- inference ----------------------------------------------------------------------------
     def _fuses_pool(self, block) -> bool:
-        """The block's max pool is a 2x2/2 pool that tiles the conv output: the kernels fuse it."""
+        """The block's pool (max or average) is a 2x2/2 pool that tiles the conv output: the kernels
+        fuse it."""
         pool = block.pool
         return pool is not None and pool.pool_size == (2, 2) and pool.tiles_input
 
@@ -272,6 +279,7 @@ class Conv2D(Layer):
         wk, bias = pack_gemm(kernel, self.tensor(weights, "bias"))
         pool = block.pool
         fused = self._fuses_pool(block)
+        average = isinstance(pool, AveragePooling2D)
         shape = pool.output_shape if fused else self.output_shape
         kernel_act = LINEAR if act == SOFTMAX else act  # softmax runs as its own step
         common: dict[str, Any] = {"shape": shape, "takes_raw": first}
@@ -294,6 +302,7 @@ class Conv2D(Layer):
                 bias=bias,
                 act=kernel_act,
                 pool=fused,
+                average=average,
             )
         elif variant == "k3_pool":
             step = K3PoolConv(
@@ -321,6 +330,7 @@ class Conv2D(Layer):
                 strides=self.strides,
                 act=kernel_act,
                 pool=fused,
+                average=average,
             )
         steps = [step]
         if act == SOFTMAX:

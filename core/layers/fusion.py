@@ -5,6 +5,8 @@ block that a single kernel may compute.
   right after it (the block applies that activation).
 - A conv2d block whose activation is monotonic (not softmax) absorbs a max pool right after it:
   max pooling commutes with the per-channel bias and with a monotonic activation.
+- At inference, a conv2d block (not softmax) also absorbs an average pool right after it: the
+  kernel averages the activated conv outputs of each window, as the layers would.
 
 A block is a grouping, not a promise: each backend runs it with one kernel when it has one for
 that shape (inference: a 2x2/2 pool; training: linear or ReLU, windows tiling the output for
@@ -23,17 +25,17 @@ from convserve.core.layers.base import Layer
 from convserve.core.layers.conv2d import Conv2D
 from convserve.core.layers.dense import Dense
 from convserve.core.layers.dropout import Dropout
-from convserve.core.layers.pooling import MaxPooling2D
+from convserve.core.layers.pooling import AveragePooling2D, MaxPooling2D, Pooling2D
 
 
 @dataclass(frozen=True)
 class Block:
     """`layer` plus what fusion merged into it: the activation it applies (its own or a merged
-    activation layer's) and a merged max pool."""
+    activation layer's) and a merged pool (max, or average at inference only)."""
 
     layer: Layer
     activation: str | None = None  # None: the layer has no activation of its own
-    pool: MaxPooling2D | None = None
+    pool: Pooling2D | None = None
     merged: tuple[Layer, ...] = ()
 
     @property
@@ -65,7 +67,7 @@ def blocks(layers: Sequence[Layer], inference: bool) -> list[Block]:
         pool = None
         if isinstance(layer, Conv2D) and CODES[act] in MONOTONIC:
             nxt = layers[i] if i < len(layers) else None
-            if isinstance(nxt, MaxPooling2D):
+            if isinstance(nxt, MaxPooling2D) or (inference and isinstance(nxt, AveragePooling2D)):
                 pool = nxt
                 merged.append(nxt)
                 i += 1
