@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
+
+from convserve.core.training.schedule import SCHEDULES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,52 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, metavar="FILE", help="model file to write (.safetensors)"
     )
-    p.add_argument("--epochs", type=int, help="number of epochs (default 10)")
-    p.add_argument("--batch-size", type=int, help="mini-batch size (default 64)")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), help="default adam")
-    p.add_argument("--lr", type=float, help="learning rate (default 1e-3 for adam, 1e-2 for sgd)")
-    p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    p.add_argument(
-        "--nesterov", action="store_true", default=None, help="Nesterov momentum for SGD"
-    )
-    p.add_argument("--weight-decay", type=float, help="decoupled for adam, L2 for sgd (default 0)")
-    p.add_argument(
-        "--schedule",
-        choices=("constant", "step", "cosine"),
-        help="learning-rate schedule (default constant)",
-    )
-    p.add_argument(
-        "--step-epochs", type=int, help="step schedule: epochs between decays (default 5)"
-    )
-    p.add_argument("--gamma", type=float, help="step schedule: decay factor (default 0.1)")
-    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
-    p.add_argument(
-        "--init",
-        choices=("auto", "he", "glorot"),
-        help="kernel initialisation (default auto: He for ReLU)",
-    )
-    p.add_argument(
-        "--flip", action="store_true", default=None, help="augment with random horizontal flips"
-    )
-    p.add_argument(
-        "--shift",
-        type=int,
-        metavar="PIXELS",
-        help="augment with random shifts of up to PIXELS rows and columns (pad and crop; default 0)",
-    )
-    p.add_argument(
-        "--ema",
-        type=float,
-        metavar="DECAY",
-        help="keep an exponential moving average of the weights (e.g. 0.999) for validation "
-        "and the saved model (default 0: off)",
-    )
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument(
-        "--validation-split",
-        type=float,
-        help="fraction held out for validation when the data has no test set (default 0.1)",
-    )
+    for flag, options in TRAINING_OPTIONS:
+        p.add_argument(flag, **options)
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint")
     p.add_argument(
         "--checkpoint",
@@ -91,25 +50,100 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
-_CONFIG_ARGS = (
-    "epochs",
-    "batch_size",
-    "optimizer",
-    "lr",
-    "momentum",
-    "nesterov",
-    "weight_decay",
-    "schedule",
-    "step_epochs",
-    "gamma",
-    "warmup_steps",
-    "init",
-    "flip",
-    "shift",
-    "ema",
-    "seed",
-    "validation_split",
+# The hyperparameter flags: each sets the `TrainConfig` field of its name (unset: the default).
+TRAINING_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--epochs", {"type": int, "help": "number of epochs (default 10)"}),
+    ("--batch-size", {"type": int, "help": "mini-batch size (default 64)"}),
+    ("--optimizer", {"choices": ("adam", "sgd"), "help": "default adam"}),
+    ("--lr", {"type": float, "help": "learning rate (default 1e-3 for adam, 1e-2 for sgd)"}),
+    ("--momentum", {"type": float, "help": "SGD momentum (default 0.9)"}),
+    ("--nesterov", {"action": "store_true", "default": None, "help": "Nesterov momentum for SGD"}),
+    ("--weight-decay", {"type": float, "help": "decoupled for adam, L2 for sgd (default 0)"}),
+    (
+        "--schedule",
+        {
+            "choices": SCHEDULES,
+            "help": "learning-rate schedule per step (default constant); cosine decays to 0 "
+            "over all --epochs",
+        },
+    ),
+    ("--step-epochs", {"type": int, "help": "step schedule: epochs between decays (default 5)"}),
+    ("--gamma", {"type": float, "help": "step schedule: decay factor (default 0.1)"}),
+    ("--warmup-steps", {"type": int, "help": "linear warm-up steps (default 0)"}),
+    (
+        "--init",
+        {
+            "choices": ("auto", "he", "glorot"),
+            "help": "kernel initialisation (default auto: He for ReLU)",
+        },
+    ),
+    (
+        "--flip",
+        {"action": "store_true", "default": None, "help": "augment with random horizontal flips"},
+    ),
+    (
+        "--shift",
+        {
+            "type": int,
+            "metavar": "PIXELS",
+            "help": "augment with random shifts of up to PIXELS rows and columns (pad and crop; "
+            "default 0)",
+        },
+    ),
+    (
+        "--label-smoothing",
+        {
+            "type": float,
+            "metavar": "EPS",
+            "help": "train against targets (1 - EPS) * one-hot + EPS / classes (e.g. 0.1; "
+            "default 0)",
+        },
+    ),
+    (
+        "--dropout-before-dense",
+        {
+            "type": float,
+            "metavar": "RATE",
+            "help": "dropout on the first dense layer's input, in training only; the saved model "
+            "has no extra layer (default 0)",
+        },
+    ),
+    (
+        "--dropout-after-dense",
+        {
+            "type": float,
+            "metavar": "RATE",
+            "help": "dropout after every hidden dense layer, in training only (default 0)",
+        },
+    ),
+    (
+        "--ema",
+        {
+            "type": float,
+            "metavar": "DECAY",
+            "help": "keep an exponential moving average of the weights (e.g. 0.999) for "
+            "validation and the saved model (default 0: off)",
+        },
+    ),
+    (
+        "--swa-start",
+        {
+            "type": int,
+            "metavar": "EPOCH",
+            "help": "stochastic weight averaging: average the weights at the end of epoch EPOCH "
+            "and every later one, for validation and the saved model (default 0: off)",
+        },
+    ),
+    ("--seed", {"type": int, "help": "random seed (default 0)"}),
+    (
+        "--validation-split",
+        {
+            "type": float,
+            "help": "fraction held out for validation when the data has no test set (default 0.1)",
+        },
+    ),
 )
+_CONFIG_ARGS = tuple(flag[2:].replace("-", "_") for flag, _ in TRAINING_OPTIONS)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -888,14 +888,18 @@ def activation_backward(dy, y, kind, dz):
 
 # --------------------------------------------------------------------------------- loss
 @njit(**_JIT)
-def softmax_cross_entropy(logits, labels, dlogits):
-    """Mean cross-entropy of softmax(logits); dlogits = (softmax - onehot) / N.
+def softmax_cross_entropy(logits, labels, dlogits, smoothing=0.0):
+    """Mean cross-entropy of softmax(logits) against smoothed one-hot targets
+    q = (1 - smoothing) * onehot + smoothing / classes; dlogits = (softmax - q) / N.
 
-    Returns (summed loss as float64, number of correct argmax predictions).
+    Returns (summed loss as float64, number of correct argmax predictions). With smoothing 0 the
+    arithmetic is exactly the plain one-hot loss.
     """
     n_img = logits.shape[0]
     classes = logits.shape[1]
     inv_n = dlogits.dtype.type(1.0 / n_img)
+    spread = dlogits.dtype.type(smoothing / classes * (1.0 / n_img))  # (q_i off the label) / N
+    on_label = dlogits.dtype.type((1.0 - smoothing) * (1.0 / n_img))
     total = 0.0
     correct = 0
     for n in range(n_img):
@@ -913,13 +917,25 @@ def softmax_cross_entropy(logits, labels, dlogits):
             d[i] = e
             s += e
         lab = labels[n]
-        total += np.log(s) - (v[lab] - m)
+        if smoothing == 0.0:
+            total += np.log(s) - (v[lab] - m)
+        else:  # -sum_i q_i log p_i, with log p_i = (v_i - m) - log s and sum_i q_i = 1
+            mean_shifted = 0.0
+            for i in range(classes):
+                mean_shifted += v[i] - m
+            mean_shifted /= classes
+            total += np.log(s) - (1.0 - smoothing) * (v[lab] - m) - smoothing * mean_shifted
         if best == lab:
             correct += 1
         inv = 1.0 / s
-        for i in range(classes):
-            d[i] = d[i] * inv * inv_n
-        d[lab] -= inv_n
+        if smoothing == 0.0:
+            for i in range(classes):
+                d[i] = d[i] * inv * inv_n
+            d[lab] -= inv_n
+        else:
+            for i in range(classes):
+                d[i] = d[i] * inv * inv_n - spread
+            d[lab] -= on_label
     return total, correct
 
 

@@ -136,19 +136,28 @@ class Network:
                 dout, _ = layer.backward(dout, cache[0], need_dx)
 
     def loss_and_grad(
-        self, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator | None = None
+        self,
+        x: np.ndarray,
+        labels: np.ndarray,
+        rng: np.random.Generator | None = None,
+        label_smoothing: float = 0.0,
     ) -> tuple[float, int]:
-        """Mean softmax cross-entropy over the batch; fills `grads`. Returns (summed loss, correct)."""
+        """Mean softmax cross-entropy over the batch (against targets smoothed by
+        `label_smoothing`); fills `grads`. Returns (summed loss, correct)."""
         out, caches = self.forward(x, rng)
         dlogits = np.empty_like(out)
-        total, correct = self.loss(out, labels, dlogits)
+        total, correct = self.loss(out, labels, dlogits, label_smoothing)
         self.backward(dlogits, caches)
         return total, correct
 
-    def loss(self, out: np.ndarray, labels: np.ndarray, dout: np.ndarray) -> tuple[float, int]:
+    def loss(
+        self, out: np.ndarray, labels: np.ndarray, dout: np.ndarray, label_smoothing: float = 0.0
+    ) -> tuple[float, int]:
         """Cross-entropy of the network output; `dout` receives dL/d(out) for the batch mean."""
         # Without a fused softmax the output itself is taken as logits (argmax is unchanged).
-        return K.softmax_cross_entropy(out, np.ascontiguousarray(labels, np.int64), dout)
+        return K.softmax_cross_entropy(
+            out, np.ascontiguousarray(labels, np.int64), dout, label_smoothing
+        )
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Inference forward (no dropout)."""

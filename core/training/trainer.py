@@ -30,6 +30,7 @@ from convserve.core.presets import PRESET_NAMES, preset
 from convserve.core.training import kernels as K
 from convserve.core.training.augment import random_flip, random_shift
 from convserve.core.training.checkpoint import load_checkpoint, save_checkpoint
+from convserve.core.training.dropout import original_weights, with_dropout
 from convserve.core.training.network import Network
 from convserve.core.training.optim import OPTIMIZERS, make_optimizer
 from convserve.core.training.report import (
@@ -66,6 +67,10 @@ class TrainConfig:
     eval_batch_size: int = 500
     shift: int = 0  # random shifts of up to this many pixels (pad and crop)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
+    swa_start: int = 0  # average the weights at the end of this epoch (1-based) and later (0: off)
+    label_smoothing: float = 0.0  # targets (1 - eps) * onehot + eps / classes
+    dropout_before_dense: float = 0.0  # dropout on the first dense layer's input (training only)
+    dropout_after_dense: float = 0.0  # dropout after every hidden dense layer (training only)
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -84,6 +89,19 @@ class TrainConfig:
             raise ModelError(f"shift must be an integer >= 0 (pixels), got {self.shift!r}")
         if not 0 <= self.ema < 1:
             raise ModelError(f"ema must be in [0, 1) (0 turns it off), got {self.ema!r}")
+        if isinstance(self.swa_start, bool) or not isinstance(self.swa_start, int):
+            raise ModelError(f"swa_start must be an epoch number, got {self.swa_start!r}")
+        if not 0 <= self.swa_start <= self.epochs:
+            raise ModelError(
+                f"swa_start must be an epoch in 1..{self.epochs} (0 turns it off), got {self.swa_start}"
+            )
+        if self.swa_start and self.ema:
+            raise ModelError("choose one weight average: ema or swa_start, not both")
+        if not 0 <= self.label_smoothing < 1:
+            raise ModelError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        for name in ("dropout_before_dense", "dropout_after_dense"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ModelError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ModelError(
                 f"weight_decay must be >= 0 and momentum in [0, 1); got {self.weight_decay}, {self.momentum}"
@@ -184,13 +202,13 @@ def _same_but_labels(given: dict[str, Any], checkpointed: dict[str, Any]) -> boo
 
 
 @contextlib.contextmanager
-def _averaged(network: Network, ema: np.ndarray | None) -> Iterator[None]:
+def _averaged(network: Network, average: np.ndarray | None) -> Iterator[None]:
     """Run the block with the averaged weights in place of the current ones (if averaging)."""
-    if ema is None:
+    if average is None:
         yield
         return
     current = network.params.copy()
-    network.params[:] = ema
+    network.params[:] = average
     try:
         yield
     finally:
@@ -267,6 +285,12 @@ def fit(
         if overrides:
             config.__post_init__()
     arch = parse_architecture(doc)
+    try:
+        trained_doc, origin = with_dropout(
+            doc, config.dropout_before_dense, config.dropout_after_dense
+        )
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
     dataset = (
         data
@@ -280,6 +304,9 @@ def fit(
             )
         doc = adopt_class_names(doc, dataset.class_names, log)
         arch = parse_architecture(doc)
+        trained_doc, origin = with_dropout(
+            doc, config.dropout_before_dense, config.dropout_after_dense
+        )
     check_against(dataset, arch.input_shape, arch.num_outputs)
     held_out = dataset.x_val is not None or dataset.x_test is not None
     if held_out:  # a validation split the data brings: val/ first, else the test split
@@ -296,7 +323,7 @@ def fit(
     else:
         x_train, y_train, x_val, y_val = dataset.x_train, dataset.y_train, None, None
 
-    network = Network(arch)
+    network = Network(parse_architecture(trained_doc))
     network.initialize(np.random.default_rng([config.seed, _INIT]), config.init)
     n_train = len(x_train)
     steps = math.ceil(n_train / config.batch_size)
@@ -313,9 +340,7 @@ def fit(
         config.optimizer,
         network.size,
         network.dtype,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
+        **{name: getattr(config, name) for name in ("momentum", "nesterov", "weight_decay")},
     )
     if resumed is not None:
         if resumed["params"].shape != network.params.shape:
@@ -329,17 +354,30 @@ def fit(
             raise ModelError(f"checkpoint {resume}: {exc}") from None
         log(f"resuming from {resume}: epoch {state['epoch'] + 1}, step {state['step']}")
     history: list[dict[str, Any]] = state["history"]
-    # the averaged weights (validation and the saved model use them), starting at the initial ones
+    # the averaged weights (validation and the saved model use them): the EMA starts at the
+    # initial weights, SWA at the end of epoch `swa_start` (swa_count epochs averaged so far)
     ema = network.params.copy() if config.ema else None
-    if ema is not None and resumed is not None:
-        if "ema" not in resumed or resumed["ema"].shape != ema.shape:
-            raise ModelError(f"checkpoint {resume}: no weight average 'ema' to continue --ema with")
-        ema[:] = resumed["ema"]
+    swa = np.zeros_like(network.params) if config.swa_start else None
+    swa_count = int(state.get("swa_count", 0))
+    if resumed is not None:
+        for name, average in (("ema", ema), ("swa", swa)):
+            if average is None:
+                continue
+            if name not in resumed or resumed[name].shape != average.shape:
+                raise ModelError(
+                    f"checkpoint {resume}: no weight average {name!r} to continue --{name} with"
+                )
+            average[:] = resumed[name]
     needs_rng = (
         config.flip
         or config.shift
-        or any(isinstance(layer, Dropout) and layer.rate > 0 for layer in arch.layers)
+        or any(
+            isinstance(layer, Dropout) and layer.rate > 0 for layer in network.architecture.layers
+        )
     )
+
+    def averaged_weights() -> np.ndarray | None:
+        return ema if ema is not None else (swa if swa_count else None)
 
     def snapshot(epoch: int, step: int, running: list) -> None:
         if ckpt_path is None:
@@ -348,11 +386,16 @@ def fit(
             ckpt_path,
             doc,
             network.params,
-            {**optimizer.state(), **({"ema": ema} if ema is not None else {})},
+            {
+                **optimizer.state(),
+                **({"ema": ema} if ema is not None else {}),
+                **({"swa": swa} if swa is not None else {}),
+            },
             {
                 "epoch": epoch,
                 "step": step,
                 "optimizer_t": optimizer.t,
+                "swa_count": swa_count,
                 "history": history,
                 "running": running,
                 "config": dataclasses.asdict(config),
@@ -393,7 +436,9 @@ def fit(
                     random_flip(x, rng)
                 if config.shift:
                     x = random_shift(x, rng, config.shift)
-                batch_loss, batch_correct = network.loss_and_grad(x, y_train[idx], rng)
+                batch_loss, batch_correct = network.loss_and_grad(
+                    x, y_train[idx], rng, config.label_smoothing
+                )
                 lr = schedule(epoch * steps + step)
                 optimizer.step(network.params, network.grads, lr)
                 if ema is not None:  # ema += (1 - decay) * (params - ema), in place
@@ -411,6 +456,9 @@ def fit(
                     )
             bar.close()
             seconds = time.perf_counter() - started
+            if swa is not None and epoch + 1 >= config.swa_start:  # equal weight per epoch
+                swa_count += 1
+                swa += (network.params - swa) / np.float32(swa_count)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "loss": loss_sum / seen,
@@ -422,7 +470,7 @@ def fit(
                 "images_per_second": round(trained / seconds, 1),
             }
             if x_val is not None:
-                with _averaged(network, ema):
+                with _averaged(network, averaged_weights()):
                     record["val_loss"], record["val_accuracy"], predictions = evaluate(
                         network, x_val, y_val, config.eval_batch_size
                     )
@@ -446,9 +494,9 @@ def fit(
                     title=f"{arch.name} on {Path(dataset.source).name or dataset.source}",
                 )
 
-    if ema is not None:
-        network.params[:] = ema  # the model kept is the average
-    model = Model(doc, network.to_weights())
+    if averaged_weights() is not None:
+        network.params[:] = averaged_weights()  # the model kept is the average
+    model = Model(doc, original_weights(network.to_weights(), origin))
     if out is not None:
         model.save(out)
         log(f"saved {out}")
