@@ -3,7 +3,7 @@
 # `convserve serve` (bundled model repository) -> health SERVING (timed) -> `convserve health`,
 # `convserve models`, `convserve classify examples/*.png` -> real inferences through Triton's
 # client -> a 20 s headless locust run (fails on any failed request, p99 over the bound, or
-# top-1 accuracy under 0.8) -> a 2-minute soak (loadtest/soak.py) -> SIGTERM drains and the
+# top-1 accuracy under 0.8) -> a 4-minute soak (loadtest/soak.py) -> SIGTERM drains and the
 # server exits 0.
 # Figures go to stdout and to $OUT/loadtest-smoke.txt. Exit status non-zero on any failure.
 set -euo pipefail
@@ -86,9 +86,9 @@ grep -o 'convserve loadtest: .*' "$OUT/locust.log" | tee -a "$RESULTS" || true
 figure locust_exit_code "$rc"
 [ "$rc" -eq 0 ] || { log "load test failed (exit code $rc)"; exit 1; }
 
-# --- soak: 2 minutes of mixed traffic (bad requests, cancellations, deadlines) against a server
+# --- soak: 4 minutes of mixed traffic (bad requests, cancellations, deadlines) against a server
 # of its own: no failure, RSS growth bounded, metrics right, SIGTERM exits 0 ----------------------
-timeout 600 python3 loadtest/soak.py --duration 2m --rate 40 | tee "$OUT/soak.log"
+timeout 720 python3 loadtest/soak.py --duration 4m --rate 40 | tee "$OUT/soak.log"
 grep -o 'soak verdict: .*' "$OUT/soak.log" >>"$RESULTS"
 
 # --- SIGTERM: drain and exit 0 within the grace period ----------------------------------------
