@@ -79,8 +79,12 @@ USER 10001:10001
 # Compile every kernel the server's start-up warm-up runs (batch 1 and the default
 # --max-batch-size 64), as the runtime user, into the seed cache directory and against the
 # installed files: numba keys its cache by source path and mtime and by the CPU's features.
-RUN NUMBA_CACHE_DIR=/var/cache/convserve/numba python3 -c "import glob; from convserve.core import Model; \
-[Model.load(p).warmup((1, 64)) for p in sorted(glob.glob('/models/*/*/model.safetensors'))]"
+# The planner first times every kernel variant without its start-up time cap, so all of them
+# are compiled here (and the plan cached) rather than at the container's start.
+RUN NUMBA_CACHE_DIR=/var/cache/convserve/numba python3 -c "import glob; from convserve.core import Model, planner; \
+models = [Model.load(p) for p in sorted(glob.glob('/models/*/*/model.safetensors'))]; \
+[planner.plan_for(m.architecture, m.weights, seconds=120, largest_batch=64) for m in models]; \
+[m.warmup((1, 64)) for m in models]"
 
 COPY deploy/docker/entrypoint.sh /usr/local/bin/convserve-entrypoint
 
