@@ -36,81 +36,19 @@ from typing import Any
 import numpy as np
 
 
-def _conv(filters: int, size: int, act: str = "relu", padding: str = "same", strides: int = 1):
-    layer = {"type": "conv2d", "filters": filters, "activation": act, "padding": padding}
-    return {**layer, "kernel_size": [size, size], "strides": [strides, strides]}
-
-
-def _pool(kind: str = "max") -> dict[str, Any]:
-    return {"type": f"{kind}_pooling2d", "pool_size": [2, 2]}
-
-
-def _dense(units: int, act: str = "relu") -> dict[str, Any]:
-    return {"type": "dense", "units": units, "activation": act}
-
-
-def _doc(name: str, shape: list[int], layers: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "input": {"shape": shape, "scale": 1 / 255},
-        "layers": [*layers, _dense(10, "softmax")],
-    }
-
-
-_FLAT = {"type": "flatten"}
-
-
 def architectures() -> dict[str, dict[str, Any]]:
-    """The benchmark's models: the presets plus the everyday architectures of issue 14."""
-    from convserve.core.presets import PRESET_NAMES, preset
+    """The benchmark's models: the same presets and everyday architectures as
+    `python -m convserve.core.bench` (defined once in `core/bench_models.py`)."""
+    from convserve.core.bench_models import BENCH_MODEL_NAMES, bench_model
 
-    docs = {name: preset(name) for name in PRESET_NAMES}
-    docs["vgg"] = _doc(
-        "vgg",
-        [32, 32, 3],
-        [_conv(32, 3), _conv(32, 3), _pool(), _conv(64, 3), _conv(64, 3), _pool()]
-        + [_FLAT, _dense(256)],
-    )
-    docs["tanh_avg5"] = _doc(
-        "tanh_avg5",
-        [32, 32, 3],
-        [_conv(32, 5, "tanh"), _pool("average"), _conv(64, 5, "tanh"), _pool("average")]
-        + [_FLAT, _dense(128, "tanh")],
-    )
-    docs["stride2"] = _doc(
-        "stride2",
-        [32, 32, 3],
-        [_conv(32, 3), _conv(64, 3, strides=2), _conv(64, 3), _conv(128, 3, strides=2)]
-        + [_FLAT, _dense(128)],
-    )
-    docs["mnist5"] = _doc(
-        "mnist5",
-        [28, 28, 1],
-        [_conv(32, 5, padding="valid"), _pool(), _conv(64, 5, padding="valid"), _pool()]
-        + [_FLAT, _dense(128)],
-    )
-    docs["rgb64"] = _doc(
-        "rgb64",
-        [64, 64, 3],
-        [_conv(32, 3), _pool(), _conv(64, 3), _pool(), _conv(128, 3), _pool()]
-        + [_FLAT, _dense(128)],
-    )
-    return docs
+    return {name: bench_model(name) for name in BENCH_MODEL_NAMES}
 
 
 def direct_flops(doc: dict[str, Any]) -> float:
     """Floating-point operations per image of a direct computation (2 per multiply-add)."""
-    from convserve.core.architecture import parse_architecture
+    from convserve.core.bench import flops_per_image
 
-    total = 0
-    for layer in parse_architecture(doc).layers:
-        if layer.type == "conv2d":
-            oh, ow, co = layer.output_shape
-            kh, kw = layer.kernel_size
-            total += oh * ow * co * kh * kw * layer.input_shape[2]
-        elif layer.type == "dense":
-            total += math.prod(layer.input_shape) * layer.units
-    return 2.0 * total
+    return flops_per_image(doc, {})[0]
 
 
 # -- workers ----------------------------------------------------------------------------------
