@@ -129,9 +129,19 @@ def write_model_file(
     """Write a model file atomically (see `atomic_write`); `metadata` adds string entries
     (such as `source`, where an imported model came from) next to format and architecture."""
     metadata = {**(metadata or {}), "format": FORMAT, "architecture": json.dumps(architecture)}
-    atomic_write(
-        path, st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
-    )
+    payload = st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, canonical_header(payload))
+
+
+def canonical_header(payload: bytes) -> bytes:
+    """`payload` (a safetensors file) with its header's keys in sorted order. safetensors writes
+    the metadata from a Rust hash map, whose order changes from one call to the next: without
+    this, the same weights and metadata gave files that differ in a few header bytes."""
+    (length,) = struct.unpack("<Q", payload[:8])
+    header = json.loads(payload[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data keeps safetensors' 8-byte alignment
+    return struct.pack("<Q", len(text)) + text + payload[8 + length :]
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes) -> None:

@@ -69,6 +69,28 @@ def test_save_load_roundtrip_gives_identical_predictions(tmp_path, reference_mod
     assert path.stat().st_mode & 0o044, "model file must be readable by the server's user, not 0600"
 
 
+def test_saving_the_same_model_twice_gives_the_same_bytes(tmp_path, reference_model):
+    """safetensors orders the header's metadata by a Rust hash map, which differs from call to
+    call; the saved file must not (a trained model is reproduced bit for bit)."""
+    from convserve.core.modelfile import write_model_file
+
+    document = reference_model.architecture.to_dict()
+    metadata = {f"key{i}": f"value {i}" for i in range(6)}
+    files = []
+    for i in range(8):
+        path = tmp_path / f"m{i}.safetensors"
+        write_model_file(path, document, reference_model.weights, metadata)
+        files.append(path.read_bytes())
+    assert all(data == files[0] for data in files)
+    (length,) = struct.unpack("<Q", files[0][:8])
+    assert length % 8 == 0
+    header = json.loads(files[0][8 : 8 + length])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    loaded = Model.load(tmp_path / "m0.safetensors")
+    for name, tensor in reference_model.weights.items():
+        np.testing.assert_array_equal(loaded.weights[name], tensor)
+
+
 def test_predict_accepts_single_image_and_float_pixels(reference_model):
     image = np.random.default_rng(2).integers(0, 256, (28, 28, 1), dtype=np.uint8)
     single = reference_model.predict(image)

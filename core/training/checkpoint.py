@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from convserve.core.errors import ModelError
-from convserve.core.modelfile import atomic_write
+from convserve.core.modelfile import atomic_write, canonical_header
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, safe_open, save
 
@@ -36,7 +36,7 @@ def save_checkpoint(
         "architecture": json.dumps(architecture),
         "state": json.dumps(state),
     }
-    atomic_write(path, save(tensors, metadata=metadata))
+    atomic_write(path, canonical_header(save(tensors, metadata=metadata)))
 
 
 def load_checkpoint(
