@@ -10,20 +10,21 @@ async with AsyncClient("localhost:8001") as client:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import grpc.aio
-import numpy as np
-from convserve.proto import grpc_service_pb2 as pb
 from convserve.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import images as imaging
 from . import protocol
 from .base import ClientBase
 from .errors import InferenceError, from_rpc_error
-from .protocol import ModelInfo, ModelVersionState, Prediction, StreamResult
-from .retry import Deadline, call_async
+from .plan import Call, Concurrently, Effect, Plan, Running, Sleep
+from .protocol import ModelInfo, StreamResult
+from .retry import call_async
+
+T = TypeVar("T")
 
 
 class AsyncClient(ClientBase):
@@ -62,167 +63,50 @@ class AsyncClient(ClientBase):
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    # -- plumbing
+    # -- the driver
 
-    async def _call(self, method: str, request: Any, deadline: Deadline, retry: bool = True) -> Any:
-        attempt = self._attempt(getattr(self._stub, method), request)
-        try:
-            return await call_async(attempt, self._policy(retry), deadline, method)
-        except InferenceError as error:
-            raise self._explain(error) from None
+    async def _run(self, plan: Plan[T]) -> T:
+        """Drive `plan` to its result, awaiting its effects."""
+        running = Running(plan)
+        while not running.done:
+            try:
+                reply, failure = await self._perform(running.effect), None
+            except InferenceError as error:
+                reply, failure = None, self._explain(error)
+            # resumed outside the except block, so a failure the plan raises is not chained
+            running.resume(reply, failure)
+        return running.result
 
-    async def _model(self, model: str | None, deadline: Deadline) -> str:
-        if model:
-            return model
-        if self._default_model:
-            return self._default_model
-        request = pb.RepositoryIndexRequest()
+    async def _perform(self, effect: Effect) -> Any:
+        """Perform one effect of a plan, awaiting it; its reply."""
+        match effect:
+            case Call():
+                rpc, call = getattr(self._stub, effect.method), effect
 
-        async def choose(seconds: float) -> str:
-            return self._choose_model(
-                await self._stub.RepositoryIndex(request, timeout=seconds, metadata=self._metadata)
-            )
+                async def attempt(seconds: float) -> Any:
+                    answer = await rpc(call.request, timeout=seconds, metadata=call.metadata)
+                    return call.answer(answer)
 
-        try:
-            return await call_async(choose, self.retry, deadline, "RepositoryIndex")
-        except InferenceError as error:
-            raise self._explain(self._unlisted(error)) from None
+                return await call_async(attempt, call.policy, call.deadline, call.method)
+            case Concurrently(calls):
+                return await self._gather(calls)
+            case Sleep(seconds):
+                await asyncio.sleep(seconds)
 
-    async def _info(self, model: str, version: str, deadline: Deadline) -> ModelInfo:
-        if (model, version) in self._infos:
-            return self._infos[(model, version)]
-        meta_request, config_request = self._metadata_requests(model, version)
-        meta = await self._call("ModelMetadata", meta_request, deadline)
-        config = None
-        try:
-            config = await self._call("ModelConfig", config_request, deadline)
-        except InferenceError as error:
-            self._config_missing(error)
-        return self._remember(model, version, meta, config)
-
-    async def _index(self, deadline: Deadline, ready: bool = False) -> list[ModelVersionState]:
-        try:
-            response = await self._call(
-                "RepositoryIndex", pb.RepositoryIndexRequest(ready=ready), deadline
-            )
-        except InferenceError as error:
-            raise self._unlisted(error) from None
-        return protocol.repository_index(response)
-
-    async def _infer(
-        self, info: ModelInfo, version: str, batch: np.ndarray, class_count: int, deadline: Deadline
-    ) -> list[tuple[Any, int]]:
+    async def _gather(self, calls: Sequence[Callable[[], Call]]) -> list[Any]:
+        """The replies of `calls`, at most `concurrency` running as tasks at once."""
         limit = asyncio.Semaphore(self.concurrency)
 
-        async def one(part: slice) -> tuple[Any, int]:
+        async def one(make: Callable[[], Call]) -> Any:
             async with limit:
-                request = protocol.infer_request(info, version, batch[part], class_count)
-                return await self._call("ModelInfer", request, deadline), part.stop - part.start
+                return await self._perform(make())
 
-        parts = protocol.chunks(len(batch), info.max_batch_size)
-        tasks = [asyncio.ensure_future(one(p)) for p in parts]
+        tasks = [asyncio.ensure_future(one(make)) for make in calls]
         try:
             return list(await asyncio.gather(*tasks))
-        except InferenceError as error:
-            self._forget(error, (info.name, version))
-            raise
         finally:
             for task in tasks:
                 task.cancel()
-
-    # -- health and metadata
-
-    async def is_live(self, *, timeout: float | None = None) -> bool:
-        """Whether the server answers and says it is live (False when it cannot be reached)."""
-        return await self._ask("ServerLive", pb.ServerLiveRequest(), "live", timeout)
-
-    async def is_ready(
-        self, model: str | None = None, version: str = "", *, timeout: float | None = None
-    ) -> bool:
-        """Whether the server (or one model) is ready; False when the server cannot be reached."""
-        if model is None:
-            return await self._ask("ServerReady", pb.ServerReadyRequest(), "ready", timeout)
-        request = pb.ModelReadyRequest(name=model, version=version)
-        return await self._ask("ModelReady", request, "ready", timeout)
-
-    async def _ask(self, method: str, request: Any, field: str, timeout: float | None) -> bool:
-        try:
-            response = await self._call(method, request, self._deadline(timeout), retry=False)
-        except InferenceError as error:
-            return self._answer_or_false(error)
-        return bool(getattr(response, field))
-
-    async def wait_until_ready(
-        self, model: str | None = None, *, timeout: float | None = None
-    ) -> None:
-        """Wait until the server (or a model) is ready; InferenceError DEADLINE_EXCEEDED if it does not get there."""
-        deadline = self._deadline(timeout)
-        attempt = 0
-        while True:
-            attempt += 1
-            if await self.is_ready(model, timeout=self._ready_question_timeout(deadline)):
-                return
-            await asyncio.sleep(self._ready_pause(deadline, attempt, model))
-
-    async def models(self, *, timeout: float | None = None) -> list[str]:
-        """Names of the server's ready models, sorted."""
-        return self._ready_names(await self._index(self._deadline(timeout), ready=True))
-
-    async def repository(self, *, timeout: float | None = None) -> list[ModelVersionState]:
-        """Every model version the server knows, with its state."""
-        return await self._index(self._deadline(timeout))
-
-    async def metadata(
-        self, model: str | None = None, version: str = "", *, timeout: float | None = None
-    ) -> ModelInfo:
-        """The model's inputs, outputs, versions and max_batch_size (cached per client)."""
-        deadline = self._deadline(timeout)
-        return await self._info(await self._model(model, deadline), version, deadline)
-
-    async def labels(
-        self, model: str | None = None, version: str = "", *, timeout: float | None = None
-    ) -> tuple[str, ...]:
-        """The model's class labels, by output index (learned from one classification; cached)."""
-        deadline = self._deadline(timeout)
-        info = await self._info(await self._model(model, deadline), version, deadline)
-        if (info.name, version) in self._labels:
-            return self._labels[(info.name, version)]
-        probe = await self._infer(
-            info, version, self._probe(info), self._probe_classes(info), deadline
-        )
-        return self._learn_labels(info, version, probe)
-
-    # -- inference
-
-    async def predict(
-        self,
-        images: imaging.ImageSource,
-        model: str | None = None,
-        version: str = "",
-        *,
-        timeout: float | None = None,
-    ) -> np.ndarray:
-        """Class probabilities, shape (N, classes); see `Client.predict`."""
-        deadline = self._deadline(timeout)
-        info = await self._info(await self._model(model, deadline), version, deadline)
-        results = await self._infer(info, version, self._batch(images, info), 0, deadline)
-        return self._probabilities(info, results)
-
-    async def classify(
-        self,
-        images: imaging.ImageSource,
-        top_k: int = 5,
-        model: str | None = None,
-        version: str = "",
-        *,
-        timeout: float | None = None,
-    ) -> list[list[Prediction]]:
-        """The `top_k` best classes of each image, best first; see `Client.classify`."""
-        self._check_top_k(top_k)
-        deadline = self._deadline(timeout)
-        info = await self._info(await self._model(model, deadline), version, deadline)
-        results = await self._infer(info, version, self._batch(images, info), top_k, deadline)
-        return self._rows(info, results)
 
     # -- streams
 
@@ -267,7 +151,7 @@ class AsyncClient(ClientBase):
         timeout: float | None,
     ) -> AsyncIterator[StreamResult]:
         setup = self._deadline(timeout)
-        info = await self._info(await self._model(model, setup), version, setup)
+        info = await self._run(self._model_info(model, version, setup))
         call = self._stub.ModelStreamInfer(
             timeout=None if timeout is None else setup.remaining(), metadata=self._metadata
         )
@@ -299,6 +183,44 @@ class AsyncClient(ClientBase):
         finally:
             sender.cancel()
             call.cancel()
+
+    def _stream_request(
+        self,
+        info: ModelInfo,
+        version: str,
+        images: imaging.ImageSource,
+        class_count: int,
+        index: int,
+    ) -> Any:
+        """Request `index` of a stream: the whole batch in one message, its index as the id."""
+        return protocol.infer_request(
+            info, version, self._batch(images, info), class_count, str(index)
+        )
+
+    def _stream_result(self, info: ModelInfo, response: Any, class_count: int) -> StreamResult:
+        """A ModelStreamInferResponse as a StreamResult (matched to its request by `id`)."""
+        answer = response.infer_response
+        try:
+            index = int(answer.id)
+        except ValueError:
+            index = -1  # not one of ours (a server that does not echo ids)
+        if response.error_message:
+            message = response.error_message
+            return StreamResult(index, error=InferenceError(message, _stream_code(message)))
+        rows = answer.outputs[0].shape[0] if answer.outputs and answer.outputs[0].shape else 0
+        results = [(answer, rows)]
+        if class_count:
+            return StreamResult(index, self._rows(info, results))
+        return StreamResult(index, self._probabilities(info, results))
+
+
+def _stream_code(message: str) -> grpc.StatusCode:
+    """A stream's error carries only a message: UNAVAILABLE for the retryable refusals (busy,
+    exiting, queue full, not ready, queue timeout), INVALID_ARGUMENT otherwise."""
+    retryable = ("Server busy", "Server exiting", "Server not ready", "Exceeds maximum queue size")
+    if message.startswith(retryable) or message.startswith("Request timeout expired"):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INVALID_ARGUMENT
 
 
 def _failure(task: asyncio.Task) -> BaseException | None:

@@ -1,14 +1,18 @@
-"""`ClientBase`: the settings and non-I/O logic that `Client` and `AsyncClient` share.
+"""`ClientBase`: everything `Client` and `AsyncClient` share, which is all but the waiting.
 
-The two clients differ only in how they wait for the network (blocking calls against
-coroutines). Everything else, from checking arguments and choosing the model to building
-requests and reading responses, lives here once.
+Every public operation (predict, classify, labels, is_ready, ...) is written here once, as a
+plan (client/plan.py): a generator that yields the gRPC calls it needs and receives their
+answers. `Client` runs plans with blocking calls, `AsyncClient` with coroutines; checking
+arguments, choosing the model, caching its metadata, building requests and reading responses
+happen here for both.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -18,8 +22,11 @@ from . import channel, protocol
 from . import credentials as tls
 from . import images as imaging
 from .errors import InferenceError
-from .protocol import ModelInfo, ModelVersionState, Prediction, StreamResult
+from .plan import Call, Concurrently, Plan, Sleep, operation
+from .protocol import ModelInfo, ModelVersionState, Prediction
 from .retry import Deadline, RetryPolicy
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 4
@@ -29,7 +36,7 @@ READY_POLL_CAP = 2.0  # seconds: the longest single readiness question in wait_u
 
 
 class ClientBase:
-    """Settings and bookkeeping shared by Client and AsyncClient (no I/O)."""
+    """Settings, caches and the public operations of Client and AsyncClient (no I/O)."""
 
     def __init__(
         self,
@@ -71,6 +78,10 @@ class ClientBase:
     def _connect(self) -> None:
         """Open the channel (the sync and asyncio clients differ here)."""
 
+    def _run(self, plan: Plan[T]) -> Any:
+        """Drive `plan` to its result: `Client` blocks, `AsyncClient` returns a coroutine."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, timeout={self.timeout:g})"
 
@@ -79,19 +90,18 @@ class ClientBase:
     def _deadline(self, timeout: float | None) -> Deadline:
         return Deadline(self.timeout if timeout is None else timeout)
 
-    def _attempt(self, rpc: Callable[..., Any], request: Any) -> Callable[[float], Any]:
-        """One try of `rpc` with the seconds left, carrying the token metadata."""
-        return lambda seconds: rpc(request, timeout=seconds, metadata=self._metadata)
-
-    def _policy(self, retry: bool) -> RetryPolicy:
-        return self.retry if retry else RetryPolicy(attempts=1)
-
-    @staticmethod
-    def _answer_or_false(error: InferenceError) -> bool:
-        """A health question's answer when the call failed: False if unreachable, else raise."""
-        if error.code in UNREACHABLE:
-            return False
-        raise error
+    def _call(
+        self,
+        method: str,
+        request: Any,
+        deadline: Deadline,
+        *,
+        retry: bool = True,
+        check: Callable[[Any], Any] | None = None,
+    ) -> Call:
+        """The effect of calling `method` with the token metadata (retry=False: tried once)."""
+        policy = self.retry if retry else RetryPolicy(attempts=1)
+        return Call(method, request, deadline, policy, self._metadata, check)
 
     def _explain(self, error: InferenceError) -> InferenceError:
         """The error, with a hint when a plaintext channel was closed (as a TLS server does)."""
@@ -104,29 +114,136 @@ class ClientBase:
         hint = "; if the server uses TLS, pass tls_ca_file (CLI: --tls-ca-file)"
         return InferenceError(error.message + hint, error.code, attempts=error.attempts)
 
-    def _ready_pause(self, deadline: Deadline, attempt: int, model: str | None) -> float:
-        """Seconds to wait before readiness question `attempt + 1`; raises once time is up."""
-        pause = min(0.05 * 2 ** min(attempt, 5), deadline.remaining())
-        if pause <= 0:
-            raise deadline.expired_error(
-                attempt, f"waiting for {model or 'the server'} at {self.target} to be ready"
-            )
-        return pause
+    # -- health
 
-    @staticmethod
-    def _ready_question_timeout(deadline: Deadline) -> float:
-        return max(min(deadline.remaining(), READY_POLL_CAP), 0.001)
+    @operation
+    def is_live(self, *, timeout: float | None = None) -> Plan[bool]:
+        """Whether the server answers and says it is live (False when it cannot be reached)."""
+        return (yield from self._ask("ServerLive", pb.ServerLiveRequest(), "live", timeout))
+
+    @operation
+    def is_ready(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> Plan[bool]:
+        """Whether the server (or one model) is ready; False when the server cannot be reached.
+
+        An unknown model raises InferenceError (INVALID_ARGUMENT), as Triton does.
+        """
+        return (yield from self._ready(model, version, timeout))
+
+    def _ready(self, model: str | None, version: str, timeout: float | None) -> Plan[bool]:
+        if model is None:
+            return (yield from self._ask("ServerReady", pb.ServerReadyRequest(), "ready", timeout))
+        request = pb.ModelReadyRequest(name=model, version=version)
+        return (yield from self._ask("ModelReady", request, "ready", timeout))
+
+    def _ask(self, method: str, request: Any, field: str, timeout: float | None) -> Plan[bool]:
+        """A health question, asked once: the answer's `field`, False if the server is unreachable."""
+        try:
+            response = yield self._call(method, request, self._deadline(timeout), retry=False)
+        except InferenceError as error:
+            if error.code in UNREACHABLE:
+                return False
+            raise
+        return bool(getattr(response, field))
+
+    @operation
+    def wait_until_ready(
+        self, model: str | None = None, *, timeout: float | None = None
+    ) -> Plan[None]:
+        """Wait until the server (or a model) is ready; InferenceError DEADLINE_EXCEEDED if it does not get there."""
+        deadline = self._deadline(timeout)
+        for attempt in itertools.count(1):
+            question = max(min(deadline.remaining(), READY_POLL_CAP), 0.001)
+            if (yield from self._ready(model, "", question)):
+                return
+            pause = min(0.05 * 2 ** min(attempt, 5), deadline.remaining())
+            if pause <= 0:
+                raise deadline.expired_error(
+                    attempt, f"waiting for {model or 'the server'} at {self.target} to be ready"
+                )
+            yield Sleep(pause)
 
     # -- models and metadata
 
-    @staticmethod
-    def _ready_names(index: list[ModelVersionState]) -> list[str]:
-        return sorted({m.name for m in index if m.state.upper() == "READY"})
+    @operation
+    def models(self, *, timeout: float | None = None) -> Plan[list[str]]:
+        """Names of the server's ready models, sorted."""
+        response = yield from self._repository_index(self._deadline(timeout), ready=True)
+        return _ready_names(protocol.repository_index(response))
+
+    @operation
+    def repository(self, *, timeout: float | None = None) -> Plan[list[ModelVersionState]]:
+        """Every model version the server knows, with its state (READY, UNAVAILABLE, ...)."""
+        response = yield from self._repository_index(self._deadline(timeout))
+        return protocol.repository_index(response)
+
+    @operation
+    def metadata(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> Plan[ModelInfo]:
+        """The model's inputs, outputs, versions and max_batch_size (cached per client)."""
+        return (yield from self._model_info(model, version, self._deadline(timeout)))
+
+    @operation
+    def labels(
+        self, model: str | None = None, version: str = "", *, timeout: float | None = None
+    ) -> Plan[tuple[str, ...]]:
+        """The model's class labels, by output index (learned from one classification; cached)."""
+        deadline = self._deadline(timeout)
+        info = yield from self._model_info(model, version, deadline)
+        key = (info.name, version)
+        if key not in self._labels:
+            # One blank image, classified into every class, names every output index.
+            probe = np.zeros((1, *(d or 1 for d in info.input_shape)), dtype=info.input_dtype)
+            every_class = info.num_classes or 1_000_000
+            results = yield from self._infer(info, version, probe, every_class, deadline)
+            by_index = {p.index: p.label for p in self._rows(info, results)[0]}
+            count = info.num_classes or len(by_index)
+            self._labels[key] = tuple(by_index.get(i, str(i)) for i in range(count))
+        return self._labels[key]
+
+    def _repository_index(
+        self, deadline: Deadline, *, ready: bool = False, check: Callable[[Any], Any] | None = None
+    ) -> Plan[Any]:
+        """RepositoryIndex's answer (passed through `check`), retried."""
+        request = pb.RepositoryIndexRequest(ready=ready)
+        try:
+            return (yield self._call("RepositoryIndex", request, deadline, check=check))
+        except InferenceError as error:
+            if error.code == grpc.StatusCode.UNIMPLEMENTED:
+                raise InferenceError(
+                    f"the server at {self.target} does not list its models (RepositoryIndex is "
+                    "unimplemented); pass model=NAME",
+                    error.code,
+                ) from None
+            raise
+
+    def _model_info(self, model: str | None, version: str, deadline: Deadline) -> Plan[ModelInfo]:
+        """The metadata of `model` (by default the server's only ready model), cached."""
+        name = model or self._default_model
+        if not name:
+            name = yield from self._repository_index(deadline, check=self._choose_model)
+        if (name, version) in self._infos:
+            return self._infos[(name, version)]
+        meta = yield self._call(
+            "ModelMetadata", pb.ModelMetadataRequest(name=name, version=version), deadline
+        )
+        config = None
+        try:
+            request = pb.ModelConfigRequest(name=name, version=version)
+            config = yield self._call("ModelConfig", request, deadline)
+        except InferenceError as error:
+            if error.code != grpc.StatusCode.UNIMPLEMENTED:  # without it: max_batch_size unknown
+                raise
+        info = protocol.model_info(meta, config)
+        self._infos[(name, version)] = info
+        return info
 
     def _choose_model(self, response: Any) -> str:
         """The only ready model in a RepositoryIndexResponse (UNAVAILABLE, so retried, while models load)."""
         index = protocol.repository_index(response)
-        names = self._ready_names(index)
+        names = _ready_names(index)
         if not names and index:
             loading = sorted({f"{m.name} ({m.state.lower()})" for m in index})
             raise InferenceError(
@@ -142,33 +259,6 @@ class ClientBase:
         self._default_model = names[0]
         return names[0]
 
-    def _unlisted(self, error: InferenceError) -> InferenceError:
-        if error.code == grpc.StatusCode.UNIMPLEMENTED:
-            return InferenceError(
-                f"the server at {self.target} does not list its models (RepositoryIndex is "
-                "unimplemented); pass model=NAME",
-                error.code,
-            )
-        return error
-
-    @staticmethod
-    def _metadata_requests(model: str, version: str) -> tuple[Any, Any]:
-        return (
-            pb.ModelMetadataRequest(name=model, version=version),
-            pb.ModelConfigRequest(name=model, version=version),
-        )
-
-    @staticmethod
-    def _config_missing(error: InferenceError) -> None:
-        """ModelConfig failed: fine (None) when the server does not implement it, else raise."""
-        if error.code != grpc.StatusCode.UNIMPLEMENTED:
-            raise error
-
-    def _remember(self, model: str, version: str, meta: Any, config: Any) -> ModelInfo:
-        info = protocol.model_info(meta, config)
-        self._infos[(model, version)] = info
-        return info
-
     def _forget(self, error: InferenceError, key: tuple[str, str]) -> None:
         """After a refused inference, re-read the model's metadata next time (it may have changed)."""
         if error.code in _STALE:
@@ -177,7 +267,61 @@ class ClientBase:
             if self._default_model == key[0]:
                 self._default_model = None
 
-    # -- requests and responses
+    # -- inference
+
+    @operation
+    def predict(
+        self,
+        images: imaging.ImageSource,
+        model: str | None = None,
+        version: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> Plan[np.ndarray]:
+        """Class probabilities, shape (N, classes), for `images`.
+
+        `images`: an array (H, W, C) or (N, H, W, C) of uint8 or float pixels (0..255), a list
+        of arrays, PNG/JPEG bytes or file paths (mixed lists too). They are converted to the
+        model's input channels and size; large inputs go in chunks of max_batch_size.
+        """
+        deadline = self._deadline(timeout)
+        info = yield from self._model_info(model, version, deadline)
+        results = yield from self._infer(info, version, self._batch(images, info), 0, deadline)
+        return self._probabilities(info, results)
+
+    @operation
+    def classify(
+        self,
+        images: imaging.ImageSource,
+        top_k: int = 5,
+        model: str | None = None,
+        version: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> Plan[list[list[Prediction]]]:
+        """The `top_k` best classes of each image, best first (label, index, score)."""
+        self._check_top_k(top_k)
+        deadline = self._deadline(timeout)
+        info = yield from self._model_info(model, version, deadline)
+        results = yield from self._infer(info, version, self._batch(images, info), top_k, deadline)
+        return self._rows(info, results)
+
+    def _infer(
+        self, info: ModelInfo, version: str, batch: np.ndarray, class_count: int, deadline: Deadline
+    ) -> Plan[list[tuple[Any, int]]]:
+        """Send `batch` in chunks of at most max_batch_size, concurrently: (response, rows) in order."""
+        parts = protocol.chunks(len(batch), info.max_batch_size)
+
+        def chunk(part: slice) -> Call:
+            request = protocol.infer_request(info, version, batch[part], class_count)
+            return self._call("ModelInfer", request, deadline)
+
+        try:
+            responses = yield Concurrently([functools.partial(chunk, part) for part in parts])
+        except InferenceError as error:
+            self._forget(error, (info.name, version))
+            raise
+        return [(r, part.stop - part.start) for r, part in zip(responses, parts, strict=True)]
 
     @staticmethod
     def _check_top_k(top_k: int) -> None:
@@ -196,63 +340,6 @@ class ClientBase:
     def _rows(info: ModelInfo, results: list[tuple[Any, int]]) -> list[list[Prediction]]:
         return [row for r, n in results for row in protocol.classifications(r, info.output.name, n)]
 
-    @staticmethod
-    def _probe(info: ModelInfo) -> np.ndarray:
-        """One blank image of the model's input, used to learn its labels."""
-        shape = tuple(d or 1 for d in info.input_shape)
-        return np.zeros((1, *shape), dtype=info.input_dtype)
 
-    @staticmethod
-    def _probe_classes(info: ModelInfo) -> int:
-        """How many classes to ask for in the label probe (every class)."""
-        return info.num_classes or 1_000_000
-
-    def _learn_labels(
-        self, info: ModelInfo, version: str, results: list[tuple[Any, int]]
-    ) -> tuple[str, ...]:
-        """Labels by output index from the probe's classification (cached)."""
-        [(response, rows)] = results
-        by_index = {p.index: p.label for p in self._rows(info, [(response, rows)])[0]}
-        labels = tuple(by_index.get(i, str(i)) for i in range(info.num_classes or len(by_index)))
-        self._labels[(info.name, version)] = labels
-        return labels
-
-    # -- streams
-
-    def _stream_request(
-        self,
-        info: ModelInfo,
-        version: str,
-        images: imaging.ImageSource,
-        class_count: int,
-        index: int,
-    ) -> Any:
-        """Request `index` of a stream: the whole batch in one message, its index as the id."""
-        return protocol.infer_request(
-            info, version, self._batch(images, info), class_count, str(index)
-        )
-
-    def _stream_result(self, info: ModelInfo, response: Any, class_count: int) -> StreamResult:
-        """A ModelStreamInferResponse as a StreamResult (matched to its request by `id`)."""
-        answer = response.infer_response
-        try:
-            index = int(answer.id)
-        except ValueError:
-            index = -1  # not one of ours (a server that does not echo ids)
-        if response.error_message:
-            message = response.error_message
-            return StreamResult(index, error=InferenceError(message, _stream_code(message)))
-        rows = answer.outputs[0].shape[0] if answer.outputs and answer.outputs[0].shape else 0
-        results = [(answer, rows)]
-        if class_count:
-            return StreamResult(index, self._rows(info, results))
-        return StreamResult(index, self._probabilities(info, results))
-
-
-def _stream_code(message: str) -> grpc.StatusCode:
-    """A stream's error carries only a message: UNAVAILABLE for the retryable refusals (busy,
-    exiting, queue full, not ready, queue timeout), INVALID_ARGUMENT otherwise."""
-    retryable = ("Server busy", "Server exiting", "Server not ready", "Exceeds maximum queue size")
-    if message.startswith(retryable) or message.startswith("Request timeout expired"):
-        return grpc.StatusCode.UNAVAILABLE
-    return grpc.StatusCode.INVALID_ARGUMENT
+def _ready_names(index: list[ModelVersionState]) -> list[str]:
+    return sorted({m.name for m in index if m.state.upper() == "READY"})

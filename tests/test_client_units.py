@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import random
 import socket
 
 import grpc
 import numpy as np
 import pytest
-from convserve.client import InferenceError, RetryPolicy, channel, protocol
+from convserve.client import AsyncClient, Client, InferenceError, RetryPolicy, channel, protocol
 from convserve.client.cli import format_table
+from convserve.client.plan import Running, Sleep
 from convserve.client.retry import Deadline, call
 from convserve.proto import grpc_service_pb2 as pb
 
@@ -233,10 +236,77 @@ def test_unused_port_is_unreachable_quickly():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from convserve.client import Client
-
     with Client(f"127.0.0.1:{port}", timeout=2.0, retries=0) as client:
         assert client.is_live() is False
         with pytest.raises(InferenceError) as info:
             client.models()
         assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+OPERATIONS = (
+    "is_live",
+    "is_ready",
+    "wait_until_ready",
+    "models",
+    "repository",
+    "metadata",
+    "labels",
+    "predict",
+    "classify",
+)
+
+
+def test_each_operation_is_written_once_for_both_clients():
+    for name in OPERATIONS:
+        blocking, awaiting = getattr(Client, name), getattr(AsyncClient, name)
+        assert inspect.signature(blocking) == inspect.signature(awaiting), name
+        assert blocking.__doc__ and blocking.__doc__ == awaiting.__doc__, name
+        # frameworks decide by this whether to await a callback
+        assert not inspect.iscoroutinefunction(blocking), name
+        assert inspect.iscoroutinefunction(awaiting), name
+        assert inspect.iscoroutinefunction(getattr(AsyncClient(), name)), name
+
+
+def test_a_plan_can_catch_a_failed_effect_and_go_on():
+    def plan():
+        try:
+            yield Sleep(1.0)
+        except InferenceError as error:
+            caught = error.code
+        reply = yield Sleep(2.0)
+        return caught, reply
+
+    running = Running(plan())
+    assert running.effect == Sleep(1.0) and not running.done
+    running.resume(None, InferenceError("down", grpc.StatusCode.UNAVAILABLE))
+    assert running.effect == Sleep(2.0) and not running.done
+    running.resume("answer")
+    assert running.done and running.result == (grpc.StatusCode.UNAVAILABLE, "answer")
+
+
+def test_both_clients_give_up_waiting_at_the_deadline():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{s.getsockname()[1]}"
+    with Client(target, retries=1) as client:
+        with pytest.raises(InferenceError) as blocking:
+            client.wait_until_ready(timeout=0.5)
+        with pytest.raises(InferenceError) as refused:
+            client.models(timeout=5)
+
+    async def scenario() -> tuple[InferenceError, InferenceError, bool]:
+        async with AsyncClient(target, retries=1) as client:
+            task = asyncio.create_task(client.wait_until_ready(timeout=0.5))  # a coroutine
+            with pytest.raises(InferenceError) as awaiting:
+                await task
+            with pytest.raises(InferenceError) as refused:
+                await client.models(timeout=5)
+            return awaiting.value, refused.value, await client.is_live(timeout=2)
+
+    awaiting, async_refused, live = asyncio.run(scenario())
+    for error in (blocking.value, awaiting):
+        assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "to be ready" in error.message and error.attempts > 1
+    for error in (refused.value, async_refused):
+        assert error.code == grpc.StatusCode.UNAVAILABLE and error.attempts == 2
+    assert live is False
