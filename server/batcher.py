@@ -22,7 +22,11 @@ takes queued requests and runs its `predict` (Numba releases the GIL) on their s
   one instance;
 * with a `window` (`convserve.server.slo.SloWindow`, `--latency-slo-ms`) the wait and the batch
   size limit come from a latency-SLO controller instead of `max_queue_delay_us`, and every
-  executed batch is reported to it.
+  executed batch is reported to it. This window also holds a request that finds the model idle
+  when the batch before it joined several requests (concurrent callers keep coming; a lone
+  caller still starts at once);
+* a worker holding an under-full batch is woken when the batch fills or its wait ends, not by
+  every request that joins it.
 """
 
 from __future__ import annotations
@@ -176,6 +180,8 @@ class DynamicBatcher:
         self._closed = False
         self.busy_instances = 0  # instances computing a batch right now
         self._waiting = [0, 0]  # idle workers: the first instance, the other instances
+        self._last_requests = 0  # requests in the batch taken last
+        self._holding = [0, 0]  # the same: images that fill the batch a worker holds (0: none)
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # the first instance waits here
         self._extra_cond = threading.Condition(lock)  # the others (same lock), woken
@@ -239,10 +245,13 @@ class DynamicBatcher:
             job._queued_images = n
             self._queued_requests += 1
             self._queued_images += n
-            # a busy worker finds the request when it looks next
-            if self._waiting[0]:
+            # a busy worker finds the request when it looks next; one holding an under-full
+            # batch is woken only once the batch is full (waking it on every request costs
+            # each request a thread switch and two GIL hand-overs)
+            queued = self._queued_images
+            if self._waiting[0] or 0 < self._holding[0] <= queued:
                 self._cond.notify()
-            if self._waiting[1] and self._queued_images >= self._extra_min:
+            if (self._waiting[1] and queued >= self._extra_min) or 0 < self._holding[1] <= queued:
                 self._extra_cond.notify()
         return job
 
@@ -306,13 +315,18 @@ class DynamicBatcher:
                     if window
                     else (self._delay_ns, self.max_batch_size)
                 )
-                if not idle and delay_ns:
+                # the fixed window holds only batches formed after a busy period; the SLO
+                # window also holds one that starts an idle model while the last batch joined
+                # several requests (concurrent callers: a lone caller never waits)
+                hold = not idle or (window is not None and self._last_requests > 1)
+                if hold and delay_ns:
                     self._wait_for_more(cond, kind, delay_ns, limit)
-                # the window decided this batch: it follows a busy period and leaves under-full
-                windowed = not idle and self._queued_images < limit
+                # the window decided this batch: it could be held and leaves under-full
+                windowed = hold and self._queued_images < limit
                 batch, dropped = self._take(limit)
                 if batch:
                     self.busy_instances += 1
+                    self._last_requests = len(batch)
             idle = False
             if dropped:
                 self._on_complete(dropped)
@@ -333,9 +347,9 @@ class DynamicBatcher:
             remaining = oldest + delay_ns - time.monotonic_ns()
             if remaining <= 0:
                 return
-            self._waiting[kind] += 1
+            self._holding[kind] = limit
             cond.wait(remaining / 1e9)
-            self._waiting[kind] -= 1
+            self._holding[kind] = 0
 
     def _take(self, limit: int) -> tuple[list[tuple[Job, int, int]], list[Job]]:
         """Pop live entries (oldest first within a priority) up to `limit` images (at least one

@@ -1,7 +1,8 @@
 """A discrete-event simulation of one batcher instance on a virtual clock (not a test module).
 
 It follows the batcher's rules (server/batcher.py): a request arriving while the worker is idle
-starts at once; a batch formed after a busy period waits until its oldest request has waited
+starts at once (with a controller: unless the batch before it joined several requests); a batch
+formed after a busy period waits until its oldest request has waited
 the window, or until `limit` images are queued; a batch takes at most `limit` requests. The
 service time of a batch of n is `overhead + per_image * n` seconds: batching pays. Arrivals are
 seeded Poisson, with a rate that changes in steps (a load ramp). No threads, no sleeps.
@@ -74,7 +75,7 @@ def simulate(
         Step(rate, i * seconds_per_step, (i + 1) * seconds_per_step) for i, rate in enumerate(rates)
     ]
     queue: deque[float] = deque()
-    now, next_index, idle = 0.0, 0, True
+    now, next_index, idle, last_requests = 0.0, 0, True, 0
 
     def admit(until: float) -> None:
         nonlocal next_index
@@ -88,12 +89,14 @@ def simulate(
         admit(now)
         window = controller.window_s if controller else fixed_window
         limit = controller.batch_limit if controller else max_batch_size
-        if not idle and window and len(queue) < limit:
+        hold = not idle or (controller is not None and last_requests > 1)
+        if hold and window and len(queue) < limit:
             deadline = queue[0] + window
             admit(deadline)
             now = max(now, queue[limit - 1] if len(queue) >= limit else deadline)
-        windowed = not idle and len(queue) < limit
+        windowed = hold and len(queue) < limit
         batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
+        last_requests = len(batch)
         seconds = overhead + per_image * len(batch)
         now += seconds
         step = steps[min(int(batch[0] // seconds_per_step), len(steps) - 1)]

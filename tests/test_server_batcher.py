@@ -189,6 +189,20 @@ def test_queue_delay_waits_for_more_after_a_busy_period():
     assert model.batches == [1, 3]  # `late` joined the batch that was waiting for more
 
 
+def test_a_held_batch_leaves_as_soon_as_it_is_full():
+    model = GatedModel()
+    with busy_batcher(model, max_batch_size=3, max_queue_delay_us=300_000_000) as (batcher, _):
+        early = batcher.submit(imgs(1))
+        model.release()
+        deadline = time.monotonic() + 10
+        while not batcher._holding[0]:  # the worker holds `early` for the 300 s window
+            assert time.monotonic() < deadline, "the batch was not held"
+            time.sleep(0.01)
+        rest = [batcher.submit(imgs(1)) for _ in range(2)]  # the third image fills the batch
+        wait_all([early, *rest], timeout=10)  # not after 300 s
+    assert model.batches == [1, 3]
+
+
 def test_closed_batcher_finishes_its_queue_and_refuses_new_work():
     model = GatedModel()
     batcher = DynamicBatcher(model.predict, name="m", max_batch_size=4)

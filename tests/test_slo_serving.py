@@ -68,7 +68,7 @@ def test_a_window_survives_another_instance_taking_the_queue():
         assert model.started.wait(10)
         jobs.append(batcher.submit(image))  # waits for instance 0 (below the extra's minimum)
         model.gate.set()
-        h.wait_until(lambda: batcher._waiting[0], 10, "instance 0 to hold its batch")
+        h.wait_until(lambda: batcher._holding[0], 10, "instance 0 to hold its batch")
         jobs.append(batcher.submit(image))  # two queued: instance 1 takes them
         for job in jobs:
             assert job.future.result(10).error is None
@@ -76,6 +76,41 @@ def test_a_window_survives_another_instance_taking_the_queue():
         assert batcher.alive
         assert batcher.submit(image).future.result(10).error is None
     finally:
+        batcher.close(10)
+
+
+def test_slo_window_holds_an_idle_start_only_after_a_batch_of_several_requests():
+    """A lone caller never waits for the window; once batches join several callers, a request
+    that finds the model idle waits for company (up to the window)."""
+    model = Gated()
+    model.gate.set()
+    window = SloWindow(SloController(0.5, 0.5, 2))  # batches of at most 2 images
+    window.delay_ns = 300_000_000_000  # 300 s: a held request would outlast the test
+    batcher = DynamicBatcher(model.predict, max_batch_size=2, window=window)
+    image = np.ones((1, 2, 2, 1), np.float32)
+    try:
+        for _ in range(3):  # one caller at a time: each runs at once, alone
+            assert batcher.submit(image).future.result(10).error is None
+        assert model.sizes == [1, 1, 1]
+        batcher.close(10)
+        model = Gated()
+        window.delay_ns = 300_000_000_000
+        batcher = DynamicBatcher(model.predict, max_batch_size=2, window=window)
+        first = batcher.submit(image)
+        assert model.started.wait(10)
+        pair = [batcher.submit(image) for _ in range(2)]  # queued while busy: one batch of 2
+        model.gate.set()
+        for job in [first, *pair]:
+            assert job.future.result(10).error is None
+        held = batcher.submit(image)  # the model is idle, but the last batch joined two callers
+        h.wait_until(lambda: batcher._holding[0], 10, "the idle-start batch to be held")
+        assert not held.future.done()
+        company = batcher.submit(image)  # fills the batch: it leaves at once, not after 300 s
+        for job in (held, company):
+            assert job.future.result(10).error is None
+        assert model.sizes == [1, 2, 2]
+    finally:
+        model.gate.set()
         batcher.close(10)
 
 
