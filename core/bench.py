@@ -114,8 +114,10 @@ def sgemm_gflops(size: int = 1024, repeats: int = 5) -> float:
 def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, float]:
     """(direct-equivalent, actual) floating-point operations per image of the conv and dense
     layers (2 per multiply-add) for a kernel plan {layer index: variant}: a Winograd layer does
-    16 products per tile of 2x2 outputs and channel pair where the direct one does 36."""
+    16 (3x3) or 36 (5x5) products per tile of 2x2 outputs and channel pair where the direct one
+    does 36 or 100."""
     from convserve.core.architecture import parse_architecture
+    from convserve.core.layers.conv2d import WINOGRAD
     from convserve.core.layers.fusion import blocks
 
     direct = actual = 0.0
@@ -130,10 +132,11 @@ def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, f
             kh, kw = layer.kernel_size
             work = 2.0 * oh * ow * co * kh * kw * ci
             direct += work
-            if plan.get(layer.index) == "winograd":
+            transform = WINOGRAD.get(plan.get(layer.index, ""))
+            if transform is not None:
                 fused = block.pool is not None and block.pool.tiles_input
                 tiles = (oh // 2) * (ow // 2) if fused else ((oh + 1) // 2) * ((ow + 1) // 2)
-                actual += 2.0 * 16 * tiles * ci * co
+                actual += 2.0 * transform.alpha**2 * tiles * ci * co
             else:
                 actual += work
     return direct, actual

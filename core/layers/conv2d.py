@@ -3,7 +3,8 @@ chosen per shape and the training forward/backward.
 
 At inference a conv block (see `fusion.py`: the conv, a standalone activation after it, a max
 or average pool after that) becomes one of these steps:
-- `WinogradConv` (variant `winograd`): 3x3 stride 1, pooled or not;
+- `WinogradConv` (variants `winograd`: 3x3 stride 1, F(2x2, 3x3); `winograd5`: 5x5 stride 1,
+  F(2x2, 5x5)), pooled or not;
 - `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
   with a 2x2/2 max pool;
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding).
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 from convserve.core.activations import CODES, LINEAR, RELU, SOFTMAX
 from convserve.core.kernels import direct, first_layer, winograd
+from convserve.core.kernels.winograd_transforms import F2X2_3X3, F2X2_5X5, Transform
 from convserve.core.layers import base
 from convserve.core.layers.base import NO_PADS, PADDINGS, Layer
 from convserve.core.layers.dense import round_up
@@ -32,7 +34,7 @@ from convserve.core.training import kernels as K
 from convserve.core.training.layers import activate, activation_grad
 
 WINO_MIN_CHANNELS = 8  # below this many input channels a GEMM over them is too short to pay
-_WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+WINOGRAD: dict[str, Transform] = {"winograd": F2X2_3X3, "winograd5": F2X2_5X5}  # variant: its F
 
 
 # -- weight packing -----------------------------------------------------------------------------
@@ -49,12 +51,11 @@ def pack_gemm(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, 
     return wk, b
 
 
-def winograd_kernel(kernel: np.ndarray, cop: int) -> np.ndarray:
-    """The F(2x2, 3x3) transformed kernel G g G^T as (16, CI, COp), computed in float64."""
-    _, _, ci, co = kernel.shape
-    u = np.einsum("ia,abcd,jb->ijcd", _WINO_G, kernel.astype(np.float64), _WINO_G)
-    out = np.zeros((16, ci, cop), np.float32)
-    out[:, :, :co] = u.reshape(16, ci, co)
+def winograd_kernel(kernel: np.ndarray, cop: int, transform: Transform) -> np.ndarray:
+    """The transformed kernel G g G^T as (alpha*alpha, CI, COp), computed in float64."""
+    u = transform.kernel(kernel)
+    out = np.zeros((*u.shape[:2], cop), np.float32)
+    out[:, :, : u.shape[2]] = u
     return out
 
 
@@ -99,8 +100,8 @@ class DirectConv(Step):
 
 @dataclass(kw_only=True)
 class WinogradConv(Step):
-    """`winograd.conv_wino`: 3x3 stride 1, optionally fused with a 2x2/2 max pool (average
-    pool with `average`)."""
+    """`winograd.conv_wino`: F(2x2, 3x3) or F(2x2, 5x5) by the products in `u`, optionally
+    fused with a 2x2/2 max pool (average pool with `average`)."""
 
     u: np.ndarray
     bias: np.ndarray
@@ -112,7 +113,7 @@ class WinogradConv(Step):
         return self.shape[1] if self.pool else (self.shape[1] + 1) // 2
 
     def tile_floats(self) -> int:
-        return 16 * self._tile_width() * sum(self.u.shape[1:]) + 64  # + an edge tile
+        return self.u.shape[0] * self._tile_width() * sum(self.u.shape[1:]) + 64  # + an edge tile
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
@@ -254,7 +255,7 @@ class Conv2D(Layer):
     def inference_variants(self, block) -> tuple[str, ...]:
         """`winograd` (3x3 stride 1; the heuristic's choice from WINO_MIN_CHANNELS input
         channels on), `k3_pool` and `pixels_pool` (1 input channel, fused 2x2/2 max pool),
-        `direct` (every shape)."""
+        `direct` (every shape), `winograd5` (5x5 stride 1)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         max_pool = self._fuses_pool(block) and isinstance(block.pool, MaxPooling2D)
@@ -268,6 +269,8 @@ class Conv2D(Layer):
         names.append("direct")
         if three and not wide:
             names.append("winograd")
+        if self.kernel_size == (5, 5) and self.strides == (1, 1):
+            names.append("winograd5")
         return tuple(names)
 
     def inference_steps(self, block, weights, first, variant=None):
@@ -291,14 +294,14 @@ class Conv2D(Layer):
 
         pooled_rows_cols = (2 * shape[0], 2 * shape[1])  # the conv pixels a fused pool reads
         filters = self.filters
-        if variant == "winograd":
+        if variant in WINOGRAD:
             rows_cols = (
                 pooled_rows_cols if fused else (round_up(shape[0], 2), round_up(shape[1], 2))
             )
             step: Step = WinogradConv(
                 **common,
                 padding=padding_for(rows_cols),
-                u=winograd_kernel(kernel, wk.shape[1]),
+                u=winograd_kernel(kernel, wk.shape[1], WINOGRAD[variant]),
                 bias=bias,
                 act=kernel_act,
                 pool=fused,
