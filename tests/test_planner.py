@@ -20,6 +20,7 @@ from tests.conftest import random_weights
 TOLERANCE = 1e-4
 STEP_OF = {
     "winograd": "WinogradConv",
+    "winograd5": "WinogradConv",
     "direct": "DirectConv",
     "k3_pool": "K3PoolConv",
     "pixels_pool": "PixelsPoolConv",
@@ -250,7 +251,11 @@ def test_a_plan_timed_on_a_busy_machine_is_used_but_not_cached(
     assert plan[0] in ("pixels_pool", "direct")
     assert list(tmp_path.glob("*.json")) == []
     _, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=60)
-    assert noise >= 1.0 and set(timings) == {0}
+    # every layer with a choice is timed: the first-layer kernels and the 5x5 conv's winograd5
+    assert noise >= 1.0 and set(timings) == {
+        block.layer.index for block, _ in planner._choices(arch)
+    }
+    assert 0 in timings
 
 
 def test_planning_off_keeps_the_heuristic(tmp_path, fresh_planner):

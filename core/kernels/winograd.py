@@ -74,41 +74,36 @@ def _wino_output(
     through `edge` (64 floats), from which the valid outputs are activated and copied."""
     step = TW * COp
     hi = min(c1, CO)
-    relu = 1 if act == 1 else 0
     for tx in range(TW):
         q = tx * COp
         o = o_row + (tx if pool else 2 * tx) * CO
         two = 2 * tx + 1 < cols
-        direct = (pool and not average) or (two and rows == 2)
+        # straight into `of`: a max-pooled or whole tile with ReLU or no activation
+        direct = act <= 1 and ((pool and not average) or (two and rows == 2))
         for start in range(c0, hi, 16):
             m = q + start
             if direct and start + 16 <= hi:
-                _output_block(alpha, mf, m, step, bias, start, of, o + start, CO, row, pool, relu)
-                if act > 1:
-                    for j in range(start, start + 16):
-                        of[o + j] = _act(of[o + j], act)
-                        if not pool:
-                            of[o + CO + j] = _act(of[o + CO + j], act)
-                            of[o + row + j] = _act(of[o + row + j], act)
-                            of[o + row + CO + j] = _act(of[o + row + CO + j], act)
+                _output_block(alpha, mf, m, step, bias, start, of, o + start, CO, row, pool, act)
                 continue
             _output_block(alpha, mf, m, step, bias, start, edge, 0, 16, 32, False, 0)
-            for j in range(min(16, hi - start)):
-                y00, y01, y10, y11 = edge[j], edge[16 + j], edge[32 + j], edge[48 + j]
-                if pool and average:
-                    s = _act(y00, act) + _act(y01, act)
-                    s += _act(y10, act) + _act(y11, act)
-                    of[o + start + j] = s * _QUARTER
-                elif pool:
-                    of[o + start + j] = _act(max(max(y00, y01), max(y10, y11)), act)
-                else:
-                    of[o + start + j] = _act(y00, act)
-                    if two:
-                        of[o + CO + start + j] = _act(y01, act)
-                    if rows == 2:
-                        of[o + row + start + j] = _act(y10, act)
-                        if two:
-                            of[o + row + CO + start + j] = _act(y11, act)
+            if not (pool and not average):  # a max pool activates its maximum only
+                for j in range(64):  # whole vectors: this loop vectorizes
+                    edge[j] = _act(edge[j], act)
+            width = min(16, hi - start)
+            if pool and average:
+                for j in range(width):
+                    pair = (edge[j] + edge[16 + j]) + (edge[32 + j] + edge[48 + j])
+                    of[o + start + j] = pair * _QUARTER
+            elif pool:
+                for j in range(width):
+                    top = max(max(edge[j], edge[16 + j]), max(edge[32 + j], edge[48 + j]))
+                    of[o + start + j] = _act(top, act)
+            else:
+                for y in range(rows):
+                    for x in range(2 if two else 1):
+                        at = o + y * row + x * CO + start
+                        for j in range(width):
+                            of[at + j] = edge[32 * y + 16 * x + j]
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
