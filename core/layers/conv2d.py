@@ -9,9 +9,9 @@ or average pool after that) becomes one of these steps:
   with a 2x2/2 max pool;
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding).
 A 2x2/2 `valid` pool, max or average, is fused into the Winograd and direct kernels.
-`inference_variants` lists the ones that apply, today's heuristic choice first (Winograd from
-WINO_MIN_CHANNELS input channels on, else the first-layer kernels, else direct); the planner
-(`core/planner.py`) may time them and pick another.
+`inference_variants` lists the ones that apply, today's heuristic choice first (Winograd 3x3
+or 5x5 from WINO_MIN_CHANNELS input channels on, else the first-layer kernels, else direct);
+the planner (`core/planner.py`) may time them and pick another.
 A pool of another shape runs as its own step after the conv; a softmax as an `Activate`.
 """
 
@@ -253,15 +253,18 @@ class Conv2D(Layer):
         return pool is not None and pool.pool_size == (2, 2) and pool.tiles_input
 
     def inference_variants(self, block) -> tuple[str, ...]:
-        """`winograd` (3x3 stride 1; the heuristic's choice from WINO_MIN_CHANNELS input
-        channels on), `k3_pool` and `pixels_pool` (1 input channel, fused 2x2/2 max pool),
-        `direct` (every shape), `winograd5` (5x5 stride 1)."""
+        """`winograd` (3x3 stride 1) and `winograd5` (5x5 stride 1), the heuristic's choice from
+        WINO_MIN_CHANNELS input channels on; `k3_pool` and `pixels_pool` (1 input channel, fused
+        2x2/2 max pool), `direct` (every shape)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         max_pool = self._fuses_pool(block) and isinstance(block.pool, MaxPooling2D)
         one_channel_pool = max_pool and ci == 1 and self.strides == (1, 1)
-        wide = three and ci >= WINO_MIN_CHANNELS
-        names = ["winograd"] if wide else []
+        five = self.kernel_size == (5, 5) and self.strides == (1, 1)
+        wide = ci >= WINO_MIN_CHANNELS
+        names = ["winograd"] if three and wide else []
+        if five and wide:  # F(2x2, 5x5) ran in 0.6-0.7x direct's time on 32-channel layers
+            names.append("winograd5")
         if one_channel_pool and self.kernel_size == (3, 3) and filters % 16 == 0:
             names.append("k3_pool")
         if one_channel_pool and filters <= 8:
@@ -269,7 +272,7 @@ class Conv2D(Layer):
         names.append("direct")
         if three and not wide:
             names.append("winograd")
-        if self.kernel_size == (5, 5) and self.strides == (1, 1):
+        if five and not wide:
             names.append("winograd5")
         return tuple(names)
 
