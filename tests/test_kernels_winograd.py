@@ -1,5 +1,5 @@
 """Winograd kernels: the transforms built from interpolation points are exact, and the
-`winograd` (F(2x2, 3x3)) and `winograd5` (F(2x2, 5x5)) variants match the NumPy reference on
+`winograd` (F(2x2, 3x3)), `winograd4` (F(4x4, 3x3)) and `winograd5` (F(2x2, 5x5)) variants match the NumPy reference on
 randomized shapes and are bit-identical across batch sizes."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from convserve.core.architecture import parse_architecture
 from convserve.core.inference import BATCH_CHUNK, InferencePlan
-from convserve.core.kernels.winograd_transforms import F2X2_3X3, F2X2_5X5, toom_cook
+from convserve.core.kernels.winograd_transforms import F2X2_3X3, F2X2_5X5, F4X4_3X3, toom_cook
 
 from tests import reference_numpy as ref
 from tests.conftest import random_weights
 
 TOLERANCE = 1e-4  # relative to the output's scale
-KERNEL_SIZE = {"winograd": 3, "winograd5": 5}
+KERNEL_SIZE = {"winograd": 3, "winograd4": 3, "winograd5": 5}
 
 
 def _correlate(d: list[Fraction], g: list[Fraction], m: int) -> list[Fraction]:
@@ -53,7 +53,7 @@ def test_toom_cook_refuses_bad_points():
 def test_kernel_transform_is_float64_and_exact_on_2d():
     """G g G^T from `Transform.kernel` with the input/output sides gives the 2-D correlation."""
     rng = np.random.default_rng(5)
-    for t in (F2X2_3X3, F2X2_5X5):
+    for t in (F2X2_3X3, F4X4_3X3, F2X2_5X5):
         g = rng.standard_normal((t.r, t.r, 1, 1))
         d = rng.standard_normal((t.alpha, t.alpha))
         u = t.kernel(g)
@@ -61,7 +61,8 @@ def test_kernel_transform_is_float64_and_exact_on_2d():
         bt, at = np.array(t.bt, np.float64), np.array(t.at, np.float64)
         y = at @ (u.reshape(t.alpha, t.alpha) * (bt @ d @ bt.T)) @ at.T
         want = [
-            [np.sum(d[i : i + t.r, j : j + t.r] * g[:, :, 0, 0]) for j in range(2)] for i in (0, 1)
+            [np.sum(d[i : i + t.r, j : j + t.r] * g[:, :, 0, 0]) for j in range(t.m)]
+            for i in range(t.m)
         ]
         np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
 
@@ -121,6 +122,7 @@ def test_winograd_variants_match_the_reference_and_are_batch_invariant(variant, 
         assert type(step).__name__ == "WinogradConv"
         assert step.pool == (pool is not None)  # the 2x2/2 pool is fused
         assert step.u.shape[0] == (16 if variant == "winograd" else 36)
+        assert step.size == (4 if variant == "winograd4" else 2)
         n = BATCH_CHUNK + 3  # two chunks
         x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
         where = f"{variant} {doc['layers']} {arch.input_shape}"
@@ -144,8 +146,9 @@ def test_winograd_variants_match_the_reference_and_are_batch_invariant(variant, 
             )
 
 
-def test_winograd5_is_offered_only_for_5x5_stride_1():
-    """The planner may time `winograd5` against `direct` on 5x5 stride-1 convs, never elsewhere."""
+def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
+    """The planner may time `winograd4` (3x3) and `winograd5` (5x5) against `direct` on
+    stride-1 convs of their kernel size, never elsewhere."""
     from convserve.core.layers.fusion import blocks
 
     def variants(kernel_size: int, strides: int) -> tuple[str, ...]:
@@ -154,6 +157,8 @@ def test_winograd5_is_offered_only_for_5x5_stride_1():
         block = blocks(parse_architecture(doc).layers, inference=True)[0]
         return block.layer.inference_variants(block)
 
-    assert "winograd5" in variants(5, 1) and "direct" in variants(5, 1)
-    for kernel_size, strides in ((5, 2), (3, 1), (7, 1), (1, 1)):
-        assert "winograd5" not in variants(kernel_size, strides)
+    assert {"winograd5", "direct"} <= set(variants(5, 1))
+    assert {"winograd", "winograd4", "direct"} <= set(variants(3, 1))
+    for kernel_size, strides in ((5, 2), (3, 2), (7, 1), (1, 1)):
+        assert not any(v.startswith("winograd") for v in variants(kernel_size, strides))
+    assert "winograd5" not in variants(3, 1) and "winograd4" not in variants(5, 1)

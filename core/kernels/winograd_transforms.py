@@ -97,6 +97,8 @@ def toom_cook(m: int, r: int, points: tuple[Fraction | int, ...]) -> Transform:
 # relative to the output's scale on 5x5 kernels (the +-1/2 set is no better).
 F2X2_3X3 = toom_cook(2, 3, (0, 1, -1))
 F2X2_5X5 = toom_cook(2, 5, (0, 1, -1, 2, -2))
+# the same points, so the same input transform as F(2x2, 5x5); a few 1e-6 too
+F4X4_3X3 = toom_cook(4, 3, (0, 1, -1, 2, -2))
 
 
 # -- IR ------------------------------------------------------------------------------------------
@@ -218,15 +220,14 @@ def input_transform(transform: Transform, width: int):
 
 def output_transform(transform: Transform):
     """An intrinsic for 16 channels of one tile's output transform, bias and (with `relu` != 0)
-    ReLU, for m = 2:
+    ReLU:
 
         ot(mf, m, step, bias, co, of, o, ldx, ldy, pool, relu)
-        M[alpha*i + j] = the channels at mf[m + (alpha*i + j)*step], Y = A^T M A + bias[co]
-        pool != 0: of[o] = max(Y)      else: of[o + y*ldy + x*ldx] = Y[y][x]
+        M[alpha*i + j] = the channels at mf[m + (alpha*i + j)*step], Y = A^T M A + bias[co] (m x m)
+        pool != 0: of[o + y*ldy + x*ldx] = max of Y's 2x2 window (y, x), y, x < m/2
+        else:      of[o + y*ldy + x*ldx] = Y[y][x]
     (max then bias, so ReLU after it equals the max of the activated values)."""
-    at, n = transform.at, transform.alpha
-    if transform.m != 2:
-        raise ValueError("the output transform writes 2x2 blocks")
+    at, n, size = transform.at, transform.alpha, transform.m
 
     def codegen(context, builder, signature, args):
         mp = _array_data(context, builder, signature, args, 0)
@@ -239,7 +240,7 @@ def output_transform(transform: Transform):
         ]
         columns = [_apply(builder, at, [mv[i][j] for i in range(n)], 16) for j in range(n)]
         # row i of A^T M, times A
-        y = [_apply(builder, at, [columns[j][i] for j in range(n)], 16) for i in range(2)]
+        y = [_apply(builder, at, [columns[j][i] for j in range(n)], 16) for i in range(size)]
         bias = _load(builder, bp, co, 16)
         zero = _constant(16, Fraction(0))
         clamp = builder.icmp_signed("!=", relu, ir.Constant(relu.type, 0))
@@ -247,23 +248,25 @@ def output_transform(transform: Transform):
         def vmax(a, c):
             return builder.select(builder.fcmp_ordered(">", a, c), a, c)
 
-        def finish(value):
+        def finish(value, i, j):
             value = builder.fadd(value, bias)
-            return builder.select(clamp, vmax(value, zero), value)
+            value = builder.select(clamp, vmax(value, zero), value)
+            _store(builder, value, op, _index(builder, o, (i, ldy), (j, ldx)), 16)
 
         with builder.if_else(builder.icmp_signed("!=", pool, ir.Constant(pool.type, 0))) as (
             pooled,
             full,
         ):
             with pooled:
-                top = vmax(vmax(y[0][0], y[0][1]), vmax(y[1][0], y[1][1]))
-                _store(builder, finish(top), op, o, 16)
+                for i in range(size // 2):
+                    for j in range(size // 2):
+                        a, b = y[2 * i], y[2 * i + 1]
+                        top = vmax(vmax(a[2 * j], a[2 * j + 1]), vmax(b[2 * j], b[2 * j + 1]))
+                        finish(top, i, j)
             with full:
-                for i in range(2):
-                    for j in range(2):
-                        _store(
-                            builder, finish(y[i][j]), op, _index(builder, o, (i, ldy), (j, ldx)), 16
-                        )
+                for i in range(size):
+                    for j in range(size):
+                        finish(y[i][j], i, j)
         return context.get_dummy_value()
 
     @intrinsic

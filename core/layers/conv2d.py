@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 from convserve.core.activations import CODES, LINEAR, RELU, SOFTMAX
 from convserve.core.kernels import direct, first_layer, winograd
-from convserve.core.kernels.winograd_transforms import F2X2_3X3, F2X2_5X5, Transform
+from convserve.core.kernels.winograd_transforms import F2X2_3X3, F2X2_5X5, F4X4_3X3, Transform
 from convserve.core.layers import base
 from convserve.core.layers.base import NO_PADS, PADDINGS, Layer
 from convserve.core.layers.dense import round_up
@@ -34,7 +34,11 @@ from convserve.core.training import kernels as K
 from convserve.core.training.layers import activate, activation_grad
 
 WINO_MIN_CHANNELS = 8  # below this many input channels a GEMM over them is too short to pay
-WINOGRAD: dict[str, Transform] = {"winograd": F2X2_3X3, "winograd5": F2X2_5X5}  # variant: its F
+WINOGRAD: dict[str, Transform] = {  # variant: its transform
+    "winograd": F2X2_3X3,
+    "winograd4": F4X4_3X3,
+    "winograd5": F2X2_5X5,
+}
 
 
 # -- weight packing -----------------------------------------------------------------------------
@@ -100,7 +104,7 @@ class DirectConv(Step):
 
 @dataclass(kw_only=True)
 class WinogradConv(Step):
-    """`winograd.conv_wino`: F(2x2, 3x3) or F(2x2, 5x5) by the products in `u`, optionally
+    """`winograd.conv_wino`: F(size x size, r x r), r from the products in `u`, optionally
     fused with a 2x2/2 max pool (average pool with `average`)."""
 
     u: np.ndarray
@@ -108,17 +112,22 @@ class WinogradConv(Step):
     act: int
     pool: bool
     average: bool = False
+    size: int = 2  # outputs per tile side, m
 
-    def _tile_width(self) -> int:
-        return self.shape[1] if self.pool else (self.shape[1] + 1) // 2
+    def _tiles(self, outputs: int) -> int:
+        """Tiles along a side of `outputs` output pixels (pooled ones with a fused pool)."""
+        per = self.size // 2 if self.pool else self.size
+        return (outputs + per - 1) // per
 
     def tile_floats(self) -> int:
-        return self.u.shape[0] * self._tile_width() * sum(self.u.shape[1:]) + 64  # + an edge tile
+        floats = self.u.shape[0] * self._tiles(self.shape[1]) * sum(self.u.shape[1:])
+        return floats + winograd.EDGE_FLOATS
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
-        rows = self.shape[0] if self.pool else (self.shape[0] + 1) // 2
-        ways = splits(program.n * rows, self.u.shape[2] // 16, program.threads)
+        ways = splits(
+            program.n * self._tiles(self.shape[0]), self.u.shape[2] // 16, program.threads
+        )
         program.add(
             winograd.conv_wino,
             x,
@@ -130,6 +139,7 @@ class WinogradConv(Step):
             self.pool,
             self.average,
             ways,
+            self.size,
         )
         return out
 
@@ -272,6 +282,8 @@ class Conv2D(Layer):
         names.append("direct")
         if three and not wide:
             names.append("winograd")
+        if three:
+            names.append("winograd4")
         if five and not wide:
             names.append("winograd5")
         return tuple(names)
@@ -298,9 +310,10 @@ class Conv2D(Layer):
         pooled_rows_cols = (2 * shape[0], 2 * shape[1])  # the conv pixels a fused pool reads
         filters = self.filters
         if variant in WINOGRAD:
-            rows_cols = (
-                pooled_rows_cols if fused else (round_up(shape[0], 2), round_up(shape[1], 2))
-            )
+            m = WINOGRAD[variant].m
+            per = m // 2 if fused else m  # output pixels per tile side
+            scale = 2 if fused else 1  # the conv pixels a pooled output reads
+            rows_cols = (scale * round_up(shape[0], per), scale * round_up(shape[1], per))
             step: Step = WinogradConv(
                 **common,
                 padding=padding_for(rows_cols),
@@ -309,6 +322,7 @@ class Conv2D(Layer):
                 act=kernel_act,
                 pool=fused,
                 average=average,
+                size=m,
             )
         elif variant == "k3_pool":
             step = K3PoolConv(
