@@ -34,8 +34,14 @@ _OUT_F25 = output_transform(F2X2_5X5)
 _OUT_F43 = output_transform(F4X4_3X3)
 EDGE_FLOATS = 16 * 4 * 4  # an m x m tile of 16 channels, m <= 4
 
+# No fastmath in this module's functions (the GEMMs, `gemm._conv_row`, have it): numba's fastmath
+# marks every float operation of a function, the transforms' IR included, and LLVM may then
+# compute an output differently in the versions of a loop it picks at run time (by whether two
+# arrays overlap), so its last bit depended on the buffers' addresses, and so on the batch
+# (found by tests/test_kernels_winograd.py; main's F(2x2, 3x3) kernel had it too).
 
-@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+
+@njit(inline="always", error_model="numpy", cache=True, nogil=True)
 def _output_block(alpha, size, mf, m, step, bias, co, of, o, ldx, ldy, pool, relu):
     """The output transform of 16 channels of one tile (`output_transform`) for tile side
     `alpha` and output side `size`."""
@@ -47,7 +53,7 @@ def _output_block(alpha, size, mf, m, step, bias, co, of, o, ldx, ldy, pool, rel
         _OUT_F23(mf, m, step, bias, co, of, o, ldx, ldy, pool, relu)
 
 
-@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+@njit(error_model="numpy", cache=True, nogil=True)
 def _wino_input(xf, base, row, CI, TW, vf, alpha, size):
     """Input transform of one row of tiles of side `alpha` (4 or 6), `size` outputs apart: for
     tile tx (the alpha x alpha input pixels from column size*tx of the rows starting at
@@ -70,7 +76,41 @@ def _wino_input(xf, base, row, CI, TW, vf, alpha, size):
                 _IN4_ONE(xf, o + c, CI, row, vf, q + c, step)
 
 
-@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+@njit(error_model="numpy", cache=True, nogil=True)
+def _edge_outputs(edge, size, act, of, o, row, CO, width, rows, cols, pool, average):
+    """The valid outputs of a tile of `size` x `size` outputs of 16 channels held in `edge`
+    (Y + bias, rows 16*size floats apart): activated, pooled over 2x2 windows with `pool`
+    (max, or the mean of activated values with `average`) and written for `rows` x `cols`
+    (pooled) outputs and `width` channels at of[o + y*row + x*CO + j]."""
+    if not (pool and not average):  # a max pool activates its maximum only
+        for j in range(16 * size * size):
+            edge[j] = _act(edge[j], act)
+    for y in range(rows):
+        for x in range(cols):
+            at = o + y * row + x * CO
+            if not pool:
+                e = 16 * (y * size + x)
+                for j in range(width):
+                    of[at + j] = edge[e + j]
+                continue
+            e = 32 * (y * size + x)  # the window's top left: Y[2y][2x]
+            d = 16 * size  # the next row of Y
+            if average:
+                for j in range(width):
+                    pair = (edge[e + j] + edge[e + 16 + j]) + (
+                        edge[e + d + j] + edge[e + d + 16 + j]
+                    )
+                    of[at + j] = pair * _QUARTER
+            else:
+                for j in range(width):
+                    top = max(
+                        max(edge[e + j], edge[e + 16 + j]),
+                        max(edge[e + d + j], edge[e + d + 16 + j]),
+                    )
+                    of[at + j] = _act(top, act)
+
+
+@njit(error_model="numpy", cache=True, nogil=True)
 def _wino_output(
     mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, average, rows, cols, edge, alpha, size
 ):
@@ -81,7 +121,7 @@ def _wino_output(
     the output `cols` columns, written at of[o_row + y*row + (per*tx + x)*CO + co]. Always 16
     channels at a time (the products have COp columns): straight into `of` for a whole tile of
     16 real channels with ReLU or no activation and no average pool, else through `edge` (m*m*16
-    floats), from which the valid outputs are activated, pooled and copied."""
+    floats) and `_edge_outputs`."""
     step = TW * COp
     hi = min(c1, CO)
     per = size // 2 if pool else size
@@ -98,36 +138,13 @@ def _wino_output(
                 )
                 continue
             _output_block(alpha, size, mf, m, step, bias, start, edge, 0, 16, 16 * size, False, 0)
-            if not (pool and not average):  # a max pool activates its maximum only
-                for j in range(16 * size * size):  # whole vectors: this loop vectorizes
-                    edge[j] = _act(edge[j], act)
             width = min(16, hi - start)
-            for y in range(rows):
-                for x in range(width_px):
-                    at = o + y * row + x * CO + start
-                    if not pool:
-                        e = 16 * (y * size + x)
-                        for j in range(width):
-                            of[at + j] = edge[e + j]
-                        continue
-                    e = 32 * (y * size + x)  # the window's top left: Y[2y][2x]
-                    d = 16 * size  # the next row of Y
-                    if average:
-                        for j in range(width):
-                            pair = (edge[e + j] + edge[e + 16 + j]) + (
-                                edge[e + d + j] + edge[e + d + 16 + j]
-                            )
-                            of[at + j] = pair * _QUARTER
-                    else:
-                        for j in range(width):
-                            top = max(
-                                max(edge[e + j], edge[e + 16 + j]),
-                                max(edge[e + d + j], edge[e + d + 16 + j]),
-                            )
-                            of[at + j] = _act(top, act)
+            _edge_outputs(
+                edge, size, act, of, o + start, row, CO, width, rows, width_px, pool, average
+            )
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
+@njit(parallel=True, error_model="numpy", cache=True, nogil=True)
 def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size):
     """Stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`, average pool when also
     `average`) by Winograd's F(m x m, r x r): m = `size` (2 or 4), alpha = m + r - 1 from the

@@ -264,8 +264,9 @@ class Conv2D(Layer):
 
     def inference_variants(self, block) -> tuple[str, ...]:
         """`winograd` (3x3 stride 1) and `winograd5` (5x5 stride 1), the heuristic's choice from
-        WINO_MIN_CHANNELS input channels on; `k3_pool` and `pixels_pool` (1 input channel, fused
-        2x2/2 max pool), `direct` (every shape)."""
+        WINO_MIN_CHANNELS input channels on (`winograd` is offered for fewer too); `k3_pool` and
+        `pixels_pool` (1 input channel, fused 2x2/2 max pool), `direct` (every shape);
+        `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         max_pool = self._fuses_pool(block) and isinstance(block.pool, MaxPooling2D)
@@ -273,7 +274,8 @@ class Conv2D(Layer):
         five = self.kernel_size == (5, 5) and self.strides == (1, 1)
         wide = ci >= WINO_MIN_CHANNELS
         names = ["winograd"] if three and wide else []
-        if five and wide:  # F(2x2, 5x5) ran in 0.6-0.7x direct's time on 32-channel layers
+        # F(2x2, 5x5) took 0.6-0.7x direct's time on 32-channel layers, 2.5-4.5x on 1-3 channels
+        if five and wide:
             names.append("winograd5")
         if one_channel_pool and self.kernel_size == (3, 3) and filters % 16 == 0:
             names.append("k3_pool")
@@ -282,10 +284,8 @@ class Conv2D(Layer):
         names.append("direct")
         if three and not wide:
             names.append("winograd")
-        if three:
+        if three and wide:  # narrower, F(4x4, 3x3) took 1.4-1.6x direct's time
             names.append("winograd4")
-        if five and not wide:
-            names.append("winograd5")
         return tuple(names)
 
     def inference_steps(self, block, weights, first, variant=None):
