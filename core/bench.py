@@ -14,7 +14,7 @@ shows per model and batch size the median over processes of the milliseconds per
 ratio ORT time / our time (above 1: we are faster), and our achieved GFLOP/s, counted two ways:
 as the direct convolution would compute it ("direct-eq") and as the kernels the plan chose
 actually multiply (Winograd F(2x2, 3x3) does 16 products per 2x2 outputs and channel pair
-instead of 36). Next to them: numpy's 1024^3 sgemm GFLOP/s, measured in every ORT process, the
+instead of 36, F(4x4, 3x3) 36 per 4x4 outputs instead of 144, F(2x2, 5x5) 36 instead of 100). Next to them: numpy's 1024^3 sgemm GFLOP/s, measured in every ORT process, the
 machine's practical peak and a gauge of how busy it was. Then the geometric mean of all ratios
 and the worst cell. Both engines classify the same 16 images; the largest difference is printed.
 Without onnxruntime, only our figures are printed.
@@ -114,8 +114,10 @@ def sgemm_gflops(size: int = 1024, repeats: int = 5) -> float:
 def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, float]:
     """(direct-equivalent, actual) floating-point operations per image of the conv and dense
     layers (2 per multiply-add) for a kernel plan {layer index: variant}: a Winograd layer does
-    16 products per tile of 2x2 outputs and channel pair where the direct one does 36."""
+    alpha*alpha products per tile of m x m outputs and channel pair (F(2x2, 3x3): 16 where
+    direct does 36; F(4x4, 3x3): 36 for 144; F(2x2, 5x5): 36 for 100)."""
     from convserve.core.architecture import parse_architecture
+    from convserve.core.layers.conv2d import WINOGRAD
     from convserve.core.layers.fusion import blocks
 
     direct = actual = 0.0
@@ -130,10 +132,13 @@ def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, f
             kh, kw = layer.kernel_size
             work = 2.0 * oh * ow * co * kh * kw * ci
             direct += work
-            if plan.get(layer.index) == "winograd":
+            transform = WINOGRAD.get(plan.get(layer.index, ""))
+            if transform is not None:
                 fused = block.pool is not None and block.pool.tiles_input
-                tiles = (oh // 2) * (ow // 2) if fused else ((oh + 1) // 2) * ((ow + 1) // 2)
-                actual += 2.0 * 16 * tiles * ci * co
+                m = transform.m
+                rows, cols = (oh // 2 * 2, ow // 2 * 2) if fused else (oh, ow)  # conv pixels used
+                tiles = math.ceil(rows / m) * math.ceil(cols / m)
+                actual += 2.0 * transform.alpha**2 * tiles * ci * co
             else:
                 actual += work
     return direct, actual

@@ -57,12 +57,26 @@ VARIANTS: dict[str, tuple[int, int, dict[str, Any], dict[str, Any] | None, bool]
     ),
     "3x3 stride 2": (57, 57, {"kernel_size": 3, "strides": 2}, None, True),
     "5x5 valid + max pool": (32, 32, {"kernel_size": 5}, {"type": "max_pooling2d"}, True),
+    "5x5 valid + max pool (direct)": (
+        32,
+        32,
+        {"kernel_size": 5},
+        {"type": "max_pooling2d"},
+        False,
+    ),
     "5x5 same + max pool": (
         28,
         28,
         {"kernel_size": 5, "padding": "same"},
         {"type": "max_pooling2d"},
         True,
+    ),
+    "5x5 same + max pool (direct)": (
+        28,
+        28,
+        {"kernel_size": 5, "padding": "same"},
+        {"type": "max_pooling2d"},
+        False,
     ),
     "3x3 valid + average pool": (30, 30, {"kernel_size": 3}, {"type": "average_pooling2d"}, True),
     "3x3 valid + average pool (direct)": (

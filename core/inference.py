@@ -57,7 +57,8 @@ def default_plan(arch: Architecture, winograd: bool = True) -> Plan:
     `winograd=False` takes the first non-Winograd one (for comparison)."""
     plan: Plan = {}
     for block in blocks(arch.layers, inference=True):
-        names = [v for v in block.layer.inference_variants(block) if winograd or v != "winograd"]
+        variants = block.layer.inference_variants(block)
+        names = [v for v in variants if winograd or not v.startswith("winograd")]
         if names:
             plan[block.layer.index] = names[0]
     return plan

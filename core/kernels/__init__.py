@@ -1,11 +1,13 @@
 """Numba kernels of the inference core: module-level pure functions on arrays, one file per job.
 
-Every kernel is `@njit(..., fastmath=True, cache=True, nogil=True)`, takes C-contiguous float32
+Every kernel is `@njit(..., fastmath=True, cache=True, nogil=True)` (the Winograd ones without
+fastmath, for batch invariance: see `winograd.py`), takes C-contiguous float32
 arrays of fixed rank and writes into an output buffer it is given. `convserve.core.runtime` is
 imported first so that the threading layer and CPU features are set before numba loads.
 
 Modules: `ir` (LLVM-IR vector micro-kernels), `gemm` (GEMM rows on them), `direct` (direct
-convolution, optionally fused with 2x2/2 max pooling), `winograd` (3x3 stride-1 convolution),
+convolution, optionally fused with 2x2/2 max pooling), `winograd` (3x3 and 5x5 stride-1
+convolution) with `winograd_transforms` (the transform matrices and the IR applying them),
 `first_layer` (1-input-channel convolutions fused with pooling), `dense`, `pool` (max/average
 pooling), `padding` (the zero-bordered input copy), `elementwise` (activations, bias +
 activation stores, preprocessing).

@@ -1,7 +1,10 @@
-"""Winograd F(2x2, 3x3) convolution (NHWC, float32) for 3x3 stride-1 layers: per 2x2 block of
-outputs, 16 products per channel pair instead of 36. The input and output transforms are
-vector intrinsics (16 channels at a time) with scalar tails; the 16 products are GEMMs on the
-micro-kernels (`gemm._conv_row`). A fused 2x2/2 max or average pool is exactly one tile.
+"""Winograd convolution (NHWC, float32) for stride-1 layers: F(2x2, 3x3), F(4x4, 3x3) and
+F(2x2, 5x5). Per m x m block of outputs (a tile) and channel pair, alpha*alpha products
+(alpha = m + r - 1) instead of m*m*r*r: 16 instead of 36 (F(2x2, 3x3)), 36 instead of 144
+(F(4x4, 3x3)), 36 instead of 100 (F(2x2, 5x5)). The input and output transforms are IR emitted
+from their matrices (`winograd_transforms`): 16 channels at a time, one by one for the input's
+last channels; the products are GEMMs on the micro-kernels (`gemm._conv_row`). A fused 2x2/2
+max or average pool takes (m/2 x m/2) pooled outputs from each tile.
 """
 
 from __future__ import annotations
@@ -10,297 +13,178 @@ import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _QUARTER, _act
 from convserve.core.kernels.gemm import _conv_row
-from convserve.core.kernels.ir import _V16, _array_data, _vload, _vstore
 from convserve.core.kernels.tasks import row_task
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from convserve.core.kernels.winograd_transforms import (
+    F2X2_3X3,
+    F2X2_5X5,
+    F4X4_3X3,
+    input_transform,
+    output_transform,
+)
+from numba import njit, prange
+
+# the input transform depends on the points only: 6x6 tiles share one
+assert F4X4_3X3.bt == F2X2_5X5.bt
+_IN4 = input_transform(F2X2_3X3, 16)
+_IN4_ONE = input_transform(F2X2_3X3, 1)
+_IN6 = input_transform(F2X2_5X5, 16)
+_IN6_ONE = input_transform(F2X2_5X5, 1)
+_OUT_F23 = output_transform(F2X2_3X3)
+_OUT_F25 = output_transform(F2X2_5X5)
+_OUT_F43 = output_transform(F4X4_3X3)
+EDGE_FLOATS = 16 * 4 * 4  # an m x m tile of 16 channels, m <= 4
+
+# No fastmath in this module's functions (the GEMMs, `gemm._conv_row`, have it): numba's fastmath
+# marks every float operation of a function, the transforms' IR included, and LLVM may then
+# compute an output differently in the versions of a loop it picks at run time (by whether two
+# arrays overlap), so its last bit depended on the buffers' addresses, and so on the batch
+# (found by tests/test_kernels_winograd.py; main's F(2x2, 3x3) kernel had it too).
 
 
-@intrinsic
-def _wino_in16(typingctx, xf, p0, ci, row, vf, v, step):
-    """16 channels of one tile's Winograd input transform: d[i][j] is the vector at
-    xf[p0 + i*row + j*ci]; stores (B^T d B)[4i + j] at vf[v + (4i + j)*step]."""
-
-    def codegen(context, builder, signature, args):
-        xp = _array_data(context, builder, signature, args, 0)
-        vp = _array_data(context, builder, signature, args, 4)
-        _, p0_, ci_, row_, _, v_, step_ = args
-        d = [
-            [
-                _vload(
-                    builder,
-                    xp,
-                    builder.add(
-                        p0_,
-                        builder.add(
-                            builder.mul(ir.Constant(row_.type, i), row_),
-                            builder.mul(ir.Constant(ci_.type, j), ci_),
-                        ),
-                    ),
-                )
-                for j in range(4)
-            ]
-            for i in range(4)
-        ]
-        t = [
-            [builder.fsub(d[0][j], d[2][j]) for j in range(4)],
-            [builder.fadd(d[1][j], d[2][j]) for j in range(4)],
-            [builder.fsub(d[2][j], d[1][j]) for j in range(4)],
-            [builder.fsub(d[1][j], d[3][j]) for j in range(4)],
-        ]
-        for i in range(4):
-            out = (
-                builder.fsub(t[i][0], t[i][2]),
-                builder.fadd(t[i][1], t[i][2]),
-                builder.fsub(t[i][2], t[i][1]),
-                builder.fsub(t[i][1], t[i][3]),
-            )
-            for j in range(4):
-                off = builder.add(v_, builder.mul(ir.Constant(step_.type, 4 * i + j), step_))
-                _vstore(builder, out[j], vp, off)
-        return context.get_dummy_value()
-
-    return types.void(xf, p0, ci, row, vf, v, step), codegen
+@njit(inline="always", error_model="numpy", cache=True, nogil=True)
+def _output_block(alpha, size, mf, m, step, bias, co, of, o, ldx, ldy, pool, relu):
+    """The output transform of 16 channels of one tile (`output_transform`) for tile side
+    `alpha` and output side `size`."""
+    if size == 4:
+        _OUT_F43(mf, m, step, bias, co, of, o, ldx, ldy, pool, relu)
+    elif alpha == 6:
+        _OUT_F25(mf, m, step, bias, co, of, o, ldx, ldy, pool, relu)
+    else:
+        _OUT_F23(mf, m, step, bias, co, of, o, ldx, ldy, pool, relu)
 
 
-def _wino_out_kernel(pool: bool, relu: bool):
-    """An intrinsic for 16 channels of one tile's Winograd output transform plus bias and (with
-    `relu`) ReLU: M[4i + j] is the vector at mf[m + (4i + j)*step], Y = A^T M A (2x2).
-
-        mk(mf, m, step, bias, co, of, o, ldx, ldy)
-        pool: of[o] = max(Y) + bias[co]      else: of[o + y*ldy + x*ldx] = Y[y][x] + bias[co]"""
-
-    def codegen(context, builder, signature, args):
-        mp = _array_data(context, builder, signature, args, 0)
-        bp = _array_data(context, builder, signature, args, 3)
-        op = _array_data(context, builder, signature, args, 5)
-        _, m_, step_, _, co_, _, o_, ldx_, ldy_ = args
-        mv = [
-            _vload(builder, mp, builder.add(m_, builder.mul(ir.Constant(step_.type, k), step_)))
-            for k in range(16)
-        ]
-        s0 = [builder.fadd(builder.fadd(mv[j], mv[4 + j]), mv[8 + j]) for j in range(4)]
-        s1 = [builder.fsub(builder.fsub(mv[4 + j], mv[8 + j]), mv[12 + j]) for j in range(4)]
-        y = [
-            [
-                builder.fadd(builder.fadd(s[0], s[1]), s[2]),
-                builder.fsub(builder.fsub(s[1], s[2]), s[3]),
-            ]
-            for s in (s0, s1)
-        ]
-        b = _vload(builder, bp, co_)
-        zero = ir.Constant(_V16, [0.0] * 16)
-
-        def vmax(a, c):
-            return builder.select(builder.fcmp_ordered(">", a, c), a, c)
-
-        def finish(value):
-            value = builder.fadd(value, b)
-            return vmax(value, zero) if relu else value
-
-        if pool:
-            _vstore(builder, finish(vmax(vmax(y[0][0], y[0][1]), vmax(y[1][0], y[1][1]))), op, o_)
-        else:
-            for i in range(2):
-                for j in range(2):
-                    off = builder.add(
-                        o_,
-                        builder.add(
-                            builder.mul(ir.Constant(ldy_.type, i), ldy_),
-                            builder.mul(ir.Constant(ldx_.type, j), ldx_),
-                        ),
-                    )
-                    _vstore(builder, finish(y[i][j]), op, off)
-        return context.get_dummy_value()
-
-    @intrinsic
-    def mk(typingctx, mf, m, step, bias, co, of, o, ldx, ldy):
-        return types.void(mf, m, step, bias, co, of, o, ldx, ldy), codegen
-
-    return mk
-
-
-_wino_out_pool = _wino_out_kernel(True, False)
-_wino_out_pool_relu = _wino_out_kernel(True, True)
-_wino_out_full = _wino_out_kernel(False, False)
-_wino_out_full_relu = _wino_out_kernel(False, True)
-
-
-@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _wino_input(xf, base, row, CI, TW, vf):
-    """Winograd F(2x2, 3x3) input transform of one row of tiles: for tile tx (the 4x4 input
-    pixels from column 2*tx of the four input rows starting at xf[base], `row` floats apart)
-    and channel c, vf[(p*TW + tx)*CI + c] = (B^T d B)[p], p = 4*i + j: 16 channels at a time,
-    then one by one."""
+@njit(error_model="numpy", cache=True, nogil=True)
+def _wino_input(xf, base, row, CI, TW, vf, alpha, size):
+    """Input transform of one row of tiles of side `alpha` (4 or 6), `size` outputs apart: for
+    tile tx (the alpha x alpha input pixels from column size*tx of the rows starting at
+    xf[base], `row` floats apart) and channel c, vf[(p*TW + tx)*CI + c] = (B^T d B)[p]: 16
+    channels at a time, then one by one."""
     step = TW * CI
     vec_end = CI // 16 * 16
     for tx in range(TW):
-        o = base + 2 * tx * CI
+        o = base + size * tx * CI
         q = tx * CI
         for c in range(0, vec_end, 16):
-            _wino_in16(xf, o + c, CI, row, vf, q + c, step)
+            if alpha == 6:
+                _IN6(xf, o + c, CI, row, vf, q + c, step)
+            else:
+                _IN4(xf, o + c, CI, row, vf, q + c, step)
         for c in range(vec_end, CI):
-            p0 = o + c
-            p1 = p0 + row
-            p2 = p1 + row
-            p3 = p2 + row
-            # B^T d: combine the rows
-            t00 = xf[p0] - xf[p2]
-            t01 = xf[p0 + CI] - xf[p2 + CI]
-            t02 = xf[p0 + 2 * CI] - xf[p2 + 2 * CI]
-            t03 = xf[p0 + 3 * CI] - xf[p2 + 3 * CI]
-            t10 = xf[p1] + xf[p2]
-            t11 = xf[p1 + CI] + xf[p2 + CI]
-            t12 = xf[p1 + 2 * CI] + xf[p2 + 2 * CI]
-            t13 = xf[p1 + 3 * CI] + xf[p2 + 3 * CI]
-            t20 = xf[p2] - xf[p1]
-            t21 = xf[p2 + CI] - xf[p1 + CI]
-            t22 = xf[p2 + 2 * CI] - xf[p1 + 2 * CI]
-            t23 = xf[p2 + 3 * CI] - xf[p1 + 3 * CI]
-            t30 = xf[p1] - xf[p3]
-            t31 = xf[p1 + CI] - xf[p3 + CI]
-            t32 = xf[p1 + 2 * CI] - xf[p3 + 2 * CI]
-            t33 = xf[p1 + 3 * CI] - xf[p3 + 3 * CI]
-            # (B^T d) B: combine the columns
-            v = q + c
-            vf[v] = t00 - t02
-            vf[v + step] = t01 + t02
-            vf[v + 2 * step] = t02 - t01
-            vf[v + 3 * step] = t01 - t03
-            vf[v + 4 * step] = t10 - t12
-            vf[v + 5 * step] = t11 + t12
-            vf[v + 6 * step] = t12 - t11
-            vf[v + 7 * step] = t11 - t13
-            vf[v + 8 * step] = t20 - t22
-            vf[v + 9 * step] = t21 + t22
-            vf[v + 10 * step] = t22 - t21
-            vf[v + 11 * step] = t21 - t23
-            vf[v + 12 * step] = t30 - t32
-            vf[v + 13 * step] = t31 + t32
-            vf[v + 14 * step] = t32 - t31
-            vf[v + 15 * step] = t31 - t33
+            if alpha == 6:
+                _IN6_ONE(xf, o + c, CI, row, vf, q + c, step)
+            else:
+                _IN4_ONE(xf, o + c, CI, row, vf, q + c, step)
 
 
-@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+@njit(error_model="numpy", cache=True, nogil=True)
+def _edge_outputs(edge, size, act, of, o, row, CO, width, rows, cols, pool, average):
+    """The valid outputs of a tile of `size` x `size` outputs of 16 channels held in `edge`
+    (Y + bias, rows 16*size floats apart): activated, pooled over 2x2 windows with `pool`
+    (max, or the mean of activated values with `average`) and written for `rows` x `cols`
+    (pooled) outputs and `width` channels at of[o + y*row + x*CO + j]."""
+    if not (pool and not average):  # a max pool activates its maximum only
+        for j in range(16 * size * size):
+            edge[j] = _act(edge[j], act)
+    for y in range(rows):
+        for x in range(cols):
+            at = o + y * row + x * CO
+            if not pool:
+                e = 16 * (y * size + x)
+                for j in range(width):
+                    of[at + j] = edge[e + j]
+                continue
+            e = 32 * (y * size + x)  # the window's top left: Y[2y][2x]
+            d = 16 * size  # the next row of Y
+            if average:
+                for j in range(width):
+                    pair = (edge[e + j] + edge[e + 16 + j]) + (
+                        edge[e + d + j] + edge[e + d + 16 + j]
+                    )
+                    of[at + j] = pair * _QUARTER
+            else:
+                for j in range(width):
+                    top = max(
+                        max(edge[e + j], edge[e + 16 + j]),
+                        max(edge[e + d + j], edge[e + d + 16 + j]),
+                    )
+                    of[at + j] = _act(top, act)
+
+
+@njit(error_model="numpy", cache=True, nogil=True)
 def _wino_output(
-    mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, average, rows, cols, edge
+    mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, average, rows, cols, edge, alpha, size
 ):
-    """Winograd output transform of one row of tiles, plus bias and activation: tile tx's 2x2
-    outputs Y = A^T M A, M[p] = mf[(p*TW + tx)*COp + co]. With `pool`, writes max(Y) (one pooled
-    pixel per tile; with `average` the mean of the four activated values) at
-    of[o_row + tx*CO + co]; else Y's `rows` rows (1 or 2) and the columns below `cols` at
-    of[o_row + y*row + (2*tx + x)*CO + co]. An edge tile, partly outside the output, goes
-    through `edge` (64 floats): whole vectors there too, then its valid outputs are copied."""
+    """Output transform of one row of tiles, plus bias and activation: tile tx's m x m outputs
+    Y = A^T M A (m = `size`), M[p] = mf[(p*TW + tx)*COp + co]. A tile covers `per` output rows
+    and columns (m, or m/2 pooled ones with `pool`: the max of each 2x2 window, with `average`
+    the mean of its four activated values); this row of tiles has `rows` valid output rows and
+    the output `cols` columns, written at of[o_row + y*row + (per*tx + x)*CO + co]. Always 16
+    channels at a time (the products have COp columns): straight into `of` for a whole tile of
+    16 real channels with ReLU or no activation and no average pool, else through `edge` (m*m*16
+    floats) and `_edge_outputs`."""
     step = TW * COp
     hi = min(c1, CO)
+    per = size // 2 if pool else size
     for tx in range(TW):
         q = tx * COp
-        o = o_row + (tx if pool else 2 * tx) * CO
-        two = 2 * tx + 1 < cols
-        start = c0
-        full = two and rows == 2
-        # whole vectors of 16 channels (an average pool takes the loop below, which vectorizes)
-        if not pool and not full:
-            while start + 16 <= hi:
-                m = q + start
-                if act == 1:
-                    _wino_out_full_relu(mf, m, step, bias, start, edge, 0, 16, 32)
-                else:
-                    _wino_out_full(mf, m, step, bias, start, edge, 0, 16, 32)
-                for y in range(rows):
-                    for x in range(2 if two else 1):
-                        for j in range(16):
-                            of[o + y * row + x * CO + start + j] = _act(
-                                edge[32 * y + 16 * x + j], act
-                            )
-                start += 16
-        elif (pool and not average) or full:
-            while start + 16 <= hi:
-                m = q + start
-                if pool and act == 1:
-                    _wino_out_pool_relu(mf, m, step, bias, start, of, o + start, CO, row)
-                elif pool:
-                    _wino_out_pool(mf, m, step, bias, start, of, o + start, CO, row)
-                elif act == 1:
-                    _wino_out_full_relu(mf, m, step, bias, start, of, o + start, CO, row)
-                else:
-                    _wino_out_full(mf, m, step, bias, start, of, o + start, CO, row)
-                if act > 1:
-                    for j in range(start, start + 16):
-                        of[o + j] = _act(of[o + j], act)
-                        if not pool:
-                            of[o + CO + j] = _act(of[o + CO + j], act)
-                            of[o + row + j] = _act(of[o + row + j], act)
-                            of[o + row + CO + j] = _act(of[o + row + CO + j], act)
-                start += 16
-        for co in range(start, hi):
-            m = q + co
-            s00 = mf[m] + mf[m + 4 * step] + mf[m + 8 * step]
-            s01 = mf[m + step] + mf[m + 5 * step] + mf[m + 9 * step]
-            s02 = mf[m + 2 * step] + mf[m + 6 * step] + mf[m + 10 * step]
-            s03 = mf[m + 3 * step] + mf[m + 7 * step] + mf[m + 11 * step]
-            s10 = mf[m + 4 * step] - mf[m + 8 * step] - mf[m + 12 * step]
-            s11 = mf[m + 5 * step] - mf[m + 9 * step] - mf[m + 13 * step]
-            s12 = mf[m + 6 * step] - mf[m + 10 * step] - mf[m + 14 * step]
-            s13 = mf[m + 7 * step] - mf[m + 11 * step] - mf[m + 15 * step]
-            y00 = s00 + s01 + s02
-            y01 = s01 - s02 - s03
-            y10 = s10 + s11 + s12
-            y11 = s11 - s12 - s13
-            b = bias[co]
-            if pool and average:
-                s = _act(y00 + b, act) + _act(y01 + b, act)
-                s += _act(y10 + b, act) + _act(y11 + b, act)
-                of[o + co] = s * _QUARTER
-            elif pool:
-                of[o + co] = _act(max(max(y00, y01), max(y10, y11)) + b, act)
-            else:
-                of[o + co] = _act(y00 + b, act)
-                if two:
-                    of[o + CO + co] = _act(y01 + b, act)
-                if rows == 2:
-                    of[o + row + co] = _act(y10 + b, act)
-                    if two:
-                        of[o + row + CO + co] = _act(y11 + b, act)
+        o = o_row + per * tx * CO
+        width_px = min(per, cols - per * tx)
+        direct = act <= 1 and rows == per and width_px == per and not (pool and average)
+        for start in range(c0, hi, 16):
+            m = q + start
+            if direct and start + 16 <= hi:
+                _output_block(
+                    alpha, size, mf, m, step, bias, start, of, o + start, CO, row, pool, act
+                )
+                continue
+            _output_block(alpha, size, mf, m, step, bias, start, edge, 0, 16, 16 * size, False, 0)
+            width = min(16, hi - start)
+            _edge_outputs(
+                edge, size, act, of, o + start, row, CO, width, rows, width_px, pool, average
+            )
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
-def conv_wino(x, u, bias, tiles, out, act, pool, average, splits):
-    """3x3 stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`, average pool when
-    also `average`) by Winograd's
-    F(2x2, 3x3): per 2x2 block of outputs, 16 products per channel pair instead of 36.
+@njit(parallel=True, error_model="numpy", cache=True, nogil=True)
+def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size):
+    """Stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`, average pool when also
+    `average`) by Winograd's F(m x m, r x r): m = `size` (2 or 4), alpha = m + r - 1 from the
+    products in `u` (16: F(2x2, 3x3); 36: F(2x2, 5x5), or F(4x4, 3x3) with size 4).
 
-    x: padded, preprocessed input (N, Hp, Wp, CI) holding every 4x4 tile; u: (16, CI, COp) the
-    transformed kernel G g G^T, COp a multiple of 16. out: (N, OH, OW, CO), pooled or not; a
-    pooled pixel is exactly one tile. Tasks: (image, row of tiles, range of output channels),
-    `splits` ranges per row; each runs the input transform of its row of tiles, 16 GEMMs
-    (tiles x CI) @ (CI x channels) with the conv micro-kernels, and the output transform.
-    tiles: (threads, >= 16 * TW * (CI + COp) + 64) floats: the transformed tiles, the products
-    and an edge tile.
-    The transforms are additions only, and results do not depend on the batch size."""
+    x: padded, preprocessed input (N, Hp, Wp, CI) holding every alpha x alpha tile, tiles m
+    apart; u: (alpha*alpha, CI, COp) the transformed kernel G g G^T, COp a multiple of 16. out:
+    (N, OH, OW, CO), pooled or not; a tile gives m x m outputs or (m/2 x m/2) pooled ones.
+    Tasks: (image, row of tiles, range of output channels), `splits` ranges per row; each runs
+    the input transform of its row of tiles, alpha*alpha GEMMs (tiles x CI) @ (CI x channels)
+    with the conv micro-kernels, and the output transform.
+    tiles: (threads, >= alpha*alpha * TW * (CI + COp) + EDGE_FLOATS) floats: the transformed
+    tiles, the products and an edge tile.
+    The transforms are additions and multiplications by constants, and results do not depend
+    on the batch size."""
     N, Hp, Wp, CI = x.shape
     COp = u.shape[2]
+    products = u.shape[0]
+    alpha = 6 if products == 36 else 4
     OH, OW, CO = out.shape[1], out.shape[2], out.shape[3]
-    TH = OH if pool else (OH + 1) // 2
-    TW = OW if pool else (OW + 1) // 2
-    per = ((COp // 16 + splits - 1) // splits) * 16
+    per = size // 2 if pool else size  # output rows and columns a tile gives
+    TH = (OH + per - 1) // per
+    TW = (OW + per - 1) // per
+    part = ((COp // 16 + splits - 1) // splits) * 16
     xf = x.reshape(x.size)
     uf = u.reshape(u.size)
     of = out.reshape(out.size)
-    vsize = 16 * TW * CI
-    msize = 16 * TW * COp
+    vsize = products * TW * CI
+    msize = products * TW * COp
     usize = CI * COp
     row_out = OW * CO
     for t in prange(N * TH * splits):
-        n, ty, c0, c1 = row_task(t, splits, TH, per, COp)
+        n, ty, c0, c1 = row_task(t, splits, TH, part, COp)
         if c0 < c1:
             buf = tiles[numba.get_thread_id()]
             vf = buf[:vsize]
             mf = buf[vsize : vsize + msize]
-            edge = buf[vsize + msize : vsize + msize + 64]
-            _wino_input(xf, (n * Hp + 2 * ty) * Wp * CI, Wp * CI, CI, TW, vf)
-            for p in range(16):
+            edge = buf[vsize + msize : vsize + msize + EDGE_FLOATS]
+            _wino_input(xf, (n * Hp + size * ty) * Wp * CI, Wp * CI, CI, TW, vf, alpha, size)
+            for p in range(products):
                 _conv_row(
                     vf,
                     p * TW * CI,
@@ -317,36 +201,25 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits):
                     TW,
                     c1 - c0,
                 )
-            # constant flags: under fastmath the code LLVM makes of the inlined transform, and so
-            # its last-bit rounding, depends on them (results stay bit-identical this way)
-            if pool and average:
-                o_row = (n * OH + ty) * row_out
-                _wino_output(
-                    mf, TW, COp, c0, c1, bias, act, of, o_row, row_out, CO, True, True, 1, OW, edge
-                )
-            elif pool:
-                o_row = (n * OH + ty) * row_out
-                _wino_output(
-                    mf, TW, COp, c0, c1, bias, act, of, o_row, row_out, CO, True, False, 1, OW, edge
-                )
-            else:
-                o_row = (n * OH + 2 * ty) * row_out
-                rows = min(2, OH - 2 * ty)  # one at an odd bottom edge
-                _wino_output(
-                    mf,
-                    TW,
-                    COp,
-                    c0,
-                    c1,
-                    bias,
-                    act,
-                    of,
-                    o_row,
-                    row_out,
-                    CO,
-                    False,
-                    False,
-                    rows,
-                    OW,
-                    edge,
-                )
+            rows = min(per, OH - per * ty)  # fewer at the bottom edge
+            o_row = (n * OH + per * ty) * row_out
+            _wino_output(
+                mf,
+                TW,
+                COp,
+                c0,
+                c1,
+                bias,
+                act,
+                of,
+                o_row,
+                row_out,
+                CO,
+                pool,
+                average,
+                rows,
+                OW,
+                edge,
+                alpha,
+                size,
+            )

@@ -3,14 +3,15 @@ chosen per shape and the training forward/backward.
 
 At inference a conv block (see `fusion.py`: the conv, a standalone activation after it, a max
 or average pool after that) becomes one of these steps:
-- `WinogradConv` (variant `winograd`): 3x3 stride 1, pooled or not;
+- `WinogradConv` (variants `winograd`: 3x3 stride 1, F(2x2, 3x3); `winograd5`: 5x5 stride 1,
+  F(2x2, 5x5)), pooled or not;
 - `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
   with a 2x2/2 max pool;
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding).
 A 2x2/2 `valid` pool, max or average, is fused into the Winograd and direct kernels.
-`inference_variants` lists the ones that apply, today's heuristic choice first (Winograd from
-WINO_MIN_CHANNELS input channels on, else the first-layer kernels, else direct); the planner
-(`core/planner.py`) may time them and pick another.
+`inference_variants` lists the ones that apply, today's heuristic choice first (Winograd 3x3
+or 5x5 from WINO_MIN_CHANNELS input channels on, else the first-layer kernels, else direct);
+the planner (`core/planner.py`) may time them and pick another.
 A pool of another shape runs as its own step after the conv; a softmax as an `Activate`.
 """
 
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 from convserve.core.activations import CODES, LINEAR, RELU, SOFTMAX
 from convserve.core.kernels import direct, first_layer, winograd
+from convserve.core.kernels.winograd_transforms import F2X2_3X3, F2X2_5X5, F4X4_3X3, Transform
 from convserve.core.layers import base
 from convserve.core.layers.base import NO_PADS, PADDINGS, Layer
 from convserve.core.layers.dense import round_up
@@ -32,7 +34,11 @@ from convserve.core.training import kernels as K
 from convserve.core.training.layers import activate, activation_grad
 
 WINO_MIN_CHANNELS = 8  # below this many input channels a GEMM over them is too short to pay
-_WINO_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+WINOGRAD: dict[str, Transform] = {  # variant: its transform
+    "winograd": F2X2_3X3,
+    "winograd4": F4X4_3X3,
+    "winograd5": F2X2_5X5,
+}
 
 
 # -- weight packing -----------------------------------------------------------------------------
@@ -49,12 +55,11 @@ def pack_gemm(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, 
     return wk, b
 
 
-def winograd_kernel(kernel: np.ndarray, cop: int) -> np.ndarray:
-    """The F(2x2, 3x3) transformed kernel G g G^T as (16, CI, COp), computed in float64."""
-    _, _, ci, co = kernel.shape
-    u = np.einsum("ia,abcd,jb->ijcd", _WINO_G, kernel.astype(np.float64), _WINO_G)
-    out = np.zeros((16, ci, cop), np.float32)
-    out[:, :, :co] = u.reshape(16, ci, co)
+def winograd_kernel(kernel: np.ndarray, cop: int, transform: Transform) -> np.ndarray:
+    """The transformed kernel G g G^T as (alpha*alpha, CI, COp), computed in float64."""
+    u = transform.kernel(kernel)
+    out = np.zeros((*u.shape[:2], cop), np.float32)
+    out[:, :, : u.shape[2]] = u
     return out
 
 
@@ -99,25 +104,30 @@ class DirectConv(Step):
 
 @dataclass(kw_only=True)
 class WinogradConv(Step):
-    """`winograd.conv_wino`: 3x3 stride 1, optionally fused with a 2x2/2 max pool (average
-    pool with `average`)."""
+    """`winograd.conv_wino`: F(size x size, r x r), r from the products in `u`, optionally
+    fused with a 2x2/2 max pool (average pool with `average`)."""
 
     u: np.ndarray
     bias: np.ndarray
     act: int
     pool: bool
     average: bool = False
+    size: int = 2  # outputs per tile side, m
 
-    def _tile_width(self) -> int:
-        return self.shape[1] if self.pool else (self.shape[1] + 1) // 2
+    def _tiles(self, outputs: int) -> int:
+        """Tiles along a side of `outputs` output pixels (pooled ones with a fused pool)."""
+        per = self.size // 2 if self.pool else self.size
+        return (outputs + per - 1) // per
 
     def tile_floats(self) -> int:
-        return 16 * self._tile_width() * sum(self.u.shape[1:]) + 64  # + an edge tile
+        floats = self.u.shape[0] * self._tiles(self.shape[1]) * sum(self.u.shape[1:])
+        return floats + winograd.EDGE_FLOATS
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
-        rows = self.shape[0] if self.pool else (self.shape[0] + 1) // 2
-        ways = splits(program.n * rows, self.u.shape[2] // 16, program.threads)
+        ways = splits(
+            program.n * self._tiles(self.shape[0]), self.u.shape[2] // 16, program.threads
+        )
         program.add(
             winograd.conv_wino,
             x,
@@ -129,6 +139,7 @@ class WinogradConv(Step):
             self.pool,
             self.average,
             ways,
+            self.size,
         )
         return out
 
@@ -252,15 +263,20 @@ class Conv2D(Layer):
         return pool is not None and pool.pool_size == (2, 2) and pool.tiles_input
 
     def inference_variants(self, block) -> tuple[str, ...]:
-        """`winograd` (3x3 stride 1; the heuristic's choice from WINO_MIN_CHANNELS input
-        channels on), `k3_pool` and `pixels_pool` (1 input channel, fused 2x2/2 max pool),
-        `direct` (every shape)."""
+        """`winograd` (3x3 stride 1) and `winograd5` (5x5 stride 1), the heuristic's choice from
+        WINO_MIN_CHANNELS input channels on (`winograd` is offered for fewer too); `k3_pool` and
+        `pixels_pool` (1 input channel, fused 2x2/2 max pool), `direct` (every shape);
+        `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         max_pool = self._fuses_pool(block) and isinstance(block.pool, MaxPooling2D)
         one_channel_pool = max_pool and ci == 1 and self.strides == (1, 1)
-        wide = three and ci >= WINO_MIN_CHANNELS
-        names = ["winograd"] if wide else []
+        five = self.kernel_size == (5, 5) and self.strides == (1, 1)
+        wide = ci >= WINO_MIN_CHANNELS
+        names = ["winograd"] if three and wide else []
+        # F(2x2, 5x5) took 0.6-0.7x direct's time on 32-channel layers, 2.5-4.5x on 1-3 channels
+        if five and wide:
+            names.append("winograd5")
         if one_channel_pool and self.kernel_size == (3, 3) and filters % 16 == 0:
             names.append("k3_pool")
         if one_channel_pool and filters <= 8:
@@ -268,6 +284,8 @@ class Conv2D(Layer):
         names.append("direct")
         if three and not wide:
             names.append("winograd")
+        if three and wide:  # narrower, F(4x4, 3x3) took 1.4-1.6x direct's time
+            names.append("winograd4")
         return tuple(names)
 
     def inference_steps(self, block, weights, first, variant=None):
@@ -291,18 +309,20 @@ class Conv2D(Layer):
 
         pooled_rows_cols = (2 * shape[0], 2 * shape[1])  # the conv pixels a fused pool reads
         filters = self.filters
-        if variant == "winograd":
-            rows_cols = (
-                pooled_rows_cols if fused else (round_up(shape[0], 2), round_up(shape[1], 2))
-            )
+        if variant in WINOGRAD:
+            m = WINOGRAD[variant].m
+            per = m // 2 if fused else m  # output pixels per tile side
+            scale = 2 if fused else 1  # the conv pixels a pooled output reads
+            rows_cols = (scale * round_up(shape[0], per), scale * round_up(shape[1], per))
             step: Step = WinogradConv(
                 **common,
                 padding=padding_for(rows_cols),
-                u=winograd_kernel(kernel, wk.shape[1]),
+                u=winograd_kernel(kernel, wk.shape[1], WINOGRAD[variant]),
                 bias=bias,
                 act=kernel_act,
                 pool=fused,
                 average=average,
+                size=m,
             )
         elif variant == "k3_pool":
             step = K3PoolConv(

@@ -1,0 +1,166 @@
+"""Winograd kernels: the transforms built from interpolation points are exact, and the
+`winograd` (F(2x2, 3x3)), `winograd4` (F(4x4, 3x3)) and `winograd5` (F(2x2, 5x5)) variants match the NumPy reference on
+randomized shapes and are bit-identical across batch sizes."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from convserve.core.architecture import parse_architecture
+from convserve.core.inference import BATCH_CHUNK, InferencePlan
+from convserve.core.kernels.winograd_transforms import F2X2_3X3, F2X2_5X5, F4X4_3X3, toom_cook
+
+from tests import reference_numpy as ref
+from tests.conftest import random_weights
+
+TOLERANCE = 1e-4  # relative to the output's scale
+KERNEL_SIZE = {"winograd": 3, "winograd4": 3, "winograd5": 5}
+
+
+def _correlate(d: list[Fraction], g: list[Fraction], m: int) -> list[Fraction]:
+    return [sum(d[k + j] * g[j] for j in range(len(g))) for k in range(m)]
+
+
+@pytest.mark.parametrize(
+    "m,r,points",
+    [(2, 3, (0, 1, -1)), (2, 5, (0, 1, -1, 2, -2)), (4, 3, (0, 1, -1, 2, Fraction(-1, 2)))],
+)
+def test_toom_cook_transforms_compute_the_correlation_exactly(m, r, points):
+    """A^T [(G g) * (B^T d)] is the 1-D correlation of d with g, in exact arithmetic, for random
+    integer data; B^T's rows are integers."""
+    t = toom_cook(m, r, points)
+    assert t.alpha == m + r - 1
+    assert all(v.denominator == 1 for row in t.bt for v in row)
+    rng = np.random.default_rng(m * 10 + r)
+    for _ in range(20):
+        d = [Fraction(int(v)) for v in rng.integers(-50, 51, t.alpha)]
+        g = [Fraction(int(v)) for v in rng.integers(-50, 51, r)]
+        gg = [sum(a * b for a, b in zip(row, g)) for row in t.g]
+        dd = [sum(a * b for a, b in zip(row, d)) for row in t.bt]
+        y = [sum(a * p * q for a, p, q in zip(row, gg, dd)) for row in t.at]
+        assert y == _correlate(d, g, m)
+
+
+def test_toom_cook_refuses_bad_points():
+    with pytest.raises(ValueError, match="distinct finite points"):
+        toom_cook(2, 3, (0, 1, 1))
+    with pytest.raises(ValueError, match="distinct finite points"):
+        toom_cook(2, 5, (0, 1, -1))
+
+
+def test_kernel_transform_is_float64_and_exact_on_2d():
+    """G g G^T from `Transform.kernel` with the input/output sides gives the 2-D correlation."""
+    rng = np.random.default_rng(5)
+    for t in (F2X2_3X3, F4X4_3X3, F2X2_5X5):
+        g = rng.standard_normal((t.r, t.r, 1, 1))
+        d = rng.standard_normal((t.alpha, t.alpha))
+        u = t.kernel(g)
+        assert u.dtype == np.float64 and u.shape == (t.alpha**2, 1, 1)
+        bt, at = np.array(t.bt, np.float64), np.array(t.at, np.float64)
+        y = at @ (u.reshape(t.alpha, t.alpha) * (bt @ d @ bt.T)) @ at.T
+        want = [
+            [np.sum(d[i : i + t.r, j : j + t.r] * g[:, :, 0, 0]) for j in range(t.m)]
+            for i in range(t.m)
+        ]
+        np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+def _case(rng: np.random.Generator, variant: str, pool: str | None, act: str, padding: str):
+    """A one-conv model (its flattened output is the model's output) with random odd or even sizes and
+    channel counts that are not multiples of 16 (some above, some below)."""
+    k = KERNEL_SIZE[variant]
+    narrow = [1, 3] if variant == "winograd" else []  # the others start at 8 channels
+    channels = int(rng.choice([*narrow, 8, 13, 17, 32, 35]))
+    filters = int(rng.choice([1, 5, 16, 20, 37, 64, 70]))
+    low = k + 1 if padding == "valid" else 2
+    h, w = (int(v) for v in rng.integers(low, 20, size=2))
+    layers = [
+        {
+            "type": "conv2d",
+            "filters": filters,
+            "kernel_size": k,
+            "padding": padding,
+            "activation": act,
+            "use_bias": bool(rng.random() < 0.8),
+        }
+    ]
+    if pool:
+        layers.append({"type": f"{pool}_pooling2d", "pool_size": 2})
+    layers.append({"type": "flatten"})  # a free view: the conv block's output is compared
+    doc = {
+        "name": "wino",
+        "input": {
+            "shape": [h, w, channels],
+            "scale": 1 / 255,
+            "mean": [0.3] * channels,
+            "std": [0.6] * channels,
+        },
+        "layers": layers,
+    }
+    return doc
+
+
+CASES = [
+    (variant, pool, act, padding)
+    for variant in KERNEL_SIZE
+    for pool in (None, "max", "average")
+    for act in ("linear", "relu", "tanh", "sigmoid")
+    for padding in ("valid", "same")
+]
+
+
+@pytest.mark.parametrize("variant,pool,act,padding", CASES)
+def test_winograd_variants_match_the_reference_and_are_batch_invariant(variant, pool, act, padding):
+    rng = np.random.default_rng(CASES.index((variant, pool, act, padding)))
+    for trial in range(2):
+        doc = _case(rng, variant, pool, act, padding)
+        arch = parse_architecture(doc)
+        weights = random_weights(doc, seed=trial)
+        plan = InferencePlan(arch, weights, {0: variant})
+        step = plan.steps[0]
+        assert type(step).__name__ == "WinogradConv"
+        assert step.pool == (pool is not None)  # the 2x2/2 pool is fused
+        assert step.u.shape[0] == (16 if variant == "winograd" else 36)
+        assert step.size == (4 if variant == "winograd4" else 2)
+        n = BATCH_CHUNK + 3  # two chunks
+        x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
+        where = f"{variant} {doc['layers']} {arch.input_shape}"
+        expected = ref.forward(doc, weights, x)
+        got = plan.run(x)
+        scale = max(float(np.abs(expected).max()), 1e-3)
+        np.testing.assert_allclose(got, expected, atol=TOLERANCE * scale, rtol=0, err_msg=where)
+        pixels = rng.integers(0, 256, x.shape[:1] + x.shape[1:]).astype(np.uint8)[:5]
+        expected_raw = ref.forward(doc, weights, pixels, preprocess=True)
+        scale = max(float(np.abs(expected_raw).max()), 1e-3)
+        np.testing.assert_allclose(
+            plan.run(pixels, preprocess=True),
+            expected_raw,
+            atol=TOLERANCE * scale,
+            rtol=0,
+            err_msg=where,
+        )
+        for start, stop in ((0, 1), (2, 9), (n - 1, n), (1, BATCH_CHUNK + 2)):
+            assert np.array_equal(plan.run(x[start:stop]), got[start:stop]), (
+                f"{where} {start}-{stop}"
+            )
+
+
+def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
+    """The planner may time `winograd4` (3x3) and `winograd5` (5x5) against `direct` on
+    stride-1 convs of their kernel size from 8 input channels on, never elsewhere."""
+    from convserve.core.layers.fusion import blocks
+
+    def variants(kernel_size: int, strides: int, channels: int = 16) -> tuple[str, ...]:
+        conv = {"type": "conv2d", "filters": 8, "kernel_size": kernel_size, "strides": strides}
+        doc = {"input": {"shape": [12, 12, channels]}, "layers": [conv, {"type": "flatten"}]}
+        block = blocks(parse_architecture(doc).layers, inference=True)[0]
+        return block.layer.inference_variants(block)
+
+    assert variants(5, 1) == ("winograd5", "direct")
+    assert variants(3, 1) == ("winograd", "direct", "winograd4")
+    for kernel_size, strides in ((5, 2), (3, 2), (7, 1), (1, 1)):
+        assert not any(v.startswith("winograd") for v in variants(kernel_size, strides))
+    assert variants(5, 1, channels=7) == ("direct",)  # too few channels to pay
+    assert variants(3, 1, channels=7) == ("direct", "winograd")
