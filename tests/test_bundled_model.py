@@ -1,5 +1,5 @@
 """The bundled default model: trained by our trainer, it classifies the 10,000 real
-Fashion-MNIST test images with the accuracy models/fashion_mnist/TRAINING.md reports (92.00 %)."""
+Fashion-MNIST test images with the accuracy models/fashion_mnist/TRAINING.md reports (93.11 %)."""
 
 from __future__ import annotations
 
@@ -29,5 +29,5 @@ def test_bundled_model_accuracy_on_the_real_test_set():
         ]
     )
     accuracy = float(np.mean(predictions == test.y_test))
-    # the shipped file's true figure: 9,200 of 10,000 (TRAINING.md)
-    assert accuracy >= 0.92, f"bundled model accuracy {accuracy:.4f} on the 10,000 test images"
+    # the shipped file's true figure: 9,311 of 10,000 (TRAINING.md)
+    assert accuracy >= 0.9311, f"bundled model accuracy {accuracy:.4f} on the 10,000 test images"
