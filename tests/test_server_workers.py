@@ -135,7 +135,8 @@ def _infer_on_fresh_connections(server: h.Server, count: int) -> int:
 
     A connection the kernel hands to a worker's listening socket just as that worker dies is
     reset (UNAVAILABLE), and a replacement still warming up answers UNAVAILABLE: clients retry
-    UNAVAILABLE (ours does), so this does too, on a new connection, a few times."""
+    UNAVAILABLE (ours does), so this does too, on a new connection, with the backoff of our
+    client's default retry policy (5 attempts, 0.1 s doubling)."""
     expected = h.local_model("lenet", 1).predict(h.images(2, seed=6))
     ok = 0
     for _ in range(count):
@@ -145,9 +146,14 @@ def _infer_on_fresh_connections(server: h.Server, count: int) -> int:
                 request = h.infer_request("lenet", h.images(2, seed=6))
                 response = api.ModelInfer(request, timeout=30)
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                time.sleep(0.2)
+                if attempt == 4:
+                    raise AssertionError(
+                        f"5 attempts on new connections failed: {error.details()}\n"
+                        f"server log (end):\n{server.log()[-4000:]}"
+                    ) from error
+                time.sleep(0.1 * 2**attempt)
                 continue
             finally:
                 channel.close()
