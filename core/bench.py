@@ -14,7 +14,8 @@ shows per model and batch size the median over processes of the milliseconds per
 ratio ORT time / our time (above 1: we are faster), and our achieved GFLOP/s, counted two ways:
 as the direct convolution would compute it ("direct-eq") and as the kernels the plan chose
 actually multiply (Winograd F(2x2, 3x3) does 16 products per 2x2 outputs and channel pair
-instead of 36, F(4x4, 3x3) 36 per 4x4 outputs instead of 144, F(2x2, 5x5) 36 instead of 100). Next to them: numpy's 1024^3 sgemm GFLOP/s, measured in every ORT process, the
+instead of 36, F(4x4, 3x3) 36 per 4x4 outputs instead of 144, F(2x2, 5x5) 36 instead of 100).
+Next to them: numpy's 1024^3 sgemm GFLOP/s, measured in every ORT process, the
 machine's practical peak and a gauge of how busy it was. Then the geometric mean of all ratios
 and the worst cell. Both engines classify the same 16 images; the largest difference is printed.
 Without onnxruntime, only our figures are printed.

@@ -181,7 +181,8 @@ class DynamicBatcher:
         self.busy_instances = 0  # instances computing a batch right now
         self._waiting = [0, 0]  # idle workers: the first instance, the other instances
         self._last_requests = 0  # requests in the batch taken last
-        self._holding = [0, 0]  # the same: images that fill the batch a worker holds (0: none)
+        self._holding = [0, 0]  # the same: workers holding an under-full batch, ...
+        self._hold_limit = [0, 0]  # ... woken once this many images are queued
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # the first instance waits here
         self._extra_cond = threading.Condition(lock)  # the others (same lock), woken
@@ -249,9 +250,10 @@ class DynamicBatcher:
             # batch is woken only once the batch is full (waking it on every request costs
             # each request a thread switch and two GIL hand-overs)
             queued = self._queued_images
-            if self._waiting[0] or 0 < self._holding[0] <= queued:
+            full = [bool(self._holding[k]) and queued >= self._hold_limit[k] for k in (0, 1)]
+            if self._waiting[0] or full[0]:
                 self._cond.notify()
-            if (self._waiting[1] and queued >= self._extra_min) or 0 < self._holding[1] <= queued:
+            if (self._waiting[1] and queued >= self._extra_min) or full[1]:
                 self._extra_cond.notify()
         return job
 
@@ -347,9 +349,10 @@ class DynamicBatcher:
             remaining = oldest + delay_ns - time.monotonic_ns()
             if remaining <= 0:
                 return
-            self._holding[kind] = limit
+            self._holding[kind] += 1
+            self._hold_limit[kind] = limit  # the same for every worker: the window's or the max
             cond.wait(remaining / 1e9)
-            self._holding[kind] = 0
+            self._holding[kind] -= 1
 
     def _take(self, limit: int) -> tuple[list[tuple[Job, int, int]], list[Job]]:
         """Pop live entries (oldest first within a priority) up to `limit` images (at least one
