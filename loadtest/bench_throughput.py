@@ -20,7 +20,7 @@ latency. Scenarios:
   a native generator that costs far less CPU than Python; correctness checked on the server
 
 With --versus-noop it runs paired rounds instead (FP32 requests, the order alternating by round):
-the no-op grpc.aio server of loadtest/noop_server.py, the same behind convserve's interceptors,
+the no-op grpc.aio server of loadtest/noop_server.py, the same behind convserve's handler wrappers,
 convserve, and with --before-python an older checkout's convserve, each at single-64, single-1
 (and batch64-8 for convserve), then the core in process; it prints img/s, p50/p99, the server's
 CPU per call (from /proc/<pid>/stat, warm-up included) and the ratios of each round.
@@ -487,20 +487,26 @@ def versus_noop(args: argparse.Namespace, repo: Path, model: str) -> int:
     `--before-python`, e.g. an older checkout) under the same FP32 load, one after the other,
     the order alternating by round; then the core in process. Prints every run, then medians
     and the ratios of each round."""
-    # noop+interceptors: the same no-op handler behind convserve's admission and parsing
-    # interceptors, to show what they cost apart from the rest of the request path
-    servers = {"noop": None, "noop+interceptors": None, "convserve": sys.executable}
+    # noop+wrappers: the same no-op handler behind convserve's admission and parsing wrappers;
+    # noop+wrappers+handoff: also through a worker thread and back, as every batched request
+    # goes; what these cost apart from the rest of the request path
+    flags = {
+        "noop": [],
+        "noop+wrappers": ["--with-wrappers"],
+        "noop+wrappers+handoff": ["--with-wrappers", "--thread-handoff"],
+    }
+    servers = {**dict.fromkeys(flags), "convserve": sys.executable}
     if args.before_python:
         servers["before"] = args.before_python
     rows: dict[tuple[str, str], list[dict]] = {}
     print(
-        f"{'round':>5} {'server':<17} {'scenario':<10} {'img/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'server us/call':>14} {'generator us/call':>17} {'errors':>6}"
+        f"{'round':>5} {'server':<21} {'scenario':<10} {'img/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'server us/call':>14} {'generator us/call':>17} {'errors':>6}"
     )
     for round_ in range(args.repeat):
         order = list(servers) if round_ % 2 == 0 else list(reversed(servers))
         for kind in order:
             if kind.startswith("noop"):
-                proc, target = start_noop_server(*(["--with-interceptors"] if "+" in kind else []))
+                proc, target = start_noop_server(*flags[kind])
             else:
                 proc, target = start_server(repo, 64, args.server_arg, servers[kind])
             try:
@@ -519,7 +525,7 @@ def versus_noop(args: argparse.Namespace, repo: Path, model: str) -> int:
                     )
                     rows.setdefault((kind, name), []).append(r)
                     print(
-                        f"{round_ + 1:>5} {kind:<17} {name:<10} {r['img_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
+                        f"{round_ + 1:>5} {kind:<21} {name:<10} {r['img_per_s']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} "
                         f"{r['server_us_per_call']:>14.0f} {r['generator_us_per_call']:>17.0f} {r['errors']:>6}"
                         + error_note(r),
                         flush=True,
@@ -539,14 +545,14 @@ def versus_noop(args: argparse.Namespace, repo: Path, model: str) -> int:
 
     print(f"\n# medians of {args.repeat} round(s), {args.seconds:g} s per run, FP32 requests")
     print(
-        f"{'server':<17} {'scenario':<10} {'img/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'server us/call':>14}"
+        f"{'server':<21} {'scenario':<10} {'img/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'server us/call':>14}"
     )
     for kind, name in rows:
         if kind == "core":
-            print(f"{kind:<17} {name:<10} {median(kind, name, 'img_per_s'):>8.0f}")
+            print(f"{kind:<21} {name:<10} {median(kind, name, 'img_per_s'):>8.0f}")
             continue
         print(
-            f"{kind:<17} {name:<10} {median(kind, name, 'img_per_s'):>8.0f} {median(kind, name, 'p50_ms'):>7.2f} "
+            f"{kind:<21} {name:<10} {median(kind, name, 'img_per_s'):>8.0f} {median(kind, name, 'p50_ms'):>7.2f} "
             f"{median(kind, name, 'p99_ms'):>7.2f} {median(kind, name, 'server_us_per_call'):>14.0f}"
         )
     for kind in servers:

@@ -2,13 +2,19 @@
 
     python loadtest/noop_server.py --port 8005 --model-repository models
 
-Same generated stubs as `convserve serve`, no interceptors. ModelInfer parses the
+Same generated stubs as `convserve serve`, none of its handler wrappers unless asked. ModelInfer parses the
 ModelInferRequest with protobuf (grpc.aio's own deserializer, as an ordinary servicer does) and
 returns one ModelInferResponse built at start-up: the probabilities of one image of the served
 model, so a load generator that checks responses gets the answer it expects for a single-image
 request. The health service answers SERVING, and ModelStatistics returns no entries (counts 0).
 `bench_throughput.py --versus-noop` runs it beside convserve under the same load, so the ratio
 of the two is measured side by side.
+
+With `--thread-handoff` each ModelInfer also makes the trip every batching server with its
+compute off the event loop makes, and nothing else: it queues an entry for a worker thread,
+which takes everything queued at once (a "batch", computed in no time) and hands the finished
+entries back to the event loop with one `call_soon_threadsafe`; the handler awaits its future.
+The gap between this and the plain no-op server is the price of that trip alone.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +70,53 @@ class NoopServicer:
         return self._pb.ServerReadyResponse(ready=True)
 
 
+class HandoffServicer(NoopServicer):
+    """ModelInfer goes through a worker thread (see the module docstring) before it answers."""
+
+    def __init__(self, response: bytes):
+        super().__init__(response)
+        self._queue: list[asyncio.Future] = []
+        self._cond = threading.Condition()
+        self._idle = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        threading.Thread(target=self._work, daemon=True, name="handoff").start()
+
+    async def ModelInfer(self, request, context):
+        self.calls += 1
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        future = self._loop.create_future()
+        with self._cond:
+            self._queue.append(future)
+            if self._idle:
+                self._cond.notify()
+        await future
+        return self.response
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._idle = True
+                    self._cond.wait()
+                    self._idle = False
+                batch, self._queue = self._queue, []
+            self._loop.call_soon_threadsafe(_finish, batch)
+
+
+def _finish(batch: list[asyncio.Future]) -> None:
+    for future in batch:
+        if not future.done():
+            future.set_result(None)
+
+
 async def serve(
-    host: str, port: int, response: bytes, port_file: Path | None, with_interceptors: bool
+    host: str,
+    port: int,
+    response: bytes,
+    port_file: Path | None,
+    with_wrappers: bool,
+    thread_handoff: bool = False,
 ) -> None:
     import grpc
     from convserve.proto import grpc_service_pb2_grpc as pb_grpc
@@ -76,19 +128,20 @@ async def serve(
         ("grpc.max_send_message_length", 1 << 30),
         ("grpc.http2.bdp_probe", 0),  # as convserve
     ]
-    interceptors = []
-    if with_interceptors:  # convserve's own: admission (byte budget), then raw-bytes parsing
-        from convserve.server.admission import AdmissionInterceptor, ByteBudget
-        from convserve.server.wire import RawRequests
+    server = grpc.aio.server(options=options)
+    registrar = server
+    if with_wrappers:  # convserve's own, as it registers them: admission, raw-bytes parsing
+        from convserve.server.admission import Admission, ByteBudget
+        from convserve.server.wire import WrappingRegistrar, raw_requests
 
-        budget = ByteBudget(1 << 32, 1 << 24)
-        interceptors = [AdmissionInterceptor(budget, lambda *_: None, 1 << 20), RawRequests()]
-    server = grpc.aio.server(options=options, interceptors=interceptors)
-    servicer = type(
-        "NoopInferenceServicer", (NoopServicer, pb_grpc.GRPCInferenceServiceServicer), {}
-    )(response)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)  # SERVING by default
+        admission = Admission(ByteBudget(1 << 32, 1 << 24), lambda *_: None, 1 << 20)
+        registrar = WrappingRegistrar(server, [admission.wrap, raw_requests()])
+    base = HandoffServicer if thread_handoff else NoopServicer
+    servicer = type("NoopInferenceServicer", (base, pb_grpc.GRPCInferenceServiceServicer), {})(
+        response
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registrar)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), registrar)  # SERVING
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     if port_file is not None:
@@ -110,16 +163,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7, help="seed of the image (uint8, 28x28x1)")
     parser.add_argument("--shape", default="28,28,1", help="H,W,C of the image")
     parser.add_argument(
-        "--with-interceptors",
+        "--with-wrappers",
         action="store_true",
-        help="put convserve's admission and raw-bytes parsing interceptors in front (their cost)",
+        help="put convserve's admission and raw-bytes parsing in front of the handlers (their cost)",
+    )
+    parser.add_argument(
+        "--thread-handoff",
+        action="store_true",
+        help="answer each call only after a round trip through a worker thread (its cost)",
     )
     args = parser.parse_args(argv)
     shape = tuple(int(d) for d in args.shape.split(","))
     image = np.random.default_rng(args.seed).integers(0, 256, (1, *shape), dtype=np.uint8)
     response = canned_response(args.model_file, image)
     try:
-        asyncio.run(serve(args.host, args.port, response, args.port_file, args.with_interceptors))
+        asyncio.run(
+            serve(
+                args.host,
+                args.port,
+                response,
+                args.port_file,
+                args.with_wrappers,
+                args.thread_handoff,
+            )
+        )
     except KeyboardInterrupt:
         pass
     return 0

@@ -2,8 +2,8 @@
 
 **Byte budget.** gRPC reads a request's whole message before its handler runs, so a limit on
 queued requests alone does not bound memory: 64 clients each sending a 25 MB request are held
-in full before any of them can be refused. The `AdmissionInterceptor` runs before the message
-is read. Each unary call first reserves the largest message it may carry (the gRPC message
+in full before any of them can be refused. `Admission.wrap` serves every unary method as a
+stream-unary one, so its wrapper runs before the message is read. Each unary call first reserves the largest message it may carry (the gRPC message
 limit) from the budget (`--max-queue-bytes`); once the message is in, the reservation shrinks
 to the message's real size, which stays reserved until the call has answered. A call that
 finds no room is refused at once with RESOURCE_EXHAUSTED and its bytes are never read (they
@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable
 
 import grpc
+from convserve.server.wire import run_first
 from grpc._cython.cygrpc import ExecuteBatchError  # what a failed send raises (not re-exported)
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,10 @@ class ByteBudget:
         self.in_use -= size
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+class Admission:
     """Applies the byte budget and a limit on calls in progress to unary calls, and holds new
-    calls while the server stops. `on_refused(method, reason)` counts each refusal made here."""
+    calls while the server stops. `wrap` is the handler wrapper that does it (outermost, see
+    `wire.WrappingRegistrar`); `on_refused(method, reason)` counts each refusal made here."""
 
     def __init__(self, budget: ByteBudget, on_refused: Callable[[str, str], None], max_calls: int):
         self.budget = budget
@@ -68,9 +70,6 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self._reading = asyncio.Semaphore(CONCURRENT_READS)
         self.holding = False
         self._released = asyncio.Event()
-        # method -> (its handler, the budgeted one): handlers are registered once, so each is
-        # wrapped once instead of on every call
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     @property
     def idle(self) -> bool:
@@ -90,21 +89,21 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             await asyncio.sleep(0.01)
         return not self.active
 
-    async def intercept_service(self, continuation, details):
+    async def _hold(self, _context=None) -> None:
         if self.holding:
             await self._released.wait()
-        handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
-            return handler  # reflection streams: small messages, bounded by the message limit
-        cached = self._wrapped.get(details.method)
-        if cached is None or cached[0] is not handler:
-            budgeted = grpc.stream_unary_rpc_method_handler(
-                self._budgeted(details.method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-            cached = self._wrapped[details.method] = (handler, budgeted)
-        return cached[1]
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` behind the hold, and for a unary method the budget and the call limit."""
+        if handler.request_streaming or handler.response_streaming:
+            # streams: the hold only (reflection's messages are small, bounded by the message
+            # limit; ModelStreamInfer budgets each of its requests itself)
+            return run_first(handler, self._hold)
+        return grpc.stream_unary_rpc_method_handler(
+            self._budgeted(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
     def _budgeted(self, method: str, behaviour):
         """The unary `behaviour`, served as a stream-unary call so the read happens here."""
@@ -115,6 +114,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
         async def serve(_requests, context):
+            if self.holding:
+                await self._released.wait()
             if self.active >= self.max_calls:
                 await refuse(
                     context,

@@ -235,13 +235,14 @@ class InferenceServer:
     async def _start_grpc(self, limit: int):
         from convserve.proto import grpc_service_pb2 as pb
         from convserve.proto import grpc_service_pb2_grpc as pb_grpc
-        from convserve.server.admission import CONCURRENT_READS, AdmissionInterceptor, ByteBudget
+        from convserve.server.admission import CONCURRENT_READS, Admission, ByteBudget
         from convserve.server.connections import connection_options
         from convserve.server.readiness import HealthReporter
         from convserve.server.servicer import InferenceServicer
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         from grpc_health.v1._async import HealthServicer
-        from grpc_reflection.v1alpha import reflection
+        from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+        from grpc_reflection.v1alpha._async import ReflectionServicer
 
         cfg = self.config
         options = [
@@ -263,37 +264,45 @@ class InferenceServer:
                 limit,
                 budget_bytes,
             )
-        self.admission = AdmissionInterceptor(
+        self.admission = Admission(
             ByteBudget(budget_bytes, limit),
             self.metrics.refused_early,
             max(256, 2 * cfg.max_queue_size),
         )
-        from convserve.server.wire import RawRequests
+        from convserve.server.wire import WrappingRegistrar, raw_requests
 
-        # Admission first: it holds calls at shutdown and bounds the bytes every call may read,
-        # a call with a bad token included; then the token check, before any bytes are parsed.
-        interceptors = [
-            self.admission,
-            *self.security.interceptors(self.metrics.refused),
-            RawRequests(self.metrics.refused_early),
-        ]
-        server = grpc.aio.server(options=options, interceptors=interceptors)
+        # Admission outermost: it holds calls at shutdown and bounds the bytes every call may
+        # read, a call with a bad token included; then the token check, before any bytes are
+        # parsed; then our own parsing of the raw bytes.
+        server = grpc.aio.server(options=options)
+        registrar = WrappingRegistrar(
+            server,
+            [
+                self.admission.wrap,
+                *self.security.handler_wrappers(self.metrics.refused),
+                raw_requests(self.metrics.refused_early),
+            ],
+        )
         servicer = InferenceServicer(self.repository, self.state, self.lifecycle, self.admission)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registrar)
         health_servicer = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
         health = HealthReporter(health_servicer, self.state, lambda: self.repository)
         await health.refresh()
         service_name = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-        reflection.enable_server_reflection(
-            [
-                service_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-            pool=_reflection_pool(),
+        # what reflection.enable_server_reflection does, through the registrar
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer(
+                [
+                    service_name,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                pool=_reflection_pool(),
+            ),
+            registrar,
         )
+        registrar.check()
         address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
         credentials = self.security.server_credentials()
         try:

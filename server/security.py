@@ -30,6 +30,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 import grpc
 import grpc.aio
 from convserve.client.credentials import check_key_pair, read_pem
+from convserve.server.wire import run_first
 
 log = logging.getLogger("convserve.server")
 T = TypeVar("T")
@@ -238,39 +239,25 @@ def refusal(metadata: Sequence[tuple[str, Any]] | None, known: frozenset[bytes])
     return None if matched else "unknown"
 
 
-def _refusing_handler(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
-
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    streams = (handler.request_streaming, handler.response_streaming) if handler else (False, False)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[streams]
-    return make(refuse)
-
-
-class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """Lets a call through when it is open (OPEN_METHODS) or carries a known token."""
+class TokenCheck:
+    """The handler wrapper that lets a call through when its method is open (OPEN_METHODS) or
+    it carries a known token, and answers UNAUTHENTICATED otherwise."""
 
     def __init__(self, tokens: WatchedFiles[frozenset[bytes]], refused: Callable[[str], None]):
         self.tokens = tokens
         self.refused = refused
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler_call_details.method in OPEN_METHODS:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method in OPEN_METHODS:
             return handler
+        return run_first(handler, self._check)
+
+    async def _check(self, context: grpc.aio.ServicerContext) -> None:
         self.tokens.refresh()
-        reason = refusal(handler_call_details.invocation_metadata, self.tokens.value)
-        if reason is None:
-            return handler
-        self.refused(reason)
-        return _refusing_handler(handler, REFUSALS[reason])
+        reason = refusal(context.invocation_metadata(), self.tokens.value)
+        if reason is not None:
+            self.refused(reason)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSALS[reason])
 
 
 @dataclass
@@ -320,8 +307,9 @@ class Security:
     def server_credentials(self) -> grpc.ServerCredentials | None:
         return self.certificates.server_credentials() if self.certificates else None
 
-    def interceptors(self, refused: Callable[[str], None]) -> list[grpc.aio.ServerInterceptor]:
-        return [TokenInterceptor(self.tokens, refused)] if self.tokens else []
+    def handler_wrappers(self, refused: Callable[[str], None]) -> list[Any]:
+        """The token check's handler wrapper (see `wire.WrappingRegistrar`), if tokens are set."""
+        return [TokenCheck(self.tokens, refused).wrap] if self.tokens else []
 
     def metrics_context(self) -> Callable[[], ssl.SSLContext] | None:
         return self.certificates.ssl_context if self.metrics_tls and self.certificates else None

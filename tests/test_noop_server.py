@@ -1,8 +1,9 @@
 """The no-op baseline of the throughput benchmark (loadtest/noop_server.py), on loopback.
 
 It must answer like a model server for the load generator (a ModelInferResponse with the canned
-probabilities, health SERVING), and with --with-interceptors run convserve's real interceptors,
-so that their cost is measured on the real code: a request that does not parse is refused there.
+probabilities, health SERVING), with --with-wrappers run convserve's real handler wrappers, so
+that their cost is measured on the real code (a request that does not parse is refused there),
+and with --thread-handoff answer through a worker thread.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def test_answers_the_models_probabilities_for_its_image():
 
 
 @pytest.mark.timeout(300)
-def test_with_interceptors_refuses_what_does_not_parse():
-    proc, target = start("--with-interceptors")
+def test_with_wrappers_refuses_what_does_not_parse():
+    proc, target = start("--with-wrappers")
     try:
         with grpc.insecure_channel(target) as channel:
             call = channel.unary_unary(
@@ -95,3 +96,23 @@ def test_with_interceptors_refuses_what_does_not_parse():
     assert len(ok.raw_output_contents[0]) == 40  # 10 FP32 zeros without a model file
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "does not parse as inference.ModelInferRequest" in refused.value.details()
+
+
+@pytest.mark.timeout(300)
+def test_thread_handoff_answers_every_concurrent_call():
+    proc, target = start("--thread-handoff", "--with-wrappers")
+    try:
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary(
+                INFER, response_deserializer=pb.ModelInferResponse.FromString
+            )
+            futures = [
+                call.future(request(np.zeros((1, 28, 28, 1), np.uint8)), timeout=30)
+                for _ in range(50)
+            ]
+            answers = [f.result() for f in futures]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert len(answers) == 50
+    assert all(len(a.raw_output_contents[0]) == 40 for a in answers)

@@ -1,5 +1,6 @@
-"""The raw-bytes interceptor (server/wire.py) on a real grpc.aio server on loopback, with small
-handlers standing in for a server bug, an unimplemented base method and a slow answer."""
+"""The raw-bytes wrapper (server/wire.py), registered through `WrappingRegistrar` on a real
+grpc.aio server on loopback, with small handlers standing in for a server bug, an unimplemented
+base method and a slow answer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import time
 
 import grpc
-from convserve.server.wire import RawRequests, Throttled
+from convserve.server.wire import Throttled, WrappingRegistrar, raw_requests
 from grpc_health.v1 import health_pb2
 
 METHOD = "/test.Service/"
@@ -31,7 +32,7 @@ async def echo(request, context):
     return health_pb2.HealthCheckResponse(status=len(request.service))
 
 
-def handlers() -> grpc.GenericRpcHandler:
+def handlers() -> dict[str, grpc.RpcMethodHandler]:
     def method(fn):
         return grpc.unary_unary_rpc_method_handler(
             fn,
@@ -40,14 +41,14 @@ def handlers() -> grpc.GenericRpcHandler:
         )
 
     table = {"Buggy": buggy, "Unimplemented": unimplemented, "Slow": slow, "Echo": echo}
-    return grpc.method_handlers_generic_handler(
-        "test.Service", {name: method(fn) for name, fn in table.items()}
-    )
+    return {name: method(fn) for name, fn in table.items()}
 
 
 async def calls(caplog) -> dict[str, tuple[grpc.StatusCode, str]]:
-    server = grpc.aio.server(interceptors=[RawRequests()])
-    server.add_generic_rpc_handlers((handlers(),))
+    server = grpc.aio.server()
+    WrappingRegistrar(server, [raw_requests()]).add_registered_method_handlers(
+        "test.Service", handlers()
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     results = {}
