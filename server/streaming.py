@@ -44,7 +44,7 @@ class InferStream:
     def __init__(self, servicer: Any, context: Any, admission: Any = None):
         self.servicer = servicer  # convserve.server.servicer.InferenceServicer
         self.context = context
-        self.admission = admission  # convserve.server.admission.AdmissionInterceptor, or None
+        self.admission = admission  # convserve.server.admission.Admission, or None
         remaining = context.time_remaining()
         self.deadline = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
         self._write_lock = asyncio.Lock()  # grpc.aio takes one write at a time

@@ -11,9 +11,9 @@ after the call's deadline passed is the client's race and only logged at DEBUG.
 **Wrapped at registration, not intercepted per call.** `WrappingRegistrar` stands in for the
 server when a service's generated `add_..._to_server` runs, and registers each method's handler
 passed through a chain of wrappers (admission, token check, raw requests; see `app.py`). A
-`grpc.aio.ServerInterceptor` would do the same on every call: with three of them, grpc.aio's
-interceptor pipeline cost 28 us of CPU per call (7.5 % of the throughput of 64 single-image
-clients on 2 cores; BENCHMARKS.md).
+`grpc.aio.ServerInterceptor` would do the same work again on every call, through grpc.aio's
+interceptor pipeline: as interceptors they cost about 9 us more CPU per call (64 single-image
+clients on 2 cores, 5 paired rounds; BENCHMARKS.md, "Serving against the grpc.aio ceiling").
 """
 
 from __future__ import annotations
