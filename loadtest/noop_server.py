@@ -2,13 +2,13 @@
 
     python loadtest/noop_server.py --port 8005 --model-repository models
 
-Same generated stubs as `convserve serve`, none of its handler wrappers unless asked. ModelInfer parses the
-ModelInferRequest with protobuf (grpc.aio's own deserializer, as an ordinary servicer does) and
-returns one ModelInferResponse built at start-up: the probabilities of one image of the served
-model, so a load generator that checks responses gets the answer it expects for a single-image
-request. The health service answers SERVING, and ModelStatistics returns no entries (counts 0).
-`bench_throughput.py --versus-noop` runs it beside convserve under the same load, so the ratio
-of the two is measured side by side.
+Same generated stubs as `convserve serve`, none of its handler wrappers unless asked.
+ModelInfer parses the ModelInferRequest with protobuf (grpc.aio's own deserializer, as an
+ordinary servicer does) and returns one ModelInferResponse built at start-up: the
+probabilities of one image of the served model, so a load generator that checks responses
+gets the answer it expects for a single-image request. The health service answers SERVING,
+and ModelStatistics returns no entries (counts 0). `bench_throughput.py --versus-noop` runs it
+beside convserve under the same load, so the ratio of the two is measured side by side.
 
 With `--thread-handoff` each ModelInfer also makes the trip every batching server with its
 compute off the event loop makes, and nothing else: it queues an entry for a worker thread,
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--with-wrappers",
         action="store_true",
-        help="put convserve's admission and raw-bytes parsing in front of the handlers (their cost)",
+        help="put convserve's admission and raw-bytes parsing before the handlers (their cost)",
     )
     parser.add_argument(
         "--thread-handoff",

@@ -3,9 +3,10 @@
 **Byte budget.** gRPC reads a request's whole message before its handler runs, so a limit on
 queued requests alone does not bound memory: 64 clients each sending a 25 MB request are held
 in full before any of them can be refused. `Admission.wrap` serves every unary method as a
-stream-unary one, so its wrapper runs before the message is read. Each unary call first reserves the largest message it may carry (the gRPC message
-limit) from the budget (`--max-queue-bytes`); once the message is in, the reservation shrinks
-to the message's real size, which stays reserved until the call has answered. A call that
+stream-unary one, so its wrapper runs before the message is read. Each unary call first
+reserves the largest message it may carry (the gRPC message limit) from the budget
+(`--max-queue-bytes`); once the message is in, the reservation shrinks to the message's real
+size, which stays reserved until the call has answered. A call that
 finds no room is refused at once with RESOURCE_EXHAUSTED and its bytes are never read (they
 stay in the peer's HTTP/2 flow-control window). So the request bytes a server holds never
 exceed the budget, whatever the number of clients.
@@ -114,8 +115,7 @@ class Admission:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
         async def serve(_requests, context):
-            if self.holding:
-                await self._released.wait()
+            await self._hold()
             if self.active >= self.max_calls:
                 await refuse(
                     context,

@@ -162,6 +162,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, refused: Refused) -> grpc
     return make(streaming, None, serialize)
 
 
+Wrapper = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
+
+
 def raw_requests(refused: Refused = lambda method, reason: None) -> Wrapper:
     """The wrapper that hands a handler raw bytes and parses them (see the module docstring);
     `refused(method, reason)` counts a request that does not parse."""
@@ -173,8 +176,6 @@ def raw_requests(refused: Refused = lambda method, reason: None) -> Wrapper:
 
     return wrap
 
-
-Wrapper = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
 
 _MAKERS = {
     (False, False): grpc.unary_unary_rpc_method_handler,
