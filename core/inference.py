@@ -4,7 +4,9 @@
 `layers/fusion.py` group layers into blocks and each block's layer emits its steps, with weights
 packed for the kernels (conv + 2x2/2 max pool in one kernel, a standalone activation folded into
 the layer before it, the model's preprocessing into the first convolution); dropout and flatten
-cost nothing (flatten is a view: NHWC is already H, W, C order). Batches above BATCH_CHUNK
+cost nothing (flatten is a view: NHWC is already H, W, C order). A conv followed by a conv that
+reads a zero-bordered input writes its output straight into that border's interior, so the
+second conv needs no padding copy (`_writes_into_next`). Batches above BATCH_CHUNK
 images run in chunks; one set of activation buffers, sized for the largest chunk seen, is reused
 by every call, which allocates only its result.
 """
@@ -115,6 +117,7 @@ class InferencePlan:
         given = plan or {}
         self.plan: Plan = {i: given.get(i, v) for i, v in default_plan(arch).items()}
         self.steps = build_steps(arch, weights, self.plan)
+        self._into_next = [self._writes_into_next(k) for k in range(len(self.steps))]
         self.threads = numba.config.NUMBA_NUM_THREADS
         self._threads_now = thread_count_reader()
         # per-thread scratch; 512 floats at least: the first-layer kernels' 2x8x32 block
@@ -152,6 +155,17 @@ class InferencePlan:
             self.run(np.zeros((n, *self.architecture.input_shape), np.float32), preprocess=True)
 
     # -- internals ------------------------------------------------------------------------
+    def _writes_into_next(self, k: int) -> bool:
+        """Whether step k writes its output into the interior of step k+1's padding buffer:
+        its kernels can place their output, and the next step is a conv whose zero-bordered
+        input holds all of it (a 'valid' conv may read fewer rows than there are)."""
+        if k + 1 >= len(self.steps) or not self.steps[k].PLACES_OUTPUT:
+            return False
+        shape, p = self.steps[k].shape, self.steps[k + 1].padding
+        if shape is None or p is None or not p.needs_pad or self.steps[k + 1].takes_raw:
+            return False
+        return p.pt + shape[0] <= p.shape[0] and p.pl + shape[1] <= p.shape[1]
+
     def _buffers_for(self, n: int) -> list[np.ndarray | None]:
         """Activation buffers for a batch of n: views of one set sized for the largest batch
         seen so far (C-contiguous prefixes, so kernel signatures do not change)."""
@@ -159,7 +173,7 @@ class InferencePlan:
             bufs: list[np.ndarray | None] = []
             for k, step in enumerate(self.steps):
                 last = k == len(self.steps) - 1
-                if step.shape is None or step.VIEW or last:
+                if step.shape is None or step.VIEW or last or self._into_next[k]:
                     bufs.append(None)
                 else:
                     bufs.append(np.empty((n, *step.shape), np.float32))
@@ -215,18 +229,25 @@ class InferencePlan:
         program = Program(
             n, threads, self._tiles, (self._row_scale, self._row_shift), self._identity
         )
+        # one view per buffer: a step that wrote into the next one's is recognised by identity
+        padded = {k: buf[:n] for k, buf in self._padded.items()}
         x: Any = INPUT
         result_shape = None
         last = len(self.steps) - 1
         for k, step in enumerate(self.steps):
             if step.shape is None:
                 out = x
+            elif self._into_next[k]:
+                out = padded[k + 1]
+                p = self.steps[k + 1].padding
+                program.at = (p.pt, p.pl, *step.shape[:2])
             elif k == last and not step.VIEW:  # a view is copied out by the caller
                 out, result_shape = RESULT, (n, *step.shape)
             else:
                 out = bufs[k]
+            if step.shape is not None and len(step.shape) == 3 and not self._into_next[k]:
+                program.at = (0, 0, *step.shape[:2])
             program.raw = step.takes_raw and preprocess
-            padded = self._padded.get(k)
-            program.padded = None if padded is None else padded[:n]
+            program.padded = padded.get(k)
             x = step.emit(program, x, out)
         return program.calls, result_shape, (None if x is RESULT else x)

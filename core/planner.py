@@ -10,7 +10,8 @@ copy and any separate pooling step) on random input at batch 1 and at the larges
 model runs up to BATCH_CHUNK (`timing_batches`; a bigger batch runs in chunks), in interleaved
 rounds of single calls, keeping each one's fastest call. A candidate's score is the geometric
 mean over those batch sizes of its time divided by the best candidate's; the default keeps unless
-another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy). The whole
+another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy). A plan that
+differs from the default is timed whole against it the same way, and kept only if it wins. The whole
 model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
 included; layers not reached by then keep their default, and such an incomplete plan is used
 but not written to disk (the next start, with the kernels compiled, tries again). Neither is a
@@ -58,7 +59,8 @@ ROUND_SECONDS = 0.004  # calls of one candidate per round: at least one, then un
 SWITCH_MARGIN = 0.03  # another variant replaces the default only when this much faster
 NOISE_LIMIT = 2.0  # a plan timed with calls this much slower in the median than the fastest
 # (a busy machine) is used but not cached
-FORMAT = 1  # of the cache files; part of the key
+FORMAT = 2  # of the cache files; part of the key
+WHOLE_MODEL = -1  # the timings' key of the whole model, default plan against the planned one
 CACHE_SUBDIR = "convserve-plans"
 
 _memo: dict[str, Plan] = {}  # key -> plan, so every instance of a model in a process agrees
@@ -202,13 +204,25 @@ def time_block(
     """({variant: [its fastest call's seconds at each of `batches`]}, noise), or None when the
     deadline passes first. Noise: the largest ratio of a variant's median call to its fastest
     (about 1 on a quiet machine)."""
-    rng = np.random.default_rng(block.layer.index)
     runners = {v: _block_runner(arch, block, weights, v) for v in variants}
-    best = {v: [math.inf] * len(batches) for v in variants}
+    return time_runners(runners, block.layer.input_shape, deadline, batches, block.layer.index)
+
+
+def time_runners(
+    runners: dict[str, InferencePlan],
+    input_shape: tuple[int, ...],
+    deadline: float,
+    batches: tuple[int, ...],
+    seed: int = 0,
+) -> tuple[dict[str, list[float]], float] | None:
+    """`time_block` for any set of plans with one input shape: ({name: [fastest call's seconds
+    at each of `batches`]}, noise), or None when the deadline passes first."""
+    rng = np.random.default_rng(seed)
+    best = {v: [math.inf] * len(batches) for v in runners}
     noise = 1.0
     for b, n in enumerate(batches):
-        x = rng.standard_normal((n, *block.layer.input_shape)).astype(np.float32)
-        samples: dict[str, list[float]] = {v: [] for v in variants}
+        x = rng.standard_normal((n, *input_shape)).astype(np.float32)
+        samples: dict[str, list[float]] = {v: [] for v in runners}
         for runner in runners.values():  # the first call compiles or loads the kernels
             if time.perf_counter() > deadline:
                 return None
@@ -252,19 +266,34 @@ def measure_plan(
 ) -> tuple[Plan, dict[int, dict[str, list[float]]], float | None]:
     """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
     noise: the largest of `time_block`'s, None when out of time). Layers not reached keep
-    their default variant."""
-    plan = default_plan(arch)
+    their default variant. A plan that differs from the default is then timed whole against
+    it and kept only when faster by SWITCH_MARGIN: a layer timed alone pays its own padding
+    copy, which in the model the conv before it may save, and noise adds up over layers."""
+    default = default_plan(arch)
+    plan = dict(default)
     deadline = time.perf_counter() + seconds
     timings: dict[int, dict[str, list[float]]] = {}
     noise = 1.0
     for block, variants in _choices(arch):
         measured = time_block(arch, block, weights, variants, deadline, batches)
         if measured is None:
-            return plan, timings, None
+            return default, timings, None
         timings[block.layer.index], layer_noise = measured
         noise = max(noise, layer_noise)
         plan[block.layer.index] = pick(variants, measured[0])
-    return plan, timings, noise
+    if plan == default:
+        return plan, timings, noise
+    runners = {
+        "default": InferencePlan(arch, weights, default),
+        "planned": InferencePlan(arch, weights, plan),
+    }
+    measured = time_runners(runners, arch.input_shape, deadline, batches)
+    if measured is None:
+        return default, timings, None
+    whole, whole_noise = measured
+    timings[WHOLE_MODEL] = whole
+    chosen = pick(("default", "planned"), whole)
+    return (plan if chosen == "planned" else default), timings, max(noise, whole_noise)
 
 
 def plan_for(

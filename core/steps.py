@@ -57,6 +57,9 @@ class Program:
         self._affine, self._identity = affine, identity
         self.raw = False  # the current step applies the model's preprocessing
         self.padded: np.ndarray | None = None  # the current step's padding buffer
+        # where the current step writes its (rows, columns) outputs in `out`: (y0, x0, rows,
+        # columns); `out` is the next conv's padding buffer when y0 or x0 is not 0
+        self.at: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def add(self, fn: Any, *args: Any) -> None:
         pos = [i for i, a in enumerate(args) if a is INPUT]
@@ -73,9 +76,9 @@ class Program:
         """Append the padding copy of `step`'s input when it needs one; returns what the conv
         kernel reads."""
         p = step.padding
-        if p is None or not (self.raw or p.needs_pad):
-            return x
         buf = self.padded
+        if p is None or not (self.raw or p.needs_pad) or x is buf:  # the step before wrote it
+            return x
         kernel = (
             padding.pad_input_serial
             if self.n * np.prod(p.shape) < SERIAL_MAX_WORK
@@ -90,6 +93,8 @@ class Step:
     """One or a few kernel calls. `shape`: the per-image output shape (None: works in place)."""
 
     VIEW: ClassVar[bool] = False  # the output is a view of the input: no buffer of its own
+    # its kernels can write their output into the interior of the next conv's padding buffer
+    PLACES_OUTPUT: ClassVar[bool] = False
 
     shape: tuple[int, ...] | None
     takes_raw: bool = False  # may apply the model's preprocessing itself (a first conv)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from convserve.core import Model, ModelError
 from convserve.core.architecture import parse_architecture
+from convserve.core.inference import InferencePlan
 from convserve.core.presets import PRESET_NAMES, preset
 
 from tests import reference_numpy as ref
@@ -484,6 +485,77 @@ def test_batch_rows_equal_single_image_calls(cases):
         np.testing.assert_array_equal(batched, singles)  # bit-identical: the server relies on it
         np.testing.assert_array_equal(model.forward(x[:4]), batched[:4])
         np.testing.assert_array_equal(model.forward(x[:9]), batched[:9])
+
+
+def _conv_doc(shape, layers):
+    return {"input": {"shape": shape}, "labels": [str(i) for i in range(5)], "layers": layers}
+
+
+@pytest.mark.parametrize(
+    "first,second,pool",
+    [
+        ("direct", "direct", False),
+        ("direct", "winograd", True),
+        ("winograd", "direct", False),
+        ("winograd", "winograd4", True),
+        ("winograd4", "winograd", False),
+        ("winograd5", "winograd5", True),
+        ("direct", "direct", True),
+    ],
+)
+def test_convs_write_into_the_next_convs_padded_input(first, second, pool):
+    """A conv followed by a `same` conv writes straight into that conv's zero-bordered input
+    (no padding copy): every kernel pairing, with and without a fused pool, matches the
+    reference, and batches stay bit-identical to single images."""
+    size = 5 if first == "winograd5" else 3
+    rng = np.random.default_rng(hash((first, second, pool)) % 2**32)
+    channels = int(rng.integers(8, 40))
+    convs = [
+        {"type": "conv2d", "filters": channels, "kernel_size": size, "padding": "same"},
+        {"type": "conv2d", "filters": 24, "kernel_size": size, "padding": "same"},
+    ]
+    layers = [{**convs[0], "activation": "relu"}]
+    if pool:
+        layers.append({"type": "max_pooling2d", "pool_size": 2})
+    layers += [{**convs[1], "activation": "tanh"}, {"type": "flatten"}]
+    layers.append({"type": "dense", "units": 5, "activation": "softmax"})
+    h, w = 2 * int(rng.integers(6, 10)), 2 * int(rng.integers(6, 10))  # even: the pool fuses
+    # a first layer to take the preprocessing, so that the pair under test are inner layers
+    doc = _conv_doc(
+        [h, w, 3], [{"type": "conv2d", "filters": 8, "kernel_size": 3, "padding": "same"}, *layers]
+    )
+    weights = _weights(doc, 7)
+    second_index = 3 if pool else 2
+    plan = InferencePlan(parse_architecture(doc), weights, {1: first, second_index: second})
+    assert plan.plan[1] == first and plan.plan[second_index] == second
+    # the first conv writes into the pair's first, and that one into the pair's second
+    assert plan._into_next[:2] == [True, True] and not any(plan._into_next[2:])
+    x = rng.standard_normal((37, h, w, 3)).astype(np.float32)
+    batched = plan.run(x)
+    expected = ref.forward(doc, weights, x)
+    np.testing.assert_allclose(batched, expected, atol=TOLERANCE, err_msg=f"{first}->{second}")
+    for n in (1, 5):
+        np.testing.assert_array_equal(plan.run(x[:n]), batched[:n])
+
+
+def test_a_conv_is_not_placed_where_the_next_conv_reads_fewer_rows():
+    """A stride-2 `valid` conv on an even input reads no last row: the conv before it writes a
+    buffer of its own, and the result is still the reference's."""
+    doc = _conv_doc(
+        [12, 12, 3],
+        [
+            {"type": "conv2d", "filters": 8, "kernel_size": 3, "padding": "same"},
+            {"type": "conv2d", "filters": 16, "kernel_size": 3, "padding": "same"},
+            {"type": "conv2d", "filters": 16, "kernel_size": 3, "strides": 2},
+            {"type": "flatten"},
+            {"type": "dense", "units": 5},
+        ],
+    )
+    weights = _weights(doc, 8)
+    model = Model(doc, weights)
+    assert model._plan._into_next[:3] == [True, False, False]
+    x = np.random.default_rng(9).standard_normal((6, 12, 12, 3)).astype(np.float32)
+    assert_forward_matches_reference(model, doc, weights, x)
 
 
 def test_results_are_fresh_arrays_and_buffers_are_reused(reference_model):

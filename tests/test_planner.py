@@ -148,7 +148,7 @@ def test_a_plan_is_timed_cached_and_read_back(tmp_path, fresh_planner, monkeypat
     assert [f.name for f in files] == [f"{key}.json"]
     record = json.loads(files[0].read_text())
     assert {int(k): v for k, v in record["plan"].items()} == plan
-    timed = {int(k) for k in record["seconds"]}
+    timed = {int(k) for k in record["seconds"]} - {planner.WHOLE_MODEL}
     assert timed == {i for i, v in choices.items() if len(v) > 1} == {0, 1, 3, 4}
 
     def no_timing(*args, **kwargs):
@@ -254,10 +254,55 @@ def test_a_plan_timed_on_a_busy_machine_is_used_but_not_cached(
     assert list(tmp_path.glob("*.json")) == []
     _, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=60)
     # every layer with a choice is timed
-    assert noise >= 1.0 and set(timings) == {
+    assert noise >= 1.0 and set(timings) - {planner.WHOLE_MODEL} == {
         block.layer.index for block, _ in planner._choices(arch)
     }
     assert 0 in timings
+
+
+@pytest.mark.parametrize("planned_wins", [False, True])
+def test_a_plan_is_kept_only_if_the_whole_model_runs_faster(
+    fresh_planner, monkeypatch, planned_wins
+):
+    """Layers timed alone may pick variants that together lose: the planned model is timed whole
+    against the default one, and the default stays unless the plan wins."""
+    planner = fresh_planner
+    doc = preset("cifar10")
+    arch = parse_architecture(doc)
+    default = default_plan(arch)
+    # every layer with a choice picks its last variant, whatever the timings
+    real_pick = planner.pick
+    monkeypatch.setattr(
+        planner,
+        "pick",
+        lambda variants, seconds: (
+            real_pick(variants, seconds) if variants == ("default", "planned") else variants[-1]
+        ),
+    )
+    real_time_runners = planner.time_runners
+    whole_calls = []
+
+    def time_runners(runners, *args, **kwargs):
+        timed = real_time_runners(runners, *args, **kwargs)
+        if set(runners) == {"default", "planned"}:
+            whole_calls.append({name: r.plan for name, r in runners.items()})
+            slow, fast = [2e-3] * len(timed[0]["default"]), [1e-3] * len(timed[0]["default"])
+            timed = (
+                (
+                    {"default": slow, "planned": fast}
+                    if planned_wins
+                    else {"default": fast, "planned": slow}
+                ),
+                timed[1],
+            )
+        return timed
+
+    monkeypatch.setattr(planner, "time_runners", time_runners)
+    plan, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=60)
+    forced = {**default, **{b.layer.index: v[-1] for b, v in planner._choices(arch)}}
+    assert forced != default and whole_calls == [{"default": default, "planned": forced}]
+    assert plan == (forced if planned_wins else default)
+    assert planner.WHOLE_MODEL in timings and noise is not None
 
 
 def test_planning_off_keeps_the_heuristic(tmp_path, fresh_planner):

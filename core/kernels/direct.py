@@ -7,6 +7,10 @@ The input is already padded (see `padding.py`). There is no patch copy ("implici
 NHWC the (kx, ci) part of a pixel's receptive field is contiguous, so the micro-kernel walks
 kernel rows as segments straight in the input.
 
+The output may be the interior of a larger, zero-bordered buffer: `at` = (y0, x0, OH, OW)
+places the OH x OW outputs at row y0, column x0 of `out`, so a conv writes straight into the
+padded input of the conv after it and that layer's padding copy is skipped.
+
 Fused pooling computes the two conv rows of a pooled row and keeps the max of each 2x2 window;
 max pooling commutes with the per-channel bias and with every monotonic activation, so bias and
 activation run once per pooled value. Average pooling activates the four values, then averages.
@@ -63,16 +67,19 @@ def _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, tile, t_off, count):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits):
+def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at):
     """Valid conv + bias + activation + 2x2/2 max pool (average pool with `average`; floor) on
-    an already padded and preprocessed input. wk: (kh*kw*CI, COp) flat-packed, COp a multiple of 16. out: (N, PH, PW, CO).
+    an already padded and preprocessed input. wk: (kh*kw*CI, COp) flat-packed, COp a multiple of
+    16. The (PH, PW) pooled outputs go to out (N, Hb, Wb, CO) from row y0, column x0:
+    at = (y0, x0, PH, PW).
 
     Tasks: (image, pooled row, range of pooled columns), `splits` ranges per row.
     tiles: (threads, >= 4 * PW * COp) floats: the task's two conv rows.
     """
     N, H, W, CI = x.shape
     COp = wk.shape[1]
-    PH, PW, CO = out.shape[1], out.shape[2], out.shape[3]
+    Hb, Wb, CO = out.shape[1], out.shape[2], out.shape[3]
+    y0, x0, PH, PW = at
     per = (PW + splits - 1) // splits
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
@@ -93,7 +100,7 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits):
                 COp,
                 bias,
                 of,
-                ((n * PH + py) * PW + px0 + w) * CO,
+                ((n * Hb + y0 + py) * Wb + x0 + px0 + w) * CO,
                 CO,
                 act,
                 average,
@@ -101,14 +108,16 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
-    """Valid conv + bias + activation on an already padded and preprocessed input.
-    out: (N, OH, OW, CO). Tasks: (image, output row, range of columns), `splits` per row.
+def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at):
+    """Valid conv + bias + activation on an already padded and preprocessed input. The (OH, OW)
+    outputs go to out (N, Hb, Wb, CO) from row y0, column x0: at = (y0, x0, OH, OW).
+    Tasks: (image, output row, range of columns), `splits` per row.
     tiles: (threads, >= OW * COp) floats.
     """
     N, H, W, CI = x.shape
     COp = wk.shape[1]
-    OH, OW, CO = out.shape[1], out.shape[2], out.shape[3]
+    Hb, Wb, CO = out.shape[1], out.shape[2], out.shape[3]
+    y0, x0, OH, OW = at
     per = (OW + splits - 1) // splits
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
@@ -119,5 +128,6 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits):
         tile = tiles[numba.get_thread_id()]
         a_off = ((n * H + oy * sh) * W + ox0 * sw) * CI
         _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, tile, 0, cnt)
+        o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
         for i in range(cnt):
-            _store_row(tile, i * COp, bias, of, ((n * OH + oy) * OW + ox0 + i) * CO, 0, CO, act)
+            _store_row(tile, i * COp, bias, of, o + i * CO, 0, CO, act)

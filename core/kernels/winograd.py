@@ -145,14 +145,15 @@ def _wino_output(
 
 
 @njit(parallel=True, error_model="numpy", cache=True, nogil=True)
-def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size):
+def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at):
     """Stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`, average pool when also
     `average`) by Winograd's F(m x m, r x r): m = `size` (2 or 4), alpha = m + r - 1 from the
     products in `u` (16: F(2x2, 3x3); 36: F(2x2, 5x5), or F(4x4, 3x3) with size 4).
 
     x: padded, preprocessed input (N, Hp, Wp, CI) holding every alpha x alpha tile, tiles m
-    apart; u: (alpha*alpha, CI, COp) the transformed kernel G g G^T, COp a multiple of 16. out:
-    (N, OH, OW, CO), pooled or not; a tile gives m x m outputs or (m/2 x m/2) pooled ones.
+    apart; u: (alpha*alpha, CI, COp) the transformed kernel G g G^T, COp a multiple of 16. The
+    (OH, OW) outputs, pooled or not, go to out (N, Hb, Wb, CO) from row y0, column x0:
+    at = (y0, x0, OH, OW). A tile gives m x m outputs or (m/2 x m/2) pooled ones.
     Tasks: (image, row of tiles, range of output channels), `splits` ranges per row; each runs
     the input transform of its row of tiles, alpha*alpha GEMMs (tiles x CI) @ (CI x channels)
     with the conv micro-kernels, and the output transform.
@@ -164,7 +165,8 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size):
     COp = u.shape[2]
     products = u.shape[0]
     alpha = 6 if products == 36 else 4
-    OH, OW, CO = out.shape[1], out.shape[2], out.shape[3]
+    Hb, Wb, CO = out.shape[1], out.shape[2], out.shape[3]
+    y0, x0, OH, OW = at
     per = size // 2 if pool else size  # output rows and columns a tile gives
     TH = (OH + per - 1) // per
     TW = (OW + per - 1) // per
@@ -175,7 +177,7 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size):
     vsize = products * TW * CI
     msize = products * TW * COp
     usize = CI * COp
-    row_out = OW * CO
+    row_out = Wb * CO
     for t in prange(N * TH * splits):
         n, ty, c0, c1 = row_task(t, splits, TH, part, COp)
         if c0 < c1:
@@ -202,7 +204,7 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size):
                     c1 - c0,
                 )
             rows = min(per, OH - per * ty)  # fewer at the bottom edge
-            o_row = (n * OH + per * ty) * row_out
+            o_row = ((n * Hb + y0 + per * ty) * Wb + x0) * CO
             _wino_output(
                 mf,
                 TW,

@@ -80,6 +80,8 @@ class DirectConv(Step):
     """`direct.conv` (or `direct.conv_pool2` with `pool`, averaging with `average`) on the
     padded input."""
 
+    PLACES_OUTPUT: ClassVar[bool] = True
+
     wk: np.ndarray
     bias: np.ndarray
     window: tuple[int, int]
@@ -96,9 +98,9 @@ class DirectConv(Step):
         ways = splits(program.n * self.shape[0], self.shape[1], program.threads)
         args = (x, self.wk, self.bias, program.tiles, out, *self.window, *self.strides, self.act)
         if self.pool:
-            program.add(direct.conv_pool2, *args, self.average, ways)
+            program.add(direct.conv_pool2, *args, self.average, ways, program.at)
         else:
-            program.add(direct.conv, *args, ways)
+            program.add(direct.conv, *args, ways, program.at)
         return out
 
 
@@ -106,6 +108,8 @@ class DirectConv(Step):
 class WinogradConv(Step):
     """`winograd.conv_wino`: F(size x size, r x r), r from the products in `u`, optionally
     fused with a 2x2/2 max pool (average pool with `average`)."""
+
+    PLACES_OUTPUT: ClassVar[bool] = True
 
     u: np.ndarray
     bias: np.ndarray
@@ -140,6 +144,7 @@ class WinogradConv(Step):
             self.average,
             ways,
             self.size,
+            program.at,
         )
         return out
 
