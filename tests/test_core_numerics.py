@@ -437,8 +437,9 @@ def test_softmax_hidden_dense_layer_at_every_batch_size():
 @pytest.mark.parametrize("inputs", [4100, 9000, 20000])
 def test_wide_dense_layers_in_weight_stripes(inputs):
     """Dense layers with so many inputs that their weights go in stripes of 32 or 16 units (so
-    they stay in cache while every row of a task passes over them): the NumPy reference at
-    batch sizes across the 32-row tasks, and each row bit-identical to its single-image call."""
+    they stay in cache while every row of a task passes over them), in passes of K_CHUNK inputs
+    (a single row: one pass): the NumPy reference at batch sizes across the 32-row tasks, and
+    each row bit-identical to its single-image call."""
     doc = {
         "name": "wide-dense",
         "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},

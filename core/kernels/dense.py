@@ -16,6 +16,12 @@ DENSE_ROWS = 32  # batch rows per dense task: they share each stripe of weights 
 # large layer (8,192 inputs: 2 MB) would stream from L3 once per few rows and make a batch
 # memory-bound.
 STRIPE_BYTES = 1 << 20
+# Inputs (weight rows) per pass over a stripe: each micro-kernel call of a task's rows then reads
+# at most this many rows of w weights, which stay in L1 for the next call instead of streaming
+# from L2 every time (a single row reads each weight once: no chunks then). Every output stays
+# one in-order chain of fused multiply-adds (a pass adds to what the previous one stored), so
+# results do not change.
+K_CHUNK = 128  # the fastest of 64, 128, 192, 256 and no chunks (BENCHMARKS.md, "Layer paths")
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -43,7 +49,25 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
         stripe = _stripe(K, w)
         for s in range(0, w, stripe):
             width = min(stripe, w - s)
-            _conv_row(xf, r0 * K, K, 0, 1, K, wf, c * K + s, w, tile, c + s, Up, r1 - r0, width)
+            chunk = K if r1 - r0 == 1 else K_CHUNK
+            for k0 in range(0, K, chunk):
+                _conv_row(
+                    xf,
+                    r0 * K + k0,
+                    K,
+                    0,
+                    1,
+                    min(chunk, K - k0),
+                    wf,
+                    c * K + k0 * w + s,
+                    w,
+                    tile,
+                    c + s,
+                    Up,
+                    r1 - r0,
+                    width,
+                    1 if k0 > 0 else 0,
+                )
     of = out.reshape(out.size)
     for i in range(r1 - r0):
         _store_row(tile, i * Up, bias, of, (r0 + i) * U, c0, min(c1, U), 0 if act == 4 else act)

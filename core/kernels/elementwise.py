@@ -104,16 +104,20 @@ def activate(x, act):
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def preprocess(x, scale, shift, out):
-    """out = x * scale + shift per channel; x, out: (N, H, W, C)."""
+    """out = x * scale + shift per channel; x, out: (N, H, W, C); scale and shift hold the
+    per-channel values repeated along a row (W*C values), so that each row is one contiguous,
+    vectorized run (a loop over a pixel's few channels would stay scalar). A task an image."""
     N, H, W, C = x.shape
-    for t in prange(N * H):
-        n = t // H
-        y = t % H
-        for i in range(W):
-            src = x[n, y, i]
-            dst = out[n, y, i]
-            for c in range(C):
-                dst[c] = src[c] * scale[c] + shift[c]
+    row = W * C
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
+    for n in prange(N):
+        for y in range(H):
+            o = (n * H + y) * row
+            src = xf[o : o + row]
+            dst = of[o : o + row]
+            for j in range(row):
+                dst[j] = src[j] * scale[j] + shift[j]
 
 
 @njit(cache=True, nogil=True)
