@@ -21,7 +21,7 @@ STRIPE_BYTES = 1 << 20
 # from L2 every time (a single row reads each weight once: no chunks then). Every output stays
 # one in-order chain of fused multiply-adds (a pass adds to what the previous one stored), so
 # results do not change.
-K_CHUNK = 128  # the fastest of 64, 128, 192, 256 and no chunks (BENCHMARKS.md, "Layer paths")
+K_CHUNK = 128  # the fastest of 64, 128, 192, 256 and no chunks (BENCHMARKS.md: "Dense weight passes")
 
 
 @njit(fastmath=True, cache=True, nogil=True)
