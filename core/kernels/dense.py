@@ -20,8 +20,9 @@ STRIPE_BYTES = 1 << 20
 # at most this many rows of w weights, which stay in L1 for the next call instead of streaming
 # from L2 every time (a single row reads each weight once: no chunks then). Every output stays
 # one in-order chain of fused multiply-adds (a pass adds to what the previous one stored), so
-# results do not change.
-K_CHUNK = 128  # the fastest of 64, 128, 192, 256 and no chunks (BENCHMARKS.md: "Dense weight passes")
+# results do not change. 128 ran fastest of 64, 128, 192, 256 and no passes (BENCHMARKS.md,
+# "Dense weight passes").
+K_CHUNK = 128
 
 
 @njit(fastmath=True, cache=True, nogil=True)
