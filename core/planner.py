@@ -10,8 +10,9 @@ copy and any separate pooling step) on random input at batch 1 and at the larges
 model runs up to BATCH_CHUNK (`timing_batches`; a bigger batch runs in chunks), in interleaved
 rounds of single calls, keeping each one's fastest call. A candidate's score is the geometric
 mean over those batch sizes of its time divided by the best candidate's; the default keeps unless
-another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy). A plan that
-differs from the default is timed whole against it the same way, and kept only if it wins. The whole
+another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy). Then the whole
+model is timed the same way with the default plan, that choice, and each layer's fastest variant
+at the largest batch; the default stays unless another beats it by SWITCH_MARGIN. The whole
 model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
 included; layers not reached by then keep their default, and such an incomplete plan is used
 but not written to disk (the next start, with the kernels compiled, tries again). Neither is a
@@ -60,7 +61,7 @@ SWITCH_MARGIN = 0.03  # another variant replaces the default only when this much
 NOISE_LIMIT = 2.0  # a plan timed with calls this much slower in the median than the fastest
 # (a busy machine) is used but not cached
 FORMAT = 2  # of the cache files; part of the key
-WHOLE_MODEL = -1  # the timings' key of the whole model, default plan against the planned one
+WHOLE_MODEL = -1  # the timings' key of the whole model's candidate plans
 CACHE_SUBDIR = "convserve-plans"
 
 _memo: dict[str, Plan] = {}  # key -> plan, so every instance of a model in a process agrees
@@ -266,11 +267,14 @@ def measure_plan(
 ) -> tuple[Plan, dict[int, dict[str, list[float]]], float | None]:
     """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
     noise: the largest of `time_block`'s, None when out of time). Layers not reached keep
-    their default variant. A plan that differs from the default is then timed whole against
-    it and kept only when faster by SWITCH_MARGIN: a layer timed alone pays its own padding
-    copy, which in the model the conv before it may save, and noise adds up over layers."""
+    their default variant. Then the whole model runs, timed the same way, with the default
+    plan, the per-layer choice and each layer's fastest variant at the largest batch, and the
+    fastest of these is kept (the default unless another beats it by SWITCH_MARGIN): a layer
+    timed alone pays its own padding copy, which in the model the conv before it may save, and
+    a layer whose variants nearly tie is chosen by noise."""
     default = default_plan(arch)
     plan = dict(default)
+    largest = dict(default)  # each layer's fastest variant at the largest batch
     deadline = time.perf_counter() + seconds
     timings: dict[int, dict[str, list[float]]] = {}
     noise = 1.0
@@ -281,19 +285,20 @@ def measure_plan(
         timings[block.layer.index], layer_noise = measured
         noise = max(noise, layer_noise)
         plan[block.layer.index] = pick(variants, measured[0])
-    if plan == default:
-        return plan, timings, noise
-    runners = {
-        "default": InferencePlan(arch, weights, default),
-        "planned": InferencePlan(arch, weights, plan),
-    }
+        largest[block.layer.index] = min(variants, key=lambda v: measured[0][v][-1])
+    candidates: dict[str, Plan] = {"default": default}
+    for name, candidate in (("planned", plan), ("largest batch", largest)):
+        if candidate not in candidates.values():
+            candidates[name] = candidate
+    if len(candidates) == 1:
+        return default, timings, noise
+    runners = {name: InferencePlan(arch, weights, p) for name, p in candidates.items()}
     measured = time_runners(runners, arch.input_shape, deadline, batches)
     if measured is None:
         return default, timings, None
     whole, whole_noise = measured
     timings[WHOLE_MODEL] = whole
-    chosen = pick(("default", "planned"), whole)
-    return (plan if chosen == "planned" else default), timings, max(noise, whole_noise)
+    return candidates[pick(tuple(candidates), whole)], timings, max(noise, whole_noise)
 
 
 def plan_for(

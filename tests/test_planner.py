@@ -264,8 +264,9 @@ def test_a_plan_timed_on_a_busy_machine_is_used_but_not_cached(
 def test_a_plan_is_kept_only_if_the_whole_model_runs_faster(
     fresh_planner, monkeypatch, planned_wins
 ):
-    """Layers timed alone may pick variants that together lose: the planned model is timed whole
-    against the default one, and the default stays unless the plan wins."""
+    """Layers timed alone may pick variants that together lose: the whole model is timed with
+    the default plan, the per-layer choice and each layer's fastest at the largest batch, and
+    the default stays unless another wins."""
     planner = fresh_planner
     doc = preset("cifar10")
     arch = parse_architecture(doc)
@@ -276,7 +277,7 @@ def test_a_plan_is_kept_only_if_the_whole_model_runs_faster(
         planner,
         "pick",
         lambda variants, seconds: (
-            real_pick(variants, seconds) if variants == ("default", "planned") else variants[-1]
+            variants[-1] if variants[0] != "default" else real_pick(variants, seconds)
         ),
     )
     real_time_runners = planner.time_runners
@@ -284,23 +285,27 @@ def test_a_plan_is_kept_only_if_the_whole_model_runs_faster(
 
     def time_runners(runners, *args, **kwargs):
         timed = real_time_runners(runners, *args, **kwargs)
-        if set(runners) == {"default", "planned"}:
+        if "default" in runners:
             whole_calls.append({name: r.plan for name, r in runners.items()})
-            slow, fast = [2e-3] * len(timed[0]["default"]), [1e-3] * len(timed[0]["default"])
-            timed = (
-                (
-                    {"default": slow, "planned": fast}
-                    if planned_wins
-                    else {"default": fast, "planned": slow}
-                ),
-                timed[1],
-            )
+            count = len(timed[0]["default"])
+            fake = {name: [3e-3] * count for name in runners}
+            fake["default"] = [2e-3] * count
+            fake["planned"] = [(1e-3 if planned_wins else 3e-3)] * count
+            timed = fake, timed[1]
         return timed
 
     monkeypatch.setattr(planner, "time_runners", time_runners)
     plan, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=60)
     forced = {**default, **{b.layer.index: v[-1] for b, v in planner._choices(arch)}}
-    assert forced != default and whole_calls == [{"default": default, "planned": forced}]
+    assert forced != default and len(whole_calls) == 1
+    candidates = whole_calls[0]
+    assert candidates["default"] == default and candidates["planned"] == forced
+    # the third: each layer's fastest variant at the largest batch (unless one of the others)
+    largest = {
+        **default,
+        **{i: min(t, key=lambda v: t[v][-1]) for i, t in timings.items() if i >= 0},
+    }
+    assert largest in candidates.values() and len(candidates) <= 3
     assert plan == (forced if planned_wins else default)
     assert planner.WHOLE_MODEL in timings and noise is not None
 
