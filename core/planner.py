@@ -24,7 +24,7 @@ batch size would break batch invariance.
 The cache: one JSON file per key in `plan_cache_dir()`. The key hashes the CPU (model name and
 flags from /proc/cpuinfo, LLVM's host CPU name and features, NUMBA_CPU_FEATURES, numba's thread
 count), the shapes of the layers that have a choice, and the code (the sources of the kernel and
-layer packages, `cache_stamp.package_stamp`). Failing to read or write the cache (a read-only
+layer packages, `cache_stamp.package_stamp`, and of this module). Failing to read or write the cache (a read-only
 root, a full disk) never fails model loading: the plan is then timed again or kept in memory.
 """
 
@@ -94,10 +94,12 @@ def cpu_identity() -> str:
 
 
 def code_stamp() -> str:
-    """A hash of the sources that decide what a variant computes and how fast: the kernel
-    package and the layer package (which packs weights and splits work)."""
-    layers = Path(__file__).resolve().parent / "layers"
-    return cache_stamp.package_stamp() + cache_stamp.package_stamp(layers)
+    """A hash of the sources that decide what a variant computes and how fast, and which plan
+    wins: the kernel package, the layer package (which packs weights and splits work) and this
+    module."""
+    here = Path(__file__).resolve()
+    own = hashlib.sha256(here.read_bytes()).hexdigest()
+    return cache_stamp.package_stamp() + cache_stamp.package_stamp(here.parent / "layers") + own
 
 
 def _choices(arch: Architecture) -> list[tuple[Block, tuple[str, ...]]]:
