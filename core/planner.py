@@ -236,7 +236,7 @@ def time_runners(
                 if time.perf_counter() > deadline:
                     return None
                 # untimed: the first call after another candidate finds the caches holding that
-                # one's weights and buffers (up to 20 % slower at a batch of 32), unlike a model
+                # one's weights and buffers (measurably slower at a batch of 32), unlike a model
                 # that serves on its own
                 runner.run(x)
                 round_end = time.perf_counter() + ROUND_SECONDS
