@@ -58,7 +58,7 @@ class Program:
         self.raw = False  # the current step applies the model's preprocessing
         self.padded: np.ndarray | None = None  # the current step's padding buffer
         # where the current step writes its (rows, columns) outputs in `out`: (y0, x0, rows,
-        # columns); `out` is the next conv's padding buffer when y0 or x0 is not 0
+        # columns); `out` is larger than that when it is the next conv's padding buffer
         self.at: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     def add(self, fn: Any, *args: Any) -> None:
