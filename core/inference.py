@@ -239,14 +239,13 @@ class InferencePlan:
                 out = x
             elif self._into_next[k]:
                 out = padded[k + 1]
-                p = self.steps[k + 1].padding
-                program.at = (p.pt, p.pl, *step.shape[:2])
             elif k == last and not step.VIEW:  # a view is copied out by the caller
                 out, result_shape = RESULT, (n, *step.shape)
             else:
                 out = bufs[k]
-            if step.shape is not None and len(step.shape) == 3 and not self._into_next[k]:
-                program.at = (0, 0, *step.shape[:2])
+            if step.PLACES_OUTPUT:
+                p = self.steps[k + 1].padding if self._into_next[k] else None
+                program.at = (p.pt if p else 0, p.pl if p else 0, *step.shape[:2])
             program.raw = step.takes_raw and preprocess
             program.padded = padded.get(k)
             x = step.emit(program, x, out)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -94,6 +95,7 @@ def cpu_identity() -> str:
     return "\n".join(parts)
 
 
+@functools.cache  # sources do not change under a running process
 def code_stamp() -> str:
     """A hash of the sources that decide what a variant computes and how fast, and which plan
     wins: the kernel package, the layer package (which packs weights and splits work) and this

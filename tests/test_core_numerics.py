@@ -540,22 +540,28 @@ def test_convs_write_into_the_next_convs_padded_input(first, second, pool):
 
 
 def test_a_conv_is_not_placed_where_the_next_conv_reads_fewer_rows():
-    """A stride-2 `valid` conv on an even input reads no last row: the conv before it writes a
-    buffer of its own, and the result is still the reference's."""
+    """The 1-channel pooled kernel after a `same` conv pads its input's width to whole 32-pixel
+    blocks, but on 13 rows its floor-pooled `valid` conv reads only 12: the conv before it
+    writes a buffer of its own (its output would not fit), and the result is still the
+    reference's."""
     doc = _conv_doc(
-        [12, 12, 3],
+        [13, 13, 3],
         [
-            {"type": "conv2d", "filters": 8, "kernel_size": 3, "padding": "same"},
-            {"type": "conv2d", "filters": 16, "kernel_size": 3, "padding": "same"},
-            {"type": "conv2d", "filters": 16, "kernel_size": 3, "strides": 2},
+            {"type": "conv2d", "filters": 1, "kernel_size": 3, "padding": "same"},
+            {"type": "conv2d", "filters": 4, "kernel_size": 3},
+            {"type": "max_pooling2d", "pool_size": 2},
             {"type": "flatten"},
             {"type": "dense", "units": 5},
         ],
     )
     weights = _weights(doc, 8)
-    model = Model(doc, weights)
-    assert model._plan._into_next[:3] == [True, False, False]
-    x = np.random.default_rng(9).standard_normal((6, 12, 12, 3)).astype(np.float32)
+    model = Model(doc, weights, plan=False)
+    plan = model._plan
+    assert plan.plan[1] == "pixels_pool"
+    padding = plan.steps[1].padding
+    assert padding.needs_pad and padding.pt + 13 > padding.shape[0]  # a buffer, but too short
+    assert plan._into_next[:2] == [False, False]
+    x = np.random.default_rng(9).standard_normal((6, 13, 13, 3)).astype(np.float32)
     assert_forward_matches_reference(model, doc, weights, x)
 
 
