@@ -20,11 +20,15 @@ import numba
 import numpy as np
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.architecture import Architecture
+from convserve.core.kernels import dense as kdense
 from convserve.core.layers.fusion import blocks
 from convserve.core.steps import INPUT, RESULT, Call, Preprocess, Program, Step
 from convserve.core.threads import thread_count_reader
 
 BATCH_CHUNK = 32  # larger batches run through the network in chunks of this many images
+# ... unless the model has only dense layers (steps on rows, `Step.ROWS`): their activations are
+# small, and a dense task that shares its weights among more rows runs faster
+ROWS_CHUNK = kdense.MAX_TASK_ROWS
 
 
 def bind_args(call: Call, x: np.ndarray, result: np.ndarray | None) -> Any:
@@ -118,6 +122,7 @@ class InferencePlan:
         self.plan: Plan = {i: given.get(i, v) for i, v in default_plan(arch).items()}
         self.steps = build_steps(arch, weights, self.plan)
         self._into_next = [self._writes_into_next(k) for k in range(len(self.steps))]
+        self.chunk = ROWS_CHUNK if all(step.ROWS for step in self.steps) else BATCH_CHUNK
         self.threads = numba.config.NUMBA_NUM_THREADS
         self._threads_now = thread_count_reader()
         # per-thread scratch; 512 floats at least: the first-layer kernels' 2x8x32 block
@@ -189,12 +194,12 @@ class InferencePlan:
 
     def _forward(self, x: np.ndarray, preprocess: bool) -> np.ndarray:
         n = x.shape[0]
-        if n <= BATCH_CHUNK:
+        if n <= self.chunk:
             return self._forward_chunk(x, preprocess, None)
         # large batches run in chunks, so that activations stay in cache between layers
         result = np.empty((n, self.architecture.num_outputs), np.float32)
-        for start in range(0, n, BATCH_CHUNK):
-            stop = min(n, start + BATCH_CHUNK)
+        for start in range(0, n, self.chunk):
+            stop = min(n, start + self.chunk)
             self._forward_chunk(x[start:stop], preprocess, result[start:stop])
         return result
 

@@ -95,6 +95,9 @@ class Step:
     VIEW: ClassVar[bool] = False  # the output is a view of the input: no buffer of its own
     # its kernels can write their output into the interior of the next conv's padding buffer
     PLACES_OUTPUT: ClassVar[bool] = False
+    # it works on rows of features: a model of such steps only runs a large batch in chunks of
+    # ROWS_CHUNK, so that each task of a dense layer shares its weights among many rows
+    ROWS: ClassVar[bool] = False
 
     shape: tuple[int, ...] | None
     takes_raw: bool = False  # may apply the model's preprocessing itself (a first conv)
@@ -113,6 +116,8 @@ class Step:
 class Preprocess(Step):
     """The model's preprocessing on its own, when no convolution comes first."""
 
+    ROWS: ClassVar[bool] = True
+
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         program.add(elementwise.preprocess, x, *program.scale_shift, out)
         return out
@@ -121,6 +126,8 @@ class Preprocess(Step):
 @dataclass(kw_only=True)
 class Activate(Step):
     """A standalone activation, in place on rows of `width` values (softmax works per row)."""
+
+    ROWS: ClassVar[bool] = True
 
     act: int
     width: int

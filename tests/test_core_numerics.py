@@ -435,11 +435,10 @@ def test_softmax_hidden_dense_layer_at_every_batch_size():
 
 
 @pytest.mark.parametrize("inputs", [4100, 9000, 20000])
-def test_wide_dense_layers_in_weight_stripes(inputs):
-    """Dense layers with so many inputs that their weights go in stripes of 32 or 16 units (so
-    they stay in cache while every row of a task passes over them), in passes of K_CHUNK inputs
-    (a single row: one pass): the NumPy reference at batch sizes across the 32-row tasks, and
-    each row bit-identical to its single-image call."""
+def test_wide_dense_layers(inputs):
+    """Dense layers with thousands of inputs, in passes of K_CHUNK inputs (a single row: one
+    pass): the NumPy reference at batch sizes across the tasks, and each row bit-identical to
+    its single-image call."""
     doc = {
         "name": "wide-dense",
         "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
@@ -459,6 +458,37 @@ def test_wide_dense_layers_in_weight_stripes(inputs):
     whole = model.forward(x)
     for i in (0, 31, 32, 44):
         np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], whole[i])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dense_layers_on_random_shapes(seed):
+    """A dense-only model (it runs up to MAX_TASK_ROWS rows at once) on random widths (last
+    blocks of 16, 32 and 48 units), input counts (passes of K_CHUNK inputs and a remainder),
+    activations (softmax too) and batch sizes (six rows a call and 1-5 more, groups of rows,
+    ranges of units, a batch in two chunks): the NumPy reference, and every row bit-identical
+    to its single-image call."""
+    rng = np.random.default_rng(300 + seed)
+    inputs = int(rng.integers(20, 700))
+    acts = ["relu", "linear", "tanh", "softmax", "sigmoid", "relu"]
+    doc = {
+        "name": "packed",
+        "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+        "labels": [str(i) for i in range(7)],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "dense", "units": int(rng.integers(33, 300)), "activation": acts[seed]},
+            {"type": "dense", "units": int(rng.choice([48, 40, 100, 64])), "activation": "relu"},
+            {"type": "dense", "units": 7, "activation": "softmax"},
+        ],
+    }
+    weights = _weights(doc, seed)
+    model = Model(doc, weights)
+    x = rng.standard_normal((300, inputs, 1, 1)).astype(np.float32)
+    for n in (2, 5, 8, 16, 37, 131, 300):
+        assert_forward_matches_reference(model, doc, weights, x[:n], where=f"batch {n}")
+    whole = model.forward(x)
+    singles = np.concatenate([model.forward(x[i : i + 1]) for i in range(0, 300, 7)])
+    np.testing.assert_array_equal(singles, whole[::7])
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

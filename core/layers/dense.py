@@ -11,7 +11,7 @@ from convserve.core.kernels import dense as kdense
 from convserve.core.layers import base
 from convserve.core.layers.base import Layer
 from convserve.core.steps import Program, Step
-from convserve.core.threads import DENSE_SERIAL_MAX_WORK, splits
+from convserve.core.threads import DENSE_SERIAL_MAX_WORK
 from convserve.core.training import kernels as K
 from convserve.core.training.layers import activate, activation_grad
 
@@ -20,14 +20,20 @@ def round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
+def column_blocks(matrix: np.ndarray) -> np.ndarray:
+    """A (K, C) matrix in blocks of 64 columns (the last narrower), each block's K rows
+    contiguous; flat. The layout of the dense and direct-conv weights."""
+    return np.concatenate([matrix[:, c : c + 64].ravel() for c in range(0, matrix.shape[1], 64)])
+
+
 def pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The weights for `kdense.dense`: units rounded up to 16 (zero columns), in blocks of 64
-    units, each block's K rows contiguous; flat. And the bias padded the same way."""
+    units (`column_blocks`). And the bias padded the same way."""
     k, units = kernel.shape
     up = round_up(units, 16)
     padded = np.zeros((k, up), np.float32)
     padded[:, :units] = kernel
-    wk = np.concatenate([padded[:, c : c + 64].ravel() for c in range(0, up, 64)])
+    wk = column_blocks(padded)
     b = np.zeros(up, np.float32)
     if bias is not None:
         b[:units] = bias
@@ -36,22 +42,23 @@ def pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray,
 
 @dataclass(kw_only=True)
 class DenseStep(Step):
+    ROWS: ClassVar[bool] = True
+
     wk: np.ndarray
     bias: np.ndarray
     act: int
 
     def tile_floats(self) -> int:
-        return kdense.DENSE_ROWS * self.bias.size
+        return kdense.tile_floats()
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         n, tiles = program.n, program.tiles
         if n * self.wk.size < DENSE_SERIAL_MAX_WORK:
             program.add(kdense.dense_serial, x, self.wk, self.bias, tiles, out, self.act)
             return out
-        rows = (n + kdense.DENSE_ROWS - 1) // kdense.DENSE_ROWS
         blocks = (self.bias.size + 63) // 64
-        ways = 1 if self.act == SOFTMAX else splits(rows, blocks, program.threads)
-        program.add(kdense.dense, x, self.wk, self.bias, tiles, out, self.act, ways)
+        rows, ways = kdense.dense_tasks(n, blocks, program.threads, self.act == SOFTMAX)
+        program.add(kdense.dense, x, self.wk, self.bias, tiles, out, self.act, rows, ways)
         return out
 
 

@@ -14,6 +14,7 @@ from convserve.core.steps import Program, Step
 @dataclass(kw_only=True)
 class FlattenStep(Step):
     VIEW: ClassVar[bool] = True
+    ROWS: ClassVar[bool] = True
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         return x.reshape(program.n, -1)  # x is a buffer: a conv or preprocess step comes first
