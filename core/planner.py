@@ -6,7 +6,7 @@ is a dict {layer index: variant} that `build_steps` / `InferencePlan` take. `pla
 the plan for a model: from this process's memo, else from the on-disk cache, else by timing.
 
 Timing: every candidate of a layer runs that layer alone (its fusion block, with its padding
-copy and any separate pooling step) on random input at batch 1 and at the largest batch the
+copy and any separate pooling step) on random input at batch 1, 8 and the largest batch the
 model runs up to BATCH_CHUNK (`timing_batches`; a bigger batch runs in chunks), in interleaved
 rounds of single calls (after an untimed one: the caches then hold the candidate's own data, as
 when it serves), keeping each one's fastest call. A candidate's score is the geometric
@@ -126,8 +126,11 @@ def _block_shape(block: Block) -> list[Any]:
 
 def timing_batches(largest: int) -> tuple[int, ...]:
     """The batch sizes candidates are timed at for a model run on batches of up to `largest`
-    images: 1 and the largest chunk (never more images than the model may hold at once)."""
-    return tuple(sorted({1, max(1, min(largest, BATCH_CHUNK))}))
+    images: 1, 8 and the largest chunk (never more images than the model may hold at once). A
+    variant that is faster from a few images on but loses at one image (a larger Winograd tile
+    on a small image) then wins two of three."""
+    chunk = max(1, min(largest, BATCH_CHUNK))
+    return tuple(sorted({1, min(8, chunk), chunk}))
 
 
 def plan_key(arch: Architecture, batches: tuple[int, ...] = (1,)) -> str:

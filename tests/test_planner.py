@@ -144,7 +144,7 @@ def test_a_plan_is_timed_cached_and_read_back(tmp_path, fresh_planner, monkeypat
     assert set(plan) == set(default_plan(arch))
     assert all(plan[i] in choices[i] for i in plan)
     files = list(tmp_path.glob("*.json"))
-    key = planner.plan_key(arch, (1, BATCH_CHUNK))
+    key = planner.plan_key(arch, planner.timing_batches(BATCH_CHUNK))
     assert [f.name for f in files] == [f"{key}.json"]
     record = json.loads(files[0].read_text())
     assert {int(k): v for k, v in record["plan"].items()} == plan
@@ -169,7 +169,7 @@ def test_a_damaged_cache_file_is_replanned(tmp_path, fresh_planner):
     planner = fresh_planner
     doc = preset("fashion_mnist")
     arch = parse_architecture(doc)
-    key = planner.plan_key(arch, (1, BATCH_CHUNK))
+    key = planner.plan_key(arch, planner.timing_batches(BATCH_CHUNK))
     (tmp_path / f"{key}.json").write_text('{"plan": {"0": "no such kernel"}}')
     assert planner.read_cached(tmp_path, key, arch) is None
     plan = planner.plan_for(arch, random_weights(doc), tmp_path, seconds=60)
