@@ -1,11 +1,8 @@
 """Direct convolution (NHWC, float32) + bias + activation, optionally fused with a 2x2/2 max or
 average pool. Any kernel size, stride and padding.
 
-Weights are packed once by the plan in GEMM form, in blocks of 64 filters (`column_blocks`):
-each block is K rows of its filters, contiguous (row k: tap k in (ky, kx, ci) order, K =
-kh*kw*ci), so a chunk of a block's rows is one stretch of memory that stays in L1 while a row of
-pixels passes over it (with rows of all COp filters, a block's rows lie COp floats apart and a
-chunk of 128 filters takes twice the L1 sets). `COp` = filters rounded up to 16 (zero columns).
+Weights are packed once by the plan in GEMM form `wk[K, COp]`: row k is tap k in (ky, kx, ci)
+order for every filter, K = kh*kw*ci, `COp` = filters rounded up to 16 (zero columns).
 The input is already padded (see `padding.py`). There is no patch copy ("implicit GEMM"): in
 NHWC the (kx, ci) part of a pixel's receptive field is contiguous, so the micro-kernel walks
 kernel rows as segments straight in the input.
@@ -39,60 +36,53 @@ CHUNK_TAPS_ROWS = 256
 @njit(fastmath=True, cache=True, nogil=True)
 def _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, tile, t_off, count):
     """tile[t_off + i*COp + j] = the conv sums of `count` pixels (pixel i's window from
-    xf[a_off + i*lda], input rows `row` apart) for all COp channels, a block of 64 channels at
-    a time: one `_conv_row` over the kh kernel rows when the weights are small, else chunks of
-    up to CHUNK_TAPS_ROWS rows of whole taps (kernel rows, then columns), in the same order, so
-    the same bits either way."""
-    K = kh * kw * CI
-    if K <= CHUNK_TAPS_ROWS:
-        for cb in range(0, COp, 64):
-            wb = min(64, COp - cb)
-            _conv_row(
-                xf, a_off, lda, row, kh, kw * CI, wf, cb * K, wb, tile, t_off + cb, COp, count, wb
-            )
+    xf[a_off + i*lda], input rows `row` apart) for all COp channels: one `_conv_row` over the
+    kh kernel rows when the weights are small, else chunks of up to CHUNK_TAPS_ROWS rows of whole
+    taps (kernel rows, then columns), in the same order, so the same bits either way."""
+    if kh * kw * CI <= CHUNK_TAPS_ROWS:
+        _conv_row(xf, a_off, lda, row, kh, kw * CI, wf, 0, COp, tile, t_off, COp, count, COp)
         return
     per = max(1, CHUNK_TAPS_ROWS // CI)  # kernel columns per chunk
     for ky in range(kh):
         for x0 in range(0, kw, per):
             x1 = min(kw, x0 + per)
             more = 1 if ky > 0 or x0 > 0 else 0
-            for cb in range(0, COp, 64):
-                wb = min(64, COp - cb)
-                _conv_row(
-                    xf,
-                    a_off + ky * row + x0 * CI,
-                    lda,
-                    0,
-                    1,
-                    (x1 - x0) * CI,
-                    wf,
-                    cb * K + (ky * kw + x0) * CI * wb,
-                    wb,
-                    tile,
-                    t_off + cb,
-                    COp,
-                    count,
-                    wb,
-                    more,
-                )
+            _conv_row(
+                xf,
+                a_off + ky * row + x0 * CI,
+                lda,
+                0,
+                1,
+                (x1 - x0) * CI,
+                wf,
+                (ky * kw + x0) * CI * COp,
+                COp,
+                tile,
+                t_off,
+                COp,
+                count,
+                COp,
+                more,
+            )
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at):
     """Valid conv + bias + activation + 2x2/2 max pool (average pool with `average`; floor) on
-    an already padded and preprocessed input. wk: the weights in blocks of 64 filters (see the
-    module's docstring), flat; COp (a multiple of 16) = bias.size. The (PH, PW) pooled outputs
-    go to out (N, Hb, Wb, CO) from row y0, column x0: at = (y0, x0, PH, PW).
+    an already padded and preprocessed input. wk: (kh*kw*CI, COp) flat-packed, COp a multiple of
+    16. The (PH, PW) pooled outputs go to out (N, Hb, Wb, CO) from row y0, column x0:
+    at = (y0, x0, PH, PW).
 
     Tasks: (image, pooled row, range of pooled columns), `splits` ranges per row.
     tiles: (threads, >= 4 * PW * COp) floats: the task's two conv rows.
     """
     N, H, W, CI = x.shape
-    COp = bias.size
+    COp = wk.shape[1]
     Hb, Wb, CO = out.shape[1], out.shape[2], out.shape[3]
     y0, x0, PH, PW = at
     per = (PW + splits - 1) // splits
     xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
     of = out.reshape(out.size)
     for t in prange(N * PH * splits):
         n, py, px0, px1 = row_task(t, splits, PH, per, PW)
@@ -101,7 +91,7 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at
         L = 2 * nw
         for dy in range(2):
             a_off = ((n * H + (2 * py + dy) * sh) * W + 2 * px0 * sw) * CI
-            _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wk, COp, tile, dy * L * COp, L)
+            _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, tile, dy * L * COp, L)
         for w in range(nw):
             _store_pooled(
                 tile,
@@ -125,18 +115,19 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at):
     tiles: (threads, >= OW * COp) floats.
     """
     N, H, W, CI = x.shape
-    COp = bias.size
+    COp = wk.shape[1]
     Hb, Wb, CO = out.shape[1], out.shape[2], out.shape[3]
     y0, x0, OH, OW = at
     per = (OW + splits - 1) // splits
     xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
     of = out.reshape(out.size)
     for t in prange(N * OH * splits):
         n, oy, ox0, ox1 = row_task(t, splits, OH, per, OW)
         cnt = ox1 - ox0
         tile = tiles[numba.get_thread_id()]
         a_off = ((n * H + oy * sh) * W + ox0 * sw) * CI
-        _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wk, COp, tile, 0, cnt)
+        _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, tile, 0, cnt)
         o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
         for i in range(cnt):
             _store_row(tile, i * COp, bias, of, o + i * CO, 0, CO, act)

@@ -26,7 +26,7 @@ from convserve.core.kernels import direct, first_layer, winograd
 from convserve.core.kernels.winograd_transforms import F2X2_3X3, F2X2_5X5, F4X4_3X3, Transform
 from convserve.core.layers import base
 from convserve.core.layers.base import NO_PADS, PADDINGS, Layer
-from convserve.core.layers.dense import column_blocks, round_up
+from convserve.core.layers.dense import round_up
 from convserve.core.layers.pooling import AveragePooling2D, MaxPooling2D
 from convserve.core.steps import Activate, Padding, Program, Step
 from convserve.core.threads import splits
@@ -78,7 +78,7 @@ def channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
 @dataclass(kw_only=True)
 class DirectConv(Step):
     """`direct.conv` (or `direct.conv_pool2` with `pool`, averaging with `average`) on the
-    padded input; `wk`: the GEMM-form weights in blocks of 64 filters (`column_blocks`)."""
+    padded input."""
 
     PLACES_OUTPUT: ClassVar[bool] = True
 
@@ -91,7 +91,7 @@ class DirectConv(Step):
     average: bool = False
 
     def tile_floats(self) -> int:
-        return (4 if self.pool else 1) * self.shape[1] * self.bias.size
+        return (4 if self.pool else 1) * self.shape[1] * self.wk.shape[1]
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
@@ -349,7 +349,7 @@ class Conv2D(Layer):
             step = DirectConv(
                 **common,
                 padding=padding_for(rows_cols),
-                wk=column_blocks(wk),
+                wk=wk,
                 bias=bias,
                 window=self.kernel_size,
                 strides=self.strides,

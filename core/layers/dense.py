@@ -20,20 +20,14 @@ def round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
-def column_blocks(matrix: np.ndarray) -> np.ndarray:
-    """A (K, C) matrix in blocks of 64 columns (the last narrower), each block's K rows
-    contiguous; flat. The layout of the dense and direct-conv weights."""
-    return np.concatenate([matrix[:, c : c + 64].ravel() for c in range(0, matrix.shape[1], 64)])
-
-
 def pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The weights for `kdense.dense`: units rounded up to 16 (zero columns), in blocks of 64
-    units (`column_blocks`). And the bias padded the same way."""
+    units, each block's K rows contiguous; flat. And the bias padded the same way."""
     k, units = kernel.shape
     up = round_up(units, 16)
     padded = np.zeros((k, up), np.float32)
     padded[:, :units] = kernel
-    wk = column_blocks(padded)
+    wk = np.concatenate([padded[:, c : c + 64].ravel() for c in range(0, up, 64)])
     b = np.zeros(up, np.float32)
     if bias is not None:
         b[:units] = bias
