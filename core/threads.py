@@ -20,11 +20,11 @@ SERIAL_MAX_WORK = 32768  # multiply-adds (or copied values) below which a step r
 DENSE_SERIAL_MAX_WORK = 4 * SERIAL_MAX_WORK  # dense layers: their weights stream from cache
 
 
-def splits(tasks: int, groups: int, threads: int) -> int:
+def splits(tasks: int, groups: int, threads: int, per_thread: int = 4) -> int:
     """How many ways to split each of `tasks` tasks (at most `groups` ways, a power of two) so
-    that there are at least 4 pieces of work per thread."""
+    that there are at least `per_thread` pieces of work per thread."""
     ways = 1
-    while tasks * ways < 4 * threads and ways * 2 <= groups:
+    while tasks * ways < per_thread * threads and ways * 2 <= groups:
         ways *= 2
     return ways
 
