@@ -15,9 +15,11 @@ ratio ORT time / our time (above 1: we are faster), and our achieved GFLOP/s, co
 as the direct convolution would compute it ("direct-eq") and as the kernels the plan chose
 actually multiply (Winograd F(2x2, 3x3) does 16 products per 2x2 outputs and channel pair
 instead of 36, F(4x4, 3x3) 36 per 4x4 outputs instead of 144, F(2x2, 5x5) 36 instead of 100).
-Next to them: numpy's 1024^3 sgemm GFLOP/s, measured in every ORT process, the
-machine's practical peak and a gauge of how busy it was. Then the geometric mean of all ratios
-and the worst cell. Both engines classify the same 16 images; the largest difference is printed.
+Next to them the ceiling, measured in every process of ours: our largest micro-kernel on data
+in L1 on every thread (`kernels/peak.py`), and "% peak", the actual GFLOP/s as a share of it.
+numpy's 1024^3 sgemm GFLOP/s, measured in every ORT process, is printed too, as a gauge of how
+busy the machine was (it is no ceiling: on AMD Zen 5 it reads less than half the peak). Then
+the geometric mean of all ratios and the worst cell. Both engines classify the same 16 images; the largest difference is printed.
 Without onnxruntime, only our figures are printed.
 
 onnx/onnxruntime are imported only inside the functions that need them (never by the core).
@@ -153,12 +155,14 @@ def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> di
     result: dict[str, Any] = {"engine": engine, "model": model}
     if engine in ("ours", "unplanned"):
         from convserve.core import runtime
+        from convserve.core.kernels.peak import peak_gflops
         from convserve.core.model import Model
 
         m = Model(doc, weights, plan=engine == "ours")
         start = time.perf_counter()
         m.warmup(tuple(batches) + (16,))
         result["warmup_s"] = time.perf_counter() - start
+        result["peak_gflops"] = peak_gflops()
         result["plan"] = m.kernel_plan
         fn = m.forward
         result["runtime"] = runtime.describe()
@@ -229,11 +233,19 @@ def report(
     plans: dict[str, dict[str, Any]],
     calib: list[float],
     batches: list[int],
+    peaks: list[float] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
-    """The result table as markdown lines, and the same figures as a JSON-ready dict."""
+    """The result table as markdown lines, and the same figures as a JSON-ready dict. `peaks`:
+    the micro-kernel ceiling (GFLOP/s) each of our processes measured."""
     engines = list(next(iter(ms.values())))
     has_ort, has_unplanned = "ort" in engines, "unplanned" in engines
+    peak = statistics.median(peaks) if peaks else None
     lines = []
+    if peaks:
+        lines.append(
+            f"ceiling, our 6x64 micro-kernel in L1 on every thread: {min(peaks):.0f}-"
+            f"{max(peaks):.0f} GFLOP/s (median {peak:.0f}) in our processes"
+        )
     if calib:
         lines.append(
             f"numpy sgemm 1024^3: {min(calib):.0f}-{max(calib):.0f} GFLOP/s "
@@ -243,6 +255,7 @@ def report(
     head += ["unplanned ms", "plan gain"] if has_unplanned else []
     head += ["ORT ms", "ours/ORT"] if has_ort else []
     head += ["GFLOP/s direct-eq", "GFLOP/s actual"]
+    head += ["% peak"] if peak else []
     lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     cells: list[dict[str, Any]] = []
     for model, by_engine in ms.items():
@@ -262,9 +275,14 @@ def report(
                 cell["ratio"] = cell["ort_ms"] / ours
                 row += [f"{cell['ort_ms']:.3f}", f"{cell['ratio']:.2f}x"]
             row += [f"{cell['gflops_direct']:.0f}", f"{cell['gflops_actual']:.0f}"]
+            if peak:
+                cell["peak_share"] = cell["gflops_actual"] / peak
+                row.append(f"{100 * cell['peak_share']:.0f}")
             lines.append("| " + " | ".join(row) + " |")
             cells.append(cell)
     summary: dict[str, Any] = {"cells": cells, "plans": plans, "batches": batches}
+    if peaks:
+        summary["peak_gflops"] = {"min": min(peaks), "max": max(peaks), "median": peak}
     if calib:
         summary["sgemm_gflops"] = {
             "min": min(calib),
@@ -328,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         print("onnxruntime/onnx not installed: measuring ours only")
     rates: dict[tuple[str, str, int], list[float]] = {}
     calib: list[float] = []
+    peaks: list[float] = []
     diffs: dict[str, float] = {}
     plans: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -340,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                     outs[engine] = np.load(path)
                     if "sgemm_gflops" in res:
                         calib.append(res["sgemm_gflops"])
+                    if "peak_gflops" in res:
+                        peaks.append(res["peak_gflops"])
                     if "runtime" in res and rep == 0 and model == models[0]:
                         print(f"ours: {res['runtime']}")
                     if engine == "ours":
@@ -361,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         m: flops_per_image(bench_model(m), {int(k): v for k, v in plans[m].items()}) for m in models
     }
     ms = _median_table(rates, models, engines, batches)
-    lines, summary = report(ms, flops, plans, calib, batches)
+    lines, summary = report(ms, flops, plans, calib, batches, peaks)
     print(f"\nmedian over {args.repeats} processes per engine; ms per batch")
     print("\n".join(lines))
     for model, d in diffs.items():

@@ -741,3 +741,31 @@ def test_core_does_not_import_torch_or_onnxruntime():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+# -- the benchmark's ceiling ----------------------------------------------------------------------
+def test_the_peak_loop_computes_the_product_it_times():
+    from convserve.core.kernels import peak
+
+    a, b, c = peak.peak_operands(2, seed=3)
+    peak._repeat_on_every_thread(a, b, c, 3)
+    rows, cols, k = peak.PEAK_ROWS, peak.PEAK_COLS, peak.PEAK_K
+    for t in range(2):
+        expected = a[t].reshape(rows, k).astype(np.float64) @ b[t].reshape(k, cols)
+        np.testing.assert_allclose(c[t].reshape(rows, cols), expected, rtol=1e-4, atol=1e-3)
+    assert 0 < peak.peak_gflops(rounds=1, seconds=0.01) < 1e6
+
+
+def test_the_bench_report_gives_each_cell_its_share_of_the_peak():
+    from convserve.core.bench import report
+
+    ms = {"m": {"ours": {1: 2.0, 8: 4.0}, "ort": {1: 3.0, 8: 4.0}}}
+    flops = {"m": (4e6, 2e6)}  # per image: direct-equivalent, actual
+    lines, summary = report(ms, flops, {"m": {}}, [100.0], [1, 8], [40.0, 10.0, 20.0])
+    one, eight = summary["cells"]
+    assert one["gflops_actual"] == pytest.approx(1.0)  # 2 MFLOP in 2 ms
+    assert one["peak_share"] == pytest.approx(1.0 / 20.0)  # the median ceiling
+    assert eight["peak_share"] == pytest.approx(4.0 / 20.0)
+    assert summary["peak_gflops"]["median"] == 20.0
+    assert "| m | 8 | 4.000 | 4.000 | 1.00x | 8 | 4 | 20 |" in lines
+    assert any(line.startswith("ceiling, our 6x64 micro-kernel") for line in lines)

@@ -10,7 +10,7 @@ convolution, optionally fused with 2x2/2 max pooling), `winograd` (3x3 and 5x5 s
 convolution) with `winograd_transforms` (the transform matrices and the IR applying them),
 `first_layer` (1-input-channel convolutions fused with pooling), `dense`, `pool` (max/average
 pooling), `padding` (the zero-bordered input copy), `elementwise` (activations, bias +
-activation stores, preprocessing).
+activation stores, preprocessing), `peak` (the micro-kernel's rate in L1: the benchmark's ceiling).
 
 Numba's on-disk cache checks only the source file of the function it compiled, but kernels call
 helpers in the other files of this package. `cache_stamp.install()` (run here, before any
