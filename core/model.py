@@ -50,7 +50,7 @@ def check_weights(architecture: Architecture, weights: dict[str, Any]) -> dict[s
 def all_finite(x: np.ndarray) -> bool:
     """No NaN or infinity in a float array (a compiled scan for C-contiguous float32)."""
     if x.dtype == np.float32 and x.flags.c_contiguous:
-        return bool(all_finite_f32(x.reshape(-1).view(np.uint32)))
+        return bool(all_finite_f32(x))
     return bool(np.isfinite(x).all())
 
 

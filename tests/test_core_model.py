@@ -309,6 +309,19 @@ def test_bad_forward_input(reference_model):
         reference_model.forward(np.full((1, 28, 28, 1), np.inf, np.float32))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_non_finite_value_anywhere_in_a_batch_is_refused(reference_model, bad):
+    x = np.full((3, 28, 28, 1), np.finfo(np.float32).max, np.float32)  # finite, however large
+    reference_model.forward(x)
+    for where in (0, x.size // 2 + 7, x.size - 1):
+        y = x.copy()
+        y.flat[where] = bad
+        with pytest.raises(ModelError, match=r"NaN or Inf"):
+            reference_model.forward(y)
+        with pytest.raises(ModelError, match=r"NaN or Inf"):
+            reference_model.predict(y)
+
+
 def test_dropping_llvm_code_pages_lowers_rss_and_keeps_results():
     """After warm-up the server drops LLVM's read-only code pages: the resident set shrinks and
     the model still predicts the same (a fresh process, so earlier tests do not blur RSS)."""

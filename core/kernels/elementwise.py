@@ -121,10 +121,12 @@ def preprocess(x, scale, shift, out):
 
 
 @njit(cache=True, nogil=True)
-def all_finite_f32(bits):
-    """True when no float32 (given as its uint32 bit patterns) is NaN or infinite: an integer
-    max over the exponent fields, which vectorizes (a float test would need strict IEEE
-    semantics, which do not)."""
+def all_finite_f32(x):
+    """True when no value of the C-contiguous float32 array x (any rank) is NaN or infinite: an
+    integer max over the exponent fields of its bit patterns, which vectorizes (a float test
+    would need strict IEEE semantics, which do not). The view is taken here: in numpy it costs
+    more than the scan of a small image."""
+    bits = x.reshape(x.size).view(np.uint32)
     exponent = np.uint32(0x7F800000)
     top = np.uint32(0)
     for i in range(bits.size):
