@@ -122,6 +122,7 @@ class InferencePlan:
         self.plan: Plan = {i: given.get(i, v) for i, v in default_plan(arch).items()}
         self.steps = build_steps(arch, weights, self.plan)
         self._into_next = [self._writes_into_next(k) for k in range(len(self.steps))]
+        self._flat_input = self._first_reads_input()
         self.chunk = ROWS_CHUNK if all(step.ROWS for step in self.steps) else BATCH_CHUNK
         self.threads = numba.config.NUMBA_NUM_THREADS
         self._threads_now = thread_count_reader()
@@ -171,6 +172,17 @@ class InferencePlan:
             return False
         return p.pt + shape[0] <= p.shape[0] and p.pl + shape[1] <= p.shape[1]
 
+    def _first_reads_input(self) -> bool:
+        """Whether preprocessed input can skip the `Preprocess` step (then a plain copy): the
+        steps after it up to the first that computes are views, and that one only reads its
+        input (a dense layer). It then reads the caller's array, flattened."""
+        if not isinstance(self.steps[0], Preprocess):
+            return False
+        for step in self.steps[1:]:
+            if not step.VIEW:
+                return step.READS_INPUT_ONLY
+        return False
+
     def _buffers_for(self, n: int) -> list[np.ndarray | None]:
         """Activation buffers for a batch of n: views of one set sized for the largest batch
         seen so far (C-contiguous prefixes, so kernel signatures do not change)."""
@@ -213,6 +225,8 @@ class InferencePlan:
         if fresh:
             program = self._programs[key] = self._program(n, preprocess, key[2])
         calls, result_shape, final = program
+        if self._flat_input and not preprocess:
+            x = x.reshape(n, -1)  # a view: x is C-contiguous
         if result_shape is not None and result is None:
             result = np.empty(result_shape, np.float32)
         for k, call in enumerate(calls):
@@ -240,6 +254,8 @@ class InferencePlan:
         result_shape = None
         last = len(self.steps) - 1
         for k, step in enumerate(self.steps):
+            if k == 0 and self._flat_input and not preprocess:
+                continue  # the input is used as it is (flattened by `_forward_chunk`)
             if step.shape is None:
                 out = x
             elif self._into_next[k]:

@@ -98,6 +98,8 @@ class Step:
     # it works on rows of features: a model of such steps only runs a large batch in chunks of
     # ROWS_CHUNK, so that each task of a dense layer shares its weights among many rows
     ROWS: ClassVar[bool] = False
+    # it only reads its input, which may then be the caller's array as given (flattened)
+    READS_INPUT_ONLY: ClassVar[bool] = False
 
     shape: tuple[int, ...] | None
     takes_raw: bool = False  # may apply the model's preprocessing itself (a first conv)
@@ -114,7 +116,9 @@ class Step:
 
 @dataclass(kw_only=True)
 class Preprocess(Step):
-    """The model's preprocessing on its own, when no convolution comes first."""
+    """The model's preprocessing on its own, when no convolution comes first. On input that is
+    already preprocessed it would be a plain copy: `InferencePlan` skips it when the next step
+    that computes only reads its input."""
 
     ROWS: ClassVar[bool] = True
 

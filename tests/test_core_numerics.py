@@ -491,6 +491,39 @@ def test_dense_layers_on_random_shapes(seed):
     np.testing.assert_array_equal(singles, whole[::7])
 
 
+def test_dense_first_models_read_preprocessed_input_as_given_and_never_write_it():
+    """On preprocessed input a model whose first computing layer is dense skips the
+    preprocessing copy and reads the caller's array: the array stays as it was and the results
+    match the reference; a standalone activation first (it works in place) keeps the copy; raw
+    pixels still get the model's preprocessing."""
+    rng = np.random.default_rng(41)
+    for first, skips in (
+        ({"type": "dense", "units": 12, "activation": "relu"}, True),
+        ({"type": "activation", "activation": "tanh"}, False),
+    ):
+        doc = {
+            "name": "dense_first",
+            "input": {"shape": [5, 4, 2], "scale": 1 / 255, "mean": [0.1, 0.2], "std": [0.5, 0.25]},
+            "labels": ["a", "b", "c"],
+            "layers": [
+                {"type": "flatten"},
+                first,
+                {"type": "dense", "units": 3, "activation": "softmax"},
+            ],
+        }
+        weights = _weights(doc, 7)
+        model = Model(doc, weights)
+        assert model._plan._flat_input is skips
+        for n in (1, 9):
+            x = rng.standard_normal((n, 5, 4, 2)).astype(np.float32)
+            before = x.copy()
+            assert_forward_matches_reference(model, doc, weights, x, where=f"{first}, batch {n}")
+            np.testing.assert_array_equal(x, before)
+            pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
+            expected = ref.forward(doc, weights, pixels, preprocess=True)
+            np.testing.assert_allclose(model.predict(pixels), expected, atol=TOLERANCE)
+
+
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_presets_match_numpy_reference(name):
     doc = preset(name)

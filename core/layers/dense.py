@@ -37,6 +37,7 @@ def pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray,
 @dataclass(kw_only=True)
 class DenseStep(Step):
     ROWS: ClassVar[bool] = True
+    READS_INPUT_ONLY: ClassVar[bool] = True
 
     wk: np.ndarray
     bias: np.ndarray

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from convserve.core.layers.base import Layer
-from convserve.core.steps import Program, Step
+from convserve.core.steps import INPUT, Program, Step
 
 
 @dataclass(kw_only=True)
@@ -17,7 +17,9 @@ class FlattenStep(Step):
     ROWS: ClassVar[bool] = True
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
-        return x.reshape(program.n, -1)  # x is a buffer: a conv or preprocess step comes first
+        if x is INPUT:  # the caller's array, passed flattened (`InferencePlan._flat_input`)
+            return x
+        return x.reshape(program.n, -1)  # a buffer: a conv or preprocess step came first
 
 
 @dataclass(frozen=True, kw_only=True)
