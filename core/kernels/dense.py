@@ -8,7 +8,6 @@ import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _softmax_row, _store_row
 from convserve.core.kernels.gemm import _conv_row
-from convserve.core.kernels.ir import _microkernel
 from numba import njit, prange
 
 # Most batch rows per dense task: they share each pass over a block of weights. A model of
@@ -22,14 +21,6 @@ MAX_TASK_ROWS = 256
 # (BENCHMARKS.md, "Dense weight passes").
 K_CHUNK = 128
 SIX = 6  # rows per micro-kernel call on 64 units (the widest block with all its accumulators)
-# The first call of a pass over a 64-unit weight block reads the weights from L3 or memory (the
-# calls after it find them in L1): it asks for the weights this many floats ahead (2 KB: 8
-# steps of 64 units) as it goes, so that more reads are under way at once than the hardware
-# prefetcher starts. wide_dense on AMD Zen 5, same process interleaved: batch 1 6-12 % and
-# batch 8 3-16 % faster, 64 and 256 unchanged; every product as before.
-PREFETCH_FLOATS = 512
-_mk1x4_stream = _microkernel(1, 4, prefetch=PREFETCH_FLOATS)
-_mk6x4_stream = _microkernel(6, 4, prefetch=PREFETCH_FLOATS)
 
 
 def dense_tasks(n: int, blocks: int, threads: int, whole_rows: bool) -> tuple[int, int]:
@@ -57,8 +48,7 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped): per 64-unit block, per pass of
     K_CHUNK inputs, the conv micro-kernels with a batch row as a pixel, SIX rows a call (the
-    last 1-5 rows in one call or one by one); the first call of a full block's pass prefetches
-    its weights (a single row or the first SIX). Softmax (4) needs c0 = 0, c1 = Up and is left to
+    last 1-5 rows in one call or one by one). Softmax (4) needs c0 = 0, c1 = Up and is left to
     the caller."""
     K = xf.size // out.shape[0]
     Up = wf.size // K
@@ -73,16 +63,8 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
             kc = min(chunk, K - k0)
             more = 1 if k0 > 0 else 0
             b = c * K + k0 * w
-            if n == 1 and w == 64:
-                _mk1x4_stream(xf, r0 * K + k0, K, 0, 1, kc, wf, b, 64, tile, 0, 64, more)
-                continue
-            done = 0
-            if six > 0 and w == 64:
-                _mk6x4_stream(xf, r0 * K + k0, K, 0, 1, kc, wf, b, 64, tile, 0, 64, more)
-                done = SIX
-            if six > done:
-                a = (r0 + done) * K + k0
-                _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, done * 64, 64, six - done, w, more)
+            if six > 0:
+                _conv_row(xf, r0 * K + k0, K, 0, 1, kc, wf, b, w, tile, 0, 64, six, w, more)
             if n > six:
                 a = (r0 + six) * K + k0
                 _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, six * 64, 64, n - six, w, more)

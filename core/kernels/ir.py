@@ -29,7 +29,7 @@ def _close_loop(builder, counter, limit, phis, values, latch, header, exit_block
     builder.cbranch(builder.icmp_signed("<", following, limit), header, exit_block)
 
 
-def _microkernel(rows: int, vectors: int, b_steps: bool = False, prefetch: int = 0):
+def _microkernel(rows: int, vectors: int, b_steps: bool = False):
     """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
     convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
 
@@ -46,8 +46,7 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, prefetch: int =
     transposed form of `conv1_pixels_pool2`, where B is the input image and A the weights. Every
     output is one in-order chain of fused multiply-adds whatever the batch size or the block it
     falls in. All arrays are flat float32; segs, seg_len >= 1; no bounds checks. (`b_steps`
-    kernels take no `more`.) With `prefetch` > 0, each step also prefetches the B row that many
-    floats ahead (for B streamed from memory once; past B's end a prefetch is harmless)."""
+    kernels take no `more`.)"""
 
     def codegen(context, builder, signature, args):
         if b_steps:
@@ -120,23 +119,6 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, prefetch: int =
             for v in range(vectors):
                 acc[r][v].add_incoming(acc_seg[r][v], outer)
         b_row = builder.add(b_seg, builder.mul(k, ldb))
-        if prefetch:  # llvm.prefetch(address, 0: read, 3: keep in every cache level, 1: data)
-            pf = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]),
-                "llvm.prefetch.p0i8",
-            )
-            for v in range(vectors):
-                ahead = builder.gep(bp, [builder.add(b_row, ir.Constant(i64, prefetch + 16 * v))])
-                builder.call(
-                    pf,
-                    [
-                        builder.bitcast(ahead, ir.IntType(8).as_pointer()),
-                        ir.Constant(i32, 0),
-                        ir.Constant(i32, 3),
-                        ir.Constant(i32, 1),
-                    ],
-                )
         bv = [
             builder.load(
                 builder.bitcast(
