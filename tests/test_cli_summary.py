@@ -38,3 +38,26 @@ def test_help_lists_subcommands_without_importing_numba():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
     assert "summary" in run("--help").stdout
+
+
+def test_a_reader_that_left_gets_no_traceback(tmp_path, reference_model):
+    """`convserve summary m | head` when head has already exited: stdout is a pipe with no
+    reader, so the first write fails; the command ends quietly with 141 (128 + SIGPIPE)."""
+    import os
+
+    path = tmp_path / "m.safetensors"
+    reference_model.save(path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes anything
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "convserve", "summary", str(path)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
