@@ -19,8 +19,8 @@ Next to them the ceiling, measured in every process of ours: our largest micro-k
 in L1 on every thread (`kernels/peak.py`), and "% peak", the actual GFLOP/s as a share of it.
 numpy's 1024^3 sgemm GFLOP/s, measured in every ORT process, is printed too, as a gauge of how
 busy the machine was (it is no ceiling: on AMD Zen 5 it reads less than half the peak). Then
-the geometric mean of all ratios and the worst cell. Both engines classify the same 16 images; the largest difference is printed.
-Without onnxruntime, only our figures are printed.
+the geometric mean of all ratios and the worst cell. Both engines classify the same 16 images;
+the largest difference is printed. Without onnxruntime, only our figures are printed.
 
 onnx/onnxruntime are imported only inside the functions that need them (never by the core).
 """
