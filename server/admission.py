@@ -66,8 +66,8 @@ class Admission:
         self.on_refused = on_refused
         self.max_calls = max_calls
         self.active = 0  # unary calls past the hold, not yet answered
-        # Reading and parsing a message briefly takes about 4x its size (gRPC's buffers, the bytes,
-        # the parsed message, the pixels copied out of it): only a few at a time.
+        # Reading a message briefly takes about twice its size (gRPC core's buffers and the
+        # bytes handed to Python): only a few at a time.
         self._reading = asyncio.Semaphore(CONCURRENT_READS)
         self.holding = False
         self._released = asyncio.Event()

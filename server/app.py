@@ -269,18 +269,23 @@ class InferenceServer:
             self.metrics.refused_early,
             max(256, 2 * cfg.max_queue_size),
         )
+        from convserve.server.infer_request import parse_infer_request
         from convserve.server.wire import WrappingRegistrar, raw_requests
 
         # Admission outermost: it holds calls at shutdown and bounds the bytes every call may
         # read, a call with a bad token included; then the token check, before any bytes are
-        # parsed; then our own parsing of the raw bytes.
+        # parsed; then our own parsing of the raw bytes (inference requests' tensor bytes stay
+        # where gRPC put them).
         server = grpc.aio.server(options=options)
         registrar = WrappingRegistrar(
             server,
             [
                 self.admission.wrap,
                 *self.security.handler_wrappers(self.metrics.refused),
-                raw_requests(self.metrics.refused_early),
+                raw_requests(
+                    self.metrics.refused_early,
+                    {pb.ModelInferRequest.DESCRIPTOR.full_name: parse_infer_request},
+                ),
             ],
         )
         servicer = InferenceServicer(self.repository, self.state, self.lifecycle, self.admission)

@@ -72,8 +72,13 @@ def message_name(deserializer: Callable[[bytes], Any]) -> str:
 Refused = Callable[[str, str], None]
 
 
-def _parser(method: str, deserializer: Callable[[bytes], Any], refused: Refused):
+# message full name -> the parser used instead of protobuf's
+Parsers = dict[str, Callable[[bytes], Any]]
+
+
+def _parser(method: str, deserializer: Callable[[bytes], Any], refused: Refused, parsers: Parsers):
     expected = message_name(deserializer)
+    deserializer = parsers.get(expected, deserializer)
     details = (
         f"{method}: the request does not parse as {expected}: expected a serialized "
         "protobuf message of that type"
@@ -110,8 +115,10 @@ async def _guarded(method: str, context: grpc.aio.ServicerContext, run: Callable
         )
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, refused: Refused) -> grpc.RpcMethodHandler:
-    parse = _parser(method, handler.request_deserializer, refused)
+def _wrap(
+    handler: grpc.RpcMethodHandler, method: str, refused: Refused, parsers: Parsers
+) -> grpc.RpcMethodHandler:
+    parse = _parser(method, handler.request_deserializer, refused, parsers)
     serialize = handler.response_serializer
 
     async def requests(raw_iterator: AsyncIterator[bytes], context) -> AsyncIterator[Any]:
@@ -165,14 +172,18 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, refused: Refused) -> grpc
 Wrapper = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
 
 
-def raw_requests(refused: Refused = lambda method, reason: None) -> Wrapper:
+def raw_requests(
+    refused: Refused = lambda method, reason: None, parsers: Parsers | None = None
+) -> Wrapper:
     """The wrapper that hands a handler raw bytes and parses them (see the module docstring);
-    `refused(method, reason)` counts a request that does not parse."""
+    `refused(method, reason)` counts a request that does not parse; `parsers` replaces
+    protobuf's parser for the messages it names (same errors for bytes that do not parse)."""
+    parsers = parsers or {}
 
     def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.request_deserializer is None:
             return handler  # already raw
-        return _wrap(handler, method, refused)
+        return _wrap(handler, method, refused, parsers)
 
     return wrap
 
