@@ -464,8 +464,8 @@ def test_wide_dense_layers(inputs):
 def test_dense_layers_on_random_shapes(seed):
     """A dense-only model (it runs up to MAX_TASK_ROWS rows at once) on random widths (last
     blocks of 16, 32 and 48 units), input counts (passes of K_CHUNK inputs and a remainder),
-    activations (softmax too) and batch sizes (4-6 rows a call, or six and 1-3 more one by one,
-    groups of rows, ranges of units, a batch in two chunks): the NumPy reference, and every row bit-identical
+    activations (softmax too) and batch sizes (six rows a call, the last 1-9 rows in calls of
+    4-5 or one by one, groups of rows, ranges of units, a batch in two chunks): the NumPy reference, and every row bit-identical
     to its single-image call."""
     rng = np.random.default_rng(300 + seed)
     inputs = int(rng.integers(20, 700))
@@ -484,7 +484,7 @@ def test_dense_layers_on_random_shapes(seed):
     weights = _weights(doc, seed)
     model = Model(doc, weights)
     x = rng.standard_normal((300, inputs, 1, 1)).astype(np.float32)
-    for n in (2, 5, 8, 16, 37, 131, 300):
+    for n in (2, 5, 7, 8, 9, 14, 16, 37, 131, 300):
         assert_forward_matches_reference(model, doc, weights, x[:n], where=f"batch {n}")
     whole = model.forward(x)
     singles = np.concatenate([model.forward(x[i : i + 1]) for i in range(0, 300, 7)])

@@ -47,19 +47,21 @@ def tile_floats() -> int:
 def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped): per 64-unit block, per pass of
-    K_CHUNK inputs, the conv micro-kernels with a batch row as a pixel, 4-6 rows a call (or
-    SIX, and the last 1-3 rows one by one). Softmax (4) needs c0 = 0, c1 = Up and is left to
-    the caller."""
+    K_CHUNK inputs, the conv micro-kernels with a batch row as a pixel, SIX rows a call (the
+    last 1-9 rows in calls of 4-5, or one by one). Softmax (4) needs c0 = 0, c1 = Up and is
+    left to the caller."""
     K = xf.size // out.shape[0]
     Up = wf.size // K
     U = out.shape[1]
     n = r1 - r0
-    calls = (n + SIX - 1) // SIX
-    # Rows per call: SIX each and the rest one by one, unless n splits evenly into `calls`
-    # calls of 4-6 rows (8 rows: 4 + 4, not 6 + 1 + 1, whose one-row calls wait on their
-    # four-FMA chains; the wide_dense benchmark model at batch 8 on Zen 5: 0.079-0.092 ms
-    # instead of 0.101-0.111).
-    even = n >= 4 * calls
+    six = n // SIX * SIX
+    # Rows per call: SIX, then the 1-5 left in one call (4, 5) or one by one (1-3), whose
+    # one-row calls wait on their four-FMA chains. With 2 or 3 left, the last SIX + 2-3 rows go
+    # as 4 + 4 or 5 + 4 instead (on Zen 5, 784 x 1024 units at 8 rows: 38 us instead of 43;
+    # splitting every batch evenly into 4-6 rows a call made 256 rows 8 % slower).
+    bulk = six - SIX if six > 0 and 2 <= n - six <= 3 else six
+    left = n - bulk
+    first = left - 4 if left > SIX else left  # rows of the first call after the bulk
     chunk = K if n == 1 else K_CHUNK
     of = out.reshape(out.size)
     for c in range(c0, c1, 64):
@@ -68,12 +70,15 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
             kc = min(chunk, K - k0)
             more = 1 if k0 > 0 else 0
             b = c * K + k0 * w
-            i = 0
-            for j in range(calls):
-                count = (n // calls + (1 if j < n % calls else 0)) if even else min(SIX, n - i)
-                a = (r0 + i) * K + k0
-                _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, i * 64, 64, count, w, more)
-                i += count
+            if bulk > 0:
+                _conv_row(xf, r0 * K + k0, K, 0, 1, kc, wf, b, w, tile, 0, 64, bulk, w, more)
+            if left > 0:
+                a = (r0 + bulk) * K + k0
+                _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, bulk * 64, 64, first, w, more)
+            if left > first:  # the 4 after a first call of 4 or 5
+                a = (r0 + bulk + first) * K + k0
+                t = (bulk + first) * 64
+                _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, t, 64, 4, w, more)
         last = min(c + 64, U)
         for i in range(n):
             o = (r0 + i) * U + c
