@@ -85,9 +85,7 @@ def _split(data: bytes) -> tuple[list[memoryview], list[memoryview]]:
             _, pos = _varint(data, pos)
         elif wire_type == LENGTH_DELIMITED:
             length, pos = _varint(data, pos)
-            value_end = pos + length
-            if value_end > end:
-                raise _Unusual
+            value_end = pos + length  # past the end: caught by the check after the loop
             if key >> 3 == RAW_INPUT_CONTENTS:
                 rest.append(view[kept_from:start])
                 raw.append(view[pos:value_end])
@@ -106,12 +104,11 @@ def _split(data: bytes) -> tuple[list[memoryview], list[memoryview]]:
 def parse_infer_request(data: bytes) -> InferRequest | pb.ModelInferRequest:
     """`data` parsed as a ModelInferRequest, its raw tensor bytes left where they are.
     Raises what `ModelInferRequest.FromString` raises for bytes that do not parse."""
-    if len(data) < WALK_FROM_BYTES:
-        return pb.ModelInferRequest.FromString(data)
-    try:
-        raw, rest = _split(data)
-    except _Unusual:
-        return pb.ModelInferRequest.FromString(data)
-    if not raw:
-        return pb.ModelInferRequest.FromString(data)
-    return InferRequest(pb.ModelInferRequest.FromString(b"".join(rest)), raw, len(data))
+    if len(data) >= WALK_FROM_BYTES:
+        try:
+            raw, rest = _split(data)
+        except _Unusual:
+            raw = []
+        if raw:
+            return InferRequest(pb.ModelInferRequest.FromString(b"".join(rest)), raw, len(data))
+    return pb.ModelInferRequest.FromString(data)

@@ -465,8 +465,8 @@ def test_dense_layers_on_random_shapes(seed):
     """A dense-only model (it runs up to MAX_TASK_ROWS rows at once) on random widths (last
     blocks of 16, 32 and 48 units), input counts (passes of K_CHUNK inputs and a remainder),
     activations (softmax too) and batch sizes (six rows a call, the last 1-9 rows in calls of
-    4-5 or one by one, groups of rows, ranges of units, a batch in two chunks): the NumPy reference, and every row bit-identical
-    to its single-image call."""
+    4-5 or one by one, groups of rows, ranges of units, a batch in two chunks): the NumPy
+    reference, and every row bit-identical to its single-image call."""
     rng = np.random.default_rng(300 + seed)
     inputs = int(rng.integers(20, 700))
     acts = ["relu", "linear", "tanh", "softmax", "sigmoid", "relu"]
