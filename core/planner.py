@@ -52,6 +52,7 @@ import numpy as np
 from convserve.core.architecture import Architecture
 from convserve.core.inference import BATCH_CHUNK, InferencePlan, Plan, default_plan
 from convserve.core.kernels import cache_stamp
+from convserve.core.layers.flatten import Flatten
 from convserve.core.layers.fusion import Block, blocks
 
 log = logging.getLogger("convserve.planner")
@@ -189,15 +190,21 @@ def write_cached(directory: Path, key: str, record: dict[str, Any]) -> bool:
 
 # -- timing -------------------------------------------------------------------------------------
 def _block_runner(arch: Architecture, block: Block, weights: dict, variant: str) -> InferencePlan:
-    """An InferencePlan computing `block` alone with `variant`, on its own input shape."""
-    channels = block.layer.input_shape[-1]
+    """An InferencePlan computing `block` alone with `variant`, on its own input shape (a flat
+    input, a dense layer's, as a 1 x 1 image flattened first)."""
+    shape, layers = block.layer.input_shape, tuple(block.layers)
+    if len(shape) == 1:
+        index = block.layer.index - 1  # a model's input is an image: a layer comes first
+        layers = (Flatten(index=index, input_shape=(1, 1, shape[0]), output_shape=shape), *layers)
+        shape = (1, 1, shape[0])
+    channels = shape[-1]
     alone = dataclasses.replace(
         arch,
-        input_shape=block.layer.input_shape,
+        input_shape=shape,
         mean=(0.0,) * channels,
         std=(1.0,) * channels,
         scale=1.0,
-        layers=block.layers,
+        layers=layers,
     )
     return InferencePlan(alone, weights, {block.layer.index: variant})
 
@@ -214,7 +221,8 @@ def time_block(
     deadline passes first. Noise: the largest ratio of a variant's median call to its fastest
     (about 1 on a quiet machine)."""
     runners = {v: _block_runner(arch, block, weights, v) for v in variants}
-    return time_runners(runners, block.layer.input_shape, deadline, batches, block.layer.index)
+    shape = next(iter(runners.values())).architecture.input_shape
+    return time_runners(runners, shape, deadline, batches, block.layer.index)
 
 
 def time_runners(

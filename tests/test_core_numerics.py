@@ -434,11 +434,36 @@ def test_softmax_hidden_dense_layer_at_every_batch_size():
         assert_forward_matches_reference(model, doc, weights, x, where=f"batch {n}")
 
 
+def _dense_plans(doc: dict, weights: dict) -> dict[str, InferencePlan]:
+    """The model run with every dense layer on each of its variants (`passes`, `one_pass`)."""
+    arch = parse_architecture(doc)
+    wide = [layer.index for layer in arch.layers if layer.type == "dense"]
+    wide = [i for i in wide if arch.layers[i].input_shape[0] > 128]
+    assert wide, "the test needs a dense layer with a choice of variants"
+    return {v: InferencePlan(arch, weights, {i: v for i in wide}) for v in ("passes", "one_pass")}
+
+
+def _check_dense_variants(doc: dict, weights: dict, x: np.ndarray, batches, singles) -> None:
+    """Each dense variant matches the NumPy reference at `batches`, every row of x is
+    bit-identical to its single-image call (rows `singles`), and the variants agree bit for bit
+    (each output is the same in-order chain of fused multiply-adds)."""
+    results = {}
+    for variant, plan in _dense_plans(doc, weights).items():
+        for n in batches:
+            expected = ref.forward(doc, weights, x[:n])
+            where = f"{variant}, batch {n}"
+            np.testing.assert_allclose(plan.run(x[:n]), expected, atol=TOLERANCE, err_msg=where)
+        whole = results[variant] = plan.run(x)
+        for i in singles:
+            np.testing.assert_array_equal(plan.run(x[i : i + 1])[0], whole[i], err_msg=variant)
+    np.testing.assert_array_equal(results["passes"], results["one_pass"])
+
+
 @pytest.mark.parametrize("inputs", [4100, 9000, 20000])
 def test_wide_dense_layers(inputs):
     """Dense layers with thousands of inputs, in passes of K_CHUNK inputs (a single row: one
-    pass): the NumPy reference at batch sizes across the tasks, and each row bit-identical to
-    its single-image call."""
+    pass) or all at once (`one_pass`): the NumPy reference at batch sizes across the tasks, and
+    each row bit-identical to its single-image call."""
     doc = {
         "name": "wide-dense",
         "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
@@ -450,25 +475,21 @@ def test_wide_dense_layers(inputs):
         ],
     }
     weights = _weights(doc, inputs)
-    model = Model(doc, weights)
     rng = np.random.default_rng(inputs)
     x = rng.standard_normal((45, inputs, 1, 1)).astype(np.float32)
-    for n in (1, 8, 33, 45):
-        assert_forward_matches_reference(model, doc, weights, x[:n], where=f"batch {n}")
-    whole = model.forward(x)
-    for i in (0, 31, 32, 44):
-        np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], whole[i])
+    _check_dense_variants(doc, weights, x, (1, 8, 33, 45), (0, 31, 32, 44))
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_dense_layers_on_random_shapes(seed):
     """A dense-only model (it runs up to MAX_TASK_ROWS rows at once) on random widths (last
-    blocks of 16, 32 and 48 units), input counts (passes of K_CHUNK inputs and a remainder),
+    blocks of 16, 32 and 48 units), input counts (passes of K_CHUNK inputs and a remainder, or
+    one pass),
     activations (softmax too) and batch sizes (six rows a call, the last 1-9 rows in calls of
     4-5 or one by one, groups of rows, ranges of units, a batch in two chunks): the NumPy
     reference, and every row bit-identical to its single-image call."""
     rng = np.random.default_rng(300 + seed)
-    inputs = int(rng.integers(20, 700))
+    inputs = int(rng.integers(129, 700))
     acts = ["relu", "linear", "tanh", "softmax", "sigmoid", "relu"]
     doc = {
         "name": "packed",
@@ -482,13 +503,9 @@ def test_dense_layers_on_random_shapes(seed):
         ],
     }
     weights = _weights(doc, seed)
-    model = Model(doc, weights)
     x = rng.standard_normal((300, inputs, 1, 1)).astype(np.float32)
-    for n in (2, 5, 7, 8, 9, 14, 16, 37, 131, 300):
-        assert_forward_matches_reference(model, doc, weights, x[:n], where=f"batch {n}")
-    whole = model.forward(x)
-    singles = np.concatenate([model.forward(x[i : i + 1]) for i in range(0, 300, 7)])
-    np.testing.assert_array_equal(singles, whole[::7])
+    batches = (2, 5, 7, 8, 9, 14, 16, 37, 131, 300)
+    _check_dense_variants(doc, weights, x, batches, range(0, 300, 7))
 
 
 def test_dense_first_models_read_preprocessed_input_as_given_and_never_write_it():

@@ -13,12 +13,13 @@ from numba import njit, prange
 # Most batch rows per dense task: they share each pass over a block of weights. A model of
 # dense layers only runs up to this many rows at once (`inference.ROWS_CHUNK`).
 MAX_TASK_ROWS = 256
-# Inputs (weight rows) per pass over a 64-unit block: each micro-kernel call of a task's rows
-# then reads at most this many rows of 64 weights (32 KB), which stay in L1 while every row of
-# the task passes over them (a single row reads each weight once: no passes then). Every output
-# stays one in-order chain of fused multiply-adds (a pass adds to what the previous one
-# stored), so results do not change. 128 ran fastest of 64, 128, 192, 256 and no passes
-# (BENCHMARKS.md, "Dense weight passes").
+# Inputs (weight rows) per pass over a 64-unit block in the `passes` variant: each micro-kernel
+# call of a task's rows then reads at most this many rows of 64 weights (32 KB), which stay in
+# L1 while every row of the task passes over them (a single row reads each weight once: no
+# passes then). Every output stays one in-order chain of fused multiply-adds (a pass adds to
+# what the previous one stored), so results do not change. 128 ran fastest of 64, 128, 192, 256
+# and no passes on an Intel Xeon; on AMD Zen 5 one pass ran 5-13 % faster from 4 rows on
+# (BENCHMARKS.md, "Dense weight passes"), so the planner times both (`layers.dense`).
 K_CHUNK = 128
 SIX = 6  # rows per micro-kernel call on 64 units (the widest block with all its accumulators)
 
@@ -44,12 +45,12 @@ def tile_floats() -> int:
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
+def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped): per 64-unit block, per pass of
-    K_CHUNK inputs, the conv micro-kernels with a batch row as a pixel, SIX rows a call (the
-    last 1-9 rows in calls of 4-5, or one by one). Softmax (4) needs c0 = 0, c1 = Up and is
-    left to the caller."""
+    `k_pass` inputs (0: one pass from 4 rows on), the conv micro-kernels with a batch row as a pixel,
+    SIX rows a call (the last 1-9 rows in calls of 4-5, or one by one). Softmax (4) needs
+    c0 = 0, c1 = Up and is left to the caller."""
     K = xf.size // out.shape[0]
     Up = wf.size // K
     U = out.shape[1]
@@ -62,7 +63,9 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
     bulk = six - SIX if six > 0 and 2 <= n - six <= 3 else six
     left = n - bulk
     first = left - 4 if left > SIX else left  # rows of the first call after the bulk
-    chunk = K if n == 1 else K_CHUNK
+    # 2-3 rows go one by one, each over the same weights: passes keep them in L1 (one pass was
+    # 20 % slower at 2 rows on Zen 5)
+    chunk = K if n == 1 else (k_pass if k_pass > 0 else (K_CHUNK if n < 4 else K))
     of = out.reshape(out.size)
     for c in range(c0, c1, 64):
         w = min(64, Up - c)  # weight block of units c..c+w-1: K rows of w floats from wf[c*K]
@@ -86,10 +89,12 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def dense(x, wk, bias, tiles, out, act, rows, splits):
-    """out = act(x @ W + b). x: (N, K) C-contiguous; wk: the weights in blocks of 64 units (the
-    last block narrower), each K rows of its units, contiguous (`layers.dense.pack_dense`), Up
-    the units rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, range
+def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass):
+    """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass from 4 rows on; see
+    K_CHUNK). x: (N, K)
+    C-contiguous; wk: the weights in blocks of 64 units (the last block narrower), each K rows
+    of its units, contiguous (`layers.dense.pack_dense`), Up the units rounded up to 16 (zero
+    columns); out: (N, U). Tasks: (group of `rows` rows, range
     of 64-unit blocks), `splits` ranges per group (`dense_tasks`; softmax needs whole rows:
     splits=1). tiles: (threads, >= rows*64).
     Every output is one in-order chain of fused multiply-adds over K, whatever the batch size
@@ -108,14 +113,16 @@ def dense(x, wk, bias, tiles, out, act, rows, splits):
         if c0 < c1:
             r0 = g * rows
             r1 = min(N, r0 + rows)
-            _dense_rows(xf, wf, bias, tiles[numba.get_thread_id()], out, r0, r1, c0, c1, act)
+            _dense_rows(
+                xf, wf, bias, tiles[numba.get_thread_id()], out, r0, r1, c0, c1, act, k_pass
+            )
             if act == 4:
                 for i in range(r0, r1):
                     _softmax_row(out[i])
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def dense_serial(x, wk, bias, tiles, out, act):
+def dense_serial(x, wk, bias, tiles, out, act, k_pass):
     """`dense` on the calling thread only, for layers too small to pay for a parallel region
     (the same micro-kernel calls, so the same results)."""
     N = x.shape[0]
@@ -124,7 +131,7 @@ def dense_serial(x, wk, bias, tiles, out, act):
     wf = wk.reshape(wk.size)
     for r0 in range(0, N, MAX_TASK_ROWS):
         r1 = min(N, r0 + MAX_TASK_ROWS)
-        _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, 0, Up, act)
+        _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, 0, Up, act, k_pass)
         if act == 4:
             for i in range(r0, r1):
                 _softmax_row(out[i])
