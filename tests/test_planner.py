@@ -23,6 +23,7 @@ STEP_OF = {
     "winograd4": "WinogradConv",
     "winograd5": "WinogradConv",
     "direct": "DirectConv",
+    "direct_narrow": "DirectConv",
     "k3_pool": "K3PoolConv",
     "pixels_pool": "PixelsPoolConv",
 }
@@ -35,7 +36,7 @@ def _random_conv_model(rng: np.random.Generator, case: int) -> dict:
     size = int(rng.choice([1, 3, 3, 5])) if not one_channel else int(rng.choice([3, 3, 5]))
     stride = 1 if one_channel or rng.random() < 0.6 else 2
     channels = 1 if one_channel else int(rng.choice([2, 3, 8, 13, 32]))
-    filters = int(rng.choice([4, 8, 16, 20, 32, 48]))
+    filters = int(rng.choice([4, 8, 16, 20, 32, 48, 64, 80]))
     h, w = (int(v) for v in rng.integers(size + 2, 19, size=2))
     padding = str(rng.choice(["valid", "same"]))
     act = str(rng.choice(["relu", "linear", "tanh", "sigmoid"]))
@@ -102,6 +103,58 @@ def test_every_variant_matches_the_reference_and_is_batch_invariant(case):
         for start, stop in ((0, 1), (3, 11), (n - 1, n), (1, BATCH_CHUNK + 2)):
             part = plan.run(x[start:stop])
             assert np.array_equal(part, whole[start:stop]), f"{where}: rows {start}-{stop}"
+
+
+@pytest.mark.parametrize(
+    "width, channels, size, stride, pool, act",
+    [
+        (17, 64, 3, 2, False, "relu"),  # rows of 8 pixels; weights in chunks (over 256 rows)
+        (27, 40, 3, 2, False, "tanh"),  # rows of 13: a 7-pixel call, then the other 6 in one
+        (16, 72, 2, 1, True, "relu"),  # a fused 2x2 max pool over 14-pixel conv rows, chunks
+        (16, 29, 2, 1, True, "sigmoid"),  # a fused average pool (below), an odd channel count
+    ],
+)
+def test_direct_narrow_matches_the_reference_and_is_batch_invariant(
+    width, channels, size, stride, pool, act
+):
+    """`direct_narrow` (blocks of 32 output channels, 5-8 pixels a call) on layers that chunk
+    their weights, with stride 2 and fused pools: the NumPy reference, bit-identical to
+    `direct` (every output is the same chain of fused multiply-adds) and across batches."""
+    layers: list[dict] = [
+        {
+            "type": "conv2d",
+            "filters": 80,
+            "kernel_size": size,
+            "strides": stride,
+            "padding": "valid",
+            "activation": act,
+        }
+    ]
+    if pool:
+        kind = "max_pooling2d" if act == "relu" else "average_pooling2d"
+        layers.append({"type": kind, "pool_size": 2})
+    layers += [{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "linear"}]
+    doc = {
+        "name": "narrow",
+        "input": {"shape": [9, width, channels], "scale": 1.0, "mean": [0.0] * channels},
+        "labels": ["a", "b", "c"],
+        "layers": layers,
+    }
+    doc["input"]["std"] = [1.0] * channels
+    arch = parse_architecture(doc)
+    block = blocks(arch.layers, inference=True)[0]
+    assert block.layer.inference_variants(block) == ("direct", "direct_narrow")
+    weights = random_weights(doc, seed=width)
+    x = np.random.default_rng(width).standard_normal((BATCH_CHUNK + 3, *arch.input_shape))
+    x = x.astype(np.float32)
+    expected = ref.forward(doc, weights, x)
+    narrow = InferencePlan(arch, weights, {0: "direct_narrow"})
+    assert narrow.steps[0].narrow
+    whole = narrow.run(x)
+    np.testing.assert_allclose(whole, expected, atol=TOLERANCE, rtol=1e-5)
+    np.testing.assert_array_equal(whole, InferencePlan(arch, weights, {0: "direct"}).run(x))
+    for start, stop in ((0, 1), (2, 9), (1, BATCH_CHUNK + 2)):
+        assert np.array_equal(narrow.run(x[start:stop]), whole[start:stop])
 
 
 def test_an_unknown_variant_is_refused():

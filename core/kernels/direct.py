@@ -34,13 +34,16 @@ CHUNK_TAPS_ROWS = 256
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, tile, t_off, count):
+def _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, tile, t_off, count, narrow):
     """tile[t_off + i*COp + j] = the conv sums of `count` pixels (pixel i's window from
     xf[a_off + i*lda], input rows `row` apart) for all COp channels: one `_conv_row` over the
     kh kernel rows when the weights are small, else chunks of up to CHUNK_TAPS_ROWS rows of whole
-    taps (kernel rows, then columns), in the same order, so the same bits either way."""
+    taps (kernel rows, then columns), in the same order, so the same bits either way. `narrow`:
+    blocks of 32 channels (`_conv_row`)."""
     if kh * kw * CI <= CHUNK_TAPS_ROWS:
-        _conv_row(xf, a_off, lda, row, kh, kw * CI, wf, 0, COp, tile, t_off, COp, count, COp)
+        _conv_row(
+            xf, a_off, lda, row, kh, kw * CI, wf, 0, COp, tile, t_off, COp, count, COp, 0, narrow
+        )
         return
     per = max(1, CHUNK_TAPS_ROWS // CI)  # kernel columns per chunk
     for ky in range(kh):
@@ -63,18 +66,20 @@ def _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, tile, t_off, count):
                 count,
                 COp,
                 more,
+                narrow,
             )
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at):
+def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at, narrow):
     """Valid conv + bias + activation + 2x2/2 max pool (average pool with `average`; floor) on
     an already padded and preprocessed input. wk: (kh*kw*CI, COp) flat-packed, COp a multiple of
     16. The (PH, PW) pooled outputs go to out (N, Hb, Wb, CO) from row y0, column x0:
     at = (y0, x0, PH, PW).
 
     Tasks: (image, pooled row, range of pooled columns), `splits` ranges per row.
-    tiles: (threads, >= 4 * PW * COp) floats: the task's two conv rows.
+    tiles: (threads, >= 4 * PW * COp) floats: the task's two conv rows. `narrow`: blocks of 32
+    output channels (`gemm._conv_row`).
     """
     N, H, W, CI = x.shape
     COp = wk.shape[1]
@@ -91,7 +96,8 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at
         L = 2 * nw
         for dy in range(2):
             a_off = ((n * H + (2 * py + dy) * sh) * W + 2 * px0 * sw) * CI
-            _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, tile, dy * L * COp, L)
+            t_off = dy * L * COp
+            _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, tile, t_off, L, narrow)
         for w in range(nw):
             _store_pooled(
                 tile,
@@ -108,11 +114,12 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at):
+def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at, narrow):
     """Valid conv + bias + activation on an already padded and preprocessed input. The (OH, OW)
     outputs go to out (N, Hb, Wb, CO) from row y0, column x0: at = (y0, x0, OH, OW).
     Tasks: (image, output row, range of columns), `splits` per row.
-    tiles: (threads, >= OW * COp) floats.
+    tiles: (threads, >= OW * COp) floats. `narrow`: blocks of 32 output channels
+    (`gemm._conv_row`).
     """
     N, H, W, CI = x.shape
     COp = wk.shape[1]
@@ -127,7 +134,7 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at):
         cnt = ox1 - ox0
         tile = tiles[numba.get_thread_id()]
         a_off = ((n * H + oy * sh) * W + ox0 * sw) * CI
-        _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, tile, 0, cnt)
+        _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, tile, 0, cnt, narrow)
         o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
         for i in range(cnt):
             _store_row(tile, i * COp, bias, of, o + i * CO, 0, CO, act)

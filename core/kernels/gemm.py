@@ -80,24 +80,40 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _conv_row(
-    xf, a_off, lda, a_step, kh, seg, wf, b_off, ldb, tile, t_off, ldc, count, width, more=0
+    xf,
+    a_off,
+    lda,
+    a_step,
+    kh,
+    seg,
+    wf,
+    b_off,
+    ldb,
+    tile,
+    t_off,
+    ldc,
+    count,
+    width,
+    more=0,
+    narrow=0,
 ):
     """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
     columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart (with
     `more`: added to what the tile holds there, continuing its chain of fused multiply-adds).
     For a conv row, output i is a pixel and the columns are output channels. Columns go in
-    blocks of 64 (4-6 outputs per call), then 32 and 16 (5-8 per call); rows shorter than a
-    block go one by one."""
+    blocks of 64 (4-6 outputs per call), then 32 and 16 (5-8 per call); with `narrow` in
+    blocks of 32 from the start (7-8 outputs a call read each weight once where 64 columns
+    take 4: half the weight traffic per output). Rows shorter than a block go one by one."""
     c = 0
     while c < width:
-        nv = 4 if width - c >= 64 else (2 if width - c >= 32 else 1)
+        nv = 4 if width - c >= 64 and not narrow else (2 if width - c >= 32 else 1)
         lo, hi = (4, 6) if nv == 4 else (5, 8)
         R = 1 if count < lo else _block_rows(count, lo, hi)  # short rows: one pixel a call
         i = 0
         while i < count:
             if i + R > count:
-                if more:  # a block shifted back would add twice to the outputs it repeats
-                    R = 1
+                if more:  # a block shifted back would add twice to the outputs it repeats:
+                    R = count - i if count - i >= lo else 1  # the rest in one call or singly
                 else:
                     i = count - R  # the last block ends at the row's end (recomputing some)
             t = t_off + i * ldc + c
