@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from convserve.core import Model
+from convserve.core import Model, ModelError
 from convserve.core.architecture import parse_architecture
 from convserve.core.inference import BATCH_CHUNK, InferencePlan, default_plan
 from convserve.core.layers.fusion import blocks
@@ -105,25 +105,14 @@ def test_every_variant_matches_the_reference_and_is_batch_invariant(case):
             assert np.array_equal(part, whole[start:stop]), f"{where}: rows {start}-{stop}"
 
 
-@pytest.mark.parametrize(
-    "width, channels, size, stride, pool, act",
-    [
-        (17, 64, 3, 2, False, "relu"),  # rows of 8 pixels; weights in chunks (over 256 rows)
-        (27, 40, 3, 2, False, "tanh"),  # rows of 13: a 7-pixel call, then the other 6 in one
-        (16, 72, 2, 1, True, "relu"),  # a fused 2x2 max pool over 14-pixel conv rows, chunks
-        (16, 29, 2, 1, True, "sigmoid"),  # a fused average pool (below), an odd channel count
-    ],
-)
-def test_direct_narrow_matches_the_reference_and_is_batch_invariant(
-    width, channels, size, stride, pool, act
-):
-    """`direct_narrow` (blocks of 32 output channels, 5-8 pixels a call) on layers that chunk
-    their weights, with stride 2 and fused pools: the NumPy reference, bit-identical to
-    `direct` (every output is the same chain of fused multiply-adds) and across batches."""
+def _narrow_model(
+    height: int, width: int, channels: int, filters: int, size: int, stride: int, pool, act: str
+) -> dict:
+    """One `valid` conv (a 2x2 pool after it: "max", "average" or None) and a dense head."""
     layers: list[dict] = [
         {
             "type": "conv2d",
-            "filters": 80,
+            "filters": filters,
             "kernel_size": size,
             "strides": stride,
             "padding": "valid",
@@ -131,30 +120,84 @@ def test_direct_narrow_matches_the_reference_and_is_batch_invariant(
         }
     ]
     if pool:
-        kind = "max_pooling2d" if act == "relu" else "average_pooling2d"
-        layers.append({"type": kind, "pool_size": 2})
+        layers.append({"type": f"{pool}_pooling2d", "pool_size": 2})
     layers += [{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "linear"}]
-    doc = {
+    return {
         "name": "narrow",
-        "input": {"shape": [9, width, channels], "scale": 1.0, "mean": [0.0] * channels},
+        "input": {
+            "shape": [height, width, channels],
+            "scale": 1.0,
+            "mean": [0.0] * channels,
+            "std": [1.0] * channels,
+        },
         "labels": ["a", "b", "c"],
         "layers": layers,
     }
-    doc["input"]["std"] = [1.0] * channels
+
+
+def _check_narrow(doc: dict, seed: int) -> None:
+    """`direct_narrow` is offered for the model's conv and matches the NumPy reference, is
+    bit-identical to `direct` (every output is the same chain of fused multiply-adds) and
+    across batches."""
     arch = parse_architecture(doc)
     block = blocks(arch.layers, inference=True)[0]
     assert block.layer.inference_variants(block) == ("direct", "direct_narrow")
-    weights = random_weights(doc, seed=width)
-    x = np.random.default_rng(width).standard_normal((BATCH_CHUNK + 3, *arch.input_shape))
+    weights = random_weights(doc, seed=seed)
+    x = np.random.default_rng(seed).standard_normal((BATCH_CHUNK + 3, *arch.input_shape))
     x = x.astype(np.float32)
     expected = ref.forward(doc, weights, x)
     narrow = InferencePlan(arch, weights, {0: "direct_narrow"})
     assert narrow.steps[0].narrow
     whole = narrow.run(x)
-    np.testing.assert_allclose(whole, expected, atol=TOLERANCE, rtol=1e-5)
-    np.testing.assert_array_equal(whole, InferencePlan(arch, weights, {0: "direct"}).run(x))
+    where = f"{doc['layers'][:2]} {arch.input_shape}"
+    np.testing.assert_allclose(whole, expected, atol=TOLERANCE, rtol=1e-5, err_msg=where)
+    direct = InferencePlan(arch, weights, {0: "direct"}).run(x)
+    np.testing.assert_array_equal(whole, direct, err_msg=where)
     for start, stop in ((0, 1), (2, 9), (1, BATCH_CHUNK + 2)):
-        assert np.array_equal(narrow.run(x[start:stop]), whole[start:stop])
+        assert np.array_equal(narrow.run(x[start:stop]), whole[start:stop]), where
+
+
+@pytest.mark.parametrize(
+    "width, channels, size, stride, pool, act",
+    [
+        (17, 64, 3, 2, None, "relu"),  # rows of 8 pixels; weights in chunks (over 256 rows)
+        (27, 40, 3, 2, None, "tanh"),  # rows of 13: a 7-pixel call, then the other 6 in one
+        (16, 72, 2, 1, "max", "relu"),  # a fused 2x2 max pool over 14-pixel conv rows, chunks
+        (16, 29, 2, 1, "average", "sigmoid"),  # a fused average pool, an odd channel count
+    ],
+)
+def test_direct_narrow_on_chunked_weights_strides_and_fused_pools(
+    width, channels, size, stride, pool, act
+):
+    _check_narrow(_narrow_model(9, width, channels, 80, size, stride, pool, act), width)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_direct_narrow_on_random_shapes(seed):
+    """Random layers for which `direct_narrow` is offered: widths, channels, filters (not a
+    multiple of 32 too), kernel sizes, strides, pools and activations."""
+    rng = np.random.default_rng(700 + seed)
+    for _ in range(200):  # draw until the variant applies (most draws qualify)
+        size = int(rng.choice([1, 2, 3, 4]))
+        stride = 2 if size == 3 else int(rng.choice([1, 2]))  # a 3x3 at stride 1: Winograd
+        channels = int(rng.choice([3, 16, 29, 48, 64]))
+        filters = int(rng.choice([64, 72, 96, 128]))
+        width = int(rng.integers(size + 6 * stride, 45))
+        pool = rng.choice([None, "max", "average"])
+        act = str(rng.choice(["relu", "linear", "tanh", "sigmoid"]))
+        doc = _narrow_model(
+            int(rng.integers(size + 2, 9)), width, channels, filters, size, stride, pool, act
+        )
+        try:
+            arch = parse_architecture(doc)
+        except ModelError:  # a pool on a conv output too small for it: draw again
+            continue
+        block = blocks(arch.layers, inference=True)[0]
+        if "direct_narrow" in block.layer.inference_variants(block):
+            break
+    else:
+        raise AssertionError("no random layer took direct_narrow")
+    _check_narrow(doc, seed)
 
 
 def test_an_unknown_variant_is_refused():
