@@ -12,6 +12,7 @@ import pytest
 from convserve.core import Model, ModelError
 from convserve.core.architecture import parse_architecture
 from convserve.core.inference import InferencePlan
+from convserve.core.kernels.dense import K_CHUNK
 from convserve.core.presets import PRESET_NAMES, preset
 
 from tests import reference_numpy as ref
@@ -438,7 +439,7 @@ def _dense_plans(doc: dict, weights: dict) -> dict[str, InferencePlan]:
     """The model run with every dense layer on each of its variants (`passes`, `one_pass`)."""
     arch = parse_architecture(doc)
     wide = [layer.index for layer in arch.layers if layer.type == "dense"]
-    wide = [i for i in wide if arch.layers[i].input_shape[0] > 128]
+    wide = [i for i in wide if arch.layers[i].input_shape[0] > K_CHUNK]
     assert wide, "the test needs a dense layer with a choice of variants"
     return {v: InferencePlan(arch, weights, {i: v for i in wide}) for v in ("passes", "one_pass")}
 
@@ -484,12 +485,11 @@ def test_wide_dense_layers(inputs):
 def test_dense_layers_on_random_shapes(seed):
     """A dense-only model (it runs up to MAX_TASK_ROWS rows at once) on random widths (last
     blocks of 16, 32 and 48 units), input counts (passes of K_CHUNK inputs and a remainder, or
-    one pass),
-    activations (softmax too) and batch sizes (six rows a call, the last 1-9 rows in calls of
+    one pass), activations (softmax too) and batch sizes (six rows a call, the last 1-9 rows in calls of
     4-5 or one by one, groups of rows, ranges of units, a batch in two chunks): the NumPy
     reference, and every row bit-identical to its single-image call."""
     rng = np.random.default_rng(300 + seed)
-    inputs = int(rng.integers(129, 700))
+    inputs = int(rng.integers(K_CHUNK + 1, 700))  # every first layer has the choice
     acts = ["relu", "linear", "tanh", "softmax", "sigmoid", "relu"]
     doc = {
         "name": "packed",

@@ -48,9 +48,9 @@ def tile_floats() -> int:
 def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped): per 64-unit block, per pass of
-    `k_pass` inputs (0: one pass from 4 rows on), the conv micro-kernels with a batch row as a pixel,
-    SIX rows a call (the last 1-9 rows in calls of 4-5, or one by one). Softmax (4) needs
-    c0 = 0, c1 = Up and is left to the caller."""
+    `k_pass` inputs (0: one pass from 4 rows on), the conv micro-kernels with a batch row as a
+    pixel, SIX rows a call (the last 1-9 rows in calls of 4-5, or one by one). Softmax (4)
+    needs c0 = 0, c1 = Up and is left to the caller."""
     K = xf.size // out.shape[0]
     Up = wf.size // K
     U = out.shape[1]
@@ -91,12 +91,11 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass):
     """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass from 4 rows on; see
-    K_CHUNK). x: (N, K)
-    C-contiguous; wk: the weights in blocks of 64 units (the last block narrower), each K rows
-    of its units, contiguous (`layers.dense.pack_dense`), Up the units rounded up to 16 (zero
-    columns); out: (N, U). Tasks: (group of `rows` rows, range
-    of 64-unit blocks), `splits` ranges per group (`dense_tasks`; softmax needs whole rows:
-    splits=1). tiles: (threads, >= rows*64).
+    K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of 64 units (the last block
+    narrower), each K rows of its units, contiguous (`layers.dense.pack_dense`), Up the units
+    rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, range of 64-unit
+    blocks), `splits` ranges per group (`dense_tasks`; softmax needs whole rows: splits=1).
+    tiles: (threads, >= rows*64).
     Every output is one in-order chain of fused multiply-adds over K, whatever the batch size
     or the task it falls in, so a row's result is bit-identical alone and in any batch."""
     N = x.shape[0]

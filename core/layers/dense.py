@@ -42,7 +42,7 @@ class DenseStep(Step):
     wk: np.ndarray
     bias: np.ndarray
     act: int
-    k_pass: int  # inputs per pass over a block of weights, 0: one pass (`kdense.K_CHUNK`)
+    k_pass: int  # inputs per pass over a block of weights (`kdense.K_CHUNK`); 0: one pass
 
     def tile_floats(self) -> int:
         return kdense.tile_floats()
