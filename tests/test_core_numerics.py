@@ -214,11 +214,11 @@ def test_tanh_and_sigmoid_kernels_match_float64():
 @pytest.mark.parametrize("filters", [20, 32, 48, 64, 80, 130])
 def test_wide_convolutions_match_numpy_reference(filters):
     """Every micro-kernel shape (8 pixels x 16/32 channels, 4 x 64, 4 x 32 and 4 x 16 remainders,
-    single pixels for rows shorter than a block) and the shifted tail block of a row, on
-    images from 1 to 13 pixels wide, fused with max or average pooling or not, strided and
+    rows shorter than a block in one call of their 1-4 pixels) and the shifted tail block of a
+    row, on images from 1 to 13 pixels wide, fused with max or average pooling or not, strided and
     padded, every activation."""
     rng = np.random.default_rng(filters)
-    for width in (1, 2, 3, 5, 9, 13):
+    for width in (1, 2, 3, 4, 5, 9, 13):
         for (pool, stride, padding), act in zip(
             (
                 ("max", 1, "valid"),
@@ -485,8 +485,8 @@ def test_wide_dense_layers(inputs):
 def test_dense_layers_on_random_shapes(seed):
     """A dense-only model (it runs up to MAX_TASK_ROWS rows at once) on random widths (last
     blocks of 16, 32 and 48 units), input counts (passes of K_CHUNK inputs and a remainder, or
-    one pass), activations (softmax too) and batch sizes (six rows a call, the last 1-9 rows in calls of
-    4-5 or one by one, groups of rows, ranges of units, a batch in two chunks): the NumPy
+    one pass), activations (softmax too) and batch sizes (six rows a call, the last 1-9 rows in one call or
+    two, groups of rows, ranges of units, a batch in two chunks): the NumPy
     reference, and every row bit-identical to its single-image call."""
     rng = np.random.default_rng(300 + seed)
     inputs = int(rng.integers(K_CHUNK + 1, 700))  # every first layer has the choice

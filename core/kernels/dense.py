@@ -48,24 +48,23 @@ def tile_floats() -> int:
 def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped): per 64-unit block, per pass of
-    `k_pass` inputs (0: one pass from 4 rows on), the conv micro-kernels with a batch row as a
-    pixel, SIX rows a call (the last 1-9 rows in calls of 4-5, or one by one). Softmax (4)
+    `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as a pixel, SIX rows
+    a call (the last 1-9 rows in one call or two). Softmax (4)
     needs c0 = 0, c1 = Up and is left to the caller."""
     K = xf.size // out.shape[0]
     Up = wf.size // K
     U = out.shape[1]
     n = r1 - r0
     six = n // SIX * SIX
-    # Rows per call: SIX, then the 1-5 left in one call (4, 5) or one by one (1-3), whose
-    # one-row calls wait on their four-FMA chains. With 2 or 3 left, the last SIX + 2-3 rows go
-    # as 4 + 4 or 5 + 4 instead (on Zen 5, 784 x 1024 units at 8 rows: 38 us instead of 43;
-    # splitting every batch evenly into 4-6 rows a call made 256 rows 8 % slower).
+    # Rows per call: SIX, then the 1-5 left in one call, whose fewer accumulators wait more on
+    # their chains of fused multiply-adds. With 2 or 3 left, the last SIX + 2-3 rows go as
+    # 4 + 4 or 5 + 4 instead (on Zen 5, 784 x 1024 units at 8 rows: 38 us instead of 43 with
+    # the 2 rows one by one, and 36.5 against 38.0 with them in one call; splitting every batch
+    # evenly into 4-6 rows a call made 256 rows 8 % slower).
     bulk = six - SIX if six > 0 and 2 <= n - six <= 3 else six
     left = n - bulk
     first = left - 4 if left > SIX else left  # rows of the first call after the bulk
-    # 2-3 rows go one by one, each over the same weights: passes keep them in L1 (one pass was
-    # 20 % slower at 2 rows on Zen 5)
-    chunk = K if n == 1 else (k_pass if k_pass > 0 else (K_CHUNK if n < 4 else K))
+    chunk = K if n == 1 or k_pass == 0 else k_pass
     of = out.reshape(out.size)
     for c in range(c0, c1, 64):
         w = min(64, Up - c)  # weight block of units c..c+w-1: K rows of w floats from wf[c*K]
@@ -90,7 +89,7 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass):
-    """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass from 4 rows on; see
+    """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass; see
     K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of 64 units (the last block
     narrower), each K rows of its units, contiguous (`layers.dense.pack_dense`), Up the units
     rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, range of 64-unit

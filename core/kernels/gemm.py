@@ -11,6 +11,14 @@ from convserve.core.kernels.ir import (
     _mk1x1,
     _mk1x2,
     _mk1x4,
+    _mk2x1,
+    _mk2x2,
+    _mk2x4,
+    _mk3x1,
+    _mk3x2,
+    _mk3x4,
+    _mk4x1,
+    _mk4x2,
     _mk4x4,
     _mk5x1,
     _mk5x2,
@@ -52,6 +60,10 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
             _mk5x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 6:
             _mk6x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 2:
+            _mk2x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 3:
+            _mk3x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         else:
             _mk1x4(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
     elif nv == 2:
@@ -63,6 +75,12 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
             _mk7x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 8:
             _mk8x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 2:
+            _mk2x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 3:
+            _mk3x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 4:
+            _mk4x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         else:
             _mk1x2(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
     else:
@@ -74,6 +92,12 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
             _mk7x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 8:
             _mk8x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 2:
+            _mk2x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 3:
+            _mk3x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 4:
+            _mk4x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         else:
             _mk1x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
 
@@ -103,17 +127,19 @@ def _conv_row(
     For a conv row, output i is a pixel and the columns are output channels. Columns go in
     blocks of 64 (4-6 outputs per call), then 32 and 16 (5-8 per call); with `narrow` in
     blocks of 32 from the start (7-8 outputs a call read each weight once where 64 columns
-    take 4: half the weight traffic per output). Rows shorter than a block go one by one."""
+    take 4: half the weight traffic per output). A row shorter than a block goes in one call of
+    its length (2-3 pixels on 64 columns, 2-4 on 16-32): one pixel per call would leave the
+    multiply-adds waiting on their own chains, and read each weight once per pixel."""
     c = 0
     while c < width:
         nv = 4 if width - c >= 64 and not narrow else (2 if width - c >= 32 else 1)
         lo, hi = (4, 6) if nv == 4 else (5, 8)
-        R = 1 if count < lo else _block_rows(count, lo, hi)  # short rows: one pixel a call
+        R = count if count < lo else _block_rows(count, lo, hi)  # a short row: one call
         i = 0
         while i < count:
             if i + R > count:
                 if more:  # a block shifted back would add twice to the outputs it repeats:
-                    R = count - i if count - i >= lo else 1  # the rest in one call or singly
+                    R = count - i  # the rest in one call
                 else:
                     i = count - R  # the last block ends at the row's end (recomputing some)
             t = t_off + i * ldc + c

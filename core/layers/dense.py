@@ -103,7 +103,7 @@ class Dense(Layer):
     def inference_variants(self, block) -> tuple[str, ...]:
         """With more than `kdense.K_CHUNK` inputs: `passes` (a task's rows go over each block of
         weights K_CHUNK inputs at a time, so the block's part stays in L1; fastest on an Intel
-        Xeon) and `one_pass` (all inputs at once from 4 rows on; 5-13 % faster on AMD Zen 5).
+        Xeon) and `one_pass` (all inputs at once; 5-13 % faster on AMD Zen 5 from 4 rows on).
         Both give the same bits."""
         return ("passes", "one_pass") if self.input_shape[0] > kdense.K_CHUNK else ()
 
