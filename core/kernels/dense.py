@@ -8,6 +8,7 @@ import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _softmax_row, _store_row
 from convserve.core.kernels.gemm import _conv_row
+from convserve.core.kernels.ir import _mk1x8
 from numba import njit, prange
 
 # Most batch rows per dense task: they share each pass over a block of weights. A model of
@@ -66,8 +67,19 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
     first = left - 4 if left > SIX else left  # rows of the first call after the bulk
     chunk = K if n == 1 or k_pass == 0 else k_pass
     of = out.reshape(out.size)
-    for c in range(c0, c1, 64):
+    c = c0
+    while c < c1:
         w = min(64, Up - c)  # weight block of units c..c+w-1: K rows of w floats from wf[c*K]
+        if n == 1 and c + 128 <= c1 and w == 64 and c + 128 <= Up:
+            # one row: two full blocks a call, eight chains of fused multiply-adds in flight
+            # instead of four, and two weight streams (on Zen 5, 784 x 1024 units: 19.7 us
+            # instead of 22.3; 400 x 128 on one thread: 1.60 instead of 2.47)
+            _mk1x8(xf, r0 * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K)
+            _store_row(
+                tile, 0, bias[c:], of, r0 * U + c, 0, min(128, U - c), 0 if act == 4 else act
+            )
+            c += 128
+            continue
         for k0 in range(0, K, chunk):
             kc = min(chunk, K - k0)
             more = 1 if k0 > 0 else 0
@@ -85,6 +97,7 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
         for i in range(n):
             o = (r0 + i) * U + c
             _store_row(tile, i * 64, bias[c:], of, o, 0, last - c, 0 if act == 4 else act)
+        c += 64
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)

@@ -29,7 +29,7 @@ def _close_loop(builder, counter, limit, phis, values, latch, header, exit_block
     builder.cbranch(builder.icmp_signed("<", following, limit), header, exit_block)
 
 
-def _microkernel(rows: int, vectors: int, b_steps: bool = False):
+def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: bool = False):
     """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
     convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
 
@@ -46,7 +46,9 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
     transposed form of `conv1_pixels_pool2`, where B is the input image and A the weights. Every
     output is one in-order chain of fused multiply-adds whatever the batch size or the block it
     falls in. All arrays are flat float32; segs, seg_len >= 1; no bounds checks. (`b_steps`
-    kernels take no `more`.)"""
+    kernels take no `more`.) With `two_blocks`, mk takes `b_split` after `more`, and columns
+    64j.. 64j+63 come from b_off + j*b_split: a dense layer's weights are packed in blocks of 64
+    units, and one row over two blocks keeps eight accumulators busy instead of four."""
 
     def codegen(context, builder, signature, args):
         if b_steps:
@@ -66,6 +68,12 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
                 ldc,
             ) = args
             more = None
+        elif two_blocks:
+            a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args[
+                :-2
+            ]
+            more, b_split = args[-2], args[-1]
+            b_step = builder.mul(seg_len, ldb)
         else:
             a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args[
                 :-1
@@ -119,10 +127,23 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
             for v in range(vectors):
                 acc[r][v].add_incoming(acc_seg[r][v], outer)
         b_row = builder.add(b_seg, builder.mul(k, ldb))
+        b_rows = [b_row]
+        if two_blocks:  # vectors 4j..4j+3 from block j, b_split apart
+            for _ in range(vectors // 4 - 1):
+                b_rows.append(builder.add(b_rows[-1], b_split))
+        per_block = vectors // len(b_rows)
         bv = [
             builder.load(
                 builder.bitcast(
-                    builder.gep(bp, [builder.add(b_row, ir.Constant(i64, 16 * v))]), vptr
+                    builder.gep(
+                        bp,
+                        [
+                            builder.add(
+                                b_rows[v // per_block], ir.Constant(i64, 16 * (v % per_block))
+                            )
+                        ],
+                    ),
+                    vptr,
                 ),
                 align=4,
             )
@@ -160,6 +181,29 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
             return types.void(
                 a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc
             ), codegen
+    elif two_blocks:
+
+        @intrinsic
+        def mk(
+            typingctx,
+            a,
+            a_off,
+            lda,
+            a_step,
+            segs,
+            seg_len,
+            b,
+            b_off,
+            ldb,
+            c,
+            c_off,
+            ldc,
+            more,
+            b_split,
+        ):
+            return types.void(
+                a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more, b_split
+            ), codegen
     else:
 
         @intrinsic
@@ -174,6 +218,7 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False):
 _mk1x1 = _microkernel(1, 1)
 _mk1x2 = _microkernel(1, 2)
 _mk1x4 = _microkernel(1, 4)
+_mk1x8 = _microkernel(1, 8, two_blocks=True)
 _mk2x1 = _microkernel(2, 1)
 _mk3x1 = _microkernel(3, 1)
 _mk4x1 = _microkernel(4, 1)
