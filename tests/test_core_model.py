@@ -307,6 +307,23 @@ def test_bad_forward_input(reference_model):
         reference_model.forward(np.zeros((1, 28, 28), np.float32))
     with pytest.raises(ModelError, match=r"NaN or Inf"):
         reference_model.forward(np.full((1, 28, 28, 1), np.inf, np.float32))
+    with pytest.raises(ModelError, match=r"the batch is empty"):
+        reference_model.forward(np.zeros((0, 28, 28, 1), np.float32))
+    with pytest.raises(ModelError, match=r"expected a numpy array"):
+        reference_model.forward([[0.0] * 28] * 28)
+
+
+def test_forward_takes_views_that_are_not_contiguous(reference_model):
+    """A mirrored or strided view runs as its contiguous copy does, and a NaN in it is found."""
+    x = np.random.default_rng(5).random((6, 28, 28, 1), dtype=np.float32)
+    for view in (x[:, :, ::-1], x[::2], np.asfortranarray(x)):
+        np.testing.assert_array_equal(
+            reference_model.forward(view), reference_model.forward(np.ascontiguousarray(view))
+        )
+    y = x.copy()
+    y[3, 4, 27, 0] = np.nan
+    with pytest.raises(ModelError, match=r"NaN or Inf"):
+        reference_model.forward(y[:, :, ::-1])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
