@@ -508,6 +508,36 @@ def test_dense_layers_on_random_shapes(seed):
     _check_dense_variants(doc, weights, x, batches, range(0, 300, 7))
 
 
+@pytest.mark.parametrize("inputs", [1, 3, 6, 130, 8195])
+def test_dense_layers_of_at_most_16_units(inputs):
+    """Layers of 1-16 units have a kernel of their own (each sum as four chains over consecutive
+    parts of the inputs, the last part with the rest, inputs fewer than four included): the
+    NumPy reference at batch sizes 1-13 and 40 (six rows a call and the rest, on the calling
+    thread or in parallel tasks), and every row bit-identical to its single-image call."""
+    rng = np.random.default_rng(inputs)
+    acts = ["relu", "linear", "tanh", "sigmoid", "softmax"]
+    doc = {
+        "name": "narrow-dense",
+        "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+        "labels": [str(i) for i in range(3)],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "dense", "units": int(rng.integers(1, 17)), "activation": acts[inputs % 5]},
+            {"type": "dense", "units": 16, "activation": "tanh"},
+            {"type": "dense", "units": 3, "activation": "softmax"},
+        ],
+    }
+    weights = _weights(doc, inputs)
+    plan = InferencePlan(parse_architecture(doc), weights)
+    x = rng.standard_normal((40, inputs, 1, 1)).astype(np.float32)
+    for n in (*range(1, 14), 40):
+        expected = ref.forward(doc, weights, x[:n])
+        np.testing.assert_allclose(plan.run(x[:n]), expected, atol=TOLERANCE, err_msg=f"batch {n}")
+    whole = plan.run(x)
+    for i in (0, 5, 6, 7, 39):
+        np.testing.assert_array_equal(plan.run(x[i : i + 1])[0], whole[i], err_msg=f"row {i}")
+
+
 def test_dense_first_models_read_preprocessed_input_as_given_and_never_write_it():
     """On preprocessed input a model whose first computing layer is dense skips the
     preprocessing copy and reads the caller's array: the array stays as it was and the results

@@ -8,7 +8,7 @@ import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _softmax_row, _store_row
 from convserve.core.kernels.gemm import _conv_row
-from convserve.core.kernels.ir import _mk1x8
+from convserve.core.kernels.ir import _mk1x8, _mks1, _mks2, _mks3, _mks4, _mks5, _mks6
 from numba import njit, prange
 
 # Most batch rows per dense task: they share each pass over a block of weights. A model of
@@ -46,6 +46,24 @@ def tile_floats() -> int:
 
 
 @njit(fastmath=True, cache=True, nogil=True)
+def _segmented_rows(xf, a_off, K, wf, tile, count):
+    """tile[i*64 + j] = row i's sums (from xf[a_off + i*K]) for the 16 units of wf (K rows of
+    16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end."""
+    if count == 6:
+        _mks6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+    elif count == 5:
+        _mks5(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+    elif count == 4:
+        _mks4(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+    elif count == 3:
+        _mks3(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+    elif count == 2:
+        _mks2(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+    else:
+        _mks1(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped): per 64-unit block, per pass of
@@ -67,6 +85,12 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
     first = left - 4 if left > SIX else left  # rows of the first call after the bulk
     chunk = K if n == 1 or k_pass == 0 else k_pass
     of = out.reshape(out.size)
+    if Up == 16:  # at most 16 units: each output's sum as SEGMENTS chains (`ir._mks1`...)
+        for i in range(0, n, SIX):
+            _segmented_rows(xf, (r0 + i) * K, K, wf, tile[i * 64 :], min(SIX, n - i))
+        for i in range(n):
+            _store_row(tile, i * 64, bias, of, (r0 + i) * U, 0, U, 0 if act == 4 else act)
+        return
     c = c0
     while c < c1:
         w = min(64, Up - c)  # weight block of units c..c+w-1: K rows of w floats from wf[c*K]

@@ -257,3 +257,124 @@ def _vload(builder, ptr, offset):
 
 def _vstore(builder, value, ptr, offset):
     builder.store(value, builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)
+
+
+def _segmented_kernel(rows: int, segments: int):
+    """An intrinsic for `rows` rows x 16 columns whose sums run as `segments` independent
+    chains of fused multiply-adds, each over a consecutive part of the inputs (k_len //
+    segments of them; the last part also takes the rest), added pairwise at the end:
+
+        mk(a, a_off, lda, k_len, b, b_off, ldb, c, c_off, ldc)
+        C[r, j] = (chain 0 + chain 1) + (chain 2 + chain 3)   (segments = 4)
+        chain s = sum over k in part s of a[a_off + r*lda + k] * b[b_off + k*ldb + j]
+        stored at c[c_off + r*ldc + j], j < 16
+
+    For a dense layer of at most 16 units, whose one row would otherwise wait on a single
+    chain as long as its inputs (8,192 inputs: 4 cycles each). The order of the operations
+    does not depend on `rows`, so a row's result is the same in any batch."""
+
+    def codegen(context, builder, signature, args):
+        a_off, lda, k_len, b_off, ldb, c_off, ldc = (args[i] for i in (1, 2, 3, 5, 6, 8, 9))
+        ap = _array_data(context, builder, signature, args, 0)
+        bp = _array_data(context, builder, signature, args, 4)
+        cp = _array_data(context, builder, signature, args, 7)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
+        )
+        zero = ir.Constant(_V16, [0.0] * 16)
+        undef = ir.Constant(_V16, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+        part = builder.sdiv(k_len, ir.Constant(i64, segments))
+        rest = builder.mul(part, ir.Constant(i64, segments))  # the last part goes on from here
+
+        def step(k, acc_row_seg, seg_start):
+            """acc[r] + a[r, k] * b[k] for one part: seg_start + k is the input."""
+            kk = builder.add(seg_start, k)
+            bv = _vload(builder, bp, builder.add(b_off, builder.mul(kk, ldb)))
+            out = []
+            for r in range(rows):
+                at = builder.add(builder.add(a_off, builder.mul(ir.Constant(i64, r), lda)), kk)
+                scalar = builder.load(builder.gep(ap, [at]), align=4)
+                splat = builder.shuffle_vector(
+                    builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef, splat_mask
+                )
+                out.append(builder.call(fma, [splat, bv, acc_row_seg[r]]))
+            return out
+
+        fn = builder.function
+        entry = builder.block
+        main = fn.append_basic_block("seg_main")
+        mid = fn.append_basic_block("seg_mid")
+        tail = fn.append_basic_block("seg_tail")
+        done = fn.append_basic_block("seg_done")
+        builder.cbranch(builder.icmp_signed(">", part, ir.Constant(i64, 0)), main, mid)
+
+        builder.position_at_end(main)  # k < part, every segment
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        acc = [[builder.phi(_V16) for _ in range(segments)] for _ in range(rows)]
+        for r in range(rows):
+            for s in range(segments):
+                acc[r][s].add_incoming(zero, entry)
+        new = [[None] * segments for _ in range(rows)]
+        for s in range(segments):
+            start = builder.mul(part, ir.Constant(i64, s))
+            column = step(k, [acc[r][s] for r in range(rows)], start)
+            for r in range(rows):
+                new[r][s] = column[r]
+        _close_loop(builder, k, part, acc, new, main, main, mid)
+
+        builder.position_at_end(mid)
+        held = [[builder.phi(_V16) for _ in range(segments)] for _ in range(rows)]
+        for r in range(rows):
+            for s in range(segments):
+                held[r][s].add_incoming(zero, entry)
+                held[r][s].add_incoming(new[r][s], main)
+        builder.cbranch(builder.icmp_signed("<", rest, k_len), tail, done)
+
+        builder.position_at_end(tail)  # the inputs past segments * part: the last chain goes on
+        k2 = builder.phi(i64)
+        k2.add_incoming(ir.Constant(i64, 0), mid)
+        last = [builder.phi(_V16) for _ in range(rows)]
+        for r in range(rows):
+            last[r].add_incoming(held[r][segments - 1], mid)
+        moved = step(k2, last, rest)
+        _close_loop(
+            builder,
+            k2,
+            builder.sub(k_len, rest),
+            [[v] for v in last],
+            [[v] for v in moved],
+            tail,
+            tail,
+            done,
+        )
+
+        builder.position_at_end(done)
+        finals = [builder.phi(_V16) for _ in range(rows)]  # phis first in a block
+        for r in range(rows):
+            finals[r].add_incoming(held[r][segments - 1], mid)
+            finals[r].add_incoming(moved[r], tail)
+        for r in range(rows):
+            chains = [held[r][s] for s in range(segments - 1)] + [finals[r]]
+            while len(chains) > 1:  # pairwise: (0 + 1) + (2 + 3)
+                chains = [builder.fadd(chains[i], chains[i + 1]) for i in range(0, len(chains), 2)]
+            c_row = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
+            _vstore(builder, chains[0], cp, c_row)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def mk(typingctx, a, a_off, lda, k_len, b, b_off, ldb, c, c_off, ldc):
+        return types.void(a, a_off, lda, k_len, b, b_off, ldb, c, c_off, ldc), codegen
+
+    return mk
+
+
+SEGMENTS = 4  # chains per output of the 16-unit dense kernels
+_mks1 = _segmented_kernel(1, SEGMENTS)
+_mks2 = _segmented_kernel(2, SEGMENTS)
+_mks3 = _segmented_kernel(3, SEGMENTS)
+_mks4 = _segmented_kernel(4, SEGMENTS)
+_mks5 = _segmented_kernel(5, SEGMENTS)
+_mks6 = _segmented_kernel(6, SEGMENTS)

@@ -49,13 +49,14 @@ class DenseStep(Step):
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         n, tiles = program.n, program.tiles
-        if n * self.wk.size < DENSE_SERIAL_MAX_WORK:
+        blocks = (self.bias.size + 63) // 64
+        rows, ways = kdense.dense_tasks(n, blocks, program.threads, self.act == SOFTMAX)
+        # a parallel region costs a few microseconds: not for little work, nor for one task
+        if n * self.wk.size < DENSE_SERIAL_MAX_WORK or rows >= n and ways == 1:
             program.add(
                 kdense.dense_serial, x, self.wk, self.bias, tiles, out, self.act, self.k_pass
             )
             return out
-        blocks = (self.bias.size + 63) // 64
-        rows, ways = kdense.dense_tasks(n, blocks, program.threads, self.act == SOFTMAX)
         program.add(
             kdense.dense, x, self.wk, self.bias, tiles, out, self.act, rows, ways, self.k_pass
         )
@@ -101,10 +102,13 @@ class Dense(Layer):
 
     # -- inference ----------------------------------------------------------------------------
     def inference_variants(self, block) -> tuple[str, ...]:
-        """With more than `kdense.K_CHUNK` inputs: `passes` (a task's rows go over each block of
-        weights K_CHUNK inputs at a time, so the block's part stays in L1; fastest on an Intel
-        Xeon) and `one_pass` (all inputs at once; 5-13 % faster on AMD Zen 5 from 4 rows on).
-        Both give the same bits."""
+        """With more than `kdense.K_CHUNK` inputs and more than 16 units: `passes` (a task's rows
+        go over each block of weights K_CHUNK inputs at a time, so the block's part stays in L1;
+        fastest on an Intel Xeon) and `one_pass` (all inputs at once; 5-13 % faster on AMD Zen 5
+        from 4 rows on). Both give the same bits. At most 16 units have one kernel of their own
+        (each output's sum in four chains)."""
+        if self.units <= 16:  # one block of 16 units: its own kernel (`kdense._segmented_rows`)
+            return ()
         return ("passes", "one_pass") if self.input_shape[0] > kdense.K_CHUNK else ()
 
     def inference_steps(self, block, weights, first, variant=None):
