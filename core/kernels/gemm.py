@@ -30,6 +30,10 @@ from convserve.core.kernels.ir import (
     _mk7x2,
     _mk8x1,
     _mk8x2,
+    _mk9x1,
+    _mk10x1,
+    _mk11x1,
+    _mk12x1,
 )
 from numba import njit
 
@@ -92,6 +96,14 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
             _mk7x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 8:
             _mk8x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 9:
+            _mk9x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 10:
+            _mk10x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 11:
+            _mk11x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+        elif R == 12:
+            _mk12x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 2:
             _mk2x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         elif R == 3:
@@ -125,7 +137,8 @@ def _conv_row(
     columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart (with
     `more`: added to what the tile holds there, continuing its chain of fused multiply-adds).
     For a conv row, output i is a pixel and the columns are output channels. Columns go in
-    blocks of 64 (4-6 outputs per call), then 32 and 16 (5-8 per call); with `narrow` in
+    blocks of 64 (4-6 outputs per call), then 32 (5-8 per call) and 16 (5-12: with one weight
+    vector a call, more outputs keep more chains of fused multiply-adds in flight); with `narrow` in
     blocks of 32 from the start (7-8 outputs a call read each weight once where 64 columns
     take 4: half the weight traffic per output). A row shorter than a block goes in one call of
     its length (2-3 pixels on 64 columns, 2-4 on 16-32): one pixel per call would leave the
@@ -133,7 +146,7 @@ def _conv_row(
     c = 0
     while c < width:
         nv = 4 if width - c >= 64 and not narrow else (2 if width - c >= 32 else 1)
-        lo, hi = (4, 6) if nv == 4 else (5, 8)
+        lo, hi = (4, 6) if nv == 4 else ((5, 8) if nv == 2 else (5, 12))
         R = count if count < lo else _block_rows(count, lo, hi)  # a short row: one call
         i = 0
         while i < count:

@@ -1,8 +1,8 @@
 """LLVM-IR micro-kernels: numba intrinsics that emit vector IR for the GEMM rows of every conv
 and dense kernel.
 
-A micro-kernel (`_mk8x2`, `_mk4x4`, ...) computes 4-8 output pixels x 16-64 output channels,
-held as up to 16 accumulators of 16 floats in registers; each step broadcasts one input value
+A micro-kernel (`_mk8x2`, `_mk4x4`, ...) computes 1-12 output pixels x 16-64 output channels,
+held as up to 24 accumulators of 16 floats in registers; each step broadcasts one input value
 per pixel and multiplies it with 1-4 weight vectors. Plain Numba cannot express this: its
 scalar-accumulator kernels either spill the accumulators or need a horizontal sum per output.
 Also the small vector helpers (`_vload`, `_vstore`, `_array_data`) other intrinsics build on.
@@ -238,6 +238,10 @@ _mk5x1 = _microkernel(5, 1)
 _mk6x1 = _microkernel(6, 1)
 _mk7x1 = _microkernel(7, 1)
 _mk8x1 = _microkernel(8, 1)
+_mk9x1 = _microkernel(9, 1)
+_mk10x1 = _microkernel(10, 1)
+_mk11x1 = _microkernel(11, 1)
+_mk12x1 = _microkernel(12, 1)
 _mkt8x2 = _microkernel(8, 2, b_steps=True)
 _mkt6x2 = _microkernel(6, 2, b_steps=True)
 
