@@ -83,14 +83,13 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
         ap = context.make_array(signature.args[0])(context, builder, a_arr).data
         bp = context.make_array(signature.args[6])(context, builder, b_arr).data
         cp = _array_data(context, builder, signature, args, 10 if more is None else 9)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
+        i64 = ir.IntType(64)
         vec = ir.VectorType(ir.FloatType(), 16)
         vptr = vec.as_pointer()
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32"
         )
         zero = ir.Constant(vec, [0.0] * 16)
-        undef = ir.Constant(vec, ir.Undefined)
         start = [[zero] * vectors for _ in range(rows)]
         if more is not None:  # C as it is (a valid location: the results go there) or zero
             go_on = builder.icmp_signed("!=", more, ir.Constant(more.type, 0))
@@ -99,7 +98,6 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
                 for v in range(vectors):
                     old = _vload(builder, cp, builder.add(c_row, ir.Constant(i64, 16 * v)))
                     start[r][v] = builder.select(go_on, old, zero)
-        splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
         fn = builder.function
         entry = builder.block
         outer = fn.append_basic_block("mk_segment")
@@ -152,12 +150,7 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
         a_k = builder.add(a_seg, k)
         new = []
         for r in range(rows):
-            scalar = builder.load(
-                builder.gep(ap, [builder.add(a_k, builder.mul(ir.Constant(i64, r), lda))]), align=4
-            )
-            splat = builder.shuffle_vector(
-                builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef, splat_mask
-            )
+            splat = _broadcast(builder, ap, builder.add(a_k, builder.mul(ir.Constant(i64, r), lda)))
             new.append([builder.call(fma, [splat, bv[v], acc[r][v]]) for v in range(vectors)])
         _close_loop(builder, k, seg_len, acc, new, inner, inner, seg_end)
 
@@ -259,6 +252,17 @@ def _vload(builder, ptr, offset):
     return builder.load(builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)
 
 
+def _broadcast(builder, ptr, offset):
+    """ptr[offset] in all 16 lanes."""
+    i32 = ir.IntType(32)
+    scalar = builder.load(builder.gep(ptr, [offset]), align=4)
+    undef = ir.Constant(_V16, ir.Undefined)
+    mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
+    return builder.shuffle_vector(
+        builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef, mask
+    )
+
+
 def _vstore(builder, value, ptr, offset):
     builder.store(value, builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)
 
@@ -282,13 +286,11 @@ def _segmented_kernel(rows: int, segments: int):
         ap = _array_data(context, builder, signature, args, 0)
         bp = _array_data(context, builder, signature, args, 4)
         cp = _array_data(context, builder, signature, args, 7)
-        i32, i64 = ir.IntType(32), ir.IntType(64)
+        i64 = ir.IntType(64)
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
         )
         zero = ir.Constant(_V16, [0.0] * 16)
-        undef = ir.Constant(_V16, ir.Undefined)
-        splat_mask = ir.Constant(ir.VectorType(i32, 16), [0] * 16)
         part = builder.sdiv(k_len, ir.Constant(i64, segments))
         rest = builder.mul(part, ir.Constant(i64, segments))  # the last part goes on from here
 
@@ -299,10 +301,7 @@ def _segmented_kernel(rows: int, segments: int):
             out = []
             for r in range(rows):
                 at = builder.add(builder.add(a_off, builder.mul(ir.Constant(i64, r), lda)), kk)
-                scalar = builder.load(builder.gep(ap, [at]), align=4)
-                splat = builder.shuffle_vector(
-                    builder.insert_element(undef, scalar, ir.Constant(i32, 0)), undef, splat_mask
-                )
+                splat = _broadcast(builder, ap, at)
                 out.append(builder.call(fma, [splat, bv, acc_row_seg[r]]))
             return out
 
