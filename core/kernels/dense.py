@@ -68,8 +68,9 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped): per 64-unit block, per pass of
     `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as a pixel, SIX rows
-    a call (the last 1-9 rows in one call or two). Softmax (4)
-    needs c0 = 0, c1 = Up and is left to the caller."""
+    a call (the last 1-9 rows in one call or two; a single row over two blocks a call). At most
+    16 units (Up = 16): `_segmented_rows`. Softmax (4) needs c0 = 0, c1 = Up and is left to the
+    caller."""
     K = xf.size // out.shape[0]
     Up = wf.size // K
     U = out.shape[1]
@@ -132,8 +133,9 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass):
     rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, range of 64-unit
     blocks), `splits` ranges per group (`dense_tasks`; softmax needs whole rows: splits=1).
     tiles: (threads, >= rows*64).
-    Every output is one in-order chain of fused multiply-adds over K, whatever the batch size
-    or the task it falls in, so a row's result is bit-identical alone and in any batch."""
+    Every output is one in-order chain of fused multiply-adds over K (four, added at the end,
+    for at most 16 units), whatever the batch size or the task it falls in, so a row's result is
+    bit-identical alone and in any batch."""
     N = x.shape[0]
     Up = wk.size // x.shape[1]
     per = ((Up + 64 * splits - 1) // (64 * splits)) * 64

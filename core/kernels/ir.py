@@ -46,9 +46,10 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
     transposed form of `conv1_pixels_pool2`, where B is the input image and A the weights. Every
     output is one in-order chain of fused multiply-adds whatever the batch size or the block it
     falls in. All arrays are flat float32; segs, seg_len >= 1; no bounds checks. (`b_steps`
-    kernels take no `more`.) With `two_blocks`, mk takes `b_split` after `more`, and columns
-    64j.. 64j+63 come from b_off + j*b_split: a dense layer's weights are packed in blocks of 64
-    units, and one row over two blocks keeps eight accumulators busy instead of four."""
+    kernels take no `more`.) With `two_blocks`, mk takes `b_split` after `more`, and the second
+    half of the columns comes from b_split floats further on: a dense layer's weights are packed
+    in blocks of 64 units, and one row over two blocks keeps eight accumulators busy instead of
+    four."""
 
     def codegen(context, builder, signature, args):
         if b_steps:
@@ -125,25 +126,14 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
             for v in range(vectors):
                 acc[r][v].add_incoming(acc_seg[r][v], outer)
         b_row = builder.add(b_seg, builder.mul(k, ldb))
-        b_rows = [b_row]
-        if two_blocks:  # vectors 4j..4j+3 from block j, b_split apart
-            for _ in range(vectors // 4 - 1):
-                b_rows.append(builder.add(b_rows[-1], b_split))
+        # with two blocks, the second half of the vectors comes from b_split further on
+        b_rows = [b_row, builder.add(b_row, b_split)] if two_blocks else [b_row]
         per_block = vectors // len(b_rows)
         bv = [
-            builder.load(
-                builder.bitcast(
-                    builder.gep(
-                        bp,
-                        [
-                            builder.add(
-                                b_rows[v // per_block], ir.Constant(i64, 16 * (v % per_block))
-                            )
-                        ],
-                    ),
-                    vptr,
-                ),
-                align=4,
+            _vload(
+                builder,
+                bp,
+                builder.add(b_rows[v // per_block], ir.Constant(i64, 16 * (v % per_block))),
             )
             for v in range(vectors)
         ]

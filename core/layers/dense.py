@@ -52,7 +52,7 @@ class DenseStep(Step):
         blocks = (self.bias.size + 63) // 64
         rows, ways = kdense.dense_tasks(n, blocks, program.threads, self.act == SOFTMAX)
         # a parallel region costs a few microseconds: not for little work, nor for one task
-        if n * self.wk.size < DENSE_SERIAL_MAX_WORK or rows >= n and ways == 1:
+        if n * self.wk.size < DENSE_SERIAL_MAX_WORK or (rows >= n and ways == 1):
             program.add(
                 kdense.dense_serial, x, self.wk, self.bias, tiles, out, self.act, self.k_pass
             )
