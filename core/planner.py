@@ -9,12 +9,13 @@ Timing: every candidate of a layer runs that layer alone (its fusion block, with
 copy and any separate pooling step) on random input at batch 1, 8 and the largest batch the
 model runs up to BATCH_CHUNK (`timing_batches`; a bigger batch runs in chunks), in interleaved
 rounds of single calls (after an untimed one: the caches then hold the candidate's own data, as
-when it serves), keeping each one's fastest call. A candidate's score is the geometric
-mean over those batch sizes of its time divided by the best candidate's; the default keeps unless
-another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy). Then the whole
-model is timed the same way with the default plan, that choice, and each layer's fastest variant
-at the largest batch; the default stays unless another beats it by SWITCH_MARGIN. The whole
-model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
+when it serves), keeping the median of each round's fastest call. A candidate's score is the
+geometric mean over those batch sizes of its time divided by the best candidate's; the default
+keeps unless another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy).
+Then the whole model is timed the same way with that choice, the default plan and each layer's
+fastest variant at the largest batch; the choice stays unless another beats it by SWITCH_MARGIN
+(it already won its layers' timings, so a disturbed whole-model round alone does not undo it).
+The whole model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
 included; layers not reached by then keep their default, and such an incomplete plan is used
 but not written to disk (the next start, with the kernels compiled, tries again). Neither is a
 plan timed on a busy machine (median calls more than NOISE_LIMIT times the fastest).
@@ -217,9 +218,9 @@ def time_block(
     deadline: float,
     batches: tuple[int, ...],
 ) -> tuple[dict[str, list[float]], float] | None:
-    """({variant: [its fastest call's seconds at each of `batches`]}, noise), or None when the
-    deadline passes first. Noise: the largest ratio of a variant's median call to its fastest
-    (about 1 on a quiet machine)."""
+    """({variant: [its time at each of `batches`: the median of its rounds' fastest calls]},
+    noise), or None when the deadline passes first. Noise: the largest ratio of a variant's
+    median call to its fastest (about 1 on a quiet machine)."""
     runners = {v: _block_runner(arch, block, weights, v) for v in variants}
     shape = next(iter(runners.values())).architecture.input_shape
     return time_runners(runners, shape, deadline, batches, block.layer.index)
@@ -232,14 +233,15 @@ def time_runners(
     batches: tuple[int, ...],
     seed: int = 0,
 ) -> tuple[dict[str, list[float]], float] | None:
-    """`time_block` for any set of plans with one input shape: ({name: [fastest call's seconds
-    at each of `batches`]}, noise), or None when the deadline passes first."""
+    """`time_block` for any set of plans with one input shape: ({name: [seconds at each of
+    `batches`]}, noise), or None when the deadline passes first."""
     rng = np.random.default_rng(seed)
     best = {v: [math.inf] * len(batches) for v in runners}
     noise = 1.0
     for b, n in enumerate(batches):
         x = rng.standard_normal((n, *input_shape)).astype(np.float32)
         samples: dict[str, list[float]] = {v: [] for v in runners}
+        fastest: dict[str, list[float]] = {v: [] for v in runners}  # each round's fastest call
         for runner in runners.values():  # the first call compiles or loads the kernels
             if time.perf_counter() > deadline:
                 return None
@@ -253,18 +255,23 @@ def time_runners(
                 # that serves on its own
                 runner.run(x)
                 round_end = time.perf_counter() + ROUND_SECONDS
+                calls = []
                 while True:  # single calls: the fastest is the one nothing else disturbed
                     start = time.perf_counter()
                     if start > deadline:
                         return None
                     runner.run(x)
                     end = time.perf_counter()
-                    samples[v].append(end - start)
+                    calls.append(end - start)
                     if end > round_end:
                         break
+                samples[v] += calls
+                fastest[v].append(min(calls))
         for v, times in samples.items():
-            best[v][b] = min(times)
-            noise = max(noise, float(np.median(times)) / best[v][b])
+            # the median round: one lucky or disturbed round (a neighbour's burst on a shared
+            # machine lasts longer than a round) does not decide
+            best[v][b] = float(np.median(fastest[v]))
+            noise = max(noise, float(np.median(times)) / min(times))
     return best, noise
 
 
@@ -289,9 +296,9 @@ def measure_plan(
 ) -> tuple[Plan, dict[int, dict[str, list[float]]], float | None]:
     """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
     noise: the largest of `time_block`'s, None when out of time). Layers not reached keep
-    their default variant. Then the whole model runs, timed the same way, with the default
-    plan, the per-layer choice and each layer's fastest variant at the largest batch, and the
-    fastest of these is kept (the default unless another beats it by SWITCH_MARGIN): a layer
+    their default variant. Then the whole model runs, timed the same way, with the per-layer
+    choice, the default plan and each layer's fastest variant at the largest batch, and the
+    fastest of these is kept (the choice unless another beats it by SWITCH_MARGIN): a layer
     timed alone pays its own padding copy, which in the model the conv before it may save, and
     a layer whose variants nearly tie is chosen by noise."""
     default = default_plan(arch)
@@ -308,12 +315,13 @@ def measure_plan(
         noise = max(noise, layer_noise)
         plan[block.layer.index] = pick(variants, measured[0])
         largest[block.layer.index] = min(variants, key=lambda v: measured[0][v][-1])
-    candidates: dict[str, Plan] = {"default": default}
-    for name, candidate in (("planned", plan), ("largest batch", largest)):
+    # the per-layer choice first: it stays unless another plan beats it by SWITCH_MARGIN
+    candidates: dict[str, Plan] = {"planned": plan}
+    for name, candidate in (("default", default), ("largest batch", largest)):
         if candidate not in candidates.values():
             candidates[name] = candidate
     if len(candidates) == 1:
-        return default, timings, noise
+        return plan, timings, noise
     runners = {name: InferencePlan(arch, weights, p) for name, p in candidates.items()}
     measured = time_runners(runners, arch.input_shape, deadline, batches)
     if measured is None:
