@@ -508,12 +508,13 @@ def test_dense_layers_on_random_shapes(seed):
     _check_dense_variants(doc, weights, x, batches, range(0, 300, 7))
 
 
-@pytest.mark.parametrize("inputs", [1, 3, 6, 130, 8195])
+@pytest.mark.parametrize("inputs", [1, 3, 6, 130, 4096, 8195])
 def test_dense_layers_of_at_most_16_units(inputs):
     """Layers of 1-16 units have a kernel of their own (each sum as four chains over consecutive
-    parts of the inputs, the last part with the rest, inputs fewer than four included): the
-    NumPy reference at batch sizes 1-13 and 40 (six rows a call and the rest, on the calling
-    thread or in parallel tasks), and every row bit-identical to its single-image call."""
+    parts of the inputs, the last part with the rest, inputs fewer than four included; 4,096
+    inputs: 4-6 rows compute the parts one after another): the NumPy reference at batch sizes
+    1-13 and 40 (six rows a call and the rest, on the calling thread or in parallel tasks), and
+    every row bit-identical to its single-image call."""
     rng = np.random.default_rng(inputs)
     acts = ["relu", "linear", "tanh", "sigmoid", "softmax"]
     doc = {

@@ -8,7 +8,19 @@ import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _softmax_row, _store_row
 from convserve.core.kernels.gemm import _conv_row
-from convserve.core.kernels.ir import _mk1x8, _mks1, _mks2, _mks3, _mks4, _mks5, _mks6
+from convserve.core.kernels.ir import (
+    SEGMENTS,
+    _mk1x8,
+    _mks1,
+    _mks2,
+    _mks3,
+    _mks4,
+    _mks5,
+    _mks6,
+    _mkt4,
+    _mkt5,
+    _mkt6,
+)
 from numba import njit, prange
 
 # Most batch rows per dense task: they share each pass over a block of weights. A model of
@@ -48,8 +60,17 @@ def tile_floats() -> int:
 @njit(fastmath=True, cache=True, nogil=True)
 def _segmented_rows(xf, a_off, K, wf, tile, count):
     """tile[i*64 + j] = row i's sums (from xf[a_off + i*K]) for the 16 units of wf (K rows of
-    16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end."""
-    if count == 6:
+    16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. With 4 rows or more
+    and parts of a multiple of 4 KB (an L1 way: their input streams would share the same sets),
+    the parts one after another (`ir._mkt4`...; the same bits)."""
+    if count >= 4 and (K // SEGMENTS) % 1024 == 0:
+        if count == 6:
+            _mkt6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        elif count == 5:
+            _mkt5(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        else:
+            _mkt4(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+    elif count == 6:
         _mks6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
     elif count == 5:
         _mks5(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)

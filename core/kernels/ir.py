@@ -364,6 +364,73 @@ def _segmented_kernel(rows: int, segments: int):
     return mk
 
 
+def _segments_in_turn(rows: int, segments: int):
+    """`_segmented_kernel`'s sums (the same chains over the same parts, added in the same pairs,
+    so the same bits) computed one part after another: `rows` chains in flight instead of
+    rows * segments. For several rows whose parts are whole multiples of 4 KB (1,024 inputs):
+    their rows * segments input streams then all fall in the same L1 sets, more than its ways
+    (on Zen 5, 6 rows of 8,192 inputs: 34.4 us interleaved, 10.1 in turn)."""
+
+    def codegen(context, builder, signature, args):
+        a_off, lda, k_len, b_off, ldb, c_off, ldc = (args[i] for i in (1, 2, 3, 5, 6, 8, 9))
+        ap = _array_data(context, builder, signature, args, 0)
+        bp = _array_data(context, builder, signature, args, 4)
+        cp = _array_data(context, builder, signature, args, 7)
+        i64 = ir.IntType(64)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
+        )
+        zero = ir.Constant(_V16, [0.0] * 16)
+        part = builder.sdiv(k_len, ir.Constant(i64, segments))
+        fn = builder.function
+        chains = []  # per segment: the rows' sums
+        for s in range(segments):
+            start = builder.mul(part, ir.Constant(i64, s))
+            stop = k_len if s == segments - 1 else builder.mul(part, ir.Constant(i64, s + 1))
+            before = builder.block
+            loop = fn.append_basic_block(f"turn_{s}")
+            after = fn.append_basic_block(f"turn_{s}_done")
+            builder.cbranch(builder.icmp_signed("<", start, stop), loop, after)
+
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(start, before)
+            acc = [builder.phi(_V16) for _ in range(rows)]
+            for r in range(rows):
+                acc[r].add_incoming(zero, before)
+            bv = _vload(builder, bp, builder.add(b_off, builder.mul(k, ldb)))
+            new = []
+            for r in range(rows):
+                at = builder.add(builder.add(a_off, builder.mul(ir.Constant(i64, r), lda)), k)
+                new.append(builder.call(fma, [_broadcast(builder, ap, at), bv, acc[r]]))
+            following = builder.add(k, ir.Constant(i64, 1))
+            k.add_incoming(following, loop)
+            for r in range(rows):
+                acc[r].add_incoming(new[r], loop)
+            builder.cbranch(builder.icmp_signed("<", following, stop), loop, after)
+
+            builder.position_at_end(after)
+            sums = []
+            for r in range(rows):
+                phi = builder.phi(_V16)
+                phi.add_incoming(zero, before)
+                phi.add_incoming(new[r], loop)
+                sums.append(phi)
+            chains.append(sums)
+        for r in range(rows):
+            row = [chains[s][r] for s in range(segments)]
+            while len(row) > 1:  # pairwise: (0 + 1) + (2 + 3)
+                row = [builder.fadd(row[i], row[i + 1]) for i in range(0, len(row), 2)]
+            _vstore(builder, row[0], cp, builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc)))
+        return context.get_dummy_value()
+
+    @intrinsic
+    def mk(typingctx, a, a_off, lda, k_len, b, b_off, ldb, c, c_off, ldc):
+        return types.void(a, a_off, lda, k_len, b, b_off, ldb, c, c_off, ldc), codegen
+
+    return mk
+
+
 SEGMENTS = 4  # chains per output of the 16-unit dense kernels
 _mks1 = _segmented_kernel(1, SEGMENTS)
 _mks2 = _segmented_kernel(2, SEGMENTS)
@@ -371,3 +438,6 @@ _mks3 = _segmented_kernel(3, SEGMENTS)
 _mks4 = _segmented_kernel(4, SEGMENTS)
 _mks5 = _segmented_kernel(5, SEGMENTS)
 _mks6 = _segmented_kernel(6, SEGMENTS)
+_mkt4 = _segments_in_turn(4, SEGMENTS)
+_mkt5 = _segments_in_turn(5, SEGMENTS)
+_mkt6 = _segments_in_turn(6, SEGMENTS)
