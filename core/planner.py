@@ -13,8 +13,9 @@ when it serves), keeping the median of each round's fastest call. A candidate's 
 geometric mean over those batch sizes of its time divided by the best candidate's; the default
 keeps unless another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy).
 Then the whole model is timed the same way with that choice, the default plan and each layer's
-fastest variant at the largest batch; the choice stays unless another beats it by SWITCH_MARGIN
-(it already won its layers' timings, so a disturbed whole-model round alone does not undo it).
+fastest variant at the largest batch; the faster of the two plans built from the layers'
+timings is kept unless the default beats it by SWITCH_MARGIN (`whole_model_choice`: they won
+their layers' timings, so a disturbed whole-model round alone does not undo them).
 The whole model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
 included; layers not reached by then keep their default, and such an incomplete plan is used
 but not written to disk (the next start, with the kernels compiled, tries again). Neither is a
@@ -275,17 +276,37 @@ def time_runners(
     return best, noise
 
 
-def pick(variants: tuple[str, ...], seconds: dict[str, list[float]]) -> str:
-    """The variant with the lowest geometric-mean time relative to the best at each batch
-    size; the default (first) unless another beats it by more than SWITCH_MARGIN."""
-    count = len(next(iter(seconds.values())))
+def scores(variants: tuple[str, ...], seconds: dict[str, list[float]]) -> dict[str, float]:
+    """Each variant's geometric mean, over the batch sizes, of its time relative to the fastest
+    variant's at that batch size (1.0: fastest everywhere)."""
+    count = len(seconds[variants[0]])
     fastest = [min(seconds[v][b] for v in variants) for b in range(count)]
+    return {
+        v: math.exp(sum(math.log(seconds[v][b] / fastest[b]) for b in range(count)) / count)
+        for v in variants
+    }
 
-    def score(v: str) -> float:
-        return math.exp(sum(math.log(seconds[v][b] / fastest[b]) for b in range(count)) / count)
 
-    best = min(variants, key=score)
-    return best if score(best) * (1 + SWITCH_MARGIN) < score(variants[0]) else variants[0]
+def pick(variants: tuple[str, ...], seconds: dict[str, list[float]]) -> str:
+    """The variant with the lowest score (`scores`); the default (first) unless another beats
+    it by more than SWITCH_MARGIN."""
+    score = scores(variants, seconds)
+    best = min(variants, key=score.__getitem__)
+    return best if score[best] * (1 + SWITCH_MARGIN) < score[variants[0]] else variants[0]
+
+
+def whole_model_choice(names: tuple[str, ...], seconds: dict[str, list[float]]) -> str:
+    """Of the whole-model candidates ("default" and the plans built from the layers' timings):
+    the fastest plan built from the layers' timings, unless the default beats it by more than
+    SWITCH_MARGIN. Those plans won their layers' timings, so the default needs clear evidence
+    to return; among themselves they are equals. Without "default" among the names (the
+    per-layer choice is the default plan itself), the first stays unless another beats it by
+    the margin."""
+    if "default" not in names:
+        return pick(names, seconds)
+    score = scores(names, seconds)
+    best = min((n for n in names if n != "default"), key=score.__getitem__)
+    return pick((best, "default"), seconds)
 
 
 def measure_plan(
@@ -298,7 +319,7 @@ def measure_plan(
     noise: the largest of `time_block`'s, None when out of time). Layers not reached keep
     their default variant. Then the whole model runs, timed the same way, with the per-layer
     choice, the default plan and each layer's fastest variant at the largest batch, and the
-    fastest of these is kept (the choice unless another beats it by SWITCH_MARGIN): a layer
+    fastest of these is kept (`whole_model_choice`): a layer
     timed alone pays its own padding copy, which in the model the conv before it may save, and
     a layer whose variants nearly tie is chosen by noise."""
     default = default_plan(arch)
@@ -315,8 +336,7 @@ def measure_plan(
         noise = max(noise, layer_noise)
         plan[block.layer.index] = pick(variants, measured[0])
         largest[block.layer.index] = min(variants, key=lambda v: measured[0][v][-1])
-    # the per-layer choice first: it stays unless another plan beats it by SWITCH_MARGIN
-    candidates: dict[str, Plan] = {"planned": plan}
+    candidates: dict[str, Plan] = {"planned": plan}  # the per-layer choice first
     for name, candidate in (("default", default), ("largest batch", largest)):
         if candidate not in candidates.values():
             candidates[name] = candidate
@@ -328,7 +348,8 @@ def measure_plan(
         return default, timings, None
     whole, whole_noise = measured
     timings[WHOLE_MODEL] = whole
-    return candidates[pick(tuple(candidates), whole)], timings, max(noise, whole_noise)
+    chosen = whole_model_choice(tuple(candidates), whole)
+    return candidates[chosen], timings, max(noise, whole_noise)
 
 
 def plan_for(

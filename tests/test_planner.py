@@ -218,6 +218,24 @@ def test_pick_keeps_the_default_unless_clearly_faster():
     assert planner.pick(("winograd", "direct"), seconds) == "winograd"
 
 
+def test_the_whole_model_keeps_the_fastest_timed_plan_unless_the_default_clearly_wins():
+    from convserve.core import planner
+
+    choose = planner.whole_model_choice
+    seconds = {"planned": [1.0, 1.0], "default": [1.1, 1.1], "largest batch": [0.98, 0.98]}
+    # the faster of the two plans from the layers' timings, by any margin
+    assert choose(("planned", "default", "largest batch"), seconds) == "largest batch"
+    seconds["default"] = [0.96, 0.96]  # 2 % faster than the best of them: noise
+    assert choose(("planned", "default", "largest batch"), seconds) == "largest batch"
+    seconds["default"] = [0.9, 0.9]  # clearly faster
+    assert choose(("planned", "default", "largest batch"), seconds) == "default"
+    # the per-layer choice is the default plan: the other needs the margin
+    seconds = {"planned": [1.0, 1.0], "largest batch": [0.98, 0.98]}
+    assert choose(("planned", "largest batch"), seconds) == "planned"
+    seconds["largest batch"] = [0.9, 0.9]
+    assert choose(("planned", "largest batch"), seconds) == "largest batch"
+
+
 @pytest.fixture
 def fresh_planner(monkeypatch):
     """The planner with an empty in-process memo (the disk cache is each test's own) that
@@ -367,7 +385,7 @@ def test_a_plan_is_dropped_only_if_the_whole_model_runs_clearly_slower(
 ):
     """Layers timed alone may pick variants that together lose: the whole model is timed with
     the per-layer choice, the default plan and each layer's fastest at the largest batch, and
-    the choice stays unless another beats it by the margin."""
+    the default comes back only when it beats the others by the margin."""
     planner = fresh_planner
     doc = preset("cifar10")
     arch = parse_architecture(doc)
