@@ -9,9 +9,12 @@ Timing: every candidate of a layer runs that layer alone (its fusion block, with
 copy and any separate pooling step) on random input at batch 1, 8 and the largest batch the
 model runs up to BATCH_CHUNK (`timing_batches`; a bigger batch runs in chunks), in interleaved
 rounds of single calls (after an untimed one: the caches then hold the candidate's own data, as
-when it serves), keeping the median of each round's fastest call. A candidate's score is the
-geometric mean over those batch sizes of its time divided by the best candidate's; the default
-keeps unless another is faster by more than SWITCH_MARGIN (timings on a busy machine are noisy).
+when it serves), keeping each round's fastest call. The candidates are compared round by round:
+a candidate's time at a batch size is the median over rounds of its fastest call divided by the
+fastest candidate's in the same round (the machine's speed drifts between rounds, hardly
+within one), and its score the geometric mean of these over the batch sizes (`scores`); the
+default keeps unless another is faster by more than SWITCH_MARGIN (timings on a busy machine
+are noisy).
 Then the whole model is timed the same way with that choice, the default plan and each layer's
 fastest variant at the largest batch; the faster of the two plans built from the layers'
 timings is kept unless the default beats it by SWITCH_MARGIN (`whole_model_choice`: they won
@@ -65,8 +68,9 @@ ROUND_SECONDS = 0.004  # calls of one candidate per round: at least one, then un
 SWITCH_MARGIN = 0.03  # another variant replaces the default only when this much faster
 NOISE_LIMIT = 2.0  # a plan timed with calls this much slower in the median than the fastest
 # (a busy machine) is used but not cached
-FORMAT = 2  # of the cache files; part of the key
+FORMAT = 3  # of the cache files; part of the key
 WHOLE_MODEL = -1  # the timings' key of the whole model's candidate plans
+Rounds = dict[str, list[list[float]]]  # candidate -> per batch size, each round's fastest call
 CACHE_SUBDIR = "convserve-plans"
 
 _memo: dict[str, Plan] = {}  # key -> plan, so every instance of a model in a process agrees
@@ -218,10 +222,10 @@ def time_block(
     variants: tuple[str, ...],
     deadline: float,
     batches: tuple[int, ...],
-) -> tuple[dict[str, list[float]], float] | None:
-    """({variant: [its time at each of `batches`: the median of its rounds' fastest calls]},
-    noise), or None when the deadline passes first. Noise: the largest ratio of a variant's
-    median call to its fastest (about 1 on a quiet machine)."""
+) -> tuple[Rounds, float] | None:
+    """({variant: [each round's fastest call in seconds, at each of `batches`]}, noise), or
+    None when the deadline passes first. Noise: the largest ratio of a variant's median call to
+    its fastest (about 1 on a quiet machine)."""
     runners = {v: _block_runner(arch, block, weights, v) for v in variants}
     shape = next(iter(runners.values())).architecture.input_shape
     return time_runners(runners, shape, deadline, batches, block.layer.index)
@@ -233,13 +237,12 @@ def time_runners(
     deadline: float,
     batches: tuple[int, ...],
     seed: int = 0,
-) -> tuple[dict[str, list[float]], float] | None:
-    """`time_block` for any set of plans with one input shape: ({name: [seconds at each of
-    `batches`]}, noise), or None when the deadline passes first."""
+) -> tuple[Rounds, float] | None:
+    """`time_block` for any set of plans with one input shape."""
     rng = np.random.default_rng(seed)
-    best = {v: [math.inf] * len(batches) for v in runners}
+    rounds: Rounds = {v: [] for v in runners}
     noise = 1.0
-    for b, n in enumerate(batches):
+    for n in batches:
         x = rng.standard_normal((n, *input_shape)).astype(np.float32)
         samples: dict[str, list[float]] = {v: [] for v in runners}
         fastest: dict[str, list[float]] = {v: [] for v in runners}  # each round's fastest call
@@ -269,33 +272,40 @@ def time_runners(
                 samples[v] += calls
                 fastest[v].append(min(calls))
         for v, times in samples.items():
-            # the median round: one lucky or disturbed round (a neighbour's burst on a shared
-            # machine lasts longer than a round) does not decide
-            best[v][b] = float(np.median(fastest[v]))
+            rounds[v].append(fastest[v])
             noise = max(noise, float(np.median(times)) / min(times))
-    return best, noise
+    return rounds, noise
 
 
-def scores(variants: tuple[str, ...], seconds: dict[str, list[float]]) -> dict[str, float]:
-    """Each variant's geometric mean, over the batch sizes, of its time relative to the fastest
-    variant's at that batch size (1.0: fastest everywhere)."""
-    count = len(seconds[variants[0]])
-    fastest = [min(seconds[v][b] for v in variants) for b in range(count)]
+def relative(variants: tuple[str, ...], rounds: Rounds, b: int) -> dict[str, float]:
+    """Each variant's time at batch size number b relative to the fastest variant's, round by
+    round: the median over rounds of its fastest call / the fastest variant's in that round (a
+    neighbour's burst on a shared machine lasts longer than a round: one disturbed or lucky
+    round does not decide, and the drift between rounds cancels)."""
+    count = len(rounds[variants[0]][b])
+    best = [min(rounds[v][b][r] for v in variants) for r in range(count)]
     return {
-        v: math.exp(sum(math.log(seconds[v][b] / fastest[b]) for b in range(count)) / count)
-        for v in variants
+        v: float(np.median([rounds[v][b][r] / best[r] for r in range(count)])) for v in variants
     }
 
 
-def pick(variants: tuple[str, ...], seconds: dict[str, list[float]]) -> str:
+def scores(variants: tuple[str, ...], rounds: Rounds) -> dict[str, float]:
+    """Each variant's geometric mean, over the batch sizes, of its `relative` time (1.0: the
+    fastest in every round at every batch size)."""
+    count = len(rounds[variants[0]])
+    at = [relative(variants, rounds, b) for b in range(count)]
+    return {v: math.exp(sum(math.log(at[b][v]) for b in range(count)) / count) for v in variants}
+
+
+def pick(variants: tuple[str, ...], rounds: Rounds) -> str:
     """The variant with the lowest score (`scores`); the default (first) unless another beats
     it by more than SWITCH_MARGIN."""
-    score = scores(variants, seconds)
+    score = scores(variants, rounds)
     best = min(variants, key=score.__getitem__)
     return best if score[best] * (1 + SWITCH_MARGIN) < score[variants[0]] else variants[0]
 
 
-def whole_model_choice(names: tuple[str, ...], seconds: dict[str, list[float]]) -> str:
+def whole_model_choice(names: tuple[str, ...], rounds: Rounds) -> str:
     """Of the whole-model candidates ("default" and the plans built from the layers' timings):
     the fastest plan built from the layers' timings, unless the default beats it by more than
     SWITCH_MARGIN. Those plans won their layers' timings, so the default needs clear evidence
@@ -303,10 +313,10 @@ def whole_model_choice(names: tuple[str, ...], seconds: dict[str, list[float]]) 
     per-layer choice is the default plan itself), the first stays unless another beats it by
     the margin."""
     if "default" not in names:
-        return pick(names, seconds)
-    score = scores(names, seconds)
+        return pick(names, rounds)
+    score = scores(names, rounds)
     best = min((n for n in names if n != "default"), key=score.__getitem__)
-    return pick((best, "default"), seconds)
+    return pick((best, "default"), rounds)
 
 
 def measure_plan(
@@ -314,19 +324,19 @@ def measure_plan(
     weights: dict,
     seconds: float = PLAN_SECONDS,
     batches: tuple[int, ...] = timing_batches(BATCH_CHUNK),
-) -> tuple[Plan, dict[int, dict[str, list[float]]], float | None]:
+) -> tuple[Plan, dict[int, Rounds], float | None]:
     """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
     noise: the largest of `time_block`'s, None when out of time). Layers not reached keep
     their default variant. Then the whole model runs, timed the same way, with the per-layer
     choice, the default plan and each layer's fastest variant at the largest batch, and the
-    fastest of these is kept (`whole_model_choice`): a layer
-    timed alone pays its own padding copy, which in the model the conv before it may save, and
-    a layer whose variants nearly tie is chosen by noise."""
+    fastest of these is kept (`whole_model_choice`): a layer timed alone pays its own padding
+    copy, which in the model the conv before it may save, and a layer whose variants nearly tie
+    is chosen by noise."""
     default = default_plan(arch)
     plan = dict(default)
     largest = dict(default)  # each layer's fastest variant at the largest batch
     deadline = time.perf_counter() + seconds
-    timings: dict[int, dict[str, list[float]]] = {}
+    timings: dict[int, Rounds] = {}
     noise = 1.0
     for block, variants in _choices(arch):
         measured = time_block(arch, block, weights, variants, deadline, batches)
@@ -335,7 +345,8 @@ def measure_plan(
         timings[block.layer.index], layer_noise = measured
         noise = max(noise, layer_noise)
         plan[block.layer.index] = pick(variants, measured[0])
-        largest[block.layer.index] = min(variants, key=lambda v: measured[0][v][-1])
+        at_largest = relative(variants, measured[0], len(batches) - 1)
+        largest[block.layer.index] = min(variants, key=at_largest.__getitem__)
     candidates: dict[str, Plan] = {"planned": plan}  # the per-layer choice first
     for name, candidate in (("default", default), ("largest batch", largest)):
         if candidate not in candidates.values():

@@ -207,33 +207,57 @@ def test_an_unknown_variant_is_refused():
 
 
 # -- the choice ---------------------------------------------------------------------------------
+def _rounds(times: list[float], count: int = 3) -> list[list[float]]:
+    """Timings of `count` rounds, every round the same, at each batch size."""
+    return [[t] * count for t in times]
+
+
 def test_pick_keeps_the_default_unless_clearly_faster():
     from convserve.core import planner
 
-    seconds = {"winograd": [1.0, 1.0], "direct": [0.99, 0.99]}  # within the margin: noise
-    assert planner.pick(("winograd", "direct"), seconds) == "winograd"
-    seconds = {"winograd": [1.0, 1.0], "direct": [0.5, 1.2]}  # geometric mean 0.77: faster
-    assert planner.pick(("winograd", "direct"), seconds) == "direct"
-    seconds = {"winograd": [1.0, 1.0], "direct": [0.5, 2.5]}  # geometric mean 1.12: slower
-    assert planner.pick(("winograd", "direct"), seconds) == "winograd"
+    rounds = {"winograd": _rounds([1.0, 1.0]), "direct": _rounds([0.99, 0.99])}  # noise
+    assert planner.pick(("winograd", "direct"), rounds) == "winograd"
+    rounds = {"winograd": _rounds([1.0, 1.0]), "direct": _rounds([0.5, 1.2])}  # 0.77: faster
+    assert planner.pick(("winograd", "direct"), rounds) == "direct"
+    rounds = {"winograd": _rounds([1.0, 1.0]), "direct": _rounds([0.5, 2.5])}  # 1.12: slower
+    assert planner.pick(("winograd", "direct"), rounds) == "winograd"
+
+
+def test_candidates_are_compared_round_by_round():
+    """The machine's speed drifts between rounds: each round's calls are compared with the same
+    round's, and one lucky or disturbed round does not decide."""
+    from convserve.core import planner
+
+    # direct is 10 % faster in every round, while the machine runs at half speed in most
+    rounds = {"winograd": [[2.0, 2.0, 1.0, 2.0, 2.0]], "direct": [[1.8, 1.8, 0.9, 1.8, 1.8]]}
+    assert planner.pick(("winograd", "direct"), rounds) == "direct"
+    # direct wins one round by half and loses the others by 10 %
+    rounds = {"winograd": [[1.0, 1.0, 1.0, 1.0, 1.0]], "direct": [[0.5, 1.1, 1.1, 1.1, 1.1]]}
+    assert planner.pick(("winograd", "direct"), rounds) == "winograd"
+    assert planner.scores(("winograd", "direct"), rounds)["direct"] == pytest.approx(1.1)
 
 
 def test_the_whole_model_keeps_the_fastest_timed_plan_unless_the_default_clearly_wins():
     from convserve.core import planner
 
     choose = planner.whole_model_choice
-    seconds = {"planned": [1.0, 1.0], "default": [1.1, 1.1], "largest batch": [0.98, 0.98]}
+    names = ("planned", "default", "largest batch")
+    rounds = {
+        "planned": _rounds([1.0, 1.0]),
+        "default": _rounds([1.1, 1.1]),
+        "largest batch": _rounds([0.98, 0.98]),
+    }
     # the faster of the two plans from the layers' timings, by any margin
-    assert choose(("planned", "default", "largest batch"), seconds) == "largest batch"
-    seconds["default"] = [0.96, 0.96]  # 2 % faster than the best of them: noise
-    assert choose(("planned", "default", "largest batch"), seconds) == "largest batch"
-    seconds["default"] = [0.9, 0.9]  # clearly faster
-    assert choose(("planned", "default", "largest batch"), seconds) == "default"
+    assert choose(names, rounds) == "largest batch"
+    rounds["default"] = _rounds([0.96, 0.96])  # 2 % faster than the best of them: noise
+    assert choose(names, rounds) == "largest batch"
+    rounds["default"] = _rounds([0.9, 0.9])  # clearly faster
+    assert choose(names, rounds) == "default"
     # the per-layer choice is the default plan: the other needs the margin
-    seconds = {"planned": [1.0, 1.0], "largest batch": [0.98, 0.98]}
-    assert choose(("planned", "largest batch"), seconds) == "planned"
-    seconds["largest batch"] = [0.9, 0.9]
-    assert choose(("planned", "largest batch"), seconds) == "largest batch"
+    rounds = {"planned": _rounds([1.0, 1.0]), "largest batch": _rounds([0.98, 0.98])}
+    assert choose(("planned", "largest batch"), rounds) == "planned"
+    rounds["largest batch"] = _rounds([0.9, 0.9])
+    assert choose(("planned", "largest batch"), rounds) == "largest batch"
 
 
 @pytest.fixture
@@ -407,9 +431,9 @@ def test_a_plan_is_dropped_only_if_the_whole_model_runs_clearly_slower(
         if "default" in runners:
             whole_calls.append({name: r.plan for name, r in runners.items()})
             count = len(timed[0]["default"])
-            fake = {name: [3e-3] * count for name in runners}
-            fake["default"] = [2e-3] * count
-            fake["planned"] = [planned_seconds] * count
+            fake = {name: _rounds([3e-3] * count) for name in runners}
+            fake["default"] = _rounds([2e-3] * count)
+            fake["planned"] = _rounds([planned_seconds] * count)
             timed = fake, timed[1]
         return timed
 
@@ -422,7 +446,11 @@ def test_a_plan_is_dropped_only_if_the_whole_model_runs_clearly_slower(
     # the third: each layer's fastest variant at the largest batch (unless one of the others)
     largest = {
         **default,
-        **{i: min(t, key=lambda v: t[v][-1]) for i, t in timings.items() if i >= 0},
+        **{
+            i: min(t, key=planner.relative(tuple(t), t, -1).__getitem__)
+            for i, t in timings.items()
+            if i >= 0
+        },
     }
     assert largest in candidates.values() and len(candidates) <= 3
     assert plan == (forced if planned_kept else default)
