@@ -257,7 +257,7 @@ def _vstore(builder, value, ptr, offset):
     builder.store(value, builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)
 
 
-def _segmented_kernel(rows: int, segments: int):
+def _segmented_kernel(rows: int, segments: int, in_turn: bool = False):
     """An intrinsic for `rows` rows x 16 columns whose sums run as `segments` independent
     chains of fused multiply-adds, each over a consecutive part of the inputs (k_len //
     segments of them; the last part also takes the rest), added pairwise at the end:
@@ -269,7 +269,13 @@ def _segmented_kernel(rows: int, segments: int):
 
     For a dense layer of at most 16 units, whose one row would otherwise wait on a single
     chain as long as its inputs (8,192 inputs: 4 cycles each). The order of the operations
-    does not depend on `rows`, so a row's result is the same in any batch."""
+    does not depend on `rows`, so a row's result is the same in any batch.
+
+    The chains advance together (rows * segments in flight), or with `in_turn` one part after
+    another (`rows` in flight; the same chains and sums, so the same bits): for several rows
+    whose parts are whole multiples of 4 KB (1,024 inputs), whose rows * segments input streams
+    all fall in the same L1 sets, more than its ways (on Zen 5, 6 rows of 8,192 inputs: 34.4 us
+    together, 10.1 in turn)."""
 
     def codegen(context, builder, signature, args):
         a_off, lda, k_len, b_off, ldb, c_off, ldc = (args[i] for i in (1, 2, 3, 5, 6, 8, 9))
@@ -280,145 +286,21 @@ def _segmented_kernel(rows: int, segments: int):
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
         )
-        zero = ir.Constant(_V16, [0.0] * 16)
         part = builder.sdiv(k_len, ir.Constant(i64, segments))
-        rest = builder.mul(part, ir.Constant(i64, segments))  # the last part goes on from here
 
-        def step(k, acc_row_seg, seg_start):
-            """acc[r] + a[r, k] * b[k] for one part: seg_start + k is the input."""
-            kk = builder.add(seg_start, k)
+        def step(kk, accs):
+            """accs[r] + a[r, kk] * b[kk] for every row: one more link of each row's chain."""
             bv = _vload(builder, bp, builder.add(b_off, builder.mul(kk, ldb)))
             out = []
             for r in range(rows):
                 at = builder.add(builder.add(a_off, builder.mul(ir.Constant(i64, r), lda)), kk)
-                splat = _broadcast(builder, ap, at)
-                out.append(builder.call(fma, [splat, bv, acc_row_seg[r]]))
+                out.append(builder.call(fma, [_broadcast(builder, ap, at), bv, accs[r]]))
             return out
 
-        fn = builder.function
-        entry = builder.block
-        main = fn.append_basic_block("seg_main")
-        mid = fn.append_basic_block("seg_mid")
-        tail = fn.append_basic_block("seg_tail")
-        done = fn.append_basic_block("seg_done")
-        builder.cbranch(builder.icmp_signed(">", part, ir.Constant(i64, 0)), main, mid)
-
-        builder.position_at_end(main)  # k < part, every segment
-        k = builder.phi(i64)
-        k.add_incoming(ir.Constant(i64, 0), entry)
-        acc = [[builder.phi(_V16) for _ in range(segments)] for _ in range(rows)]
+        build = _chains_in_turn if in_turn else _chains_together
+        chains = build(builder, rows, segments, part, k_len, step)  # [row][segment]
         for r in range(rows):
-            for s in range(segments):
-                acc[r][s].add_incoming(zero, entry)
-        new = [[None] * segments for _ in range(rows)]
-        for s in range(segments):
-            start = builder.mul(part, ir.Constant(i64, s))
-            column = step(k, [acc[r][s] for r in range(rows)], start)
-            for r in range(rows):
-                new[r][s] = column[r]
-        _close_loop(builder, k, part, acc, new, main, main, mid)
-
-        builder.position_at_end(mid)
-        held = [[builder.phi(_V16) for _ in range(segments)] for _ in range(rows)]
-        for r in range(rows):
-            for s in range(segments):
-                held[r][s].add_incoming(zero, entry)
-                held[r][s].add_incoming(new[r][s], main)
-        builder.cbranch(builder.icmp_signed("<", rest, k_len), tail, done)
-
-        builder.position_at_end(tail)  # the inputs past segments * part: the last chain goes on
-        k2 = builder.phi(i64)
-        k2.add_incoming(ir.Constant(i64, 0), mid)
-        last = [builder.phi(_V16) for _ in range(rows)]
-        for r in range(rows):
-            last[r].add_incoming(held[r][segments - 1], mid)
-        moved = step(k2, last, rest)
-        _close_loop(
-            builder,
-            k2,
-            builder.sub(k_len, rest),
-            [[v] for v in last],
-            [[v] for v in moved],
-            tail,
-            tail,
-            done,
-        )
-
-        builder.position_at_end(done)
-        finals = [builder.phi(_V16) for _ in range(rows)]  # phis first in a block
-        for r in range(rows):
-            finals[r].add_incoming(held[r][segments - 1], mid)
-            finals[r].add_incoming(moved[r], tail)
-        for r in range(rows):
-            chains = [held[r][s] for s in range(segments - 1)] + [finals[r]]
-            while len(chains) > 1:  # pairwise: (0 + 1) + (2 + 3)
-                chains = [builder.fadd(chains[i], chains[i + 1]) for i in range(0, len(chains), 2)]
-            c_row = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
-            _vstore(builder, chains[0], cp, c_row)
-        return context.get_dummy_value()
-
-    @intrinsic
-    def mk(typingctx, a, a_off, lda, k_len, b, b_off, ldb, c, c_off, ldc):
-        return types.void(a, a_off, lda, k_len, b, b_off, ldb, c, c_off, ldc), codegen
-
-    return mk
-
-
-def _segments_in_turn(rows: int, segments: int):
-    """`_segmented_kernel`'s sums (the same chains over the same parts, added in the same pairs,
-    so the same bits) computed one part after another: `rows` chains in flight instead of
-    rows * segments. For several rows whose parts are whole multiples of 4 KB (1,024 inputs):
-    their rows * segments input streams then all fall in the same L1 sets, more than its ways
-    (on Zen 5, 6 rows of 8,192 inputs: 34.4 us interleaved, 10.1 in turn)."""
-
-    def codegen(context, builder, signature, args):
-        a_off, lda, k_len, b_off, ldb, c_off, ldc = (args[i] for i in (1, 2, 3, 5, 6, 8, 9))
-        ap = _array_data(context, builder, signature, args, 0)
-        bp = _array_data(context, builder, signature, args, 4)
-        cp = _array_data(context, builder, signature, args, 7)
-        i64 = ir.IntType(64)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
-        )
-        zero = ir.Constant(_V16, [0.0] * 16)
-        part = builder.sdiv(k_len, ir.Constant(i64, segments))
-        fn = builder.function
-        chains = []  # per segment: the rows' sums
-        for s in range(segments):
-            start = builder.mul(part, ir.Constant(i64, s))
-            stop = k_len if s == segments - 1 else builder.mul(part, ir.Constant(i64, s + 1))
-            before = builder.block
-            loop = fn.append_basic_block(f"turn_{s}")
-            after = fn.append_basic_block(f"turn_{s}_done")
-            builder.cbranch(builder.icmp_signed("<", start, stop), loop, after)
-
-            builder.position_at_end(loop)
-            k = builder.phi(i64)
-            k.add_incoming(start, before)
-            acc = [builder.phi(_V16) for _ in range(rows)]
-            for r in range(rows):
-                acc[r].add_incoming(zero, before)
-            bv = _vload(builder, bp, builder.add(b_off, builder.mul(k, ldb)))
-            new = []
-            for r in range(rows):
-                at = builder.add(builder.add(a_off, builder.mul(ir.Constant(i64, r), lda)), k)
-                new.append(builder.call(fma, [_broadcast(builder, ap, at), bv, acc[r]]))
-            following = builder.add(k, ir.Constant(i64, 1))
-            k.add_incoming(following, loop)
-            for r in range(rows):
-                acc[r].add_incoming(new[r], loop)
-            builder.cbranch(builder.icmp_signed("<", following, stop), loop, after)
-
-            builder.position_at_end(after)
-            sums = []
-            for r in range(rows):
-                phi = builder.phi(_V16)
-                phi.add_incoming(zero, before)
-                phi.add_incoming(new[r], loop)
-                sums.append(phi)
-            chains.append(sums)
-        for r in range(rows):
-            row = [chains[s][r] for s in range(segments)]
+            row = chains[r]
             while len(row) > 1:  # pairwise: (0 + 1) + (2 + 3)
                 row = [builder.fadd(row[i], row[i + 1]) for i in range(0, len(row), 2)]
             _vstore(builder, row[0], cp, builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc)))
@@ -431,6 +313,106 @@ def _segments_in_turn(rows: int, segments: int):
     return mk
 
 
+def _chains_together(builder, rows, segments, part, k_len, step):
+    """`_segmented_kernel`'s chains, all advancing in one loop over k < part (then the last
+    part's rest): the rows' sums per segment, [row][segment]."""
+    i64 = ir.IntType(64)
+    zero = ir.Constant(_V16, [0.0] * 16)
+    rest = builder.mul(part, ir.Constant(i64, segments))  # the last part goes on from here
+    fn = builder.function
+    entry = builder.block
+    main = fn.append_basic_block("seg_main")
+    mid = fn.append_basic_block("seg_mid")
+    tail = fn.append_basic_block("seg_tail")
+    done = fn.append_basic_block("seg_done")
+    builder.cbranch(builder.icmp_signed(">", part, ir.Constant(i64, 0)), main, mid)
+
+    builder.position_at_end(main)  # k < part, every segment
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    acc = [[builder.phi(_V16) for _ in range(segments)] for _ in range(rows)]
+    for r in range(rows):
+        for s in range(segments):
+            acc[r][s].add_incoming(zero, entry)
+    new = [[None] * segments for _ in range(rows)]
+    for s in range(segments):
+        kk = builder.add(builder.mul(part, ir.Constant(i64, s)), k)
+        column = step(kk, [acc[r][s] for r in range(rows)])
+        for r in range(rows):
+            new[r][s] = column[r]
+    _close_loop(builder, k, part, acc, new, main, main, mid)
+
+    builder.position_at_end(mid)
+    held = [[builder.phi(_V16) for _ in range(segments)] for _ in range(rows)]
+    for r in range(rows):
+        for s in range(segments):
+            held[r][s].add_incoming(zero, entry)
+            held[r][s].add_incoming(new[r][s], main)
+    builder.cbranch(builder.icmp_signed("<", rest, k_len), tail, done)
+
+    builder.position_at_end(tail)  # the inputs past segments * part: the last chain goes on
+    k2 = builder.phi(i64)
+    k2.add_incoming(ir.Constant(i64, 0), mid)
+    last = [builder.phi(_V16) for _ in range(rows)]
+    for r in range(rows):
+        last[r].add_incoming(held[r][segments - 1], mid)
+    moved = step(builder.add(rest, k2), last)
+    _close_loop(
+        builder,
+        k2,
+        builder.sub(k_len, rest),
+        [[v] for v in last],
+        [[v] for v in moved],
+        tail,
+        tail,
+        done,
+    )
+
+    builder.position_at_end(done)
+    finals = [builder.phi(_V16) for _ in range(rows)]  # phis first in a block
+    for r in range(rows):
+        finals[r].add_incoming(held[r][segments - 1], mid)
+        finals[r].add_incoming(moved[r], tail)
+    return [[held[r][s] for s in range(segments - 1)] + [finals[r]] for r in range(rows)]
+
+
+def _chains_in_turn(builder, rows, segments, part, k_len, step):
+    """`_segmented_kernel`'s chains, one part after another: a loop per segment over its
+    inputs (the last up to k_len). The rows' sums per segment, [row][segment]."""
+    i64 = ir.IntType(64)
+    zero = ir.Constant(_V16, [0.0] * 16)
+    fn = builder.function
+    sums = [[] for _ in range(rows)]
+    for s in range(segments):
+        start = builder.mul(part, ir.Constant(i64, s))
+        stop = k_len if s == segments - 1 else builder.mul(part, ir.Constant(i64, s + 1))
+        before = builder.block
+        loop = fn.append_basic_block(f"turn_{s}")
+        after = fn.append_basic_block(f"turn_{s}_done")
+        builder.cbranch(builder.icmp_signed("<", start, stop), loop, after)
+
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        k.add_incoming(start, before)
+        acc = [builder.phi(_V16) for _ in range(rows)]
+        for r in range(rows):
+            acc[r].add_incoming(zero, before)
+        new = step(k, acc)
+        following = builder.add(k, ir.Constant(i64, 1))
+        k.add_incoming(following, loop)
+        for r in range(rows):
+            acc[r].add_incoming(new[r], loop)
+        builder.cbranch(builder.icmp_signed("<", following, stop), loop, after)
+
+        builder.position_at_end(after)
+        for r in range(rows):
+            total = builder.phi(_V16)
+            total.add_incoming(zero, before)
+            total.add_incoming(new[r], loop)
+            sums[r].append(total)
+    return sums
+
+
 SEGMENTS = 4  # chains per output of the 16-unit dense kernels
 _mks1 = _segmented_kernel(1, SEGMENTS)
 _mks2 = _segmented_kernel(2, SEGMENTS)
@@ -438,6 +420,6 @@ _mks3 = _segmented_kernel(3, SEGMENTS)
 _mks4 = _segmented_kernel(4, SEGMENTS)
 _mks5 = _segmented_kernel(5, SEGMENTS)
 _mks6 = _segmented_kernel(6, SEGMENTS)
-_mkt4 = _segments_in_turn(4, SEGMENTS)
-_mkt5 = _segments_in_turn(5, SEGMENTS)
-_mkt6 = _segments_in_turn(6, SEGMENTS)
+_mkt4 = _segmented_kernel(4, SEGMENTS, in_turn=True)
+_mkt5 = _segmented_kernel(5, SEGMENTS, in_turn=True)
+_mkt6 = _segmented_kernel(6, SEGMENTS, in_turn=True)
