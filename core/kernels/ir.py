@@ -253,6 +253,15 @@ def _broadcast(builder, ptr, offset):
     )
 
 
+def _add_as_written(builder, a, b):
+    """a + b, kept in the order written: numba's fastmath pass gives `fast` (which lets LLVM
+    reassociate a sum) only to instructions without flags, so this one gets `contract`, which
+    changes nothing for an addition of two sums."""
+    total = builder.fadd(a, b)
+    total.flags.append("contract")
+    return total
+
+
 def _vstore(builder, value, ptr, offset):
     builder.store(value, builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)
 
@@ -302,7 +311,7 @@ def _segmented_kernel(rows: int, segments: int, in_turn: bool = False):
         for r in range(rows):
             row = chains[r]
             while len(row) > 1:  # pairwise: (0 + 1) + (2 + 3)
-                row = [builder.fadd(row[i], row[i + 1]) for i in range(0, len(row), 2)]
+                row = [_add_as_written(builder, row[i], row[i + 1]) for i in range(0, len(row), 2)]
             _vstore(builder, row[0], cp, builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc)))
         return context.get_dummy_value()
 
