@@ -31,6 +31,10 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_RETRIES = 4
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A readiness question answered NOT_FOUND: convserve and Triton never answer it so (an unknown
+# model is INVALID_ARGUMENT), but a proxy with no server behind it yet does (Ray Serve's, before its
+# application is deployed or after it is shut down), so it means "not ready".
+NOT_READY = UNREACHABLE + (grpc.StatusCode.NOT_FOUND,)
 _STALE = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 READY_POLL_CAP = 2.0  # seconds: the longest single readiness question in wait_until_ready
 
@@ -125,7 +129,8 @@ class ClientBase:
     def is_ready(
         self, model: str | None = None, version: str = "", *, timeout: float | None = None
     ) -> Plan[bool]:
-        """Whether the server (or one model) is ready; False when the server cannot be reached.
+        """Whether the server (or one model) is ready; False when the server cannot be reached
+        (or a proxy in front of it answers NOT_FOUND: nothing behind it yet).
 
         An unknown model raises InferenceError (INVALID_ARGUMENT), as Triton does.
         """
@@ -133,16 +138,24 @@ class ClientBase:
 
     def _ready(self, model: str | None, version: str, timeout: float | None) -> Plan[bool]:
         if model is None:
-            return (yield from self._ask("ServerReady", pb.ServerReadyRequest(), "ready", timeout))
+            request = pb.ServerReadyRequest()
+            return (yield from self._ask("ServerReady", request, "ready", timeout, NOT_READY))
         request = pb.ModelReadyRequest(name=model, version=version)
-        return (yield from self._ask("ModelReady", request, "ready", timeout))
+        return (yield from self._ask("ModelReady", request, "ready", timeout, NOT_READY))
 
-    def _ask(self, method: str, request: Any, field: str, timeout: float | None) -> Plan[bool]:
-        """A health question, asked once: the answer's `field`, False if the server is unreachable."""
+    def _ask(
+        self,
+        method: str,
+        request: Any,
+        field: str,
+        timeout: float | None,
+        false_on: tuple[grpc.StatusCode, ...] = UNREACHABLE,
+    ) -> Plan[bool]:
+        """A health question, asked once: the answer's `field`, False on an error in `false_on`."""
         try:
             response = yield self._call(method, request, self._deadline(timeout), retry=False)
         except InferenceError as error:
-            if error.code in UNREACHABLE:
+            if error.code in false_on:
                 return False
             raise
         return bool(getattr(response, field))

@@ -103,6 +103,8 @@ def test_ray_serve_joins_a_running_cluster_and_leaves_the_app_running(tmp_path):
         assert joined.returncode == 0, joined.stderr[-2000:]
         assert "keeps running after this command" in joined.stderr
         with Client(f"127.0.0.1:{port}") as client:  # the command has returned; the app serves
+            # (the proxy may take a moment to learn the route: until then it answers NOT_FOUND)
+            client.wait_until_ready(timeout=30)
             assert client.classify(h.images(2), top_k=1)
     finally:
         head.send_signal(signal.SIGTERM)
