@@ -63,7 +63,8 @@ def _segmented_rows(xf, a_off, K, wf, tile, count):
     16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. With 4 rows or more
     and parts of a multiple of 4 KB (an L1 way: their input streams would share the same sets),
     the parts one after another (`ir._mkt4`...; the same bits)."""
-    if count >= 4 and (K // SEGMENTS) % 1024 == 0:
+    part = K // SEGMENTS
+    if count >= 4 and part > 0 and part % 1024 == 0:
         if count == 6:
             _mkt6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
         elif count == 5:
