@@ -15,8 +15,12 @@ ratio ORT time / our time (above 1: we are faster), and our achieved GFLOP/s, co
 as the direct convolution would compute it ("direct-eq") and as the kernels the plan chose
 actually multiply (Winograd F(2x2, 3x3) does 16 products per 2x2 outputs and channel pair
 instead of 36, F(4x4, 3x3) 36 per 4x4 outputs instead of 144, F(2x2, 5x5) 36 instead of 100).
-Next to them the ceiling, measured in every process of ours: our largest micro-kernel on data
-in L1 on every thread (`kernels/peak.py`), and "% peak", the actual GFLOP/s as a share of it.
+Next to them the ceilings, measured in every process of ours (`kernels/peak.py`): our largest
+micro-kernel on data in L1 on every thread, with "% peak", the actual GFLOP/s as a share of
+it; and the rate at which all threads read a buffer of the model's weights' size. "% roofline"
+is the shortest time a batch could take, its actual multiply-adds at the peak or, if longer,
+one read of the weights at that rate, as a share of our time (at one image, a dense net with
+megabytes of weights is bound by the reads, not the multiply-adds).
 numpy's 1024^3 sgemm GFLOP/s, measured in every ORT process, is printed too, as a gauge of how
 busy the machine was (it is no ceiling: on AMD Zen 5 it reads less than half the peak). Then
 the geometric mean of all ratios and the worst cell. Both engines classify the same 16 images;
@@ -155,7 +159,7 @@ def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> di
     result: dict[str, Any] = {"engine": engine, "model": model}
     if engine in ("ours", "unplanned"):
         from convserve.core import runtime
-        from convserve.core.kernels.peak import peak_gflops
+        from convserve.core.kernels.peak import peak_gflops, read_gbps
         from convserve.core.model import Model
 
         m = Model(doc, weights, plan=engine == "ours")
@@ -163,6 +167,8 @@ def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> di
         m.warmup(tuple(batches) + (16,))
         result["warmup_s"] = time.perf_counter() - start
         result["peak_gflops"] = peak_gflops()
+        result["weight_bytes"] = sum(w.nbytes for w in weights.values())
+        result["read_gbps"] = read_gbps(result["weight_bytes"])
         result["plan"] = m.kernel_plan
         fn = m.forward
         result["runtime"] = runtime.describe()
@@ -234,17 +240,25 @@ def report(
     calib: list[float],
     batches: list[int],
     peaks: list[float] | None = None,
+    reads: dict[str, tuple[int, list[float]]] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """The result table as markdown lines, and the same figures as a JSON-ready dict. `peaks`:
-    the micro-kernel ceiling (GFLOP/s) each of our processes measured."""
+    the micro-kernel ceiling (GFLOP/s) each of our processes measured; `reads`: per model, the
+    weights' bytes and the rate (GB/s) at which each of our processes read that many."""
     engines = list(next(iter(ms.values())))
     has_ort, has_unplanned = "ort" in engines, "unplanned" in engines
     peak = statistics.median(peaks) if peaks else None
+    read = {m: (size, statistics.median(rates)) for m, (size, rates) in (reads or {}).items()}
     lines = []
     if peaks:
         lines.append(
             f"ceiling, our 6x64 micro-kernel in L1 on every thread: {min(peaks):.0f}-"
             f"{max(peaks):.0f} GFLOP/s (median {peak:.0f}) in our processes"
+        )
+    for model, (size, rates) in (reads or {}).items():
+        lines.append(
+            f"{model}: weights {size / 1e6:.2f} MB, read by every thread at {min(rates):.0f}-"
+            f"{max(rates):.0f} GB/s (median {read[model][1]:.0f})"
         )
     if calib:
         lines.append(
@@ -256,6 +270,7 @@ def report(
     head += ["ORT ms", "ours/ORT"] if has_ort else []
     head += ["GFLOP/s direct-eq", "GFLOP/s actual"]
     head += ["% peak"] if peak else []
+    head += ["% roofline"] if peak and read else []
     lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     cells: list[dict[str, Any]] = []
     for model, by_engine in ms.items():
@@ -278,11 +293,23 @@ def report(
             if peak:
                 cell["peak_share"] = cell["gflops_actual"] / peak
                 row.append(f"{100 * cell['peak_share']:.0f}")
+            if peak and model in read:
+                # the shortest a batch can take: its multiply-adds at the peak or, if longer,
+                # one read of the weights at their rate
+                size, rate = read[model]
+                cell["floor_ms"] = max(actual * n / peak / 1e6, size / rate / 1e6)
+                cell["roofline_share"] = cell["floor_ms"] / ours
+                row.append(f"{100 * cell['roofline_share']:.0f}")
             lines.append("| " + " | ".join(row) + " |")
             cells.append(cell)
     summary: dict[str, Any] = {"cells": cells, "plans": plans, "batches": batches}
     if peaks:
         summary["peak_gflops"] = {"min": min(peaks), "max": max(peaks), "median": peak}
+    if reads:
+        summary["weights_read"] = {
+            m: {"bytes": size, "gbps_min": min(r), "gbps_max": max(r), "gbps_median": read[m][1]}
+            for m, (size, r) in reads.items()
+        }
     if calib:
         summary["sgemm_gflops"] = {
             "min": min(calib),
@@ -347,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[tuple[str, str, int], list[float]] = {}
     calib: list[float] = []
     peaks: list[float] = []
+    reads: dict[str, tuple[int, list[float]]] = {}
     diffs: dict[str, float] = {}
     plans: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -361,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
                         calib.append(res["sgemm_gflops"])
                     if "peak_gflops" in res:
                         peaks.append(res["peak_gflops"])
+                    if "read_gbps" in res:
+                        reads.setdefault(model, (res["weight_bytes"], []))[1].append(
+                            res["read_gbps"]
+                        )
                     if "runtime" in res and rep == 0 and model == models[0]:
                         print(f"ours: {res['runtime']}")
                     if engine == "ours":
@@ -382,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         m: flops_per_image(bench_model(m), {int(k): v for k, v in plans[m].items()}) for m in models
     }
     ms = _median_table(rates, models, engines, batches)
-    lines, summary = report(ms, flops, plans, calib, batches, peaks)
+    lines, summary = report(ms, flops, plans, calib, batches, peaks, reads)
     print(f"\nmedian over {args.repeats} processes per engine; ms per batch")
     print("\n".join(lines))
     for model, d in diffs.items():

@@ -837,6 +837,35 @@ def test_the_peak_loop_computes_the_product_it_times():
     assert 0 < peak.peak_gflops(rounds=1, seconds=0.01) < 1e6
 
 
+def test_the_read_loop_reads_every_float_it_times():
+    from convserve.core.kernels import peak
+
+    parts = np.random.default_rng(5).random((2, 1003), dtype=np.float32)
+    sums = np.zeros(2, np.float32)
+    peak._read_on_every_thread(parts, sums, 3)
+    np.testing.assert_allclose(sums, 3 * parts.astype(np.float64).sum(axis=1), rtol=1e-5)
+    assert 0 < peak.read_gbps(1 << 20, rounds=1, seconds=0.01) < 1e5
+
+
+def test_the_bench_report_gives_each_cell_its_share_of_the_roofline():
+    from convserve.core.bench import report
+
+    ms = {"m": {"ours": {1: 2.0, 8: 4.0}, "ort": {1: 3.0, 8: 4.0}}}
+    flops = {"m": (4e6, 2e6)}  # per image: direct-equivalent, actual
+    # 10 MB of weights read at 10, 20 or 30 GB/s: at least 0.5 ms a batch (median rate)
+    reads = {"m": (10_000_000, [10.0, 30.0, 20.0])}
+    lines, summary = report(ms, flops, {"m": {}}, [100.0], [1, 8], [40.0, 10.0, 20.0], reads)
+    one, eight = summary["cells"]
+    # batch 1: 2 MFLOP at 20 GFLOP/s is 0.1 ms, shorter than the 0.5 ms read: read-bound
+    assert one["floor_ms"] == pytest.approx(0.5) and one["roofline_share"] == pytest.approx(0.25)
+    # batch 8: 16 MFLOP at 20 GFLOP/s is 0.8 ms, longer than the read: compute-bound
+    assert eight["floor_ms"] == pytest.approx(0.8)
+    assert eight["roofline_share"] == pytest.approx(0.2)
+    assert "| m | 8 | 4.000 | 4.000 | 1.00x | 8 | 4 | 20 | 20 |" in lines
+    assert "m: weights 10.00 MB, read by every thread at 10-30 GB/s (median 20)" in lines
+    assert summary["weights_read"]["m"]["gbps_median"] == 20.0
+
+
 def test_the_bench_report_gives_each_cell_its_share_of_the_peak():
     from convserve.core.bench import report
 

@@ -1,7 +1,16 @@
-"""The machine's FP32 multiply-add rate as this core's code reaches it: the largest GEMM
-micro-kernel (6 pixels x 64 channels, `ir._mk6x4`) on data that stays in L1, on every thread
-at once. No conv or dense layer can run faster than this, so the benchmark prints it next to
-each model's achieved GFLOP/s as the ceiling.
+"""The machine's ceilings as this core's code reaches them, for the benchmark:
+
+- the FP32 multiply-add rate: the largest GEMM micro-kernel (6 pixels x 64 channels,
+  `ir._mk6x4`) on data that stays in L1, on every thread at once. No conv or dense layer can
+  run faster than this;
+- the read rate of a model's weights: every thread sums its share of a buffer of the weights'
+  size, over and over, as forward passes read them (from wherever a buffer of that size stays).
+  Once the buffer outgrows L2, this is the rate of the cache or memory behind it, which no
+  forward pass beats; within L1 and L2 the loop's adds bound it, and a model's multiply-adds
+  then take far longer than its reads anyway.
+
+A forward pass takes at least the longer of its multiply-adds at the first rate and its weights
+at the second: a roofline with the weights as the only traffic, the benchmark's "% roofline".
 
 Why not numpy's sgemm: its figure depends on how well the BLAS it links knows the CPU. On an
 AMD Zen 5 (full-width AVX-512) numpy's 1024^3 sgemm reached about 200 GFLOP/s on 2 cores
@@ -60,3 +69,42 @@ def peak_gflops(rounds: int = 5, seconds: float = 0.05) -> float:
         best = min(best, time.perf_counter() - start)
     flops = 2.0 * PEAK_ROWS * PEAK_COLS * PEAK_K * calls * a.shape[0]
     return flops / best / 1e9
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _read(a):
+    """The sum of a flat array: every float read once (vectorised, a few chains of adds: from
+    L1 or L2 the adds bound it, from L3 or memory the reads)."""
+    total = np.float32(0)
+    for i in range(a.size):
+        total += a[i]
+    return total
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _read_on_every_thread(parts, sums, calls):
+    """`_read` of each row of `parts` (threads x floats), `calls` times, one task per thread
+    (the parallel region's start is paid once, as for the peak)."""
+    for t in prange(parts.shape[0]):
+        for _ in range(calls):
+            sums[t] += _read(parts[t])
+
+
+def read_gbps(nbytes: int, rounds: int = 5, seconds: float = 0.05) -> float:
+    """GB/s at which all threads together read a buffer of `nbytes` (each its contiguous
+    share), read repeatedly: the best of `rounds` rounds of about `seconds` each."""
+    threads = numba.get_num_threads()
+    per_thread = max(16, -(-nbytes // (4 * threads)))
+    parts = np.random.default_rng(0).random((threads, per_thread), dtype=np.float32)
+    sums = np.zeros(threads, np.float32)
+    _read_on_every_thread(parts, sums, 1)  # compile or load, wake the threads, fill the caches
+    calls = 10
+    start = time.perf_counter()
+    _read_on_every_thread(parts, sums, calls)
+    calls = max(1, int(calls * seconds / max(time.perf_counter() - start, 1e-6)))
+    best = np.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        _read_on_every_thread(parts, sums, calls)
+        best = min(best, time.perf_counter() - start)
+    return parts.nbytes * calls / best / 1e9
