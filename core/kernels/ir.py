@@ -407,11 +407,7 @@ def _chains_in_turn(builder, rows, segments, part, k_len, step):
         for r in range(rows):
             acc[r].add_incoming(zero, before)
         new = step(k, acc)
-        following = builder.add(k, ir.Constant(i64, 1))
-        k.add_incoming(following, loop)
-        for r in range(rows):
-            acc[r].add_incoming(new[r], loop)
-        builder.cbranch(builder.icmp_signed("<", following, stop), loop, after)
+        _close_loop(builder, k, stop, [acc], [new], loop, loop, after)
 
         builder.position_at_end(after)
         for r in range(rows):

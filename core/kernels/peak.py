@@ -53,20 +53,29 @@ def peak_operands(threads: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
     return a, b, np.zeros((threads, PEAK_ROWS * PEAK_COLS), np.float32)
 
 
+def _best_round(run, trial_calls: int, rounds: int, seconds: float) -> tuple[int, float]:
+    """`run(calls)` once to compile (or load) and wake the threads, then timed: `calls` set
+    from a trial of `trial_calls` so that a round lasts about `seconds`. (calls, the best of
+    `rounds` rounds in seconds)."""
+    run(1)
+    start = time.perf_counter()
+    run(trial_calls)
+    calls = max(1, int(trial_calls * seconds / max(time.perf_counter() - start, 1e-6)))
+    best = np.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run(calls)
+        best = min(best, time.perf_counter() - start)
+    return calls, best
+
+
 def peak_gflops(rounds: int = 5, seconds: float = 0.05) -> float:
     """FP32 GFLOP/s (2 per multiply-add) of the micro-kernel on every thread: the best of
     `rounds` rounds of about `seconds` each."""
     a, b, c = peak_operands(numba.get_num_threads())
-    _repeat_on_every_thread(a, b, c, 1)  # compile or load, wake the threads
-    calls = 1000
-    start = time.perf_counter()
-    _repeat_on_every_thread(a, b, c, calls)
-    calls = max(1, int(calls * seconds / max(time.perf_counter() - start, 1e-6)))
-    best = np.inf
-    for _ in range(rounds):
-        start = time.perf_counter()
-        _repeat_on_every_thread(a, b, c, calls)
-        best = min(best, time.perf_counter() - start)
+    calls, best = _best_round(
+        lambda calls: _repeat_on_every_thread(a, b, c, calls), 1000, rounds, seconds
+    )
     flops = 2.0 * PEAK_ROWS * PEAK_COLS * PEAK_K * calls * a.shape[0]
     return flops / best / 1e9
 
@@ -97,14 +106,8 @@ def read_gbps(nbytes: int, rounds: int = 5, seconds: float = 0.05) -> float:
     per_thread = max(16, -(-nbytes // (4 * threads)))
     parts = np.random.default_rng(0).random((threads, per_thread), dtype=np.float32)
     sums = np.zeros(threads, np.float32)
-    _read_on_every_thread(parts, sums, 1)  # compile or load, wake the threads, fill the caches
-    calls = 10
-    start = time.perf_counter()
-    _read_on_every_thread(parts, sums, calls)
-    calls = max(1, int(calls * seconds / max(time.perf_counter() - start, 1e-6)))
-    best = np.inf
-    for _ in range(rounds):
-        start = time.perf_counter()
-        _read_on_every_thread(parts, sums, calls)
-        best = min(best, time.perf_counter() - start)
+    # the first call also brings the buffer into the caches it fits in
+    calls, best = _best_round(
+        lambda calls: _read_on_every_thread(parts, sums, calls), 10, rounds, seconds
+    )
     return parts.nbytes * calls / best / 1e9
