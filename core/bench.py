@@ -233,6 +233,13 @@ def _median_table(
     }
 
 
+def _peak_block() -> str:
+    """The ceiling's block, pixels x channels (imported here: the parent process runs no kernel)."""
+    from convserve.core.kernels import peak
+
+    return f"{peak.PEAK_ROWS}x{peak.PEAK_COLS}"
+
+
 def report(
     ms: dict[str, dict[str, dict[int, float]]],
     flops: dict[str, tuple[float, float]],
@@ -252,7 +259,7 @@ def report(
     lines = []
     if peaks:
         lines.append(
-            f"ceiling, our 6x64 micro-kernel in L1 on every thread: {min(peaks):.0f}-"
+            f"ceiling, our {_peak_block()} micro-kernel in L1 on every thread: {min(peaks):.0f}-"
             f"{max(peaks):.0f} GFLOP/s (median {peak:.0f}) in our processes"
         )
     for model, (size, rates) in (reads or {}).items():

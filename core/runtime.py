@@ -37,6 +37,25 @@ def host_cpu_features() -> str:
     return features
 
 
+def vector_registers() -> tuple[int, int]:
+    """(vector registers, float32 lanes in each) of the CPU numba compiles for: (32, 16) with
+    AVX-512, (16, 8) with AVX or AVX2, else (16, 4) (SSE). Read from the features in effect
+    (`NUMBA_CPU_FEATURES`, set by `configure` to the host's), or the host's own; a CPU named
+    with `NUMBA_CPU_NAME` but no features is taken as the baseline (SSE)."""
+    features = os.environ.get("NUMBA_CPU_FEATURES", "")
+    if not features and not os.environ.get("NUMBA_CPU_NAME"):
+        try:
+            features = host_cpu_features()
+        except Exception:  # pragma: no cover - llvmlite without the host query
+            features = ""
+    flags = set(features.split(","))
+    if "+avx512f" in flags:
+        return 32, 16
+    if "+avx" in flags or "+avx2" in flags:
+        return 16, 8
+    return 16, 4
+
+
 def configure() -> dict[str, str]:
     """Set the threading layer and CPU features (idempotent); returns what is in effect."""
     if _CONFIGURED:

@@ -878,4 +878,7 @@ def test_the_bench_report_gives_each_cell_its_share_of_the_peak():
     assert eight["peak_share"] == pytest.approx(4.0 / 20.0)
     assert summary["peak_gflops"]["median"] == 20.0
     assert "| m | 8 | 4.000 | 4.000 | 1.00x | 8 | 4 | 20 |" in lines
-    assert any(line.startswith("ceiling, our 6x64 micro-kernel") for line in lines)
+    from convserve.core.kernels import peak
+
+    block = f"{peak.PEAK_ROWS}x{peak.PEAK_COLS}"
+    assert any(line.startswith(f"ceiling, our {block} micro-kernel") for line in lines)

@@ -37,6 +37,17 @@ from convserve.core.kernels.ir import (
 )
 from numba import njit
 
+_REGISTERS, _LANES = _runtime.vector_registers()
+# The register file in 16-float vectors, the unit of the micro-kernels' accumulators: 32 with
+# AVX-512 (32 registers of 16 floats), 8 with AVX2 (16 of 8), 4 with SSE. A block keeps its
+# rows x vectors accumulators, a broadcast input and its weight vectors in registers; one
+# that does not fit spills its accumulators on every step: on an AMD Zen 3 (AVX2), 6 x 64
+# channels ran at 30 GFLOP/s on one core and 6 x 16 at 99, the core's peak.
+REGISTER_VECTORS = _REGISTERS * _LANES // 16
+WIDE = REGISTER_VECTORS >= 32
+# The largest block that fits: rows x vectors of 16 channels (the benchmark's ceiling).
+PEAK_BLOCK = (6, 4) if WIDE else (max(1, REGISTER_VECTORS - 2), 1)
+
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _block_rows(count, lo, hi):
@@ -115,6 +126,30 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
+def _block_shape(count, left, narrow):
+    """(vectors of 16 columns, fewest and most rows) of the micro-kernel calls on the next
+    columns of a row of `count` outputs, `left` columns to go (a multiple of 16).
+
+    With 32 vector registers of 16 floats (AVX-512): blocks of 64 columns x 4-6 rows, then
+    32 x 5-8 and 16 x 5-12; with `narrow`, 32 columns from the start. With fewer registers
+    (AVX2: 16 of 8 floats) only 16 columns x up to REGISTER_VECTORS - 2 rows keep every
+    accumulator in a register, and rows of 1-2 outputs take 64 or 32 columns a call instead:
+    more chains of fused multiply-adds in flight than one or two rows of 16 give."""
+    if WIDE:
+        if left >= 64 and not narrow:
+            return 4, 4, 6
+        if left >= 32:
+            return 2, 5, 8
+        return 1, 5, 12
+    hi = max(1, REGISTER_VECTORS - 2)
+    if count == 1 and left >= 64 and not narrow and REGISTER_VECTORS >= 8:
+        return 4, 1, 1
+    if count <= 2 and left >= 32 and REGISTER_VECTORS >= 8:
+        return 2, 2, 2
+    return 1, max(1, hi - 2), hi
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def _conv_row(
     xf,
     a_off,
@@ -136,17 +171,17 @@ def _conv_row(
     """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
     columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart (with
     `more`: added to what the tile holds there, continuing its chain of fused multiply-adds).
-    For a conv row, output i is a pixel and the columns are output channels. Columns go in
-    blocks of 64 (4-6 outputs per call), then 32 (5-8 per call) and 16 (5-12: with one weight
-    vector a call, more outputs keep more chains of fused multiply-adds in flight); with `narrow` in
-    blocks of 32 from the start (7-8 outputs a call read each weight once where 64 columns
-    take 4: half the weight traffic per output). A row shorter than a block goes in one call of
-    its length (2-3 pixels on 64 columns, 2-4 on 16-32): one pixel per call would leave the
+    For a conv row, output i is a pixel and the columns are output channels. The blocks depend
+    on the register file (`_block_shape`). With AVX-512, columns go in blocks of 64 (4-6
+    outputs per call), then 32 (5-8 per call) and 16 (5-12: with one weight vector a call, more
+    outputs keep more chains of fused multiply-adds in flight); with `narrow` in blocks of 32
+    from the start (7-8 outputs a call read each weight once where 64 columns take 4: half the
+    weight traffic per output). A row shorter than a block goes in one call of its length
+    (2-3 pixels on 64 columns, 2-4 on 16-32): one pixel per call would leave the
     multiply-adds waiting on their own chains, and read each weight once per pixel."""
     c = 0
     while c < width:
-        nv = 4 if width - c >= 64 and not narrow else (2 if width - c >= 32 else 1)
-        lo, hi = (4, 6) if nv == 4 else ((5, 8) if nv == 2 else (5, 12))
+        nv, lo, hi = _block_shape(count, width - c, narrow)
         R = count if count < lo else _block_rows(count, lo, hi)  # a short row: one call
         i = 0
         while i < count:

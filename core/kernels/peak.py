@@ -1,7 +1,8 @@
 """The machine's ceilings as this core's code reaches them, for the benchmark:
 
-- the FP32 multiply-add rate: the largest GEMM micro-kernel (6 pixels x 64 channels,
-  `ir._mk6x4`) on data that stays in L1, on every thread at once. No conv or dense layer can
+- the FP32 multiply-add rate: the largest GEMM micro-kernel whose accumulators fit in the
+  vector registers (`gemm.PEAK_BLOCK`: 6 pixels x 64 channels with AVX-512, 6 x 16 with AVX2)
+  on data that stays in L1, on every thread at once. No conv or dense layer can
   run faster than this;
 - the read rate of a model's weights: every thread sums its share of a buffer of the weights'
   size, over and over, as forward passes read them (from wherever a buffer of that size stays).
@@ -24,18 +25,20 @@ import time
 import numba
 import numpy as np
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
-from convserve.core.kernels.ir import _mk6x4
+from convserve.core.kernels import ir
+from convserve.core.kernels.gemm import PEAK_BLOCK
 from numba import njit, prange
 
-PEAK_ROWS, PEAK_COLS = 6, 64  # the micro-kernel's block
+PEAK_ROWS, PEAK_COLS = PEAK_BLOCK[0], 16 * PEAK_BLOCK[1]  # the largest block in registers
 PEAK_K = 128  # reduction length: 128 x 64 weights (32 KB) and 6 x 128 inputs fit any L1 met
+_peak_kernel = getattr(ir, f"_mk{PEAK_BLOCK[0]}x{PEAK_BLOCK[1]}")
 
 
 @njit(fastmath=True, cache=True, nogil=True)
 def _repeat(a, b, c, calls):
-    """c = a (6 x K) @ b (K x 64), `calls` times over (flat arrays)."""
+    """c = a (PEAK_ROWS x K) @ b (K x PEAK_COLS), `calls` times over (flat arrays)."""
     for _ in range(calls):
-        _mk6x4(a, 0, PEAK_K, 0, 1, PEAK_K, b, 0, PEAK_COLS, c, 0, PEAK_COLS, 0)
+        _peak_kernel(a, 0, PEAK_K, 0, 1, PEAK_K, b, 0, PEAK_COLS, c, 0, PEAK_COLS, 0)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -46,7 +49,7 @@ def _repeat_on_every_thread(a, b, c, calls):
 
 
 def peak_operands(threads: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-thread flat inputs (6 x K), weights (K x 64) and result (6 x 64), seeded."""
+    """Per-thread flat inputs (PEAK_ROWS x K), weights (K x PEAK_COLS) and result, seeded."""
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((threads, PEAK_ROWS * PEAK_K)).astype(np.float32)
     b = rng.standard_normal((threads, PEAK_K * PEAK_COLS)).astype(np.float32)
