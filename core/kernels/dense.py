@@ -7,7 +7,7 @@ from __future__ import annotations
 import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _softmax_row, _store_row
-from convserve.core.kernels.gemm import _conv_row
+from convserve.core.kernels.gemm import REGISTER_VECTORS, WIDE, _conv_row
 from convserve.core.kernels.ir import (
     SEGMENTS,
     _mk1x8,
@@ -17,6 +17,7 @@ from convserve.core.kernels.ir import (
     _mks4,
     _mks5,
     _mks6,
+    _mkt3,
     _mkt4,
     _mkt5,
     _mkt6,
@@ -60,17 +61,23 @@ def tile_floats() -> int:
 @njit(fastmath=True, cache=True, nogil=True)
 def _segmented_rows(xf, a_off, K, wf, tile, count):
     """tile[i*64 + j] = row i's sums (from xf[a_off + i*K]) for the 16 units of wf (K rows of
-    16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. With 4 rows or more
-    and parts of a multiple of 4 KB (an L1 way: their input streams would share the same sets),
-    the parts one after another (`ir._mkt4`...; the same bits)."""
+    16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. The parts one after
+    another (`ir._mkt3`...; the same bits) for 3 rows or more when the count x SEGMENTS chains
+    together would not fit in the vector registers (AVX2: on an AMD Zen 3, 3 rows of 4,000
+    inputs took 5.8 us in turn, 8.5 together), or, from 4 rows, when the parts are a multiple of
+    4 KB (an L1 way: their input streams would share the same sets)."""
     part = K // SEGMENTS
-    if count >= 4 and part > 0 and part % 1024 == 0:
+    crowded = count * SEGMENTS > REGISTER_VECTORS
+    aliased = count >= 4 and part > 0 and part % 1024 == 0
+    if count >= 3 and (crowded or aliased):
         if count == 6:
             _mkt6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
         elif count == 5:
             _mkt5(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
-        else:
+        elif count == 4:
             _mkt4(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        else:
+            _mkt3(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
     elif count == 6:
         _mks6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
     elif count == 5:
@@ -117,10 +124,11 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
     c = c0
     while c < c1:
         w = min(64, Up - c)  # weight block of units c..c+w-1: K rows of w floats from wf[c*K]
-        if n == 1 and c + 128 <= c1 and w == 64 and c + 128 <= Up:
+        if WIDE and n == 1 and c + 128 <= c1 and w == 64 and c + 128 <= Up:
             # one row: two full blocks a call, eight chains of fused multiply-adds in flight
             # instead of four, and two weight streams (on Zen 5, 784 x 1024 units: 19.7 us
-            # instead of 22.3; 400 x 128 on one thread: 1.60 instead of 2.47)
+            # instead of 22.3; 400 x 128 on one thread: 1.60 instead of 2.47). Eight
+            # accumulators of 16 floats fill AVX2's whole register file: not there.
             _mk1x8(xf, r0 * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K)
             _store_row(
                 tile, 0, bias[c:], of, r0 * U + c, 0, min(128, U - c), 0 if act == 4 else act
