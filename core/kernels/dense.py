@@ -59,15 +59,16 @@ def tile_floats() -> int:
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _segmented_rows(xf, a_off, K, wf, tile, count):
+def _segmented_rows(xf, a_off, K, wf, tile, count, vectors=REGISTER_VECTORS):
     """tile[i*64 + j] = row i's sums (from xf[a_off + i*K]) for the 16 units of wf (K rows of
     16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. The parts one after
     another (`ir._mkt3`...; the same bits) for 3 rows or more when the count x SEGMENTS chains
-    together would not fit in the vector registers (AVX2: on an AMD Zen 3, 3 rows of 4,000
-    inputs took 5.8 us in turn, 8.5 together), or, from 4 rows, when the parts are a multiple of
-    4 KB (an L1 way: their input streams would share the same sets)."""
+    together would not fit in `vectors` registers of 16 floats (`gemm.REGISTER_VECTORS`; 8 with
+    AVX2: on an AMD Zen 3, 3 rows of 4,000 inputs took 5.8 us in turn, 8.5 together), or, from
+    4 rows, when the parts are a multiple of 4 KB (an L1 way: their input streams would share
+    the same sets)."""
     part = K // SEGMENTS
-    crowded = count * SEGMENTS > REGISTER_VECTORS
+    crowded = count * SEGMENTS > vectors
     aliased = count >= 4 and part > 0 and part % 1024 == 0
     if count >= 3 and (crowded or aliased):
         if count == 6:

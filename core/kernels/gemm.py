@@ -126,25 +126,26 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _block_shape(count, left, narrow):
+def _block_shape(count, left, narrow, vectors):
     """(vectors of 16 columns, fewest and most rows) of the micro-kernel calls on the next
-    columns of a row of `count` outputs, `left` columns to go (a multiple of 16).
+    columns of a row of `count` outputs, `left` columns to go (a multiple of 16), for a
+    register file of `vectors` vectors of 16 floats (REGISTER_VECTORS).
 
     With 32 vector registers of 16 floats (AVX-512): blocks of 64 columns x 4-6 rows, then
     32 x 5-8 and 16 x 5-12; with `narrow`, 32 columns from the start. With fewer registers
     (AVX2: 16 of 8 floats) only 16 columns x up to REGISTER_VECTORS - 2 rows keep every
     accumulator in a register, and rows of 1-2 outputs take 64 or 32 columns a call instead:
     more chains of fused multiply-adds in flight than one or two rows of 16 give."""
-    if WIDE:
+    if vectors >= 32:
         if left >= 64 and not narrow:
             return 4, 4, 6
         if left >= 32:
             return 2, 5, 8
         return 1, 5, 12
-    hi = max(1, REGISTER_VECTORS - 2)
-    if count == 1 and left >= 64 and not narrow and REGISTER_VECTORS >= 8:
+    hi = max(1, vectors - 2)
+    if count == 1 and left >= 64 and not narrow and vectors >= 8:
         return 4, 1, 1
-    if count <= 2 and left >= 32 and REGISTER_VECTORS >= 8:
+    if count <= 2 and left >= 32 and vectors >= 8:
         return 2, 2, 2
     return 1, max(1, hi - 2), hi
 
@@ -167,12 +168,14 @@ def _conv_row(
     width,
     more=0,
     narrow=0,
+    vectors=REGISTER_VECTORS,
 ):
     """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
     columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart (with
     `more`: added to what the tile holds there, continuing its chain of fused multiply-adds).
     For a conv row, output i is a pixel and the columns are output channels. The blocks depend
-    on the register file (`_block_shape`). With AVX-512, columns go in blocks of 64 (4-6
+    on the register file, `vectors` vectors of 16 floats (`_block_shape`; the same results
+    whatever the blocks). With AVX-512, columns go in blocks of 64 (4-6
     outputs per call), then 32 (5-8 per call) and 16 (5-12: with one weight vector a call, more
     outputs keep more chains of fused multiply-adds in flight); with `narrow` in blocks of 32
     from the start (7-8 outputs a call read each weight once where 64 columns take 4: half the
@@ -181,7 +184,7 @@ def _conv_row(
     multiply-adds waiting on their own chains, and read each weight once per pixel."""
     c = 0
     while c < width:
-        nv, lo, hi = _block_shape(count, width - c, narrow)
+        nv, lo, hi = _block_shape(count, width - c, narrow, vectors)
         R = count if count < lo else _block_rows(count, lo, hi)  # a short row: one call
         i = 0
         while i < count:

@@ -1,0 +1,90 @@
+"""The GEMM rows every conv and dense kernel runs on (`gemm._conv_row`) and the 16-unit dense
+kernel (`dense._segmented_rows`), with the block shapes of every register file the core knows
+(AVX-512: 32 vectors of 16 floats, AVX2: 8, SSE: 4), whatever this machine has: the NumPy
+float64 reference on randomized shapes, and the same bits for every register file (each output
+is one in-order chain of fused multiply-adds whatever its block)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from convserve.core.kernels import dense, gemm
+
+REGISTER_FILES = (32, 8, 4)  # vectors of 16 floats: AVX-512, AVX2, SSE
+
+
+def _row(a, b, count, width, lda, k, vectors, narrow, passes=1):
+    """`_conv_row` over `count` outputs (rows of `a`, lda apart) x `width` columns of b (k rows,
+    ldb = width), in `passes` calls over consecutive parts of k (the later ones add on)."""
+    tile = np.full(count * width, np.nan, np.float32)
+    bounds = np.linspace(0, k, passes + 1).astype(int)
+    for p in range(passes):
+        k0, k1 = bounds[p], bounds[p + 1]
+        gemm._conv_row(
+            a, k0, lda, 0, 1, k1 - k0, b, k0 * width, width, tile, 0, width, count, width,
+            1 if p else 0, narrow, vectors,
+        )  # fmt: skip
+    return tile.reshape(count, width)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_gemm_rows_match_float64_on_every_register_file(seed):
+    rng = np.random.default_rng(seed)
+    count = int(rng.choice([1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 29]))
+    width = 16 * int(rng.integers(1, 9))
+    k = int(rng.integers(1, 300))
+    lda = k + int(rng.integers(0, 5))  # rows of a may be further apart than k
+    narrow = int(rng.integers(0, 2))
+    passes = int(rng.integers(1, 4)) if k >= 3 else 1
+    a = rng.standard_normal(count * lda).astype(np.float32)
+    b = rng.standard_normal(k * width).astype(np.float32)
+    rows = a.reshape(count, lda)[:, :k].astype(np.float64)
+    expected = rows @ b.reshape(k, width).astype(np.float64)
+    results = [_row(a, b, count, width, lda, k, v, narrow, passes) for v in REGISTER_FILES]
+    scale = np.sqrt(k)
+    for vectors, got in zip(REGISTER_FILES, results):
+        np.testing.assert_allclose(got / scale, expected / scale, atol=1e-5, err_msg=f"{vectors}")
+    for vectors, got in zip(REGISTER_FILES[1:], results[1:]):
+        np.testing.assert_array_equal(got, results[0], err_msg=f"{vectors} vectors")
+
+
+@pytest.mark.parametrize("vectors", REGISTER_FILES)
+def test_gemm_blocks_keep_their_accumulators_in_registers(vectors):
+    """Every block `_block_shape` picks fits the register file: rows x vectors accumulators, the
+    weight vectors and a broadcast input (with fewer than 32 registers, rows of 1-2 outputs
+    may take all the accumulators a register file holds, their weights read from memory)."""
+    for count in range(1, 40):
+        for left in range(16, 257, 16):
+            for narrow in (0, 1):
+                nv, lo, hi = gemm._block_shape(count, left, narrow, vectors)
+                assert 16 * nv <= left and (nv <= 2 or not narrow)
+                assert 1 <= lo <= hi
+                rows = count if count < lo else hi
+                if vectors >= 32:
+                    assert rows * nv + nv + 1 <= vectors
+                elif count > 2:
+                    assert nv == 1 and rows + 2 <= vectors
+                else:
+                    assert rows * nv <= vectors
+    assert gemm._block_shape(40, 64, 0, 8) == (1, 4, 6)  # AVX2: 16 channels x 4-6 rows
+    assert gemm._block_shape(40, 64, 0, 32) == (4, 4, 6)  # AVX-512: 64 channels x 4-6 rows
+
+
+@pytest.mark.parametrize("k", [5, 130, 4096, 4001])
+def test_sixteen_unit_rows_match_float64_on_every_register_file(k):
+    """`_segmented_rows`, 1-6 rows: chains together or one part after another, by register
+    file and by whether the parts alias in L1 (4,096 inputs), all the same bits."""
+    rng = np.random.default_rng(k)
+    for count in range(1, dense.SIX + 1):
+        a = rng.standard_normal(count * k).astype(np.float32)
+        w = rng.standard_normal(k * 16).astype(np.float32)
+        expected = a.reshape(count, k).astype(np.float64) @ w.reshape(k, 16).astype(np.float64)
+        results = []
+        for vectors in REGISTER_FILES:
+            tile = np.full(dense.SIX * 64, np.nan, np.float32)
+            dense._segmented_rows(a, 0, k, w, tile, count, vectors)
+            got = tile.reshape(dense.SIX, 64)[:count, :16]
+            np.testing.assert_allclose(got / np.sqrt(k), expected / np.sqrt(k), atol=1e-5)
+            results.append(got)
+        for got in results[1:]:
+            np.testing.assert_array_equal(got, results[0], err_msg=f"{count} rows")
