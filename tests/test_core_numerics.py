@@ -436,12 +436,14 @@ def test_softmax_hidden_dense_layer_at_every_batch_size():
 
 
 def _dense_plans(doc: dict, weights: dict) -> dict[str, InferencePlan]:
-    """The model run with every dense layer on each of its variants (`passes`, `one_pass`)."""
+    """The model run with every dense layer on each of its variants (`passes`, `one_pass`,
+    `strips`)."""
     arch = parse_architecture(doc)
     wide = [layer.index for layer in arch.layers if layer.type == "dense"]
     wide = [i for i in wide if arch.layers[i].input_shape[0] > K_CHUNK]
     assert wide, "the test needs a dense layer with a choice of variants"
-    return {v: InferencePlan(arch, weights, {i: v for i in wide}) for v in ("passes", "one_pass")}
+    variants = ("passes", "one_pass", "strips")
+    return {v: InferencePlan(arch, weights, {i: v for i in wide}) for v in variants}
 
 
 def _check_dense_variants(doc: dict, weights: dict, x: np.ndarray, batches, singles) -> None:
@@ -458,6 +460,7 @@ def _check_dense_variants(doc: dict, weights: dict, x: np.ndarray, batches, sing
         for i in singles:
             np.testing.assert_array_equal(plan.run(x[i : i + 1])[0], whole[i], err_msg=variant)
     np.testing.assert_array_equal(results["passes"], results["one_pass"])
+    np.testing.assert_array_equal(results["strips"], results["one_pass"])
 
 
 @pytest.mark.parametrize("inputs", [4100, 9000, 20000])

@@ -10,7 +10,9 @@ from convserve.core.kernels.elementwise import _softmax_row, _store_row
 from convserve.core.kernels.gemm import REGISTER_VECTORS, WIDE, _conv_row
 from convserve.core.kernels.ir import (
     SEGMENTS,
+    _mk1x4s,
     _mk1x8,
+    _mk2x2s,
     _mks1,
     _mks2,
     _mks3,
@@ -35,6 +37,10 @@ MAX_TASK_ROWS = 256
 # and no passes on an Intel Xeon; on AMD Zen 5 one pass ran 5-13 % faster from 4 rows on
 # (BENCHMARKS.md, "Dense weight passes"), so the planner times both (`layers.dense`).
 K_CHUNK = 128
+# Inputs per pass of `strips` over a 16-unit block when 7-12 rows go through it in two calls
+# (16 KB of weights, half an L1). On an AMD Zen 3 one thread's 8 rows x 784 inputs x 512 units
+# took 82 us in passes of 256 or 392, 93 in one pass; 16 rows and more ran faster in one pass.
+STRIP_PASS = 256
 SIX = 6  # rows per micro-kernel call on 64 units (the widest block with all its accumulators)
 
 
@@ -94,13 +100,46 @@ def _segmented_rows(xf, a_off, K, wf, tile, count, vectors=REGISTER_VECTORS):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
+def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act):
+    """`_dense_rows` on weights in blocks of 16 units (`strips`), all K inputs in one pass: per
+    block, the rows go through it 4-6 a call (16 columns: AVX2's largest block that keeps its
+    accumulators in registers), reading one contiguous stream of weights; one row takes four
+    blocks a call and two rows two (`ir._mk1x4s`, `ir._mk2x2s`), for more chains in flight. On
+    an AMD Zen 3 (AVX2), one thread's 252 rows x 784 inputs x 512 units ran at 95 GFLOP/s in
+    blocks of 16 and 79 in blocks of 64 (their 16-unit parts read 256 bytes apart)."""
+    c = c0
+    while c < c1:
+        if n == 1 and c + 64 <= c1:
+            _mk1x4s(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, 0, 16 * K)
+            w = 64
+        elif n == 2 and c + 32 <= c1:
+            _mk2x2s(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, 0, 16 * K)
+            w = 32
+        else:
+            # 7-12 rows take two calls a block: in passes of STRIP_PASS inputs, the second
+            # call reads the part the first brought into L1
+            chunk = STRIP_PASS if SIX < n <= 2 * SIX else K
+            for k0 in range(0, K, chunk):
+                kc = min(chunk, K - k0)
+                more = 1 if k0 > 0 else 0
+                b = c * K + k0 * 16
+                _conv_row(xf, r0 * K + k0, K, 0, 1, kc, wf, b, 16, tile, 0, 64, n, 16, more)
+            w = 16
+        last = min(c + w, U)
+        for i in range(n):
+            o = (r0 + i) * U + c
+            _store_row(tile, i * 64, bias[c:], of, o, 0, last - c, 0 if act == 4 else act)
+        c += w
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
-    out.shape[1] are computed on zero columns and dropped): per 64-unit block, per pass of
-    `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as a pixel, SIX rows
-    a call (the last 1-9 rows in one call or two; a single row over two blocks a call). At most
-    16 units (Up = 16): `_segmented_rows`. Softmax (4) needs c0 = 0, c1 = Up and is left to the
-    caller."""
+    out.shape[1] are computed on zero columns and dropped). Weights in blocks of 64 units: per
+    block, per pass of `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as
+    a pixel, SIX rows a call (the last 1-9 rows in one call or two; a single row over two blocks
+    a call). In blocks of 16 (`block`): `_strip_rows`. At most 16 units (Up = 16):
+    `_segmented_rows`. Softmax (4) needs c0 = 0, c1 = Up and is left to the caller."""
     K = xf.size // out.shape[0]
     Up = wf.size // K
     U = out.shape[1]
@@ -121,6 +160,9 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
             _segmented_rows(xf, (r0 + i) * K, K, wf, tile[i * 64 :], min(SIX, n - i))
         for i in range(n):
             _store_row(tile, i * 64, bias, of, (r0 + i) * U, 0, U, 0 if act == 4 else act)
+        return
+    if block == 16:
+        _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act)
         return
     c = c0
     while c < c1:
@@ -157,10 +199,10 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass):
+def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
     """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass; see
-    K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of 64 units (the last block
-    narrower), each K rows of its units, contiguous (`layers.dense.pack_dense`), Up the units
+    K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
+    last block narrower), each K rows of its units, contiguous (`layers.dense.pack_dense`), Up the units
     rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, range of 64-unit
     blocks), `splits` ranges per group (`dense_tasks`; softmax needs whole rows: splits=1).
     tiles: (threads, >= rows*64).
@@ -181,16 +223,15 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass):
         if c0 < c1:
             r0 = g * rows
             r1 = min(N, r0 + rows)
-            _dense_rows(
-                xf, wf, bias, tiles[numba.get_thread_id()], out, r0, r1, c0, c1, act, k_pass
-            )
+            tile = tiles[numba.get_thread_id()]
+            _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block)
             if act == 4:
                 for i in range(r0, r1):
                     _softmax_row(out[i])
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def dense_serial(x, wk, bias, tiles, out, act, k_pass):
+def dense_serial(x, wk, bias, tiles, out, act, k_pass, block):
     """`dense` on the calling thread only, for layers too small to pay for a parallel region
     (the same micro-kernel calls, so the same results)."""
     N = x.shape[0]
@@ -199,7 +240,7 @@ def dense_serial(x, wk, bias, tiles, out, act, k_pass):
     wf = wk.reshape(wk.size)
     for r0 in range(0, N, MAX_TASK_ROWS):
         r1 = min(N, r0 + MAX_TASK_ROWS)
-        _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, 0, Up, act, k_pass)
+        _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, 0, Up, act, k_pass, block)
         if act == 4:
             for i in range(r0, r1):
                 _softmax_row(out[i])

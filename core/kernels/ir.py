@@ -29,7 +29,7 @@ def _close_loop(builder, counter, limit, phis, values, latch, header, exit_block
     builder.cbranch(builder.icmp_signed("<", following, limit), header, exit_block)
 
 
-def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: bool = False):
+def _microkernel(rows: int, vectors: int, b_steps: bool = False, blocks: int = 1):
     """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
     convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
 
@@ -46,10 +46,10 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
     transposed form of `conv1_pixels_pool2`, where B is the input image and A the weights. Every
     output is one in-order chain of fused multiply-adds whatever the batch size or the block it
     falls in. All arrays are flat float32; segs, seg_len >= 1; no bounds checks. (`b_steps`
-    kernels take no `more`.) With `two_blocks`, mk takes `b_split` after `more`, and the second
-    half of the columns comes from b_split floats further on: a dense layer's weights are packed
-    in blocks of 64 units, and one row over two blocks keeps eight accumulators busy instead of
-    four."""
+    kernels take no `more`.) With `blocks` > 1, mk takes `b_split` after `more`, and the columns
+    come in `blocks` equal groups, each b_split floats after the one before: a dense layer's
+    weights are packed in blocks of 64 (or 16) units, and one row over two blocks of 64 (or
+    four of 16) keeps eight (four) accumulators busy instead of four (one)."""
 
     def codegen(context, builder, signature, args):
         if b_steps:
@@ -69,7 +69,7 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
                 ldc,
             ) = args
             more = None
-        elif two_blocks:
+        elif blocks > 1:
             a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args[
                 :-2
             ]
@@ -126,9 +126,11 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
             for v in range(vectors):
                 acc[r][v].add_incoming(acc_seg[r][v], outer)
         b_row = builder.add(b_seg, builder.mul(k, ldb))
-        # with two blocks, the second half of the vectors comes from b_split further on
-        b_rows = [b_row, builder.add(b_row, b_split)] if two_blocks else [b_row]
-        per_block = vectors // len(b_rows)
+        # with several blocks, each group of vectors comes from b_split after the one before
+        b_rows = [b_row]
+        for _ in range(blocks - 1):
+            b_rows.append(builder.add(b_rows[-1], b_split))
+        per_block = vectors // blocks
         bv = [
             _vload(
                 builder,
@@ -164,7 +166,7 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
             return types.void(
                 a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc
             ), codegen
-    elif two_blocks:
+    elif blocks > 1:
 
         @intrinsic
         def mk(
@@ -201,7 +203,9 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, two_blocks: boo
 _mk1x1 = _microkernel(1, 1)
 _mk1x2 = _microkernel(1, 2)
 _mk1x4 = _microkernel(1, 4)
-_mk1x8 = _microkernel(1, 8, two_blocks=True)
+_mk1x8 = _microkernel(1, 8, blocks=2)
+_mk1x4s = _microkernel(1, 4, blocks=4)  # one row over four 16-unit blocks
+_mk2x2s = _microkernel(2, 2, blocks=2)  # two rows over two 16-unit blocks
 _mk2x1 = _microkernel(2, 1)
 _mk3x1 = _microkernel(3, 1)
 _mk4x1 = _microkernel(4, 1)

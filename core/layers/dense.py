@@ -20,14 +20,17 @@ def round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
-def pack_dense(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The weights for `kdense.dense`: units rounded up to 16 (zero columns), in blocks of 64
-    units, each block's K rows contiguous; flat. And the bias padded the same way."""
+def pack_dense(
+    kernel: np.ndarray, bias: np.ndarray | None, block: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """The weights for `kdense.dense`: units rounded up to 16 (zero columns), in blocks of
+    `block` (64 or 16) units, each block's K rows contiguous; flat. And the bias padded the
+    same way."""
     k, units = kernel.shape
     up = round_up(units, 16)
     padded = np.zeros((k, up), np.float32)
     padded[:, :units] = kernel
-    wk = np.concatenate([padded[:, c : c + 64].ravel() for c in range(0, up, 64)])
+    wk = np.concatenate([padded[:, c : c + block].ravel() for c in range(0, up, block)])
     b = np.zeros(up, np.float32)
     if bias is not None:
         b[:units] = bias
@@ -43,6 +46,7 @@ class DenseStep(Step):
     bias: np.ndarray
     act: int
     k_pass: int  # inputs per pass over a block of weights (`kdense.K_CHUNK`); 0: one pass
+    block: int  # units per block of packed weights: 64, or 16 (`strips`)
 
     def tile_floats(self) -> int:
         return kdense.tile_floats()
@@ -54,11 +58,13 @@ class DenseStep(Step):
         # a parallel region costs a few microseconds: not for little work, nor for one task
         if n * self.wk.size < DENSE_SERIAL_MAX_WORK or (rows >= n and ways == 1):
             program.add(
-                kdense.dense_serial, x, self.wk, self.bias, tiles, out, self.act, self.k_pass
+                kdense.dense_serial,
+                *(x, self.wk, self.bias, tiles, out, self.act, self.k_pass, self.block),
             )
             return out
         program.add(
-            kdense.dense, x, self.wk, self.bias, tiles, out, self.act, rows, ways, self.k_pass
+            kdense.dense,
+            *(x, self.wk, self.bias, tiles, out, self.act, rows, ways, self.k_pass, self.block),
         )
         return out
 
@@ -102,22 +108,28 @@ class Dense(Layer):
 
     # -- inference ----------------------------------------------------------------------------
     def inference_variants(self, block) -> tuple[str, ...]:
-        """With more than `kdense.K_CHUNK` inputs and more than 16 units: `passes` (a task's rows
-        go over each block of weights K_CHUNK inputs at a time, so the block's part stays in L1;
-        fastest on an Intel Xeon) and `one_pass` (all inputs at once; 5-13 % faster on AMD Zen 5
-        from 4 rows on). Both give the same bits. At most 16 units have one kernel of their own
-        (each output's sum in four chains)."""
+        """More than 16 units: weights in blocks of 64 units, with more than `kdense.K_CHUNK`
+        inputs in `passes` (a task's rows go over each block K_CHUNK inputs at a time, so the
+        block's part stays in L1; fastest on an Intel Xeon) or in `one_pass` (all inputs at once;
+        5-13 % faster on AMD Zen 5 from 4 rows on); or `strips`: blocks of 16 units, one pass,
+        the first choice with AVX2's 16 vector registers (`kdense._strip_rows`). All give the
+        same bits. At most 16 units have one kernel of their own (each output's sum in four
+        chains)."""
         if self.units <= 16:  # one block of 16 units: its own kernel (`kdense._segmented_rows`)
             return ()
-        return ("passes", "one_pass") if self.input_shape[0] > kdense.K_CHUNK else ()
+        wide = ("passes", "one_pass") if self.input_shape[0] > kdense.K_CHUNK else ("one_pass",)
+        return (*wide, "strips") if kdense.WIDE else ("strips", *wide)
 
     def inference_steps(self, block, weights, first, variant=None):
         if variant not in (None, *self.inference_variants(block)):
             raise ValueError(f"{self.label}: no kernel variant {variant!r} for this shape")
-        wk, b = pack_dense(self.tensor(weights, "kernel"), self.tensor(weights, "bias"))
-        k_pass = 0 if variant == "one_pass" else kdense.K_CHUNK
+        variant = variant or next(iter(self.inference_variants(block)), "one_pass")
+        width = 16 if variant == "strips" else 64
+        wk, b = pack_dense(self.tensor(weights, "kernel"), self.tensor(weights, "bias"), width)
+        k_pass = kdense.K_CHUNK if variant == "passes" else 0
+        act = CODES[block.activation]
         step = DenseStep(
-            shape=self.output_shape, wk=wk, bias=b, act=CODES[block.activation], k_pass=k_pass
+            shape=self.output_shape, wk=wk, bias=b, act=act, k_pass=k_pass, block=width
         )
         return [step]
 
