@@ -394,6 +394,47 @@ def test_random_architectures_match_numpy_reference(cases):
         assert np.abs(got - expected).max() <= TOLERANCE, doc
 
 
+def test_conv_weights_in_rows_and_in_strips_give_the_same_bits(cases, monkeypatch):
+    """Conv weights packed as rows of all channels (AVX-512) or in strips of 16 channels (AVX2,
+    `gemm.STRIPS`), whichever this machine uses: the random architectures, and the presets on
+    every Winograd variant, match the NumPy reference both ways, bit for bit alike."""
+    from convserve.core.kernels import gemm
+
+    models = [(doc, weights, x, None) for doc, weights, _, x in cases]
+    rng = np.random.default_rng(5)
+    for name in PRESET_NAMES:
+        doc = preset(name)
+        arch = parse_architecture(doc)
+        x = rng.standard_normal((3, *arch.input_shape)).astype(np.float32)
+        for variant in ("winograd", "winograd4", "winograd5"):
+            plan = {
+                layer.index: variant
+                for layer in arch.layers
+                if layer.type == "conv2d" and variant in _variants(arch, layer.index)
+            }
+            if plan:
+                models.append((doc, _weights(doc, 3), x, plan))
+    assert len(models) > N_RANDOM + 2  # Winograd plans of the presets were added
+    for doc, weights, x, plan in models:
+        results = []
+        for strips in (False, True):
+            monkeypatch.setattr(gemm, "STRIPS", strips)
+            model = InferencePlan(parse_architecture(doc), weights, plan)
+            results.append(model.run(x))
+        expected = ref.forward(doc, weights, x)
+        assert np.abs(results[0] - expected).max() <= TOLERANCE, (doc["name"], plan)
+        np.testing.assert_array_equal(results[1], results[0], err_msg=f"{doc['name']} {plan}")
+
+
+def _variants(arch, index: int) -> tuple[str, ...]:
+    from convserve.core.layers.fusion import blocks
+
+    for block in blocks(arch.layers, inference=True):
+        if block.layer.index == index:
+            return block.layer.inference_variants(block)
+    return ()
+
+
 def test_predict_applies_preprocessing_in_the_kernels(cases):
     rng = np.random.default_rng(7)
     for doc, weights, _, x in cases[:8]:

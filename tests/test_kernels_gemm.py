@@ -1,28 +1,33 @@
 """The GEMM rows every conv and dense kernel runs on (`gemm._conv_row`) and the 16-unit dense
 kernel (`dense._segmented_rows`), with the block shapes of every register file the core knows
-(AVX-512: 32 vectors of 16 floats, AVX2: 8, SSE: 4), whatever this machine has: the NumPy
-float64 reference on randomized shapes, and the same bits for every register file (each output
-is one in-order chain of fused multiply-adds whatever its block)."""
+(AVX-512: 32 vectors of 16 floats, AVX2: 8, SSE: 4) and weights in rows or in strips of 16
+columns, whatever this machine has: the NumPy float64 reference on randomized shapes, and the
+same bits for every register file and layout (each output is one in-order chain of fused
+multiply-adds whatever its block)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from convserve.core.kernels import dense, gemm
+from convserve.core.layers.conv2d import in_strips
 
 REGISTER_FILES = (32, 8, 4)  # vectors of 16 floats: AVX-512, AVX2, SSE
 
 
-def _row(a, b, count, width, lda, k, vectors, narrow, passes=1):
+def _row(a, b, count, width, lda, k, vectors, narrow, strips, passes=1):
     """`_conv_row` over `count` outputs (rows of `a`, lda apart) x `width` columns of b (k rows,
-    ldb = width), in `passes` calls over consecutive parts of k (the later ones add on)."""
+    ldb = width; with `strips`, b in strips of 16 columns), in `passes` calls over consecutive
+    parts of k (the later ones add on)."""
     tile = np.full(count * width, np.nan, np.float32)
     bounds = np.linspace(0, k, passes + 1).astype(int)
+    ldb, strip = (16, 16 * k) if strips else (width, 16)
+    wf = in_strips(b.reshape(k, width)).ravel() if strips else b
     for p in range(passes):
         k0, k1 = bounds[p], bounds[p + 1]
         gemm._conv_row(
-            a, k0, lda, 0, 1, k1 - k0, b, k0 * width, width, tile, 0, width, count, width,
-            1 if p else 0, narrow, vectors,
+            a, k0, lda, 0, 1, k1 - k0, wf, k0 * ldb, ldb, tile, 0, width, count, width,
+            1 if p else 0, narrow, vectors, strip,
         )  # fmt: skip
     return tile.reshape(count, width)
 
@@ -40,23 +45,26 @@ def test_gemm_rows_match_float64_on_every_register_file(seed):
     b = rng.standard_normal(k * width).astype(np.float32)
     rows = a.reshape(count, lda)[:, :k].astype(np.float64)
     expected = rows @ b.reshape(k, width).astype(np.float64)
-    results = [_row(a, b, count, width, lda, k, v, narrow, passes) for v in REGISTER_FILES]
+    ways = [(v, strips) for v in REGISTER_FILES for strips in (False, True)]
+    results = [_row(a, b, count, width, lda, k, v, narrow, s, passes) for v, s in ways]
     scale = np.sqrt(k)
-    for vectors, got in zip(REGISTER_FILES, results):
-        np.testing.assert_allclose(got / scale, expected / scale, atol=1e-5, err_msg=f"{vectors}")
-    for vectors, got in zip(REGISTER_FILES[1:], results[1:]):
-        np.testing.assert_array_equal(got, results[0], err_msg=f"{vectors} vectors")
+    for way, got in zip(ways, results):
+        np.testing.assert_allclose(got / scale, expected / scale, atol=1e-5, err_msg=f"{way}")
+    for way, got in zip(ways[1:], results[1:]):
+        np.testing.assert_array_equal(got, results[0], err_msg=f"{way} (vectors, strips)")
 
 
 @pytest.mark.parametrize("vectors", REGISTER_FILES)
-def test_gemm_blocks_keep_their_accumulators_in_registers(vectors):
+@pytest.mark.parametrize("strips", [False, True])
+def test_gemm_blocks_keep_their_accumulators_in_registers(vectors, strips):
     """Every block `_block_shape` picks fits the register file: rows x vectors accumulators, the
     weight vectors and a broadcast input (with fewer than 32 registers, rows of 1-2 outputs
-    may take all the accumulators a register file holds, their weights read from memory)."""
+    may take all the accumulators a register file holds, their weights read from memory). From
+    weights in strips, several vectors a call only for rows of 1-2 outputs (`_mk1x4s`...)."""
     for count in range(1, 40):
         for left in range(16, 257, 16):
             for narrow in (0, 1):
-                nv, lo, hi = gemm._block_shape(count, left, narrow, vectors)
+                nv, lo, hi = gemm._block_shape(count, left, narrow, vectors, strips)
                 assert 16 * nv <= left and (nv <= 2 or not narrow)
                 assert 1 <= lo <= hi
                 rows = count if count < lo else hi
@@ -66,8 +74,10 @@ def test_gemm_blocks_keep_their_accumulators_in_registers(vectors):
                     assert nv == 1 and rows + 2 <= vectors
                 else:
                     assert rows * nv <= vectors
-    assert gemm._block_shape(40, 64, 0, 8) == (1, 4, 6)  # AVX2: 16 channels x 4-6 rows
-    assert gemm._block_shape(40, 64, 0, 32) == (4, 4, 6)  # AVX-512: 64 channels x 4-6 rows
+                if strips and nv > 1:
+                    assert count <= 2 and (nv == 2 or count == 1)
+    assert gemm._block_shape(40, 64, 0, 8, strips) == (1, 4, 6)  # AVX2: 16 channels x 4-6 rows
+    assert gemm._block_shape(40, 64, 0, 32, False) == (4, 4, 6)  # AVX-512: 64 x 4-6
 
 
 @pytest.mark.parametrize("k", [5, 130, 4096, 4001])

@@ -10,9 +10,12 @@ from convserve.core import runtime as _runtime  # noqa: F401  (must precede numb
 from convserve.core.kernels.ir import (
     _mk1x1,
     _mk1x2,
+    _mk1x2s,
     _mk1x4,
+    _mk1x4s,
     _mk2x1,
     _mk2x2,
+    _mk2x2s,
     _mk2x4,
     _mk3x1,
     _mk3x2,
@@ -47,6 +50,12 @@ REGISTER_VECTORS = _REGISTERS * _LANES // 16
 WIDE = REGISTER_VECTORS >= 32
 # The largest block that fits: rows x vectors of 16 channels (the benchmark's ceiling).
 PEAK_BLOCK = (6, 4) if WIDE else (max(1, REGISTER_VECTORS - 2), 1)
+# How conv weights are packed (`layers.conv2d`): with AVX-512 as rows of all output channels
+# (a block of 64 reads 256 contiguous bytes a row); with fewer registers, where a block is 16
+# channels, in strips of 16 channels, each strip's rows contiguous: on an AMD Zen 3 a row of
+# 16 pixels x 288 inputs x 64 channels ran at 88 GFLOP/s on one core from strips, 65 from rows
+# (a strip's 64 bytes a row 256 bytes apart). The kernels tell the two apart by the shape.
+STRIPS = not WIDE
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -62,6 +71,18 @@ def _block_rows(count, lo, hi):
             best = r
             waste = w
     return best
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _mk_strips(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, strip):
+    """`_mk_call` of 1-2 pixels x 32-64 channels on B in strips of 16 channels, `strip` floats
+    apart (a separate function: a `strip` argument in `_mk_call` made its calls slower)."""
+    if nv == 4:
+        _mk1x4s(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, strip)
+    elif R == 2:
+        _mk2x2s(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, strip)
+    else:
+        _mk1x2s(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, strip)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -126,27 +147,30 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _block_shape(count, left, narrow, vectors):
+def _block_shape(count, left, narrow, vectors, strips):
     """(vectors of 16 columns, fewest and most rows) of the micro-kernel calls on the next
     columns of a row of `count` outputs, `left` columns to go (a multiple of 16), for a
-    register file of `vectors` vectors of 16 floats (REGISTER_VECTORS).
+    register file of `vectors` vectors of 16 floats (REGISTER_VECTORS); `strips`: the weights
+    in strips of 16 channels (several vectors a call only for rows of 1-2 outputs).
 
     With 32 vector registers of 16 floats (AVX-512): blocks of 64 columns x 4-6 rows, then
     32 x 5-8 and 16 x 5-12; with `narrow`, 32 columns from the start. With fewer registers
     (AVX2: 16 of 8 floats) only 16 columns x up to REGISTER_VECTORS - 2 rows keep every
     accumulator in a register, and rows of 1-2 outputs take 64 or 32 columns a call instead:
     more chains of fused multiply-adds in flight than one or two rows of 16 give."""
-    if vectors >= 32:
+    if vectors >= 32 and not strips:
         if left >= 64 and not narrow:
             return 4, 4, 6
         if left >= 32:
             return 2, 5, 8
         return 1, 5, 12
-    hi = max(1, vectors - 2)
     if count == 1 and left >= 64 and not narrow and vectors >= 8:
         return 4, 1, 1
     if count <= 2 and left >= 32 and vectors >= 8:
         return 2, 2, 2
+    if vectors >= 32:
+        return 1, 5, 12
+    hi = max(1, vectors - 2)
     return 1, max(1, hi - 2), hi
 
 
@@ -169,10 +193,13 @@ def _conv_row(
     more=0,
     narrow=0,
     vectors=REGISTER_VECTORS,
+    strip=16,
 ):
     """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
-    columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart (with
-    `more`: added to what the tile holds there, continuing its chain of fused multiply-adds).
+    columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart, each
+    16 columns `strip` floats after the 16 before (16: B's rows hold all its columns; else B in
+    strips of 16 columns, ldb = 16) (with `more`: added to what the tile holds there,
+    continuing its chain of fused multiply-adds).
     For a conv row, output i is a pixel and the columns are output channels. The blocks depend
     on the register file, `vectors` vectors of 16 floats (`_block_shape`; the same results
     whatever the blocks). With AVX-512, columns go in blocks of 64 (4-6
@@ -184,7 +211,7 @@ def _conv_row(
     multiply-adds waiting on their own chains, and read each weight once per pixel."""
     c = 0
     while c < width:
-        nv, lo, hi = _block_shape(count, width - c, narrow, vectors)
+        nv, lo, hi = _block_shape(count, width - c, narrow, vectors, strip != 16)
         R = count if count < lo else _block_rows(count, lo, hi)  # a short row: one call
         i = 0
         while i < count:
@@ -194,22 +221,13 @@ def _conv_row(
                 else:
                     i = count - R  # the last block ends at the row's end (recomputing some)
             t = t_off + i * ldc + c
-            _mk_call(
-                R,
-                nv,
-                xf,
-                a_off + i * lda,
-                lda,
-                a_step,
-                kh,
-                seg,
-                wf,
-                b_off + c,
-                ldb,
-                tile,
-                t,
-                ldc,
-                more,
-            )
+            b = b_off + c // 16 * strip
+            o = a_off + i * lda
+            if nv > 1 and strip != 16:
+                _mk_strips(
+                    R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, strip
+                )
+            else:
+                _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more)
             i += R
         c += 16 * nv

@@ -206,6 +206,7 @@ _mk1x4 = _microkernel(1, 4)
 _mk1x8 = _microkernel(1, 8, blocks=2)
 _mk1x4s = _microkernel(1, 4, blocks=4)  # one row over four 16-unit blocks
 _mk2x2s = _microkernel(2, 2, blocks=2)  # two rows over two 16-unit blocks
+_mk1x2s = _microkernel(1, 2, blocks=2)  # one row over two 16-unit blocks
 _mk2x1 = _microkernel(2, 1)
 _mk3x1 = _microkernel(3, 1)
 _mk4x1 = _microkernel(4, 1)

@@ -151,7 +151,8 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at):
     products in `u` (16: F(2x2, 3x3); 36: F(2x2, 5x5), or F(4x4, 3x3) with size 4).
 
     x: padded, preprocessed input (N, Hp, Wp, CI) holding every alpha x alpha tile, tiles m
-    apart; u: (alpha*alpha, CI, COp) the transformed kernel G g G^T, COp a multiple of 16. The
+    apart; u: (alpha*alpha, CI, COp) the transformed kernel G g G^T, COp a multiple of 16 (or each
+    product's in strips of 16 channels, (alpha*alpha, COp/16 * CI, 16): `gemm.STRIPS`). The
     (OH, OW) outputs, pooled or not, go to out (N, Hb, Wb, CO) from row y0, column x0:
     at = (y0, x0, OH, OW). A tile gives m x m outputs or (m/2 x m/2) pooled ones.
     Tasks: (image, row of tiles, range of output channels), `splits` ranges per row; each runs
@@ -162,8 +163,10 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at):
     The transforms are additions and multiplications by constants, and results do not depend
     on the batch size."""
     N, Hp, Wp, CI = x.shape
-    COp = u.shape[2]
     products = u.shape[0]
+    COp = u.size // (products * CI)
+    ldb = u.shape[2]  # COp, or 16 in strips of 16 channels
+    strip = 16 if ldb == COp else 16 * CI
     alpha = 6 if products == 36 else 4
     Hb, Wb, CO = out.shape[1], out.shape[2], out.shape[3]
     y0, x0, OH, OW = at
@@ -195,13 +198,14 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at):
                     1,
                     CI,
                     uf,
-                    p * usize + c0,
-                    COp,
+                    p * usize + c0 // 16 * strip,
+                    ldb,
                     mf,
                     p * TW * COp + c0,
                     COp,
                     TW,
                     c1 - c0,
+                    strip=strip,
                 )
             rows = min(per, OH - per * ty)  # fewer at the bottom edge
             o_row = ((n * Hb + y0 + per * ty) * Wb + x0) * CO

@@ -43,9 +43,20 @@ WINOGRAD: dict[str, Transform] = {  # variant: its transform
 
 
 # -- weight packing -----------------------------------------------------------------------------
-def pack_gemm(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def in_strips(matrix: np.ndarray) -> np.ndarray:
+    """(..., K, C) -> (..., C/16 * K, 16): the columns in strips of 16, each strip's K rows
+    contiguous (`gemm.STRIPS`). C a multiple of 16."""
+    *lead, k, c = matrix.shape
+    strips = matrix.reshape(*lead, k, c // 16, 16).swapaxes(-3, -2)
+    return np.ascontiguousarray(strips).reshape(*lead, c // 16 * k, 16)
+
+
+def pack_gemm(
+    kernel: np.ndarray, bias: np.ndarray | None, strips: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """GEMM form `wk[K, COp]` (row k: tap k in (ky, kx, ci) order; COp: filters rounded up to
-    16, zero columns) and the bias padded the same way."""
+    16, zero columns), `in_strips` with `strips` (default: `gemm.STRIPS`, by the register file),
+    and the bias padded to COp."""
     kh, kw, ci, co = kernel.shape
     k = kh * kw * ci
     wk = np.zeros((k, round_up(co, 16)), np.float32)
@@ -53,15 +64,22 @@ def pack_gemm(kernel: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, 
     b = np.zeros(wk.shape[1], np.float32)
     if bias is not None:
         b[:co] = bias
-    return wk, b
+    return (in_strips(wk) if _strips(strips) else wk), b
 
 
-def winograd_kernel(kernel: np.ndarray, cop: int, transform: Transform) -> np.ndarray:
-    """The transformed kernel G g G^T as (alpha*alpha, CI, COp), computed in float64."""
+def winograd_kernel(
+    kernel: np.ndarray, cop: int, transform: Transform, strips: bool | None = None
+) -> np.ndarray:
+    """The transformed kernel G g G^T as (alpha*alpha, CI, COp), computed in float64;
+    `in_strips` with `strips` (default: `gemm.STRIPS`)."""
     u = transform.kernel(kernel)
     out = np.zeros((*u.shape[:2], cop), np.float32)
     out[:, :, : u.shape[2]] = u
-    return out
+    return in_strips(out) if _strips(strips) else out
+
+
+def _strips(strips: bool | None) -> bool:
+    return gemm.STRIPS if strips is None else strips
 
 
 def channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -93,7 +111,7 @@ class DirectConv(Step):
     narrow: bool = False  # blocks of 32 output channels (`gemm._conv_row`)
 
     def tile_floats(self) -> int:
-        return (4 if self.pool else 1) * self.shape[1] * self.wk.shape[1]
+        return (4 if self.pool else 1) * self.shape[1] * self.bias.size  # COp
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
@@ -132,7 +150,8 @@ class WinogradConv(Step):
         return (outputs + per - 1) // per
 
     def tile_floats(self) -> int:
-        floats = self.u.shape[0] * self._tiles(self.shape[1]) * sum(self.u.shape[1:])
+        products, cop = self.u.shape[0], self.bias.size
+        floats = products * self._tiles(self.shape[1]) * (self.u.size // (products * cop) + cop)
         return floats + winograd.EDGE_FLOATS
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
@@ -141,7 +160,7 @@ class WinogradConv(Step):
         # repeats its row's input transform (which at one image cost F(4x4, 3x3) on 16x16
         # outputs a third of its time)
         tile_rows = program.n * self._tiles(self.shape[0])
-        ways = splits(tile_rows, self.u.shape[2] // 16, program.threads, per_thread=1)
+        ways = splits(tile_rows, self.bias.size // 16, program.threads, per_thread=1)
         program.add(
             winograd.conv_wino,
             x,
@@ -347,7 +366,7 @@ class Conv2D(Layer):
             step: Step = WinogradConv(
                 **common,
                 padding=padding_for(rows_cols),
-                u=winograd_kernel(kernel, wk.shape[1], WINOGRAD[variant]),
+                u=winograd_kernel(kernel, bias.size, WINOGRAD[variant]),
                 bias=bias,
                 act=kernel_act,
                 pool=fused,
