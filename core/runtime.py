@@ -94,14 +94,17 @@ def threading_layer() -> str:
 
 
 def describe() -> str:
-    """One line for logs: threads, threading layer in use, vector width preference."""
+    """One line for logs: threads, threading layer in use, vector width preference, the vector
+    register file the kernels' blocks are sized for."""
     import numba
 
     features = os.environ.get("NUMBA_CPU_FEATURES", "")
     width = "512-bit preferred" if "-prefer-256-bit" in features else "default vector width"
+    registers, lanes = vector_registers()
     return (
         f"numba {numba.__version__}: {numba.get_num_threads()} threads, "
-        f"threading layer {threading_layer()} (requested {os.environ.get('NUMBA_THREADING_LAYER', '?')}), {width}"
+        f"threading layer {threading_layer()} (requested {os.environ.get('NUMBA_THREADING_LAYER', '?')}), {width}, "
+        f"{registers} vector registers of {lanes} floats"
     )
 
 

@@ -767,6 +767,27 @@ def test_runtime_configuration():
     assert "threading layer" in runtime.describe()
 
 
+def test_the_register_file_follows_the_cpu_features(monkeypatch):
+    """The kernels' blocks are sized for the register file of the features numba compiles for:
+    AVX-512's 32 registers of 16 floats, AVX2's 16 of 8, else SSE's 16 of 4."""
+    from convserve.core import runtime
+
+    for features, expected in (
+        ("+sse2,+avx,+avx2,+fma,+avx512f,+avx512bw,-prefer-256-bit", (32, 16)),
+        ("+sse2,+avx,+avx2,+fma,-avx512f", (16, 8)),
+        ("+sse2,+sse4.2,-avx,-avx2", (16, 4)),
+    ):
+        monkeypatch.setenv("NUMBA_CPU_FEATURES", features)
+        assert runtime.vector_registers() == expected, features
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "")
+    monkeypatch.setenv("NUMBA_CPU_NAME", "generic")  # a CPU named without features: baseline
+    assert runtime.vector_registers() == (16, 4)
+    monkeypatch.delenv("NUMBA_CPU_NAME")
+    host = runtime.vector_registers()  # the host's own
+    assert host[0] * host[1] // 16 in (4, 8, 32)
+    assert f"{host[0]} vector registers of {host[1]} floats" in runtime.describe()
+
+
 # -- ONNX Runtime and torch -----------------------------------------------------------------------
 HAVE_ORT = (
     importlib.util.find_spec("onnxruntime") is not None
