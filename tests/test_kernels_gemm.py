@@ -54,6 +54,26 @@ def test_gemm_rows_match_float64_on_every_register_file(seed):
         np.testing.assert_array_equal(got, results[0], err_msg=f"{way} (vectors, strips)")
 
 
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_short_gemm_rows_take_several_vectors_on_every_layout(count):
+    """Rows of 1-3 outputs on 16-128 columns, narrow or not: the several-vector blocks of short
+    rows (1 x 64 and 1-2 x 32, from strips too: `_mk1x4s`, `_mk1x2s`, `_mk2x2s`) against
+    float64, the same bits every way."""
+    rng = np.random.default_rng(count)
+    for width in range(16, 129, 16):
+        for narrow in (0, 1):
+            k = int(rng.integers(1, 200))
+            a = rng.standard_normal(count * k).astype(np.float32)
+            b = rng.standard_normal(k * width).astype(np.float32)
+            expected = a.reshape(count, k).astype(np.float64) @ b.reshape(k, width)
+            ways = [(v, strips) for v in REGISTER_FILES for strips in (False, True)]
+            results = [_row(a, b, count, width, k, k, v, narrow, s) for v, s in ways]
+            for way, got in zip(ways, results):
+                where = f"{way}, width {width}, narrow {narrow}"
+                np.testing.assert_allclose(got, expected, atol=1e-4 * np.sqrt(k), err_msg=where)
+                np.testing.assert_array_equal(got, results[0], err_msg=where)
+
+
 @pytest.mark.parametrize("vectors", REGISTER_FILES)
 @pytest.mark.parametrize("strips", [False, True])
 def test_gemm_blocks_keep_their_accumulators_in_registers(vectors, strips):
