@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from convserve.core.kernels import dense, gemm
+from convserve.core.kernels import dense, first_layer, gemm
 from convserve.core.layers.conv2d import in_strips
 
 REGISTER_FILES = (32, 8, 4)  # vectors of 16 floats: AVX-512, AVX2, SSE
@@ -118,3 +118,35 @@ def test_sixteen_unit_rows_match_float64_on_every_register_file(k):
             results.append(got)
         for got in results[1:]:
             np.testing.assert_array_equal(got, results[0], err_msg=f"{count} rows")
+
+
+@pytest.mark.parametrize("filters,size", [(6, 5), (8, 5), (3, 3), (7, 4)])
+def test_first_layer_pixel_blocks_match_float64_with_either_register_file(filters, size):
+    """`conv1_pixels_pool2` (one input channel, at most 8 filters, output pixels in the lanes)
+    with AVX-512's blocks (6 or 8 filters x 32 pixels) and AVX2's (6 or 4 x 16): valid conv +
+    bias + ReLU + 2x2/2 max pool against float64, the same bits both ways."""
+    rng = np.random.default_rng(filters * 10 + size)
+    n, h, w = 3, 14 + size, 37 + size
+    ph, pw = (h - size + 1) // 2, (w - size + 1) // 2
+    wp = max(w, (2 * pw + 31) // 32 * 32 + size - 1)  # its 32-pixel blocks read past the edge
+    x = np.zeros((n, h, wp, 1), np.float32)
+    x[:, :, :w, 0] = rng.standard_normal((n, h, w))
+    kernel = rng.standard_normal((size, size, filters)).astype(np.float32)
+    wt = np.zeros((8, size * size), np.float32)
+    wt[:filters] = kernel.reshape(size * size, filters).T
+    bias = rng.standard_normal(filters).astype(np.float32)
+    conv = np.zeros((n, h - size + 1, w - size + 1, filters))
+    for dy in range(size):
+        for dx in range(size):
+            window = x[:, dy : dy + h - size + 1, dx : dx + w - size + 1, 0].astype(np.float64)
+            conv += window[..., None] * kernel[dy, dx].astype(np.float64)
+    conv = np.maximum(conv + bias, 0)[:, : 2 * ph, : 2 * pw]
+    expected = conv.reshape(n, ph, 2, pw, 2, filters).max(axis=(2, 4))
+    results = []
+    for wide in (True, False):
+        tiles = np.zeros((2, 512), np.float32)
+        out = np.full((n, ph, pw, filters), np.nan, np.float32)
+        first_layer.conv1_pixels_pool2(x, wt, bias, tiles, out, size, size, 1, wide)
+        np.testing.assert_allclose(out, expected, atol=1e-4 * size, err_msg=f"wide {wide}")
+        results.append(out)
+    np.testing.assert_array_equal(results[1], results[0])

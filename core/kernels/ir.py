@@ -232,6 +232,8 @@ _mk11x1 = _microkernel(11, 1)
 _mk12x1 = _microkernel(12, 1)
 _mkt8x2 = _microkernel(8, 2, b_steps=True)
 _mkt6x2 = _microkernel(6, 2, b_steps=True)
+_mkt6x1 = _microkernel(6, 1, b_steps=True)  # the same for 16 registers of 8 floats (AVX2)
+_mkt4x1 = _microkernel(4, 1, b_steps=True)
 
 
 _V16 = ir.VectorType(ir.FloatType(), 16)
