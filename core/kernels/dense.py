@@ -39,7 +39,7 @@ MAX_TASK_ROWS = 256
 K_CHUNK = 128
 # Inputs per pass of `strips` over a 16-unit block when 7-12 rows go through it in two calls
 # (16 KB of weights, half an L1). On an AMD Zen 3 one thread's 8 rows x 784 inputs x 512 units
-# took 82 us in passes of 256 or 392, 93 in one pass; 16 rows and more ran faster in one pass.
+# took 81.9 us in passes of 256, 92.5 in one pass; 16 rows and more ran faster in one pass.
 STRIP_PASS = 256
 SIX = 6  # rows per micro-kernel call on 64 units (the widest block with all its accumulators)
 
@@ -105,8 +105,8 @@ def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act):
     block, the rows go through it 4-6 a call (16 columns: AVX2's largest block that keeps its
     accumulators in registers), reading one contiguous stream of weights; one row takes four
     blocks a call and two rows two (`ir._mk1x4s`, `ir._mk2x2s`), for more chains in flight. On
-    an AMD Zen 3 (AVX2), one thread's 252 rows x 784 inputs x 512 units ran at 95 GFLOP/s in
-    blocks of 16 and 79 in blocks of 64 (their 16-unit parts read 256 bytes apart)."""
+    an AMD Zen 3 (AVX2), one thread's 252 rows x 784 inputs x 512 units ran at 94 GFLOP/s in
+    blocks of 16 and 78 in blocks of 64 (their 16-unit parts read 256 bytes apart)."""
     c = c0
     while c < c1:
         if n == 1 and c + 64 <= c1:

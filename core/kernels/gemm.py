@@ -53,7 +53,7 @@ PEAK_BLOCK = (6, 4) if WIDE else (max(1, REGISTER_VECTORS - 2), 1)
 # How conv weights are packed (`layers.conv2d`): with AVX-512 as rows of all output channels
 # (a block of 64 reads 256 contiguous bytes a row); with fewer registers, where a block is 16
 # channels, in strips of 16 channels, each strip's rows contiguous: on an AMD Zen 3 a row of
-# 16 pixels x 288 inputs x 64 channels ran at 88 GFLOP/s on one core from strips, 65 from rows
+# 16 pixels x 288 inputs x 64 channels ran at 87 GFLOP/s on one core from strips, 64 from rows
 # (a strip's 64 bytes a row 256 bytes apart). The kernels tell the two apart by the shape.
 STRIPS = not WIDE
 
