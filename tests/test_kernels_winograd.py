@@ -147,6 +147,35 @@ def test_winograd_variants_match_the_reference_and_are_batch_invariant(variant, 
             )
 
 
+@pytest.mark.parametrize("variant", list(KERNEL_SIZE))
+def test_winograd_tasks_of_any_band_of_tile_rows_give_the_same_bits(variant, monkeypatch):
+    """A task's GEMMs take up to `BAND_TILES` tiles in whole rows of tiles of one image: one
+    row, several with a shorter last band, or the whole image give the reference's results and
+    the same bits."""
+    from convserve.core.layers import conv2d
+
+    rng = np.random.default_rng(len(variant))
+    for trial in range(3):
+        doc = _case(rng, variant, [None, "max", "average"][trial], "relu", "same")
+        doc["input"]["shape"][:2] = [int(v) for v in rng.integers(9, 24, size=2)]
+        arch = parse_architecture(doc)
+        weights = random_weights(doc, seed=trial)
+        x = rng.standard_normal((5, *arch.input_shape)).astype(np.float32)
+        expected = ref.forward(doc, weights, x)
+        results = []
+        for most in (1, 7, 16, 1000):
+            monkeypatch.setattr(conv2d, "BAND_TILES", most)
+            plan = InferencePlan(arch, weights, {0: variant})
+            results += [plan.run(x), plan.run(x[:1]), plan.run(x[:2])]
+        where = f"{variant} {doc['layers']} {arch.input_shape}"
+        scale = max(float(np.abs(expected).max()), 1e-3)
+        np.testing.assert_allclose(
+            results[0], expected, atol=TOLERANCE * scale, rtol=0, err_msg=where
+        )
+        for i, got in enumerate(results):
+            assert np.array_equal(got, results[0][: len(got)]), f"{where} result {i}"
+
+
 def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
     """The planner may time `winograd4` (3x3) and `winograd5` (5x5) against `direct` on
     stride-1 convs of their kernel size from 8 input channels on, never elsewhere."""

@@ -54,16 +54,15 @@ def _output_block(alpha, size, mf, m, step, bias, co, of, o, ldx, ldy, pool, rel
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def _wino_input(xf, base, row, CI, TW, vf, alpha, size):
-    """Input transform of one row of tiles of side `alpha` (4 or 6), `size` outputs apart: for
-    tile tx (the alpha x alpha input pixels from column size*tx of the rows starting at
-    xf[base], `row` floats apart) and channel c, vf[(p*TW + tx)*CI + c] = (B^T d B)[p]: 16
-    channels at a time, then one by one."""
-    step = TW * CI
+def _wino_input(xf, base, row, CI, TW, vf, alpha, size, first, step):
+    """Input transform of one row of tiles of side `alpha` (4 or 6), `size` outputs apart, as
+    tiles first..first+TW-1 in `vf`: for tile tx (the alpha x alpha input pixels from column
+    size*tx of the rows starting at xf[base], `row` floats apart) and channel c,
+    vf[p*step + (first + tx)*CI + c] = (B^T d B)[p]: 16 channels at a time, then one by one."""
     vec_end = CI // 16 * 16
     for tx in range(TW):
         o = base + size * tx * CI
-        q = tx * CI
+        q = (first + tx) * CI
         for c in range(0, vec_end, 16):
             if alpha == 6:
                 _IN6(xf, o + c, CI, row, vf, q + c, step)
@@ -112,21 +111,22 @@ def _edge_outputs(edge, size, act, of, o, row, CO, width, rows, cols, pool, aver
 
 @njit(error_model="numpy", cache=True, nogil=True)
 def _wino_output(
-    mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, average, rows, cols, edge, alpha, size
-):
-    """Output transform of one row of tiles, plus bias and activation: tile tx's m x m outputs
-    Y = A^T M A (m = `size`), M[p] = mf[(p*TW + tx)*COp + co]. A tile covers `per` output rows
+    mf, TW, COp, c0, c1, bias, act, of, o_row, row, CO, pool, average, rows, cols, edge, alpha,
+    size, first, step
+):  # fmt: skip
+    """Output transform of one row of tiles, tiles first..first+TW-1 in `mf`, plus bias and
+    activation: tile tx's m x m outputs Y = A^T M A (m = `size`),
+    M[p] = mf[p*step + (first + tx)*COp + co]. A tile covers `per` output rows
     and columns (m, or m/2 pooled ones with `pool`: the max of each 2x2 window, with `average`
     the mean of its four activated values); this row of tiles has `rows` valid output rows and
     the output `cols` columns, written at of[o_row + y*row + (per*tx + x)*CO + co]. Always 16
     channels at a time (the products have COp columns): straight into `of` for a whole tile of
     16 real channels with ReLU or no activation and no average pool, else through `edge` (m*m*16
     floats) and `_edge_outputs`."""
-    step = TW * COp
     hi = min(c1, CO)
     per = size // 2 if pool else size
     for tx in range(TW):
-        q = tx * COp
+        q = (first + tx) * COp
         o = o_row + per * tx * CO
         width_px = min(per, cols - per * tx)
         direct = act <= 1 and rows == per and width_px == per and not (pool and average)
@@ -145,7 +145,7 @@ def _wino_output(
 
 
 @njit(parallel=True, error_model="numpy", cache=True, nogil=True)
-def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at):
+def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band):
     """Stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`, average pool when also
     `average`) by Winograd's F(m x m, r x r): m = `size` (2 or 4), alpha = m + r - 1 from the
     products in `u` (16: F(2x2, 3x3); 36: F(2x2, 5x5), or F(4x4, 3x3) with size 4).
@@ -155,13 +155,15 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at):
     product's in strips of 16 channels, (alpha*alpha, COp/16 * CI, 16): `gemm.STRIPS`). The
     (OH, OW) outputs, pooled or not, go to out (N, Hb, Wb, CO) from row y0, column x0:
     at = (y0, x0, OH, OW). A tile gives m x m outputs or (m/2 x m/2) pooled ones.
-    Tasks: (image, row of tiles, range of output channels), `splits` ranges per row; each runs
-    the input transform of its row of tiles, alpha*alpha GEMMs (tiles x CI) @ (CI x channels)
-    with the conv micro-kernels, and the output transform.
-    tiles: (threads, >= alpha*alpha * TW * (CI + COp) + EDGE_FLOATS) floats: the transformed
-    tiles, the products and an edge tile.
+    Tasks: (image, `band` rows of tiles, range of output channels), `splits` ranges per band;
+    each runs the input transform of its R = band * TW tiles, alpha*alpha GEMMs (R x CI) @
+    (CI x channels) with the conv micro-kernels, and the output transform. Several rows of tiles
+    a task give the GEMMs more rows where an image has few tiles a row: each weight read then
+    serves more tiles.
+    tiles: (threads, >= alpha*alpha * (band*TW * (CI + COp) + 32) + EDGE_FLOATS) floats: the
+    transformed tiles, the products and an edge tile.
     The transforms are additions and multiplications by constants, and results do not depend
-    on the batch size."""
+    on the batch size or the band (every product is one chain over CI whatever its block)."""
     N, Hp, Wp, CI = x.shape
     products = u.shape[0]
     COp = u.size // (products * CI)
@@ -173,26 +175,37 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at):
     per = size // 2 if pool else size  # output rows and columns a tile gives
     TH = (OH + per - 1) // per
     TW = (OW + per - 1) // per
+    bands = (TH + band - 1) // band
     part = ((COp // 16 + splits - 1) // splits) * 16
     xf = x.reshape(x.size)
     uf = u.reshape(u.size)
     of = out.reshape(out.size)
-    vsize = products * TW * CI
-    msize = products * TW * COp
+    # each product's tiles one cache line past a multiple of R*CI (R*COp) floats: whole
+    # multiples (4 KB apart with 16 tiles of 64 channels) would put all 36 products of a tile
+    # in the same L1 sets, which made the transforms 15-20x slower than with one row of tiles
+    vstep = band * TW * CI + 16
+    mstep = band * TW * COp + 16
+    vsize = products * vstep
+    msize = products * mstep
     usize = CI * COp
     row_out = Wb * CO
-    for t in prange(N * TH * splits):
-        n, ty, c0, c1 = row_task(t, splits, TH, part, COp)
+    for t in prange(N * bands * splits):
+        n, tb, c0, c1 = row_task(t, splits, bands, part, COp)
         if c0 < c1:
             buf = tiles[numba.get_thread_id()]
             vf = buf[:vsize]
             mf = buf[vsize : vsize + msize]
             edge = buf[vsize + msize : vsize + msize + EDGE_FLOATS]
-            _wino_input(xf, (n * Hp + size * ty) * Wp * CI, Wp * CI, CI, TW, vf, alpha, size)
+            ty0 = tb * band
+            nr = min(band, TH - ty0)
+            R = nr * TW
+            for r in range(nr):
+                base = (n * Hp + size * (ty0 + r)) * Wp * CI
+                _wino_input(xf, base, Wp * CI, CI, TW, vf, alpha, size, r * TW, vstep)
             for p in range(products):
                 _conv_row(
                     vf,
-                    p * TW * CI,
+                    p * vstep,
                     CI,
                     0,
                     1,
@@ -201,31 +214,17 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at):
                     p * usize + c0 // 16 * strip,
                     ldb,
                     mf,
-                    p * TW * COp + c0,
+                    p * mstep + c0,
                     COp,
-                    TW,
+                    R,
                     c1 - c0,
                     strip=strip,
                 )
-            rows = min(per, OH - per * ty)  # fewer at the bottom edge
-            o_row = ((n * Hb + y0 + per * ty) * Wb + x0) * CO
-            _wino_output(
-                mf,
-                TW,
-                COp,
-                c0,
-                c1,
-                bias,
-                act,
-                of,
-                o_row,
-                row_out,
-                CO,
-                pool,
-                average,
-                rows,
-                OW,
-                edge,
-                alpha,
-                size,
-            )
+            for r in range(nr):
+                ty = ty0 + r
+                rows = min(per, OH - per * ty)  # fewer at the bottom edge
+                o_row = ((n * Hb + y0 + per * ty) * Wb + x0) * CO
+                _wino_output(
+                    mf, TW, COp, c0, c1, bias, act, of, o_row, row_out, CO, pool, average, rows,
+                    OW, edge, alpha, size, r * TW, mstep,
+                )  # fmt: skip

@@ -35,6 +35,9 @@ from convserve.core.training import kernels as K
 from convserve.core.training.layers import activate, activation_grad
 
 WINO_MIN_CHANNELS = 8  # below this many input channels a GEMM over them is too short to pay
+# The most tiles a Winograd task's GEMMs take (whole rows of tiles of one image): more rows per
+# GEMM read each transformed weight for more tiles.
+BAND_TILES = 16
 WINOGRAD: dict[str, Transform] = {  # variant: its transform
     "winograd": F2X2_3X3,
     "winograd4": F4X4_3X3,
@@ -149,18 +152,31 @@ class WinogradConv(Step):
         per = self.size // 2 if self.pool else self.size
         return (outputs + per - 1) // per
 
+    def _most_band(self) -> int:
+        """The most rows of tiles a task takes: up to BAND_TILES tiles."""
+        return max(1, min(self._tiles(self.shape[0]), BAND_TILES // self._tiles(self.shape[1])))
+
+    def _band(self, n: int, threads: int) -> int:
+        """Rows of tiles per task for a batch of n images: as many as `_most_band`, in bands of
+        equal height, while there is a band for every thread."""
+        rows = self._tiles(self.shape[0])
+        bands = min(rows, max(-(-rows // self._most_band()), -(-threads // n)))
+        return -(-rows // bands)
+
     def tile_floats(self) -> int:
         products, cop = self.u.shape[0], self.bias.size
-        floats = products * self._tiles(self.shape[1]) * (self.u.size // (products * cop) + cop)
+        tiles = self._most_band() * self._tiles(self.shape[1])
+        floats = products * (tiles * (self.u.size // (products * cop) + cop) + 32)
         return floats + winograd.EDGE_FLOATS
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
-        # ranges of channels only while there are fewer rows of tiles than threads: each range
-        # repeats its row's input transform (which at one image cost F(4x4, 3x3) on 16x16
+        band = self._band(program.n, program.threads)
+        # ranges of channels only while there are fewer bands of tiles than threads: each range
+        # repeats its band's input transform (which at one image cost F(4x4, 3x3) on 16x16
         # outputs a third of its time)
-        tile_rows = program.n * self._tiles(self.shape[0])
-        ways = splits(tile_rows, self.bias.size // 16, program.threads, per_thread=1)
+        bands = program.n * -(-self._tiles(self.shape[0]) // band)
+        ways = splits(bands, self.bias.size // 16, program.threads, per_thread=1)
         program.add(
             winograd.conv_wino,
             x,
@@ -174,6 +190,7 @@ class WinogradConv(Step):
             ways,
             self.size,
             program.at,
+            band,
         )
         return out
 
