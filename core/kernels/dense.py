@@ -37,10 +37,6 @@ MAX_TASK_ROWS = 256
 # and no passes on an Intel Xeon; on AMD Zen 5 one pass ran 5-13 % faster from 4 rows on
 # (BENCHMARKS.md, "Dense weight passes"), so the planner times both (`layers.dense`).
 K_CHUNK = 128
-# Inputs per pass of `strips` over a 16-unit block when 7-12 rows go through it in two calls
-# (16 KB of weights, half an L1). On an AMD Zen 3 one thread's 8 rows x 784 inputs x 512 units
-# took 81.9 us in passes of 256, 92.5 in one pass; 16 rows and more ran faster in one pass.
-STRIP_PASS = 256
 SIX = 6  # rows per micro-kernel call on 64 units (the widest block with all its accumulators)
 
 
@@ -116,14 +112,10 @@ def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act):
             _mk2x2s(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, 0, 16 * K)
             w = 32
         else:
-            # 7-12 rows take two calls a block: in passes of STRIP_PASS inputs, the second
-            # call reads the part the first brought into L1
-            chunk = STRIP_PASS if SIX < n <= 2 * SIX else K
-            for k0 in range(0, K, chunk):
-                kc = min(chunk, K - k0)
-                more = 1 if k0 > 0 else 0
-                b = c * K + k0 * 16
-                _conv_row(xf, r0 * K + k0, K, 0, 1, kc, wf, b, 16, tile, 0, 64, n, 16, more)
+            # all K inputs in one pass, also for 7-12 rows (two calls a block): passes of 256
+            # inputs, whose weights the second call would find in L1, ran 6-10 % slower in
+            # wide_dense's and vgg_cifar's dense layers at 7-12 rows on two threads (Zen 3)
+            _conv_row(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, n, 16)
             w = 16
         last = min(c + w, U)
         for i in range(n):
