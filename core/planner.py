@@ -20,8 +20,9 @@ fastest variant at the largest batch; the faster of the two plans built from the
 timings is kept unless the default beats it by SWITCH_MARGIN (`whole_model_choice`: they won
 their layers' timings, so a disturbed whole-model round alone does not undo them).
 The whole model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
-included; layers not reached by then keep their default, and such an incomplete plan is used
-but not written to disk (the next start, with the kernels compiled, tries again). Neither is a
+included; layers not reached by then keep their default (the layers timed, their choice; the
+whole-model comparison is then skipped), and such an incomplete plan is used but not written
+to disk (the next start, with the kernels compiled, tries again). Neither is a
 plan timed on a busy machine (median calls more than NOISE_LIMIT times the fastest).
 
 One variant per layer for every batch size: the variants do not round alike, so switching by
@@ -326,8 +327,10 @@ def measure_plan(
     batches: tuple[int, ...] = timing_batches(BATCH_CHUNK),
 ) -> tuple[Plan, dict[int, Rounds], float | None]:
     """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
-    noise: the largest of `time_block`'s, None when out of time). Layers not reached keep
-    their default variant. Then the whole model runs, timed the same way, with the per-layer
+    noise: the largest of `time_block`'s, None when out of time). Out of time, the layers
+    timed keep their choice and the others their default variant (a slow or busy machine
+    then still gets the choices it timed: rgb64 on an AMD Zen 3 needed 3.6 s, and fell back to
+    every default, 0.72-0.84x as fast). Otherwise the whole model runs, timed the same way, with the per-layer
     choice, the default plan and each layer's fastest variant at the largest batch, and the
     fastest of these is kept (`whole_model_choice`): a layer timed alone pays its own padding
     copy, which in the model the conv before it may save, and a layer whose variants nearly tie
@@ -341,7 +344,7 @@ def measure_plan(
     for block, variants in _choices(arch):
         measured = time_block(arch, block, weights, variants, deadline, batches)
         if measured is None:
-            return default, timings, None
+            return plan, timings, None
         timings[block.layer.index], layer_noise = measured
         noise = max(noise, layer_noise)
         plan[block.layer.index] = pick(variants, measured[0])
@@ -355,8 +358,8 @@ def measure_plan(
         return plan, timings, noise
     runners = {name: InferencePlan(arch, weights, p) for name, p in candidates.items()}
     measured = time_runners(runners, arch.input_shape, deadline, batches)
-    if measured is None:
-        return default, timings, None
+    if measured is None:  # out of time: the layers' own timings decide
+        return plan, timings, None
     whole, whole_noise = measured
     timings[WHOLE_MODEL] = whole
     chosen = whole_model_choice(tuple(candidates), whole)

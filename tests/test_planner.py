@@ -382,6 +382,48 @@ def test_out_of_time_keeps_the_defaults_and_writes_nothing(tmp_path, fresh_plann
     assert list(tmp_path.glob("*.json")) == []
 
 
+def test_out_of_time_midway_keeps_the_layers_timed(tmp_path, fresh_planner, monkeypatch):
+    """Time runs out after the first layer with a choice: that layer keeps its timed choice,
+    the others their default, and nothing is cached; out of time in the whole-model round,
+    the layers' own choices stand."""
+    planner = fresh_planner
+    doc = preset("cifar10")
+    arch = parse_architecture(doc)
+    weights = random_weights(doc)
+    default = default_plan(arch)
+    first = planner._choices(arch)[0][0].layer.index
+    real_time_block = planner.time_block
+    real_choices = planner._choices
+
+    def first_layer_only(arch_, block, weights_, variants, deadline, batches):
+        if block.layer.index != first:
+            return None
+        rounds, noise = real_time_block(arch_, block, weights_, variants, 1e300, batches)
+        faked = {v: rounds[variants[0]] for v in variants}  # all tie but the last, 10x faster
+        faked[variants[-1]] = [[t / 10 for t in times] for times in rounds[variants[0]]]
+        return faked, noise
+
+    monkeypatch.setattr(planner, "time_block", first_layer_only)
+    plan, timings, noise = planner.measure_plan(arch, weights, seconds=60)
+    variants = planner._choices(arch)[0][1]
+    assert noise is None and list(timings) == [first]
+    assert plan == {**default, first: variants[-1]} != default
+    assert planner.plan_for(arch, weights, tmp_path, seconds=60) == plan
+    assert list(tmp_path.glob("*.json")) == []
+
+    monkeypatch.setattr(planner, "time_block", first_layer_only)
+    real_time_runners = planner.time_runners
+
+    def layers_only(*args):  # the layers' rounds (which pass a layer index), not the model's
+        return real_time_runners(*args) if len(args) > 4 else None
+
+    monkeypatch.setattr(planner, "time_runners", layers_only)
+    monkeypatch.setattr(planner, "_choices", lambda arch_: real_choices(arch_)[:1])
+    plan, timings, noise = planner.measure_plan(arch, weights, seconds=60)
+    assert noise is None and list(timings) == [first]
+    assert plan == {**default, first: variants[-1]}
+
+
 def test_a_plan_timed_on_a_busy_machine_is_used_but_not_cached(
     tmp_path, fresh_planner, monkeypatch
 ):
