@@ -329,8 +329,9 @@ def measure_plan(
     """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
     noise: the largest of `time_block`'s, None when out of time). Out of time, the layers
     timed keep their choice and the others their default variant (a slow or busy machine
-    then still gets the choices it timed: rgb64 on an AMD Zen 3 needed 3.6 s, and fell back to
-    every default, 0.72-0.84x as fast). Otherwise the whole model runs, timed the same way, with the per-layer
+    then still gets the choices it timed: rgb64 on a busy AMD Zen 3 needed 3.6 s and fell back
+    to every default, where the F(4x4, 3x3) layers it timed took 0.71-0.83x the time).
+    Otherwise the whole model runs, timed the same way, with the per-layer
     choice, the default plan and each layer's fastest variant at the largest batch, and the
     fastest of these is kept (`whole_model_choice`): a layer timed alone pays its own padding
     copy, which in the model the conv before it may save, and a layer whose variants nearly tie

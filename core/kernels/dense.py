@@ -113,8 +113,8 @@ def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act):
             w = 32
         else:
             # all K inputs in one pass, also for 7-12 rows (two calls a block): passes of 256
-            # inputs, whose weights the second call would find in L1, ran 6-10 % slower in
-            # wide_dense's and vgg_cifar's dense layers at 7-12 rows on two threads (Zen 3)
+            # inputs, whose weights the second call would find in L1, took 1.02-1.11x the time
+            # in wide_dense's and vgg_cifar's dense layers at 7-12 rows on two threads (Zen 3)
             _conv_row(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, n, 16)
             w = 16
         last = min(c + w, U)
