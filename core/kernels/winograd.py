@@ -180,9 +180,9 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
     xf = x.reshape(x.size)
     uf = u.reshape(u.size)
     of = out.reshape(out.size)
-    # each product's tiles one cache line past a multiple of R*CI (R*COp) floats: whole
-    # multiples (4 KB apart with 16 tiles of 64 channels) would put all 36 products of a tile
-    # in the same L1 sets, which made the transforms 15-20x slower than with one row of tiles
+    # consecutive products' tiles one cache line further apart than R*CI (R*COp) floats: 16
+    # tiles of 64 channels would put the 36 products of a tile exactly 4 KB apart, all in the
+    # same L1 sets (one task on an AMD Zen 3: output transform 18.41 us against 2.11)
     vstep = band * TW * CI + 16
     mstep = band * TW * COp + 16
     vsize = products * vstep
