@@ -12,6 +12,7 @@ import pytest
 from convserve.core import Model, ModelError
 from convserve.core.architecture import parse_architecture
 from convserve.core.inference import InferencePlan
+from convserve.core.kernels import pool as kpool
 from convserve.core.kernels.dense import K_CHUNK
 from convserve.core.presets import PRESET_NAMES, preset
 
@@ -550,6 +551,47 @@ def test_dense_layers_on_random_shapes(seed):
     x = rng.standard_normal((300, inputs, 1, 1)).astype(np.float32)
     batches = (2, 5, 7, 8, 9, 14, 16, 37, 131, 300)
     _check_dense_variants(doc, weights, x, batches, range(0, 300, 7))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pooling_kernel_on_random_windows(seed):
+    """The separate pooling kernel (windows the conv kernels do not fuse), max and average, on
+    random shapes, windows of 1-4 x 1-4 cells, strides 1-4 and `same` padding, so that windows
+    hold 1, 2, 3 and more real cells (a max goes through 0, 1, 2 and more steps by turns in
+    its scratch rows): the NumPy reference, exactly for max."""
+    rng = np.random.default_rng(900 + seed)
+    for _ in range(12):
+        n, h, w, c = (int(v) for v in rng.integers(1, [4, 12, 12, 70]))
+        ph, pw = (int(v) for v in rng.integers(1, 5, 2))
+        sh, sw = (int(v) for v in rng.integers(1, 5, 2))
+        padding = str(rng.choice(["valid", "same"]))
+        if padding == "valid" and (ph > h or pw > w):
+            continue
+        x = rng.standard_normal((n, h, w, c)).astype(np.float32)
+        for kind in ("max", "average"):
+            want = ref.pool2d(x, (ph, pw), (sh, sw), padding, "max" if kind == "max" else "avg")
+            doc = {
+                "name": "pool",
+                "input": {"shape": [h, w, c], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+                "labels": [str(i) for i in range(want[0].size)],
+                "layers": [
+                    {
+                        "type": f"{kind}_pooling2d",
+                        "pool_size": [ph, pw],
+                        "strides": [sh, sw],
+                        "padding": padding,
+                    },
+                    {"type": "flatten"},
+                ],
+            }
+            layer = parse_architecture(doc).layers[0]
+            out = np.full((n, *layer.output_shape), np.nan, np.float32)
+            pt, pl = layer.pads[0], layer.pads[2]
+            kpool.pool2d(x, out, ph, pw, sh, sw, pt, pl, kind == "average")
+            if kind == "max":
+                np.testing.assert_array_equal(out, want.astype(np.float32))
+            else:
+                np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("inputs", [1, 3, 6, 130, 4096, 8195])
