@@ -195,15 +195,19 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
     """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass; see
     K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
     last block narrower), each K rows of its units, contiguous (`layers.dense.pack_dense`), Up the units
-    rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, range of 64-unit
-    blocks), `splits` ranges per group (`dense_tasks`; softmax needs whole rows: splits=1).
+    rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, range of blocks),
+    `splits` ranges per group (`dense_tasks`; softmax needs whole rows: splits=1).
     tiles: (threads, >= rows*64).
     Every output is one in-order chain of fused multiply-adds over K (four, added at the end,
     for at most 16 units), whatever the batch size or the task it falls in, so a row's result is
     bit-identical alone and in any batch."""
     N = x.shape[0]
     Up = wk.size // x.shape[1]
-    per = ((Up + 64 * splits - 1) // (64 * splits)) * 64
+    # ranges of whole blocks; in strips of 16 units, ranges of strips: 304 units (300 rounded
+    # up) went as 192 + 112 in blocks of 64, and 784 x 300 at 64 rows took 1.19x the time of
+    # 160 + 144 (Zen 3)
+    unit = 16 if block == 16 else 64
+    per = ((Up + unit * splits - 1) // (unit * splits)) * unit
     groups = (N + rows - 1) // rows
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
