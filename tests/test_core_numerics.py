@@ -685,6 +685,26 @@ def test_batch_rows_equal_single_image_calls(cases):
         np.testing.assert_array_equal(model.forward(x[:9]), batched[:9])
 
 
+@pytest.mark.parametrize("kind", ["max", "average"])
+def test_same_pools_that_pad_nothing_fuse_into_the_conv(kind):
+    """A 2x2/2 `same` pool on an even conv output pads nothing, so the conv kernel fuses it
+    (no separate pooling step); on an odd output it pads a row and a column and runs apart.
+    Both match the NumPy reference."""
+    rng = np.random.default_rng(17)
+    for side, fused in ((12, True), (11, False)):
+        pool = {"type": f"{kind}_pooling2d", "pool_size": 2, "padding": "same"}
+        conv = {"type": "conv2d", "filters": 16, "kernel_size": 3, "padding": "same"}
+        dense = {"type": "dense", "units": 5, "activation": "softmax"}
+        doc = _conv_doc([side, side, 3], [conv, pool, {"type": "flatten"}, dense])
+        weights = _weights(doc, side)
+        model = Model(doc, weights)
+        kinds = [_kind(step) for step in model._plan.steps]
+        assert ("PoolStep" not in kinds) == fused, kinds
+        assert any(k.endswith("+pool") for k in kinds) == fused, kinds
+        x = rng.standard_normal((3, side, side, 3)).astype(np.float32)
+        np.testing.assert_allclose(model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE)
+
+
 def _conv_doc(shape, layers):
     return {"input": {"shape": shape}, "labels": [str(i) for i in range(5)], "layers": layers}
 

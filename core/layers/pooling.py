@@ -69,8 +69,9 @@ class Pooling2D(Layer):
 
     @property
     def tiles_input(self) -> bool:
-        """The windows tile the input: stride = window, no padding."""
-        return self.padding == "valid" and self.strides == self.pool_size
+        """The windows tile the input: stride = window, no padding (`valid`, or `same` on sides
+        the stride divides, which pads nothing)."""
+        return self.strides == self.pool_size and not any(self.pads)
 
     def inference_steps(self, block, weights, first, variant=None):
         return [self.step()]
