@@ -60,7 +60,7 @@ def tile_floats() -> int:
     return MAX_TASK_ROWS * 64
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _segmented_rows(xf, a_off, K, wf, tile, count, vectors=REGISTER_VECTORS):
     """tile[i*64 + j] = row i's sums (from xf[a_off + i*K]) for the 16 units of wf (K rows of
     16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. The parts one after
@@ -95,7 +95,7 @@ def _segmented_rows(xf, a_off, K, wf, tile, count, vectors=REGISTER_VECTORS):
         _mks1(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act):
     """`_dense_rows` on weights in blocks of 16 units (`strips`), all K inputs in one pass: per
     block, the rows go through it 4-6 a call (16 columns: AVX2's largest block that keeps its
@@ -124,7 +124,7 @@ def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act):
         c += w
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped). Weights in blocks of 64 units: per
@@ -190,7 +190,7 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
         c += 64
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
     """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass; see
     K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
@@ -226,7 +226,7 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
                     _softmax_row(out[i])
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def dense_serial(x, wk, bias, tiles, out, act, k_pass, block):
     """`dense` on the calling thread only, for layers too small to pay for a parallel region
     (the same micro-kernel calls, so the same results)."""

@@ -35,7 +35,7 @@ from numba import njit, prange
 CHUNK_TAPS_ROWS = 256
 
 
-@njit(inline="always", fastmath=True, cache=True, nogil=True)
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _strip(K, COp, ldb):
     """The distance between consecutive 16 output channels in weights of K rows and COp
     channels whose rows are ldb floats apart: 16 in rows of all channels (ldb = COp), 16 * K in
@@ -43,7 +43,7 @@ def _strip(K, COp, ldb):
     return 16 if ldb == COp else 16 * K
 
 
-@njit(fastmath=True, cache=True, nogil=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, ldb, tile, t_off, count, narrow):
     """tile[t_off + i*COp + j] = the conv sums of `count` pixels (pixel i's window from
     xf[a_off + i*lda], input rows `row` apart) for all COp channels: one `_conv_row` over the
@@ -84,7 +84,7 @@ def _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, ldb, tile, t_off, cou
             )
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at, narrow):
     """Valid conv + bias + activation + 2x2/2 max pool (average pool with `average`; floor) on
     an already padded and preprocessed input. wk: (kh*kw*CI, COp), COp a multiple of 16, or
@@ -130,7 +130,7 @@ def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at
             )
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at, narrow):
     """Valid conv + bias + activation on an already padded and preprocessed input. The (OH, OW)
     outputs go to out (N, Hb, Wb, CO) from row y0, column x0: at = (y0, x0, OH, OW).
