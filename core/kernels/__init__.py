@@ -1,7 +1,9 @@
 """Numba kernels of the inference core: module-level pure functions on arrays, one file per job.
 
 Every kernel is `@njit(..., fastmath=True, cache=True, nogil=True)` (the Winograd ones without
-fastmath, for batch invariance: see `winograd.py`), takes C-contiguous float32
+fastmath, for batch invariance: see `winograd.py`; those that apply activations also with
+`error_model="numpy"`, so that tanh's division vectorizes: see `elementwise._act`), takes
+C-contiguous float32
 arrays of fixed rank and writes into an output buffer it is given. `convserve.core.runtime` is
 imported first so that the threading layer and CPU features are set before numba loads.
 
