@@ -3,9 +3,9 @@
 Every kernel is `@njit(..., fastmath=True, cache=True, nogil=True)` (the Winograd ones without
 fastmath, for batch invariance: see `winograd.py`; those that apply activations also with
 `error_model="numpy"`, so that tanh's division vectorizes: see `elementwise._act`), takes
-C-contiguous float32
-arrays of fixed rank and writes into an output buffer it is given. `convserve.core.runtime` is
-imported first so that the threading layer and CPU features are set before numba loads.
+C-contiguous float32 arrays of fixed rank and writes into an output buffer it is given.
+`convserve.core.runtime` is imported first so that the threading layer and CPU features are
+set before numba loads.
 
 Modules: `ir` (LLVM-IR vector micro-kernels), `gemm` (GEMM rows on them), `direct` (direct
 convolution, optionally fused with 2x2/2 max pooling), `winograd` (3x3 and 5x5 stride-1
