@@ -23,6 +23,10 @@ def _pool(kind: str = "max") -> dict[str, Any]:
     return {"type": f"{kind}_pooling2d", "pool_size": 2}
 
 
+def _pool3() -> dict[str, Any]:
+    return {"type": "max_pooling2d", "pool_size": 3, "strides": 2}
+
+
 def _dense(units: int, activation: str = "relu") -> dict[str, Any]:
     return {"type": "dense", "units": units, "activation": activation}
 
@@ -49,6 +53,7 @@ _HEADS: dict[str, list[dict[str, Any]]] = {
     "tanh_avgpool": [_dense(128, "tanh")],
     "rgb64": [_dense(128)],
     "wide_dense": [_dense(1024), _dense(512)],
+    "mlp_tanh": [_dense(300, "tanh"), _dense(100, "tanh")],
 }
 
 _TANH = {"activation": "tanh"}
@@ -92,6 +97,14 @@ EVERYDAY: dict[str, dict[str, Any]] = {
     ),
     # a wide fully connected classifier on 28x28 images: dense layers only
     "wide_dense": _model("wide_dense", [28, 28, 1], []),
+    # overlapping 3x3/2 max pools, as in AlexNet (a pooling step of its own after each conv)
+    "overlap_pool": _model(
+        "overlap_pool",
+        [32, 32, 3],
+        [_conv(32, 3), _pool3(), _conv(64, 3), _pool3()],
+    ),
+    # the classic multilayer perceptron on MNIST: 300 and 100 tanh units (LeCun et al. 1998)
+    "mlp_tanh": _model("mlp_tanh", [28, 28, 1], []),
 }
 
 BENCH_MODEL_NAMES = (*PRESET_NAMES, *EVERYDAY)
