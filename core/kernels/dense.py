@@ -38,6 +38,12 @@ MAX_TASK_ROWS = 256
 # (BENCHMARKS.md, "Dense weight passes"), so the planner times both (`layers.dense`).
 K_CHUNK = 128
 SIX = 6  # rows per micro-kernel call on 64 units (the widest block with all its accumulators)
+# Most bytes of inputs a task's rows take through all its units before the next rows (at least
+# 12 rows): 256 rows of 784 inputs (784 KB) did not stay in a 512 KB L2 while 16-unit weight
+# strips passed over them. In groups of 36-42 rows (128 KB), wide_dense's and the tanh MLP's
+# first two layers at 256 rows took 0.88-1.02x the time in four runs, medians 0.94-1.00x per
+# layer; 64 and 96 KB ran alike (AMD Zen 3, one process per run, old and new interleaved).
+ROW_BLOCK_BYTES = 128 * 1024
 
 
 def dense_tasks(n: int, blocks: int, threads: int, whole_rows: bool) -> tuple[int, int]:
@@ -97,7 +103,7 @@ def _segmented_rows(xf, a_off, K, wf, tile, count, vectors=REGISTER_VECTORS):
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act):
-    """`_dense_rows` on weights in blocks of 16 units (`strips`), all K inputs in one pass: per
+    """`_dense_block` on weights in blocks of 16 units (`strips`), all K inputs in one pass: per
     block, the rows go through it 4-6 a call (16 columns: AVX2's largest block that keeps its
     accumulators in registers), reading one contiguous stream of weights; one row takes four
     blocks a call and two rows two (`ir._mk1x4s`, `ir._mk2x2s`), for more chains in flight. On
@@ -126,6 +132,27 @@ def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act):
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
+    """`_dense_block` on rows r0..r1-1; with weights in strips of 16 units (`block` 16), in
+    groups of rows whose inputs take at most ROW_BLOCK_BYTES (at least 12 rows, a multiple of
+    SIX, as even as can be), each group through all units c0..c1-1 before the next: the group's
+    inputs then stay in L2 while every strip passes over them. The same sums in the same order,
+    so the same bits. (In blocks of 64 units, groups made wide_dense's layers 1.01-1.06x slower
+    on a Zen 3, where that layout is not the default; the Xeon's 2 MB L2 holds 256 rows.)"""
+    K = xf.size // out.shape[0]
+    n = r1 - r0
+    if block != 16:
+        _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block)
+        return
+    most = max(2 * SIX, ROW_BLOCK_BYTES // (4 * K) // SIX * SIX)
+    groups = (n + most - 1) // most
+    even = (n + groups - 1) // groups
+    per = (even + SIX - 1) // SIX * SIX
+    for q in range(r0, r1, per):
+        _dense_block(xf, wf, bias, tile, out, q, min(r1, q + per), c0, c1, act, k_pass, block)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped). Weights in blocks of 64 units: per
     block, per pass of `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as
