@@ -782,6 +782,31 @@ def test_a_conv_is_not_placed_where_the_next_conv_reads_fewer_rows():
     assert_forward_matches_reference(model, doc, weights, x)
 
 
+def test_lenet5_with_sigmoid_and_average_pools_takes_the_pixel_kernel():
+    """LeNet-5 as published (sigmoid, 2x2 average pools, 6 filters over one channel): its first
+    layer runs on the pixels-in-the-lanes kernel with the average pool fused, and the model
+    matches the NumPy reference at 1, 5 and 33 images (33: two chunks)."""
+    doc = _conv_doc(
+        [28, 28, 1],
+        [
+            {"type": "conv2d", "filters": 6, "kernel_size": 5, "padding": "same"},
+            {"type": "activation", "activation": "sigmoid"},
+            {"type": "average_pooling2d", "pool_size": 2},
+            {"type": "conv2d", "filters": 16, "kernel_size": 5, "activation": "sigmoid"},
+            {"type": "average_pooling2d", "pool_size": 2},
+            {"type": "flatten"},
+            {"type": "dense", "units": 5, "activation": "softmax"},
+        ],
+    )
+    weights = _weights(doc, 12)
+    model = Model(doc, weights, plan=False)
+    assert model._plan.plan[0] == "pixels_pool"
+    assert _kind(model._plan.steps[0]) == "PixelsPoolConv"
+    x = np.random.default_rng(13).standard_normal((33, 28, 28, 1)).astype(np.float32)
+    for n in (1, 5, 33):
+        assert_forward_matches_reference(model, doc, weights, x[:n])
+
+
 def test_results_are_fresh_arrays_and_buffers_are_reused(reference_model):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((4, 28, 28, 1)).astype(np.float32)

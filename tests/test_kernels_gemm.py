@@ -120,11 +120,13 @@ def test_sixteen_unit_rows_match_float64_on_every_register_file(k):
             np.testing.assert_array_equal(got, results[0], err_msg=f"{count} rows")
 
 
+@pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("filters,size", [(6, 5), (8, 5), (3, 3), (7, 4)])
-def test_first_layer_pixel_blocks_match_float64_with_either_register_file(filters, size):
+def test_first_layer_pixel_blocks_match_float64_with_either_register_file(filters, size, average):
     """`conv1_pixels_pool2` (one input channel, at most 8 filters, output pixels in the lanes)
     with AVX-512's blocks (6 or 8 filters x 32 pixels) and AVX2's (6 or 4 x 16): valid conv +
-    bias + ReLU + 2x2/2 max pool against float64, the same bits both ways."""
+    bias + ReLU + 2x2/2 max pool (or sigmoid + average pool) against float64, the same bits
+    both ways."""
     rng = np.random.default_rng(filters * 10 + size)
     n, h, w = 3, 14 + size, 37 + size
     ph, pw = (h - size + 1) // 2, (w - size + 1) // 2
@@ -140,13 +142,16 @@ def test_first_layer_pixel_blocks_match_float64_with_either_register_file(filter
         for dx in range(size):
             window = x[:, dy : dy + h - size + 1, dx : dx + w - size + 1, 0].astype(np.float64)
             conv += window[..., None] * kernel[dy, dx].astype(np.float64)
-    conv = np.maximum(conv + bias, 0)[:, : 2 * ph, : 2 * pw]
-    expected = conv.reshape(n, ph, 2, pw, 2, filters).max(axis=(2, 4))
+    conv = conv + bias
+    conv = (1 / (1 + np.exp(-conv)) if average else np.maximum(conv, 0))[:, : 2 * ph, : 2 * pw]
+    windows = conv.reshape(n, ph, 2, pw, 2, filters)
+    expected = windows.mean(axis=(2, 4)) if average else windows.max(axis=(2, 4))
+    act = 3 if average else 1  # sigmoid, relu
     results = []
     for wide in (True, False):
         tiles = np.zeros((2, 512), np.float32)
         out = np.full((n, ph, pw, filters), np.nan, np.float32)
-        first_layer.conv1_pixels_pool2(x, wt, bias, tiles, out, size, size, 1, wide)
+        first_layer.conv1_pixels_pool2(x, wt, bias, tiles, out, size, size, act, average, wide)
         np.testing.assert_allclose(out, expected, atol=1e-4 * size, err_msg=f"wide {wide}")
         results.append(out)
     np.testing.assert_array_equal(results[1], results[0])

@@ -1,6 +1,6 @@
 """First-layer kernels (float32): a 1-input-channel, stride-1 conv + bias + activation + 2x2/2
 max pool, where a GEMM over one input channel would be too short to pay. Two shapes: at most 8
-filters (output pixels in the vector lanes) and 3x3 with a multiple of 16 filters (the 4x4
+filters (output pixels in the vector lanes; average pooling too) and 3x3 with a multiple of 16 filters (the 4x4
 input patch of a pool window held in scalars, preprocessing applied on the fly).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
-from convserve.core.kernels.elementwise import _Z, _act
+from convserve.core.kernels.elementwise import _QUARTER, _Z, _act
 from convserve.core.kernels.gemm import WIDE
 from convserve.core.kernels.ir import _mkt4x1, _mkt6x1, _mkt6x2, _mkt8x2
 from convserve.core.kernels.tasks import row_task
@@ -17,8 +17,9 @@ from numba import njit, prange
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
-def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act, wide=WIDE):
-    """1-input-channel, stride-1 conv with at most 8 filters + bias + activation + 2x2/2 max pool,
+def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act, average, wide=WIDE):
+    """1-input-channel, stride-1 conv with at most 8 filters + bias + activation + 2x2/2 max pool
+    (with `average`: the mean of the four activated outputs, as LeNet-5's sigmoid layers take),
     with output pixels in the vector lanes (filters in the lanes would leave most of them empty):
     the transposed micro-kernel multiplies 8 (or, for at most 6 filters, 6) broadcast weights by
     32 consecutive input pixels. With AVX2's 16 registers of 8 floats, whose accumulators those
@@ -57,13 +58,27 @@ def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act, wide=WIDE):
                     else:  # filters 0-3, then 4-7
                         _mkt4x1(wf, 0, taps, kw, kh, kw, xf, b, Wp, 1, tile, c, 32)
                         _mkt4x1(wf, 4 * taps, taps, kw, kh, kw, xf, b, Wp, 1, tile, c + 128, 32)
+        if average:  # bias + activation first, on rows of 32 pixels (a filter's pixels
+            # stride 32 apart in the pooling loop below would keep tanh or sigmoid scalar)
+            for dy in range(2):
+                for co in range(CO):
+                    row = np.uint64(dy * 256 + co * 32)
+                    bc = bias[co]
+                    for jj in range(32):
+                        u = row + np.uint64(jj)
+                        tile[u] = _act(tile[u] + bc, act)
         for px in range(16 * blk, min(PW, 16 * blk + 16)):
             j = np.uint64(2 * px - x0)
             o = np.uint64(((n * PH + py) * PW + px) * CO)
             for co in range(CO):
                 i = np.uint64(co * 32) + j
-                m = max(max(tile[i], tile[i + 1]), max(tile[i + 256], tile[i + 257]))
-                of[o + np.uint64(co)] = _act(m + bias[co], act)
+                if average:  # the order of `elementwise._store_pooled`
+                    s = tile[i] + tile[i + 1]
+                    s += tile[i + 256] + tile[i + 257]
+                    of[o + np.uint64(co)] = s * _QUARTER
+                else:
+                    m = max(max(tile[i], tile[i + 1]), max(tile[i + 256], tile[i + 257]))
+                    of[o + np.uint64(co)] = _act(m + bias[co], act)
 
 
 @njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)

@@ -6,7 +6,7 @@ or average pool after that) becomes one of these steps:
 - `WinogradConv` (variants `winograd`: 3x3 stride 1, F(2x2, 3x3); `winograd5`: 5x5 stride 1,
   F(2x2, 5x5)), pooled or not;
 - `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
-  with a 2x2/2 max pool;
+  with a 2x2/2 max pool (`pixels_pool`: or average pool);
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding); `direct_narrow`
   the same in blocks of 32 output channels (7-8 pixels a micro-kernel call).
 A 2x2/2 `valid` pool, max or average, is fused into the Winograd and direct kernels.
@@ -197,12 +197,14 @@ class WinogradConv(Step):
 
 @dataclass(kw_only=True)
 class PixelsPoolConv(Step):
-    """`first_layer.conv1_pixels_pool2`: 1 input channel, at most 8 filters, 2x2/2 max pool."""
+    """`first_layer.conv1_pixels_pool2`: 1 input channel, at most 8 filters, 2x2/2 max or
+    average pool."""
 
     wt: np.ndarray
     bias: np.ndarray
     window: tuple[int, int]
     act: int
+    average: bool
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
@@ -215,6 +217,7 @@ class PixelsPoolConv(Step):
             out,
             *self.window,
             self.act,
+            self.average,
         )
         return out
 
@@ -328,8 +331,8 @@ class Conv2D(Layer):
     def inference_variants(self, block) -> tuple[str, ...]:
         """`winograd` (3x3 stride 1) and `winograd5` (5x5 stride 1), the heuristic's choice from
         WINO_MIN_CHANNELS input channels on (`winograd` is offered for fewer too); `k3_pool` and
-        `pixels_pool` (1 input channel, fused 2x2/2 max pool), `direct` (every shape);
-        `direct_narrow` (where `direct` is the heuristic's choice; see `_narrow_pays`);
+        `pixels_pool` (1 input channel, fused 2x2/2 max pool; also average for `pixels_pool`),
+        `direct` (every shape); `direct_narrow` (where `direct` is the heuristic's choice; see `_narrow_pays`);
         `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
@@ -343,8 +346,8 @@ class Conv2D(Layer):
             names.append("winograd5")
         if one_channel_pool and self.kernel_size == (3, 3) and filters % 16 == 0:
             names.append("k3_pool")
-        if one_channel_pool and filters <= 8:
-            names.append("pixels_pool")
+        if self._fuses_pool(block) and ci == 1 and self.strides == (1, 1) and filters <= 8:
+            names.append("pixels_pool")  # max or average pool
         names.append("direct")
         if names == ["direct"] and self._narrow_pays(block):  # (else a faster kernel applies)
             names.append("direct_narrow")
@@ -403,7 +406,13 @@ class Conv2D(Layer):
             width = max(p.shape[1], (pooled_rows_cols[1] + 31) // 32 * 32 + kw - 1)
             p = Padding((p.shape[0], width, p.shape[2]), p.pt, p.pl, True)
             step = PixelsPoolConv(
-                **common, padding=p, wt=wt, bias=bias, window=self.kernel_size, act=act
+                **common,
+                padding=p,
+                wt=wt,
+                bias=bias,
+                window=self.kernel_size,
+                act=act,
+                average=average,
             )
         else:
             rows_cols = pooled_rows_cols if fused else self.output_shape[:2]
