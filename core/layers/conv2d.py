@@ -318,15 +318,16 @@ class Conv2D(Layer):
 
     def _narrow_pays(self, block) -> bool:
         """Whether `direct_narrow` may beat `direct`: 64 filters or more, and a row of conv
-        pixels that 64-channel blocks (4-6 pixels a call) cover less well than 32-channel ones
-        (7-8 a call, each weight read once per 7-8 pixels instead of 4-5). Measured on AMD Zen 5:
+        pixels that 64-channel blocks (at most 6 pixels a call) cover less well than 32-channel
+        ones (7-8 a call and at least 2 more: each weight read once per 7-8 pixels instead of
+        4-6). Measured on AMD Zen 5:
         1.09-1.42x faster on rows of 8, 14 and 16 pixels over 64 input channels, 0.91-0.96x on
         rows of 28 and 32 pixels over 32 (whose weights stay in L1 either way): the planner
         decides."""
         row = 2 * block.pool.output_shape[1] if self._fuses_pool(block) else self.output_shape[1]
-        narrow_calls = gemm._block_rows(row, 5, 8)  # pixels a call with 32-channel blocks
-        wide_calls = gemm._block_rows(row, 4, 6)  # with 64-channel blocks
-        return self.filters >= 64 and narrow_calls >= 7 and wide_calls < 6
+        narrow = gemm._block_rows(row, 8)  # pixels a call with 32-channel blocks
+        wide = gemm._block_rows(row, 6)  # with 64-channel blocks
+        return self.filters >= 64 and narrow >= 7 and narrow >= wide + 2
 
     def inference_variants(self, block) -> tuple[str, ...]:
         """`winograd` (3x3 stride 1) and `winograd5` (5x5 stride 1), the heuristic's choice from
