@@ -137,7 +137,7 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
     SIX, as even as can be), each group through all units c0..c1-1 before the next: the group's
     inputs then stay in L2 while every strip passes over them. The same sums in the same order,
     so the same bits. (In blocks of 64 units, groups made wide_dense's layers 1.01-1.06x slower
-    on a Zen 3, where that layout is not the default; the Xeon's 2 MB L2 holds 256 rows.)"""
+    on a Zen 3, where that layout is not the default: not there.)"""
     K = xf.size // out.shape[0]
     n = r1 - r0
     if block != 16:

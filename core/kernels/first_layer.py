@@ -58,8 +58,11 @@ def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act, average, wide=WIDE)
                     else:  # filters 0-3, then 4-7
                         _mkt4x1(wf, 0, taps, kw, kh, kw, xf, b, Wp, 1, tile, c, 32)
                         _mkt4x1(wf, 4 * taps, taps, kw, kh, kw, xf, b, Wp, 1, tile, c + 128, 32)
-        if average:  # bias + activation first, on rows of 32 pixels (a filter's pixels
-            # stride 32 apart in the pooling loop below would keep tanh or sigmoid scalar)
+        px1 = min(PW, 16 * blk + 16)
+        if average:
+            # bias + activation first, on rows of 32 pixels (a filter's pixels 32 apart in the
+            # pooling loop would keep tanh or sigmoid scalar), then the order of
+            # `elementwise._store_pooled`
             for dy in range(2):
                 for co in range(CO):
                     row = np.uint64(dy * 256 + co * 32)
@@ -67,18 +70,22 @@ def conv1_pixels_pool2(x, wt, bias, tiles, out, kh, kw, act, average, wide=WIDE)
                     for jj in range(32):
                         u = row + np.uint64(jj)
                         tile[u] = _act(tile[u] + bc, act)
-        for px in range(16 * blk, min(PW, 16 * blk + 16)):
+            for px in range(16 * blk, px1):
+                j = np.uint64(2 * px - x0)
+                o = np.uint64(((n * PH + py) * PW + px) * CO)
+                for co in range(CO):
+                    i = np.uint64(co * 32) + j
+                    s = tile[i] + tile[i + 1]
+                    s += tile[i + 256] + tile[i + 257]
+                    of[o + np.uint64(co)] = s * _QUARTER
+            continue
+        for px in range(16 * blk, px1):
             j = np.uint64(2 * px - x0)
             o = np.uint64(((n * PH + py) * PW + px) * CO)
             for co in range(CO):
                 i = np.uint64(co * 32) + j
-                if average:  # the order of `elementwise._store_pooled`
-                    s = tile[i] + tile[i + 1]
-                    s += tile[i + 256] + tile[i + 257]
-                    of[o + np.uint64(co)] = s * _QUARTER
-                else:
-                    m = max(max(tile[i], tile[i + 1]), max(tile[i + 256], tile[i + 257]))
-                    of[o + np.uint64(co)] = _act(m + bias[co], act)
+                m = max(max(tile[i], tile[i + 1]), max(tile[i + 256], tile[i + 257]))
+                of[o + np.uint64(co)] = _act(m + bias[co], act)
 
 
 @njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)

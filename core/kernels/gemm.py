@@ -1,7 +1,8 @@
 """GEMM rows on the micro-kernels of `ir.py`: `_conv_row` computes a row of outputs (conv
 pixels, Winograd tiles or dense batch rows) x a range of output columns, in the fewest and
-fullest micro-kernel calls the register file allows. Every output is one in-order chain of fused multiply-adds
-whatever the batch size or the block it falls in, so results are batch-invariant.
+fullest micro-kernel calls the register file allows. Every output is one in-order chain of
+fused multiply-adds whatever the batch size or the block it falls in, so results are
+batch-invariant.
 """
 
 from __future__ import annotations
