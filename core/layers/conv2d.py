@@ -9,7 +9,8 @@ or average pool after that) becomes one of these steps:
   with a 2x2/2 max pool (`pixels_pool`: or average pool);
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding); `direct_narrow`
   the same in blocks of 32 output channels (7-8 pixels a micro-kernel call).
-A 2x2/2 `valid` pool, max or average, is fused into the Winograd and direct kernels.
+A 2x2/2 pool that tiles its input (`valid`, or `same` on even sides), max or average, is
+fused into the Winograd and direct kernels.
 `inference_variants` lists the ones that apply, today's heuristic choice first (Winograd 3x3
 or 5x5 from WINO_MIN_CHANNELS input channels on, else the first-layer kernels, else direct);
 the planner (`core/planner.py`) may time them and pick another.
@@ -333,8 +334,8 @@ class Conv2D(Layer):
         """`winograd` (3x3 stride 1) and `winograd5` (5x5 stride 1), the heuristic's choice from
         WINO_MIN_CHANNELS input channels on (`winograd` is offered for fewer too); `k3_pool` and
         `pixels_pool` (1 input channel, fused 2x2/2 max pool; also average for `pixels_pool`),
-        `direct` (every shape); `direct_narrow` (where `direct` is the heuristic's choice; see `_narrow_pays`);
-        `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on)."""
+        `direct` (every shape); `direct_narrow` (where `direct` is the heuristic's choice; see
+        `_narrow_pays`); `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         max_pool = self._fuses_pool(block) and isinstance(block.pool, MaxPooling2D)
