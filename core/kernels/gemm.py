@@ -209,7 +209,7 @@ def _conv_row(
         # the fewest calls of at most `hi` outputs, as even as can be (16 outputs: 6 + 5 + 5,
         # not 4 x 4); a short row in one call. Against the fewest recomputed outputs in blocks
         # of one size (16: 4 x 4), the direct and Winograd layers of five bench models took
-        # 0.86-1.02x the time, 0.96x in the median (AMD Zen 3, one process, 1 and 32 images)
+        # 0.86-1.02x the time, 0.96x in the median (AMD Zen 3, one process, 8 and 32 images)
         calls = 1 if count < lo else (count + hi - 1) // hi
         i = 0
         while i < count:
