@@ -338,18 +338,19 @@ class Conv2D(Layer):
         `_narrow_pays`); `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
-        max_pool = self._fuses_pool(block) and isinstance(block.pool, MaxPooling2D)
-        one_channel_pool = max_pool and ci == 1 and self.strides == (1, 1)
+        # one input channel, stride 1, a fused 2x2/2 pool: the first-layer kernels
+        one_channel_pool = self._fuses_pool(block) and ci == 1 and self.strides == (1, 1)
+        max_pool = isinstance(block.pool, MaxPooling2D)
         five = self.kernel_size == (5, 5) and self.strides == (1, 1)
         wide = ci >= WINO_MIN_CHANNELS
         names = ["winograd"] if three and wide else []
         # F(2x2, 5x5) measured faster than direct on 32-channel layers, far slower on 1-3 channels
         if five and wide:
             names.append("winograd5")
-        if one_channel_pool and self.kernel_size == (3, 3) and filters % 16 == 0:
+        if one_channel_pool and max_pool and self.kernel_size == (3, 3) and filters % 16 == 0:
             names.append("k3_pool")
-        if self._fuses_pool(block) and ci == 1 and self.strides == (1, 1) and filters <= 8:
-            names.append("pixels_pool")  # max or average pool
+        if one_channel_pool and filters <= 8:  # max or average pool
+            names.append("pixels_pool")
         names.append("direct")
         if names == ["direct"] and self._narrow_pays(block):  # (else a faster kernel applies)
             names.append("direct_narrow")
