@@ -687,11 +687,11 @@ def test_batch_rows_equal_single_image_calls(cases):
 
 @pytest.mark.parametrize("kind", ["max", "average"])
 def test_same_pools_that_pad_nothing_fuse_into_the_conv(kind):
-    """A 2x2/2 `same` pool on an even conv output pads nothing, so the conv kernel fuses it
-    (no separate pooling step); on an odd output it pads a row and a column and runs apart.
-    Both match the NumPy reference."""
+    """A 2x2/2 `same` pool on an even conv output pads nothing, so the 2x2/2 kernels take it;
+    on an odd output it pads a row and a column, and the direct kernel's general pooling takes
+    it. No separate pooling step either way; both match the NumPy reference."""
     rng = np.random.default_rng(17)
-    for side, fused in ((12, True), (11, False)):
+    for side, tiles in ((12, True), (11, False)):
         pool = {"type": f"{kind}_pooling2d", "pool_size": 2, "padding": "same"}
         conv = {"type": "conv2d", "filters": 16, "kernel_size": 3, "padding": "same"}
         dense = {"type": "dense", "units": 5, "activation": "softmax"}
@@ -699,10 +699,57 @@ def test_same_pools_that_pad_nothing_fuse_into_the_conv(kind):
         weights = _weights(doc, side)
         model = Model(doc, weights)
         kinds = [_kind(step) for step in model._plan.steps]
-        assert ("PoolStep" not in kinds) == fused, kinds
-        assert any(k.endswith("+pool") for k in kinds) == fused, kinds
+        assert kinds[0] == "DirectConv+pool" and "PoolStep" not in kinds, kinds
+        assert model._plan.steps[0].tiles_2x2 == tiles
         x = rng.standard_normal((3, side, side, 3)).astype(np.float32)
         np.testing.assert_allclose(model.forward(x), ref.forward(doc, weights, x), atol=TOLERANCE)
+
+
+def test_the_direct_conv_fuses_pools_of_every_shape():
+    """Max and average pools of windows 1-4, strides 1-4, `valid` and `same`, after direct convs
+    of kernels 1-3, strides 1-2 and 3-40 filters, every activation: fused into the conv (no
+    pooling step), against the NumPy reference, and bit-identical alone and in batches (whose
+    tasks are bands of pooled rows, fewer as the batch grows). The `same` conv after it reads
+    the pooled rows where the pool wrote them."""
+    rng = np.random.default_rng(31)
+    checked = 0
+    while checked < 24:
+        window, stride = (int(v) for v in rng.integers(1, 5, 2))
+        conv = {
+            "type": "conv2d",
+            "filters": int(rng.integers(3, 41)),
+            "kernel_size": int(rng.integers(1, 4)),
+            "strides": int(rng.integers(1, 3)),
+            "padding": str(rng.choice(["valid", "same"])),
+            "activation": str(rng.choice(ACTIVATIONS[:4])),
+        }
+        pool = {
+            "type": str(rng.choice(["max_pooling2d", "average_pooling2d"])),
+            "pool_size": window,
+            "strides": stride,
+            "padding": str(rng.choice(["valid", "same"])),
+        }
+        after = {"type": "conv2d", "filters": 8, "kernel_size": 3, "padding": "same"}
+        h, w = (int(v) for v in rng.integers(4, 20, 2))
+        doc = _conv_doc([h, w, 3], [conv, pool, after, {"type": "flatten"}, _DENSE5])
+        if not _valid(doc):
+            continue
+        weights = _weights(doc, checked)
+        plan = InferencePlan(parse_architecture(doc), weights, {0: "direct", 2: "direct"})
+        kinds = [_kind(step) for step in plan.steps]
+        assert kinds[0] == "DirectConv+pool" and "PoolStep" not in kinds, (doc, kinds)
+        x = rng.standard_normal((9, h, w, 3)).astype(np.float32)
+        expected = ref.forward(doc, weights, x)
+        # the small batches first: no buffer holds a bigger batch's results yet
+        alone = [plan.run(x[:n]) for n in (1, 2, 4)]
+        batched = plan.run(x)
+        np.testing.assert_allclose(batched, expected, atol=TOLERANCE, err_msg=str(doc))
+        for few in alone:
+            np.testing.assert_array_equal(few, batched[: len(few)])
+        checked += 1
+
+
+_DENSE5 = {"type": "dense", "units": 5, "activation": "softmax"}
 
 
 def _conv_doc(shape, layers):

@@ -21,9 +21,11 @@ activation run once per pooled value. Average pooling activates the four values,
 from __future__ import annotations
 
 import numba
+import numpy as np
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _store_pooled, _store_row
 from convserve.core.kernels.gemm import _conv_row
+from convserve.core.kernels.pool import _scale_into
 from convserve.core.kernels.tasks import row_task
 from numba import njit, prange
 
@@ -156,3 +158,118 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at, narrow):
         o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
         for i in range(cnt):
             _store_row(tile, i * COp, bias, of, o + i * CO, 0, CO, act)
+
+
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _three(dst, d, src, ia, ib, ic, C, average):
+    """dst[d + c] = max (sum with `average`) of src[ia + c], src[ib + c], src[ic + c], c < C; dst
+    apart from the three (`pool._max_of`: a max kept in place is slow on AMD)."""
+    dd = np.uint64(d)
+    a = np.uint64(ia)
+    b = np.uint64(ib)
+    e = np.uint64(ic)
+    if average:
+        for c in range(C):
+            u = np.uint64(c)
+            dst[dd + u] = src[a + u] + src[b + u] + src[e + u]
+    else:
+        for c in range(C):
+            u = np.uint64(c)
+            dst[dd + u] = max(max(src[a + u], src[b + u]), src[e + u])
+
+
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _fold(dst, d, src, offs, count, C, average, spare):
+    """dst[d + c] = the max (sum with `average`) over k < count of src[offs[k] + c], c < C, three
+    cells a pass. spare: src offset of three scratch rows of C floats, the last of them zeros
+    (a sum's missing operands; a max repeats its first cell instead)."""
+    zero = spare + 2 * C
+    if count <= 3:
+        pad = zero if average else offs[0]
+        ib = offs[1] if count > 1 else pad
+        ic = offs[2] if count > 2 else pad
+        _three(dst, d, src, offs[0], ib, ic, C, average)
+        return
+    _three(src, spare, src, offs[0], offs[1], offs[2], C, average)
+    k = 3
+    acc = spare  # passes alternate between the two scratch rows
+    while k < count:
+        ib = offs[k]
+        ic = offs[k + 1] if k + 1 < count else (zero if average else ib)
+        k += 2
+        if k >= count:
+            _three(dst, d, src, acc, ib, ic, C, average)
+        else:
+            nxt = spare + C if acc == spare else spare
+            _three(src, nxt, src, acc, ib, ic, C, average)
+            acc = nxt
+
+
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
+def conv_pool(x, wk, bias, tiles, out, kh, kw, sh, sw, act, pool, average, bands, at, narrow):
+    """Valid conv + bias + activation + a max (average with `average`) pool of any window,
+    stride and padding on an already padded and preprocessed input: pool = (ph, pw, psh, psw,
+    pt, pl, OH, OW), window, strides, the pool's top and left padding and the conv's output
+    rows and columns. Padding cells are ignored, as in `pool.pool2d`. The (PH, PW) pooled
+    outputs go to out (N, Hb, Wb, CO) from row y0, column x0: at = (y0, x0, PH, PW).
+
+    Tasks: (image, band of pooled rows), `bands` bands an image. A task computes each conv row
+    its windows read once and pools it across (the windows' columns) into a ring of ph such
+    rows, from which each pooled row pools down: the conv output never leaves the cache, and
+    overlapping windows share their rows. A band's first pooled row computes all its rows, so
+    the rows windows share across bands are computed twice. Max pools the raw sums and adds
+    bias and activation to the max (both commute with it); average activates first.
+    tiles: (threads, >= (cols + ph * PW + 3) * COp) floats, cols = the conv columns the pool
+    reads.
+    """
+    N, H, W, CI = x.shape
+    COp = wk.size // (kh * kw * CI)
+    ldb = wk.shape[1]
+    Hb, Wb, CO = out.shape[1], out.shape[2], out.shape[3]
+    y0, x0, PH, PW = at
+    ph, pw, psh, psw, pt, pl, OH, OW = pool
+    cols = min(OW, (PW - 1) * psw - pl + pw)
+    per = (PH + bands - 1) // bands
+    ring = cols * COp  # the ring of rows pooled across, after the conv row
+    spare = ring + ph * PW * COp  # three scratch rows (`_fold`)
+    xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
+    of = out.reshape(out.size)
+    for t in prange(N * bands):
+        n = t // bands
+        py0 = t % bands * per
+        tile = tiles[numba.get_thread_id()]
+        for c in range(COp):
+            tile[spare + 2 * COp + c] = 0.0
+        offs = np.empty(max(ph, pw), np.int64)
+        done = 0  # the task's conv rows before this one are in the ring
+        for py in range(py0, min(PH, py0 + per)):
+            r0 = max(0, py * psh - pt)
+            r1 = min(OH, py * psh - pt + ph)
+            for r in range(max(done, r0), r1):
+                a_off = (n * H + r * sh) * W * CI
+                _conv_pixels(
+                    xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, tile, 0, cols, narrow
+                )
+                if average:  # the mean of the activated values
+                    for c in range(cols):
+                        _store_row(tile, c * COp, bias, tile, c * COp, 0, COp, act)
+                for px in range(PW):
+                    c0 = max(0, px * psw - pl)
+                    c1 = min(OW, px * psw - pl + pw)
+                    for k in range(c1 - c0):
+                        offs[k] = (c0 + k) * COp
+                    d = ring + (r % ph * PW + px) * COp
+                    _fold(tile, d, tile, offs, c1 - c0, COp, average, spare)
+            done = r1
+            for px in range(PW):
+                for k in range(r1 - r0):
+                    offs[k] = ring + ((r0 + k) % ph * PW + px) * COp
+                o = ((n * Hb + y0 + py) * Wb + x0 + px) * CO
+                _fold(tile, spare, tile, offs, r1 - r0, COp, average, spare)
+                if average:
+                    c0 = max(0, px * psw - pl)
+                    cells = (r1 - r0) * (min(OW, px * psw - pl + pw) - c0)
+                    _scale_into(of, o, tile, spare, CO, np.float32(1.0) / np.float32(cells))
+                else:
+                    _store_row(tile, spare, bias, of, o, 0, CO, act)

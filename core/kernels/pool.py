@@ -39,6 +39,16 @@ def _add_into(of, o, xf, i, C):
         of[oo + u] += xf[ii + u]
 
 
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _scale_into(of, o, xf, i, C, f):
+    """of[o + c] = xf[i + c] * f for c < C."""
+    oo = np.uint64(o)
+    ii = np.uint64(i)
+    for c in range(C):
+        u = np.uint64(c)
+        of[oo + u] = xf[ii + u] * f
+
+
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def pool2d(x, out, ph, pw, sh, sw, pt, pl, average):
     """out[n, oy, ox, c] = max (or mean) of x over the window's real cells. Tasks: (image, row)."""

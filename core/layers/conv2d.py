@@ -10,11 +10,12 @@ or average pool after that) becomes one of these steps:
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding); `direct_narrow`
   the same in blocks of 32 output channels (7-8 pixels a micro-kernel call).
 A 2x2/2 pool that tiles its input (`valid`, or `same` on even sides), max or average, is
-fused into the Winograd and direct kernels.
+fused into the Winograd and direct kernels; a max or average pool of any other window, stride
+and padding into the direct kernel (`direct.conv_pool`).
 `inference_variants` lists the ones that apply, today's heuristic choice first (Winograd 3x3
 or 5x5 from WINO_MIN_CHANNELS input channels on, else the first-layer kernels, else direct);
 the planner (`core/planner.py`) may time them and pick another.
-A pool of another shape runs as its own step after the conv; a softmax as an `Activate`.
+Otherwise the pool runs as its own step after the conv; a softmax as an `Activate`.
 """
 
 from __future__ import annotations
@@ -98,10 +99,14 @@ def channel_blocks(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 
 # -- inference steps ----------------------------------------------------------------------------
+POOL2 = (2, 2, 2, 2, 0, 0)  # a 2x2/2 pool that tiles its input (`direct.conv_pool2`)
+
+
 @dataclass(kw_only=True)
 class DirectConv(Step):
-    """`direct.conv` (or `direct.conv_pool2` with `pool`, averaging with `average`) on the
-    padded input."""
+    """`direct.conv` on the padded input; with a fused max (average with `average`) pool,
+    pool = (window, strides, top and left padding, conv rows and columns the pool reads),
+    `direct.conv_pool2` for POOL2, else `direct.conv_pool`."""
 
     PLACES_OUTPUT: ClassVar[bool] = True
 
@@ -110,23 +115,38 @@ class DirectConv(Step):
     window: tuple[int, int]
     strides: tuple[int, int]
     act: int
-    pool: bool
+    pool: tuple[int, ...] | None = None
     average: bool = False
     narrow: bool = False  # blocks of 32 output channels (`gemm._conv_row`)
 
+    @property
+    def tiles_2x2(self) -> bool:
+        """The fused pool is 2x2/2 and tiles the conv output (`direct.conv_pool2`); a `same`
+        one on odd sides pads the bottom and right instead."""
+        return self.pool == (*POOL2, 2 * self.shape[0], 2 * self.shape[1])
+
     def tile_floats(self) -> int:
-        return (4 if self.pool else 1) * self.shape[1] * self.bias.size  # COp
+        cop = self.bias.size
+        if self.pool is None or self.tiles_2x2:
+            return (4 if self.pool else 1) * self.shape[1] * cop
+        ph, cols = self.pool[0], self.pool[7]
+        return (cols + ph * self.shape[1] + 3) * cop  # `direct.conv_pool`'s rows
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
+        args = (x, self.wk, self.bias, program.tiles, out, *self.window, *self.strides, self.act)
+        narrow = int(self.narrow)
+        if self.pool is not None and not self.tiles_2x2:
+            # bands of pooled rows: each repeats the conv rows it shares with the band before
+            bands = splits(program.n, self.shape[0], program.threads, per_thread=2)
+            program.add(direct.conv_pool, *args, self.pool, self.average, bands, program.at, narrow)
+            return out
         # a row splits into pieces of 8 conv pixels at least: a shorter piece runs its
         # micro-kernel calls on fewer pixels than the thread it frees gains (lenet5's 6 -> 16
         # conv at one image on Zen 5: its 10-pixel rows whole 4.0-6.3 us, in 6 + 4 4.7-6.9,
         # 6-16 % faster in each of 3 processes)
         row_pixels = self.shape[1] * (2 if self.pool else 1)
         ways = splits(program.n * self.shape[0], max(1, row_pixels // 8), program.threads)
-        args = (x, self.wk, self.bias, program.tiles, out, *self.window, *self.strides, self.act)
-        narrow = int(self.narrow)
         if self.pool:
             program.add(direct.conv_pool2, *args, self.average, ways, program.at, narrow)
         else:
@@ -317,6 +337,15 @@ class Conv2D(Layer):
         pool = block.pool
         return pool is not None and pool.pool_size == (2, 2) and pool.tiles_input
 
+    def _pool_reads(self, pool) -> tuple[int, int]:
+        """The rows and columns of conv output that the pool after this conv reads (all but
+        the last ones its windows do not reach)."""
+        oh, ow = self.output_shape[:2]
+        ph, pw = pool.pool_size
+        (sh, sw), (pt, _, pl, _) = pool.strides, pool.pads
+        out_h, out_w = pool.output_shape[:2]
+        return min(oh, (out_h - 1) * sh - pt + ph), min(ow, (out_w - 1) * sw - pl + pw)
+
     def _narrow_pays(self, block) -> bool:
         """Whether `direct_narrow` may beat `direct`: 64 filters or more, and a row of conv
         pixels that 64-channel blocks (at most 6 pixels a call) cover less well than 32-channel
@@ -325,7 +354,7 @@ class Conv2D(Layer):
         1.09-1.42x faster on rows of 8, 14 and 16 pixels over 64 input channels, 0.91-0.96x on
         rows of 28 and 32 pixels over 32 (whose weights stay in L1 either way): the planner
         decides."""
-        row = 2 * block.pool.output_shape[1] if self._fuses_pool(block) else self.output_shape[1]
+        row = self._pool_reads(block.pool)[1] if block.pool else self.output_shape[1]
         narrow = gemm._block_rows(row, 8)  # pixels a call with 32-channel blocks
         wide = gemm._block_rows(row, 6)  # with 64-channel blocks
         return self.filters >= 64 and narrow >= 7 and narrow >= wide + 2
@@ -418,7 +447,14 @@ class Conv2D(Layer):
                 average=average,
             )
         else:
-            rows_cols = pooled_rows_cols if fused else self.output_shape[:2]
+            geometry: tuple[int, ...] | None = None  # of a fused pool (`DirectConv.pool`)
+            rows_cols = self.output_shape[:2]
+            if pool is not None:  # fused whatever its shape
+                rows_cols = self._pool_reads(pool)
+                geometry = (*pool.pool_size, *pool.strides, pool.pads[0], pool.pads[2])
+                geometry += rows_cols
+                common["shape"] = pool.output_shape
+                fused = True
             step = DirectConv(
                 **common,
                 padding=padding_for(rows_cols),
@@ -427,7 +463,7 @@ class Conv2D(Layer):
                 window=self.kernel_size,
                 strides=self.strides,
                 act=kernel_act,
-                pool=fused,
+                pool=geometry,
                 average=average,
                 narrow=variant == "direct_narrow",
             )

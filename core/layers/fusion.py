@@ -9,8 +9,9 @@ block that a single kernel may compute.
   kernel averages the activated conv outputs of each window, as the layers would.
 
 A block is a grouping, not a promise: each backend runs it with one kernel when it has one for
-that shape (inference: a 2x2/2 pool; training: linear or ReLU, windows tiling the output for
-the forward) and layer by layer otherwise. At inference dropout is the identity and is dropped
+that shape (inference: any pool after a direct conv, a 2x2/2 one after the other conv
+kernels; training: linear or ReLU, windows tiling the output for the forward) and layer by layer
+otherwise. At inference dropout is the identity and is dropped
 before grouping, so it never splits a block.
 """
 
