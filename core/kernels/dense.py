@@ -222,35 +222,48 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
     """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass; see
     K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
     last block narrower), each K rows of its units, contiguous (`layers.dense.pack_dense`), Up the units
-    rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, range of blocks),
-    `splits` ranges per group (`dense_tasks`; softmax needs whole rows: splits=1).
+    rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, part of its
+    work), `splits` parts per group (`dense_tasks`; softmax needs whole rows: splits=1).
+    A group's work is its blocks x its rows in slots of SIX, block by block; each part takes an
+    equal run of it: whole blocks, and where a run starts or ends inside a block, some of that
+    block's rows. So 19 strips of 16 units (300 units) go as 9.5 and 9.5, not 10 and 9.
     tiles: (threads, >= rows*64).
     Every output is one in-order chain of fused multiply-adds over K (four, added at the end,
     for at most 16 units), whatever the batch size or the task it falls in, so a row's result is
     bit-identical alone and in any batch."""
     N = x.shape[0]
     Up = wk.size // x.shape[1]
-    # ranges of whole blocks; in strips of 16 units, ranges of strips: 304 units (300 rounded
-    # up) went as 192 + 112 in blocks of 64, and 784 x 300 at 64 rows took 1.19x the time of
-    # 160 + 144 (Zen 3)
     unit = 16 if block == 16 else 64
-    per = ((Up + unit * splits - 1) // (unit * splits)) * unit
+    width = (Up + unit - 1) // unit  # blocks
     groups = (N + rows - 1) // rows
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
     for t in prange(groups * splits):
         s = t % splits
-        g = t // splits
-        c0 = min(Up, s * per)
-        c1 = min(Up, c0 + per)
-        if c0 < c1:
-            r0 = g * rows
-            r1 = min(N, r0 + rows)
-            tile = tiles[numba.get_thread_id()]
-            _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block)
-            if act == 4:
-                for i in range(r0, r1):
-                    _softmax_row(out[i])
+        r0 = t // splits * rows
+        r1 = min(N, r0 + rows)
+        slots = (r1 - r0 + SIX - 1) // SIX
+        lo = s * width * slots // splits  # this part's run of (block, slot) cells
+        hi = (s + 1) * width * slots // splits
+        tile = tiles[numba.get_thread_id()]
+        while lo < hi:
+            b = lo // slots
+            first = lo - b * slots
+            if first == 0 and hi >= (b + 1) * slots:  # whole blocks, as many as the run holds
+                end = hi // slots
+                c1 = min(Up, end * unit)
+                _dense_rows(xf, wf, bias, tile, out, r0, r1, b * unit, c1, act, k_pass, block)
+                lo = end * slots
+            else:  # some rows of block b
+                last = min(slots, hi - b * slots)
+                q0 = r0 + first * SIX
+                q1 = min(r1, r0 + last * SIX)
+                c1 = min(Up, b * unit + unit)
+                _dense_rows(xf, wf, bias, tile, out, q0, q1, b * unit, c1, act, k_pass, block)
+                lo = b * slots + last
+        if act == 4:
+            for i in range(r0, r1):
+                _softmax_row(out[i])
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
