@@ -212,6 +212,29 @@ def test_tanh_and_sigmoid_kernels_match_float64():
     assert np.abs(got[small] - exact[small]).max() < 1e-9
 
 
+def test_finiteness_scan_agrees_with_numpy_on_every_kind_of_value():
+    """The bit-pattern scan behind the NaN/Inf input check against `np.isfinite` on arrays of
+    random bit patterns (every exponent), with and without a NaN (quiet, signalling, negative),
+    an infinity of either sign, or the largest finite values, at any position, and empty."""
+    from convserve.core.kernels.elementwise import all_finite_f32
+
+    rng = np.random.default_rng(5)
+    specials = np.array(
+        [0x7FC00000, 0x7F800001, 0xFFC00000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 1],
+        np.uint32,
+    ).view(np.float32)
+    assert all_finite_f32(np.empty(0, np.float32))
+    for size in (1, 7, 64, 1000, 4099):
+        finite = rng.integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32)
+        finite &= np.uint32(0xBFFFFFFF)  # exponent below all ones
+        x = finite.view(np.float32)
+        assert all_finite_f32(x)
+        for value in specials:
+            y = x.copy()
+            y[rng.integers(0, size)] = value
+            assert all_finite_f32(y) == bool(np.isfinite(y).all()), (size, value)
+
+
 @pytest.mark.parametrize("filters", [20, 32, 48, 64, 80, 130])
 def test_wide_convolutions_match_numpy_reference(filters):
     """Every micro-kernel shape (8 pixels x 16/32 channels, 4 x 64, 4 x 32 and 4 x 16 remainders,
