@@ -169,7 +169,10 @@ def test_tritonclient_through_ray_matches_model_predict(ray_app, repository):
         tensor.set_data_from_numpy(x)
         result = client.infer(MODEL, [tensor], model_version=version)
         expected = Model.load(repository / MODEL / version / "model.safetensors").predict(x)
-        np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-6, atol=1e-7)
+        # the replica plans its kernels on its own (its own thread count, its own timings): a
+        # different variant rounds differently, by a few float32 ulps (all are within 1e-4 of
+        # the reference; one seen differed by 2.2e-7 on 0.113)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-5, atol=1e-6)
     metadata = client.get_model_metadata(MODEL)
     assert list(metadata.versions) == ["1", "2"] and metadata.inputs[0].shape == [-1, 28, 28, 1]
     assert client.get_model_config(MODEL).config.max_batch_size == 64

@@ -182,7 +182,8 @@ def _three(dst, d, src, ia, ib, ic, C, average):
 def _fold(dst, d, src, offs, count, C, average, spare):
     """dst[d + c] = the max (sum with `average`) over k < count of src[offs[k] + c], c < C, three
     cells a pass. spare: src offset of three scratch rows of C floats, the last of them zeros
-    (a sum's missing operands; a max repeats its first cell instead)."""
+    (a sum's missing operands; a max repeats its first cell instead); dst[d] is none of them
+    (`_three`)."""
     zero = spare + 2 * C
     if count <= 3:
         pad = zero if average else offs[0]
@@ -219,7 +220,7 @@ def conv_pool(x, wk, bias, tiles, out, kh, kw, sh, sw, act, pool, average, bands
     overlapping windows share their rows. A band's first pooled row computes all its rows, so
     the rows windows share across bands are computed twice. Max pools the raw sums and adds
     bias and activation to the max (both commute with it); average activates first.
-    tiles: (threads, >= (cols + ph * PW + 3) * COp) floats, cols = the conv columns the pool
+    tiles: (threads, >= (cols + ph * PW + 4) * COp) floats, cols = the conv columns the pool
     reads.
     """
     N, H, W, CI = x.shape
@@ -232,6 +233,7 @@ def conv_pool(x, wk, bias, tiles, out, kh, kw, sh, sw, act, pool, average, bands
     per = (PH + bands - 1) // bands
     ring = cols * COp  # the ring of rows pooled across, after the conv row
     spare = ring + ph * PW * COp  # three scratch rows (`_fold`)
+    pooled = spare + 3 * COp  # a pooled value before its store
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
     of = out.reshape(out.size)
@@ -266,10 +268,10 @@ def conv_pool(x, wk, bias, tiles, out, kh, kw, sh, sw, act, pool, average, bands
                 for k in range(r1 - r0):
                     offs[k] = ring + ((r0 + k) % ph * PW + px) * COp
                 o = ((n * Hb + y0 + py) * Wb + x0 + px) * CO
-                _fold(tile, spare, tile, offs, r1 - r0, COp, average, spare)
+                _fold(tile, pooled, tile, offs, r1 - r0, COp, average, spare)
                 if average:
                     c0 = max(0, px * psw - pl)
                     cells = (r1 - r0) * (min(OW, px * psw - pl + pw) - c0)
-                    _scale_into(of, o, tile, spare, CO, np.float32(1.0) / np.float32(cells))
+                    _scale_into(of, o, tile, pooled, CO, np.float32(1.0) / np.float32(cells))
                 else:
-                    _store_row(tile, spare, bias, of, o, 0, CO, act)
+                    _store_row(tile, pooled, bias, of, o, 0, CO, act)

@@ -143,7 +143,7 @@ class DirectConv(Step):
         if self.pool is None or self.tiles_2x2:
             return (4 if self.pool else 1) * self.shape[1] * cop
         ph, cols = self.pool[0], self.pool[7]
-        return (cols + ph * self.shape[1] + 3) * cop  # `direct.conv_pool`'s rows
+        return (cols + ph * self.shape[1] + 4) * cop  # `direct.conv_pool`'s rows
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         x = program.pad(self, x)
