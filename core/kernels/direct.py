@@ -1,5 +1,6 @@
-"""Direct convolution (NHWC, float32) + bias + activation, optionally fused with a 2x2/2 max or
-average pool. Any kernel size, stride and padding.
+"""Direct convolution (NHWC, float32) + bias + activation, optionally fused with a max or average
+pool (`conv_pool2` for 2x2/2 pools that tile the conv output, `conv_pool` for any other). Any
+kernel size, stride and padding.
 
 Weights are packed once by the plan in GEMM form `wk[K, COp]`: row k is tap k in (ky, kx, ci)
 order for every filter, K = kh*kw*ci, `COp` = filters rounded up to 16 (zero columns); or,
@@ -13,7 +14,7 @@ The output may be the interior of a larger, zero-bordered buffer: `at` = (y0, x0
 places the OH x OW outputs at row y0, column x0 of `out`, so a conv writes straight into the
 padded input of the conv after it and that layer's padding copy is skipped.
 
-Fused pooling computes the two conv rows of a pooled row and keeps the max of each 2x2 window;
+`conv_pool2` computes the two conv rows of a pooled row and keeps the max of each 2x2 window;
 max pooling commutes with the per-channel bias and with every monotonic activation, so bias and
 activation run once per pooled value. Average pooling activates the four values, then averages.
 """
@@ -270,8 +271,7 @@ def conv_pool(x, wk, bias, tiles, out, kh, kw, sh, sw, act, pool, average, bands
                 o = ((n * Hb + y0 + py) * Wb + x0 + px) * CO
                 _fold(tile, pooled, tile, offs, r1 - r0, COp, average, spare)
                 if average:
-                    c0 = max(0, px * psw - pl)
-                    cells = (r1 - r0) * (min(OW, px * psw - pl + pw) - c0)
+                    cells = (r1 - r0) * (min(OW, px * psw - pl + pw) - max(0, px * psw - pl))
                     _scale_into(of, o, tile, pooled, CO, np.float32(1.0) / np.float32(cells))
                 else:
                     _store_row(tile, pooled, bias, of, o, 0, CO, act)

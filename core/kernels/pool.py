@@ -79,9 +79,7 @@ def pool2d(x, out, ph, pw, sh, sw, pt, pl, average):
                         if yy != ya or xx != xa:
                             _add_into(of, o, xf, ((n * H + yy) * W + xx) * C, C)
                 inv = np.float32(1.0) / np.float32((yb - ya) * (xb - xa))
-                for c in range(C):
-                    u = np.uint64(c)
-                    of[oo + u] *= inv
+                _scale_into(of, o, of, o, C, inv)
                 continue
             # max: step k writes max(step k-1's result, the window's k-th real cell) to row k % 2
             # of `rows`, the last step to the output (`_max_of`: never in place)

@@ -11,8 +11,8 @@ block that a single kernel may compute.
 A block is a grouping, not a promise: each backend runs it with one kernel when it has one for
 that shape (inference: any pool after a direct conv, a 2x2/2 one after the other conv
 kernels; training: linear or ReLU, windows tiling the output for the forward) and layer by layer
-otherwise. At inference dropout is the identity and is dropped
-before grouping, so it never splits a block.
+otherwise. At inference dropout is the identity and is dropped before grouping, so it never
+splits a block.
 """
 
 from __future__ import annotations
