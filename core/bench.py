@@ -122,7 +122,8 @@ def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, f
     """(direct-equivalent, actual) floating-point operations per image of the conv and dense
     layers (2 per multiply-add) for a kernel plan {layer index: variant}: a Winograd layer does
     alpha*alpha products per tile of m x m outputs and channel pair (F(2x2, 3x3): 16 where
-    direct does 36; F(4x4, 3x3): 36 for 144; F(2x2, 5x5): 36 for 100)."""
+    direct does 36; F(4x4, 3x3): 36 for 144; F(2x2, 5x5): 36 for 100; a stride-2 conv over its
+    input's phases: 36 over 4 * CI channels for 16 * kh * kw over CI)."""
     from convserve.core.architecture import parse_architecture
     from convserve.core.layers.conv2d import WINOGRAD
     from convserve.core.layers.fusion import blocks
@@ -139,7 +140,10 @@ def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, f
             kh, kw = layer.kernel_size
             work = 2.0 * oh * ow * co * kh * kw * ci
             direct += work
-            transform = WINOGRAD.get(plan.get(layer.index, ""))
+            variant = plan.get(layer.index, "")
+            transform = WINOGRAD.get(variant)
+            if variant == "winograd4_phases":  # a 3x3 conv over the 4 phases of the input
+                ci *= 4
             if transform is not None:
                 fused = block.pool is not None and block.pool.tiles_input
                 m = transform.m

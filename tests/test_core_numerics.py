@@ -1088,6 +1088,27 @@ def test_the_bench_report_gives_each_cell_its_share_of_the_roofline():
     assert summary["weights_read"]["m"]["gbps_median"] == 20.0
 
 
+def test_the_bench_counts_the_multiplies_each_kernel_does():
+    """Direct-equivalent and actual FLOPs per image: a 5x5/2 conv over 16 channels (12x12 ->
+    6x6, 8 filters) run direct, then over its input's phases (F(4x4, 3x3), 36 products per
+    4x4 tile over 64 phase channels), then a 3x3 `same` F(2x2, 3x3) conv (16 per 2x2 tile)."""
+    from convserve.core.bench import flops_per_image
+
+    conv = {"type": "conv2d", "filters": 8, "kernel_size": 5, "strides": 2, "padding": "same"}
+    doc = {
+        "input": {"shape": [12, 12, 16]},
+        "layers": [conv, {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": "same"}]
+        + [{"type": "flatten"}],
+    }
+    first = 2.0 * 36 * 8 * 25 * 16  # 36 outputs of 8 filters, 25 taps over 16 channels
+    second = 2.0 * 36 * 4 * 9 * 8
+    assert flops_per_image(doc, {}) == (first + second, first + second)
+    phases = 2.0 * 36 * (2 * 2) * (4 * 16) * 8  # 2 x 2 tiles of 4 x 4 outputs
+    winograd = 2.0 * 16 * (3 * 3) * 8 * 4  # 3 x 3 tiles of 2 x 2 outputs
+    plan = {0: "winograd4_phases", 1: "winograd"}
+    assert flops_per_image(doc, plan) == (first + second, phases + winograd)
+
+
 def test_the_bench_report_gives_each_cell_its_share_of_the_peak():
     from convserve.core.bench import report
 

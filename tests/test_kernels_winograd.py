@@ -1,6 +1,7 @@
 """Winograd kernels: the transforms built from interpolation points are exact, and the
-`winograd` (F(2x2, 3x3)), `winograd4` (F(4x4, 3x3)) and `winograd5` (F(2x2, 5x5)) variants match the NumPy reference on
-randomized shapes and are bit-identical across batch sizes."""
+`winograd` (F(2x2, 3x3)), `winograd4` (F(4x4, 3x3)) and `winograd5` (F(2x2, 5x5)) variants, and
+F(4x4, 3x3) over a stride-2 conv's input phases (`winograd4_phases`), match the
+NumPy reference on randomized shapes and are bit-identical across batch sizes."""
 
 from __future__ import annotations
 
@@ -67,20 +68,29 @@ def test_kernel_transform_is_float64_and_exact_on_2d():
         np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
 
 
-def _case(rng: np.random.Generator, variant: str, pool: str | None, act: str, padding: str):
+def _case(
+    rng: np.random.Generator,
+    variant: str,
+    pool: str | None,
+    act: str,
+    padding: str,
+    kernel: list[int] | None = None,
+    strides: int = 1,
+):
     """A one-conv model (its flattened output is the model's output) with random odd or even sizes and
     channel counts that are not multiples of 16 (some above, some below)."""
-    k = KERNEL_SIZE[variant]
-    narrow = [1, 3] if variant == "winograd" else []  # the others start at 8 channels
+    kernel = kernel or [KERNEL_SIZE[variant]] * 2
+    narrow = [1, 3] if variant not in ("winograd4", "winograd5") else []  # 8 channels on
     channels = int(rng.choice([*narrow, 8, 13, 17, 32, 35]))
     filters = int(rng.choice([1, 5, 16, 20, 37, 64, 70]))
-    low = k + 1 if padding == "valid" else 2
-    h, w = (int(v) for v in rng.integers(low, 20, size=2))
+    low = max(kernel) + strides if padding == "valid" else 2
+    h, w = (int(v) for v in rng.integers(low, 20 + 4 * strides, size=2))
     layers = [
         {
             "type": "conv2d",
             "filters": filters,
-            "kernel_size": k,
+            "kernel_size": kernel,
+            "strides": strides,
             "padding": padding,
             "activation": act,
             "use_bias": bool(rng.random() < 0.8),
@@ -147,6 +157,48 @@ def test_winograd_variants_match_the_reference_and_are_batch_invariant(variant, 
             )
 
 
+PHASE_CASES = [
+    (pool, padding) for pool in (None, "max", "average") for padding in ("valid", "same")
+]
+
+
+@pytest.mark.parametrize("pool,padding", PHASE_CASES)
+def test_stride_2_convs_over_the_input_phases_match_the_reference(pool, padding):
+    """Stride-2 convs with kernels of 4-6 a side (square or not), run as 3x3 F(4x4, 3x3) convs over
+    the input's 2x2 phases, match the reference on odd and even sides, as a first layer on raw
+    pixels too, and are bit-identical across batch sizes."""
+    variant = "winograd4_phases"
+    rng = np.random.default_rng(100 + PHASE_CASES.index((pool, padding)))
+    for trial in range(5):
+        kernel = [int(v) for v in rng.integers(4, 7, size=2)]
+        act = str(rng.choice(["linear", "relu", "tanh", "sigmoid"]))
+        doc = _case(rng, variant, pool, act, padding, kernel=kernel, strides=2)
+        arch = parse_architecture(doc)
+        weights = random_weights(doc, seed=trial)
+        plan = InferencePlan(arch, weights, {0: variant})
+        step = plan.steps[0]
+        assert type(step).__name__ == "WinogradConv" and step.phases
+        assert step.pool == (pool is not None)  # the 2x2/2 pool is fused
+        assert step.u.shape[0] == 36 and step.size == 4
+        assert step.u.size // step.u.shape[0] // step.bias.size == 4 * arch.input_shape[2]
+        n = BATCH_CHUNK + 3  # two chunks
+        x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
+        where = f"{variant} {doc['layers']} {arch.input_shape}"
+        expected = ref.forward(doc, weights, x)
+        got = plan.run(x)
+        scale = max(float(np.abs(expected).max()), 1e-3)
+        np.testing.assert_allclose(got, expected, atol=TOLERANCE * scale, rtol=0, err_msg=where)
+        pixels = rng.integers(0, 256, x.shape).astype(np.uint8)[:3]
+        expected_raw = ref.forward(doc, weights, pixels, preprocess=True)
+        scale = max(float(np.abs(expected_raw).max()), 1e-3)
+        got_raw = plan.run(pixels, preprocess=True)
+        np.testing.assert_allclose(got_raw, expected_raw, atol=TOLERANCE * scale, err_msg=where)
+        for start, stop in ((0, 1), (2, 9), (n - 1, n), (1, BATCH_CHUNK + 2)):
+            assert np.array_equal(plan.run(x[start:stop]), got[start:stop]), (
+                f"{where} {start}-{stop}"
+            )
+
+
 @pytest.mark.parametrize("variant", list(KERNEL_SIZE))
 def test_winograd_tasks_of_any_band_of_tile_rows_give_the_same_bits(variant, monkeypatch):
     """A task's GEMMs take up to `BAND_TILES` tiles in whole rows of tiles of one image: one
@@ -189,7 +241,12 @@ def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
 
     assert variants(5, 1) == ("winograd5", "direct")
     assert variants(3, 1) == ("winograd", "direct", "winograd4")
-    for kernel_size, strides in ((5, 2), (3, 2), (7, 1), (1, 1)):
+    for kernel_size, strides in ((3, 2), (7, 2), (7, 1), (1, 1), (5, 3), ([5, 3], 2)):
         assert not any(v.startswith("winograd") for v in variants(kernel_size, strides))
     assert variants(5, 1, channels=7) == ("direct",)  # too few channels to pay
     assert variants(3, 1, channels=7) == ("direct", "winograd")
+    # stride 2, 4-6 a side: F(4x4, 3x3) over the phases, first from 16 input channels on
+    for kernel_size in (4, 5, 6, [4, 6]):
+        assert variants(kernel_size, 2) == ("winograd4_phases", "direct")
+        assert variants(kernel_size, 2, channels=15) == ("direct", "winograd4_phases")
+        assert variants(kernel_size, 2, channels=1) == ("direct", "winograd4_phases")

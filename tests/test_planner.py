@@ -23,6 +23,7 @@ STEP_OF = {
     "winograd": "WinogradConv",
     "winograd4": "WinogradConv",
     "winograd5": "WinogradConv",
+    "winograd4_phases": "WinogradConv",
     "direct": "DirectConv",
     "direct_narrow": "DirectConv",
     "k3_pool": "K3PoolConv",

@@ -4,7 +4,9 @@ F(2x2, 5x5). Per m x m block of outputs (a tile) and channel pair, alpha*alpha p
 (F(4x4, 3x3)), 36 instead of 100 (F(2x2, 5x5)). The input and output transforms are IR emitted
 from their matrices (`winograd_transforms`): 16 channels at a time, one by one for the input's
 last channels; the products are GEMMs on the micro-kernels (`gemm._conv_row`). A fused 2x2/2
-max or average pool takes (m/2 x m/2) pooled outputs from each tile.
+max or average pool takes (m/2 x m/2) pooled outputs from each tile. A stride-2 conv with a
+kernel of 4-6 a side runs as a 3x3 stride-1 one over its input's four 2x2 phases (`phases`),
+read in place.
 """
 
 from __future__ import annotations
@@ -73,6 +75,31 @@ def _wino_input(xf, base, row, CI, TW, vf, alpha, size, first, step):
                 _IN6_ONE(xf, o + c, CI, row, vf, q + c, step)
             else:
                 _IN4_ONE(xf, o + c, CI, row, vf, q + c, step)
+
+
+@njit(error_model="numpy", cache=True, nogil=True)
+def _wino_input_phases(xf, base, row, C, TW, vf, alpha, size, first, step):
+    """`_wino_input` of a stride-2 conv run as a stride-1 one over the input's 2x2 phases: the
+    tiles' pixels are every other pixel of every other row of the input (C channels, rows
+    `row` floats apart) from row p and column q (phase (p, q)), whose channels come as tile
+    channels (2p + q) * C + c. The input is read in place: no copy of the phases."""
+    CI = 4 * C
+    vec_end = C // 16 * 16
+    for tx in range(TW):
+        q = (first + tx) * CI
+        for phase in range(4):
+            o = base + 2 * size * tx * C + (phase // 2) * row + (phase % 2) * C
+            d = q + phase * C
+            for c in range(0, vec_end, 16):
+                if alpha == 6:
+                    _IN6(xf, o + c, 2 * C, 2 * row, vf, d + c, step)
+                else:
+                    _IN4(xf, o + c, 2 * C, 2 * row, vf, d + c, step)
+            for c in range(vec_end, C):
+                if alpha == 6:
+                    _IN6_ONE(xf, o + c, 2 * C, 2 * row, vf, d + c, step)
+                else:
+                    _IN4_ONE(xf, o + c, 2 * C, 2 * row, vf, d + c, step)
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
@@ -145,7 +172,7 @@ def _wino_output(
 
 
 @njit(parallel=True, error_model="numpy", cache=True, nogil=True)
-def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band):
+def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band, phases):
     """Stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`, average pool when also
     `average`) by Winograd's F(m x m, r x r): m = `size` (2 or 4), alpha = m + r - 1 from the
     products in `u` (16: F(2x2, 3x3); 36: F(2x2, 5x5), or F(4x4, 3x3) with size 4).
@@ -163,8 +190,15 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
     tiles: (threads, >= alpha*alpha * (band*TW * (CI + COp) + 32) + EDGE_FLOATS) floats: the
     transformed tiles, the products and an edge tile.
     The transforms are additions and multiplications by constants, and results do not depend
-    on the batch size or the band (every product is one chain over CI whatever its block)."""
-    N, Hp, Wp, CI = x.shape
+    on the batch size or the band (every product is one chain over CI whatever its block).
+
+    With `phases`, a stride-2 conv whose kernel `u` holds as a 3x3 one over the input's four 2x2
+    phases (CI = 4 * x's channels; `layers.conv2d.phase_kernel`): each tile reads every other
+    pixel of every other row of x (`_wino_input_phases`), so x holds 2 * alpha x 2 * alpha
+    pixels per tile, tiles 2m apart."""
+    N, Hp, Wp, C = x.shape
+    CI = 4 * C if phases else C
+    down = 2 if phases else 1  # input rows and columns a tile row and column steps over
     products = u.shape[0]
     COp = u.size // (products * CI)
     ldb = u.shape[2]  # COp, or 16 in strips of 16 channels
@@ -200,8 +234,11 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
             nr = min(band, TH - ty0)
             R = nr * TW
             for r in range(nr):
-                base = (n * Hp + size * (ty0 + r)) * Wp * CI
-                _wino_input(xf, base, Wp * CI, CI, TW, vf, alpha, size, r * TW, vstep)
+                base = (n * Hp + down * size * (ty0 + r)) * Wp * C
+                if phases:
+                    _wino_input_phases(xf, base, Wp * C, C, TW, vf, alpha, size, r * TW, vstep)
+                else:
+                    _wino_input(xf, base, Wp * C, C, TW, vf, alpha, size, r * TW, vstep)
             for p in range(products):
                 _conv_row(
                     vf,

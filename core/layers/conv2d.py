@@ -3,8 +3,10 @@ chosen per shape and the training forward/backward.
 
 At inference a conv block (see `fusion.py`: the conv, a standalone activation after it, a max
 or average pool after that) becomes one of these steps:
-- `WinogradConv` (variants `winograd`: 3x3 stride 1, F(2x2, 3x3); `winograd5`: 5x5 stride 1,
-  F(2x2, 5x5)), pooled or not;
+- `WinogradConv` (variants `winograd`: 3x3 stride 1, F(2x2, 3x3); `winograd4`: the same by
+  F(4x4, 3x3); `winograd5`: 5x5 stride 1, F(2x2, 5x5); `winograd4_phases`: stride 2 with
+  kernels of 4-6 a side, as a 3x3 conv over the input's four 2x2 phases by F(4x4, 3x3)),
+  pooled or not;
 - `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
   with a 2x2/2 max pool (`pixels_pool`: or average pool);
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding); `direct_narrow`
@@ -13,7 +15,8 @@ A 2x2/2 pool that tiles its input (`valid`, or `same` on even sides), max or ave
 fused into the Winograd and direct kernels; a max or average pool of any other window, stride
 and padding into the direct kernel (`direct.conv_pool`).
 `inference_variants` lists the ones that apply, today's heuristic choice first (Winograd 3x3
-or 5x5 from WINO_MIN_CHANNELS input channels on, else the first-layer kernels, else direct);
+or 5x5 from WINO_MIN_CHANNELS input channels on, over the phases from 16, else the first-layer
+kernels, else direct);
 the planner (`core/planner.py`) may time them and pick another.
 Otherwise the pool runs as its own step after the conv; a softmax as an `Activate`.
 """
@@ -44,6 +47,9 @@ WINOGRAD: dict[str, Transform] = {  # variant: its transform
     "winograd": F2X2_3X3,
     "winograd4": F4X4_3X3,
     "winograd5": F2X2_5X5,
+    # stride-2 convs with kernels of 4-6 a side, as 3x3 stride-1 convs over the input's four
+    # 2x2 phases (`phase_kernel`)
+    "winograd4_phases": F4X4_3X3,
 }
 
 
@@ -81,6 +87,18 @@ def winograd_kernel(
     out = np.zeros((*u.shape[:2], cop), np.float32)
     out[:, :, : u.shape[2]] = u
     return in_strips(out) if _strips(strips) else out
+
+
+def phase_kernel(kernel: np.ndarray) -> np.ndarray:
+    """A stride-2 kernel (kh, kw, CI, CO), kh and kw at most 6, as the 3x3 stride-1 kernel
+    (3, 3, 4 * CI, CO) over the input's 2x2 phases (`padding.split_phases`): tap (2a + p,
+    2b + q) of the kernel, zero padded to 6x6, becomes tap (a, b) of phase (p, q), whose
+    channels are (2p + q) * CI + ci."""
+    kh, kw, ci, co = kernel.shape
+    six = np.zeros((6, 6, ci, co), kernel.dtype)
+    six[:kh, :kw] = kernel
+    phases = six.reshape(3, 2, 3, 2, ci, co).transpose(0, 2, 1, 3, 4, 5)
+    return np.ascontiguousarray(phases).reshape(3, 3, 4 * ci, co)
 
 
 def _strips(strips: bool | None) -> bool:
@@ -179,6 +197,7 @@ class WinogradConv(Step):
     pool: bool
     average: bool = False
     size: int = 2  # outputs per tile side, m
+    phases: bool = False  # a stride-2 conv over the input's 2x2 phases (`phase_kernel`)
 
     def _tiles(self, outputs: int) -> int:
         """Tiles along a side of `outputs` output pixels (pooled ones with a fused pool)."""
@@ -224,6 +243,7 @@ class WinogradConv(Step):
             self.size,
             program.at,
             band,
+            self.phases,
         )
         return out
 
@@ -376,7 +396,9 @@ class Conv2D(Layer):
         WINO_MIN_CHANNELS input channels on (`winograd` is offered for fewer too); `k3_pool` and
         `pixels_pool` (1 input channel, fused 2x2/2 max pool; also average for `pixels_pool`),
         `direct` (every shape); `direct_narrow` (where `direct` is the heuristic's choice; see
-        `_narrow_pays`); `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on)."""
+        `_narrow_pays`); `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on);
+        `winograd4_phases` (stride 2, kernels of 4-6 a side; the heuristic's choice from 16
+        input channels on)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         # one input channel, stride 1, a fused 2x2/2 pool: the first-layer kernels
@@ -384,7 +406,15 @@ class Conv2D(Layer):
         max_pool = isinstance(block.pool, MaxPooling2D)
         five = self.kernel_size == (5, 5) and self.strides == (1, 1)
         wide = ci >= WINO_MIN_CHANNELS
+        # a stride-2 kernel of 4-6 a side is a 3x3 one over the input's 2x2 phases: 9 taps
+        # over 4 * CI channels, and F(4x4, 3x3) cuts its 16-36 multiplies per output and
+        # channel to 9. Against direct on Zen 3 (32x32 inputs, 32 filters, 1 and 8 images):
+        # 4x4/2 0.65-0.81x the time over 16 channels, 1.4-1.7x over 4 and 8; 5x5/2 0.50-0.69x
+        # over 16, 0.86-1.0x over 4 and 8; F(2x2, 3x3) was slower than F(4x4, 3x3) on all.
+        halves = self.strides == (2, 2) and all(4 <= k <= 6 for k in self.kernel_size)
         names = ["winograd"] if three and wide else []
+        if halves and ci >= 16:
+            names.append("winograd4_phases")
         # F(2x2, 5x5) measured faster than direct on 32-channel layers, far slower on 1-3 channels
         if five and wide:
             names.append("winograd5")
@@ -399,6 +429,8 @@ class Conv2D(Layer):
             names.append("winograd")
         if three and wide:  # narrower, F(4x4, 3x3) measured slower than direct
             names.append("winograd4")
+        if halves and ci < 16:
+            names.append("winograd4_phases")
         return tuple(names)
 
     def inference_steps(self, block, weights, first, variant=None):
@@ -427,9 +459,17 @@ class Conv2D(Layer):
             per = m // 2 if fused else m  # output pixels per tile side
             scale = 2 if fused else 1  # the conv pixels a pooled output reads
             rows_cols = (scale * round_up(shape[0], per), scale * round_up(shape[1], per))
+            phases = variant == "winograd4_phases"
+            padded = padding_for(rows_cols)
+            if phases:  # a 3x3 conv over the input's phases reads a 6x6/2 conv's input
+                kernel = phase_kernel(kernel)
+                padded = Padding.for_output(
+                    self.input_shape, rows_cols, (6, 6), self.strides, self.pads
+                )
             step: Step = WinogradConv(
                 **common,
-                padding=padding_for(rows_cols),
+                padding=padded,
+                phases=phases,
                 u=winograd_kernel(kernel, bias.size, WINOGRAD[variant]),
                 bias=bias,
                 act=kernel_act,
