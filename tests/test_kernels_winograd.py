@@ -201,24 +201,24 @@ def test_stride_2_convs_over_the_input_phases_match_the_reference(pool, padding)
 
 @pytest.mark.parametrize("variant", list(KERNEL_SIZE))
 def test_winograd_tasks_of_any_band_of_tile_rows_give_the_same_bits(variant, monkeypatch):
-    """A task's GEMMs take up to `BAND_TILES` tiles in whole rows of tiles of one image: one
-    row, several with a shorter last band, or the whole image give the reference's results and
-    the same bits."""
+    """A task's GEMMs take up to `BAND_TILES` tiles in whole rows of tiles: one row, several
+    with a shorter last band, a whole image, or rows of several images (small images, and
+    every image under a large `BAND_TILES`) give the reference's results and the same bits."""
     from convserve.core.layers import conv2d
 
     rng = np.random.default_rng(len(variant))
-    for trial in range(3):
-        doc = _case(rng, variant, [None, "max", "average"][trial], "relu", "same")
-        doc["input"]["shape"][:2] = [int(v) for v in rng.integers(9, 24, size=2)]
+    for trial in range(6):
+        doc = _case(rng, variant, [None, "max", "average"][trial % 3], "relu", "same")
+        doc["input"]["shape"][:2] = [int(v) for v in rng.integers([2, 9][trial % 2], 24, size=2)]
         arch = parse_architecture(doc)
         weights = random_weights(doc, seed=trial)
-        x = rng.standard_normal((5, *arch.input_shape)).astype(np.float32)
+        x = rng.standard_normal((7, *arch.input_shape)).astype(np.float32)
         expected = ref.forward(doc, weights, x)
         results = []
         for most in (1, 7, 16, 1000):
             monkeypatch.setattr(conv2d, "BAND_TILES", most)
             plan = InferencePlan(arch, weights, {0: variant})
-            results += [plan.run(x), plan.run(x[:1]), plan.run(x[:2])]
+            results += [plan.run(x), plan.run(x[:1]), plan.run(x[:2]), plan.run(x[:5])]
         where = f"{variant} {doc['layers']} {arch.input_shape}"
         scale = max(float(np.abs(expected).max()), 1e-3)
         np.testing.assert_allclose(

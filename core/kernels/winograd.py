@@ -182,11 +182,11 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
     product's in strips of 16 channels, (alpha*alpha, COp/16 * CI, 16): `gemm.STRIPS`). The
     (OH, OW) outputs, pooled or not, go to out (N, Hb, Wb, CO) from row y0, column x0:
     at = (y0, x0, OH, OW). A tile gives m x m outputs or (m/2 x m/2) pooled ones.
-    Tasks: (image, `band` rows of tiles, range of output channels), `splits` ranges per band;
-    each runs the input transform of its R = band * TW tiles, alpha*alpha GEMMs (R x CI) @
-    (CI x channels) with the conv micro-kernels, and the output transform. Several rows of tiles
-    a task give the GEMMs more rows where an image has few tiles a row: each weight read then
-    serves more tiles.
+    Tasks: (`band` consecutive rows of tiles of the batch, the images' rows one after another,
+    range of output channels), `splits` ranges per band; each runs the input transform of its
+    R = band * TW tiles, alpha*alpha GEMMs (R x CI) @ (CI x channels) with the conv
+    micro-kernels, and the output transform. Several rows of tiles a task, of several images
+    where an image has few, give the GEMMs more rows: each weight read then serves more tiles.
     tiles: (threads, >= alpha*alpha * (band*TW * (CI + COp) + 32) + EDGE_FLOATS) floats: the
     transformed tiles, the products and an edge tile.
     The transforms are additions and multiplications by constants, and results do not depend
@@ -209,7 +209,8 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
     per = size // 2 if pool else size  # output rows and columns a tile gives
     TH = (OH + per - 1) // per
     TW = (OW + per - 1) // per
-    bands = (TH + band - 1) // band
+    rows_all = N * TH  # rows of tiles in the batch
+    bands = (rows_all + band - 1) // band
     part = ((COp // 16 + splits - 1) // splits) * 16
     xf = x.reshape(x.size)
     uf = u.reshape(u.size)
@@ -223,18 +224,19 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
     msize = products * mstep
     usize = CI * COp
     row_out = Wb * CO
-    for t in prange(N * bands * splits):
-        n, tb, c0, c1 = row_task(t, splits, bands, part, COp)
+    for t in prange(bands * splits):
+        _, tb, c0, c1 = row_task(t, splits, bands, part, COp)
         if c0 < c1:
             buf = tiles[numba.get_thread_id()]
             vf = buf[:vsize]
             mf = buf[vsize : vsize + msize]
             edge = buf[vsize + msize : vsize + msize + EDGE_FLOATS]
-            ty0 = tb * band
-            nr = min(band, TH - ty0)
+            g0 = tb * band  # the band's first row of tiles in the batch
+            nr = min(band, rows_all - g0)
             R = nr * TW
             for r in range(nr):
-                base = (n * Hp + down * size * (ty0 + r)) * Wp * C
+                n, ty = (g0 + r) // TH, (g0 + r) % TH
+                base = (n * Hp + down * size * ty) * Wp * C
                 if phases:
                     _wino_input_phases(xf, base, Wp * C, C, TW, vf, alpha, size, r * TW, vstep)
                 else:
@@ -258,7 +260,7 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
                     strip=strip,
                 )
             for r in range(nr):
-                ty = ty0 + r
+                n, ty = (g0 + r) // TH, (g0 + r) % TH
                 rows = min(per, OH - per * ty)  # fewer at the bottom edge
                 o_row = ((n * Hb + y0 + per * ty) * Wb + x0) * CO
                 _wino_output(
