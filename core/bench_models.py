@@ -105,6 +105,12 @@ EVERYDAY: dict[str, dict[str, Any]] = {
     ),
     # the classic multilayer perceptron on MNIST: 300 and 100 tanh units (LeCun et al. 1998)
     "mlp_tanh": _model("mlp_tanh", [28, 28, 1], []),
+    # downsampling by 5x5 stride-2 `same` convs only, as in DCGAN's discriminator
+    "strided5": _model(
+        "strided5",
+        [32, 32, 3],
+        [_conv(32, 5, strides=2), _conv(64, 5, strides=2), _conv(128, 5, strides=2)],
+    ),
 }
 
 BENCH_MODEL_NAMES = (*PRESET_NAMES, *EVERYDAY)
