@@ -121,6 +121,26 @@ CASES = [
 ]
 
 
+def _check_against_the_reference(plan, doc: dict, weights: dict, rng, where: str) -> None:
+    """Two chunks of float input and 5 images of raw pixels match the NumPy reference, and
+    slices of the batch give the same bits as the whole."""
+    shape = plan.architecture.input_shape
+    n = BATCH_CHUNK + 3  # two chunks
+    x = rng.standard_normal((n, *shape)).astype(np.float32)
+    where = f"{where} {shape}"
+    expected = ref.forward(doc, weights, x)
+    got = plan.run(x)
+    scale = max(float(np.abs(expected).max()), 1e-3)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE * scale, rtol=0, err_msg=where)
+    pixels = rng.integers(0, 256, x.shape).astype(np.uint8)[:5]
+    expected_raw = ref.forward(doc, weights, pixels, preprocess=True)
+    scale = max(float(np.abs(expected_raw).max()), 1e-3)
+    got_raw = plan.run(pixels, preprocess=True)
+    np.testing.assert_allclose(got_raw, expected_raw, atol=TOLERANCE * scale, err_msg=where)
+    for start, stop in ((0, 1), (2, 9), (n - 1, n), (1, BATCH_CHUNK + 2)):
+        assert np.array_equal(plan.run(x[start:stop]), got[start:stop]), f"{where} {start}-{stop}"
+
+
 @pytest.mark.parametrize("variant,pool,act,padding", CASES)
 def test_winograd_variants_match_the_reference_and_are_batch_invariant(variant, pool, act, padding):
     rng = np.random.default_rng(CASES.index((variant, pool, act, padding)))
@@ -134,27 +154,7 @@ def test_winograd_variants_match_the_reference_and_are_batch_invariant(variant, 
         assert step.pool == (pool is not None)  # the 2x2/2 pool is fused
         assert step.u.shape[0] == (16 if variant == "winograd" else 36)
         assert step.size == (4 if variant == "winograd4" else 2)
-        n = BATCH_CHUNK + 3  # two chunks
-        x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
-        where = f"{variant} {doc['layers']} {arch.input_shape}"
-        expected = ref.forward(doc, weights, x)
-        got = plan.run(x)
-        scale = max(float(np.abs(expected).max()), 1e-3)
-        np.testing.assert_allclose(got, expected, atol=TOLERANCE * scale, rtol=0, err_msg=where)
-        pixels = rng.integers(0, 256, x.shape[:1] + x.shape[1:]).astype(np.uint8)[:5]
-        expected_raw = ref.forward(doc, weights, pixels, preprocess=True)
-        scale = max(float(np.abs(expected_raw).max()), 1e-3)
-        np.testing.assert_allclose(
-            plan.run(pixels, preprocess=True),
-            expected_raw,
-            atol=TOLERANCE * scale,
-            rtol=0,
-            err_msg=where,
-        )
-        for start, stop in ((0, 1), (2, 9), (n - 1, n), (1, BATCH_CHUNK + 2)):
-            assert np.array_equal(plan.run(x[start:stop]), got[start:stop]), (
-                f"{where} {start}-{stop}"
-            )
+        _check_against_the_reference(plan, doc, weights, rng, f"{variant} {doc['layers']}")
 
 
 PHASE_CASES = [
@@ -181,22 +181,7 @@ def test_stride_2_convs_over_the_input_phases_match_the_reference(pool, padding)
         assert step.pool == (pool is not None)  # the 2x2/2 pool is fused
         assert step.u.shape[0] == 36 and step.size == 4
         assert step.u.size // step.u.shape[0] // step.bias.size == 4 * arch.input_shape[2]
-        n = BATCH_CHUNK + 3  # two chunks
-        x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
-        where = f"{variant} {doc['layers']} {arch.input_shape}"
-        expected = ref.forward(doc, weights, x)
-        got = plan.run(x)
-        scale = max(float(np.abs(expected).max()), 1e-3)
-        np.testing.assert_allclose(got, expected, atol=TOLERANCE * scale, rtol=0, err_msg=where)
-        pixels = rng.integers(0, 256, x.shape).astype(np.uint8)[:3]
-        expected_raw = ref.forward(doc, weights, pixels, preprocess=True)
-        scale = max(float(np.abs(expected_raw).max()), 1e-3)
-        got_raw = plan.run(pixels, preprocess=True)
-        np.testing.assert_allclose(got_raw, expected_raw, atol=TOLERANCE * scale, err_msg=where)
-        for start, stop in ((0, 1), (2, 9), (n - 1, n), (1, BATCH_CHUNK + 2)):
-            assert np.array_equal(plan.run(x[start:stop]), got[start:stop]), (
-                f"{where} {start}-{stop}"
-            )
+        _check_against_the_reference(plan, doc, weights, rng, f"{variant} {doc['layers']}")
 
 
 @pytest.mark.parametrize("variant", list(KERNEL_SIZE))
