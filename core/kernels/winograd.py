@@ -56,50 +56,32 @@ def _output_block(alpha, size, mf, m, step, bias, co, of, o, ldx, ldy, pool, rel
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def _wino_input(xf, base, row, CI, TW, vf, alpha, size, first, step):
+def _wino_input(xf, base, row, C, TW, vf, alpha, size, first, step, phases):
     """Input transform of one row of tiles of side `alpha` (4 or 6), `size` outputs apart, as
     tiles first..first+TW-1 in `vf`: for tile tx (the alpha x alpha input pixels from column
-    size*tx of the rows starting at xf[base], `row` floats apart) and channel c,
-    vf[p*step + (first + tx)*CI + c] = (B^T d B)[p]: 16 channels at a time, then one by one."""
-    vec_end = CI // 16 * 16
-    for tx in range(TW):
-        o = base + size * tx * CI
-        q = (first + tx) * CI
-        for c in range(0, vec_end, 16):
-            if alpha == 6:
-                _IN6(xf, o + c, CI, row, vf, q + c, step)
-            else:
-                _IN4(xf, o + c, CI, row, vf, q + c, step)
-        for c in range(vec_end, CI):
-            if alpha == 6:
-                _IN6_ONE(xf, o + c, CI, row, vf, q + c, step)
-            else:
-                _IN4_ONE(xf, o + c, CI, row, vf, q + c, step)
-
-
-@njit(error_model="numpy", cache=True, nogil=True)
-def _wino_input_phases(xf, base, row, C, TW, vf, alpha, size, first, step):
-    """`_wino_input` of a stride-2 conv run as a stride-1 one over the input's 2x2 phases: the
-    tiles' pixels are every other pixel of every other row of the input (C channels, rows
-    `row` floats apart) from row p and column q (phase (p, q)), whose channels come as tile
-    channels (2p + q) * C + c. The input is read in place: no copy of the phases."""
-    CI = 4 * C
+    size*tx of the rows starting at xf[base], `row` floats apart, C channels) and channel c,
+    vf[p*step + (first + tx)*CI + c] = (B^T d B)[p]: 16 channels at a time, then one by one.
+    With `phases` (a stride-2 conv as a stride-1 one over the input's 2x2 phases) a tile's
+    pixels are every other pixel of every other row of the input, from row p and column q for
+    phase (p, q), whose channels are the tile's channels (2p + q) * C + c (CI = 4 * C): the
+    phases are read in place, not copied."""
+    down = 2 if phases else 1  # input pixels and rows between a tile's pixels and rows
+    groups = 4 if phases else 1
     vec_end = C // 16 * 16
     for tx in range(TW):
-        q = (first + tx) * CI
-        for phase in range(4):
-            o = base + 2 * size * tx * C + (phase // 2) * row + (phase % 2) * C
-            d = q + phase * C
+        for g in range(groups):
+            o = base + down * size * tx * C + (g // 2) * row + (g % 2) * C
+            q = ((first + tx) * groups + g) * C
             for c in range(0, vec_end, 16):
                 if alpha == 6:
-                    _IN6(xf, o + c, 2 * C, 2 * row, vf, d + c, step)
+                    _IN6(xf, o + c, down * C, down * row, vf, q + c, step)
                 else:
-                    _IN4(xf, o + c, 2 * C, 2 * row, vf, d + c, step)
+                    _IN4(xf, o + c, down * C, down * row, vf, q + c, step)
             for c in range(vec_end, C):
                 if alpha == 6:
-                    _IN6_ONE(xf, o + c, 2 * C, 2 * row, vf, d + c, step)
+                    _IN6_ONE(xf, o + c, down * C, down * row, vf, q + c, step)
                 else:
-                    _IN4_ONE(xf, o + c, 2 * C, 2 * row, vf, d + c, step)
+                    _IN4_ONE(xf, o + c, down * C, down * row, vf, q + c, step)
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
@@ -194,7 +176,7 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
 
     With `phases`, a stride-2 conv whose kernel `u` holds as a 3x3 one over the input's four 2x2
     phases (CI = 4 * x's channels; `layers.conv2d.phase_kernel`): each tile reads every other
-    pixel of every other row of x (`_wino_input_phases`), so x holds 2 * alpha x 2 * alpha
+    pixel of every other row of x (`_wino_input`), so x holds 2 * alpha x 2 * alpha
     pixels per tile, tiles 2m apart."""
     N, Hp, Wp, C = x.shape
     CI = 4 * C if phases else C
@@ -237,10 +219,7 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
             for r in range(nr):
                 n, ty = (g0 + r) // TH, (g0 + r) % TH
                 base = (n * Hp + down * size * ty) * Wp * C
-                if phases:
-                    _wino_input_phases(xf, base, Wp * C, C, TW, vf, alpha, size, r * TW, vstep)
-                else:
-                    _wino_input(xf, base, Wp * C, C, TW, vf, alpha, size, r * TW, vstep)
+                _wino_input(xf, base, Wp * C, C, TW, vf, alpha, size, r * TW, vstep, phases)
             for p in range(products):
                 _conv_row(
                     vf,

@@ -91,7 +91,7 @@ def winograd_kernel(
 
 def phase_kernel(kernel: np.ndarray) -> np.ndarray:
     """A stride-2 kernel (kh, kw, CI, CO), kh and kw at most 6, as the 3x3 stride-1 kernel
-    (3, 3, 4 * CI, CO) over the input's 2x2 phases (`winograd._wino_input_phases`): tap (2a + p,
+    (3, 3, 4 * CI, CO) over the input's 2x2 phases (`winograd._wino_input`): tap (2a + p,
     2b + q) of the kernel, zero padded to 6x6, becomes tap (a, b) of phase (p, q), whose
     channels are (2p + q) * CI + ci."""
     kh, kw, ci, co = kernel.shape
