@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -156,10 +157,10 @@ def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, f
 
 
 def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> dict[str, Any]:
-    from convserve.core.bench_models import bench_model
+    from convserve.core.bench_models import load_bench_model
 
-    doc = bench_model(model)
-    weights = random_weights(doc)
+    doc, weights = load_bench_model(model)
+    weights = random_weights(doc) if weights is None else weights
     result: dict[str, Any] = {"engine": engine, "model": model}
     if engine in ("ours", "unplanned"):
         from convserve.core import runtime
@@ -192,6 +193,10 @@ def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> di
 
 
 # -- driver ---------------------------------------------------------------------------------
+class WorkerFailed(RuntimeError):
+    """A worker process failed; the message gives its last line and how to rerun it."""
+
+
 def _run_worker(engine: str, model: str, batches: list[int], outputs_path: str) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -208,7 +213,11 @@ def _run_worker(engine: str, model: str, batches: list[int], outputs_path: str) 
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{engine} worker for {model} failed:\n{done.stderr[-3000:]}")
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise WorkerFailed(
+            f"the {engine} worker for {model} failed: {lines[-1]}\n"
+            f"(its whole output: {' '.join(shlex.quote(a) for a in cmd)})"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -347,13 +356,18 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from convserve.core.bench_models import BENCH_MODEL_NAMES
+    from convserve.core.architecture import parse_architecture
+    from convserve.core.bench_models import BENCH_MODEL_NAMES, load_bench_model
+    from convserve.core.errors import ModelError
 
     parser = argparse.ArgumentParser(
         prog="python -m convserve.core.bench", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
-        "--models", default=",".join(BENCH_MODEL_NAMES), help="comma-separated (default: all)"
+        "--models",
+        default=",".join(BENCH_MODEL_NAMES),
+        help="comma-separated benchmark model names, model files (.safetensors: their own "
+        "weights) or architecture documents (.json: random weights); default: all bench models",
     )
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument(
@@ -374,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, models[0], batches, args.outputs)))
         return 0
 
-    unknown = [m for m in models if m not in BENCH_MODEL_NAMES]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(BENCH_MODEL_NAMES)}")
+    docs = {}
+    for model in models:
+        try:
+            docs[model], _ = load_bench_model(model)
+            parse_architecture(docs[model])
+        except ModelError as exc:
+            parser.error(str(exc))
     engines = ["ours", "unplanned"] if args.compare_plan else ["ours"]
     if _have_ort():
         engines.append("ort")
@@ -389,12 +407,16 @@ def main(argv: list[str] | None = None) -> int:
     diffs: dict[str, float] = {}
     plans: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for model in models:
+        for number, model in enumerate(models):
             for rep in range(args.repeats):
                 outs = {}
                 for engine in engines:
-                    path = os.path.join(tmp, f"{model}-{engine}-{rep}.npy")
-                    res = _run_worker(engine, model, batches, path)
+                    path = os.path.join(tmp, f"{number}-{engine}-{rep}.npy")
+                    try:
+                        res = _run_worker(engine, model, batches, path)
+                    except WorkerFailed as exc:
+                        print(f"{parser.prog}: {exc}", file=sys.stderr)
+                        return 1
                     outs[engine] = np.load(path)
                     if "sgemm_gflops" in res:
                         calib.append(res["sgemm_gflops"])
@@ -419,11 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                     diffs[model] = max(
                         diffs.get(model, 0.0), float(np.abs(outs["ours"] - outs["ort"]).max())
                     )
-    from convserve.core.bench_models import bench_model
-
-    flops = {
-        m: flops_per_image(bench_model(m), {int(k): v for k, v in plans[m].items()}) for m in models
-    }
+    flops = {m: flops_per_image(docs[m], {int(k): v for k, v in plans[m].items()}) for m in models}
     ms = _median_table(rates, models, engines, batches)
     lines, summary = report(ms, flops, plans, calib, batches, peaks, reads)
     print(f"\nmedian over {args.repeats} processes per engine; ms per batch")

@@ -1,14 +1,20 @@
 """The benchmark's models, in one place: the three presets, the VGG-style CIFAR net of issue 14
 and everyday architectures nobody tuned the kernels for. `bench.py` runs them all by default.
 
-Each entry is an architecture document (weights are drawn by `bench.random_weights`).
+Each entry is an architecture document (weights are drawn by `bench.random_weights`). Users
+bench their own models by path (`load_bench_model`): a model file with its weights, or an
+architecture JSON document.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+from convserve.core.errors import ModelError
 from convserve.core.presets import PRESET_NAMES, preset
 
 _LABELS = [str(i) for i in range(10)]
@@ -121,3 +127,25 @@ def bench_model(name: str) -> dict[str, Any]:
     if name in EVERYDAY:
         return copy.deepcopy(EVERYDAY[name])
     return preset(name)
+
+
+def load_bench_model(spec: str) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """(architecture document, weights) of what `--models` names: one of BENCH_MODEL_NAMES
+    (weights None: seeded random ones), a model file (`.safetensors`, with its own weights) or
+    an architecture JSON document (random weights). Raises ModelError naming what is wrong."""
+    if spec in BENCH_MODEL_NAMES:
+        return bench_model(spec), None
+    path = Path(spec)
+    if not path.is_file():
+        raise ModelError(
+            f"model {spec!r}: not a benchmark model ({', '.join(BENCH_MODEL_NAMES)}) "
+            "and no such file (a model file .safetensors or an architecture .json)"
+        )
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text(encoding="utf-8")), None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ModelError(f"architecture file {path}: not valid JSON: {exc}") from None
+    from convserve.core.modelfile import read_model_file
+
+    return read_model_file(path)
