@@ -9,7 +9,11 @@ import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.errors import ModelError
 from convserve.core.inference import InferencePlan, default_plan
-from convserve.core.kernels.elementwise import all_finite_f32
+from convserve.core.kernels.elementwise import (
+    PARALLEL_SCAN_FLOATS,
+    all_finite_f32,
+    all_finite_f32_parallel,
+)
 from convserve.core.limits import Limits, check_limits
 from convserve.core.modelfile import one_line, read_model_file, write_model_file
 
@@ -50,6 +54,8 @@ def check_weights(architecture: Architecture, weights: dict[str, Any]) -> dict[s
 def all_finite(x: np.ndarray) -> bool:
     """No NaN or infinity in a float array (a compiled scan for C-contiguous float32)."""
     if x.dtype == np.float32 and x.flags.c_contiguous:
+        if x.size >= PARALLEL_SCAN_FLOATS:
+            return bool(all_finite_f32_parallel(x))
         return bool(all_finite_f32(x))
     return bool(np.isfinite(x).all())
 

@@ -216,23 +216,41 @@ def test_finiteness_scan_agrees_with_numpy_on_every_kind_of_value():
     """The bit-pattern scan behind the NaN/Inf input check against `np.isfinite` on arrays of
     random bit patterns (every exponent), with and without a NaN (quiet, signalling, negative),
     an infinity of either sign, or the largest finite values, at any position, and empty."""
-    from convserve.core.kernels.elementwise import all_finite_f32
+    from convserve.core.kernels.elementwise import all_finite_f32, all_finite_f32_parallel
 
     rng = np.random.default_rng(5)
     specials = np.array(
         [0x7FC00000, 0x7F800001, 0xFFC00000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 1],
         np.uint32,
     ).view(np.float32)
-    assert all_finite_f32(np.empty(0, np.float32))
-    for size in (1, 7, 64, 1000, 4099):
-        finite = rng.integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32)
-        finite &= np.uint32(0xBFFFFFFF)  # exponent below all ones
-        x = finite.view(np.float32)
-        assert all_finite_f32(x)
-        for value in specials:
+    for scan in (all_finite_f32, all_finite_f32_parallel):
+        assert scan(np.empty(0, np.float32))
+        for size in (1, 7, 64, 1000, 4099):
+            finite = rng.integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32)
+            finite &= np.uint32(0xBFFFFFFF)  # exponent below all ones
+            x = finite.view(np.float32)
+            assert scan(x)
+            for value in specials:
+                y = x.copy()
+                y[rng.integers(0, size)] = value
+                assert scan(y) == bool(np.isfinite(y).all()), (scan, size, value)
+
+
+def test_a_large_input_is_scanned_on_all_threads_to_its_last_value():
+    """`Model.forward`'s NaN/Inf check on an input past PARALLEL_SCAN_FLOATS (the parallel
+    scan): a NaN or infinity in any of its pieces, the last value included, is found."""
+    from convserve.core.kernels.elementwise import PARALLEL_SCAN_FLOATS, SCAN_PARTS
+    from convserve.core.model import all_finite
+
+    size = PARALLEL_SCAN_FLOATS + 13  # pieces of unequal length
+    x = np.random.default_rng(2).standard_normal(size).astype(np.float32)
+    assert all_finite(x)
+    per = -(-size // SCAN_PARTS)
+    for where in [*range(0, size, per), per - 1, size - 1]:
+        for value in (np.nan, np.inf, -np.inf):
             y = x.copy()
-            y[rng.integers(0, size)] = value
-            assert all_finite_f32(y) == bool(np.isfinite(y).all()), (size, value)
+            y[where] = value
+            assert not all_finite(y), (where, value)
 
 
 @pytest.mark.parametrize("filters", [20, 32, 48, 64, 80, 130])

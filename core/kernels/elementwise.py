@@ -123,20 +123,46 @@ def preprocess(x, scale, shift, out):
                 dst[j] = src[j] * scale[j] + shift[j]
 
 
+# The finiteness scan runs on all threads from this many floats (1 MB) on: on a Zen 3 with 2
+# threads, 1-17 MB took 0.80-0.51x the serial scan's time, 0.5 MB 0.89x, 0.25 MB 1.19x (the
+# threads' start-up; fastest of 300 calls). A 64-channel 32x32 input is 1 MB from 4 images.
+PARALLEL_SCAN_FLOATS = 1 << 18
+SCAN_PARTS = 8  # pieces of the parallel scan: a thread that starts late takes fewer
+
+
 @njit(cache=True, nogil=True)
-def all_finite_f32(x):
-    """True when no value of the C-contiguous float32 array x (any rank) is NaN or infinite. On
-    the bit patterns: a value's exponent field plus one carries into the sign bit only when the
-    field is all ones (NaN, infinity), so an OR over those sums tells. Integer operations
-    vectorize (a float test would need strict IEEE semantics, which do not), and an OR
-    reduction more simply than a max: 1.5x faster over 200-800 KB on a Zen 3. The view is taken
-    here: in numpy it costs more than the scan of a small image."""
-    bits = x.reshape(x.size).view(np.uint32)
+def _exponent_or(bits):
+    """The OR over uint32 float bit patterns of (exponent field + its lowest bit): the sign bit
+    of the result is set exactly when some value's exponent is all ones (NaN, infinity).
+    Integer operations vectorize (a float test would need strict IEEE semantics, which do
+    not), and an OR reduction more simply than a max: 1.5x faster over 200-800 KB on a Zen 3."""
     exponent = np.uint32(0x7F800000)
     one = np.uint32(0x00800000)  # the exponent field's lowest bit
     acc = np.uint32(0)
     for i in range(bits.size):
         acc |= (bits[i] & exponent) + one
+    return acc
+
+
+@njit(cache=True, nogil=True)
+def all_finite_f32(x):
+    """True when no value of the C-contiguous float32 array x (any rank) is NaN or infinite
+    (`_exponent_or`). The view is taken here: in numpy it costs more than the scan of a small
+    image."""
+    return _exponent_or(x.reshape(x.size).view(np.uint32)) < np.uint32(0x80000000)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def all_finite_f32_parallel(x):
+    """`all_finite_f32` on all threads, for large arrays (PARALLEL_SCAN_FLOATS)."""
+    bits = x.reshape(x.size).view(np.uint32)
+    per = (bits.size + SCAN_PARTS - 1) // SCAN_PARTS
+    found = np.zeros(SCAN_PARTS, np.uint32)
+    for p in prange(SCAN_PARTS):
+        found[p] = _exponent_or(bits[p * per : min(bits.size, (p + 1) * per)])
+    acc = np.uint32(0)
+    for p in range(SCAN_PARTS):
+        acc |= found[p]
     return acc < np.uint32(0x80000000)
 
 
