@@ -124,7 +124,8 @@ def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, f
     layers (2 per multiply-add) for a kernel plan {layer index: variant}: a Winograd layer does
     alpha*alpha products per tile of m x m outputs and channel pair (F(2x2, 3x3): 16 where
     direct does 36; F(4x4, 3x3): 36 for 144; F(2x2, 5x5): 36 for 100; a stride-2 conv over its
-    input's phases: 36 over 4 * CI channels for 16 * kh * kw over CI)."""
+    input's phases: 36 over 4 * CI channels for 16 * kh * kw over CI; a stride-1 kernel in
+    gh x gw blocks of 3x3: 36 over gh * gw * CI channels)."""
     from convserve.core.architecture import parse_architecture
     from convserve.core.layers.conv2d import WINOGRAD
     from convserve.core.layers.fusion import blocks
@@ -145,6 +146,8 @@ def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, f
             transform = WINOGRAD.get(variant)
             if variant == "winograd4_phases":  # a 3x3 conv over the 4 phases of the input
                 ci *= 4
+            elif variant == "winograd4_split":  # 3x3 convs over gh x gw shifted inputs
+                ci *= -(-kh // 3) * -(-kw // 3)
             if transform is not None:
                 fused = block.pool is not None and block.pool.tiles_input
                 m = transform.m

@@ -1109,7 +1109,8 @@ def test_the_bench_report_gives_each_cell_its_share_of_the_roofline():
 def test_the_bench_counts_the_multiplies_each_kernel_does():
     """Direct-equivalent and actual FLOPs per image: a 5x5/2 conv over 16 channels (12x12 ->
     6x6, 8 filters) run direct, then over its input's phases (F(4x4, 3x3), 36 products per
-    4x4 tile over 64 phase channels), then a 3x3 `same` F(2x2, 3x3) conv (16 per 2x2 tile)."""
+    4x4 tile over 64 phase channels), then a 3x3 `same` F(2x2, 3x3) conv (16 per 2x2 tile);
+    then the first as a 7x7 stride-1 conv in 3x3 blocks."""
     from convserve.core.bench import flops_per_image
 
     conv = {"type": "conv2d", "filters": 8, "kernel_size": 5, "strides": 2, "padding": "same"}
@@ -1125,6 +1126,14 @@ def test_the_bench_counts_the_multiplies_each_kernel_does():
     winograd = 2.0 * 16 * (3 * 3) * 8 * 4  # 3 x 3 tiles of 2 x 2 outputs
     plan = {0: "winograd4_phases", 1: "winograd"}
     assert flops_per_image(doc, plan) == (first + second, phases + winograd)
+    # a 7x7 `same` stride-1 conv in 3 x 3 blocks of 3x3: F(4x4, 3x3) over 9 * 16 channels
+    doc["layers"][0] = {**conv, "kernel_size": 7, "strides": 1}
+    first = 2.0 * 144 * 8 * 49 * 16  # 12 x 12 outputs
+    split = 2.0 * 36 * (3 * 3) * (9 * 16) * 8  # 3 x 3 tiles of 4 x 4 outputs
+    second = 2.0 * 144 * 4 * 9 * 8
+    winograd = 2.0 * 16 * (6 * 6) * 8 * 4
+    plan = {0: "winograd4_split", 1: "winograd"}
+    assert flops_per_image(doc, plan) == (first + second, split + winograd)
 
 
 def test_the_bench_report_gives_each_cell_its_share_of_the_peak():

@@ -1,6 +1,7 @@
 """Winograd kernels: the transforms built from interpolation points are exact, and the
 `winograd` (F(2x2, 3x3)), `winograd4` (F(4x4, 3x3)) and `winograd5` (F(2x2, 5x5)) variants, and
-F(4x4, 3x3) over a stride-2 conv's input phases (`winograd4_phases`), match the
+F(4x4, 3x3) over a stride-2 conv's input phases (`winograd4_phases`) and over shifted inputs
+(`winograd4_split`), match the
 NumPy reference on randomized shapes and are bit-identical across batch sizes."""
 
 from __future__ import annotations
@@ -177,11 +178,56 @@ def test_stride_2_convs_over_the_input_phases_match_the_reference(pool, padding)
         weights = random_weights(doc, seed=trial)
         plan = InferencePlan(arch, weights, {0: variant})
         step = plan.steps[0]
-        assert type(step).__name__ == "WinogradConv" and step.phases
+        assert type(step).__name__ == "WinogradConv" and step.views == (2, 2, 1, 2)
         assert step.pool == (pool is not None)  # the 2x2/2 pool is fused
         assert step.u.shape[0] == 36 and step.size == 4
         assert step.u.size // step.u.shape[0] // step.bias.size == 4 * arch.input_shape[2]
         _check_against_the_reference(plan, doc, weights, rng, f"{variant} {doc['layers']}")
+
+
+SPLIT_CASES = PHASE_CASES
+
+
+@pytest.mark.parametrize("pool,padding", SPLIT_CASES)
+def test_stride_1_kernels_in_3x3_blocks_match_the_reference(pool, padding):
+    """Stride-1 convs with kernels other than 3x3 and 5x5 (2-9 a side, square or not, padded to
+    3x3 blocks), run as F(4x4, 3x3) convs over shifted views of the input, match the reference
+    on odd and even sides, as a first layer on raw pixels too, and are bit-identical across
+    batch sizes."""
+    variant = "winograd4_split"
+    rng = np.random.default_rng(200 + SPLIT_CASES.index((pool, padding)))
+    sizes = [[2, 2], [4, 4], [6, 6], [7, 7], [3, 7], [4, 2], [8, 9]]
+    for trial in range(5):
+        kernel = sizes[int(rng.integers(len(sizes)))]
+        act = str(rng.choice(["linear", "relu", "tanh", "sigmoid"]))
+        doc = _case(rng, variant, pool, act, padding, kernel=kernel)
+        arch = parse_architecture(doc)
+        weights = random_weights(doc, seed=trial)
+        plan = InferencePlan(arch, weights, {0: variant})
+        step = plan.steps[0]
+        blocks = (-(-kernel[0] // 3), -(-kernel[1] // 3))
+        assert type(step).__name__ == "WinogradConv" and step.views == (*blocks, 3, 1)
+        assert step.pool == (pool is not None)  # the 2x2/2 pool is fused
+        assert step.u.shape[0] == 36 and step.size == 4
+        assert step.u.size // 36 // step.bias.size == blocks[0] * blocks[1] * arch.input_shape[2]
+        _check_against_the_reference(plan, doc, weights, rng, f"{variant} {doc['layers']}")
+
+
+def test_a_kernel_in_3x3_blocks_keeps_every_tap_once():
+    """`split_kernel`: tap (3a + i, 3b + j) of the kernel is tap (i, j) of block (a, b), whose
+    channels are (a * gw + b) * CI + c; the padding taps are zero."""
+    from convserve.core.layers.conv2d import split_kernel
+
+    kernel = np.arange(7 * 5 * 2 * 3, dtype=np.float32).reshape(7, 5, 2, 3) + 1
+    blocks, views = split_kernel(kernel)
+    assert views == (3, 2, 3, 1) and blocks.shape == (3, 3, 3 * 2 * 2, 3)
+    for y in range(9):
+        for x in range(6):
+            a, i, b, j = y // 3, y % 3, x // 3, x % 3
+            for c in range(2):
+                tap = blocks[i, j, (a * 2 + b) * 2 + c]
+                want = kernel[y, x, c] if y < 7 and x < 5 else np.zeros(3, np.float32)
+                np.testing.assert_array_equal(tap, want, err_msg=f"{y} {x} {c}")
 
 
 @pytest.mark.parametrize("variant", list(KERNEL_SIZE))
@@ -226,8 +272,13 @@ def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
 
     assert variants(5, 1) == ("winograd5", "direct")
     assert variants(3, 1) == ("winograd", "direct", "winograd4")
-    for kernel_size, strides in ((3, 2), (7, 2), (7, 1), (1, 1), (5, 3), ([5, 3], 2)):
+    for kernel_size, strides in ((3, 2), (7, 2), ([1, 7], 1), (1, 1), (5, 3), ([5, 3], 2)):
         assert not any(v.startswith("winograd") for v in variants(kernel_size, strides))
+    # stride 1, other sizes: in 3x3 blocks, first from 8 input channels on for 4x4 and larger
+    for kernel_size in (4, 6, 7, [3, 7], 9):
+        assert variants(kernel_size, 1) == ("winograd4_split", "direct")
+        assert variants(kernel_size, 1, channels=3) == ("direct", "winograd4_split")
+    assert variants(2, 1) == ("direct", "winograd4_split")
     assert variants(5, 1, channels=7) == ("direct",)  # too few channels to pay
     assert variants(3, 1, channels=7) == ("direct", "winograd")
     # stride 2, 4-6 a side: F(4x4, 3x3) over the phases, first from 16 input channels on

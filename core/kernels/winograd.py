@@ -5,8 +5,9 @@ F(2x2, 5x5). Per m x m block of outputs (a tile) and channel pair, alpha*alpha p
 from their matrices (`winograd_transforms`): 16 channels at a time, one by one for the input's
 last channels; the products are GEMMs on the micro-kernels (`gemm._conv_row`). A fused 2x2/2
 max or average pool takes (m/2 x m/2) pooled outputs from each tile. A stride-2 conv with a
-kernel of 4-6 a side runs as a 3x3 stride-1 one over its input's four 2x2 phases (`phases`),
-read in place.
+kernel of 4-6 a side runs as a 3x3 stride-1 one over its input's four 2x2 phases, and a
+stride-1 kernel larger than 3x3 as a sum of 3x3 ones over shifted inputs: the input's views
+(`views`), read in place.
 """
 
 from __future__ import annotations
@@ -56,22 +57,23 @@ def _output_block(alpha, size, mf, m, step, bias, co, of, o, ldx, ldy, pool, rel
 
 
 @njit(error_model="numpy", cache=True, nogil=True)
-def _wino_input(xf, base, row, C, TW, vf, alpha, size, first, step, phases):
+def _wino_input(xf, base, row, C, TW, vf, alpha, size, first, step, views):
     """Input transform of one row of tiles of side `alpha` (4 or 6), `size` outputs apart, as
     tiles first..first+TW-1 in `vf`: for tile tx (the alpha x alpha input pixels from column
     size*tx of the rows starting at xf[base], `row` floats apart, C channels) and channel c,
     vf[p*step + (first + tx)*CI + c] = (B^T d B)[p]: 16 channels at a time, then one by one.
-    With `phases` (a stride-2 conv as a stride-1 one over the input's 2x2 phases) a tile's
-    pixels are every other pixel of every other row of the input, from row p and column q for
-    phase (p, q), whose channels are the tile's channels (2p + q) * C + c (CI = 4 * C): the
-    phases are read in place, not copied."""
-    down = 2 if phases else 1  # input pixels and rows between a tile's pixels and rows
-    groups = 4 if phases else 1
+    `views` = (gh, gw, shift, down): a tile reads gh x gw views of the input (CI = gh*gw*C),
+    view (a, b) from `shift`*a rows and `shift`*b pixels further, every `down`-th pixel of
+    every `down`-th row; its channels are the tile's channels (a*gw + b)*C + c. One view (1,
+    1, 0, 1) is the plain input. A stride-2 conv over the input's 2x2 phases: (2, 2, 1, 2).
+    A stride-1 kernel split in 3x3 blocks (`conv_wino`): (gh, gw, 3, 1). The views are read
+    in place, not copied."""
+    gh, gw, shift, down = views
     vec_end = C // 16 * 16
     for tx in range(TW):
-        for g in range(groups):
-            o = base + down * size * tx * C + (g // 2) * row + (g % 2) * C
-            q = ((first + tx) * groups + g) * C
+        for g in range(gh * gw):
+            o = base + down * size * tx * C + (g // gw) * shift * row + (g % gw) * shift * C
+            q = ((first + tx) * gh * gw + g) * C
             for c in range(0, vec_end, 16):
                 if alpha == 6:
                     _IN6(xf, o + c, down * C, down * row, vf, q + c, step)
@@ -154,7 +156,7 @@ def _wino_output(
 
 
 @njit(parallel=True, error_model="numpy", cache=True, nogil=True)
-def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band, phases):
+def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band, views):
     """Stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`, average pool when also
     `average`) by Winograd's F(m x m, r x r): m = `size` (2 or 4), alpha = m + r - 1 from the
     products in `u` (16: F(2x2, 3x3); 36: F(2x2, 5x5), or F(4x4, 3x3) with size 4).
@@ -174,13 +176,15 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
     The transforms are additions and multiplications by constants, and results do not depend
     on the batch size or the band (every product is one chain over CI whatever its block).
 
-    With `phases`, a stride-2 conv whose kernel `u` holds as a 3x3 one over the input's four 2x2
-    phases (CI = 4 * x's channels; `layers.conv2d.phase_kernel`): each tile reads every other
-    pixel of every other row of x (`_wino_input`), so x holds 2 * alpha x 2 * alpha
-    pixels per tile, tiles 2m apart."""
+    `views` = (gh, gw, shift, down) (`_wino_input`): a tile's CI = gh*gw*C channels are
+    gh x gw views of x, `u` the kernel over them. (1, 1, 0, 1): x itself. (2, 2, 1, 2): a
+    stride-2 conv over x's four 2x2 phases (`layers.conv2d.phase_kernel`): each tile reads
+    every other pixel of every other row, so x holds 2 * alpha x 2 * alpha pixels per tile,
+    tiles 2m apart. (gh, gw, 3, 1): a stride-1 kernel of up to 3*gh x 3*gw in 3x3 blocks,
+    block (a, b) over x shifted by 3a rows and 3b columns (`layers.conv2d.split_kernel`)."""
     N, Hp, Wp, C = x.shape
-    CI = 4 * C if phases else C
-    down = 2 if phases else 1  # input rows and columns a tile row and column steps over
+    CI = views[0] * views[1] * C
+    down = views[3]  # input rows and columns a tile row and column steps over
     products = u.shape[0]
     COp = u.size // (products * CI)
     ldb = u.shape[2]  # COp, or 16 in strips of 16 channels
@@ -219,7 +223,7 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
             for r in range(nr):
                 n, ty = (g0 + r) // TH, (g0 + r) % TH
                 base = (n * Hp + down * size * ty) * Wp * C
-                _wino_input(xf, base, Wp * C, C, TW, vf, alpha, size, r * TW, vstep, phases)
+                _wino_input(xf, base, Wp * C, C, TW, vf, alpha, size, r * TW, vstep, views)
             for p in range(products):
                 _conv_row(
                     vf,

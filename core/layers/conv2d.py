@@ -5,8 +5,9 @@ At inference a conv block (see `fusion.py`: the conv, a standalone activation af
 or average pool after that) becomes one of these steps:
 - `WinogradConv` (variants `winograd`: 3x3 stride 1, F(2x2, 3x3); `winograd4`: the same by
   F(4x4, 3x3); `winograd5`: 5x5 stride 1, F(2x2, 5x5); `winograd4_phases`: stride 2 with
-  kernels of 4-6 a side, as a 3x3 conv over the input's four 2x2 phases by F(4x4, 3x3)),
-  pooled or not;
+  kernels of 4-6 a side, as a 3x3 conv over the input's four 2x2 phases by F(4x4, 3x3);
+  `winograd4_split`: stride 1 with other kernels (2x2, 4x4, 6x6, 7x7, ...), as 3x3 convs over
+  shifted inputs by F(4x4, 3x3)), pooled or not;
 - `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
   with a 2x2/2 max pool (`pixels_pool`: or average pool);
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding); `direct_narrow`
@@ -15,7 +16,8 @@ A 2x2/2 pool that tiles its input (`valid`, or `same` on even sides), max or ave
 fused into the Winograd and direct kernels; a max or average pool of any other window, stride
 and padding into the direct kernel (`direct.conv_pool`).
 `inference_variants` lists the ones that apply, today's heuristic choice first (Winograd 3x3
-or 5x5 from WINO_MIN_CHANNELS input channels on, over the phases from 16, else the first-layer
+or 5x5, or in 3x3 blocks for 4x4 and larger, from WINO_MIN_CHANNELS input channels on, over
+the phases from 16, else the first-layer
 kernels, else direct);
 the planner (`core/planner.py`) may time them and pick another.
 Otherwise the pool runs as its own step after the conv; a softmax as an `Activate`.
@@ -50,7 +52,12 @@ WINOGRAD: dict[str, Transform] = {  # variant: its transform
     # stride-2 convs with kernels of 4-6 a side, as 3x3 stride-1 convs over the input's four
     # 2x2 phases (`phase_kernel`)
     "winograd4_phases": F4X4_3X3,
+    # stride-1 convs with kernels larger than 3x3 (not 5x5), as sums of 3x3 convs over shifted
+    # inputs (`split_kernel`)
+    "winograd4_split": F4X4_3X3,
 }
+PLAIN = (1, 1, 0, 1)  # `WinogradConv.views` of a tile that reads the input itself
+PHASES = (2, 2, 1, 2)  # of a stride-2 conv over the input's four 2x2 phases (`phase_kernel`)
 
 
 # -- weight packing -----------------------------------------------------------------------------
@@ -87,6 +94,19 @@ def winograd_kernel(
     out = np.zeros((*u.shape[:2], cop), np.float32)
     out[:, :, : u.shape[2]] = u
     return in_strips(out) if _strips(strips) else out
+
+
+def split_kernel(kernel: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A stride-1 kernel (kh, kw, CI, CO), zero padded to 3*gh x 3*gw, as the 3x3 kernel
+    (3, 3, gh*gw*CI, CO) over gh x gw shifted views of the input, and those views
+    (`winograd._wino_input`): block (a, b), the taps (3a + i, 3b + j), is a 3x3 kernel over the
+    input from 3a rows and 3b columns on, whose channels are (a*gw + b) * CI + ci."""
+    kh, kw, ci, co = kernel.shape
+    gh, gw = -(-kh // 3), -(-kw // 3)
+    padded = np.zeros((3 * gh, 3 * gw, ci, co), kernel.dtype)
+    padded[:kh, :kw] = kernel
+    blocks = padded.reshape(gh, 3, gw, 3, ci, co).transpose(1, 3, 0, 2, 4, 5)
+    return np.ascontiguousarray(blocks).reshape(3, 3, gh * gw * ci, co), (gh, gw, 3, 1)
 
 
 def phase_kernel(kernel: np.ndarray) -> np.ndarray:
@@ -197,7 +217,9 @@ class WinogradConv(Step):
     pool: bool
     average: bool = False
     size: int = 2  # outputs per tile side, m
-    phases: bool = False  # a stride-2 conv over the input's 2x2 phases (`phase_kernel`)
+    # the input's views a tile reads (`winograd.conv_wino`): (1, 1, 0, 1) the input itself;
+    # (2, 2, 1, 2) its 2x2 phases (`phase_kernel`); (gh, gw, 3, 1) shifted (`split_kernel`)
+    views: tuple[int, int, int, int] = PLAIN
 
     def _tiles(self, outputs: int) -> int:
         """Tiles along a side of `outputs` output pixels (pooled ones with a fused pool)."""
@@ -253,7 +275,7 @@ class WinogradConv(Step):
             self.size,
             program.at,
             band,
-            self.phases,
+            self.views,
         )
         return out
 
@@ -408,7 +430,9 @@ class Conv2D(Layer):
         `direct` (every shape); `direct_narrow` (where `direct` is the heuristic's choice; see
         `_narrow_pays`); `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on);
         `winograd4_phases` (stride 2, kernels of 4-6 a side; the heuristic's choice from 16
-        input channels on)."""
+        input channels on); `winograd4_split` (stride 1, kernels other than 3x3 and 5x5 that
+        it multiplies clearly less than direct, `_split_pays`; the heuristic's choice for 4x4
+        and larger from WINO_MIN_CHANNELS input channels on)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         # one input channel, stride 1, a fused 2x2/2 pool: the first-layer kernels
@@ -423,6 +447,15 @@ class Conv2D(Layer):
         # over 16, 0.86-1.0x over 4 and 8; F(2x2, 3x3) was slower than F(4x4, 3x3) on all.
         halves = self.strides == (2, 2) and all(4 <= k <= 6 for k in self.kernel_size)
         names = ["winograd"] if three and wide else []
+        # a stride-1 kernel of 4x4 or more in 3x3 blocks (`split_kernel`): the heuristic's choice
+        # from WINO_MIN_CHANNELS on. Against direct on Zen 3 (1, 8, 64 images, one process):
+        # 7x7 over 8 and 32 channels 0.52-0.90x the time, 6x6 over 32 0.33-0.43x, 4x4 over 16
+        # and 32 0.75-0.87x; 4x4 over 3 channels 1.07-1.12x, 2x2 over 32-64 0.89-1.21x (offered
+        # to the planner only)
+        split = self._split_pays()
+        split_first = split and wide and self.kernel_size[0] * self.kernel_size[1] >= 16
+        if split_first:
+            names.append("winograd4_split")
         if halves and ci >= 16:
             names.append("winograd4_phases")
         # F(2x2, 5x5) measured faster than direct on 32-channel layers, far slower on 1-3 channels
@@ -441,7 +474,20 @@ class Conv2D(Layer):
             names.append("winograd4")
         if halves and ci < 16:
             names.append("winograd4_phases")
+        if split and not split_first:
+            names.append("winograd4_split")
         return tuple(names)
+
+    def _split_pays(self) -> bool:
+        """Whether `winograd4_split` applies and multiplies clearly less than direct: a stride-1
+        kernel other than 3x3 and 5x5 (their own Winograd variants) in gh x gw blocks of 3x3,
+        F(4x4, 3x3) doing 36/16 multiplies per output and channel of a block, under 3/4 of
+        direct's kh*kw (2x2, 4x4, 6x6, 7x7, 3x7: yes; 1x7: 6.75 against 7, no)."""
+        kh, kw = self.kernel_size
+        if self.strides != (1, 1) or (kh, kw) in ((3, 3), (5, 5)):
+            return False
+        blocks = -(-kh // 3) * -(-kw // 3)
+        return 36 * blocks / 16 < 0.75 * kh * kw
 
     def inference_steps(self, block, weights, first, variant=None):
         variant = variant or self.inference_variants(block)[0]
@@ -469,17 +515,23 @@ class Conv2D(Layer):
             per = m // 2 if fused else m  # output pixels per tile side
             scale = 2 if fused else 1  # the conv pixels a pooled output reads
             rows_cols = (scale * round_up(shape[0], per), scale * round_up(shape[1], per))
-            phases = variant == "winograd4_phases"
-            padded = padding_for(rows_cols)
-            if phases:  # a 3x3 conv over the input's phases reads a 6x6/2 conv's input
-                kernel = phase_kernel(kernel)
+            views, padded = PLAIN, padding_for(rows_cols)
+            if variant == "winograd4_phases":  # a 3x3 conv over the input's phases reads a
+                # 6x6/2 conv's input
+                kernel, views = phase_kernel(kernel), PHASES
                 padded = Padding.for_output(
                     self.input_shape, rows_cols, (6, 6), self.strides, self.pads
+                )
+            elif variant == "winograd4_split":  # reads the kernel's input, padded to 3x3 blocks
+                kernel, views = split_kernel(kernel)
+                window = (3 * views[0], 3 * views[1])
+                padded = Padding.for_output(
+                    self.input_shape, rows_cols, window, self.strides, self.pads
                 )
             step: Step = WinogradConv(
                 **common,
                 padding=padded,
-                phases=phases,
+                views=views,
                 u=winograd_kernel(kernel, bias.size, WINOGRAD[variant]),
                 bias=bias,
                 act=kernel_act,
