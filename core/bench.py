@@ -219,7 +219,7 @@ def _run_worker(engine: str, model: str, batches: list[int], outputs_path: str) 
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
         raise WorkerFailed(
             f"the {engine} worker for {model} failed: {lines[-1]}\n"
-            f"(its whole output: {' '.join(shlex.quote(a) for a in cmd)})"
+            f"(run it alone for its whole output: {' '.join(shlex.quote(a) for a in cmd)})"
         )
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -279,6 +279,8 @@ def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
         assert variants(kernel_size, 1) == ("winograd4_split", "direct")
         assert variants(kernel_size, 1, channels=3) == ("direct", "winograd4_split")
     assert variants(2, 1) == ("direct", "winograd4_split")
+    # not where the transformed kernel would outgrow SPLIT_MAX_BYTES (36 x 9 x 4096 x 16 floats)
+    assert variants(7, 1, channels=4096) == ("direct",)
     assert variants(5, 1, channels=7) == ("direct",)  # too few channels to pay
     assert variants(3, 1, channels=7) == ("direct", "winograd")
     # stride 2, 4-6 a side: F(4x4, 3x3) over the phases, first from 16 input channels on

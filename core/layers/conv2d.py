@@ -17,9 +17,8 @@ fused into the Winograd and direct kernels; a max or average pool of any other w
 and padding into the direct kernel (`direct.conv_pool`).
 `inference_variants` lists the ones that apply, today's heuristic choice first (Winograd 3x3
 or 5x5, or in 3x3 blocks for 4x4 and larger, from WINO_MIN_CHANNELS input channels on, over
-the phases from 16, else the first-layer
-kernels, else direct);
-the planner (`core/planner.py`) may time them and pick another.
+the phases from 16, else the first-layer kernels, else direct); the planner
+(`core/planner.py`) may time them and pick another.
 Otherwise the pool runs as its own step after the conv; a softmax as an `Activate`.
 """
 
@@ -52,10 +51,14 @@ WINOGRAD: dict[str, Transform] = {  # variant: its transform
     # stride-2 convs with kernels of 4-6 a side, as 3x3 stride-1 convs over the input's four
     # 2x2 phases (`phase_kernel`)
     "winograd4_phases": F4X4_3X3,
-    # stride-1 convs with kernels larger than 3x3 (not 5x5), as sums of 3x3 convs over shifted
+    # stride-1 convs with kernels other than 3x3 and 5x5, as sums of 3x3 convs over shifted
     # inputs (`split_kernel`)
     "winograd4_split": F4X4_3X3,
 }
+# The largest transformed kernel `winograd4_split` is offered with: 36 * gh * gw products of
+# each channel pair, 6.6x a 7x7 kernel's floats (a 7x7 conv of 512 -> 512 channels would hold
+# 340 MB where direct holds 51 MB).
+SPLIT_MAX_BYTES = 64 * 2**20
 PLAIN = (1, 1, 0, 1)  # `WinogradConv.views` of a tile that reads the input itself
 PHASES = (2, 2, 1, 2)  # of a stride-2 conv over the input's four 2x2 phases (`phase_kernel`)
 
@@ -482,12 +485,14 @@ class Conv2D(Layer):
         """Whether `winograd4_split` applies and multiplies clearly less than direct: a stride-1
         kernel other than 3x3 and 5x5 (their own Winograd variants) in gh x gw blocks of 3x3,
         F(4x4, 3x3) doing 36/16 multiplies per output and channel of a block, under 3/4 of
-        direct's kh*kw (2x2, 4x4, 6x6, 7x7, 3x7: yes; 1x7: 6.75 against 7, no)."""
+        direct's kh*kw (2x2, 4x4, 6x6, 7x7, 3x7: yes; 1x7: 6.75 against 7, no), with its
+        transformed kernel within SPLIT_MAX_BYTES."""
         kh, kw = self.kernel_size
         if self.strides != (1, 1) or (kh, kw) in ((3, 3), (5, 5)):
             return False
         blocks = -(-kh // 3) * -(-kw // 3)
-        return 36 * blocks / 16 < 0.75 * kh * kw
+        floats = 36 * blocks * self.input_shape[2] * round_up(self.filters, 16)
+        return 36 * blocks / 16 < 0.75 * kh * kw and 4 * floats <= SPLIT_MAX_BYTES
 
     def inference_steps(self, block, weights, first, variant=None):
         variant = variant or self.inference_variants(block)[0]
