@@ -9,6 +9,8 @@ connections): requests of 1, 8 and 64 images as UINT8 and as FP32, whose answers
 (shape, probabilities, top-1 accuracy); malformed requests, which must be refused with
 INVALID_ARGUMENT; calls cancelled by the client soon after they are sent; calls with a deadline
 too short to finish. A failure is any other outcome: a wrong status, a wrong answer, an error.
+A call refused UNAVAILABLE is tried once more, as the project's client does (the server closes
+connections after --max-connection-age-secs; a call racing that GOAWAY is refused), and counted.
 
 The server's RSS is sampled every few seconds. The verdict compares RSS after the warm-up
 (minute 2, or half the run if shorter) with RSS at the end and passes when there were no
@@ -98,6 +100,7 @@ class Tally:
         self.failures: collections.Counter = collections.Counter()  # "kind: what"
         self.images_ok = 0
         self.correct = 0
+        self.retried = 0  # calls tried again after UNAVAILABLE (`Traffic.infer`)
 
     def add(self, kind: str, outcome: str, failure: str | None = None) -> None:
         with self.lock:
@@ -128,6 +131,20 @@ class Traffic:
         )
         return request, self.labels[start : start + count]
 
+    def infer(self, api, request, timeout: float):
+        """ModelInfer, tried once more after UNAVAILABLE, as the project's client does: the
+        server closes each connection after --max-connection-age-secs, and a call that races
+        that GOAWAY is refused UNAVAILABLE without the server seeing it (gRPC's retryable
+        status). A second UNAVAILABLE is the caller's to judge."""
+        try:
+            return api.ModelInfer(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            with self.tally.lock:
+                self.tally.retried += 1
+        return api.ModelInfer(request, timeout=timeout)
+
     def run(self, stop: threading.Event, pacer: Pacer, index: int) -> None:
         rng = random.Random(self.seed * 1000 + index)
         options = [("grpc.max_receive_message_length", 1 << 26)]
@@ -150,7 +167,7 @@ class Traffic:
             request.inputs[0].shape[1] = 27  # pixels for 28x28, shape says 27x28
             expect = grpc.StatusCode.INVALID_ARGUMENT
             try:
-                api.ModelInfer(request, timeout=30)
+                self.infer(api, request, 30)
                 tally.add(kind, "ok", "a malformed request was answered")
             except grpc.RpcError as exc:
                 tally.add(kind, exc.code().name, None if exc.code() == expect else exc.details())
@@ -174,7 +191,7 @@ class Traffic:
             else:
                 allowed = (grpc.StatusCode.DEADLINE_EXCEEDED,)
                 try:
-                    api.ModelInfer(request, timeout=rng.uniform(0.0005, 0.003))
+                    self.infer(api, request, rng.uniform(0.0005, 0.003))
                     tally.add(kind, "ok")
                     return
                 except grpc.RpcError as exc:
@@ -184,7 +201,7 @@ class Traffic:
         count = int(kind.split("x")[1])
         request, labels = self.request(rng, count, kind.startswith("fp32"))
         try:
-            response = api.ModelInfer(request, timeout=60)
+            response = self.infer(api, request, 60)
         except grpc.RpcError as exc:
             tally.add(kind, exc.code().name, f"{exc.code().name}: {exc.details()}")
             return
@@ -337,6 +354,7 @@ def main() -> int:
     print("soak: outcomes by kind:")
     for kind, outcomes in by_kind.items():
         print(f"  {kind:9s} {outcomes}")
+    print(f"soak: {tally.retried} call(s) tried again after UNAVAILABLE (a connection's GOAWAY)")
     for what, n in tally.failures.most_common(10):
         print(f"  FAILURE x{n}: {what}")
     accuracy = tally.correct / tally.images_ok if tally.images_ok else 0.0
