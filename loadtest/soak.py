@@ -10,7 +10,8 @@ connections): requests of 1, 8 and 64 images as UINT8 and as FP32, whose answers
 INVALID_ARGUMENT; calls cancelled by the client soon after they are sent; calls with a deadline
 too short to finish. A failure is any other outcome: a wrong status, a wrong answer, an error.
 A call refused UNAVAILABLE is tried once more, as the project's client does (the server closes
-connections after --max-connection-age-secs; a call racing that GOAWAY is refused), and counted.
+connections after --max-connection-age-secs; a call racing that GOAWAY is refused), and counted:
+more than RETRIED_SHARE of the calls is a failure.
 
 The server's RSS is sampled every few seconds. The verdict compares RSS after the warm-up
 (minute 2, or half the run if shorter) with RSS at the end and passes when there were no
@@ -45,6 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mnist_requests as mr  # noqa: E402
 
 MODEL = "fashion_mnist"
+# The most calls, as a share of all, that may need their one retry after UNAVAILABLE: a
+# connection's GOAWAY race is rarer by far (1 of 1,600 calls with connections closed every
+# 0.5 s, 120 times the default rate); more means the server itself refuses (a full queue).
+RETRIED_SHARE = 0.01
 WARMUP_SECONDS = 120.0  # RSS is compared from here (or half the run, if shorter)
 SAMPLE_SECONDS = 5.0
 # (kind, weight): what one call of the mix does
@@ -101,6 +106,7 @@ class Tally:
         self.images_ok = 0
         self.correct = 0
         self.retried = 0  # calls tried again after UNAVAILABLE (`Traffic.infer`)
+        self.retry_reasons: collections.Counter = collections.Counter()  # their first answers
 
     def add(self, kind: str, outcome: str, failure: str | None = None) -> None:
         with self.lock:
@@ -143,6 +149,7 @@ class Traffic:
                 raise
             with self.tally.lock:
                 self.tally.retried += 1
+                self.tally.retry_reasons[(exc.details() or "")[:120]] += 1
         return api.ModelInfer(request, timeout=timeout)
 
     def run(self, stop: threading.Event, pacer: Pacer, index: int) -> None:
@@ -354,7 +361,15 @@ def main() -> int:
     print("soak: outcomes by kind:")
     for kind, outcomes in by_kind.items():
         print(f"  {kind:9s} {outcomes}")
+    calls = sum(tally.outcomes.values())
     print(f"soak: {tally.retried} call(s) tried again after UNAVAILABLE (a connection's GOAWAY)")
+    for what, n in tally.retry_reasons.most_common(5):
+        print(f"  retried x{n}: {what}")
+    if tally.retried > RETRIED_SHARE * max(calls, 1):
+        failures += 1
+        print(
+            f"  FAILURE: more than {RETRIED_SHARE:.0%} of the calls were refused UNAVAILABLE once"
+        )
     for what, n in tally.failures.most_common(10):
         print(f"  FAILURE x{n}: {what}")
     accuracy = tally.correct / tally.images_ok if tally.images_ok else 0.0
