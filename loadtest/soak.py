@@ -376,7 +376,7 @@ def main() -> int:
     passed = failures == 0 and growth < args.max_growth
     print(
         f"soak verdict: {'PASS' if passed else 'FAIL'}: {args.duration / 60:.1f} min, "
-        f"{sum(tally.outcomes.values())} calls ({ok} answered, top-1 accuracy {accuracy:.3f}), "
+        f"{calls} calls ({ok} answered, top-1 accuracy {accuracy:.3f}), "
         f"{failures} failures, RSS {samples[0][1]:.0f} MB at start, {rss_warm:.0f} MB at "
         f"{warm / 60:.1f} min, {rss_end:.0f} MB at the end, peak "
         f"{max(r for _, r in samples):.0f} MB, growth {growth:+.1f} % (bound {args.max_growth:g} %)",

@@ -213,14 +213,18 @@ def test_stride_1_kernels_in_3x3_blocks_match_the_reference(pool, padding):
         _check_against_the_reference(plan, doc, weights, rng, f"{variant} {doc['layers']}")
 
 
-def test_a_kernel_in_3x3_blocks_keeps_every_tap_once():
-    """`split_kernel`: tap (3a + i, 3b + j) of the kernel is tap (i, j) of block (a, b), whose
-    channels are (a * gw + b) * CI + c; the padding taps are zero."""
-    from convserve.core.layers.conv2d import split_kernel
+def test_a_kernel_over_views_keeps_every_tap_once():
+    """`view_kernel`: in 3x3 blocks, tap (3a + i, 3b + j) of the kernel is tap (i, j) of block
+    (a, b), whose channels are (a * gw + b) * CI + c; over a stride-2 conv's phases, tap
+    (2i + p, 2j + q) is tap (i, j) of phase (p, q); the padding taps are zero, and a kernel
+    past what its views reach is refused."""
+    from convserve.core.layers.conv2d import PHASES, split_views, view_kernel, view_window
 
     kernel = np.arange(7 * 5 * 2 * 3, dtype=np.float32).reshape(7, 5, 2, 3) + 1
-    blocks, views = split_kernel(kernel)
-    assert views == (3, 2, 3, 1) and blocks.shape == (3, 3, 3 * 2 * 2, 3)
+    views = split_views((7, 5))
+    assert views == (3, 2, 3, 1) and view_window(views) == (9, 6)
+    blocks = view_kernel(kernel, views)
+    assert blocks.shape == (3, 3, 3 * 2 * 2, 3)
     for y in range(9):
         for x in range(6):
             a, i, b, j = y // 3, y % 3, x // 3, x % 3
@@ -228,6 +232,19 @@ def test_a_kernel_in_3x3_blocks_keeps_every_tap_once():
                 tap = blocks[i, j, (a * 2 + b) * 2 + c]
                 want = kernel[y, x, c] if y < 7 and x < 5 else np.zeros(3, np.float32)
                 np.testing.assert_array_equal(tap, want, err_msg=f"{y} {x} {c}")
+    five = kernel[:5]
+    assert view_window(PHASES) == (6, 6)
+    phases = view_kernel(five, PHASES)
+    assert phases.shape == (3, 3, 4 * 2, 3)
+    for y in range(6):
+        for x in range(6):
+            i, p, j, q = y // 2, y % 2, x // 2, x % 2
+            for c in range(2):
+                tap = phases[i, j, (p * 2 + q) * 2 + c]
+                want = five[y, x, c] if y < 5 and x < 5 else np.zeros(3, np.float32)
+                np.testing.assert_array_equal(tap, want, err_msg=f"phases {y} {x} {c}")
+    with pytest.raises(ValueError, match="reaches past"):
+        view_kernel(kernel, PHASES)  # 7 rows: the phases reach 6
 
 
 @pytest.mark.parametrize("variant", list(KERNEL_SIZE))

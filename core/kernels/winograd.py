@@ -178,10 +178,10 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
 
     `views` = (gh, gw, shift, down) (`_wino_input`): a tile's CI = gh*gw*C channels are
     gh x gw views of x, `u` the kernel over them. (1, 1, 0, 1): x itself. (2, 2, 1, 2): a
-    stride-2 conv over x's four 2x2 phases (`layers.conv2d.phase_kernel`): each tile reads
+    stride-2 conv over x's four 2x2 phases (`layers.conv2d.view_kernel`): each tile reads
     every other pixel of every other row, so x holds 2 * alpha x 2 * alpha pixels per tile,
     tiles 2m apart. (gh, gw, 3, 1): a stride-1 kernel of up to 3*gh x 3*gw in 3x3 blocks,
-    block (a, b) over x shifted by 3a rows and 3b columns (`layers.conv2d.split_kernel`)."""
+    block (a, b) over x shifted by 3a rows and 3b columns (`layers.conv2d.split_views`)."""
     N, Hp, Wp, C = x.shape
     CI = views[0] * views[1] * C
     down = views[3]  # input rows and columns a tile row and column steps over

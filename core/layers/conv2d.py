@@ -49,10 +49,10 @@ WINOGRAD: dict[str, Transform] = {  # variant: its transform
     "winograd4": F4X4_3X3,
     "winograd5": F2X2_5X5,
     # stride-2 convs with kernels of 4-6 a side, as 3x3 stride-1 convs over the input's four
-    # 2x2 phases (`phase_kernel`)
+    # 2x2 phases (`view_kernel`)
     "winograd4_phases": F4X4_3X3,
     # stride-1 convs with kernels other than 3x3 and 5x5, as sums of 3x3 convs over shifted
-    # inputs (`split_kernel`)
+    # inputs (`split_views`)
     "winograd4_split": F4X4_3X3,
 }
 # The largest transformed kernel `winograd4_split` is offered with: 36 * gh * gw products of
@@ -60,7 +60,7 @@ WINOGRAD: dict[str, Transform] = {  # variant: its transform
 # 340 MB where direct holds 51 MB).
 SPLIT_MAX_BYTES = 64 * 2**20
 PLAIN = (1, 1, 0, 1)  # `WinogradConv.views` of a tile that reads the input itself
-PHASES = (2, 2, 1, 2)  # of a stride-2 conv over the input's four 2x2 phases (`phase_kernel`)
+PHASES = (2, 2, 1, 2)  # of a stride-2 conv over the input's four 2x2 phases (`view_kernel`)
 
 
 # -- weight packing -----------------------------------------------------------------------------
@@ -99,29 +99,42 @@ def winograd_kernel(
     return in_strips(out) if _strips(strips) else out
 
 
-def split_kernel(kernel: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """A stride-1 kernel (kh, kw, CI, CO), zero padded to 3*gh x 3*gw, as the 3x3 kernel
-    (3, 3, gh*gw*CI, CO) over gh x gw shifted views of the input, and those views
-    (`winograd._wino_input`): block (a, b), the taps (3a + i, 3b + j), is a 3x3 kernel over the
-    input from 3a rows and 3b columns on, whose channels are (a*gw + b) * CI + ci."""
-    kh, kw, ci, co = kernel.shape
-    gh, gw = -(-kh // 3), -(-kw // 3)
-    padded = np.zeros((3 * gh, 3 * gw, ci, co), kernel.dtype)
-    padded[:kh, :kw] = kernel
-    blocks = padded.reshape(gh, 3, gw, 3, ci, co).transpose(1, 3, 0, 2, 4, 5)
-    return np.ascontiguousarray(blocks).reshape(3, 3, gh * gw * ci, co), (gh, gw, 3, 1)
+def split_views(kernel_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The views (`WinogradConv.views`) of a stride-1 kernel in 3x3 blocks: gh x gw blocks,
+    the kernel zero padded to 3*gh x 3*gw, block (a, b) over the input from 3a rows and 3b
+    columns on."""
+    kh, kw = kernel_size
+    return (-(-kh // 3), -(-kw // 3), 3, 1)
 
 
-def phase_kernel(kernel: np.ndarray) -> np.ndarray:
-    """A stride-2 kernel (kh, kw, CI, CO), kh and kw at most 6, as the 3x3 stride-1 kernel
-    (3, 3, 4 * CI, CO) over the input's 2x2 phases (`winograd._wino_input`): tap (2a + p,
-    2b + q) of the kernel, zero padded to 6x6, becomes tap (a, b) of phase (p, q), whose
-    channels are (2p + q) * CI + ci."""
+def view_window(views: tuple[int, int, int, int]) -> tuple[int, int]:
+    """The input rows and columns a tile's views reach past a 3x3 window's: the window of the
+    conv they compute (6x6 for a stride-2 one over the phases, 3*gh x 3*gw for blocks)."""
+    gh, gw, shift, down = views
+    return shift * (gh - 1) + 2 * down + 1, shift * (gw - 1) + 2 * down + 1
+
+
+def view_kernel(kernel: np.ndarray, views: tuple[int, int, int, int]) -> np.ndarray:
+    """A kernel (kh, kw, CI, CO) as the 3x3 kernel (3, 3, gh*gw*CI, CO) over the input's views
+    (`winograd._wino_input`): tap (i, j) of view (a, b), channels (a*gw + b) * CI + ci, is tap
+    (shift*a + down*i, shift*b + down*j) of the kernel, zero past its edge. The 2x2 phases of a
+    stride-2 conv (PHASES): tap (2i + p, 2j + q) for phase (p, q); 3x3 blocks (`split_views`):
+    tap (3a + i, 3b + j)."""
+    gh, gw, shift, down = views
     kh, kw, ci, co = kernel.shape
-    six = np.zeros((6, 6, ci, co), kernel.dtype)
-    six[:kh, :kw] = kernel
-    phases = six.reshape(3, 2, 3, 2, ci, co).transpose(0, 2, 1, 3, 4, 5)
-    return np.ascontiguousarray(phases).reshape(3, 3, 4 * ci, co)
+    rows, cols = view_window(views)
+    if kh > rows or kw > cols:
+        raise ValueError(f"a {kh}x{kw} kernel reaches past its views {views}")
+    out = np.zeros((3, 3, gh * gw * ci, co), kernel.dtype)
+    for a in range(gh):
+        for b in range(gw):
+            channels = slice((a * gw + b) * ci, (a * gw + b + 1) * ci)
+            for i in range(3):
+                for j in range(3):
+                    y, x = shift * a + down * i, shift * b + down * j
+                    if y < kh and x < kw:
+                        out[i, j, channels] = kernel[y, x]
+    return out
 
 
 def _strips(strips: bool | None) -> bool:
@@ -221,7 +234,7 @@ class WinogradConv(Step):
     average: bool = False
     size: int = 2  # outputs per tile side, m
     # the input's views a tile reads (`winograd.conv_wino`): (1, 1, 0, 1) the input itself;
-    # (2, 2, 1, 2) its 2x2 phases (`phase_kernel`); (gh, gw, 3, 1) shifted (`split_kernel`)
+    # (2, 2, 1, 2) its 2x2 phases; (gh, gw, 3, 1) shifted (`split_views`); `view_kernel`
     views: tuple[int, int, int, int] = PLAIN
 
     def _tiles(self, outputs: int) -> int:
@@ -450,7 +463,7 @@ class Conv2D(Layer):
         # over 16, 0.86-1.0x over 4 and 8; F(2x2, 3x3) was slower than F(4x4, 3x3) on all.
         halves = self.strides == (2, 2) and all(4 <= k <= 6 for k in self.kernel_size)
         names = ["winograd"] if three and wide else []
-        # a stride-1 kernel of 4x4 or more in 3x3 blocks (`split_kernel`): the heuristic's choice
+        # a stride-1 kernel of 4x4 or more in 3x3 blocks (`split_views`): the heuristic's choice
         # from WINO_MIN_CHANNELS on. Against direct on Zen 3 (1, 8, 64 images, one process):
         # 7x7 over 8 and 32 channels 0.52-0.90x the time, 6x6 over 32 0.33-0.43x, 4x4 over 16
         # and 32 0.75-0.87x; 4x4 over 3 channels 1.07-1.12x, 2x2 over 32-64 0.89-1.21x (offered
@@ -521,17 +534,11 @@ class Conv2D(Layer):
             scale = 2 if fused else 1  # the conv pixels a pooled output reads
             rows_cols = (scale * round_up(shape[0], per), scale * round_up(shape[1], per))
             views, padded = PLAIN, padding_for(rows_cols)
-            if variant == "winograd4_phases":  # a 3x3 conv over the input's phases reads a
-                # 6x6/2 conv's input
-                kernel, views = phase_kernel(kernel), PHASES
+            if variant in ("winograd4_phases", "winograd4_split"):  # a 3x3 conv over views
+                views = PHASES if variant == "winograd4_phases" else split_views(self.kernel_size)
+                kernel = view_kernel(kernel, views)
                 padded = Padding.for_output(
-                    self.input_shape, rows_cols, (6, 6), self.strides, self.pads
-                )
-            elif variant == "winograd4_split":  # reads the kernel's input, padded to 3x3 blocks
-                kernel, views = split_kernel(kernel)
-                window = (3 * views[0], 3 * views[1])
-                padded = Padding.for_output(
-                    self.input_shape, rows_cols, window, self.strides, self.pads
+                    self.input_shape, rows_cols, view_window(views), self.strides, self.pads
                 )
             step: Step = WinogradConv(
                 **common,
