@@ -213,6 +213,18 @@ def test_stride_1_kernels_in_3x3_blocks_match_the_reference(pool, padding):
         _check_against_the_reference(plan, doc, weights, rng, f"{variant} {doc['layers']}")
 
 
+def _taps_match(packed, kernel, reach: tuple[int, int], where) -> None:
+    """Every tap (y, x) within `reach` of `kernel` (zeros past its edge) is tap (i, j) of view g
+    of `packed`, (i, j, g) = where(y, x), channels g * CI + c."""
+    kh, kw, ci, co = kernel.shape
+    for y in range(reach[0]):
+        for x in range(reach[1]):
+            i, j, g = where(y, x)
+            for c in range(ci):
+                want = kernel[y, x, c] if y < kh and x < kw else np.zeros(co, np.float32)
+                np.testing.assert_array_equal(packed[i, j, g * ci + c], want, f"{y} {x} {c}")
+
+
 def test_a_kernel_over_views_keeps_every_tap_once():
     """`view_kernel`: in 3x3 blocks, tap (3a + i, 3b + j) of the kernel is tap (i, j) of block
     (a, b), whose channels are (a * gw + b) * CI + c; over a stride-2 conv's phases, tap
@@ -225,24 +237,14 @@ def test_a_kernel_over_views_keeps_every_tap_once():
     assert views == (3, 2, 3, 1) and view_window(views) == (9, 6)
     blocks = view_kernel(kernel, views)
     assert blocks.shape == (3, 3, 3 * 2 * 2, 3)
-    for y in range(9):
-        for x in range(6):
-            a, i, b, j = y // 3, y % 3, x // 3, x % 3
-            for c in range(2):
-                tap = blocks[i, j, (a * 2 + b) * 2 + c]
-                want = kernel[y, x, c] if y < 7 and x < 5 else np.zeros(3, np.float32)
-                np.testing.assert_array_equal(tap, want, err_msg=f"{y} {x} {c}")
+    # tap (y, x) = (3a + i, 3b + j): block (a, b) of 2 a row
+    _taps_match(blocks, kernel, (9, 6), lambda y, x: (y % 3, x % 3, y // 3 * 2 + x // 3))
     five = kernel[:5]
     assert view_window(PHASES) == (6, 6)
     phases = view_kernel(five, PHASES)
     assert phases.shape == (3, 3, 4 * 2, 3)
-    for y in range(6):
-        for x in range(6):
-            i, p, j, q = y // 2, y % 2, x // 2, x % 2
-            for c in range(2):
-                tap = phases[i, j, (p * 2 + q) * 2 + c]
-                want = five[y, x, c] if y < 5 and x < 5 else np.zeros(3, np.float32)
-                np.testing.assert_array_equal(tap, want, err_msg=f"phases {y} {x} {c}")
+    # tap (y, x) = (2i + p, 2j + q): phase (p, q)
+    _taps_match(phases, five, (6, 6), lambda y, x: (y // 2, x // 2, y % 2 * 2 + x % 2))
     with pytest.raises(ValueError, match="reaches past"):
         view_kernel(kernel, PHASES)  # 7 rows: the phases reach 6
 
