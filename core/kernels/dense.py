@@ -19,6 +19,7 @@ from convserve.core.kernels.ir import (
     _mks4,
     _mks5,
     _mks6,
+    _mkt2,
     _mkt3,
     _mkt4,
     _mkt5,
@@ -70,23 +71,27 @@ def tile_floats() -> int:
 def _segmented_rows(xf, a_off, K, wf, tile, count, vectors=REGISTER_VECTORS):
     """tile[i*64 + j] = row i's sums (from xf[a_off + i*K]) for the 16 units of wf (K rows of
     16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. The parts one after
-    another (`ir._mkt3`...; the same bits) for 3 rows or more when the count x SEGMENTS chains
-    together would not fit in `vectors` registers of 16 floats (`gemm.REGISTER_VECTORS`; 8 with
-    AVX2: on an AMD Zen 3, 3 rows of 4,000 inputs took 5.8 us in turn, 8.5 together), or, from
-    4 rows, when the parts are a multiple of 4 KB (an L1 way: their input streams would share
-    the same sets)."""
+    another (`ir._mkt2`...; the same bits) for 2 rows or more when the count x SEGMENTS chains
+    together and the SEGMENTS weight vectors the rows share would not fit in `vectors`
+    registers of 16 floats (`gemm.REGISTER_VECTORS`; 8 with AVX2: on an AMD Zen 3, 3 rows of
+    4,000 inputs took 5.8 us in turn, 8.5 together; 2 rows of 128-8,192 inputs, whose 8 chains
+    filled AVX2's registers and spilled, 0.66-1.05x the time in turn, 0.83x typically), or,
+    from 4 rows, when the parts are a multiple of 4 KB (an L1 way: their input streams would
+    share the same sets)."""
     part = K // SEGMENTS
-    crowded = count * SEGMENTS > vectors
+    crowded = (count + 1) * SEGMENTS > vectors
     aliased = count >= 4 and part > 0 and part % 1024 == 0
-    if count >= 3 and (crowded or aliased):
+    if count >= 2 and (crowded or aliased):
         if count == 6:
             _mkt6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
         elif count == 5:
             _mkt5(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
         elif count == 4:
             _mkt4(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
-        else:
+        elif count == 3:
             _mkt3(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        else:
+            _mkt2(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
     elif count == 6:
         _mks6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
     elif count == 5:
