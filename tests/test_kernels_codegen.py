@@ -98,7 +98,7 @@ def segmented_kernels(vectors: int, monkeypatch) -> set[str]:
             monkeypatch.setattr(dense, name, _recorder(record, name))
     for count in range(1, dense.SIX + 1):
         for inputs in (100, 4 * 1024 * ir.SEGMENTS):
-            dense._segmented_rows.py_func(None, 0, inputs, None, None, count, vectors)
+            dense._segmented_rows.py_func(None, 0, inputs, None, None, count, 16, vectors)
     return record
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from convserve.core.kernels import dense, first_layer, gemm
 from convserve.core.layers.conv2d import in_strips
+from convserve.core.layers.dense import pack_dense
 
 REGISTER_FILES = (32, 8, 4)  # vectors of 16 floats: AVX-512, AVX2, SSE
 
@@ -103,7 +104,9 @@ def test_gemm_blocks_keep_their_accumulators_in_registers(vectors, strips):
 @pytest.mark.parametrize("k", [5, 130, 4096, 4001])
 def test_sixteen_unit_rows_match_float64_on_every_register_file(k):
     """`_segmented_rows`, 1-6 rows: chains together or one part after another, by register
-    file and by whether the parts alias in L1 (4,096 inputs), all the same bits."""
+    file and by whether the parts alias in L1 (4,096 inputs), all the same bits; and on the
+    rows of 1-15 units back to back (`pack_dense`'s layout below 16 units), the same bits in
+    those units."""
     rng = np.random.default_rng(k)
     for count in range(1, dense.SIX + 1):
         a = rng.standard_normal(count * k).astype(np.float32)
@@ -112,12 +115,19 @@ def test_sixteen_unit_rows_match_float64_on_every_register_file(k):
         results = []
         for vectors in REGISTER_FILES:
             tile = np.full(dense.SIX * 64, np.nan, np.float32)
-            dense._segmented_rows(a, 0, k, w, tile, count, vectors)
+            dense._segmented_rows(a, 0, k, w, tile, count, 16, vectors)
             got = tile.reshape(dense.SIX, 64)[:count, :16]
             np.testing.assert_allclose(got / np.sqrt(k), expected / np.sqrt(k), atol=1e-5)
             results.append(got)
         for got in results[1:]:
             np.testing.assert_array_equal(got, results[0], err_msg=f"{count} rows")
+        for units in (1, 10, 15):
+            packed, _ = pack_dense(w.reshape(k, 16)[:, :units], None)
+            assert packed.size == k * units + 16 - units
+            tile = np.full(dense.SIX * 64, np.nan, np.float32)
+            dense._segmented_rows(a, 0, k, packed, tile, count, units)
+            got = tile.reshape(dense.SIX, 64)[:count, :units]
+            np.testing.assert_array_equal(got, results[0][:, :units], err_msg=f"{units} units")
 
 
 @pytest.mark.parametrize("average", [False, True])

@@ -68,9 +68,10 @@ def tile_floats() -> int:
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _segmented_rows(xf, a_off, K, wf, tile, count, vectors=REGISTER_VECTORS):
-    """tile[i*64 + j] = row i's sums (from xf[a_off + i*K]) for the 16 units of wf (K rows of
-    16), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. The parts one after
+def _segmented_rows(xf, a_off, K, wf, tile, count, ldb, vectors=REGISTER_VECTORS):
+    """tile[i*64 + j] = row i's sums (from xf[a_off + i*K]) for 16 units of wf (K rows, ldb
+    floats apart: a row of fewer units reads on into the next one, and the lanes past them are
+    dropped by the caller), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. The parts one after
     another (`ir._mkt2`...; the same bits) for 2 rows or more when the count x SEGMENTS chains
     together and the SEGMENTS weight vectors the rows share would not fit in `vectors`
     registers of 16 floats (`gemm.REGISTER_VECTORS`; 8 with AVX2: on an AMD Zen 3, 3 rows of
@@ -83,27 +84,27 @@ def _segmented_rows(xf, a_off, K, wf, tile, count, vectors=REGISTER_VECTORS):
     aliased = count >= 4 and part > 0 and part % 1024 == 0
     if count >= 2 and (crowded or aliased):
         if count == 6:
-            _mkt6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+            _mkt6(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
         elif count == 5:
-            _mkt5(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+            _mkt5(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
         elif count == 4:
-            _mkt4(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+            _mkt4(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
         elif count == 3:
-            _mkt3(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+            _mkt3(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
         else:
-            _mkt2(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+            _mkt2(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
     elif count == 6:
-        _mks6(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        _mks6(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
     elif count == 5:
-        _mks5(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        _mks5(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
     elif count == 4:
-        _mks4(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        _mks4(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
     elif count == 3:
-        _mks3(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        _mks3(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
     elif count == 2:
-        _mks2(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        _mks2(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
     else:
-        _mks1(xf, a_off, K, K, wf, 0, 16, tile, 0, 64)
+        _mks1(xf, a_off, K, K, wf, 0, ldb, tile, 0, 64)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -162,10 +163,10 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
     out.shape[1] are computed on zero columns and dropped). Weights in blocks of 64 units: per
     block, per pass of `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as
     a pixel, SIX rows a call (the last 1-9 rows in one call or two; a single row over two blocks
-    a call). In blocks of 16 (`block`): `_strip_rows`. At most 16 units (Up = 16):
-    `_segmented_rows`. Softmax (4) needs c0 = 0, c1 = Up and is left to the caller."""
+    a call). In blocks of 16 (`block`): `_strip_rows`. At most 16 units (Up = 16; the K rows
+    of U units back to back): `_segmented_rows`. Softmax (4) needs c0 = 0, c1 = Up and is left to the caller."""
     K = xf.size // out.shape[0]
-    Up = wf.size // K
+    Up = bias.size
     U = out.shape[1]
     n = r1 - r0
     six = n // SIX * SIX
@@ -181,7 +182,7 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
     of = out.reshape(out.size)
     if Up == 16:  # at most 16 units: each output's sum as SEGMENTS chains (`ir._mks1`...)
         for i in range(0, n, SIX):
-            _segmented_rows(xf, (r0 + i) * K, K, wf, tile[i * 64 :], min(SIX, n - i))
+            _segmented_rows(xf, (r0 + i) * K, K, wf, tile[i * 64 :], min(SIX, n - i), U)
         for i in range(n):
             _store_row(tile, i * 64, bias, of, (r0 + i) * U, 0, U, 0 if act == 4 else act)
         return
@@ -226,8 +227,9 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
 def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
     """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass; see
     K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
-    last block narrower), each K rows of its units, contiguous (`layers.dense.pack_dense`), Up the units
-    rounded up to 16 (zero columns); out: (N, U). Tasks: (group of `rows` rows, part of its
+    last block narrower), each K rows of its units, contiguous, Up the units rounded up to 16
+    (zero columns; at most 16 units: the K rows of U units back to back, 16 - U zeros after;
+    `layers.dense.pack_dense`); bias: Up floats; out: (N, U). Tasks: (group of `rows` rows, part of its
     work), `splits` parts per group (`dense_tasks`; softmax needs whole rows: splits=1).
     A group's work is its blocks x its rows in slots of SIX, block by block; each part takes an
     equal run of it: whole blocks, and where a run starts or ends inside a block, some of that
@@ -237,7 +239,7 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
     for at most 16 units), whatever the batch size or the task it falls in, so a row's result is
     bit-identical alone and in any batch."""
     N = x.shape[0]
-    Up = wk.size // x.shape[1]
+    Up = bias.size
     unit = 16 if block == 16 else 64
     width = (Up + unit - 1) // unit  # blocks
     groups = (N + rows - 1) // rows
@@ -276,7 +278,7 @@ def dense_serial(x, wk, bias, tiles, out, act, k_pass, block):
     """`dense` on the calling thread only, for layers too small to pay for a parallel region
     (the same micro-kernel calls, so the same results)."""
     N = x.shape[0]
-    Up = wk.size // x.shape[1]
+    Up = bias.size
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
     for r0 in range(0, N, MAX_TASK_ROWS):
