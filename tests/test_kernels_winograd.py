@@ -190,13 +190,13 @@ SPLIT_CASES = PHASE_CASES
 
 @pytest.mark.parametrize("pool,padding", SPLIT_CASES)
 def test_stride_1_kernels_in_3x3_blocks_match_the_reference(pool, padding):
-    """Stride-1 convs with kernels other than 3x3 and 5x5 (2-9 a side, square or not, padded to
-    3x3 blocks), run as F(4x4, 3x3) convs over shifted views of the input, match the reference
+    """Stride-1 convs with kernels other than 3x3 (2-9 a side, square or not, padded to 3x3
+    blocks), run as F(4x4, 3x3) convs over shifted views of the input, match the reference
     on odd and even sides, as a first layer on raw pixels too, and are bit-identical across
     batch sizes."""
     variant = "winograd4_split"
     rng = np.random.default_rng(200 + SPLIT_CASES.index((pool, padding)))
-    sizes = [[2, 2], [4, 4], [6, 6], [7, 7], [3, 7], [4, 2], [8, 9]]
+    sizes = [[2, 2], [4, 4], [5, 5], [6, 6], [7, 7], [3, 7], [4, 2], [8, 9]]
     for trial in range(5):
         kernel = sizes[int(rng.integers(len(sizes)))]
         act = str(rng.choice(["linear", "relu", "tanh", "sigmoid"]))
@@ -281,6 +281,7 @@ def test_winograd_tasks_of_any_band_of_tile_rows_give_the_same_bits(variant, mon
 def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
     """The planner may time `winograd4` (3x3) and `winograd5` (5x5) against `direct` on
     stride-1 convs of their kernel size from 8 input channels on, never elsewhere."""
+    from convserve.core.layers.conv2d import FIVE_SPLIT_MAX_BYTES
     from convserve.core.layers.fusion import blocks
 
     def variants(kernel_size: int, strides: int, channels: int = 16) -> tuple[str, ...]:
@@ -289,18 +290,23 @@ def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
         block = blocks(parse_architecture(doc).layers, inference=True)[0]
         return block.layer.inference_variants(block)
 
-    assert variants(5, 1) == ("winograd5", "direct")
     assert variants(3, 1) == ("winograd", "direct", "winograd4")
+    # 5x5: in 2x2 blocks of 3x3 first, F(2x2, 5x5) first past FIVE_SPLIT_MAX_BYTES
+    assert variants(5, 1) == ("winograd4_split", "winograd5", "direct")
+    big = 4 * 36 * 4 * 640 * 16  # floats of 640 -> 8 (16) channels in 2x2 blocks, in bytes
+    assert big > FIVE_SPLIT_MAX_BYTES
+    assert variants(5, 1, channels=640) == ("winograd5", "direct", "winograd4_split")
     for kernel_size, strides in ((3, 2), (7, 2), ([1, 7], 1), (1, 1), (5, 3), ([5, 3], 2)):
         assert not any(v.startswith("winograd") for v in variants(kernel_size, strides))
     # stride 1, other sizes: in 3x3 blocks, first from 8 input channels on for 4x4 and larger
     for kernel_size in (4, 6, 7, [3, 7], 9):
         assert variants(kernel_size, 1) == ("winograd4_split", "direct")
+    for kernel_size in (4, 5, 6, 7, [3, 7], 9):
         assert variants(kernel_size, 1, channels=3) == ("direct", "winograd4_split")
     assert variants(2, 1) == ("direct", "winograd4_split")
     # not where the transformed kernel would outgrow SPLIT_MAX_BYTES (36 x 9 x 4096 x 16 floats)
     assert variants(7, 1, channels=4096) == ("direct",)
-    assert variants(5, 1, channels=7) == ("direct",)  # too few channels to pay
+    assert variants(5, 1, channels=7) == ("direct", "winograd4_split")  # too few to pay
     assert variants(3, 1, channels=7) == ("direct", "winograd")
     # stride 2, 4-6 a side: F(4x4, 3x3) over the phases, first from 16 input channels on
     for kernel_size in (4, 5, 6, [4, 6]):

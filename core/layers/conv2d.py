@@ -6,8 +6,8 @@ or average pool after that) becomes one of these steps:
 - `WinogradConv` (variants `winograd`: 3x3 stride 1, F(2x2, 3x3); `winograd4`: the same by
   F(4x4, 3x3); `winograd5`: 5x5 stride 1, F(2x2, 5x5); `winograd4_phases`: stride 2 with
   kernels of 4-6 a side, as a 3x3 conv over the input's four 2x2 phases by F(4x4, 3x3);
-  `winograd4_split`: stride 1 with other kernels (2x2, 4x4, 6x6, 7x7, ...), as 3x3 convs over
-  shifted inputs by F(4x4, 3x3)), pooled or not;
+  `winograd4_split`: stride 1 with other kernels (2x2, 4x4, 5x5, 6x6, 7x7, ...), as 3x3 convs
+  over shifted inputs by F(4x4, 3x3)), pooled or not;
 - `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
   with a 2x2/2 max pool (`pixels_pool`: or average pool);
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding); `direct_narrow`
@@ -15,9 +15,10 @@ or average pool after that) becomes one of these steps:
 A 2x2/2 pool that tiles its input (`valid`, or `same` on even sides), max or average, is
 fused into the Winograd and direct kernels; a max or average pool of any other window, stride
 and padding into the direct kernel (`direct.conv_pool`).
-`inference_variants` lists the ones that apply, today's heuristic choice first (Winograd 3x3
-or 5x5, or in 3x3 blocks for 4x4 and larger, from WINO_MIN_CHANNELS input channels on, over
-the phases from 16, else the first-layer kernels, else direct); the planner
+`inference_variants` lists the ones that apply, today's heuristic choice first (Winograd: 3x3,
+4x4 and larger in 3x3 blocks, 5x5 by F(2x2, 5x5) where the blocks' kernel would be large,
+from WINO_MIN_CHANNELS input channels on; over the phases from 16; else the first-layer
+kernels, else direct); the planner
 (`core/planner.py`) may time them and pick another.
 Otherwise the pool runs as its own step after the conv; a softmax as an `Activate`.
 """
@@ -51,14 +52,21 @@ WINOGRAD: dict[str, Transform] = {  # variant: its transform
     # stride-2 convs with kernels of 4-6 a side, as 3x3 stride-1 convs over the input's four
     # 2x2 phases (`view_kernel`)
     "winograd4_phases": F4X4_3X3,
-    # stride-1 convs with kernels other than 3x3 and 5x5, as sums of 3x3 convs over shifted
-    # inputs (`split_views`)
+    # stride-1 convs with kernels other than 3x3, as sums of 3x3 convs over shifted inputs
+    # (`split_views`)
     "winograd4_split": F4X4_3X3,
 }
 # The largest transformed kernel `winograd4_split` is offered with: 36 * gh * gw products of
 # each channel pair, 6.6x a 7x7 kernel's floats (a 7x7 conv of 512 -> 512 channels would hold
 # 340 MB where direct holds 51 MB).
 SPLIT_MAX_BYTES = 64 * 2**20
+# A 5x5 kernel in 2x2 blocks of 3x3 multiplies as often as F(2x2, 5x5) (9 times per output and
+# channel) and transforms each output 4x less often, but its transformed kernel is 4x larger.
+# Against `winograd5` on AMD Zen 3 (one process, 1 / 8 / 64 images), transformed kernels of
+# 0.2-2.4 MB: 8-48 input channels 0.71-0.94x the time, 64 -> 64 on 32x32 0.93-0.95x, on 16x16
+# 1.03x / 0.96x / 0.97x; 9.4 MB (128 -> 128 on 8x8) 1.27x / 1.00x / 1.04x (read at one image
+# for only 4 tiles of 4x4). Above this size `winograd5` stays the heuristic's choice.
+FIVE_SPLIT_MAX_BYTES = 4 * 2**20
 PLAIN = (1, 1, 0, 1)  # `WinogradConv.views` of a tile that reads the input itself
 PHASES = (2, 2, 1, 2)  # of a stride-2 conv over the input's four 2x2 phases (`view_kernel`)
 
@@ -441,14 +449,16 @@ class Conv2D(Layer):
 
     def inference_variants(self, block) -> tuple[str, ...]:
         """`winograd` (3x3 stride 1) and `winograd5` (5x5 stride 1), the heuristic's choice from
-        WINO_MIN_CHANNELS input channels on (`winograd` is offered for fewer too); `k3_pool` and
+        WINO_MIN_CHANNELS input channels on (`winograd` is offered for fewer too; `winograd5`
+        after `winograd4_split` up to FIVE_SPLIT_MAX_BYTES); `k3_pool` and
         `pixels_pool` (1 input channel, fused 2x2/2 max pool; also average for `pixels_pool`),
         `direct` (every shape); `direct_narrow` (where `direct` is the heuristic's choice; see
         `_narrow_pays`); `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on);
         `winograd4_phases` (stride 2, kernels of 4-6 a side; the heuristic's choice from 16
-        input channels on); `winograd4_split` (stride 1, kernels other than 3x3 and 5x5 that
-        it multiplies clearly less than direct, `_split_pays`; the heuristic's choice for 4x4
-        and larger from WINO_MIN_CHANNELS input channels on)."""
+        input channels on); `winograd4_split` (stride 1, kernels other than 3x3 that it
+        multiplies clearly less than direct, `_split_pays`; the heuristic's choice for 4x4
+        and larger from WINO_MIN_CHANNELS input channels on, for 5x5 up to a transformed kernel
+        of FIVE_SPLIT_MAX_BYTES)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         # one input channel, stride 1, a fused 2x2/2 pool: the first-layer kernels
@@ -466,10 +476,12 @@ class Conv2D(Layer):
         # a stride-1 kernel of 4x4 or more in 3x3 blocks (`split_views`): the heuristic's choice
         # from WINO_MIN_CHANNELS on. Against direct on Zen 3 (1, 8, 64 images, one process):
         # 7x7 over 8 and 32 channels 0.52-0.90x the time, 6x6 over 32 0.33-0.43x, 4x4 over 16
-        # and 32 0.75-0.87x; 4x4 over 3 channels 1.07-1.12x, 2x2 over 32-64 0.89-1.21x (offered
-        # to the planner only)
+        # and 32 0.75-0.87x; 4x4 over 3 channels 1.07-1.12x, 5x5 over 3 and 6 1.14-1.45x, 2x2
+        # over 32-64 0.89-1.21x (offered to the planner only). 5x5: see FIVE_SPLIT_MAX_BYTES.
         split = self._split_pays()
         split_first = split and wide and self.kernel_size[0] * self.kernel_size[1] >= 16
+        if five and split_first:
+            split_first = 4 * self._split_floats() <= FIVE_SPLIT_MAX_BYTES
         if split_first:
             names.append("winograd4_split")
         if halves and ci >= 16:
@@ -494,18 +506,22 @@ class Conv2D(Layer):
             names.append("winograd4_split")
         return tuple(names)
 
+    def _split_floats(self) -> int:
+        """The floats of `winograd4_split`'s transformed kernel: 36 per channel pair and block."""
+        gh, gw = split_views(self.kernel_size)[:2]
+        return 36 * gh * gw * self.input_shape[2] * round_up(self.filters, 16)
+
     def _split_pays(self) -> bool:
         """Whether `winograd4_split` applies and multiplies clearly less than direct: a stride-1
-        kernel other than 3x3 and 5x5 (their own Winograd variants) in gh x gw blocks of 3x3,
-        F(4x4, 3x3) doing 36/16 multiplies per output and channel of a block, under 3/4 of
-        direct's kh*kw (2x2, 4x4, 6x6, 7x7, 3x7: yes; 1x7: 6.75 against 7, no), with its
-        transformed kernel within SPLIT_MAX_BYTES."""
+        kernel other than 3x3 (`winograd`, `winograd4`) in gh x gw blocks of 3x3, F(4x4, 3x3)
+        doing 36/16 multiplies per output and channel of a block, under 3/4 of direct's kh*kw
+        (2x2, 4x4, 5x5, 6x6, 7x7, 3x7: yes; 1x7: 6.75 against 7, no), with its transformed
+        kernel within SPLIT_MAX_BYTES."""
         kh, kw = self.kernel_size
-        if self.strides != (1, 1) or (kh, kw) in ((3, 3), (5, 5)):
+        if self.strides != (1, 1) or (kh, kw) == (3, 3):
             return False
-        blocks = -(-kh // 3) * -(-kw // 3)
-        floats = 36 * blocks * self.input_shape[2] * round_up(self.filters, 16)
-        return 36 * blocks / 16 < 0.75 * kh * kw and 4 * floats <= SPLIT_MAX_BYTES
+        gh, gw = split_views(self.kernel_size)[:2]
+        return 36 * gh * gw / 16 < 0.75 * kh * kw and 4 * self._split_floats() <= SPLIT_MAX_BYTES
 
     def inference_steps(self, block, weights, first, variant=None):
         variant = variant or self.inference_variants(block)[0]
