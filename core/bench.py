@@ -127,7 +127,7 @@ def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, f
     input's phases: 36 over 4 * CI channels for 16 * kh * kw over CI; a stride-1 kernel in
     gh x gw blocks of 3x3: 36 over gh * gw * CI channels)."""
     from convserve.core.architecture import parse_architecture
-    from convserve.core.layers.conv2d import WINOGRAD
+    from convserve.core.layers.conv2d import WINOGRAD, tile_views
     from convserve.core.layers.fusion import blocks
 
     direct = actual = 0.0
@@ -144,10 +144,8 @@ def flops_per_image(doc: dict[str, Any], plan: dict[int, str]) -> tuple[float, f
             direct += work
             variant = plan.get(layer.index, "")
             transform = WINOGRAD.get(variant)
-            if variant == "winograd4_phases":  # a 3x3 conv over the 4 phases of the input
-                ci *= 4
-            elif variant == "winograd4_split":  # 3x3 convs over gh x gw shifted inputs
-                ci *= -(-kh // 3) * -(-kw // 3)
+            views = tile_views(variant, layer.kernel_size)  # a 3x3 conv over gh x gw views
+            ci *= views[0] * views[1]
             if transform is not None:
                 fused = block.pool is not None and block.pool.tiles_input
                 m = transform.m

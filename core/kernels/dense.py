@@ -71,14 +71,14 @@ def tile_floats() -> int:
 def _segmented_rows(xf, a_off, K, wf, tile, count, ldb, vectors=REGISTER_VECTORS):
     """tile[i*64 + j] = row i's sums (from xf[a_off + i*K]) for 16 units of wf (K rows, ldb
     floats apart: a row of fewer units reads on into the next one, and the lanes past them are
-    dropped by the caller), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end. The parts one after
-    another (`ir._mkt2`...; the same bits) for 2 rows or more when the count x SEGMENTS chains
-    together and the SEGMENTS weight vectors the rows share would not fit in `vectors`
-    registers of 16 floats (`gemm.REGISTER_VECTORS`; 8 with AVX2: on an AMD Zen 3, 3 rows of
-    4,000 inputs took 5.8 us in turn, 8.5 together; 2 rows of 128-8,192 inputs, whose 8 chains
-    filled AVX2's registers and spilled, 0.66-1.05x the time in turn, 0.83x typically), or,
-    from 4 rows, when the parts are a multiple of 4 KB (an L1 way: their input streams would
-    share the same sets)."""
+    dropped by the caller), i < count <= SIX, each as `ir.SEGMENTS` chains added at the end.
+    The parts one after another (`ir._mkt2`...; the same bits) for 2 rows or more when the
+    count x SEGMENTS chains together and the SEGMENTS weight vectors the rows share would not
+    fit in `vectors` registers of 16 floats (`gemm.REGISTER_VECTORS`; 8 with AVX2: on an AMD
+    Zen 3, 3 rows of 4,000 inputs took 5.8 us in turn, 8.5 together; 2 rows of 128-8,192
+    inputs, whose 8 chains filled AVX2's registers and spilled, 0.66-1.05x the time in turn,
+    0.83x typically), or, from 4 rows, when the parts are a multiple of 4 KB (an L1 way: their
+    input streams would share the same sets)."""
     part = K // SEGMENTS
     crowded = (count + 1) * SEGMENTS > vectors
     aliased = count >= 4 and part > 0 and part % 1024 == 0
@@ -164,7 +164,8 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
     block, per pass of `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as
     a pixel, SIX rows a call (the last 1-9 rows in one call or two; a single row over two blocks
     a call). In blocks of 16 (`block`): `_strip_rows`. At most 16 units (Up = 16; the K rows
-    of U units back to back): `_segmented_rows`. Softmax (4) needs c0 = 0, c1 = Up and is left to the caller."""
+    of U units back to back): `_segmented_rows`. Softmax (4) needs c0 = 0, c1 = Up and is left
+    to the caller."""
     K = xf.size // out.shape[0]
     Up = bias.size
     U = out.shape[1]
@@ -229,8 +230,9 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
     K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
     last block narrower), each K rows of its units, contiguous, Up the units rounded up to 16
     (zero columns; at most 16 units: the K rows of U units back to back, 16 - U zeros after;
-    `layers.dense.pack_dense`); bias: Up floats; out: (N, U). Tasks: (group of `rows` rows, part of its
-    work), `splits` parts per group (`dense_tasks`; softmax needs whole rows: splits=1).
+    `layers.dense.pack_dense`); bias: Up floats; out: (N, U). Tasks: (group of `rows` rows,
+    part of its work), `splits` parts per group (`dense_tasks`; softmax needs whole rows:
+    splits=1).
     A group's work is its blocks x its rows in slots of SIX, block by block; each part takes an
     equal run of it: whole blocks, and where a run starts or ends inside a block, some of that
     block's rows. So 19 strips of 16 units (300 units) go as 9.5 and 9.5, not 10 and 9.

@@ -6,7 +6,7 @@ from their matrices (`winograd_transforms`): 16 channels at a time, one by one f
 last channels; the products are GEMMs on the micro-kernels (`gemm._conv_row`). A fused 2x2/2
 max or average pool takes (m/2 x m/2) pooled outputs from each tile. A stride-2 conv with a
 kernel of 4-6 a side runs as a 3x3 stride-1 one over its input's four 2x2 phases, and a
-stride-1 kernel of another size (2x2, 4x4, 7x7, ...) as a sum of 3x3 ones over shifted inputs:
+stride-1 kernel of another size (2x2, 4x4, 5x5, 7x7, ...) as a sum of 3x3 ones over shifted inputs:
 the input's views (`views`), read in place.
 """
 

@@ -115,6 +115,16 @@ def split_views(kernel_size: tuple[int, int]) -> tuple[int, int, int, int]:
     return (-(-kh // 3), -(-kw // 3), 3, 1)
 
 
+def tile_views(variant: str, kernel_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The input views a Winograd variant's tile reads (`WinogradConv.views`): the 2x2 phases
+    for `winograd4_phases`, 3x3 blocks for `winograd4_split`, else the input itself."""
+    if variant == "winograd4_phases":
+        return PHASES
+    if variant == "winograd4_split":
+        return split_views(kernel_size)
+    return PLAIN
+
+
 def view_window(views: tuple[int, int, int, int]) -> tuple[int, int]:
     """The input rows and columns a tile's views reach past a 3x3 window's: the window of the
     conv they compute (6x6 for a stride-2 one over the phases, 3*gh x 3*gw for blocks)."""
@@ -549,9 +559,8 @@ class Conv2D(Layer):
             per = m // 2 if fused else m  # output pixels per tile side
             scale = 2 if fused else 1  # the conv pixels a pooled output reads
             rows_cols = (scale * round_up(shape[0], per), scale * round_up(shape[1], per))
-            views, padded = PLAIN, padding_for(rows_cols)
-            if variant in ("winograd4_phases", "winograd4_split"):  # a 3x3 conv over views
-                views = PHASES if variant == "winograd4_phases" else split_views(self.kernel_size)
+            views, padded = tile_views(variant, self.kernel_size), padding_for(rows_cols)
+            if views != PLAIN:  # a 3x3 conv over the input's views
                 kernel = view_kernel(kernel, views)
                 padded = Padding.for_output(
                     self.input_shape, rows_cols, view_window(views), self.strides, self.pads
