@@ -27,6 +27,7 @@ STEP_OF = {
     "winograd4_split": "WinogradConv",
     "direct": "DirectConv",
     "direct_narrow": "DirectConv",
+    "patches": "DirectConv",
     "k3_pool": "K3PoolConv",
     "pixels_pool": "PixelsPoolConv",
 }
@@ -201,6 +202,86 @@ def test_direct_narrow_on_random_shapes(seed):
     else:
         raise AssertionError("no random layer took direct_narrow")
     _check_narrow(doc, seed)
+
+
+def _patches_model(rng: np.random.Generator) -> dict:
+    """Two convs whose output rows are short (under 6 pixels), so both are offered `patches`;
+    the first writes into the second's zero-bordered input (`same` padding)."""
+    size = int(rng.choice([1, 2, 3, 4, 5]))
+    stride = int(rng.choice([1, 2]))
+    side = int(rng.integers(size, size + 5 * stride))  # 1-5 output pixels a row
+    channels = int(rng.choice([1, 3, 16, 29, 64]))
+    convs = [
+        {"filters": int(rng.choice([5, 16, 40, 64, 72])), "kernel_size": size, "strides": stride,
+         "padding": "valid"},
+        {"filters": int(rng.choice([8, 20, 64])), "kernel_size": int(rng.choice([1, 3, 5])),
+         "strides": 1, "padding": "same"},
+    ]  # fmt: skip
+    acts = rng.choice(["relu", "linear", "tanh", "sigmoid"], size=2)
+    layers = [{"type": "conv2d", **c, "activation": str(a)} for c, a in zip(convs, acts)]
+    layers += [{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "linear"}]
+    return {
+        "name": "patches",
+        "input": {
+            "shape": [int(rng.integers(size, side + 1)), side, channels],
+            "scale": 1.0 / 255.0,
+            "mean": [0.5] * channels,
+            "std": [0.25] * channels,
+        },
+        "labels": ["a", "b", "c"],
+        "layers": layers,
+    }
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_patches_on_random_shapes(seed):
+    """`patches` (groups of pixels across rows and images, im2col) on random short-row convs:
+    it matches the NumPy reference on preprocessed and raw input, gives the same bits as
+    `direct` (the same chains of fused multiply-adds), whatever the batch, and writes into the
+    next conv's padded input."""
+    rng = np.random.default_rng(900 + seed)
+    doc = _patches_model(rng)
+    arch = parse_architecture(doc)
+    offered = [b.layer.index for b in blocks(arch.layers, inference=True)
+               if "patches" in b.layer.inference_variants(b)]  # fmt: skip
+    assert offered == [0, 1], (doc["layers"][:2], arch.input_shape)
+    weights = random_weights(doc, seed=seed)
+    n = BATCH_CHUNK + 5
+    x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
+    pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
+    where = f"{doc['layers'][:2]} {arch.input_shape}"
+    plan = InferencePlan(arch, weights, {0: "patches", 1: "patches"})
+    assert plan.steps[0].patches and plan.steps[1].patches
+    whole = plan.run(x)
+    np.testing.assert_allclose(
+        whole, ref.forward(doc, weights, x), atol=TOLERANCE, rtol=1e-5, err_msg=where
+    )
+    raw = plan.run(pixels, preprocess=True)
+    expected_raw = ref.forward(doc, weights, pixels, preprocess=True)
+    np.testing.assert_allclose(raw, expected_raw, atol=TOLERANCE, rtol=1e-5, err_msg=where)
+    direct = InferencePlan(arch, weights, {0: "direct", 1: "direct"})
+    np.testing.assert_array_equal(whole, direct.run(x), err_msg=where)
+    for start, stop in ((0, 1), (2, 9), (n - 1, n), (1, BATCH_CHUNK + 2)):
+        assert np.array_equal(plan.run(x[start:stop]), whole[start:stop]), where
+
+
+def test_patches_is_offered_for_short_rows_without_a_pool_only():
+    """Rows of 6 pixels or more (a full micro-kernel block) or a pool after the conv: no
+    `patches`."""
+
+    def variants(side: int, pool: bool) -> tuple[str, ...]:
+        layers = [{"type": "conv2d", "filters": 64, "kernel_size": 3, "strides": 2,
+                   "padding": "valid", "activation": "relu"}]  # fmt: skip
+        layers += [{"type": "max_pooling2d", "pool_size": 2}] if pool else []
+        layers += [{"type": "flatten"}, {"type": "dense", "units": 3}]
+        doc = {"name": "p", "input": {"shape": [side, side, 32], "scale": 1.0, "mean": [0.0] * 32,
+               "std": [1.0] * 32}, "labels": ["a", "b", "c"], "layers": layers}  # fmt: skip
+        block = blocks(parse_architecture(doc).layers, inference=True)[0]
+        return block.layer.inference_variants(block)
+
+    assert "patches" in variants(11, pool=False)  # 5-pixel rows
+    assert "patches" not in variants(13, pool=False)  # 6-pixel rows
+    assert "patches" not in variants(11, pool=True)
 
 
 def test_an_unknown_variant_is_refused():

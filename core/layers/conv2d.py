@@ -11,7 +11,9 @@ or average pool after that) becomes one of these steps:
 - `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
   with a 2x2/2 max pool (`pixels_pool`: or average pool);
 - `DirectConv` (`direct`): every shape (any kernel size, stride and padding); `direct_narrow`
-  the same in blocks of 32 output channels (7-8 pixels a micro-kernel call).
+  the same in blocks of 32 output channels (7-8 pixels a micro-kernel call); `patches` the
+  same over groups of pixels' receptive fields copied into rows (im2col), for conv rows
+  shorter than a micro-kernel block.
 A 2x2/2 pool that tiles its input (`valid`, or `same` on even sides), max or average, is
 fused into the Winograd and direct kernels; a max or average pool of any other window, stride
 and padding into the direct kernel (`direct.conv_pool`).
@@ -45,6 +47,8 @@ WINO_MIN_CHANNELS = 8  # below this many input channels a GEMM over them is too 
 # The most tiles a Winograd task's GEMMs take (whole rows of tiles of one image): more rows per
 # GEMM read each transformed weight for more tiles.
 BAND_TILES = 16
+# The most bytes of receptive fields a `patches` task copies (its per-thread scratch)
+PATCH_MAX_BYTES = 4 << 20
 WINOGRAD: dict[str, Transform] = {  # variant: its transform
     "winograd": F2X2_3X3,
     "winograd4": F4X4_3X3,
@@ -203,6 +207,7 @@ class DirectConv(Step):
     pool: tuple[int, ...] | None = None
     average: bool = False
     narrow: bool = False  # blocks of 32 output channels (`gemm._conv_row`)
+    patches: bool = False  # by groups of pixels' receptive fields (`direct.conv_patches`)
 
     @property
     def tiles_2x2(self) -> bool:
@@ -212,6 +217,8 @@ class DirectConv(Step):
 
     def tile_floats(self) -> int:
         cop = self.bias.size
+        if self.patches:
+            return direct.PATCH_GROUP * (self.wk.size // cop + cop)
         if self.pool is None or self.tiles_2x2:
             return (4 if self.pool else 1) * self.shape[1] * cop
         ph, cols = self.pool[0], self.pool[7]
@@ -221,6 +228,11 @@ class DirectConv(Step):
         x = program.pad(self, x)
         args = (x, self.wk, self.bias, program.tiles, out, *self.window, *self.strides, self.act)
         narrow = int(self.narrow)
+        if self.patches:  # groups of pixels, at least one per thread
+            pixels = program.n * self.shape[0] * self.shape[1]
+            group = max(1, min(direct.PATCH_GROUP, -(-pixels // program.threads)))
+            program.add(direct.conv_patches, *args, group, program.at)
+            return out
         if self.pool is not None and not self.tiles_2x2:
             bands = pool_bands(program.n, self.shape[0], program.threads)
             program.add(direct.conv_pool, *args, self.pool, self.average, bands, program.at, narrow)
@@ -457,13 +469,24 @@ class Conv2D(Layer):
         wide = gemm._block_rows(row, 6)  # with 64-channel blocks
         return self.filters >= 64 and narrow >= 7 and narrow >= wide + 2
 
+    def _patches_pay(self, block) -> bool:
+        """Whether `patches` may beat `direct`: no pool after the conv (it fuses none), and
+        conv rows shorter than a micro-kernel block (`gemm.PEAK_BLOCK`: 6 pixels), which
+        `direct` covers with short calls that read each weight for few pixels. On an Intel Xeon
+        (AVX-512), a 5x5/2 conv of 64 -> 128 channels with 4-pixel rows took 0.80-0.89x the
+        time of `direct` at 8 and 32 images (0.95-1.1x at one); one with 8-pixel rows
+        (3x3/2, 64 -> 128) took 1.07x at 32 images, so it is not offered there."""
+        k = self.kernel_size[0] * self.kernel_size[1] * self.input_shape[2]
+        small = 4 * direct.PATCH_GROUP * k <= PATCH_MAX_BYTES
+        return block.pool is None and self.output_shape[1] < gemm.PEAK_BLOCK[0] and small
+
     def inference_variants(self, block) -> tuple[str, ...]:
         """`winograd` (3x3 stride 1) and `winograd5` (5x5 stride 1), the heuristic's choice from
         WINO_MIN_CHANNELS input channels on (`winograd` is offered for fewer too; `winograd5`
         after `winograd4_split` up to FIVE_SPLIT_MAX_BYTES); `k3_pool` and
         `pixels_pool` (1 input channel, fused 2x2/2 max pool; also average for `pixels_pool`),
         `direct` (every shape); `direct_narrow` (where `direct` is the heuristic's choice; see
-        `_narrow_pays`); `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on);
+        `_narrow_pays`); `patches` (short conv rows, no pool; see `_patches_pay`); `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on);
         `winograd4_phases` (stride 2, kernels of 4-6 a side; the heuristic's choice from 16
         input channels on); `winograd4_split` (stride 1, kernels other than 3x3 that it
         multiplies clearly less than direct, `_split_pays`; the heuristic's choice for 4x4
@@ -506,6 +529,8 @@ class Conv2D(Layer):
         names.append("direct")
         if names == ["direct"] and self._narrow_pays(block):  # (else a faster kernel applies)
             names.append("direct_narrow")
+        if self._patches_pay(block):
+            names.append("patches")
         if three and not wide:
             names.append("winograd")
         if three and wide:  # narrower, F(4x4, 3x3) measured slower than direct
@@ -617,6 +642,7 @@ class Conv2D(Layer):
                 pool=geometry,
                 average=average,
                 narrow=variant == "direct_narrow",
+                patches=variant == "patches",
             )
         steps = [step]
         if act == SOFTMAX:
