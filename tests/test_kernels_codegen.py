@@ -4,8 +4,9 @@ loops) and uses the register file's full width (zmm with AVX-512, ymm with AVX2)
 
 Each target is compiled, never run, in a fresh process (`codegen_probe.py`) with numba's
 CPU name and features set the way `core.runtime` sets them on such a host. The AVX-512 targets
-are Intel Xeons (Skylake-SP, Sapphire Rapids) and AMD Zen 4, which the LLVM in llvmlite
-(LLVM 14) detects as `znver3` plus the AVX-512 features its CPUID reports.
+are Intel Xeons (Skylake-SP, Sapphire Rapids) and AMD Zen 4, compiled as `znver3` plus the
+AVX-512 features its CPUID reports: what LLVM 14 (older llvmlite releases) detects it as, and a
+valid target for newer LLVMs too.
 """
 
 from __future__ import annotations
