@@ -234,11 +234,14 @@ def _patches_model(rng: np.random.Generator) -> dict:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_patches_on_random_shapes(seed):
+def test_patches_on_random_shapes(seed, monkeypatch):
     """`patches` (groups of pixels across rows and images, im2col) on random short-row convs:
     it matches the NumPy reference on preprocessed and raw input, gives the same bits as
-    `direct` (the same chains of fused multiply-adds), whatever the batch, and writes into the
-    next conv's padded input."""
+    `direct` (the same chains of fused multiply-adds), whatever the batch and with the weights
+    in rows (AVX-512) or in strips of 16 channels (AVX2), and writes into the next conv's
+    padded input."""
+    from convserve.core.kernels import gemm
+
     rng = np.random.default_rng(900 + seed)
     doc = _patches_model(rng)
     arch = parse_architecture(doc)
@@ -263,6 +266,11 @@ def test_patches_on_random_shapes(seed):
     np.testing.assert_array_equal(whole, direct.run(x), err_msg=where)
     for start, stop in ((0, 1), (2, 9), (n - 1, n), (1, BATCH_CHUNK + 2)):
         assert np.array_equal(plan.run(x[start:stop]), whole[start:stop]), where
+    monkeypatch.setattr(gemm, "STRIPS", not gemm.STRIPS)  # the other weight layout
+    other = InferencePlan(arch, weights, {0: "patches", 1: "patches"})
+    widths = {p.steps[0].wk.shape[1] for p in (plan, other)}  # COp and 16 (one: COp is 16)
+    assert 16 in widths and widths == {16, plan.steps[0].bias.size}
+    np.testing.assert_array_equal(other.run(x), whole, err_msg=where + ", other layout")
 
 
 def test_patches_is_offered_for_short_rows_without_a_pool_only():
