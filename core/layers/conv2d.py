@@ -474,8 +474,8 @@ class Conv2D(Layer):
         conv rows shorter than a micro-kernel block (`gemm.PEAK_BLOCK`: 6 pixels), which
         `direct` covers with short calls that read each weight for few pixels. On an Intel Xeon
         (AVX-512), a 5x5/2 conv of 64 -> 128 channels with 4-pixel rows took 0.80-0.89x the
-        time of `direct` at 8 and 32 images (0.95-1.1x at one); one with 8-pixel rows
-        (3x3/2, 64 -> 128) took 1.07x at 32 images, so it is not offered there."""
+        time of `direct` at 8 and 32 images (0.96-1.10x at one); one with 8-pixel rows
+        (3x3/2, 64 -> 128) took 1.07-1.08x at 32 images, so it is not offered there."""
         k = self.kernel_size[0] * self.kernel_size[1] * self.input_shape[2]
         small = 4 * direct.PATCH_GROUP * k <= PATCH_MAX_BYTES
         return block.pool is None and self.output_shape[1] < gemm.PEAK_BLOCK[0] and small
@@ -486,12 +486,13 @@ class Conv2D(Layer):
         after `winograd4_split` up to FIVE_SPLIT_MAX_BYTES); `k3_pool` and
         `pixels_pool` (1 input channel, fused 2x2/2 max pool; also average for `pixels_pool`),
         `direct` (every shape); `direct_narrow` (where `direct` is the heuristic's choice; see
-        `_narrow_pays`); `patches` (short conv rows, no pool; see `_patches_pay`); `winograd4` (3x3 stride 1, from WINO_MIN_CHANNELS input channels on);
-        `winograd4_phases` (stride 2, kernels of 4-6 a side; the heuristic's choice from 16
-        input channels on); `winograd4_split` (stride 1, kernels other than 3x3 that it
-        multiplies clearly less than direct, `_split_pays`; the heuristic's choice for 4x4
-        and larger from WINO_MIN_CHANNELS input channels on, for 5x5 up to a transformed kernel
-        of FIVE_SPLIT_MAX_BYTES)."""
+        `_narrow_pays`); `patches` (short conv rows, no pool; see `_patches_pay`); `winograd4`
+        (3x3 stride 1, from WINO_MIN_CHANNELS input channels on); `winograd4_phases` (stride
+        2, kernels of 4-6 a side; the heuristic's choice from 16 input channels on);
+        `winograd4_split` (stride 1, kernels other than 3x3 that it multiplies clearly less
+        than direct, `_split_pays`; the heuristic's choice for 4x4 and larger from
+        WINO_MIN_CHANNELS input channels on, for 5x5 up to a transformed kernel of
+        FIVE_SPLIT_MAX_BYTES)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         # one input channel, stride 1, a fused 2x2/2 pool: the first-layer kernels
