@@ -286,6 +286,7 @@ def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
 
     def variants(kernel_size: int, strides: int, channels: int = 16) -> tuple[str, ...]:
         conv = {"type": "conv2d", "filters": 8, "kernel_size": kernel_size, "strides": strides}
+        # 20 x 20: output rows of 6 pixels or more, so `patches` (short rows) is not offered
         doc = {"input": {"shape": [20, 20, channels]}, "layers": [conv, {"type": "flatten"}]}
         block = blocks(parse_architecture(doc).layers, inference=True)[0]
         return block.layer.inference_variants(block)

@@ -207,11 +207,8 @@ def conv_patches(x, wk, bias, tiles, out, kh, kw, sh, sw, act, group, at):
         for i in range(count):
             n, oy, ox = _pixel_place(p0 + i, OH, OW)
             for ky in range(kh):
-                src = np.uint64(((n * H + oy * sh + ky) * W + ox * sw) * CI)
-                dst = np.uint64(i * K + ky * seg)
-                for j in range(seg):  # unsigned indices: no wraparound checks, so it vectorizes
-                    u = np.uint64(j)
-                    tile[dst + u] = xf[src + u]
+                src = ((n * H + oy * sh + ky) * W + ox * sw) * CI
+                tile[i * K + ky * seg : i * K + (ky + 1) * seg] = xf[src : src + seg]
         for k0 in range(0, K, PATCH_K_ROWS):
             rows = min(K - k0, PATCH_K_ROWS)
             _conv_row(
