@@ -18,6 +18,7 @@ from typing import Any
 
 import numba
 import numpy as np
+from convserve.core import aligned
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.architecture import Architecture
 from convserve.core.kernels import dense as kdense
@@ -121,6 +122,8 @@ class InferencePlan:
         given = plan or {}
         self.plan: Plan = {i: given.get(i, v) for i, v in default_plan(arch).items()}
         self.steps = build_steps(arch, weights, self.plan)
+        for step in self.steps:
+            step.align_arrays()
         self._into_next = [self._writes_into_next(k) for k in range(len(self.steps))]
         self._flat_input = self._first_reads_input()
         self.chunk = ROWS_CHUNK if all(step.ROWS for step in self.steps) else BATCH_CHUNK
@@ -128,7 +131,8 @@ class InferencePlan:
         self._threads_now = thread_count_reader()
         # per-thread scratch; 512 floats at least: the first-layer kernels' 2x8x32 block
         tile = max(512, *(step.tile_floats() for step in self.steps))
-        self._tiles = np.zeros((self.threads, tile), np.float32)
+        # rows of whole cache lines, so that every thread's scratch starts on one
+        self._tiles = aligned.zeros((self.threads, -(-tile // 16) * 16))
         self._capacity = 0  # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
         self._padded: dict[int, np.ndarray] = {}
@@ -146,7 +150,7 @@ class InferencePlan:
         with self._lock:
             if x.dtype != np.float32 or not x.flags.c_contiguous:
                 if self._input is None or self._input.shape[0] < n:
-                    self._input = np.empty(x.shape, np.float32)
+                    self._input = aligned.empty(x.shape)
                 buf = self._input[:n]
                 np.copyto(buf, x, casting="unsafe")
                 x = buf
@@ -193,10 +197,10 @@ class InferencePlan:
                 if step.shape is None or step.VIEW or last or self._into_next[k]:
                     bufs.append(None)
                 else:
-                    bufs.append(np.empty((n, *step.shape), np.float32))
+                    bufs.append(aligned.empty((n, *step.shape)))
             # zero-padded conv inputs: only their interior is ever written, the border stays zero
             self._padded = {
-                k: np.zeros((n, *step.padding.shape), np.float32)
+                k: aligned.zeros((n, *step.padding.shape))
                 for k, step in enumerate(self.steps)
                 if step.padding is not None and (step.padding.needs_pad or step.takes_raw)
             }

@@ -9,10 +9,12 @@ zero-bordered buffer first (`padding`), and how to append its kernel calls for a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from convserve.core import aligned
 from convserve.core.kernels import elementwise, padding
 from convserve.core.threads import SERIAL_MAX_WORK
 
@@ -108,6 +110,13 @@ class Step:
     def tile_floats(self) -> int:
         """Per-thread scratch floats the step's kernels need."""
         return 0
+
+    def align_arrays(self) -> None:
+        """Put the step's arrays (packed weights, bias) on cache lines (`aligned`)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.ndarray):
+                setattr(self, field.name, aligned.on_cache_line(value))
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         """Append the calls that compute `out` from `x`; returns the step's output."""

@@ -914,6 +914,48 @@ def test_results_are_fresh_arrays_and_buffers_are_reused(reference_model):
     assert first.flags.c_contiguous and first.flags.writeable
 
 
+@pytest.mark.parametrize("name", ["cifar10", "wide_dense", "strided5", "overlap_pool"])
+def test_every_array_the_kernels_read_or_write_starts_on_a_cache_line(name):
+    """Packed weights, biases, per-thread scratch (each thread's row), activation and padding
+    buffers all start on a 64-byte line, with every layer's first, second, ... variant; the
+    aligned copies give the reference's results."""
+    from convserve.core.bench_models import bench_model
+    from convserve.core.inference import default_plan
+
+    doc = bench_model(name)
+    weights = _weights(doc, 3)
+    arch = parse_architecture(doc)
+    x = np.random.default_rng(5).standard_normal((3, *arch.input_shape)).astype(np.float32)
+    expected = ref.forward(doc, weights, x)
+    layers = list(default_plan(arch))
+    most = max(len(_variants(arch, i)) for i in layers)
+    for k in range(most):
+        chosen = {i: _variants(arch, i)[min(k, len(_variants(arch, i)) - 1)] for i in layers}
+        plan = InferencePlan(arch, weights, chosen)
+        np.testing.assert_allclose(plan.run(x), expected, atol=TOLERANCE, err_msg=str(chosen))
+        arrays = [plan._tiles[t] for t in range(plan._tiles.shape[0])]
+        arrays += [b for b in plan._buffers_for(3) if b is not None] + list(plan._padded.values())
+        for step in plan.steps:
+            arrays += [v for v in vars(step).values() if isinstance(v, np.ndarray)]
+        assert len(arrays) >= 2 + len(plan.steps) // 2
+        misplaced = [a.shape for a in arrays if a.ctypes.data % 64 or not a.flags.c_contiguous]
+        assert not misplaced, f"{chosen}: {misplaced}"
+
+
+def test_aligned_arrays_keep_shape_dtype_and_contents():
+    from convserve.core import aligned
+
+    for shape, dtype in (((3, 5, 7), np.float32), (13, np.int64), ((0, 4), np.float32)):
+        z = aligned.zeros(shape, dtype)
+        assert z.shape == (shape if isinstance(shape, tuple) else (shape,)) and z.dtype == dtype
+        assert (z.size == 0 or z.ctypes.data % aligned.CACHE_LINE == 0) and not z.any()
+    src = np.arange(100, dtype=np.float32)[1:].reshape(9, 11)  # 4 bytes past numpy's start
+    moved = aligned.on_cache_line(src)
+    assert moved.ctypes.data % aligned.CACHE_LINE == 0
+    np.testing.assert_array_equal(moved, src)
+    assert aligned.on_cache_line(moved) is moved
+
+
 def test_concurrent_calls_from_threads(reference_model):
     rng = np.random.default_rng(1)
     batches = [rng.standard_normal((n, 28, 28, 1)).astype(np.float32) for n in (1, 3, 8, 1, 16, 3)]

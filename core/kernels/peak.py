@@ -24,6 +24,7 @@ import time
 
 import numba
 import numpy as np
+from convserve.core import aligned
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels import ir
 from convserve.core.kernels.gemm import PEAK_BLOCK
@@ -49,11 +50,13 @@ def _repeat_on_every_thread(a, b, c, calls):
 
 
 def peak_operands(threads: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-thread flat inputs (PEAK_ROWS x K), weights (K x PEAK_COLS) and result, seeded."""
+    """Per-thread flat inputs (PEAK_ROWS x K), weights (K x PEAK_COLS) and result, seeded, on
+    cache lines as the plans' arrays are (each thread's rows are whole lines)."""
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((threads, PEAK_ROWS * PEAK_K)).astype(np.float32)
     b = rng.standard_normal((threads, PEAK_K * PEAK_COLS)).astype(np.float32)
-    return a, b, np.zeros((threads, PEAK_ROWS * PEAK_COLS), np.float32)
+    c = aligned.zeros((threads, PEAK_ROWS * PEAK_COLS))
+    return aligned.on_cache_line(a), aligned.on_cache_line(b), c
 
 
 def _best_round(run, trial_calls: int, rounds: int, seconds: float) -> tuple[int, float]:
