@@ -207,7 +207,11 @@ class Model:
 
             largest = max(self._batch_size, *batch_sizes)  # planning stays within the limits
             chosen = plan_for(
-                self.architecture, self.weights, self._plan_cache, largest_batch=largest
+                self.architecture,
+                self.weights,
+                self._plan_cache,
+                largest_batch=largest,
+                chunk=self._plan.chunk,
             )
             if chosen != self._plan.plan:
                 self._plan = InferencePlan(self.architecture, self.weights, chosen)

@@ -7,7 +7,8 @@ the plan for a model: from this process's memo, else from the on-disk cache, els
 
 Timing: every candidate of a layer runs that layer alone (its fusion block, with its padding
 copy and any separate pooling step) on random input at batch 1, 8 and the largest batch the
-model runs up to BATCH_CHUNK (`timing_batches`; a bigger batch runs in chunks), in interleaved
+model runs at once: up to BATCH_CHUNK images, or ROWS_CHUNK for a model of dense layers only
+(`timing_batches`; a bigger batch runs in chunks of that size), in interleaved
 rounds of single calls (after an untimed one: the caches then hold the candidate's own data, as
 when it serves), keeping each round's fastest call. The candidates are compared round by round:
 a candidate's time at a batch size is the median over rounds of its fastest call divided by the
@@ -132,13 +133,16 @@ def _block_shape(block: Block) -> list[Any]:
     ]
 
 
-def timing_batches(largest: int) -> tuple[int, ...]:
+def timing_batches(largest: int, chunk: int = BATCH_CHUNK) -> tuple[int, ...]:
     """The batch sizes candidates are timed at for a model run on batches of up to `largest`
-    images: 1, 8 and the largest chunk (never more images than the model may hold at once). A
-    variant that is faster from a few images on but loses at one image (a larger Winograd tile
-    on a small image) then wins two of three."""
-    chunk = max(1, min(largest, BATCH_CHUNK))
-    return tuple(sorted({1, min(8, chunk), chunk}))
+    images in chunks of `chunk` (`InferencePlan.chunk`): 1, 8 and the largest chunk (never more
+    images than the model may hold at once). A variant that is faster from a few images on but
+    loses at one image (a larger Winograd tile on a small image) then wins two of three. A
+    model of dense layers only runs 256 rows at once, where its layers' variants rank otherwise
+    than at 32 (wide_dense's 1,024 -> 512 layer on an Intel Xeon: timed at 1, 8 and 32 rows it
+    took `passes`; at 256 rows `one_pass` ran in 0.84-0.87x its time, in one process)."""
+    top = max(1, min(largest, chunk))
+    return tuple(sorted({1, min(8, top), top}))
 
 
 def plan_key(arch: Architecture, batches: tuple[int, ...] = (1,)) -> str:
@@ -373,14 +377,15 @@ def plan_for(
     cache_dir: str | os.PathLike | None = None,
     seconds: float | None = None,
     largest_batch: int = BATCH_CHUNK,
+    chunk: int = BATCH_CHUNK,
 ) -> Plan:
-    """The timed plan for `arch`, run on batches of up to `largest_batch` images, on this
-    machine: from this process's memo, the disk cache in `plan_cache_dir(cache_dir)`, or by
-    timing (then cached when complete)."""
+    """The timed plan for `arch`, run on batches of up to `largest_batch` images in chunks of
+    `chunk` (`InferencePlan.chunk`), on this machine: from this process's memo, the disk cache
+    in `plan_cache_dir(cache_dir)`, or by timing (then cached when complete)."""
     if not _choices(arch):
         return default_plan(arch)
     seconds = PLAN_SECONDS if seconds is None else seconds
-    batches = timing_batches(largest_batch)
+    batches = timing_batches(largest_batch, chunk)
     key = plan_key(arch, batches)
     with _memo_lock:  # one model planned at a time: concurrent timings would disturb each other
         if key in _memo:

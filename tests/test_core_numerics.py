@@ -567,6 +567,26 @@ def test_wide_dense_layers(inputs):
     _check_dense_variants(doc, weights, x, (1, 8, 33, 45), (0, 31, 32, 44))
 
 
+@pytest.mark.parametrize("inputs", [1024, 3072])
+def test_dense_rows_4_kb_apart_go_in_one_pass_over_many_rows(inputs):
+    """Inputs a multiple of 1,024 (rows 4 KB apart): `passes` takes tasks of more than
+    ALIASED_PASS_ROWS rows through each block in one pass, fewer in passes; the reference, the
+    same bits as `one_pass` and `strips`, and every row as alone, at 1-200 rows."""
+    doc = {
+        "name": "aliased-rows",
+        "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+        "labels": [str(i) for i in range(6)],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "dense", "units": 150, "activation": "relu"},
+            {"type": "dense", "units": 6, "activation": "softmax"},
+        ],
+    }
+    weights = _weights(doc, inputs + 1)
+    x = np.random.default_rng(inputs).standard_normal((200, inputs, 1, 1)).astype(np.float32)
+    _check_dense_variants(doc, weights, x, (1, 8, 64, 65, 130, 200), (0, 63, 64, 65, 129, 199))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_dense_layers_on_random_shapes(seed):
     """A dense-only model (it runs up to MAX_TASK_ROWS rows at once) on random widths (last

@@ -450,6 +450,25 @@ def test_planning_stays_within_the_models_batch_size(tmp_path, fresh_planner):
     assert {int(k): v for k, v in record["plan"].items()} == model.kernel_plan
 
 
+def test_a_dense_only_model_is_timed_at_the_rows_it_runs_at_once(tmp_path, fresh_planner):
+    """A model of dense layers runs up to ROWS_CHUNK rows at once: it is timed at that many
+    (within its batch size), a model with convolutions at BATCH_CHUNK images."""
+    from convserve.core.bench_models import bench_model
+    from convserve.core.inference import ROWS_CHUNK
+
+    assert fresh_planner.timing_batches(1000) == (1, 8, BATCH_CHUNK)
+    assert fresh_planner.timing_batches(1000, ROWS_CHUNK) == (1, 8, ROWS_CHUNK)
+    assert fresh_planner.timing_batches(100, ROWS_CHUNK) == (1, 8, 100)
+    for name, batch, timed in (("mlp_tanh", 100, 100), ("mlp_tanh", 999, ROWS_CHUNK)):
+        doc = bench_model(name)
+        where = tmp_path / f"{name}-{batch}"
+        model = Model(doc, random_weights(doc), batch_size=batch, plan_cache=where)
+        assert model._plan.chunk == ROWS_CHUNK
+        model.warmup((1,))
+        records = [json.loads(f.read_text()) for f in where.glob("*.json")]
+        assert [r["batches"] for r in records] == [[1, 8, timed]]
+
+
 def test_an_unwritable_cache_does_not_fail_loading(tmp_path, fresh_planner):
     blocker = tmp_path / "a file"
     blocker.write_text("not a directory")

@@ -38,6 +38,12 @@ MAX_TASK_ROWS = 256
 # and no passes on an Intel Xeon; on AMD Zen 5 one pass ran 5-13 % faster from 4 rows on
 # (BENCHMARKS.md, "Dense weight passes"), so the planner times both (`layers.dense`).
 K_CHUNK = 128
+# Most rows a task takes through a block in passes when its input rows are 4 KB apart (K a
+# multiple of 1,024): every row's part of a pass then falls in the same 8 L1 sets, and over
+# more rows they evict the pass's weights. On an Intel Xeon, wide_dense with its 1,024 -> 512
+# layer in passes took 0.98-0.99x the time with that layer in one pass at 8-64 rows a task,
+# 1.01x at 128 and 1.04x at 256 (one process, interleaved).
+ALIASED_PASS_ROWS = 64
 SIX = 6  # rows per micro-kernel call on 64 units (the widest block with all its accumulators)
 # Most bytes of inputs a task's rows take through all its units before the next rows (at least
 # 12 rows): 256 rows of 784 inputs (784 KB) did not stay in a 512 KB L2 while 16-unit weight
@@ -179,7 +185,8 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
     bulk = six - SIX if six > 0 and 2 <= n - six <= 3 else six
     left = n - bulk
     first = left - 4 if left > SIX else left  # rows of the first call after the bulk
-    chunk = K if n == 1 or k_pass == 0 else k_pass
+    aliased = K % 1024 == 0 and n > ALIASED_PASS_ROWS  # rows 4 KB apart: see there
+    chunk = K if n == 1 or k_pass == 0 or aliased else k_pass
     of = out.reshape(out.size)
     if Up == 16:  # at most 16 units: each output's sum as SEGMENTS chains (`ir._mks1`...)
         for i in range(0, n, SIX):
