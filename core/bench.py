@@ -17,7 +17,9 @@ actually multiply (Winograd F(2x2, 3x3) does 16 products per 2x2 outputs and cha
 instead of 36, F(4x4, 3x3) 36 per 4x4 outputs instead of 144, F(2x2, 5x5) 36 instead of 100).
 Next to them the ceilings, measured in every process of ours (`kernels/peak.py`): our largest
 micro-kernel on data in L1 on every thread, with "% peak", the actual GFLOP/s as a share of
-it; and the rate at which all threads read a buffer of the model's weights' size. "% roofline"
+it; the machine's FP32 peak (multiply-adds on registers alone), which the micro-kernel's own
+loads and loop keep it under; and the rate at which all threads read a buffer of the model's
+weights' size. "% roofline"
 is the shortest time a batch could take, its actual multiply-adds at the peak or, if longer,
 one read of the weights at that rate, as a share of our time (at one image, a dense net with
 megabytes of weights is bound by the reads, not the multiply-adds).
@@ -165,7 +167,7 @@ def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> di
     result: dict[str, Any] = {"engine": engine, "model": model}
     if engine in ("ours", "unplanned"):
         from convserve.core import runtime
-        from convserve.core.kernels.peak import peak_gflops, read_gbps
+        from convserve.core.kernels.peak import fma_peak_gflops, peak_gflops, read_gbps
         from convserve.core.model import Model
 
         m = Model(doc, weights, plan=engine == "ours")
@@ -173,6 +175,7 @@ def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> di
         m.warmup(tuple(batches) + (16,))
         result["warmup_s"] = time.perf_counter() - start
         result["peak_gflops"] = peak_gflops()
+        result["fma_peak_gflops"] = fma_peak_gflops()
         result["weight_bytes"] = sum(w.nbytes for w in weights.values())
         result["read_gbps"] = read_gbps(result["weight_bytes"])
         result["plan"] = m.kernel_plan
@@ -262,10 +265,12 @@ def report(
     batches: list[int],
     peaks: list[float] | None = None,
     reads: dict[str, tuple[int, list[float]]] | None = None,
+    fma_peaks: list[float] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """The result table as markdown lines, and the same figures as a JSON-ready dict. `peaks`:
     the micro-kernel ceiling (GFLOP/s) each of our processes measured; `reads`: per model, the
-    weights' bytes and the rate (GB/s) at which each of our processes read that many."""
+    weights' bytes and the rate (GB/s) at which each of our processes read that many;
+    `fma_peaks`: the machine's multiply-add peak each of our processes measured."""
     engines = list(next(iter(ms.values())))
     has_ort, has_unplanned = "ort" in engines, "unplanned" in engines
     peak = statistics.median(peaks) if peaks else None
@@ -275,6 +280,13 @@ def report(
         lines.append(
             f"ceiling, our {_peak_block()} micro-kernel in L1 on every thread: {min(peaks):.0f}-"
             f"{max(peaks):.0f} GFLOP/s (median {peak:.0f}) in our processes"
+        )
+    if fma_peaks:
+        fma = statistics.median(fma_peaks)
+        share = f"; the ceiling is {100 * peak / fma:.0f} % of it" if peak else ""
+        lines.append(
+            f"machine FP32 peak, multiply-adds on registers alone on every thread: "
+            f"{min(fma_peaks):.0f}-{max(fma_peaks):.0f} GFLOP/s (median {fma:.0f}){share}"
         )
     for model, (size, rates) in (reads or {}).items():
         lines.append(
@@ -326,6 +338,12 @@ def report(
     summary: dict[str, Any] = {"cells": cells, "plans": plans, "batches": batches}
     if peaks:
         summary["peak_gflops"] = {"min": min(peaks), "max": max(peaks), "median": peak}
+    if fma_peaks:
+        summary["fma_peak_gflops"] = {
+            "min": min(fma_peaks),
+            "max": max(fma_peaks),
+            "median": statistics.median(fma_peaks),
+        }
     if reads:
         summary["weights_read"] = {
             m: {"bytes": size, "gbps_min": min(r), "gbps_max": max(r), "gbps_median": read[m][1]}
@@ -404,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[tuple[str, str, int], list[float]] = {}
     calib: list[float] = []
     peaks: list[float] = []
+    fma_peaks: list[float] = []
     reads: dict[str, tuple[int, list[float]]] = {}
     diffs: dict[str, float] = {}
     plans: dict[str, dict[str, Any]] = {}
@@ -423,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                         calib.append(res["sgemm_gflops"])
                     if "peak_gflops" in res:
                         peaks.append(res["peak_gflops"])
+                        fma_peaks.append(res["fma_peak_gflops"])
                     if "read_gbps" in res:
                         reads.setdefault(model, (res["weight_bytes"], []))[1].append(
                             res["read_gbps"]
@@ -444,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
     flops = {m: flops_per_image(docs[m], {int(k): v for k, v in plans[m].items()}) for m in models}
     ms = _median_table(rates, models, engines, batches)
-    lines, summary = report(ms, flops, plans, calib, batches, peaks, reads)
+    lines, summary = report(ms, flops, plans, calib, batches, peaks, reads, fma_peaks)
     print(f"\nmedian over {args.repeats} processes per engine; ms per batch")
     print("\n".join(lines))
     for model, d in diffs.items():

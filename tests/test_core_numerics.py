@@ -1139,6 +1139,25 @@ def test_the_peak_loop_computes_the_product_it_times():
     assert 0 < peak.peak_gflops(rounds=1, seconds=0.01) < 1e6
 
 
+def test_the_fma_peak_loop_runs_every_multiply_add_it_counts():
+    """Each accumulator after `steps` links of x -> 0.999 x + 0.001, as float32 fused
+    multiply-adds (computed exactly in float64, then rounded) give; a rate is measured."""
+    from convserve.core.kernels import peak
+
+    data = peak.fma_operands(2)
+    data[1, 32:] = np.linspace(-2, 2, data.shape[1] - 32, dtype=np.float32)
+    start = data.copy()
+    steps = 37
+    peak._fma_on_every_thread(data, steps)
+    expected = start[:, 32:]
+    for _ in range(steps):
+        exact = expected.astype(np.float64) * np.float32(0.999) + np.float32(0.001)
+        expected = exact.astype(np.float32)
+    np.testing.assert_array_equal(data[:, 32:], expected)
+    np.testing.assert_array_equal(data[:, :32], start[:, :32])
+    assert 0 < peak.fma_peak_gflops(rounds=1, seconds=0.01) < 1e6
+
+
 def test_the_read_loop_reads_every_float_it_times():
     from convserve.core.kernels import peak
 
@@ -1214,3 +1233,11 @@ def test_the_bench_report_gives_each_cell_its_share_of_the_peak():
 
     block = f"{peak.PEAK_ROWS}x{peak.PEAK_COLS}"
     assert any(line.startswith(f"ceiling, our {block} micro-kernel") for line in lines)
+    assert not any(line.startswith("machine FP32 peak") for line in lines)
+    fma = [25.0, 40.0, 30.0]
+    lines, summary = report(ms, flops, {"m": {}}, [100.0], [1, 8], [20.0], None, fma)
+    assert summary["fma_peak_gflops"] == {"min": 25.0, "max": 40.0, "median": 30.0}
+    assert (
+        "machine FP32 peak, multiply-adds on registers alone on every thread: 25-40 GFLOP/s "
+        "(median 30); the ceiling is 67 % of it"
+    ) in lines

@@ -437,3 +437,54 @@ _mkt3 = _segmented_kernel(3, SEGMENTS, in_turn=True)
 _mkt4 = _segmented_kernel(4, SEGMENTS, in_turn=True)
 _mkt5 = _segmented_kernel(5, SEGMENTS, in_turn=True)
 _mkt6 = _segmented_kernel(6, SEGMENTS, in_turn=True)
+
+
+def _fma_chains(chains: int):
+    """An intrinsic for the machine's FP32 multiply-add peak (`peak.fma_peak_gflops`), with no
+    memory traffic in its loop:
+
+        fma(data, steps): acc[i] = acc[i] * data[0:16] + data[16:32], `steps` times over, for
+        `chains` independent accumulators of 16 floats starting from data[32 + 16*i] (and
+        stored back there)
+
+    Every link of a chain depends on the one before, so `chains` must cover the multiply-add
+    latency times the units that run them (4 x 2 on the CPUs met); they stay in registers."""
+
+    def codegen(context, builder, signature, args):
+        p = _array_data(context, builder, signature, args, 0)
+        steps = args[1]
+        i64 = ir.IntType(64)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
+        )
+        scale = _vload(builder, p, ir.Constant(i64, 0))
+        shift = _vload(builder, p, ir.Constant(i64, 16))
+        start = [_vload(builder, p, ir.Constant(i64, 32 + 16 * i)) for i in range(chains)]
+        entry = builder.block
+        loop = builder.function.append_basic_block("fma_step")
+        done = builder.function.append_basic_block("fma_done")
+        builder.cbranch(builder.icmp_signed(">", steps, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        acc = [builder.phi(_V16) for _ in range(chains)]
+        for phi, value in zip(acc, start):
+            phi.add_incoming(value, entry)
+        new = [builder.call(fma, [a, scale, shift]) for a in acc]
+        _close_loop(builder, k, steps, [acc], [new], loop, loop, done)
+
+        builder.position_at_end(done)
+        final = [builder.phi(_V16) for _ in range(chains)]  # phis first, then the stores
+        for i, phi in enumerate(final):
+            phi.add_incoming(start[i], entry)
+            phi.add_incoming(new[i], loop)
+        for i, phi in enumerate(final):
+            _vstore(builder, phi, p, ir.Constant(i64, 32 + 16 * i))
+        return context.get_dummy_value()
+
+    @intrinsic
+    def fma(typingctx, data, steps):
+        return types.void(data, steps), codegen
+
+    return fma

@@ -4,6 +4,9 @@
   vector registers (`gemm.PEAK_BLOCK`: 6 pixels x 64 channels with AVX-512, 6 x 16 with AVX2)
   on data that stays in L1, on every thread at once. No conv or dense layer can
   run faster than this;
+- the machine's own FP32 peak: chains of fused multiply-adds on registers alone, no loads or
+  stores, on every thread (`fma_peak_gflops`). The micro-kernel's share of it is what its
+  loads, loop and stores cost (on an Intel Xeon with AVX-512, 369-372 of 419-425 GFLOP/s);
 - the read rate of a model's weights: every thread sums its share of a buffer of the weights'
   size, over and over, as forward passes read them (from wherever a buffer of that size stays).
   Once the buffer outgrows L2, this is the rate of the cache or memory behind it, which no
@@ -27,7 +30,7 @@ import numpy as np
 from convserve.core import aligned
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels import ir
-from convserve.core.kernels.gemm import PEAK_BLOCK
+from convserve.core.kernels.gemm import PEAK_BLOCK, REGISTER_VECTORS
 from numba import njit, prange
 
 PEAK_ROWS, PEAK_COLS = PEAK_BLOCK[0], 16 * PEAK_BLOCK[1]  # the largest block in registers
@@ -84,6 +87,37 @@ def peak_gflops(rounds: int = 5, seconds: float = 0.05) -> float:
     )
     flops = 2.0 * PEAK_ROWS * PEAK_COLS * PEAK_K * calls * a.shape[0]
     return flops / best / 1e9
+
+
+# accumulators of 16 floats in the FMA-only loop: enough to cover the multiply-add latency on
+# every unit, few enough to stay in registers with its two operands (24 with AVX-512, 6 AVX2)
+FMA_CHAINS = max(2, min(24, REGISTER_VECTORS - 2))
+_fma_loop = ir._fma_chains(FMA_CHAINS)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _fma_on_every_thread(data, steps):
+    """`steps` multiply-adds on each of FMA_CHAINS accumulators, on each thread's row of data."""
+    for t in prange(data.shape[0]):
+        _fma_loop(data[t], steps)
+
+
+def fma_operands(threads: int) -> np.ndarray:
+    """Per-thread rows for `_fma_on_every_thread`: multiplier, addend, then the accumulators;
+    x -> 0.999 x + 0.001 keeps every value finite and normal however long it runs."""
+    data = np.full((threads, 32 + 16 * FMA_CHAINS), 0.5, np.float32)
+    data[:, :16], data[:, 16:32] = np.float32(0.999), np.float32(0.001)
+    return data
+
+
+def fma_peak_gflops(rounds: int = 5, seconds: float = 0.05) -> float:
+    """FP32 GFLOP/s of fused multiply-adds alone (no memory traffic) on every thread: the
+    machine's peak for this code. The best of `rounds` rounds of about `seconds` each."""
+    data = fma_operands(numba.get_num_threads())
+    calls, best = _best_round(
+        lambda steps: _fma_on_every_thread(data, steps), 10000, rounds, seconds
+    )
+    return 2.0 * 16 * FMA_CHAINS * calls * data.shape[0] / best / 1e9
 
 
 @njit(fastmath=True, cache=True, nogil=True)
