@@ -1,7 +1,8 @@
 """Arrays that start on a cache line.
 
-numpy aligns its allocations to 16 bytes, so the 64-byte vectors of an AVX-512 micro-kernel
-straddle two cache lines in three arrays out of four, and each such load costs two. The
+numpy aligns its allocations to 16 bytes, so an array starts on a cache line only by chance;
+otherwise every 64-byte vector an AVX-512 micro-kernel loads from it straddles two lines, and
+costs two loads. The
 packed weights, the per-thread scratch and the activation buffers of `InferencePlan` come from
 here (their rows are whole multiples of 16 floats, so every block the kernels load is aligned
 too). On an Intel Xeon (AVX-512), the 6 x 64 micro-kernel on L1-resident data ran at 192-195

@@ -546,21 +546,25 @@ def _check_dense_variants(doc: dict, weights: dict, x: np.ndarray, batches, sing
     np.testing.assert_array_equal(results["strips"], results["one_pass"])
 
 
+def _two_dense_layers(inputs: int, hidden: tuple[int, str], last: tuple[int, str]) -> dict:
+    """A model of `inputs` features: flatten, then dense layers of (units, activation)."""
+    return {
+        "name": "two-dense",
+        "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+        "labels": [str(i) for i in range(last[0])],
+        "layers": [
+            {"type": "flatten"},
+            *({"type": "dense", "units": u, "activation": a} for u, a in (hidden, last)),
+        ],
+    }
+
+
 @pytest.mark.parametrize("inputs", [4100, 9000, 20000])
 def test_wide_dense_layers(inputs):
     """Dense layers with thousands of inputs, in passes of K_CHUNK inputs (a single row: one
     pass) or all at once (`one_pass`): the NumPy reference at batch sizes across the tasks, and
     each row bit-identical to its single-image call."""
-    doc = {
-        "name": "wide-dense",
-        "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
-        "labels": [str(i) for i in range(5)],
-        "layers": [
-            {"type": "flatten"},
-            {"type": "dense", "units": 90, "activation": "tanh"},
-            {"type": "dense", "units": 5, "activation": "linear"},
-        ],
-    }
+    doc = _two_dense_layers(inputs, (90, "tanh"), (5, "linear"))
     weights = _weights(doc, inputs)
     rng = np.random.default_rng(inputs)
     x = rng.standard_normal((45, inputs, 1, 1)).astype(np.float32)
@@ -572,16 +576,7 @@ def test_dense_rows_4_kb_apart_go_in_one_pass_over_many_rows(inputs):
     """Inputs a multiple of 1,024 (rows 4 KB apart): `passes` takes tasks of more than
     ALIASED_PASS_ROWS rows through each block in one pass, fewer in passes; the reference, the
     same bits as `one_pass` and `strips`, and every row as alone, at 1-200 rows."""
-    doc = {
-        "name": "aliased-rows",
-        "input": {"shape": [inputs, 1, 1], "scale": 1.0, "mean": [0.0], "std": [1.0]},
-        "labels": [str(i) for i in range(6)],
-        "layers": [
-            {"type": "flatten"},
-            {"type": "dense", "units": 150, "activation": "relu"},
-            {"type": "dense", "units": 6, "activation": "softmax"},
-        ],
-    }
+    doc = _two_dense_layers(inputs, (150, "relu"), (6, "softmax"))
     weights = _weights(doc, inputs + 1)
     x = np.random.default_rng(inputs).standard_normal((200, inputs, 1, 1)).astype(np.float32)
     _check_dense_variants(doc, weights, x, (1, 8, 64, 65, 130, 200), (0, 63, 64, 65, 129, 199))

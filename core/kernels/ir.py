@@ -99,62 +99,93 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, blocks: int = 1
                 for v in range(vectors):
                     old = _vload(builder, cp, builder.add(c_row, ir.Constant(i64, 16 * v)))
                     start[r][v] = builder.select(go_on, old, zero)
+        per_block = vectors // blocks
+
+        def step(a_seg, b_seg, k, accs):
+            """`accs` after input k of the segment: one more link of every chain."""
+            b_row = builder.add(b_seg, builder.mul(k, ldb))
+            # with several blocks, each group of vectors comes from b_split after the one before
+            b_rows = [b_row]
+            for _ in range(blocks - 1):
+                b_rows.append(builder.add(b_rows[-1], b_split))
+            bv = [
+                _vload(
+                    builder,
+                    bp,
+                    builder.add(b_rows[v // per_block], ir.Constant(i64, 16 * (v % per_block))),
+                )
+                for v in range(vectors)
+            ]
+            a_k = builder.add(a_seg, k)
+            out = []
+            for r in range(rows):
+                at = builder.add(a_k, builder.mul(ir.Constant(i64, r), lda))
+                splat = _broadcast(builder, ap, at)
+                out.append([builder.call(fma, [splat, bv[v], accs[r][v]]) for v in range(vectors)])
+            return out
+
+        def merge(incoming):
+            """Phis of the accumulators, one per (values, block) that flows in."""
+            grid = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
+            for values, block in incoming:
+                for phi_row, value_row in zip(grid, values):
+                    for phi, value in zip(phi_row, value_row):
+                        phi.add_incoming(value, block)
+            return grid
+
+        # the inputs of a segment two a loop step, then the odd one out: half the loop's own
+        # instructions (its counter, pointer and branch) per multiply-add; the same chains
         fn = builder.function
         entry = builder.block
         outer = fn.append_basic_block("mk_segment")
-        inner = fn.append_basic_block("mk_step")
+        pairs = fn.append_basic_block("mk_steps")
+        odd = fn.append_basic_block("mk_odd")
+        last = fn.append_basic_block("mk_last")
         seg_end = fn.append_basic_block("mk_segment_end")
         done = fn.append_basic_block("mk_done")
+        zero64 = ir.Constant(i64, 0)
+        even = builder.and_(seg_len, ir.Constant(i64, -2))  # the inputs taken two at a time
         builder.branch(outer)
 
         builder.position_at_end(outer)
         s = builder.phi(i64)
-        s.add_incoming(ir.Constant(i64, 0), entry)
-        acc_seg = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
-        for phi_row, start_row in zip(acc_seg, start):
-            for phi, value in zip(phi_row, start_row):
-                phi.add_incoming(value, entry)
+        s.add_incoming(zero64, entry)
+        acc_seg = merge([(start, entry)])
         a_seg = builder.add(a_off, builder.mul(s, a_step))
         b_seg = builder.add(b_off, builder.mul(s, b_step))
-        builder.branch(inner)
+        builder.cbranch(builder.icmp_signed(">", even, zero64), pairs, odd)
 
-        builder.position_at_end(inner)
+        builder.position_at_end(pairs)
         k = builder.phi(i64)
-        k.add_incoming(ir.Constant(i64, 0), outer)
-        acc = [[builder.phi(vec) for _ in range(vectors)] for _ in range(rows)]
-        for r in range(rows):
-            for v in range(vectors):
-                acc[r][v].add_incoming(acc_seg[r][v], outer)
-        b_row = builder.add(b_seg, builder.mul(k, ldb))
-        # with several blocks, each group of vectors comes from b_split after the one before
-        b_rows = [b_row]
-        for _ in range(blocks - 1):
-            b_rows.append(builder.add(b_rows[-1], b_split))
-        per_block = vectors // blocks
-        bv = [
-            _vload(
-                builder,
-                bp,
-                builder.add(b_rows[v // per_block], ir.Constant(i64, 16 * (v % per_block))),
-            )
-            for v in range(vectors)
-        ]
-        a_k = builder.add(a_seg, k)
-        new = []
-        for r in range(rows):
-            splat = _broadcast(builder, ap, builder.add(a_k, builder.mul(ir.Constant(i64, r), lda)))
-            new.append([builder.call(fma, [splat, bv[v], acc[r][v]]) for v in range(vectors)])
-        _close_loop(builder, k, seg_len, acc, new, inner, inner, seg_end)
+        k.add_incoming(zero64, outer)
+        acc = merge([(acc_seg, outer)])
+        half = step(a_seg, b_seg, k, acc)
+        new = step(a_seg, b_seg, builder.add(k, ir.Constant(i64, 1)), half)
+        following = builder.add(k, ir.Constant(i64, 2))
+        k.add_incoming(following, pairs)
+        for phi_row, value_row in zip(acc, new):
+            for phi, value in zip(phi_row, value_row):
+                phi.add_incoming(value, pairs)
+        builder.cbranch(builder.icmp_signed("<", following, even), pairs, odd)
+
+        builder.position_at_end(odd)
+        mid = merge([(acc_seg, outer), (new, pairs)])
+        builder.cbranch(builder.icmp_signed("<", even, seg_len), last, seg_end)
+
+        builder.position_at_end(last)
+        tail = step(a_seg, b_seg, even, mid)
+        builder.branch(seg_end)
 
         builder.position_at_end(seg_end)
-        _close_loop(builder, s, segs, acc_seg, new, seg_end, outer, done)
+        final = merge([(mid, odd), (tail, last)])
+        _close_loop(builder, s, segs, acc_seg, final, seg_end, outer, done)
 
         builder.position_at_end(done)
         for r in range(rows):
             c_row = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
             for v in range(vectors):
                 dst = builder.gep(cp, [builder.add(c_row, ir.Constant(i64, 16 * v))])
-                builder.store(new[r][v], builder.bitcast(dst, vptr), align=4)
+                builder.store(final[r][v], builder.bitcast(dst, vptr), align=4)
         return context.get_dummy_value()
 
     if b_steps:

@@ -6,7 +6,7 @@
   run faster than this;
 - the machine's own FP32 peak: chains of fused multiply-adds on registers alone, no loads or
   stores, on every thread (`fma_peak_gflops`). The micro-kernel's share of it is what its
-  loads, loop and stores cost (on an Intel Xeon with AVX-512, 369-372 of 419-425 GFLOP/s);
+  loads, loop and stores cost (on an Intel Xeon with AVX-512, run medians 370 of 429 GFLOP/s);
 - the read rate of a model's weights: every thread sums its share of a buffer of the weights'
   size, over and over, as forward passes read them (from wherever a buffer of that size stays).
   Once the buffer outgrows L2, this is the rate of the cache or memory behind it, which no
