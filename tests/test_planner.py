@@ -273,6 +273,34 @@ def test_patches_on_random_shapes(seed, monkeypatch):
     np.testing.assert_array_equal(other.run(x), whole, err_msg=where + ", other layout")
 
 
+@pytest.mark.parametrize("strips", [False, True])
+def test_patches_of_few_pixels_split_the_channels_among_the_threads(strips, monkeypatch):
+    """A batch of at most PATCH_GROUP pixels is one group whose output channels go in ranges,
+    one per thread (40 filters: 32 + the last 8 of a 16-channel block): the reference and the
+    same bits as `direct` at one and two images, in either weight layout."""
+    from convserve.core.kernels import direct as kdirect
+    from convserve.core.kernels import gemm
+
+    monkeypatch.setattr(gemm, "STRIPS", strips)
+    layers = [{"type": "conv2d", "filters": 40, "kernel_size": 3, "strides": 2,
+               "padding": "same", "activation": "relu"}, {"type": "flatten"},
+              {"type": "dense", "units": 3}]  # fmt: skip
+    doc = {"name": "p", "input": {"shape": [8, 8, 24], "scale": 1.0, "mean": [0.0] * 24,
+           "std": [1.0] * 24}, "labels": ["a", "b", "c"], "layers": layers}  # fmt: skip
+    arch = parse_architecture(doc)
+    weights = random_weights(doc, seed=5)
+    x = np.random.default_rng(6).standard_normal((2, 8, 8, 24)).astype(np.float32)
+    plan = InferencePlan(arch, weights, {0: "patches"})
+    direct = InferencePlan(arch, weights, {0: "direct"})
+    for n in (2, 1):  # the larger batch first: growing the buffers drops the programs
+        got = plan.run(x[:n])
+        np.testing.assert_allclose(got, ref.forward(doc, weights, x[:n]), atol=TOLERANCE)
+        np.testing.assert_array_equal(got, direct.run(x[:n]))
+    (call,) = [c for c in plan._programs[(1, False, plan.threads)][0] if "patches" in str(c[0])]
+    group, ways = call[1][-3], call[1][-2]
+    assert group == 16 <= kdirect.PATCH_GROUP and ways == min(2, plan.threads)
+
+
 def test_patches_is_offered_for_short_rows_without_a_pool_only():
     """Rows of 6 pixels or more (a full micro-kernel block) or a pool after the conv: no
     `patches`."""

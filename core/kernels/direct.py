@@ -177,16 +177,19 @@ def _pixel_place(p, OH, OW):
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
-def conv_patches(x, wk, bias, tiles, out, kh, kw, sh, sw, act, group, at):
+def conv_patches(x, wk, bias, tiles, out, kh, kw, sh, sw, act, group, ways, at):
     """Valid conv + bias + activation on an already padded and preprocessed input, by pixel
     groups: each task copies the receptive fields of `group` consecutive output pixels of the
     batch (across rows and images) into rows of K = kh*kw*CI floats (im2col) and runs one GEMM
     over them, PATCH_K_ROWS weight rows at a time. Where conv rows are shorter than a
     micro-kernel block (a 4x4 output: 4 pixels a call, each weight read for 4 pixels) the
-    blocks are full and a chunk of weights serves the whole group from L1. Every output is the
-    same in-order chain of fused multiply-adds as in `conv`, so the bits are the same.
+    blocks are full and a chunk of weights serves the whole group from L1. With `ways` > 1 a
+    group's output channels go in that many ranges of whole 16s, a task each (each copies the
+    group's fields and reads only its range's weights: for a batch with fewer groups than
+    threads). Every output is the same in-order chain of fused multiply-adds as in `conv`, so
+    the bits are the same.
     The (OH, OW) outputs go to out (N, Hb, Wb, CO) from row y0, column x0: at = (y0, x0, OH,
-    OW). tiles: (threads, >= group * (K + COp)) floats: the rows, then their sums."""
+    OW). tiles: (threads, >= group * (K + COp) + 16) floats: the rows, then their sums."""
     N, H, W, CI = x.shape
     K = kh * kw * CI
     COp = wk.size // K
@@ -196,29 +199,33 @@ def conv_patches(x, wk, bias, tiles, out, kh, kw, sh, sw, act, group, at):
     y0, x0, OH, OW = at
     total = N * OH * OW
     seg = kw * CI  # a kernel row's inputs, contiguous in NHWC
+    part = ((COp // 16 + ways - 1) // ways) * 16  # channels a range
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
     of = out.reshape(out.size)
-    for t in prange((total + group - 1) // group):
-        p0 = t * group
-        count = min(total, p0 + group) - p0
-        tile = tiles[numba.get_thread_id()]
-        sums = count * K
-        for i in range(count):
-            n, oy, ox = _pixel_place(p0 + i, OH, OW)
-            for ky in range(kh):
-                src = ((n * H + oy * sh + ky) * W + ox * sw) * CI
-                tile[i * K + ky * seg : i * K + (ky + 1) * seg] = xf[src : src + seg]
-        for k0 in range(0, K, PATCH_K_ROWS):
-            rows = min(K - k0, PATCH_K_ROWS)
-            _conv_row(
-                tile, k0, K, 0, 1, rows, wf, k0 * ldb, ldb, tile, sums, COp, count, COp,
-                1 if k0 > 0 else 0, 0, strip=strip,
-            )  # fmt: skip
-        for i in range(count):
-            n, oy, ox = _pixel_place(p0 + i, OH, OW)
-            o = ((n * Hb + y0 + oy) * Wb + x0 + ox) * CO
-            _store_row(tile, sums + i * COp, bias, of, o, 0, CO, act)
+    for t in prange((total + group - 1) // group * ways):
+        p0 = t // ways * group
+        c0 = t % ways * part
+        c1 = min(COp, c0 + part)
+        if c0 < c1:
+            count = min(total, p0 + group) - p0
+            tile = tiles[numba.get_thread_id()]
+            sums = (count * K + 15) // 16 * 16  # on a cache line, as the tile is
+            for i in range(count):
+                n, oy, ox = _pixel_place(p0 + i, OH, OW)
+                for ky in range(kh):
+                    src = ((n * H + oy * sh + ky) * W + ox * sw) * CI
+                    tile[i * K + ky * seg : i * K + (ky + 1) * seg] = xf[src : src + seg]
+            for k0 in range(0, K, PATCH_K_ROWS):
+                rows = min(K - k0, PATCH_K_ROWS)
+                _conv_row(
+                    tile, k0, K, 0, 1, rows, wf, k0 * ldb + c0 // 16 * strip, ldb, tile,
+                    sums + c0, COp, count, c1 - c0, 1 if k0 > 0 else 0, 0, strip=strip,
+                )  # fmt: skip
+            for i in range(count):
+                n, oy, ox = _pixel_place(p0 + i, OH, OW)
+                o = ((n * Hb + y0 + oy) * Wb + x0 + ox) * CO
+                _store_row(tile, sums + i * COp, bias, of, o, c0, min(c1, CO), act)
 
 
 @njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)

@@ -218,7 +218,7 @@ class DirectConv(Step):
     def tile_floats(self) -> int:
         cop = self.bias.size
         if self.patches:
-            return direct.PATCH_GROUP * (self.wk.size // cop + cop)
+            return direct.PATCH_GROUP * (self.wk.size // cop + cop) + 16
         if self.pool is None or self.tiles_2x2:
             return (4 if self.pool else 1) * self.shape[1] * cop
         ph, cols = self.pool[0], self.pool[7]
@@ -228,10 +228,17 @@ class DirectConv(Step):
         x = program.pad(self, x)
         args = (x, self.wk, self.bias, program.tiles, out, *self.window, *self.strides, self.act)
         narrow = int(self.narrow)
-        if self.patches:  # groups of pixels, at least one per thread
+        if self.patches:  # groups of pixels, at least one task per thread
             pixels = program.n * self.shape[0] * self.shape[1]
-            group = max(1, min(direct.PATCH_GROUP, -(-pixels // program.threads)))
-            program.add(direct.conv_patches, *args, group, program.at)
+            if pixels <= direct.PATCH_GROUP:
+                # one group, its channels in ranges: each thread then reads only its share of
+                # the weights, once for every pixel, instead of all of them for half the pixels
+                group = pixels
+                ways = splits(1, self.bias.size // 16, program.threads, per_thread=1)
+            else:
+                group = max(1, min(direct.PATCH_GROUP, -(-pixels // program.threads)))
+                ways = 1
+            program.add(direct.conv_patches, *args, group, ways, program.at)
             return out
         if self.pool is not None and not self.tiles_2x2:
             bands = pool_bands(program.n, self.shape[0], program.threads)
