@@ -55,6 +55,25 @@ def test_gemm_rows_match_float64_on_every_register_file(seed):
         np.testing.assert_array_equal(got, results[0], err_msg=f"{way} (vectors, strips)")
 
 
+def test_gemm_rows_of_one_to_five_inputs_take_each_input_once():
+    """The micro-kernels take a segment's inputs two a step, then the odd one out: with 1-5
+    inputs, in one call or in passes of 1-2 (an input skipped or taken twice would be far off
+    float64), every register file and layout alike."""
+    rng = np.random.default_rng(77)
+    for k in range(1, 6):
+        for count in (1, 4, 6, 13):
+            for passes in range(1, min(k, 3) + 1):
+                a = rng.standard_normal(count * k).astype(np.float32)
+                b = rng.standard_normal(k * 64).astype(np.float32)
+                expected = a.reshape(count, k).astype(np.float64) @ b.reshape(k, 64)
+                ways = [(v, strips) for v in REGISTER_FILES for strips in (False, True)]
+                results = [_row(a, b, count, 64, k, k, v, 0, s, passes) for v, s in ways]
+                for way, got in zip(ways, results):
+                    where = f"{way}, {k} inputs, {count} rows, {passes} passes"
+                    np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=where)
+                    np.testing.assert_array_equal(got, results[0], err_msg=where)
+
+
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_short_gemm_rows_take_several_vectors_on_every_layout(count):
     """Rows of 1-3 outputs on 16-128 columns, narrow or not: the several-vector blocks of short

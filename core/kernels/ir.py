@@ -17,11 +17,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
-def _close_loop(builder, counter, limit, phis, values, latch, header, exit_block) -> None:
-    """The back edge of a counted loop in LLVM IR: counter + 1 and `values` flow from block
-    `latch` into `header`'s phis (`phis`, matching `values` row by row); leave for `exit_block`
-    once the counter reaches `limit`."""
-    following = builder.add(counter, ir.Constant(counter.type, 1))
+def _close_loop(builder, counter, limit, phis, values, latch, header, exit_block, step=1) -> None:
+    """The back edge of a counted loop in LLVM IR: counter + `step` and `values` flow from
+    block `latch` into `header`'s phis (`phis`, matching `values` row by row); leave for
+    `exit_block` once the counter reaches `limit`."""
+    following = builder.add(counter, ir.Constant(counter.type, step))
     counter.add_incoming(following, latch)
     for phi_row, value_row in zip(phis, values):
         for phi, value in zip(phi_row, value_row):
@@ -161,12 +161,7 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, blocks: int = 1
         acc = merge([(acc_seg, outer)])
         half = step(a_seg, b_seg, k, acc)
         new = step(a_seg, b_seg, builder.add(k, ir.Constant(i64, 1)), half)
-        following = builder.add(k, ir.Constant(i64, 2))
-        k.add_incoming(following, pairs)
-        for phi_row, value_row in zip(acc, new):
-            for phi, value in zip(phi_row, value_row):
-                phi.add_incoming(value, pairs)
-        builder.cbranch(builder.icmp_signed("<", following, even), pairs, odd)
+        _close_loop(builder, k, even, acc, new, pairs, pairs, odd, step=2)
 
         builder.position_at_end(odd)
         mid = merge([(acc_seg, outer), (new, pairs)])
