@@ -133,6 +133,7 @@ class InferencePlan:
         tile = max(512, *(step.tile_floats() for step in self.steps))
         # rows of whole cache lines, so that every thread's scratch starts on one
         self._tiles = aligned.zeros((self.threads, -(-tile // 16) * 16))
+        self._turn = np.zeros(1, np.int64)  # runs so far (`Program.turn`)
         self._capacity = 0  # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
         self._padded: dict[int, np.ndarray] = {}
@@ -229,6 +230,7 @@ class InferencePlan:
         if fresh:
             program = self._programs[key] = self._program(n, preprocess, key[2])
         calls, result_shape, final = program
+        self._turn[0] += 1
         if self._flat_input and not preprocess:
             x = x.reshape(n, -1)  # a view: x is C-contiguous
         if result_shape is not None and result is None:
@@ -255,7 +257,12 @@ class InferencePlan:
         `INPUT` and `RESULT` stand for the call's input and its freshly allocated result."""
         bufs = self._buffers_for(n)
         program = Program(
-            n, threads, self._tiles, (self._row_scale, self._row_shift), self._identity
+            n,
+            threads,
+            self._tiles,
+            (self._row_scale, self._row_shift),
+            self._identity,
+            self._turn,
         )
         # one view per buffer: a step that wrote into the next one's is recognised by identity
         padded = {k: buf[:n] for k, buf in self._padded.items()}

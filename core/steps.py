@@ -53,8 +53,19 @@ class Padding:
 class Program:
     """The kernel calls of one batch size being assembled; steps call `add`."""
 
-    def __init__(self, n: int, threads: int, tiles: np.ndarray, affine: tuple, identity: tuple):
+    def __init__(
+        self,
+        n: int,
+        threads: int,
+        tiles: np.ndarray,
+        affine: tuple,
+        identity: tuple,
+        turn: np.ndarray,
+    ):
         self.n, self.threads, self.tiles = n, threads, tiles
+        # the run count's parity (one int64): kernels that stream weights alternate their
+        # order with it (`kernels.dense.dense`)
+        self.turn = turn
         self.calls: list[Call] = []
         self._affine, self._identity = affine, identity
         self.raw = False  # the current step applies the model's preprocessing

@@ -609,6 +609,77 @@ def test_dense_layers_on_random_shapes(seed):
     _check_dense_variants(doc, weights, x, batches, range(0, 300, 7))
 
 
+def _runs_on_both_turns(plan: InferencePlan, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`plan` on x with its run count made odd, then even (`InferencePlan._turn`: the dense and
+    Winograd kernels read their weight blocks from the last on odd runs); each run (each
+    chunk of a large batch) counts."""
+    results = []
+    for before in (0, 1):
+        plan._turn[0] = before
+        results.append(plan.run(x))
+        assert plan._turn[0] == before + -(-x.shape[0] // plan.chunk)
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        [("flatten",), ("dense", 1024, "relu"), ("dense", 300, "tanh"), ("dense", 7, "softmax")],
+        [
+            ("conv2d", 16, 3, 1),
+            ("conv2d", 32, 5, 2),
+            ("conv2d", 24, 5, 1),
+            ("flatten",),
+            ("dense", 5, "linear"),
+        ],
+    ],
+    ids=["dense", "conv"],
+)
+def test_weight_blocks_read_from_either_end_give_the_same_bits(layers):
+    """Odd and even runs (weight blocks from the last and from the first: whole and half
+    64-unit blocks, pairs of them for one row, strips of 16 units; Winograd products) give
+    bit-identical results, with every variant of every layer and at batch sizes that take
+    each path (one row, a row pair, 6-row calls and their remainders, several tasks), and
+    match the reference."""
+    built = []
+    for layer in layers:
+        if layer[0] == "dense":
+            built.append({"type": "dense", "units": layer[1], "activation": layer[2]})
+        elif layer[0] == "conv2d":
+            conv = {"type": "conv2d", "filters": layer[1], "kernel_size": layer[2]}
+            built.append({**conv, "strides": layer[3], "padding": "same", "activation": "relu"})
+        else:
+            built.append({"type": layer[0]})
+    shape = [300, 1, 1] if layers[0][0] == "flatten" else [12, 12, 3]
+    doc = {
+        "name": "turns",
+        "input": {"shape": shape, "scale": 1.0, "mean": [0.0] * shape[2], "std": [1.0] * shape[2]},
+        "labels": [str(i) for i in range(layers[-1][1])],
+        "layers": built,
+    }
+    weights = _weights(doc, len(layers))
+    arch = parse_architecture(doc)
+    x = np.random.default_rng(41).standard_normal((40, *arch.input_shape)).astype(np.float32)
+    indices = [i for i in default_plan_indices(arch) if len(_variants(arch, i)) > 1]
+    assert indices
+    most = max(len(_variants(arch, i)) for i in indices)
+    for k in range(most):
+        chosen = {i: _variants(arch, i)[min(k, len(_variants(arch, i)) - 1)] for i in indices}
+        plan = InferencePlan(arch, weights, chosen)
+        for n in (1, 2, 7, 13, 40):
+            odd, even = _runs_on_both_turns(plan, x[:n])
+            np.testing.assert_array_equal(odd, even, err_msg=f"{chosen}, batch {n}")
+            expected = ref.forward(doc, weights, x[:n])
+            np.testing.assert_allclose(odd, expected, atol=TOLERANCE, err_msg=f"{chosen}")
+
+
+def default_plan_indices(arch) -> list[int]:
+    """The layers that have a kernel plan entry."""
+    from convserve.core.inference import default_plan
+
+    return list(default_plan(arch))
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_pooling_kernel_on_random_windows(seed):
     """The separate pooling kernel (windows the conv kernels do not fuse), max and average, on

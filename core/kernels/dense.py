@@ -114,36 +114,38 @@ def _segmented_rows(xf, a_off, K, wf, tile, count, ldb, vectors=REGISTER_VECTORS
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act):
+def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse):
     """`_dense_block` on weights in blocks of 16 units (`strips`), all K inputs in one pass: per
     block, the rows go through it 4-6 a call (16 columns: AVX2's largest block that keeps its
     accumulators in registers), reading one contiguous stream of weights; one row takes four
     blocks a call and two rows two (`ir._mk1x4s`, `ir._mk2x2s`), for more chains in flight. On
     an AMD Zen 3 (AVX2), one thread's 252 rows x 784 inputs x 512 units ran at 94 GFLOP/s in
-    blocks of 16 and 78 in blocks of 64 (their 16-unit parts read 256 bytes apart)."""
-    c = c0
-    while c < c1:
-        if n == 1 and c + 64 <= c1:
+    blocks of 16 and 78 in blocks of 64 (their 16-unit parts read 256 bytes apart).
+    `reverse`: the same calls, last first (`dense`)."""
+    wide = 64 if n == 1 else (32 if n == 2 else 16)  # units of the calls before the 16s
+    firsts = (c1 - c0) // wide if wide > 16 else 0
+    calls = firsts + (c1 - c0 - firsts * wide + 15) // 16
+    for j in range(calls):
+        k = calls - 1 - j if reverse else j
+        c = c0 + k * wide if k < firsts else c0 + firsts * wide + (k - firsts) * 16
+        w = wide if k < firsts else 16
+        if w == 64:
             _mk1x4s(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, 0, 16 * K)
-            w = 64
-        elif n == 2 and c + 32 <= c1:
+        elif w == 32:
             _mk2x2s(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, 0, 16 * K)
-            w = 32
         else:
             # all K inputs in one pass, also for 7-12 rows (two calls a block): passes of 256
             # inputs, whose weights the second call would find in L1, took 1.02-1.11x the time
             # in wide_dense's and vgg_cifar's dense layers at 7-12 rows on two threads (Zen 3)
             _conv_row(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, n, 16)
-            w = 16
         last = min(c + w, U)
         for i in range(n):
             o = (r0 + i) * U + c
             _store_row(tile, i * 64, bias[c:], of, o, 0, last - c, 0 if act == 4 else act)
-        c += w
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
+def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, reverse):
     """`_dense_block` on rows r0..r1-1; with weights in strips of 16 units (`block` 16), in
     groups of rows whose inputs take at most ROW_BLOCK_BYTES (at least 12 rows, a multiple of
     SIX, as even as can be), each group through all units c0..c1-1 before the next: the group's
@@ -153,23 +155,25 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
     K = xf.size // out.shape[0]
     n = r1 - r0
     if block != 16:
-        _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block)
+        _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, reverse)
         return
     most = max(2 * SIX, ROW_BLOCK_BYTES // (4 * K) // SIX * SIX)
     groups = (n + most - 1) // most
     even = (n + groups - 1) // groups
     per = (even + SIX - 1) // SIX * SIX
     for q in range(r0, r1, per):
-        _dense_block(xf, wf, bias, tile, out, q, min(r1, q + per), c0, c1, act, k_pass, block)
+        q1 = min(r1, q + per)
+        _dense_block(xf, wf, bias, tile, out, q, q1, c0, c1, act, k_pass, block, reverse)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
+def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, reverse):
     """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
     out.shape[1] are computed on zero columns and dropped). Weights in blocks of 64 units: per
     block, per pass of `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as
     a pixel, SIX rows a call (the last 1-9 rows in one call or two; a single row over two blocks
-    a call). In blocks of 16 (`block`): `_strip_rows`. At most 16 units (Up = 16; the K rows
+    a call); with `reverse`, the same calls, the last block first (`dense`). In blocks of 16
+    (`block`): `_strip_rows`. At most 16 units (Up = 16; the K rows
     of U units back to back): `_segmented_rows`. Softmax (4) needs c0 = 0, c1 = Up and is left
     to the caller."""
     K = xf.size // out.shape[0]
@@ -195,22 +199,25 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
             _store_row(tile, i * 64, bias, of, (r0 + i) * U, 0, U, 0 if act == 4 else act)
         return
     if block == 16:
-        _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act)
+        _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse)
         return
-    c = c0
-    while c < c1:
-        w = min(64, Up - c)  # weight block of units c..c+w-1: K rows of w floats from wf[c*K]
-        if WIDE and n == 1 and c + 128 <= c1 and w == 64 and c + 128 <= Up:
-            # one row: two full blocks a call, eight chains of fused multiply-adds in flight
-            # instead of four, and two weight streams (on Zen 5, 784 x 1024 units: 19.7 us
-            # instead of 22.3; 400 x 128 on one thread: 1.60 instead of 2.47). Eight
-            # accumulators of 16 floats fill AVX2's whole register file: not there.
+    # one row: two full blocks a call, eight chains of fused multiply-adds in flight instead
+    # of four, and two weight streams (on Zen 5, 784 x 1024 units: 19.7 us instead of 22.3;
+    # 400 x 128 on one thread: 1.60 instead of 2.47). Eight accumulators of 16 floats fill
+    # AVX2's whole register file: not there.
+    pairs = (c1 - c0) // 128 if WIDE and n == 1 else 0
+    steps = pairs + (c1 - c0 - 128 * pairs + 63) // 64
+    for j in range(steps):
+        k = steps - 1 - j if reverse else j
+        if k < pairs:
+            c = c0 + 128 * k
             _mk1x8(xf, r0 * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K)
             _store_row(
                 tile, 0, bias[c:], of, r0 * U + c, 0, min(128, U - c), 0 if act == 4 else act
             )
-            c += 128
             continue
+        c = c0 + 128 * pairs + 64 * (k - pairs)
+        w = min(64, Up - c)  # weight block of units c..c+w-1: K rows of w floats from wf[c*K]
         for k0 in range(0, K, chunk):
             kc = min(chunk, K - k0)
             more = 1 if k0 > 0 else 0
@@ -228,13 +235,17 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block):
         for i in range(n):
             o = (r0 + i) * U + c
             _store_row(tile, i * 64, bias[c:], of, o, 0, last - c, 0 if act == 4 else act)
-        c += 64
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
-def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
+def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
     """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass; see
-    K_CHUNK). x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
+    K_CHUNK). On an odd `turn[0]` each task goes through its blocks of weights from the last
+    (the caller counts its runs there): the blocks it read last in the run before are the
+    likeliest still in cache. A layer's or a model's weights larger than the cache thrash it
+    when read in the same order every run, as a cyclic stream evicts each block just before
+    its next use; wide_dense's 5 MB of weights at one image on an Intel Xeon (2 MB L2 a core)
+    took 66 us a run in alternating order, 80 us in one order. x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
     last block narrower), each K rows of its units, contiguous, Up the units rounded up to 16
     (zero columns; at most 16 units: the K rows of U units back to back, 16 - U zeros after;
     `layers.dense.pack_dense`); bias: Up floats; out: (N, U). Tasks: (group of `rows` rows,
@@ -252,6 +263,7 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
     unit = 16 if block == 16 else 64
     width = (Up + unit - 1) // unit  # blocks
     groups = (N + rows - 1) // rows
+    reverse = turn[0] & 1
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
     for t in prange(groups * splits):
@@ -268,14 +280,16 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
             if first == 0 and hi >= (b + 1) * slots:  # whole blocks, as many as the run holds
                 end = hi // slots
                 c1 = min(Up, end * unit)
-                _dense_rows(xf, wf, bias, tile, out, r0, r1, b * unit, c1, act, k_pass, block)
+                c0 = b * unit
+                _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, reverse)
                 lo = end * slots
             else:  # some rows of block b
                 last = min(slots, hi - b * slots)
                 q0 = r0 + first * SIX
                 q1 = min(r1, r0 + last * SIX)
                 c1 = min(Up, b * unit + unit)
-                _dense_rows(xf, wf, bias, tile, out, q0, q1, b * unit, c1, act, k_pass, block)
+                c0 = b * unit
+                _dense_rows(xf, wf, bias, tile, out, q0, q1, c0, c1, act, k_pass, block, reverse)
                 lo = b * slots + last
         if act == 4:
             for i in range(r0, r1):
@@ -283,16 +297,17 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block):
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def dense_serial(x, wk, bias, tiles, out, act, k_pass, block):
+def dense_serial(x, wk, bias, tiles, out, act, k_pass, block, turn):
     """`dense` on the calling thread only, for layers too small to pay for a parallel region
     (the same micro-kernel calls, so the same results)."""
     N = x.shape[0]
+    reverse = turn[0] & 1
     Up = bias.size
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
     for r0 in range(0, N, MAX_TASK_ROWS):
         r1 = min(N, r0 + MAX_TASK_ROWS)
-        _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, 0, Up, act, k_pass, block)
+        _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, 0, Up, act, k_pass, block, reverse)
         if act == 4:
             for i in range(r0, r1):
                 _softmax_row(out[i])

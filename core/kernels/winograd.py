@@ -156,7 +156,7 @@ def _wino_output(
 
 
 @njit(parallel=True, error_model="numpy", cache=True, nogil=True)
-def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band, views):
+def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band, views, turn):
     """Stride-1 conv + bias + activation (+ 2x2/2 max pool when `pool`, average pool when also
     `average`) by Winograd's F(m x m, r x r): m = `size` (2 or 4), alpha = m + r - 1 from the
     products in `u` (16: F(2x2, 3x3); 36: F(2x2, 5x5), or F(4x4, 3x3) with size 4).
@@ -181,7 +181,11 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
     stride-2 conv over x's four 2x2 phases (`layers.conv2d.view_kernel`): each tile reads
     every other pixel of every other row, so x holds 2 * alpha x 2 * alpha pixels per tile,
     tiles 2m apart. (gh, gw, 3, 1): a stride-1 kernel of up to 3*gh x 3*gw in 3x3 blocks,
-    block (a, b) over x shifted by 3a rows and 3b columns (`layers.conv2d.split_views`)."""
+    block (a, b) over x shifted by 3a rows and 3b columns (`layers.conv2d.split_views`).
+
+    On an odd `turn[0]` the products go from the last (the caller counts its runs there), so
+    the product weights read last in the run before come first while they are likeliest
+    still in cache (`dense.dense`). Each product is its own GEMM: the same results."""
     N, Hp, Wp, C = x.shape
     CI = views[0] * views[1] * C
     down = views[3]  # input rows and columns a tile row and column steps over
@@ -210,6 +214,7 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
     msize = products * mstep
     usize = CI * COp
     row_out = Wb * CO
+    reverse = turn[0] & 1
     for t in prange(bands * splits):
         _, tb, c0, c1 = row_task(t, splits, bands, part, COp)
         if c0 < c1:
@@ -224,7 +229,8 @@ def conv_wino(x, u, bias, tiles, out, act, pool, average, splits, size, at, band
                 n, ty = (g0 + r) // TH, (g0 + r) % TH
                 base = (n * Hp + down * size * ty) * Wp * C
                 _wino_input(xf, base, Wp * C, C, TW, vf, alpha, size, r * TW, vstep, views)
-            for p in range(products):
+            for q in range(products):
+                p = products - 1 - q if reverse else q
                 _conv_row(
                     vf,
                     p * vstep,

@@ -329,6 +329,7 @@ class WinogradConv(Step):
             program.at,
             band,
             self.views,
+            program.turn,
         )
         return out
 

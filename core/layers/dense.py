@@ -67,11 +67,13 @@ class DenseStep(Step):
             program.add(
                 kdense.dense_serial,
                 *(x, self.wk, self.bias, tiles, out, self.act, self.k_pass, self.block),
+                program.turn,
             )
             return out
         program.add(
             kdense.dense,
             *(x, self.wk, self.bias, tiles, out, self.act, rows, ways, self.k_pass, self.block),
+            program.turn,
         )
         return out
 
