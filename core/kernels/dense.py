@@ -245,7 +245,8 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
     likeliest still in cache. A layer's or a model's weights larger than the cache thrash it
     when read in the same order every run, as a cyclic stream evicts each block just before
     its next use; wide_dense's 5 MB of weights at one image on an Intel Xeon (2 MB L2 a core)
-    took 66 us a run in alternating order, 80 us in one order. x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
+    took 66 us a run in alternating order, 80 us in one order.
+    x: (N, K) C-contiguous; wk: the weights in blocks of `block` (64 or 16) units (the
     last block narrower), each K rows of its units, contiguous, Up the units rounded up to 16
     (zero columns; at most 16 units: the K rows of U units back to back, 16 - U zeros after;
     `layers.dense.pack_dense`); bias: Up floats; out: (N, U). Tasks: (group of `rows` rows,
