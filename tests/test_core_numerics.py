@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from convserve.core import Model, ModelError
 from convserve.core.architecture import parse_architecture
-from convserve.core.inference import InferencePlan
+from convserve.core.inference import InferencePlan, default_plan
 from convserve.core.kernels import pool as kpool
 from convserve.core.kernels.dense import K_CHUNK
 from convserve.core.presets import PRESET_NAMES, preset
@@ -660,7 +660,7 @@ def test_weight_blocks_read_from_either_end_give_the_same_bits(layers):
     weights = _weights(doc, len(layers))
     arch = parse_architecture(doc)
     x = np.random.default_rng(41).standard_normal((40, *arch.input_shape)).astype(np.float32)
-    indices = [i for i in default_plan_indices(arch) if len(_variants(arch, i)) > 1]
+    indices = [i for i in default_plan(arch) if len(_variants(arch, i)) > 1]
     assert indices
     most = max(len(_variants(arch, i)) for i in indices)
     for k in range(most):
@@ -671,13 +671,6 @@ def test_weight_blocks_read_from_either_end_give_the_same_bits(layers):
             np.testing.assert_array_equal(odd, even, err_msg=f"{chosen}, batch {n}")
             expected = ref.forward(doc, weights, x[:n])
             np.testing.assert_allclose(odd, expected, atol=TOLERANCE, err_msg=f"{chosen}")
-
-
-def default_plan_indices(arch) -> list[int]:
-    """The layers that have a kernel plan entry."""
-    from convserve.core.inference import default_plan
-
-    return list(default_plan(arch))
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -1006,7 +999,6 @@ def test_every_array_the_kernels_read_or_write_starts_on_a_cache_line(name):
     buffers all start on a 64-byte line, with every layer's first, second, ... variant; the
     aligned copies give the reference's results."""
     from convserve.core.bench_models import bench_model
-    from convserve.core.inference import default_plan
 
     doc = bench_model(name)
     weights = _weights(doc, 3)
