@@ -20,10 +20,13 @@ Then the whole model is timed the same way with that choice, the default plan an
 fastest variant at the largest batch; the faster of the two plans built from the layers'
 timings is kept unless the default beats it by SWITCH_MARGIN (`whole_model_choice`: they won
 their layers' timings, so a disturbed whole-model round alone does not undo them).
+Last, a layer whose variant reads many weights is timed in the whole model against its variants
+with far fewer (`in_model_pass`): alone it had the caches to itself.
 The whole model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
 included; layers not reached by then keep their default (the layers timed, their choice; the
 whole-model comparison is then skipped), and such an incomplete plan is used but not written
-to disk (the next start, with the kernels compiled, tries again). Neither is a
+to disk (the next start, with the kernels compiled, tries again); out of time in the last pass,
+the plan is complete and cached, the layers not reached keeping their variant. Neither is a
 plan timed on a busy machine (median calls more than NOISE_LIMIT times the fastest).
 
 One variant per layer for every batch size: the variants do not round alike, so switching by
@@ -72,6 +75,10 @@ NOISE_LIMIT = 2.0  # a plan timed with calls this much slower in the median than
 # (a busy machine) is used but not cached
 FORMAT = 3  # of the cache files; part of the key
 WHOLE_MODEL = -1  # the timings' key of the whole model's candidate plans
+# The packed weights from which a layer's variant is timed in the model against variants that
+# read at most half as many (`in_model_pass`): about what stays in a core's L2 cache beside
+# the other layers' data (256 KB; Zen 3 has 512 KB of L2 a core, Zen 4 1 MB, this Xeon 2 MB).
+IN_MODEL_MIN_BYTES = 256 * 1024
 Rounds = dict[str, list[list[float]]]  # candidate -> per batch size, each round's fastest call
 CACHE_SUBDIR = "convserve-plans"
 
@@ -329,7 +336,7 @@ def measure_plan(
     weights: dict,
     seconds: float = PLAN_SECONDS,
     batches: tuple[int, ...] = timing_batches(BATCH_CHUNK),
-) -> tuple[Plan, dict[int, Rounds], float | None]:
+) -> tuple[Plan, dict[int | str, Rounds], float | None]:
     """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
     noise: the largest of `time_block`'s, None when out of time). Out of time, the layers
     timed keep their choice and the others their default variant (a slow or busy machine
@@ -344,7 +351,7 @@ def measure_plan(
     plan = dict(default)
     largest = dict(default)  # each layer's fastest variant at the largest batch
     deadline = time.perf_counter() + seconds
-    timings: dict[int, Rounds] = {}
+    timings: dict[int | str, Rounds] = {}
     noise = 1.0
     for block, variants in _choices(arch):
         measured = time_block(arch, block, weights, variants, deadline, batches)
@@ -359,16 +366,63 @@ def measure_plan(
     for name, candidate in (("default", default), ("largest batch", largest)):
         if candidate not in candidates.values():
             candidates[name] = candidate
-    if len(candidates) == 1:
-        return plan, timings, noise
-    runners = {name: InferencePlan(arch, weights, p) for name, p in candidates.items()}
-    measured = time_runners(runners, arch.input_shape, deadline, batches)
-    if measured is None:  # out of time: the layers' own timings decide
-        return plan, timings, None
-    whole, whole_noise = measured
-    timings[WHOLE_MODEL] = whole
-    chosen = whole_model_choice(tuple(candidates), whole)
-    return candidates[chosen], timings, max(noise, whole_noise)
+    if len(candidates) > 1:
+        runners = {name: InferencePlan(arch, weights, p) for name, p in candidates.items()}
+        measured = time_runners(runners, arch.input_shape, deadline, batches)
+        if measured is None:  # out of time: the layers' own timings decide
+            return plan, timings, None
+        whole, whole_noise = measured
+        timings[WHOLE_MODEL] = whole
+        plan = candidates[whole_model_choice(tuple(candidates), whole)]
+        noise = max(noise, whole_noise)
+    plan, pass_noise = in_model_pass(arch, weights, plan, timings, deadline, batches)
+    return plan, timings, max(noise, pass_noise)
+
+
+def in_model_pass(
+    arch: Architecture,
+    weights: dict,
+    plan: Plan,
+    timings: dict[int | str, Rounds],
+    deadline: float,
+    batches: tuple[int, ...],
+) -> tuple[Plan, float]:
+    """(plan, noise as in `time_block`): where a layer's variant reads IN_MODEL_MIN_BYTES of
+    weights or more and another variant at most half as many, the whole model timed with each
+    of those variants in `plan` (as `time_block` times a layer; the largest weights first),
+    the layer's variant kept unless another is faster by more than SWITCH_MARGIN (`pick`).
+    A layer timed alone has the caches to itself. In the model the other layers evict its
+    weights and it evicts theirs, which costs a variant with large weights most: on an Intel
+    Xeon (AVX-512, 2 MB of L2 a core) on a busy host, strided5's 5x5/2 layer of 32 -> 64
+    channels by F(4x4, 3x3) over the phases (1.18 MB of transformed weights, direct's 205 KB)
+    took 15.6 us alone and 35.9 in the model at one image, and the model took 1.65x the time
+    it took with the layer direct. Out of time, the layers not reached keep their variant.
+    Timings go under "in model <layer index>"."""
+    plan = dict(plan)
+    noise = 1.0
+    checks = []
+    for block, variants in _choices(arch):
+        index = block.layer.index
+        footprint = {v: _weight_bytes(arch, block, weights, v) for v in variants}
+        current = footprint[plan[index]]
+        smaller = tuple(v for v in variants if 2 * footprint[v] <= current)
+        if current >= IN_MODEL_MIN_BYTES and smaller:
+            checks.append((current, index, (plan[index], *smaller)))
+    for _, index, order in sorted(checks, reverse=True):
+        runners = {v: InferencePlan(arch, weights, {**plan, index: v}) for v in order}
+        measured = time_runners(runners, arch.input_shape, deadline, batches, index)
+        if measured is None:
+            break
+        timings[f"in model {index}"] = measured[0]
+        noise = max(noise, measured[1])
+        plan[index] = pick(order, measured[0])
+    return plan, noise
+
+
+def _weight_bytes(arch: Architecture, block: Block, weights: dict, variant: str) -> int:
+    """Bytes of packed weights `block` reads with `variant`."""
+    runner = _block_runner(arch, block, weights, variant)
+    return sum(step.weight_bytes() for step in runner.steps)
 
 
 def plan_for(
@@ -440,7 +494,7 @@ def _cached_or_timed(
                 "noise": noise,
                 "model": arch.name,
                 "plan": plan,
-                "seconds": timings,
+                "seconds": {str(key): rounds for key, rounds in timings.items()},
                 "batches": batches,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }

@@ -129,6 +129,11 @@ class Step:
             if isinstance(value, np.ndarray):
                 setattr(self, field.name, aligned.on_cache_line(value))
 
+    def weight_bytes(self) -> int:
+        """Bytes of the step's arrays (packed weights, bias): what it reads on every call."""
+        values = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return sum(value.nbytes for value in values if isinstance(value, np.ndarray))
+
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         """Append the calls that compute `out` from `x`; returns the step's output."""
         raise NotImplementedError

@@ -406,7 +406,7 @@ def test_a_plan_is_timed_cached_and_read_back(tmp_path, fresh_planner, monkeypat
     assert [f.name for f in files] == [f"{key}.json"]
     record = json.loads(files[0].read_text())
     assert {int(k): v for k, v in record["plan"].items()} == plan
-    timed = {int(k) for k in record["seconds"]} - {planner.WHOLE_MODEL}
+    timed = {int(k) for k in record["seconds"] if k.lstrip("-").isdigit()} - {planner.WHOLE_MODEL}
     # the four convs and the first dense layer (2304 inputs; the last, of 10 units, has a single
     # kernel)
     assert timed == {i for i, v in choices.items() if len(v) > 1} == {0, 1, 3, 4, 7}
@@ -618,6 +618,8 @@ def test_a_plan_is_dropped_only_if_the_whole_model_runs_clearly_slower(
         return timed
 
     monkeypatch.setattr(planner, "time_runners", time_runners)
+    # the pass in the model after it has its own test
+    monkeypatch.setattr(planner, "in_model_pass", lambda arch, weights, plan, *_: (plan, 1.0))
     plan, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=60)
     forced = {**default, **{b.layer.index: v[-1] for b, v in planner._choices(arch)}}
     assert forced != default and len(whole_calls) == 1
@@ -663,3 +665,53 @@ def test_the_default_directory_follows_numba_then_the_user_cache(monkeypatch, tm
     monkeypatch.delenv("NUMBA_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert plan_cache_dir() == tmp_path / "xdg" / CACHE_SUBDIR
+
+
+def test_the_pass_in_the_model_times_large_weights_against_smaller_ones(fresh_planner, monkeypatch):
+    """After the layers' own timings, a layer whose variant reads IN_MODEL_MIN_BYTES of weights
+    or more is timed in the whole model against its variants with at most half as many (the
+    largest weights first), each check changing only that layer; the smaller variant replaces
+    it only when the model runs faster by the margin."""
+    from convserve.core.bench_models import bench_model
+
+    planner = fresh_planner
+    doc = bench_model("strided5")  # 5x5/2 convs: 3 -> 32, 32 -> 64, 64 -> 128 channels
+    arch = parse_architecture(doc)
+    weights = random_weights(doc)
+    assert default_plan(arch) == {0: "direct", 1: "winograd4_phases", 2: "winograd4_phases"}
+    start = {0: "winograd4_phases", 1: "winograd4_phases", 2: "winograd4_phases"}
+    # F(4x4, 3x3) over the phases: 36 products of 4 x CI by CO channels, direct 25 x CI by CO
+    assert 4 * 36 * 128 * 64 >= planner.IN_MODEL_MIN_BYTES > 4 * 25 * 3 * 32
+    checks = []
+    faster = {1: "direct"}  # in the model, layer 1 runs faster direct; layer 2 does not
+
+    def time_runners(runners, shape, deadline, batches, seed=0):
+        (current, current_runner), *others = runners.items()
+        index = next(i for i in start if current_runner.plan[i] != others[0][1].plan[i])
+        for _, runner in others:  # only this layer differs
+            assert {i: v for i, v in runner.plan.items() if i != index} == {
+                i: v for i, v in current_runner.plan.items() if i != index
+            }
+        checks.append((index, tuple(runners)))
+        fake = {v: _rounds([2e-3] * len(batches)) for v in runners}
+        if faster.get(index) in fake:
+            fake[faster[index]] = _rounds([1.9e-3] * len(batches))  # 5 %: past the margin
+        return fake, 1.2
+
+    monkeypatch.setattr(planner, "time_runners", time_runners)
+    timings = {}
+    plan, noise = planner.in_model_pass(arch, weights, start, timings, 1e18, (1, 8, 32))
+    # layer 2's 4.7 MB first, then layer 1's 1.2 MB; layer 0's 55 KB is not checked (direct's
+    # 9.6 KB would be fewer than half)
+    assert [index for index, _ in checks] == [2, 1]
+    assert checks[0][1][0] == "winograd4_phases" and "direct" in checks[0][1]
+    assert checks[1][1] == ("winograd4_phases", "direct")
+    assert plan == {**start, 1: "direct"} and noise == 1.2
+    assert set(timings) == {"in model 1", "in model 2"}
+    # a plan already on the smaller variants has nothing to check; out of time, nothing changes
+    checks.clear()
+    small = {0: "direct", 1: "direct", 2: "direct"}
+    assert planner.in_model_pass(arch, weights, small, {}, 1e18, (1,)) == (small, 1.0)
+    assert checks == []
+    monkeypatch.undo()
+    assert planner.in_model_pass(arch, weights, start, {}, 0.0, (1,)) == (start, 1.0)
