@@ -686,7 +686,7 @@ def test_the_pass_in_the_model_times_large_weights_against_smaller_ones(fresh_pl
     faster = {1: "direct"}  # in the model, layer 1 runs faster direct; layer 2 does not
 
     def time_runners(runners, shape, deadline, batches, seed=0):
-        (current, current_runner), *others = runners.items()
+        (_, current_runner), *others = runners.items()
         index = next(i for i in start if current_runner.plan[i] != others[0][1].plan[i])
         for _, runner in others:  # only this layer differs
             assert {i: v for i, v in runner.plan.items() if i != index} == {
