@@ -72,18 +72,22 @@ class Model:
         winograd: bool = True,
         plan: bool = True,
         plan_cache: str | os.PathLike | None = None,
+        parallel_min_batch: int = 0,
     ):
         """`limits` (default `Limits()`) bound the sizes the model may need when run on batches
         of up to `batch_size` images; checked before any buffer is allocated. `winograd=False`
         runs 3x3 convolutions on the direct kernels (for comparison; no planning then).
         `plan`: `warmup` times the kernel variants of every layer that has a choice and keeps
         the fastest (`core/planner.py`; cached in `plan_cache`, default
-        `planner.plan_cache_dir()`); False keeps the built-in heuristic choice."""
+        `planner.plan_cache_dir()`); False keeps the built-in heuristic choice.
+        `parallel_min_batch`: batches below it will run on one numba thread (a server's thread
+        policy, `threads.threads_by_batch`), so the planner times them that way."""
         self.architecture: Architecture = parse_architecture(architecture)
         check_limits(self.architecture, limits, batch_size)
         self.weights: dict[str, np.ndarray] = check_weights(self.architecture, weights)
         self._planning = plan and winograd
         self._plan_cache = plan_cache
+        self._parallel_min_batch = parallel_min_batch
         self._batch_size = batch_size
         self._plan = InferencePlan(
             self.architecture, self.weights, default_plan(self.architecture, winograd)
@@ -96,6 +100,7 @@ class Model:
         twin.architecture, twin.weights = self.architecture, self.weights
         twin._planning, twin._plan_cache = self._planning, self._plan_cache
         twin._batch_size = self._batch_size
+        twin._parallel_min_batch = self._parallel_min_batch
         twin._plan = InferencePlan(self.architecture, self.weights, self._plan.plan)
         return twin
 
@@ -212,6 +217,7 @@ class Model:
                 self._plan_cache,
                 largest_batch=largest,
                 chunk=self._plan.chunk,
+                parallel_min_batch=self._parallel_min_batch,
             )
             if chosen != self._plan.plan:
                 self._plan = InferencePlan(self.architecture, self.weights, chosen)

@@ -152,10 +152,14 @@ def timing_batches(largest: int, chunk: int = BATCH_CHUNK) -> tuple[int, ...]:
     return tuple(sorted({1, min(8, top), top}))
 
 
-def plan_key(arch: Architecture, batches: tuple[int, ...] = (1,)) -> str:
-    """The cache key of a model's plan timed at `batches` on this machine with this code."""
+def plan_key(
+    arch: Architecture, batches: tuple[int, ...] = (1,), parallel_min_batch: int = 0
+) -> str:
+    """The cache key of a model's plan timed at `batches` (those below `parallel_min_batch` on
+    one thread) on this machine with this code."""
     shapes = [_block_shape(block) for block, _ in _choices(arch)]
-    text = json.dumps([FORMAT, cpu_identity(), code_stamp(), shapes, batches])
+    single = [n for n in batches if n < parallel_min_batch]  # the batches timed on one thread
+    text = json.dumps([FORMAT, cpu_identity(), code_stamp(), shapes, batches, single])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -234,13 +238,18 @@ def time_block(
     variants: tuple[str, ...],
     deadline: float,
     batches: tuple[int, ...],
+    parallel_min_batch: int = 0,
 ) -> tuple[Rounds, float] | None:
     """({variant: [each round's fastest call in seconds, at each of `batches`]}, noise), or
     None when the deadline passes first. Noise: the largest ratio of a variant's median call to
-    its fastest (about 1 on a quiet machine)."""
+    its fastest (about 1 on a quiet machine). Batches below `parallel_min_batch` run on one
+    numba thread, as a server runs them (`threads.threads_by_batch`)."""
     runners = {v: _block_runner(arch, block, weights, v) for v in variants}
     shape = next(iter(runners.values())).architecture.input_shape
-    return time_runners(runners, shape, deadline, batches, block.layer.index)
+    index = block.layer.index
+    return time_runners(
+        runners, shape, deadline, batches, index, parallel_min_batch=parallel_min_batch
+    )
 
 
 def time_runners(
@@ -249,12 +258,35 @@ def time_runners(
     deadline: float,
     batches: tuple[int, ...],
     seed: int = 0,
+    parallel_min_batch: int = 0,
 ) -> tuple[Rounds, float] | None:
     """`time_block` for any set of plans with one input shape."""
+    threads = numba.get_num_threads()
+    try:
+        return _time_rounds(runners, input_shape, deadline, batches, seed, parallel_min_batch)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _time_rounds(
+    runners: dict[str, InferencePlan],
+    input_shape: tuple[int, ...],
+    deadline: float,
+    batches: tuple[int, ...],
+    seed: int,
+    parallel_min_batch: int,
+) -> tuple[Rounds, float] | None:
+    """`time_runners` (which restores the thread count this changes)."""
     rng = np.random.default_rng(seed)
     rounds: Rounds = {v: [] for v in runners}
     noise = 1.0
+    threads = numba.get_num_threads()
     for n in batches:
+        # one thread below parallel_min_batch. With numba's threads sleeping between parallel
+        # regions (`GOMP_SPINCOUNT=1000`, as `convserve serve` sets it), each call's wake-up on
+        # a busy host put the median call of fashion_mnist's layers at 4-15x the fastest on two
+        # threads at 1 and 8 images, where the server runs one
+        numba.set_num_threads(1 if n < parallel_min_batch else threads)
         x = rng.standard_normal((n, *input_shape)).astype(np.float32)
         samples: dict[str, list[float]] = {v: [] for v in runners}
         fastest: dict[str, list[float]] = {v: [] for v in runners}  # each round's fastest call
@@ -336,6 +368,7 @@ def measure_plan(
     weights: dict,
     seconds: float = PLAN_SECONDS,
     batches: tuple[int, ...] = timing_batches(BATCH_CHUNK),
+    parallel_min_batch: int = 0,
 ) -> tuple[Plan, dict[int | str, Rounds], float | None]:
     """Time every layer's variants at `batches` within `seconds`: (plan, timings per layer,
     noise: the largest of `time_block`'s, None when out of time). Out of time, the layers
@@ -346,7 +379,8 @@ def measure_plan(
     choice, the default plan and each layer's fastest variant at the largest batch, and the
     fastest of these is kept (`whole_model_choice`): a layer timed alone pays its own padding
     copy, which in the model the conv before it may save, and a layer whose variants nearly tie
-    is chosen by noise. Last, `in_model_pass` with the time left."""
+    is chosen by noise. Last, `in_model_pass` with the time left. Batches below
+    `parallel_min_batch` run on one thread (`time_block`)."""
     default = default_plan(arch)
     plan = dict(default)
     largest = dict(default)  # each layer's fastest variant at the largest batch
@@ -354,7 +388,7 @@ def measure_plan(
     timings: dict[int | str, Rounds] = {}
     noise = 1.0
     for block, variants in _choices(arch):
-        measured = time_block(arch, block, weights, variants, deadline, batches)
+        measured = time_block(arch, block, weights, variants, deadline, batches, parallel_min_batch)
         if measured is None:
             return plan, timings, None
         timings[block.layer.index], layer_noise = measured
@@ -368,14 +402,18 @@ def measure_plan(
             candidates[name] = candidate
     if len(candidates) > 1:
         runners = {name: InferencePlan(arch, weights, p) for name, p in candidates.items()}
-        measured = time_runners(runners, arch.input_shape, deadline, batches)
+        measured = time_runners(
+            runners, arch.input_shape, deadline, batches, parallel_min_batch=parallel_min_batch
+        )
         if measured is None:  # out of time: the layers' own timings decide
             return plan, timings, None
         whole, whole_noise = measured
         timings[WHOLE_MODEL] = whole
         plan = candidates[whole_model_choice(tuple(candidates), whole)]
         noise = max(noise, whole_noise)
-    plan, pass_noise = in_model_pass(arch, weights, plan, timings, deadline, batches)
+    plan, pass_noise = in_model_pass(
+        arch, weights, plan, timings, deadline, batches, parallel_min_batch
+    )
     return plan, timings, max(noise, pass_noise)
 
 
@@ -386,6 +424,7 @@ def in_model_pass(
     timings: dict[int | str, Rounds],
     deadline: float,
     batches: tuple[int, ...],
+    parallel_min_batch: int = 0,
 ) -> tuple[Plan, float]:
     """(plan, noise as in `time_block`): where a layer's variant reads IN_MODEL_MIN_BYTES of
     weights or more and another variant at most half as many, the whole model timed with each
@@ -412,7 +451,14 @@ def in_model_pass(
             checks.append((current, index, (plan[index], *smaller)))
     for _, index, order in sorted(checks, reverse=True):
         runners = {v: InferencePlan(arch, weights, {**plan, index: v}) for v in order}
-        measured = time_runners(runners, arch.input_shape, deadline, batches, index)
+        measured = time_runners(
+            runners,
+            arch.input_shape,
+            deadline,
+            batches,
+            index,
+            parallel_min_batch=parallel_min_batch,
+        )
         if measured is None:
             break
         timings[f"in model {index}"] = measured[0]
@@ -434,21 +480,25 @@ def plan_for(
     seconds: float | None = None,
     largest_batch: int = BATCH_CHUNK,
     chunk: int = BATCH_CHUNK,
+    parallel_min_batch: int = 0,
 ) -> Plan:
     """The timed plan for `arch`, run on batches of up to `largest_batch` images in chunks of
-    `chunk` (`InferencePlan.chunk`), on this machine: from this process's memo, the disk cache
-    in `plan_cache_dir(cache_dir)`, or by timing (then cached when complete)."""
+    `chunk` (`InferencePlan.chunk`), those below `parallel_min_batch` on one thread, on this
+    machine: from this process's memo, the disk cache in `plan_cache_dir(cache_dir)`, or by
+    timing (then cached when complete)."""
     if not _choices(arch):
         return default_plan(arch)
     seconds = PLAN_SECONDS if seconds is None else seconds
     batches = timing_batches(largest_batch, chunk)
-    key = plan_key(arch, batches)
+    key = plan_key(arch, batches, parallel_min_batch)
     with _memo_lock:  # one model planned at a time: concurrent timings would disturb each other
         if key in _memo:
             return dict(_memo[key])
         directory = plan_cache_dir(cache_dir)
         with _directory_lock(directory):  # other processes (server workers) wait, then read
-            plan = _cached_or_timed(arch, weights, directory, key, seconds, batches)
+            plan = _cached_or_timed(
+                arch, weights, directory, key, seconds, batches, parallel_min_batch
+            )
         _memo[key] = plan
         return dict(plan)
 
@@ -478,11 +528,12 @@ def _cached_or_timed(
     key: str,
     seconds: float,
     batches: tuple[int, ...],
+    parallel_min_batch: int,
 ) -> Plan:
     plan = read_cached(directory, key, arch)
     if plan is None:
         start = time.perf_counter()
-        plan, timings, noise = measure_plan(arch, weights, seconds, batches)
+        plan, timings, noise = measure_plan(arch, weights, seconds, batches, parallel_min_batch)
         took = time.perf_counter() - start
         if noise is None:
             note = " (out of time: the rest keeps the defaults; not cached)"

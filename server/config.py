@@ -153,7 +153,8 @@ OPTIONS: tuple[Option, ...] = (
         _pos_int,
         16,
         "batches smaller than this run on one Numba thread, larger ones on all (small batches gain "
-        "little from threads and leave a core to the gRPC event loop)",
+        "little from threads and leave a core to the gRPC event loop); the kernel planner times "
+        "them the same way",
         "N",
     ),
     Option(

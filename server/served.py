@@ -179,6 +179,7 @@ class VersionFactory:
             max(settings.max_batch_size, *warmup),
             plan=self.config.plan_kernels,
             plan_cache=self.config.plan_cache_dir,
+            parallel_min_batch=self.config.parallel_min_batch,
         )
         t1 = time.perf_counter()
         # every instance after the first is a copy with its own buffers, warmed the same way

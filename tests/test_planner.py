@@ -533,7 +533,7 @@ def test_out_of_time_midway_keeps_the_layers_timed(tmp_path, fresh_planner, monk
     real_time_block = planner.time_block
     real_choices = planner._choices
 
-    def first_layer_only(arch_, block, weights_, variants, deadline, batches):
+    def first_layer_only(arch_, block, weights_, variants, deadline, batches, *_):
         if block.layer.index != first:
             return None
         rounds, noise = real_time_block(arch_, block, weights_, variants, 1e300, batches)
@@ -551,8 +551,8 @@ def test_out_of_time_midway_keeps_the_layers_timed(tmp_path, fresh_planner, monk
 
     real_time_runners = planner.time_runners  # `first_layer_only` stays in place
 
-    def layers_only(*args):  # the layers' rounds (which pass a layer index), not the model's
-        return real_time_runners(*args) if len(args) > 4 else None
+    def layers_only(*args, **kwargs):  # the layers' rounds (which pass a layer index), not the
+        return real_time_runners(*args, **kwargs) if len(args) > 4 else None  # model's
 
     monkeypatch.setattr(planner, "time_runners", layers_only)
     monkeypatch.setattr(planner, "_choices", lambda arch_: real_choices(arch_)[:1])
@@ -685,7 +685,7 @@ def test_the_pass_in_the_model_times_large_weights_against_smaller_ones(fresh_pl
     checks = []
     faster = {1: "direct"}  # in the model, layer 1 runs faster direct; layer 2 does not
 
-    def time_runners(runners, shape, deadline, batches, seed=0):
+    def time_runners(runners, shape, deadline, batches, *_, **__):
         (_, current_runner), *others = runners.items()
         index = next(i for i in start if current_runner.plan[i] != others[0][1].plan[i])
         for _, runner in others:  # only this layer differs
@@ -715,3 +715,43 @@ def test_the_pass_in_the_model_times_large_weights_against_smaller_ones(fresh_pl
     assert checks == []
     monkeypatch.undo()
     assert planner.in_model_pass(arch, weights, start, {}, 0.0, (1,)) == (start, 1.0)
+
+
+def test_batches_below_parallel_min_batch_are_timed_on_one_thread(fresh_planner, monkeypatch):
+    """A server runs batches below --parallel-min-batch on one numba thread
+    (`threads.threads_by_batch`): the planner times them so, restores the thread count after,
+    also out of time, and keys the plan on that policy; `Model` passes it on."""
+    import numba
+
+    planner = fresh_planner
+    most = numba.get_num_threads()
+    seen: list[tuple[int, int]] = []
+
+    class Runner:
+        def run(self, x):
+            seen.append((x.shape[0], numba.get_num_threads()))
+
+    timed = planner.time_runners({"a": Runner(), "b": Runner()}, (2, 2, 1), 1e18, (1, 8, 32), 0, 16)
+    assert timed is not None
+    assert {n: t for n, t in seen} == {1: 1, 8: 1, 32: most}
+    assert numba.get_num_threads() == most
+    seen.clear()
+    assert planner.time_runners({"a": Runner()}, (2, 2, 1), 0.0, (1, 32), 0, 16) is None
+    assert numba.get_num_threads() == most
+
+    doc = preset("cifar10")
+    arch = parse_architecture(doc)
+    key = {m: planner.plan_key(arch, (1, 8, 32), m) for m in (0, 1, 2, 8, 9, 16, 32, 33)}
+    # the key follows which of the timed batches run on one thread
+    assert key[0] == key[1] and key[2] == key[8] and key[9] == key[16] == key[32]
+    assert len({key[0], key[2], key[9], key[33]}) == 4
+    asked = {}
+
+    def plan_for(arch, weights, cache_dir=None, **options):
+        asked.update(options)
+        return default_plan(arch)
+
+    monkeypatch.setattr(planner, "plan_for", plan_for)
+    model = Model(doc, random_weights(doc), parallel_min_batch=16)
+    model.replica().warmup((1,))
+    assert asked["parallel_min_batch"] == 16
