@@ -64,6 +64,7 @@ from convserve.core.inference import BATCH_CHUNK, InferencePlan, Plan, default_p
 from convserve.core.kernels import cache_stamp
 from convserve.core.layers.flatten import Flatten
 from convserve.core.layers.fusion import Block, blocks
+from convserve.core.threads import one_thread
 
 log = logging.getLogger("convserve.planner")
 
@@ -158,7 +159,7 @@ def plan_key(
     """The cache key of a model's plan timed at `batches` (those below `parallel_min_batch` on
     one thread) on this machine with this code."""
     shapes = [_block_shape(block) for block, _ in _choices(arch)]
-    single = [n for n in batches if n < parallel_min_batch]  # the batches timed on one thread
+    single = [n for n in batches if one_thread(n, parallel_min_batch)]  # timed on one thread
     text = json.dumps([FORMAT, cpu_identity(), code_stamp(), shapes, batches, single])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -263,7 +264,9 @@ def time_runners(
     """`time_block` for any set of plans with one input shape."""
     threads = numba.get_num_threads()
     try:
-        return _time_rounds(runners, input_shape, deadline, batches, seed, parallel_min_batch)
+        return _time_rounds(
+            runners, input_shape, deadline, batches, seed, parallel_min_batch, threads
+        )
     finally:
         numba.set_num_threads(threads)
 
@@ -275,18 +278,19 @@ def _time_rounds(
     batches: tuple[int, ...],
     seed: int,
     parallel_min_batch: int,
+    threads: int,
 ) -> tuple[Rounds, float] | None:
-    """`time_runners` (which restores the thread count this changes)."""
+    """`time_runners` on `threads` numba threads (one below `parallel_min_batch`); the caller
+    restores the thread count."""
     rng = np.random.default_rng(seed)
     rounds: Rounds = {v: [] for v in runners}
     noise = 1.0
-    threads = numba.get_num_threads()
     for n in batches:
         # one thread below parallel_min_batch. With numba's threads sleeping between parallel
         # regions (`GOMP_SPINCOUNT=1000`, as `convserve serve` sets it), each call's wake-up on
         # a busy host put the median call of fashion_mnist's layers at 4-15x the fastest on two
         # threads at 1 and 8 images, where the server runs one
-        numba.set_num_threads(1 if n < parallel_min_batch else threads)
+        numba.set_num_threads(1 if one_thread(n, parallel_min_batch) else threads)
         x = rng.standard_normal((n, *input_shape)).astype(np.float32)
         samples: dict[str, list[float]] = {v: [] for v in runners}
         fastest: dict[str, list[float]] = {v: [] for v in runners}  # each round's fastest call
@@ -444,10 +448,12 @@ def in_model_pass(
     checks = []
     for block, variants in _choices(arch):
         index = block.layer.index
-        footprint = {v: _weight_bytes(arch, block, weights, v) for v in variants}
-        current = footprint[plan[index]]
-        smaller = tuple(v for v in variants if 2 * footprint[v] <= current)
-        if current >= IN_MODEL_MIN_BYTES and smaller:
+        current = _weight_bytes(arch, block, weights, plan[index])
+        if current < IN_MODEL_MIN_BYTES:  # (packing the other variants costs milliseconds)
+            continue
+        others = (v for v in variants if v != plan[index])
+        smaller = tuple(v for v in others if 2 * _weight_bytes(arch, block, weights, v) <= current)
+        if smaller:
             checks.append((current, index, (plan[index], *smaller)))
     for _, index, order in sorted(checks, reverse=True):
         runners = {v: InferencePlan(arch, weights, {**plan, index: v}) for v in order}

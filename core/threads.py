@@ -29,6 +29,12 @@ def splits(tasks: int, groups: int, threads: int, per_thread: int = 4) -> int:
     return ways
 
 
+def one_thread(batch: int, parallel_min_batch: int) -> bool:
+    """Whether a batch of `batch` images runs on one numba thread under --parallel-min-batch
+    (`threads_by_batch`; the planner times such batches the same way)."""
+    return batch < parallel_min_batch
+
+
 def thread_count_reader() -> Callable[[], int]:
     """A function returning numba's thread count for the calling thread: numba's own ctypes
     reader once the threading layer runs (`numba.get_num_threads` takes a lock and costs
@@ -66,7 +72,7 @@ def threads_by_batch(
     state = {"threads": most}
 
     def run(x):
-        if x.shape[0] < parallel_min_batch:
+        if one_thread(x.shape[0], parallel_min_batch):
             want = 1
         else:
             want = most if share == most or (alone is not None and alone()) else share
