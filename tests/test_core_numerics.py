@@ -571,6 +571,30 @@ def test_wide_dense_layers(inputs):
     _check_dense_variants(doc, weights, x, (1, 8, 33, 45), (0, 31, 32, 44))
 
 
+@pytest.mark.parametrize("units", [64, 80, 96, 112, 176, 300])
+def test_dense_strips_in_groups_pairs_and_single_strips(units):
+    """Weights in strips of 16 units: with AVX-512, 3-8 rows go over pairs of strips in one
+    call and more rows over groups of four strips 4-6 rows a call, the strips left over as a
+    pair and a single strip (`kdense._strip_groups`; the units here leave 0-3 strips over).
+    At 1-20 rows and at 70 (tasks split between threads), on both turns (groups from either
+    end): the reference, the same bits as blocks of 64 units, and every row as alone."""
+    doc = _two_dense_layers(150, (units, "relu"), (9, "softmax"))
+    weights = _weights(doc, units)
+    x = np.random.default_rng(units).standard_normal((70, 150, 1, 1)).astype(np.float32)
+    plans = _dense_plans(doc, weights)
+    for n in (*range(1, 21), 70):
+        expected = ref.forward(doc, weights, x[:n])
+        runs = {v: _runs_on_both_turns(plan, x[:n]) for v, plan in plans.items()}
+        for variant, (odd, even) in runs.items():
+            where = f"{variant}, {units} units, batch {n}"
+            np.testing.assert_allclose(odd, expected, atol=TOLERANCE, err_msg=where)
+            np.testing.assert_array_equal(odd, even, err_msg=where)
+            np.testing.assert_array_equal(odd, runs["one_pass"][0], err_msg=where)
+    whole = plans["strips"].run(x)
+    for i in (0, 3, 7, 8, 69):
+        np.testing.assert_array_equal(plans["strips"].run(x[i : i + 1])[0], whole[i])
+
+
 @pytest.mark.parametrize("inputs", [1024, 3072])
 def test_dense_rows_4_kb_apart_go_in_one_pass_over_many_rows(inputs):
     """Inputs a multiple of 1,024 (rows 4 KB apart): `passes` takes tasks of more than

@@ -13,6 +13,15 @@ from convserve.core.kernels.ir import (
     _mk1x4s,
     _mk1x8,
     _mk2x2s,
+    _mk3x2s,
+    _mk4x2s,
+    _mk4x4s,
+    _mk5x2s,
+    _mk5x4s,
+    _mk6x2s,
+    _mk6x4s,
+    _mk7x2s,
+    _mk8x2s,
     _mks1,
     _mks2,
     _mks3,
@@ -114,6 +123,74 @@ def _segmented_rows(xf, a_off, K, wf, tile, count, ldb, vectors=REGISTER_VECTORS
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _strips_call(R, nv, xf, a, K, wf, b, tile, t):
+    """One micro-kernel call of R rows (K inputs apart, from xf[a]) x nv strips of 16 units
+    (2: R = 3-8; 4: R = 4-6) over K inputs, the strips' rows from wf[b], 16 floats apart and
+    each strip 16*K floats after the one before; the sums at tile[t + i*64]."""
+    s = 16 * K
+    if nv == 4:
+        if R == 6:
+            _mk6x4s(xf, a, K, 0, 1, K, wf, b, 16, tile, t, 64, 0, s)
+        elif R == 5:
+            _mk5x4s(xf, a, K, 0, 1, K, wf, b, 16, tile, t, 64, 0, s)
+        else:
+            _mk4x4s(xf, a, K, 0, 1, K, wf, b, 16, tile, t, 64, 0, s)
+    elif R == 8:
+        _mk8x2s(xf, a, K, 0, 1, K, wf, b, 16, tile, t, 64, 0, s)
+    elif R == 7:
+        _mk7x2s(xf, a, K, 0, 1, K, wf, b, 16, tile, t, 64, 0, s)
+    elif R == 6:
+        _mk6x2s(xf, a, K, 0, 1, K, wf, b, 16, tile, t, 64, 0, s)
+    elif R == 5:
+        _mk5x2s(xf, a, K, 0, 1, K, wf, b, 16, tile, t, 64, 0, s)
+    elif R == 4:
+        _mk4x2s(xf, a, K, 0, 1, K, wf, b, 16, tile, t, 64, 0, s)
+    else:
+        _mk3x2s(xf, a, K, 0, 1, K, wf, b, 16, tile, t, 64, 0, s)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _strip_groups(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse):
+    """`_strip_rows` for 3 rows or more with AVX-512's 32 registers, all K inputs in one pass.
+    Up to 8 rows: all of them in one call per pair of strips (16 accumulators), so each weight
+    is read once a run. In blocks of 64 units, 7-8 rows take two calls a block, and the second
+    finds the weights in cache only after the first has streamed them in: on an Intel Xeon,
+    784 x 1,024 units at 8 rows on one thread, weights from L3, took 119 us in pairs of strips
+    (114 us at one row) against 172 us in blocks of 64 (in passes; 166 us with the second call
+    prefetching the next pass). More rows: four strips 4-6 rows a call (24 accumulators), as
+    fast as blocks of 64 in one pass (passes of K_CHUNK inputs took 1.06-1.08x the time of one
+    pass at 256 rows in wide_dense and the tanh MLP, two threads); the 2-3 strips left go as a
+    pair and a single strip."""
+    few = n <= 8
+    wide = 2 if few else 4  # strips per group
+    strips = (c1 - c0 + 15) // 16
+    fulls = strips // wide
+    pair = 1 if strips - fulls * wide >= 2 else 0
+    single = (strips - fulls * wide - 2 * pair) & 1
+    groups = fulls + pair + single
+    hi = 8 if few else 6
+    for j in range(groups):
+        g = groups - 1 - j if reverse else j
+        nv = wide if g < fulls else (2 if g < fulls + pair else 1)
+        c = c0 + 16 * (wide * min(g, fulls) + (2 if g > fulls and pair else 0))
+        if nv == 1:
+            _conv_row(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, n, 16)
+        else:
+            top = 8 if nv == 2 else hi
+            calls = (n + top - 1) // top
+            i = 0
+            while i < n:  # the fewest calls, as even as can be
+                R = (n - i + calls - 1) // calls
+                calls -= 1
+                _strips_call(R, nv, xf, (r0 + i) * K, K, wf, c * K, tile, i * 64)
+                i += R
+        last = min(c + 16 * nv, U)
+        for i in range(n):
+            o = (r0 + i) * U + c
+            _store_row(tile, i * 64, bias[c:], of, o, 0, last - c, 0 if act == 4 else act)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse):
     """`_dense_block` on weights in blocks of 16 units (`strips`), all K inputs in one pass: per
     block, the rows go through it 4-6 a call (16 columns: AVX2's largest block that keeps its
@@ -121,7 +198,11 @@ def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse):
     blocks a call and two rows two (`ir._mk1x4s`, `ir._mk2x2s`), for more chains in flight. On
     an AMD Zen 3 (AVX2), one thread's 252 rows x 784 inputs x 512 units ran at 94 GFLOP/s in
     blocks of 16 and 78 in blocks of 64 (their 16-unit parts read 256 bytes apart).
-    `reverse`: the same calls, last first (`dense`)."""
+    `reverse`: the same calls, last first (`dense`). With AVX-512, 3 rows or more:
+    `_strip_groups`."""
+    if WIDE and n >= 3:
+        _strip_groups(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse)
+        return
     wide = 64 if n == 1 else (32 if n == 2 else 16)  # units of the calls before the 16s
     firsts = (c1 - c0) // wide if wide > 16 else 0
     calls = firsts + (c1 - c0 - firsts * wide + 15) // 16
@@ -151,10 +232,11 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, rev
     SIX, as even as can be), each group through all units c0..c1-1 before the next: the group's
     inputs then stay in L2 while every strip passes over them. The same sums in the same order,
     so the same bits. (In blocks of 64 units, groups made wide_dense's layers 1.01-1.06x slower
-    on a Zen 3, where that layout is not the default: not there.)"""
+    on a Zen 3, where that layout is not the default: not there; nor with AVX-512, whose
+    `_strip_groups` go over all rows per group of strips, as blocks of 64 do.)"""
     K = xf.size // out.shape[0]
     n = r1 - r0
-    if block != 16:
+    if block != 16 or WIDE:
         _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, reverse)
         return
     most = max(2 * SIX, ROW_BLOCK_BYTES // (4 * K) // SIX * SIX)
@@ -254,14 +336,16 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
     splits=1).
     A group's work is its blocks x its rows in slots of SIX, block by block; each part takes an
     equal run of it: whole blocks, and where a run starts or ends inside a block, some of that
-    block's rows. So 19 strips of 16 units (300 units) go as 9.5 and 9.5, not 10 and 9.
+    block's rows. So 19 strips of 16 units (300 units) go as 9.5 and 9.5, not 10 and 9 (with
+    AVX-512, strips are split as blocks of 64 units are, in groups of four strips, so that no
+    part is left single strips: `_strip_groups`).
     tiles: (threads, >= rows*64).
     Every output is one in-order chain of fused multiply-adds over K (four, added at the end,
     for at most 16 units), whatever the batch size or the task it falls in, so a row's result is
     bit-identical alone and in any batch."""
     N = x.shape[0]
     Up = bias.size
-    unit = 16 if block == 16 else 64
+    unit = 16 if block == 16 and not WIDE else 64
     width = (Up + unit - 1) // unit  # blocks
     groups = (N + rows - 1) // rows
     reverse = turn[0] & 1

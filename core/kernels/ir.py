@@ -233,6 +233,16 @@ _mk1x8 = _microkernel(1, 8, blocks=2)
 _mk1x4s = _microkernel(1, 4, blocks=4)  # one row over four 16-unit blocks
 _mk2x2s = _microkernel(2, 2, blocks=2)  # two rows over two 16-unit blocks
 _mk1x2s = _microkernel(1, 2, blocks=2)  # one row over two 16-unit blocks
+# 3-8 rows over two 16-unit blocks, 4-6 over four (dense layers in strips, AVX-512)
+_mk3x2s = _microkernel(3, 2, blocks=2)
+_mk4x2s = _microkernel(4, 2, blocks=2)
+_mk5x2s = _microkernel(5, 2, blocks=2)
+_mk6x2s = _microkernel(6, 2, blocks=2)
+_mk7x2s = _microkernel(7, 2, blocks=2)
+_mk8x2s = _microkernel(8, 2, blocks=2)
+_mk4x4s = _microkernel(4, 4, blocks=4)
+_mk5x4s = _microkernel(5, 4, blocks=4)
+_mk6x4s = _microkernel(6, 4, blocks=4)
 _mk2x1 = _microkernel(2, 1)
 _mk3x1 = _microkernel(3, 1)
 _mk4x1 = _microkernel(4, 1)

@@ -121,7 +121,8 @@ class Dense(Layer):
         inputs in `passes` (a task's rows go over each block K_CHUNK inputs at a time, so the
         block's part stays in L1; fastest on an Intel Xeon) or in `one_pass` (all inputs at once;
         5-13 % faster on AMD Zen 5 from 4 rows on); or `strips`: blocks of 16 units, one pass,
-        the first choice with AVX2's 16 vector registers (`kdense._strip_rows`). All give the
+        the first choice with AVX2's 16 vector registers (`kdense._strip_rows`); with AVX-512,
+        the one that reads each weight once at up to 8 rows (`kdense._strip_groups`). All give the
         same bits. At most 16 units have one kernel of their own (each output's sum in four
         chains)."""
         if self.units <= 16:  # one block of 16 units: its own kernel (`kdense._segmented_rows`)
