@@ -22,11 +22,13 @@ timings is kept unless the default beats it by SWITCH_MARGIN (`whole_model_choic
 their layers' timings, so a disturbed whole-model round alone does not undo them).
 Last, a layer whose variant reads many weights is timed in the whole model against its variants
 with far fewer (`in_model_pass`): alone it had the caches to itself.
-The whole model gets PLAN_SECONDS of wall time, compilation of a kernel not yet in numba's cache
-included; layers not reached by then keep their default (the layers timed, their choice; the
-whole-model comparison is then skipped), and such an incomplete plan is used but not written
-to disk (the next start, with the kernels compiled, tries again); out of time in the last pass,
-the plan is complete and cached, the layers not reached keeping their variant. Neither is a
+Before the clock starts, every candidate runs once at each timing batch (`compile_candidates`):
+this compiles its kernels into numba's disk cache on a machine's first start, and loads them
+on later ones. The timing then gets PLAN_SECONDS of wall time; layers not reached by then keep
+their default (the layers timed, their choice; the whole-model comparison is then skipped),
+and such an incomplete plan is used but not written to disk (the next start tries again); out
+of time in the last pass, the plan is complete and cached, the layers not reached keeping
+their variant. Neither is a
 plan timed on a busy machine (median calls more than NOISE_LIMIT times the fastest).
 
 One variant per layer for every batch size: the variants do not round alike, so switching by
@@ -68,7 +70,7 @@ from convserve.core.threads import one_thread
 
 log = logging.getLogger("convserve.planner")
 
-PLAN_SECONDS = 2.0  # most wall time planning one model may take (kernel loading included)
+PLAN_SECONDS = 2.0  # most wall time timing one model's variants may take (compiling aside)
 ROUNDS = 5  # interleaved timing rounds per candidate and batch size
 ROUND_SECONDS = 0.004  # calls of one candidate per round: at least one, then until this long
 SWITCH_MARGIN = 0.03  # another variant replaces the default only when this much faster
@@ -294,7 +296,7 @@ def _time_rounds(
         x = rng.standard_normal((n, *input_shape)).astype(np.float32)
         samples: dict[str, list[float]] = {v: [] for v in runners}
         fastest: dict[str, list[float]] = {v: [] for v in runners}  # each round's fastest call
-        for runner in runners.values():  # the first call compiles or loads the kernels
+        for runner in runners.values():  # untimed first calls (buffers, the kernels at hand)
             if time.perf_counter() > deadline:
                 return None
             runner.run(x)
@@ -509,6 +511,33 @@ def plan_for(
         return dict(plan)
 
 
+def compile_candidates(
+    arch: Architecture, weights: dict, batches: tuple[int, ...], parallel_min_batch: int = 0
+) -> float:
+    """Run every layer's every variant once, alone, at each of `batches` (a layer's serial and
+    parallel kernels, and the paths of larger batches, differ), each on as many threads as it is
+    timed on; returns the seconds taken. Where numba's disk cache lacks the kernels this
+    compiles them, else it loads them. Before, with compiling inside the clock, a fresh clone's
+    fashion_mnist ran out of time on each of its first three starts (the second compiled for
+    12.8 s the variants the first had not reached, and started in 13.2 s), and the first plan
+    was cached on the fourth (Intel Xeon, 2 threads). With this: the first start took 54 s
+    instead of 41 (53 s compiling), planned in 0.92 s and cached the plan; the second started
+    in 0.57 s; with the kernels compiled and no plan cached, a start takes 1.4-1.5 s."""
+    start = time.perf_counter()
+    threads = numba.get_num_threads()
+    try:
+        for block, variants in _choices(arch):
+            for variant in variants:
+                runner = _block_runner(arch, block, weights, variant)
+                shape = runner.architecture.input_shape
+                for n in batches:
+                    numba.set_num_threads(1 if one_thread(n, parallel_min_batch) else threads)
+                    runner.run(np.zeros((n, *shape), np.float32))
+    finally:
+        numba.set_num_threads(threads)
+    return time.perf_counter() - start
+
+
 @contextlib.contextmanager
 def _directory_lock(directory: Path) -> Iterator[None]:
     """An exclusive lock on the cache directory where one can be taken (best effort: an
@@ -538,6 +567,10 @@ def _cached_or_timed(
 ) -> Plan:
     plan = read_cached(directory, key, arch)
     if plan is None:
+        if seconds > 0:
+            took = compile_candidates(arch, weights, batches, parallel_min_batch)
+            if took > 1.0:  # a first start on this machine: say where the time went
+                log.info("kernel variants of %s compiled in %.1f s", arch.name, took)
         start = time.perf_counter()
         plan, timings, noise = measure_plan(arch, weights, seconds, batches, parallel_min_batch)
         took = time.perf_counter() - start

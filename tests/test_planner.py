@@ -755,3 +755,50 @@ def test_batches_below_parallel_min_batch_are_timed_on_one_thread(fresh_planner,
     model = Model(doc, random_weights(doc), parallel_min_batch=16)
     model.replica().warmup((1,))
     assert asked["parallel_min_batch"] == 16
+
+
+def test_every_candidate_is_compiled_before_the_clock_starts(tmp_path, fresh_planner, monkeypatch):
+    """Before timing (when not cached and given time), `plan_for` runs every variant of every
+    layer alone at each timing batch, on the threads it is timed on, so that compiling kernels
+    on a machine's first start does not use up the timing's PLAN_SECONDS; the thread count is
+    restored after. Given no time, nothing runs."""
+    import numba
+
+    planner = fresh_planner
+    most = numba.get_num_threads()
+    doc = preset("fashion_mnist")
+    arch = parse_architecture(doc)
+    weights = random_weights(doc)
+    runs: list[tuple[int, str, int, int]] = []
+    real_runner = planner._block_runner
+
+    class Recorder:
+        def __init__(self, arch_, block, weights_, variant):
+            self.architecture = real_runner(arch_, block, weights_, variant).architecture
+            self.where = (block.layer.index, variant)
+
+        def run(self, x):
+            runs.append((*self.where, x.shape[0], numba.get_num_threads()))
+
+    measured: list[tuple[float, int]] = []
+
+    def measure_plan(arch_, weights_, seconds, batches, parallel_min_batch):
+        measured.append((seconds, len(runs)))
+        return default_plan(arch_), {}, None
+
+    monkeypatch.setattr(planner, "_block_runner", Recorder)
+    monkeypatch.setattr(planner, "measure_plan", measure_plan)
+    planner.plan_for(arch, weights, tmp_path, seconds=1.5, parallel_min_batch=16)
+    batches = planner.timing_batches(BATCH_CHUNK)
+    expected = [
+        (block.layer.index, variant, n, 1 if n < 16 else most)
+        for block, variants in planner._choices(arch)
+        for variant in variants
+        for n in batches
+    ]
+    assert sorted(runs) == sorted(expected) and len(expected) > len(batches)
+    assert measured == [(1.5, len(expected))]  # after compiling, with all its seconds
+    assert numba.get_num_threads() == most
+    runs.clear()
+    planner.plan_for(arch, weights, tmp_path / "none", seconds=0.0)
+    assert runs == []
