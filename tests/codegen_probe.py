@@ -14,7 +14,7 @@ import re
 import sys
 
 from convserve.core import runtime
-from convserve.core.kernels import ir
+from convserve.core.kernels import dense, ir
 from numba import njit, types
 
 ARRAYS = {"a", "b", "c"}  # the intrinsics' array parameters; every other one is an int64
@@ -68,9 +68,24 @@ def loop_facts(asm: str) -> list[dict]:
     return facts
 
 
+def caller_facts() -> dict[str, list[dict]]:
+    """`loop_facts` of kernels whose micro-kernels only compile to full-width registers with the
+    constants their caller passes (a fresh compile of the caller's code, not numba's cache)."""
+    f32, i64 = types.float32[::1], types.int64
+    callers = {
+        "dense._strips_call": (dense._strips_call, (i64, i64, f32, i64, i64, f32, i64, f32, i64))
+    }
+    facts = {}
+    for name, (kernel, signature) in callers.items():
+        fresh = njit(fastmath=True, error_model="numpy", nogil=True)(kernel.py_func)
+        fresh.compile(signature)
+        facts[name] = loop_facts(fresh.inspect_asm(signature))
+    return facts
+
+
 def main() -> None:
     registers, lanes = runtime.vector_registers()
-    report = {"registers": registers, "lanes": lanes, "kernels": {}}
+    report = {"registers": registers, "lanes": lanes, "kernels": {}, "callers": caller_facts()}
     for name, kernel in sorted(vars(ir).items()):
         if not name.startswith("_mk") or not hasattr(kernel, "_defn"):
             continue

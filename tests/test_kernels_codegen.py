@@ -105,7 +105,8 @@ def segmented_kernels(vectors: int, monkeypatch) -> set[str]:
 
 # The rest, read off their callers: one dense row over two 64-unit blocks (AVX-512 only),
 # dense weights in strips of 16 units (`dense._strip_rows`, offered on every register file),
-# and the first-layer kernels (`first_layer.conv1_pixels_pool2`).
+# and the first-layer kernels (`first_layer.conv1_pixels_pool2`). (The 3-8 rows over strips of
+# `dense._strip_groups`, AVX-512 only, are checked in their caller: below.)
 OTHERS = {
     32: {"_mk1x8", "_mk1x4s", "_mk2x2s", "_mkt6x2", "_mkt8x2"},
     8: {"_mk1x4s", "_mk2x2s", "_mkt6x1", "_mkt4x1"},
@@ -137,6 +138,20 @@ def test_chosen_kernels_keep_their_accumulators_in_full_width_registers(
         for loop in loops:
             assert not loop["spills"], f"{target}: {name} spills: {loop['spills'][:4]}"
             assert loop["widths"] == [width], f"{target}: {name} uses {loop['widths']}"
+
+
+@pytest.mark.parametrize("target", [t for t, (_, f) in TARGETS.items() if f == AVX512])
+def test_dense_strip_groups_keep_their_accumulators_in_registers_in_their_caller(target, reports):
+    """`dense._strips_call` (3-8 rows over pairs of 16-unit strips, 4-6 over four; AVX-512):
+    with the constants it passes, every one of its nine micro-kernel loops keeps its up to 24
+    accumulators in zmm registers. (Compiled on their own, with every stride a variable, the
+    5- and 6-row kernels over four strips run out of registers for the addresses.)"""
+    loops = reports[target]["callers"]["dense._strips_call"]
+    assert sorted(loop["fmas"] for loop in loops)[-1] == 2 * 6 * 4  # two inputs a step
+    assert len(loops) >= 9
+    for loop in loops:
+        assert not loop["spills"], f"{target}: spills: {loop['spills'][:4]}"
+        assert loop["widths"] == ["z"], f"{target}: {loop['widths']}"
 
 
 def test_the_spill_check_sees_a_block_too_large_for_avx2(reports):
