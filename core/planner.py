@@ -28,8 +28,8 @@ on later ones. The timing then gets PLAN_SECONDS of wall time; layers not reache
 their default (the layers timed, their choice; the whole-model comparison is then skipped),
 and such an incomplete plan is used but not written to disk (the next start tries again); out
 of time in the last pass, the plan is complete and cached, the layers not reached keeping
-their variant. Neither is a
-plan timed on a busy machine (median calls more than NOISE_LIMIT times the fastest).
+their variant. Neither is a plan timed on a busy machine (median calls more than NOISE_LIMIT
+times the fastest).
 
 One variant per layer for every batch size: the variants do not round alike, so switching by
 batch size would break batch invariance.
@@ -74,6 +74,7 @@ PLAN_SECONDS = 2.0  # most wall time timing one model's variants may take (compi
 ROUNDS = 5  # interleaved timing rounds per candidate and batch size
 ROUND_SECONDS = 0.004  # calls of one candidate per round: at least one, then until this long
 SWITCH_MARGIN = 0.03  # another variant replaces the default only when this much faster
+COMPILE_RUN_SECONDS = 0.05  # `compile_candidates` skips a batch whose run would take longer
 NOISE_LIMIT = 2.0  # a plan timed with calls this much slower in the median than the fastest
 # (a busy machine) is used but not cached
 FORMAT = 3  # of the cache files; part of the key
@@ -514,10 +515,11 @@ def plan_for(
 def compile_candidates(
     arch: Architecture, weights: dict, batches: tuple[int, ...], parallel_min_batch: int = 0
 ) -> float:
-    """Run every layer's every variant once, alone, at each of `batches` (a layer's serial and
-    parallel kernels, and the paths of larger batches, differ), each on as many threads as it is
-    timed on; returns the seconds taken. Where numba's disk cache lacks the kernels this
-    compiles them, else it loads them. Before, with compiling inside the clock, a fresh clone's
+    """Run every layer's every variant alone at each of `batches` (a layer's serial and parallel
+    kernels, and the paths of larger batches, differ), each on as many threads as it is timed
+    on, twice (the second run tells how long a larger batch would take: one that would take
+    more than COMPILE_RUN_SECONDS is skipped); returns the seconds taken. Where numba's disk
+    cache lacks the kernels this compiles them, else it loads them. Before, with compiling inside the clock, a fresh clone's
     fashion_mnist ran out of time on each of its first three starts (the second compiled for
     12.8 s the variants the first had not reached, and started in 13.2 s), and the first plan
     was cached on the fourth (Intel Xeon, 2 threads). With this: the first start took 54 s
@@ -530,9 +532,16 @@ def compile_candidates(
             for variant in variants:
                 runner = _block_runner(arch, block, weights, variant)
                 shape = runner.architecture.input_shape
+                per_image = 0.0  # seconds a run took per image, once compiled
                 for n in batches:
+                    if n * per_image > COMPILE_RUN_SECONDS:
+                        break  # a large layer: its larger batches compile within the clock
                     numba.set_num_threads(1 if one_thread(n, parallel_min_batch) else threads)
-                    runner.run(np.zeros((n, *shape), np.float32))
+                    x = np.zeros((n, *shape), np.float32)
+                    runner.run(x)  # compiles or loads the kernels
+                    ran = time.perf_counter()
+                    runner.run(x)
+                    per_image = (time.perf_counter() - ran) / n
     finally:
         numba.set_num_threads(threads)
     return time.perf_counter() - start

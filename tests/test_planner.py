@@ -759,9 +759,10 @@ def test_batches_below_parallel_min_batch_are_timed_on_one_thread(fresh_planner,
 
 def test_every_candidate_is_compiled_before_the_clock_starts(tmp_path, fresh_planner, monkeypatch):
     """Before timing (when not cached and given time), `plan_for` runs every variant of every
-    layer alone at each timing batch, on the threads it is timed on, so that compiling kernels
-    on a machine's first start does not use up the timing's PLAN_SECONDS; the thread count is
-    restored after. Given no time, nothing runs."""
+    layer alone at each timing batch, twice, on the threads it is timed on, so that compiling
+    kernels on a machine's first start does not use up the timing's PLAN_SECONDS; the thread
+    count is restored after. A batch whose run would take longer than COMPILE_RUN_SECONDS (by
+    the second run of the batch before) is skipped. Given no time, nothing runs."""
     import numba
 
     planner = fresh_planner
@@ -796,9 +797,14 @@ def test_every_candidate_is_compiled_before_the_clock_starts(tmp_path, fresh_pla
         for variant in variants
         for n in batches
     ]
-    assert sorted(runs) == sorted(expected) and len(expected) > len(batches)
-    assert measured == [(1.5, len(expected))]  # after compiling, with all its seconds
+    assert sorted(runs) == sorted(expected * 2) and len(expected) > len(batches)
+    assert measured == [(1.5, 2 * len(expected))]  # after compiling, with all its seconds
     assert numba.get_num_threads() == most
     runs.clear()
+    planner._memo.clear()
     planner.plan_for(arch, weights, tmp_path / "none", seconds=0.0)
-    assert runs == []
+    assert runs == [] and len(measured) == 2
+    monkeypatch.setattr(planner, "COMPILE_RUN_SECONDS", 0.0)  # every larger batch "too long"
+    planner._memo.clear()
+    planner.plan_for(arch, weights, tmp_path / "small", seconds=1.5, parallel_min_batch=16)
+    assert sorted(runs) == sorted(2 * [e for e in expected if e[2] == batches[0]])

@@ -108,7 +108,7 @@ def _exp_shifted(row, m):
     """row[j] = exp(row[j] - m), for row[j] <= m, by range reduction to [-ln(2)/2, ln(2)/2] and
     a polynomial: arithmetic, a floor and bit operations, so the loop vectorizes (libm's expf
     is a call per value: a 256 x 300 softmax took 460 us of its dense layer's 1,259 on an Intel
-    Xeon, one thread; 185 us this way)."""
+    Xeon, one thread; 218 us this way)."""
     for j in range(row.size):
         x = np.float64(max(row[j] - m, _EXP_MIN))
         n = np.floor(x * _LOG2E + 0.5)
