@@ -83,6 +83,10 @@ WHOLE_MODEL = -1  # the timings' key of the whole model's candidate plans
 # read at most half as many (`in_model_pass`): about what stays in a core's L2 cache beside
 # the other layers' data (256 KB; Zen 3 has 512 KB of L2 a core, Zen 4 1 MB, this Xeon 2 MB).
 IN_MODEL_MIN_BYTES = 256 * 1024
+# A variant of such a layer whose own score is within this factor of the current one's is timed
+# in the model too (`in_model_pass`): alone, its weights may stay in cache where in the model
+# they stream from L3, which some variants read better than others
+NEAR_TIE = 1.10
 Rounds = dict[str, list[list[float]]]  # candidate -> per batch size, each round's fastest call
 CACHE_SUBDIR = "convserve-plans"
 
@@ -434,15 +438,20 @@ def in_model_pass(
     parallel_min_batch: int = 0,
 ) -> tuple[Plan, float]:
     """(plan, noise as in `time_block`): where a layer's variant reads IN_MODEL_MIN_BYTES of
-    weights or more and another variant at most half as many, the whole model timed with each
-    of those variants in `plan` (as `time_block` times a layer; the largest weights first),
-    the layer's variant kept unless another is faster by more than SWITCH_MARGIN (`pick`).
+    weights or more and another variant at most half as many, or one whose score alone was
+    within NEAR_TIE of its own, the whole model timed with each of those variants in `plan` (as
+    `time_block` times a layer; the largest weights first), the layer's variant kept unless
+    another is faster by more than SWITCH_MARGIN (`pick`).
     A layer timed alone has the caches to itself. In the model the other layers evict its
     weights and it evicts theirs, which costs a variant with large weights most: on an Intel
     Xeon (AVX-512, 2 MB of L2 a core) on a busy host, strided5's 5x5/2 layer of 32 -> 64
     channels by F(4x4, 3x3) over the phases (1.18 MB of transformed weights, direct's 205 KB)
     took 15.6 us alone and 35.9 in the model at one image, and the model took 1.65x the time
-    it took with the layer direct. Out of time, the layers not reached keep their variant.
+    it took with the layer direct. Variants that read as many bytes differ in how they stream
+    them: wide_dense's 784 -> 1,024 layer (3.2 MB, which alone stays in the two cores' L2) took
+    47.4-50.7 us alone at 8 rows in each of its three variants, and in the model (5.3 MB of
+    weights, from L3) 100-102 us in strips against 122-126 in blocks of 64.
+    Out of time, the layers not reached keep their variant.
     Timings go under "in model <layer index>"."""
     plan = dict(plan)
     noise = 1.0
@@ -454,10 +463,15 @@ def in_model_pass(
         current = _weight_bytes(arch, block, weights, plan[index])
         if current < IN_MODEL_MIN_BYTES:  # (packing the other variants costs milliseconds)
             continue
-        others = (v for v in variants if v != plan[index])
-        smaller = tuple(v for v in others if 2 * _weight_bytes(arch, block, weights, v) <= current)
-        if smaller:
-            checks.append((current, index, (plan[index], *smaller)))
+        others = [v for v in variants if v != plan[index]]
+        smaller = [v for v in others if 2 * _weight_bytes(arch, block, weights, v) <= current]
+        close = []  # variants as large whose own timings were near the current one's
+        if index in timings:
+            score = scores(variants, timings[index])
+            limit = NEAR_TIE * score[plan[index]]
+            close = [v for v in others if v not in smaller and score[v] <= limit]
+        if smaller or close:
+            checks.append((current, index, (plan[index], *smaller, *close)))
     for _, index, order in sorted(checks, reverse=True):
         runners = {v: InferencePlan(arch, weights, {**plan, index: v}) for v in order}
         measured = time_runners(

@@ -717,6 +717,44 @@ def test_the_pass_in_the_model_times_large_weights_against_smaller_ones(fresh_pl
     assert planner.in_model_pass(arch, weights, start, {}, 0.0, (1,)) == (start, 1.0)
 
 
+def test_the_pass_in_the_model_times_near_ties_of_large_layers(fresh_planner, monkeypatch):
+    """A large layer's variants of as many bytes whose scores alone were within NEAR_TIE of
+    the current variant's are timed in the model too (alone, the weights may stay in cache
+    where in the model they stream from L3); those further off, and small layers, are not."""
+    from convserve.core.bench_models import bench_model
+
+    planner = fresh_planner
+    doc = bench_model("wide_dense")  # 784 -> 1,024 (3.2 MB) -> 512 (2 MB) -> 10
+    arch = parse_architecture(doc)
+    weights = random_weights(doc)
+    start = {1: "passes", 2: "passes"}
+    tie = 1.09  # within NEAR_TIE of the current variant's score
+    assert 1 + planner.SWITCH_MARGIN < tie < planner.NEAR_TIE < 1.12
+    timings = {
+        1: {"passes": _rounds([1e-3] * 3), "one_pass": _rounds([1.12e-3] * 3),
+            "strips": _rounds([tie * 1e-3] * 3)},
+        2: {"passes": _rounds([1e-3] * 3), "one_pass": _rounds([1.12e-3] * 3),
+            "strips": _rounds([1.15e-3] * 3)},
+    }  # fmt: skip
+    checks = []
+
+    def time_runners(runners, shape, deadline, batches, seed, *_, **__):
+        checks.append((seed, tuple(runners)))
+        fake = {v: _rounds([2e-3] * len(batches)) for v in runners}
+        fake["strips"] = _rounds([1.5e-3] * len(batches))  # in the model, strips win
+        return fake, 1.1
+
+    monkeypatch.setattr(planner, "time_runners", time_runners)
+    plan, noise = planner.in_model_pass(arch, weights, start, timings, 1e18, (1, 8, 256))
+    assert checks == [(1, ("passes", "strips"))]  # not one_pass (1.12x), not layer 2
+    assert plan == {1: "strips", 2: "passes"} and noise == 1.1
+    assert set(timings) == {1, 2, "in model 1"}
+    checks.clear()  # a layer under IN_MODEL_MIN_BYTES is not checked, however close
+    monkeypatch.setattr(planner, "IN_MODEL_MIN_BYTES", 4 << 20)  # both layers under it
+    assert planner.in_model_pass(arch, weights, start, dict(timings), 1e18, (1,)) == (start, 1.0)
+    assert checks == []
+
+
 def test_batches_below_parallel_min_batch_are_timed_on_one_thread(fresh_planner, monkeypatch):
     """A server runs batches below --parallel-min-batch on one numba thread
     (`threads.threads_by_batch`): the planner times them so, restores the thread count after,
