@@ -169,7 +169,6 @@ def _strip_groups(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse):
     pair = 1 if strips - fulls * wide >= 2 else 0
     single = (strips - fulls * wide - 2 * pair) & 1
     groups = fulls + pair + single
-    hi = 8 if few else 6
     for j in range(groups):
         g = groups - 1 - j if reverse else j
         nv = wide if g < fulls else (2 if g < fulls + pair else 1)
@@ -177,7 +176,7 @@ def _strip_groups(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse):
         if nv == 1:
             _conv_row(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, n, 16)
         else:
-            top = 8 if nv == 2 else hi
+            top = 8 if nv == 2 else 6  # rows a call: 16 or 24 accumulators
             calls = (n + top - 1) // top
             i = 0
             while i < n:  # the fewest calls, as even as can be

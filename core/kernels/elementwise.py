@@ -162,7 +162,8 @@ def _softmax_long(row):
 
 @njit(inline="always", cache=True, nogil=True)
 def _softmax_row(row):
-    """Softmax of one row in place (`VECTOR_EXP_MIN`)."""
+    """Softmax of one row in place (`VECTOR_EXP_MIN`). Two functions rather than one with both
+    paths: that one ran 10-value rows in 12.5-17.0 us per 256 instead of 10.6."""
     if row.size < VECTOR_EXP_MIN:
         _softmax_short(row)
     else:
