@@ -77,8 +77,13 @@ def conv_row_kernels(vectors: int, monkeypatch) -> set[str]:
     def mk_strips(R, nv, *args):
         record.add("_mk1x4s" if nv == 4 else "_mk2x2s" if R == 2 else "_mk1x2s")
 
+    def mk_wrapped(R, nv, *args):
+        record.add(f"_mkw{R}x{nv}")
+
     monkeypatch.setattr(gemm, "_mk_call", mk_call)
     monkeypatch.setattr(gemm, "_mk_strips", mk_strips)
+    monkeypatch.setattr(gemm, "_mk_wrapped", mk_wrapped)
+    monkeypatch.setattr(gemm, "_wrapped_call", gemm._wrapped_call.py_func)
     strip = 16 if vectors >= 32 else 4096  # STRIPS = not WIDE
     for count in range(1, 41):
         for width in range(16, 257, 16):
@@ -87,6 +92,13 @@ def conv_row_kernels(vectors: int, monkeypatch) -> set[str]:
                     None, 0, 1, 0, 1, 1, None, 0, 16, None, 0, width, count, width,
                     0, narrow, vectors, strip,
                 )  # fmt: skip
+                # runs over the ends of rows of 1-11 pixels (`direct.conv_runs`)
+                for row_len in range(1, 2 * gemm.PEAK_BLOCK[0]):
+                    for col0 in {0, row_len // 2, row_len - 1}:
+                        gemm._conv_row.py_func(
+                            None, 0, 1, 0, 1, 1, None, 0, 16, None, 0, width, count, width,
+                            0, narrow, vectors, strip, col0, row_len, 1,
+                        )  # fmt: skip
     return record
 
 
@@ -112,7 +124,7 @@ OTHERS = {
     8: {"_mk1x4s", "_mk2x2s", "_mkt6x1", "_mkt4x1"},
 }
 # The largest blocks of each register file: the enumeration must reach them.
-LARGEST = {32: {"_mk6x4", "_mk12x1", "_mks6"}, 8: {"_mk6x1"}}
+LARGEST = {32: {"_mk6x4", "_mk12x1", "_mks6", "_mkw6x4", "_mkw12x1"}, 8: {"_mk6x1", "_mkw6x1"}}
 
 
 def chosen(vectors: int, monkeypatch) -> set[str]:

@@ -55,6 +55,67 @@ def test_gemm_rows_match_float64_on_every_register_file(seed):
         np.testing.assert_array_equal(got, results[0], err_msg=f"{way} (vectors, strips)")
 
 
+def _run(a, b, count, width, k, lda, segs, a_step, col0, row_len, jump, vectors, narrow, strips):
+    """`_conv_row` over a run of `count` conv pixels on rows of row_len (first at column col0;
+    pixel i's inputs: `segs` segments of k, a_step apart, from its own start, which moves on
+    by lda a pixel and jump more at each row end) x `width` columns of b (segs * k rows)."""
+    tile = np.full(count * width, np.nan, np.float32)
+    ldb, strip = (16, 16 * segs * k) if strips else (width, 16)
+    wf = in_strips(b.reshape(segs * k, width)).ravel() if strips else b
+    gemm._conv_row(
+        a, 0, lda, a_step, segs, k, wf, 0, ldb, tile, 0, width, count, width, 0, narrow, vectors,
+        strip, col0, row_len, jump,
+    )  # fmt: skip
+    return tile.reshape(count, width)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_gemm_runs_over_row_ends_match_float64_on_every_register_file(seed):
+    """A run of conv pixels over several output rows (`row_len` > 0): blocks that cross a
+    row end take the next row's inputs from after the jump. Against float64 with every
+    register file and weight layout, the same bits every way and as each pixel alone."""
+    rng = np.random.default_rng(500 + seed)
+    row_len = int(rng.integers(1, 12))
+    col0 = int(rng.integers(0, row_len))
+    count = int(rng.integers(1, 40))
+    width = 16 * int(rng.integers(1, 9))
+    k, segs = int(rng.integers(1, 40)), int(rng.integers(1, 4))
+    lda = int(rng.integers(1, 3)) * k  # pixels one or two steps apart
+    jump = int(rng.integers(1, 30))
+    a_step = row_len * lda + jump + 7  # a segment's next kernel row
+    starts = []  # each pixel's first input
+    at, col = 0, col0
+    for _ in range(count):
+        starts.append(at)
+        at, col = at + lda, col + 1
+        if col == row_len:
+            at, col = at + jump, 0
+    a = rng.standard_normal(starts[-1] + (segs - 1) * a_step + k).astype(np.float32)
+    b = rng.standard_normal(segs * k * width).astype(np.float32)
+    fields = np.array([np.concatenate([a[s + g * a_step : s + g * a_step + k]
+                                       for g in range(segs)]) for s in starts])  # fmt: skip
+    expected = fields.astype(np.float64) @ b.reshape(segs * k, width).astype(np.float64)
+    results = {}
+    for vectors in REGISTER_FILES:
+        for strips in (False, True):
+            for narrow in (0, 1):
+                results[vectors, strips, narrow] = _run(
+                    a, b, count, width, k, lda, segs, a_step, col0, row_len, jump, vectors,
+                    narrow, strips,
+                )  # fmt: skip
+    first = next(iter(results.values()))
+    scale = np.sqrt(segs * k)
+    where = f"{count} pixels from column {col0} of {row_len}, {width} columns, {segs}x{k}"
+    for way, got in results.items():
+        np.testing.assert_allclose(
+            got / scale, expected / scale, atol=1e-5, err_msg=f"{way} {where}"
+        )
+        np.testing.assert_array_equal(got, first, err_msg=f"{way} {where}")
+    for i, s in enumerate(starts):  # each pixel alone: a run of one, which never wraps
+        alone = _run(a[s:], b, 1, width, k, lda, segs, a_step, 0, 0, 0, 32, 0, False)
+        np.testing.assert_array_equal(alone[0], first[i], err_msg=f"pixel {i} {where}")
+
+
 def test_gemm_rows_of_one_to_five_inputs_take_each_input_once():
     """The micro-kernels take a segment's inputs two a step, then the odd one out: with 1-5
     inputs, in one call or in passes of 1-2 (an input skipped or taken twice would be far off

@@ -301,6 +301,71 @@ def test_patches_of_few_pixels_split_the_channels_among_the_threads(strips, monk
     assert group == 16 <= kdirect.PATCH_GROUP and ways == min(2, plan.threads)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_direct_runs_over_short_rows_on_random_shapes(seed, monkeypatch):
+    """`direct` on conv rows shorter than two micro-kernel blocks runs by `conv_runs` (runs of
+    pixels over row ends, the channels in ranges when an image has few runs): the NumPy
+    reference on preprocessed and raw input, the same bits as by rows (`conv`) whatever the
+    batch, in either weight layout, writing into the next conv's padded input or not."""
+    from convserve.core.kernels import gemm
+    from convserve.core.layers import conv2d
+
+    rng = np.random.default_rng(1700 + seed)
+    doc = _patches_model(rng)
+    doc["layers"][1]["filters"] = int(rng.choice([8, 20, 64, 136, 200]))  # 1-4 ranges of 64
+    side = int(rng.integers(2, 9))
+    doc["input"]["shape"][:2] = [side + int(rng.integers(0, 9)), side + conv2d.RUN_ROWS_UNDER]
+    doc["layers"][0].update(kernel_size=1, strides=1, padding="valid")  # keeps the long rows
+    doc["layers"][1].update(strides=2, padding=str(rng.choice(["same", "valid"])))
+    doc["layers"][1]["kernel_size"] = int(rng.choice([1, 3, 5]))
+    arch = parse_architecture(doc)
+    weights = random_weights(doc, seed=seed)
+    where = f"{doc['layers'][:2]} {arch.input_shape}"
+    assert arch.layers[1].output_shape[1] < conv2d.RUN_ROWS_UNDER <= arch.layers[0].output_shape[1]
+    n = BATCH_CHUNK + 3
+    x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
+    pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
+    plan = InferencePlan(arch, weights, {0: "direct", 1: "direct"})
+    whole = plan.run(x)
+    kernels = [getattr(c[0], "__name__", str(c[0])) for c in next(iter(plan._programs.values()))[0]]
+    assert kernels.count("conv_runs") == 1 and kernels.count("conv") == 1, kernels
+    np.testing.assert_allclose(
+        whole, ref.forward(doc, weights, x), atol=TOLERANCE, rtol=1e-5, err_msg=where
+    )
+    raw = plan.run(pixels, preprocess=True)
+    expected_raw = ref.forward(doc, weights, pixels, preprocess=True)
+    np.testing.assert_allclose(raw, expected_raw, atol=TOLERANCE, rtol=1e-5, err_msg=where)
+    for start, stop in ((0, 1), (1, 3), (2, 9), (n - 1, n), (1, BATCH_CHUNK + 2)):
+        assert np.array_equal(plan.run(x[start:stop]), whole[start:stop]), where
+    monkeypatch.setattr(conv2d, "RUN_ROWS_UNDER", 0)  # every conv by rows
+    rows = InferencePlan(arch, weights, {0: "direct", 1: "direct"})
+    np.testing.assert_array_equal(rows.run(x), whole, err_msg=where + ", by rows")
+    monkeypatch.undo()
+    monkeypatch.setattr(gemm, "STRIPS", not gemm.STRIPS)  # the other weight layout
+    other = InferencePlan(arch, weights, {0: "direct", 1: "direct"})
+    np.testing.assert_array_equal(other.run(x), whole, err_msg=where + ", other layout")
+    np.testing.assert_array_equal(other.run(x[:1]), whole[:1], err_msg=where + ", other layout")
+
+
+def test_direct_runs_split_the_channels_when_an_image_has_few_runs():
+    """A 4x4 output of 128 channels at one image: one run of its 16 pixels, the channels in
+    two ranges of 64 (a task per thread, each reading half the weights); at 8 images a run
+    per image, all channels; a 8x8 output of 64 channels at one image: four runs of 16."""
+    from convserve.core.layers.conv2d import DirectConv
+
+    def runs(shape, filters, n, threads):
+        step = DirectConv.__new__(DirectConv)
+        step.shape, step.bias = shape, np.zeros(filters, np.float32)
+        return step._runs(n, threads)
+
+    assert runs((4, 4, 128), 128, 1, 2) == (16, 2)
+    assert runs((4, 4, 128), 128, 8, 2) == (16, 1)
+    assert runs((8, 8, 64), 64, 1, 2) == (16, 1)
+    assert runs((8, 8, 64), 64, 8, 2) == (22, 1)
+    assert runs((4, 4, 128), 128, 1, 1) == (16, 1)
+    assert runs((3, 5, 40), 48, 1, 4) == (4, 1)  # 15 pixels in 4 runs: a task per thread
+
+
 def test_patches_is_offered_for_short_rows_without_a_pool_only():
     """Rows of 6 pixels or more (a full micro-kernel block) or a pool after the conv: no
     `patches`."""

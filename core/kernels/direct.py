@@ -54,18 +54,32 @@ def _strip(K, COp, ldb):
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, ldb, tile, t_off, count, narrow):
+def _conv_pixels(
+    xf, a_off, lda, row, kh, kw, CI, wf, COp, ldb, tile, t_off, count, narrow, c0=0, c1=0,
+    col0=0, row_len=0, jump=0,
+):  # fmt: skip
     """tile[t_off + i*COp + j] = the conv sums of `count` pixels (pixel i's window from
-    xf[a_off + i*lda], input rows `row` apart) for all COp channels: one `_conv_row` over the
-    kh kernel rows when the weights are small, else chunks of up to CHUNK_TAPS_ROWS rows of whole
-    taps (kernel rows, then columns), in the same order, so the same bits either way. `narrow`:
-    blocks of 32 channels (`_conv_row`). The weights' rows are ldb floats apart: COp (rows of
-    all channels) or 16 (strips of 16 channels, `_strip`)."""
+    xf[a_off + i*lda], input rows `row` apart) for the channels c0 <= j < c1 (c1 = 0: all COp):
+    one `_conv_row` over the kh kernel rows when the weights are small, else chunks of up to
+    CHUNK_TAPS_ROWS rows of whole taps (kernel rows, then columns), in the same order, so the
+    same bits either way. `narrow`: blocks of 32 channels (`_conv_row`). The weights' rows are
+    ldb floats apart: COp (rows of all channels) or 16 (strips of 16 channels, `_strip`).
+    With `row_len` > 0 the pixels run on over output rows of row_len pixels from column col0,
+    `jump` input floats further at each row end (`_conv_row`)."""
     strip = _strip(kh * kw * CI, COp, ldb)
+    c1 = COp if c1 == 0 else c1
+    b0 = c0 // 16 * strip
+    t0 = t_off + c0
+    if kh * kw * CI <= CHUNK_TAPS_ROWS and row_len == 0:
+        _conv_row(
+            xf, a_off, lda, row, kh, kw * CI, wf, b0, ldb, tile, t0, COp, count, c1 - c0, 0,
+            narrow, strip=strip,
+        )  # fmt: skip
+        return
     if kh * kw * CI <= CHUNK_TAPS_ROWS:
         _conv_row(
-            xf, a_off, lda, row, kh, kw * CI, wf, 0, ldb, tile, t_off, COp, count, COp, 0, narrow,
-            strip=strip,
+            xf, a_off, lda, row, kh, kw * CI, wf, b0, ldb, tile, t0, COp, count, c1 - c0, 0,
+            narrow, strip=strip, col0=col0, row_len=row_len, jump=jump,
         )  # fmt: skip
         return
     per = max(1, CHUNK_TAPS_ROWS // CI)  # kernel columns per chunk
@@ -74,24 +88,10 @@ def _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, ldb, tile, t_off, cou
             x1 = min(kw, x0 + per)
             more = 1 if ky > 0 or x0 > 0 else 0
             _conv_row(
-                xf,
-                a_off + ky * row + x0 * CI,
-                lda,
-                0,
-                1,
-                (x1 - x0) * CI,
-                wf,
-                (ky * kw + x0) * CI * ldb,
-                ldb,
-                tile,
-                t_off,
-                COp,
-                count,
-                COp,
-                more,
-                narrow,
-                strip=strip,
-            )
+                xf, a_off + ky * row + x0 * CI, lda, 0, 1, (x1 - x0) * CI, wf,
+                b0 + (ky * kw + x0) * CI * ldb, ldb, tile, t0, COp, count, c1 - c0, more, narrow,
+                strip=strip, col0=col0, row_len=row_len, jump=jump,
+            )  # fmt: skip
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -166,6 +166,50 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at, narrow):
         o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
         for i in range(cnt):
             _store_row(tile, i * COp, bias, of, o + i * CO, 0, CO, act)
+
+
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
+def conv_runs(x, wk, bias, tiles, out, kh, kw, sh, sw, act, per, ways, at, narrow):
+    """`conv` for short output rows: tasks (image, run of `per` pixels of its OH * OW in row
+    order, range of output channels), `ways` ranges of whole 16s. A run goes on over row ends
+    (`gemm._conv_row`): a 4x4 output fills micro-kernel blocks of 6 pixels, where its rows
+    alone give blocks of 4; with the channels in ranges each thread reads only its range's
+    weights. (A kernel of its own: the runs' bookkeeping in `conv` made its calls on long rows
+    3-5 % slower.) tiles: (threads, >= per * COp) floats."""
+    N, H, W, CI = x.shape
+    COp = wk.size // (kh * kw * CI)
+    ldb = wk.shape[1]
+    Hb, Wb, CO = out.shape[1], out.shape[2], out.shape[3]
+    y0, x0, OH, OW = at
+    runs = (OH * OW + per - 1) // per
+    part = ((COp // 16 + ways - 1) // ways) * 16  # channels a range
+    jump = (sh * W - OW * sw) * CI  # input floats from a row's end to the next row's start
+    xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
+    of = out.reshape(out.size)
+    for t in prange(N * runs * ways):
+        n = t // (runs * ways)
+        p0 = t // ways % runs * per
+        c0 = t % ways * part
+        c1 = min(COp, c0 + part)
+        cnt = min(OH * OW - p0, per)
+        tile = tiles[numba.get_thread_id()]
+        oy, ox = p0 // OW, p0 % OW
+        a_off = ((n * H + oy * sh) * W + ox * sw) * CI
+        _conv_pixels(
+            xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, tile, 0, cnt, narrow, c0, c1,
+            ox, OW, jump,
+        )  # fmt: skip
+        stores = min(c1, CO) - c0
+        i = 0
+        while i < cnt:  # the run's pixels, a piece of an output row at a time
+            o = ((n * Hb + y0 + oy) * Wb + x0 + ox) * CO + c0
+            piece = min(cnt - i, OW - ox)
+            for k in range(piece):
+                t_off = (i + k) * COp + c0
+                _store_row(tile, t_off, bias, of, o + k * CO, 0, stores, act, c0)
+            i += piece
+            oy, ox = oy + 1, 0
 
 
 @njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)

@@ -279,16 +279,19 @@ def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act, average):
 
 
 @njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _store_row(tile, t, bias, of, o, lo, hi, act):
-    """of[o + j] = act(tile[t + j] + bias[j]) for lo <= j < hi (unsigned indices, as above)."""
+def _store_row(tile, t, bias, of, o, lo, hi, act, b=0):
+    """of[o + j] = act(tile[t + j] + bias[b + j]) for lo <= j < hi (unsigned indices, as
+    above: a signed bias index from a variable `lo` kept its negative-index check and ran a
+    conv's stores 1.4x as long)."""
     tt = np.uint64(t)
     oo = np.uint64(o)
+    bb = np.uint64(b)
     if act == 1:
         for j in range(lo, hi):
             u = np.uint64(j)
-            v = tile[tt + u] + bias[j]
+            v = tile[tt + u] + bias[bb + u]
             of[oo + u] = v if v > _Z else _Z
     else:
         for j in range(lo, hi):
             u = np.uint64(j)
-            of[oo + u] = _act(tile[tt + u] + bias[j], act)
+            of[oo + u] = _act(tile[tt + u] + bias[bb + u], act)

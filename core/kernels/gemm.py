@@ -38,6 +38,29 @@ from convserve.core.kernels.ir import (
     _mk10x1,
     _mk11x1,
     _mk12x1,
+    _mkw2x1,
+    _mkw2x2,
+    _mkw2x4,
+    _mkw3x1,
+    _mkw3x2,
+    _mkw3x4,
+    _mkw4x1,
+    _mkw4x2,
+    _mkw4x4,
+    _mkw5x1,
+    _mkw5x2,
+    _mkw5x4,
+    _mkw6x1,
+    _mkw6x2,
+    _mkw6x4,
+    _mkw7x1,
+    _mkw7x2,
+    _mkw8x1,
+    _mkw8x2,
+    _mkw9x1,
+    _mkw10x1,
+    _mkw11x1,
+    _mkw12x1,
 )
 from numba import njit
 
@@ -141,6 +164,130 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
+def _mk_wrapped(
+    R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+):
+    """`_mk_call` of a block of 2 or more pixels that runs over the end of an output row: its
+    first pixel at column col0 of rows of row_len pixels, `jump` more input floats at each row
+    end (`ir._microkernel`'s `wraps`)."""
+    if nv == 4:
+        if R == 6:
+            _mkw6x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 5:
+            _mkw5x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 4:
+            _mkw4x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 3:
+            _mkw3x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        else:
+            _mkw2x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+    elif nv == 2:
+        if R == 8:
+            _mkw8x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 7:
+            _mkw7x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 6:
+            _mkw6x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 5:
+            _mkw5x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 4:
+            _mkw4x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 3:
+            _mkw3x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        else:
+            _mkw2x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+    else:
+        if R == 12:
+            _mkw12x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 11:
+            _mkw11x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 10:
+            _mkw10x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 9:
+            _mkw9x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 8:
+            _mkw8x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 7:
+            _mkw7x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 6:
+            _mkw6x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 5:
+            _mkw5x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 4:
+            _mkw4x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        elif R == 3:
+            _mkw3x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+        else:
+            _mkw2x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, col0, row_len, jump
+            )
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _wrapped_call(
+    R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, col0, row_len, jump, strip
+):
+    """A block of R pixels that runs over a row end (`_conv_row`). B in strips with 2-4
+    vectors a call takes only 1-2 pixels (`_block_shape`): those go one pixel a call."""
+    if nv > 1 and strip != 16:
+        for r in range(R):
+            wraps = (col0 + r) // row_len
+            _mk_strips(
+                1, nv, xf, o + r * lda + wraps * jump, lda, a_step, kh, seg, wf, b, ldb, tile,
+                t + r * ldc, ldc, more, strip,
+            )  # fmt: skip
+    else:
+        _mk_wrapped(
+            R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, col0, row_len,
+            jump,
+        )  # fmt: skip
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def _block_shape(count, left, narrow, vectors, strips):
     """(vectors of 16 columns, fewest and most rows) of the micro-kernel calls on the next
     columns of a row of `count` outputs, `left` columns to go (a multiple of 16), for a
@@ -188,6 +335,9 @@ def _conv_row(
     narrow=0,
     vectors=REGISTER_VECTORS,
     strip=16,
+    col0=0,
+    row_len=0,
+    jump=0,
 ):
     """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
     columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart, each
@@ -202,7 +352,12 @@ def _conv_row(
     from the start (7-8 outputs a call read each weight once where 64 columns take 4: half the
     weight traffic per output). A row shorter than a block goes in one call of its length
     (2-3 pixels on 64 columns, 2-4 on 16-32): one pixel per call would leave the
-    multiply-adds waiting on their own chains, and read each weight once per pixel."""
+    multiply-adds waiting on their own chains, and read each weight once per pixel.
+
+    With `row_len` > 0 the outputs are a run of conv pixels over several output rows of
+    row_len pixels: output i at column col0 + i counted on into the next rows, its input `jump`
+    floats further at each row end. Blocks then run over row ends (`_mk_wrapped`), so rows
+    shorter than a block still fill blocks (without, `row_len` is 0 and no call wraps)."""
     c = 0
     while c < width:
         nv, lo, hi = _block_shape(count, width - c, narrow, vectors, strip != 16)
@@ -212,17 +367,29 @@ def _conv_row(
         # 0.86-1.02x the time, 0.96x in the median (AMD Zen 3, one process, 8 and 32 images)
         calls = 1 if count < lo else (count + hi - 1) // hi
         i = 0
+        col = col0  # with `row_len`: output i's column, and the input jumps before it
+        jumps = 0
         while i < count:
             R = (count - i + calls - 1) // calls
             calls -= 1
             t = t_off + i * ldc + c
             b = b_off + c // 16 * strip
-            o = a_off + i * lda
-            if nv > 1 and strip != 16:
+            o = a_off + i * lda + jumps
+            if col + R > row_len > 0:
+                _wrapped_call(
+                    R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, col,
+                    row_len, jump, strip,
+                )  # fmt: skip
+            elif nv > 1 and strip != 16:
                 _mk_strips(
                     R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, strip
                 )
             else:
                 _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more)
             i += R
+            if row_len > 0:
+                col += R
+                while col >= row_len:
+                    col -= row_len
+                    jumps += jump
         c += 16 * nv

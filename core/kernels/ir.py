@@ -29,7 +29,9 @@ def _close_loop(builder, counter, limit, phis, values, latch, header, exit_block
     builder.cbranch(builder.icmp_signed("<", following, limit), header, exit_block)
 
 
-def _microkernel(rows: int, vectors: int, b_steps: bool = False, blocks: int = 1):
+def _microkernel(
+    rows: int, vectors: int, b_steps: bool = False, blocks: int = 1, wraps: bool = False
+):
     """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
     convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
 
@@ -49,7 +51,14 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, blocks: int = 1
     kernels take no `more`.) With `blocks` > 1, mk takes `b_split` after `more`, and the columns
     come in `blocks` equal groups, each b_split floats after the one before: a dense layer's
     weights are packed in blocks of 64 (or 16) units, and one row over two blocks of 64 (or
-    four of 16) keeps eight (four) accumulators busy instead of four (one)."""
+    four of 16) keeps eight (four) accumulators busy instead of four (one).
+
+    With `wraps`, mk takes `col0, row_len, jump` after `more`, and the block's pixels may run
+    over the ends of output rows: pixel r is at column col0 + r of a row of row_len pixels,
+    counted on into the next rows, and its inputs start at a_off + r*lda + q*jump, q the rows
+    it wrapped past (jump: one conv row's input step less row_len * lda). A conv whose rows are
+    shorter than a block then still fills it: 16 pixels of a 4x4 output in calls of 6, 5 and
+    5 instead of four of 4, so each weight is read for more pixels."""
 
     def codegen(context, builder, signature, args):
         if b_steps:
@@ -77,9 +86,9 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, blocks: int = 1
             b_step = builder.mul(seg_len, ldb)
         else:
             a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args[
-                :-1
+                :12
             ]
-            more = args[-1]
+            more = args[12]
             b_step = builder.mul(seg_len, ldb)
         ap = context.make_array(signature.args[0])(context, builder, a_arr).data
         bp = context.make_array(signature.args[6])(context, builder, b_arr).data
@@ -100,6 +109,17 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, blocks: int = 1
                     old = _vload(builder, cp, builder.add(c_row, ir.Constant(i64, 16 * v)))
                     start[r][v] = builder.select(go_on, old, zero)
         per_block = vectors // blocks
+        # each pixel's input offset from the block's first: r * lda, plus a jump per row end
+        pixel_offsets = [builder.mul(ir.Constant(i64, r), lda) for r in range(rows)]
+        if wraps:
+            col0, row_len, jump = args[13:16]
+            col, wrapped = col0, ir.Constant(i64, 0)
+            for r in range(rows):
+                pixel_offsets[r] = builder.add(pixel_offsets[r], builder.mul(wrapped, jump))
+                col = builder.add(col, ir.Constant(i64, 1))
+                ends = builder.icmp_signed(">=", col, row_len)
+                col = builder.select(ends, ir.Constant(i64, 0), col)
+                wrapped = builder.add(wrapped, builder.zext(ends, i64))
 
         def step(a_seg, b_seg, k, accs):
             """`accs` after input k of the segment: one more link of every chain."""
@@ -119,7 +139,7 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, blocks: int = 1
             a_k = builder.add(a_seg, k)
             out = []
             for r in range(rows):
-                at = builder.add(a_k, builder.mul(ir.Constant(i64, r), lda))
+                at = builder.add(a_k, pixel_offsets[r])
                 splat = _broadcast(builder, ap, at)
                 out.append([builder.call(fma, [splat, bv[v], accs[r][v]]) for v in range(vectors)])
             return out
@@ -215,6 +235,46 @@ def _microkernel(rows: int, vectors: int, b_steps: bool = False, blocks: int = 1
             return types.void(
                 a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more, b_split
             ), codegen
+    elif wraps:
+
+        @intrinsic
+        def mk(
+            typingctx,
+            a,
+            a_off,
+            lda,
+            a_step,
+            segs,
+            seg_len,
+            b,
+            b_off,
+            ldb,
+            c,
+            c_off,
+            ldc,
+            more,
+            col0,
+            row_len,
+            jump,
+        ):
+            return types.void(
+                a,
+                a_off,
+                lda,
+                a_step,
+                segs,
+                seg_len,
+                b,
+                b_off,
+                ldb,
+                c,
+                c_off,
+                ldc,
+                more,
+                col0,
+                row_len,
+                jump,
+            ), codegen
     else:
 
         @intrinsic
@@ -266,6 +326,30 @@ _mk9x1 = _microkernel(9, 1)
 _mk10x1 = _microkernel(10, 1)
 _mk11x1 = _microkernel(11, 1)
 _mk12x1 = _microkernel(12, 1)
+# the same blocks over the ends of output rows (`wraps`; one pixel never wraps)
+_mkw2x4 = _microkernel(2, 4, wraps=True)
+_mkw3x4 = _microkernel(3, 4, wraps=True)
+_mkw4x4 = _microkernel(4, 4, wraps=True)
+_mkw5x4 = _microkernel(5, 4, wraps=True)
+_mkw6x4 = _microkernel(6, 4, wraps=True)
+_mkw2x2 = _microkernel(2, 2, wraps=True)
+_mkw3x2 = _microkernel(3, 2, wraps=True)
+_mkw4x2 = _microkernel(4, 2, wraps=True)
+_mkw5x2 = _microkernel(5, 2, wraps=True)
+_mkw6x2 = _microkernel(6, 2, wraps=True)
+_mkw7x2 = _microkernel(7, 2, wraps=True)
+_mkw8x2 = _microkernel(8, 2, wraps=True)
+_mkw2x1 = _microkernel(2, 1, wraps=True)
+_mkw3x1 = _microkernel(3, 1, wraps=True)
+_mkw4x1 = _microkernel(4, 1, wraps=True)
+_mkw5x1 = _microkernel(5, 1, wraps=True)
+_mkw6x1 = _microkernel(6, 1, wraps=True)
+_mkw7x1 = _microkernel(7, 1, wraps=True)
+_mkw8x1 = _microkernel(8, 1, wraps=True)
+_mkw9x1 = _microkernel(9, 1, wraps=True)
+_mkw10x1 = _microkernel(10, 1, wraps=True)
+_mkw11x1 = _microkernel(11, 1, wraps=True)
+_mkw12x1 = _microkernel(12, 1, wraps=True)
 _mkt8x2 = _microkernel(8, 2, b_steps=True)
 _mkt6x2 = _microkernel(6, 2, b_steps=True)
 _mkt6x1 = _microkernel(6, 1, b_steps=True)  # the same for 16 registers of 8 floats (AVX2)

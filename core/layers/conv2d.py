@@ -49,6 +49,11 @@ WINO_MIN_CHANNELS = 8  # below this many input channels a GEMM over them is too 
 BAND_TILES = 16
 # The most bytes of receptive fields a `patches` task copies (its per-thread scratch)
 PATCH_MAX_BYTES = 4 << 20
+# Conv rows shorter than two micro-kernel blocks (`gemm.PEAK_BLOCK`) leave its blocks part
+# empty: an unpooled conv with such rows runs by `direct.conv_runs`, in runs of up to
+# RUN_PIXELS pixels over several rows (`DirectConv._runs`)
+RUN_ROWS_UNDER = 2 * gemm.PEAK_BLOCK[0]
+RUN_PIXELS = 24
 WINOGRAD: dict[str, Transform] = {  # variant: its transform
     "winograd": F2X2_3X3,
     "winograd4": F4X4_3X3,
@@ -217,6 +222,8 @@ class DirectConv(Step):
 
     def tile_floats(self) -> int:
         cop = self.bias.size
+        if self.pool is None and not self.patches and self.shape[1] < RUN_ROWS_UNDER:
+            return RUN_PIXELS * cop  # `direct.conv_runs`
         if self.patches:
             return direct.PATCH_GROUP * (self.wk.size // cop + cop) + 16
         if self.pool is None or self.tiles_2x2:
@@ -244,6 +251,10 @@ class DirectConv(Step):
             bands = pool_bands(program.n, self.shape[0], program.threads)
             program.add(direct.conv_pool, *args, self.pool, self.average, bands, program.at, narrow)
             return out
+        if self.pool is None and self.shape[1] < RUN_ROWS_UNDER:
+            per, parts = self._runs(program.n, program.threads)
+            program.add(direct.conv_runs, *args, per, parts, program.at, narrow)
+            return out
         # a row splits into pieces of 8 conv pixels at least: a shorter piece runs its
         # micro-kernel calls on fewer pixels than the thread it frees gains (lenet5's 6 -> 16
         # conv at one image on Zen 5: its 10-pixel rows whole 4.0-6.3 us, in 6 + 4 4.7-6.9,
@@ -255,6 +266,19 @@ class DirectConv(Step):
         else:
             program.add(direct.conv, *args, ways, program.at, narrow)
         return out
+
+    def _runs(self, n: int, threads: int) -> tuple[int, int]:
+        """(pixels a task, ranges of output channels) of `direct.conv_runs` for a batch of n:
+        runs of up to RUN_PIXELS pixels; where an image's runs leave a thread idle, the
+        channels split in ranges of 64 (each thread then reads only its range's weights), then
+        the runs shorten until the tasks are a multiple of the threads."""
+        pixels = self.shape[0] * self.shape[1]
+        runs = -(-pixels // RUN_PIXELS)
+        parts = splits(n * runs, max(1, self.bias.size // 64), threads, per_thread=1)
+        tasks = n * runs * parts
+        if tasks < 4 * threads and tasks % threads:
+            runs = min(pixels, -(-(-(-tasks // threads) * threads) // (n * parts)))
+        return -(-pixels // runs), parts
 
 
 @dataclass(kw_only=True)
