@@ -306,7 +306,7 @@ def test_direct_runs_over_short_rows_on_random_shapes(seed, monkeypatch):
     """`direct` on conv rows shorter than two micro-kernel blocks runs by `conv_runs` (runs of
     pixels over row ends, the channels in ranges when an image has few runs): the NumPy
     reference on preprocessed and raw input, the same bits as by rows (`conv`) whatever the
-    batch, in either weight layout, writing into the next conv's padded input or not."""
+    batch, in either weight layout, writing into the next conv's padded input and not."""
     from convserve.core.kernels import gemm
     from convserve.core.layers import conv2d
 
@@ -318,17 +318,23 @@ def test_direct_runs_over_short_rows_on_random_shapes(seed, monkeypatch):
     doc["layers"][0].update(kernel_size=1, strides=1, padding="valid")  # keeps the long rows
     doc["layers"][1].update(strides=2, padding=str(rng.choice(["same", "valid"])))
     doc["layers"][1]["kernel_size"] = int(rng.choice([1, 3, 5]))
+    third = {"type": "conv2d", "filters": int(rng.choice([16, 72])), "kernel_size": 3,
+             "padding": "same", "activation": "relu"}  # fmt: skip
+    doc["layers"].insert(2, third)  # the second writes into its zero-bordered input
     arch = parse_architecture(doc)
     weights = random_weights(doc, seed=seed)
-    where = f"{doc['layers'][:2]} {arch.input_shape}"
+    where = f"{doc['layers'][:3]} {arch.input_shape}"
     assert arch.layers[1].output_shape[1] < conv2d.RUN_ROWS_UNDER <= arch.layers[0].output_shape[1]
     n = BATCH_CHUNK + 3
     x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
     pixels = rng.integers(0, 256, x.shape).astype(np.uint8)
-    plan = InferencePlan(arch, weights, {0: "direct", 1: "direct"})
+    plan = InferencePlan(arch, weights, {0: "direct", 1: "direct", 2: "direct"})
     whole = plan.run(x)
     kernels = [getattr(c[0], "__name__", str(c[0])) for c in next(iter(plan._programs.values()))[0]]
-    assert kernels.count("conv_runs") == 1 and kernels.count("conv") == 1, kernels
+    assert kernels.count("conv_runs") == 2 and kernels.count("conv") == 1, kernels
+    short = [k for k, step in enumerate(plan.steps)
+             if type(step).__name__ == "DirectConv" and step.shape[1] < conv2d.RUN_ROWS_UNDER]  # fmt: skip
+    assert len(short) == 2 and plan._into_next[short[0]], where
     np.testing.assert_allclose(
         whole, ref.forward(doc, weights, x), atol=TOLERANCE, rtol=1e-5, err_msg=where
     )
@@ -338,11 +344,11 @@ def test_direct_runs_over_short_rows_on_random_shapes(seed, monkeypatch):
     for start, stop in ((0, 1), (1, 3), (2, 9), (n - 1, n), (1, BATCH_CHUNK + 2)):
         assert np.array_equal(plan.run(x[start:stop]), whole[start:stop]), where
     monkeypatch.setattr(conv2d, "RUN_ROWS_UNDER", 0)  # every conv by rows
-    rows = InferencePlan(arch, weights, {0: "direct", 1: "direct"})
+    rows = InferencePlan(arch, weights, {0: "direct", 1: "direct", 2: "direct"})
     np.testing.assert_array_equal(rows.run(x), whole, err_msg=where + ", by rows")
     monkeypatch.undo()
     monkeypatch.setattr(gemm, "STRIPS", not gemm.STRIPS)  # the other weight layout
-    other = InferencePlan(arch, weights, {0: "direct", 1: "direct"})
+    other = InferencePlan(arch, weights, {0: "direct", 1: "direct", 2: "direct"})
     np.testing.assert_array_equal(other.run(x), whole, err_msg=where + ", other layout")
     np.testing.assert_array_equal(other.run(x[:1]), whole[:1], err_msg=where + ", other layout")
 
