@@ -239,42 +239,13 @@ def _microkernel(
 
         @intrinsic
         def mk(
-            typingctx,
-            a,
-            a_off,
-            lda,
-            a_step,
-            segs,
-            seg_len,
-            b,
-            b_off,
-            ldb,
-            c,
-            c_off,
-            ldc,
-            more,
-            col0,
-            row_len,
-            jump,
-        ):
+            typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more,
+            col0, row_len, jump,
+        ):  # fmt: skip
             return types.void(
-                a,
-                a_off,
-                lda,
-                a_step,
-                segs,
-                seg_len,
-                b,
-                b_off,
-                ldb,
-                c,
-                c_off,
-                ldc,
-                more,
-                col0,
-                row_len,
-                jump,
-            ), codegen
+                a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more, col0,
+                row_len, jump,
+            ), codegen  # fmt: skip
     else:
 
         @intrinsic

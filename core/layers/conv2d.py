@@ -273,14 +273,16 @@ class DirectConv(Step):
     def _runs(self, n: int, threads: int) -> tuple[int, int]:
         """(pixels a task, ranges of output channels) of `direct.conv_runs` for a batch of n:
         runs of up to RUN_PIXELS pixels; where an image's runs leave a thread idle, the
-        channels split in ranges of 64 (each thread then reads only its range's weights), then
-        the runs shorten until the tasks are a multiple of the threads."""
+        channels split in ranges of whole 16s, 64 or more (each thread then reads only its
+        range's weights), then the runs shorten until the tasks are a multiple of the
+        threads."""
         pixels = self.shape[0] * self.shape[1]
         runs = -(-pixels // RUN_PIXELS)
         parts = splits(n * runs, max(1, self.bias.size // 64), threads, per_thread=1)
         tasks = n * runs * parts
         if tasks < 4 * threads and tasks % threads:
-            runs = min(pixels, -(-(-(-tasks // threads) * threads) // (n * parts)))
+            wanted = -(-tasks // threads) * threads  # rounded up to a multiple of the threads
+            runs = min(pixels, -(-wanted // (n * parts)))
         return -(-pixels // runs), parts
 
 
