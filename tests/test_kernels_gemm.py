@@ -111,8 +111,8 @@ def test_gemm_runs_over_row_ends_match_float64_on_every_register_file(seed):
             got / scale, expected / scale, atol=1e-5, err_msg=f"{way} {where}"
         )
         np.testing.assert_array_equal(got, first, err_msg=f"{way} {where}")
-    for i, s in enumerate(starts):  # each pixel alone: a run of one, which never wraps
-        alone = _run(a[s:], b, 1, width, k, lda, segs, a_step, 0, 0, 0, 32, 0, False)
+    for i, s in enumerate(starts):  # each pixel alone, no runs
+        alone = _run(a[s:], b, 1, width, k, lda, segs, a_step, 0, None, 0, 32, 0, False)
         np.testing.assert_array_equal(alone[0], first[i], err_msg=f"pixel {i} {where}")
 
 

@@ -56,7 +56,7 @@ def _strip(K, COp, ldb):
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _conv_pixels(
     xf, a_off, lda, row, kh, kw, CI, wf, COp, ldb, tile, t_off, count, narrow, c0=0, c1=0,
-    col0=0, row_len=0, jump=0,
+    col0=0, row_len=None, jump=0,
 ):  # fmt: skip
     """tile[t_off + i*COp + j] = the conv sums of `count` pixels (pixel i's window from
     xf[a_off + i*lda], input rows `row` apart) for the channels c0 <= j < c1 (c1 = 0: all COp):
@@ -64,16 +64,16 @@ def _conv_pixels(
     CHUNK_TAPS_ROWS rows of whole taps (kernel rows, then columns), in the same order, so the
     same bits either way. `narrow`: blocks of 32 channels (`_conv_row`). The weights' rows are
     ldb floats apart: COp (rows of all channels) or 16 (strips of 16 channels, `_strip`).
-    With `row_len` > 0 the pixels run on over output rows of row_len pixels from column col0,
+    With `row_len` the pixels run on over output rows of row_len pixels from column col0,
     `jump` input floats further at each row end (`_conv_row`)."""
     strip = _strip(kh * kw * CI, COp, ldb)
     c1 = COp if c1 == 0 else c1
     b0 = c0 // 16 * strip
     t0 = t_off + c0
-    # `row_len == 0` twice below: numba prunes the branch not taken when the runs' arguments
+    # `row_len is None` twice below: numba prunes the branch not taken when the runs' arguments
     # are left out, so the row kernels' `_conv_row` is compiled without the wrapping blocks
     if kh * kw * CI <= CHUNK_TAPS_ROWS:
-        if row_len == 0:
+        if row_len is None:
             _conv_row(
                 xf, a_off, lda, row, kh, kw * CI, wf, b0, ldb, tile, t0, COp, count, c1 - c0, 0,
                 narrow, strip=strip,
@@ -91,7 +91,7 @@ def _conv_pixels(
             more = 1 if ky > 0 or x0 > 0 else 0
             a = a_off + ky * row + x0 * CI
             b = b0 + (ky * kw + x0) * CI * ldb
-            if row_len == 0:
+            if row_len is None:
                 _conv_row(
                     xf, a, lda, 0, 1, (x1 - x0) * CI, wf, b, ldb, tile, t0, COp, count, c1 - c0,
                     more, narrow, strip=strip,

@@ -336,7 +336,7 @@ def _conv_row(
     vectors=REGISTER_VECTORS,
     strip=16,
     col0=0,
-    row_len=0,
+    row_len=None,
     jump=0,
 ):
     """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
@@ -354,10 +354,12 @@ def _conv_row(
     (2-3 pixels on 64 columns, 2-4 on 16-32): one pixel per call would leave the
     multiply-adds waiting on their own chains, and read each weight once per pixel.
 
-    With `row_len` > 0 the outputs are a run of conv pixels over several output rows of
-    row_len pixels: output i at column col0 + i counted on into the next rows, its input `jump`
-    floats further at each row end. Blocks then run over row ends (`_mk_wrapped`), so rows
-    shorter than a block still fill blocks (without, `row_len` is 0 and no call wraps)."""
+    With `row_len` the outputs are a run of conv pixels over several output rows of row_len
+    pixels: output i at column col0 + i counted on into the next rows, its input `jump` floats
+    further at each row end. Blocks then run over row ends (`_mk_wrapped`), so rows shorter
+    than a block still fill blocks. (Its default is None, not 0: numba prunes the branches on
+    `row_len is None` where it is left out, so the wrapping blocks are compiled only into the
+    callers of runs.)"""
     c = 0
     while c < width:
         nv, lo, hi = _block_shape(count, width - c, narrow, vectors, strip != 16)
@@ -375,19 +377,22 @@ def _conv_row(
             t = t_off + i * ldc + c
             b = b_off + c // 16 * strip
             o = a_off + i * lda + jumps
-            if col + R > row_len > 0:
-                _wrapped_call(
-                    R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, col,
-                    row_len, jump, strip,
-                )  # fmt: skip
-            elif nv > 1 and strip != 16:
+            wraps = False
+            if row_len is not None:
+                if col + R > row_len:
+                    wraps = True
+                    _wrapped_call(
+                        R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, col,
+                        row_len, jump, strip,
+                    )  # fmt: skip
+            if not wraps and nv > 1 and strip != 16:
                 _mk_strips(
                     R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, strip
                 )
-            else:
+            elif not wraps:
                 _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more)
             i += R
-            if row_len > 0:
+            if row_len is not None:
                 col += R
                 while col >= row_len:
                     col -= row_len
