@@ -536,9 +536,10 @@ def compile_candidates(
     cache lacks the kernels this compiles them, else it loads them. Before, with compiling
     inside the clock, a fresh clone's fashion_mnist ran out of time on each of its first three
     starts (the second compiled for 12.8 s the variants the first had not reached, and started
-    in 13.2 s), and the first plan was cached on the fourth (Intel Xeon, 2 threads). With this: the first start took 54 s
-    instead of 41 (53 s compiling), planned in 0.92 s and cached the plan; the second started
-    in 0.57 s; with the kernels compiled and no plan cached, a start takes 1.4-1.5 s."""
+    in 13.2 s), and the first plan was cached on the fourth (Intel Xeon, 2 threads). With this:
+    the first start took 54 s instead of 41 (53 s compiling), planned in 0.92 s and cached the
+    plan; the second started in 0.57 s; with the kernels compiled and no plan cached, a start
+    takes 1.4-1.5 s."""
     start = time.perf_counter()
     threads = numba.get_num_threads()
     try:

@@ -159,9 +159,9 @@ def _strip_groups(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse):
     (114 us at one row) against 172 us in blocks of 64 (in passes; 166 us with the second call
     prefetching the next pass); wide_dense at 8 images, two threads: 100-102 us against 122-126
     us. More rows: four strips 4-6 rows a call (24 accumulators), 0.99-1.05x the time of blocks
-    of 64 in one pass at 64 and 256 rows in wide_dense and the tanh MLP (passes of K_CHUNK inputs took
-    1.05-1.07x the time of one pass; pairs of strips 1.07-1.15x; four strips 4 rows a call
-    1.09-1.13x); the 2-3 strips left go as a pair and a single strip."""
+    of 64 in one pass at 64 and 256 rows in wide_dense and the tanh MLP (passes of K_CHUNK
+    inputs took 1.05-1.07x the time of one pass; pairs of strips 1.07-1.15x; four strips 4 rows
+    a call 1.09-1.13x); the 2-3 strips left go as a pair and a single strip."""
     few = n <= 8
     wide = 2 if few else 4  # strips per group
     strips = (c1 - c0 + 15) // 16

@@ -65,42 +65,28 @@ def _conv_pixels(
     same bits either way. `narrow`: blocks of 32 channels (`_conv_row`). The weights' rows are
     ldb floats apart: COp (rows of all channels) or 16 (strips of 16 channels, `_strip`).
     With `row_len` the pixels run on over output rows of row_len pixels from column col0,
-    `jump` input floats further at each row end (`_conv_row`)."""
+    `jump` input floats further at each row end (`_conv_row`; left out, it is None there too,
+    and the row kernels' `_conv_row` is compiled without the wrapping blocks)."""
     strip = _strip(kh * kw * CI, COp, ldb)
     c1 = COp if c1 == 0 else c1
     b0 = c0 // 16 * strip
     t0 = t_off + c0
-    # `row_len is None` twice below: numba prunes the branch not taken when the runs' arguments
-    # are left out, so the row kernels' `_conv_row` is compiled without the wrapping blocks
     if kh * kw * CI <= CHUNK_TAPS_ROWS:
-        if row_len is None:
-            _conv_row(
-                xf, a_off, lda, row, kh, kw * CI, wf, b0, ldb, tile, t0, COp, count, c1 - c0, 0,
-                narrow, strip=strip,
-            )  # fmt: skip
-        else:
-            _conv_row(
-                xf, a_off, lda, row, kh, kw * CI, wf, b0, ldb, tile, t0, COp, count, c1 - c0, 0,
-                narrow, strip=strip, col0=col0, row_len=row_len, jump=jump,
-            )  # fmt: skip
+        _conv_row(
+            xf, a_off, lda, row, kh, kw * CI, wf, b0, ldb, tile, t0, COp, count, c1 - c0, 0,
+            narrow, strip=strip, col0=col0, row_len=row_len, jump=jump,
+        )  # fmt: skip
         return
     per = max(1, CHUNK_TAPS_ROWS // CI)  # kernel columns per chunk
     for ky in range(kh):
         for x0 in range(0, kw, per):
             x1 = min(kw, x0 + per)
             more = 1 if ky > 0 or x0 > 0 else 0
-            a = a_off + ky * row + x0 * CI
-            b = b0 + (ky * kw + x0) * CI * ldb
-            if row_len is None:
-                _conv_row(
-                    xf, a, lda, 0, 1, (x1 - x0) * CI, wf, b, ldb, tile, t0, COp, count, c1 - c0,
-                    more, narrow, strip=strip,
-                )  # fmt: skip
-            else:
-                _conv_row(
-                    xf, a, lda, 0, 1, (x1 - x0) * CI, wf, b, ldb, tile, t0, COp, count, c1 - c0,
-                    more, narrow, strip=strip, col0=col0, row_len=row_len, jump=jump,
-                )  # fmt: skip
+            _conv_row(
+                xf, a_off + ky * row + x0 * CI, lda, 0, 1, (x1 - x0) * CI, wf,
+                b0 + (ky * kw + x0) * CI * ldb, ldb, tile, t0, COp, count, c1 - c0, more, narrow,
+                strip=strip, col0=col0, row_len=row_len, jump=jump,
+            )  # fmt: skip
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)

@@ -377,19 +377,16 @@ def _conv_row(
             t = t_off + i * ldc + c
             b = b_off + c // 16 * strip
             o = a_off + i * lda + jumps
-            wraps = False
-            if row_len is not None:
-                if col + R > row_len:
-                    wraps = True
-                    _wrapped_call(
-                        R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, col,
-                        row_len, jump, strip,
-                    )  # fmt: skip
-            if not wraps and nv > 1 and strip != 16:
+            if row_len is not None and col + R > row_len:
+                _wrapped_call(
+                    R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, col,
+                    row_len, jump, strip,
+                )  # fmt: skip
+            elif nv > 1 and strip != 16:
                 _mk_strips(
                     R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, strip
                 )
-            elif not wraps:
+            else:
                 _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more)
             i += R
             if row_len is not None:

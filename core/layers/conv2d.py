@@ -223,10 +223,15 @@ class DirectConv(Step):
         one on odd sides pads the bottom and right instead."""
         return self.pool == (*POOL2, 2 * self.shape[0], 2 * self.shape[1])
 
+    @property
+    def by_runs(self) -> bool:
+        """Runs by `direct.conv_runs`: no pool, no patches, rows under RUN_ROWS_UNDER."""
+        return self.pool is None and not self.patches and self.shape[1] < RUN_ROWS_UNDER
+
     def tile_floats(self) -> int:
         cop = self.bias.size
-        if self.pool is None and not self.patches and self.shape[1] < RUN_ROWS_UNDER:
-            return RUN_PIXELS * cop  # `direct.conv_runs`
+        if self.by_runs:
+            return RUN_PIXELS * cop
         if self.patches:
             return direct.PATCH_GROUP * (self.wk.size // cop + cop) + 16
         if self.pool is None or self.tiles_2x2:
@@ -254,7 +259,7 @@ class DirectConv(Step):
             bands = pool_bands(program.n, self.shape[0], program.threads)
             program.add(direct.conv_pool, *args, self.pool, self.average, bands, program.at, narrow)
             return out
-        if self.pool is None and self.shape[1] < RUN_ROWS_UNDER:
+        if self.by_runs:
             per, parts = self._runs(program.n, program.threads)
             program.add(direct.conv_runs, *args, per, parts, program.at, narrow)
             return out
