@@ -1,7 +1,7 @@
 """Winograd kernels: the transforms built from interpolation points are exact, and the
 `winograd` (F(2x2, 3x3)), `winograd4` (F(4x4, 3x3)) and `winograd5` (F(2x2, 5x5)) variants, and
-F(4x4, 3x3) over a stride-2 conv's input phases (`winograd4_phases`) and over shifted inputs
-(`winograd4_split`), match the
+F(4x4, 3x3) and F(2x2, 3x3) over a stride-2 conv's input phases (`winograd4_phases`,
+`winograd_phases`) and F(4x4, 3x3) over shifted inputs (`winograd4_split`), match the
 NumPy reference on randomized shapes and are bit-identical across batch sizes."""
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ def _case(
     kernel = kernel or [KERNEL_SIZE[variant]] * 2
     narrow = [1, 3] if variant not in ("winograd4", "winograd5") else []  # 8 channels on
     channels = int(rng.choice([*narrow, 8, 13, 17, 32, 35]))
+    if variant == "winograd_phases":  # offered from 16 channels on
+        channels = int(rng.choice([16, 17, 32, 35]))
     filters = int(rng.choice([1, 5, 16, 20, 37, 64, 70]))
-    low = max(kernel) + strides if padding == "valid" else 2
+    low = max(kernel) + strides if padding == "valid" else strides + 1  # 2 outputs a side
     h, w = (int(v) for v in rng.integers(low, 20 + 4 * strides, size=2))
     layers = [
         {
@@ -161,15 +163,18 @@ def test_winograd_variants_match_the_reference_and_are_batch_invariant(variant, 
 PHASE_CASES = [
     (pool, padding) for pool in (None, "max", "average") for padding in ("valid", "same")
 ]
+PHASE_SIZES = {"winograd4_phases": 4, "winograd_phases": 2}  # outputs per tile side
 
 
+@pytest.mark.parametrize("variant", PHASE_SIZES)
 @pytest.mark.parametrize("pool,padding", PHASE_CASES)
-def test_stride_2_convs_over_the_input_phases_match_the_reference(pool, padding):
-    """Stride-2 convs with kernels of 4-6 a side (square or not), run as 3x3 F(4x4, 3x3) convs over
-    the input's 2x2 phases, match the reference on odd and even sides, as a first layer on raw
-    pixels too, and are bit-identical across batch sizes."""
-    variant = "winograd4_phases"
-    rng = np.random.default_rng(100 + PHASE_CASES.index((pool, padding)))
+def test_stride_2_convs_over_the_input_phases_match_the_reference(pool, padding, variant):
+    """Stride-2 convs with kernels of 4-6 a side (square or not), run as 3x3 F(4x4, 3x3) or
+    F(2x2, 3x3) convs over the input's 2x2 phases, match the reference on odd and even sides,
+    as a first layer on raw pixels too, and are bit-identical across batch sizes."""
+    size = PHASE_SIZES[variant]
+    seed = 100 + PHASE_CASES.index((pool, padding)) + 50 * list(PHASE_SIZES).index(variant)
+    rng = np.random.default_rng(seed)
     for trial in range(5):
         kernel = [int(v) for v in rng.integers(4, 7, size=2)]
         act = str(rng.choice(["linear", "relu", "tanh", "sigmoid"]))
@@ -180,7 +185,7 @@ def test_stride_2_convs_over_the_input_phases_match_the_reference(pool, padding)
         step = plan.steps[0]
         assert type(step).__name__ == "WinogradConv" and step.views == (2, 2, 1, 2)
         assert step.pool == (pool is not None)  # the 2x2/2 pool is fused
-        assert step.u.shape[0] == 36 and step.size == 4
+        assert step.u.shape[0] == (size + 2) ** 2 and step.size == size
         assert step.u.size // step.u.shape[0] // step.bias.size == 4 * arch.input_shape[2]
         _check_against_the_reference(plan, doc, weights, rng, f"{variant} {doc['layers']}")
 
@@ -309,8 +314,9 @@ def test_winograd_variants_are_offered_only_for_their_kernel_size_at_stride_1():
     assert variants(7, 1, channels=4096) == ("direct",)
     assert variants(5, 1, channels=7) == ("direct", "winograd4_split")  # too few to pay
     assert variants(3, 1, channels=7) == ("direct", "winograd")
-    # stride 2, 4-6 a side: F(4x4, 3x3) over the phases, first from 16 input channels on
+    # stride 2, 4-6 a side: F(4x4, 3x3) over the phases, first from 16 input channels on, and
+    # F(2x2, 3x3) over them (fewer products read at one image) offered from there on
     for kernel_size in (4, 5, 6, [4, 6]):
-        assert variants(kernel_size, 2) == ("winograd4_phases", "direct")
+        assert variants(kernel_size, 2) == ("winograd4_phases", "direct", "winograd_phases")
         assert variants(kernel_size, 2, channels=15) == ("direct", "winograd4_phases")
         assert variants(kernel_size, 2, channels=1) == ("direct", "winograd4_phases")

@@ -24,6 +24,7 @@ STEP_OF = {
     "winograd4": "WinogradConv",
     "winograd5": "WinogradConv",
     "winograd4_phases": "WinogradConv",
+    "winograd_phases": "WinogradConv",
     "winograd4_split": "WinogradConv",
     "direct": "DirectConv",
     "direct_narrow": "DirectConv",
@@ -414,6 +415,35 @@ def test_pick_keeps_the_default_unless_clearly_faster():
     assert planner.pick(("winograd", "direct"), rounds) == "winograd"
 
 
+def test_a_tie_goes_to_the_variant_whose_worst_batch_size_loses_least():
+    """Scores within SWITCH_MARGIN tie; then a variant whose slowest batch size (relative to
+    the fastest there) is better by the margin replaces the choice."""
+    from convserve.core import planner
+
+    # at 1 / 8 / 32 images: the default loses 20 % at one image, direct 6 % and 14 % above
+    rounds = {"winograd": _rounds([1.2, 1.0, 1.0]), "direct": _rounds([1.01, 1.06, 1.14])}
+    score = planner.scores(("winograd", "direct"), rounds)
+    assert score["direct"] < score["winograd"] * (1 + planner.SWITCH_MARGIN)  # a tie
+    assert score["direct"] > score["winograd"]
+    assert planner.worst(("winograd", "direct"), rounds) == pytest.approx(
+        {"winograd": 1.2 / 1.01, "direct": 1.14}
+    )
+    assert planner.pick(("winograd", "direct"), rounds) == "direct"
+    # a worst batch size better by less than the margin does not move the default
+    rounds["direct"] = _rounds([1.01, 1.06, 1.17])
+    assert planner.pick(("winograd", "direct"), rounds) == "winograd"
+    # without a tie the score decides, whatever the worst batch size
+    rounds = {"winograd": _rounds([1.3, 1.0, 1.0]), "direct": _rounds([1.0, 1.25, 1.25])}
+    assert planner.pick(("winograd", "direct"), rounds) == "winograd"
+    # the tie-break also moves a clear winner to a variant that ties with it
+    rounds = {
+        "winograd": _rounds([2.0, 2.0, 2.0]),
+        "direct": _rounds([1.2, 1.0, 1.0]),
+        "patches": _rounds([1.01, 1.06, 1.14]),
+    }
+    assert planner.pick(("winograd", "direct", "patches"), rounds) == "patches"
+
+
 def test_candidates_are_compared_round_by_round():
     """The machine's speed drifts between rounds: each round's calls are compared with the same
     round's, and one lucky or disturbed round does not decide."""
@@ -776,7 +806,8 @@ def test_the_pass_in_the_model_times_large_weights_against_smaller_ones(fresh_pl
     # 9.6 KB would be fewer than half)
     assert [index for index, _ in checks] == [2, 1]
     assert checks[0][1][0] == "winograd4_phases" and "direct" in checks[0][1]
-    assert checks[1][1] == ("winograd4_phases", "direct")
+    # F(2x2, 3x3) over the phases: 16 products, 524 KB, fewer than half of 1.18 MB
+    assert checks[1][1] == ("winograd4_phases", "direct", "winograd_phases")
     assert plan == {**start, 1: "direct"} and noise == 1.2
     assert set(timings) == {"in model 1", "in model 2"}
     # a plan already on the smaller variants has nothing to check; out of time, nothing changes

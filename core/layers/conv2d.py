@@ -6,6 +6,7 @@ or average pool after that) becomes one of these steps:
 - `WinogradConv` (variants `winograd`: 3x3 stride 1, F(2x2, 3x3); `winograd4`: the same by
   F(4x4, 3x3); `winograd5`: 5x5 stride 1, F(2x2, 5x5); `winograd4_phases`: stride 2 with
   kernels of 4-6 a side, as a 3x3 conv over the input's four 2x2 phases by F(4x4, 3x3);
+  `winograd_phases`: the same by F(2x2, 3x3);
   `winograd4_split`: stride 1 with other kernels (2x2, 4x4, 5x5, 6x6, 7x7, ...), as 3x3 convs
   over shifted inputs by F(4x4, 3x3)), pooled or not;
 - `K3PoolConv` / `PixelsPoolConv` (`k3_pool`, `pixels_pool`): a 1-input-channel layer fused
@@ -64,6 +65,7 @@ WINOGRAD: dict[str, Transform] = {  # variant: its transform
     # stride-2 convs with kernels of 4-6 a side, as 3x3 stride-1 convs over the input's four
     # 2x2 phases (`view_kernel`)
     "winograd4_phases": F4X4_3X3,
+    "winograd_phases": F2X2_3X3,  # fewer transformed weights read per tile at few tiles
     # stride-1 convs with kernels other than 3x3, as sums of 3x3 convs over shifted inputs
     # (`split_views`)
     "winograd4_split": F4X4_3X3,
@@ -129,8 +131,9 @@ def split_views(kernel_size: tuple[int, int]) -> tuple[int, int, int, int]:
 
 def tile_views(variant: str, kernel_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The input views a Winograd variant's tile reads (`WinogradConv.views`): the 2x2 phases
-    for `winograd4_phases`, 3x3 blocks for `winograd4_split`, else the input itself."""
-    if variant == "winograd4_phases":
+    for `winograd4_phases` and `winograd_phases`, 3x3 blocks for `winograd4_split`, else the
+    input itself."""
+    if variant in ("winograd4_phases", "winograd_phases"):
         return PHASES
     if variant == "winograd4_split":
         return split_views(kernel_size)
@@ -534,7 +537,8 @@ class Conv2D(Layer):
         `winograd4_split` (stride 1, kernels other than 3x3 that it multiplies clearly less
         than direct, `_split_pays`; the heuristic's choice for 4x4 and larger from
         WINO_MIN_CHANNELS input channels on, for 5x5 up to a transformed kernel of
-        FIVE_SPLIT_MAX_BYTES)."""
+        FIVE_SPLIT_MAX_BYTES); `winograd_phases` (where `winograd4_phases` is the heuristic's
+        choice)."""
         ci, filters = self.input_shape[2], self.filters
         three = self.kernel_size == (3, 3) and self.strides == (1, 1)
         # one input channel, stride 1, a fused 2x2/2 pool: the first-layer kernels
@@ -582,6 +586,8 @@ class Conv2D(Layer):
             names.append("winograd4_phases")
         if split and not split_first:
             names.append("winograd4_split")
+        if halves and ci >= 16:  # fewer transformed weights read per tile at few tiles
+            names.append("winograd_phases")
         return tuple(names)
 
     def _split_floats(self) -> int:
