@@ -254,9 +254,12 @@ def test_finiteness_scan_agrees_with_numpy_on_every_kind_of_value():
             x = finite.view(np.float32)
             assert scan(x)
             for value in specials:
-                y = x.copy()
-                y[rng.integers(0, size)] = value
-                assert scan(y) == bool(np.isfinite(y).all()), (scan, size, value)
+                # the first and last values too: they are read as the low or high half of a
+                # pair of floats, or alone (an odd size)
+                for where in (0, size - 1, rng.integers(0, size)):
+                    y = x.copy()
+                    y[where] = value
+                    assert scan(y) == bool(np.isfinite(y).all()), (scan, size, value, where)
 
 
 def test_a_large_input_is_scanned_on_all_threads_to_its_last_value():
@@ -268,8 +271,8 @@ def test_a_large_input_is_scanned_on_all_threads_to_its_last_value():
     size = PARALLEL_SCAN_FLOATS + 13  # pieces of unequal length
     x = np.random.default_rng(2).standard_normal(size).astype(np.float32)
     assert all_finite(x)
-    per = -(-size // SCAN_PARTS)
-    for where in [*range(0, size, per), per - 1, size - 1]:
+    per = (-(-size // SCAN_PARTS) + 1) // 2 * 2  # the pieces hold whole pairs of floats
+    for where in [*range(0, size, per), *range(per - 1, size, per), size - 1]:
         for value in (np.nan, np.inf, -np.inf):
             y = x.copy()
             y[where] = value

@@ -211,17 +211,27 @@ PARALLEL_SCAN_FLOATS = 1 << 18
 SCAN_PARTS = 8  # pieces of the parallel scan: a thread that starts late takes fewer
 
 
+EXPONENTS = np.uint64(0x7F8000007F800000)  # the exponent fields of two float32s in a uint64
+LOWEST = np.uint64(0x0080000000800000)  # each field's lowest bit
+SIGNS = np.uint64(0x8000000080000000)
+
+
 @njit(cache=True, nogil=True)
-def _exponent_or(bits):
-    """The OR over uint32 float bit patterns of (exponent field + its lowest bit): the sign bit
-    of the result is set exactly when some value's exponent is all ones (NaN, infinity).
-    Integer operations vectorize (a float test would need strict IEEE semantics, which do
-    not), and an OR reduction more simply than a max: 1.5x faster over 200-800 KB on a Zen 3."""
-    exponent = np.uint32(0x7F800000)
-    one = np.uint32(0x00800000)  # the exponent field's lowest bit
-    acc = np.uint32(0)
-    for i in range(bits.size):
-        acc |= (bits[i] & exponent) + one
+def _exponent_or(flat):
+    """The OR over the float32s of the 1-D contiguous `flat`, two at a time as uint64, of
+    (exponent field + its lowest bit): a float's sign bit in the result (`SIGNS`) is set
+    exactly when some value's exponent is all ones (NaN, infinity); a field's sum never
+    carries into the next. Integer operations vectorize (a float test would need strict IEEE
+    semantics, which do not), and an OR reduction more simply than a max: 1.5x faster over
+    200-800 KB on a Zen 3. In uint64, as numba types uint32 arithmetic: on uint32s it widened
+    every lane to 64 bits (an Intel Xeon, 200 KB: 3.8 us against 2.1)."""
+    pairs = flat.size // 2
+    words = flat[: 2 * pairs].view(np.uint64)
+    acc = np.uint64(0)
+    for i in range(words.size):
+        acc |= (words[i] & EXPONENTS) + LOWEST
+    if flat.size % 2:  # the last float alone, in the low field
+        acc |= (np.uint64(flat[flat.size - 1 :].view(np.uint32)[0]) & EXPONENTS) + LOWEST
     return acc
 
 
@@ -230,21 +240,21 @@ def all_finite_f32(x):
     """True when no value of the C-contiguous float32 array x (any rank) is NaN or infinite
     (`_exponent_or`). The view is taken here: in numpy it costs more than the scan of a small
     image."""
-    return _exponent_or(x.reshape(x.size).view(np.uint32)) < np.uint32(0x80000000)
+    return _exponent_or(x.reshape(x.size)) & SIGNS == 0
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def all_finite_f32_parallel(x):
     """`all_finite_f32` on all threads, for large arrays (PARALLEL_SCAN_FLOATS)."""
-    bits = x.reshape(x.size).view(np.uint32)
-    per = (bits.size + SCAN_PARTS - 1) // SCAN_PARTS
-    found = np.zeros(SCAN_PARTS, np.uint32)
+    flat = x.reshape(x.size)
+    per = ((flat.size + SCAN_PARTS - 1) // SCAN_PARTS + 1) // 2 * 2  # even: whole pairs
+    found = np.zeros(SCAN_PARTS, np.uint64)
     for p in prange(SCAN_PARTS):
-        found[p] = _exponent_or(bits[p * per : min(bits.size, (p + 1) * per)])
-    acc = np.uint32(0)
+        found[p] = _exponent_or(flat[min(flat.size, p * per) : min(flat.size, (p + 1) * per)])
+    acc = np.uint64(0)
     for p in range(SCAN_PARTS):
         acc |= found[p]
-    return acc < np.uint32(0x80000000)
+    return acc & SIGNS == 0
 
 
 @njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
