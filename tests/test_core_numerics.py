@@ -215,7 +215,8 @@ def test_tanh_and_sigmoid_kernels_match_float64():
 def test_softmax_exp_matches_float64():
     """The softmax's vectorizing exp (range reduction and a polynomial) against float64 libm:
     within 1.3 ulp over exp's normal range, about 1e-38 below it (the clamp); and softmax rows
-    of 1-40, 300 and 1,000 values (the vector loop and its scalar tail) against float64."""
+    of 1-40, 300 and 1,000 values (the vector loop and its scalar tail) against float64, the
+    same bits in a block of rows as alone."""
     from convserve.core.kernels import elementwise
 
     rng = np.random.default_rng(11)
@@ -233,6 +234,11 @@ def test_softmax_exp_matches_float64():
         elementwise.activate(out, 4)
         ref = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
         np.testing.assert_allclose(out, ref / ref.sum(axis=1, keepdims=True), atol=2e-7, rtol=0)
+        # the rows go through one exp loop together: each row alone gives the same bits
+        for i in range(len(logits)):
+            alone = logits[i : i + 1].copy()
+            elementwise.activate(alone, 4)
+            np.testing.assert_array_equal(alone[0], out[i])
 
 
 def test_finiteness_scan_agrees_with_numpy_on_every_kind_of_value():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
-from convserve.core.kernels.elementwise import _softmax_row, _store_row
+from convserve.core.kernels.elementwise import _softmax_rows, _store_row
 from convserve.core.kernels.gemm import REGISTER_VECTORS, WIDE, _conv_row
 from convserve.core.kernels.ir import (
     SEGMENTS,
@@ -377,8 +377,7 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
                 _dense_rows(xf, wf, bias, tile, out, q0, q1, c0, c1, act, k_pass, block, reverse)
                 lo = b * slots + last
         if act == 4:
-            for i in range(r0, r1):
-                _softmax_row(out[i])
+            _softmax_rows(out, r0, r1)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -394,5 +393,4 @@ def dense_serial(x, wk, bias, tiles, out, act, k_pass, block, turn):
         r1 = min(N, r0 + MAX_TASK_ROWS)
         _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, 0, Up, act, k_pass, block, reverse)
         if act == 4:
-            for i in range(r0, r1):
-                _softmax_row(out[i])
+            _softmax_rows(out, r0, r1)

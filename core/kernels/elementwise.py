@@ -123,61 +123,49 @@ def _exp_shifted(row, m):
         row[j] = p * _float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-# Softmax rows at least this long take `_exp_shifted` (`_softmax_row`); shorter ones (a 10-class
-# head) libm's expf, whose call per value costs less than the vector loop's start and scalar
-# tail there (256 rows, Intel Xeon, one thread: 10 values 7.1 us with expf, 12.4 us vectorized;
-# 24 values 16.1 and 15.1 us; 100 values 70.4 and 22.8 us). The width is the layer's: each
-# row of a layer takes the same path at every batch size.
-VECTOR_EXP_MIN = 24
+SOFTMAX_ROWS = 16  # rows of a standalone softmax per task (`activate`)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _softmax_short(row):
-    m = row[0]
-    for j in range(1, row.size):
-        m = row[j] if row[j] > m else m
-    s = _Z
-    for j in range(row.size):
-        e = np.exp(row[j] - m)
-        row[j] = e
-        s += e
-    inv = _ONE / s
-    for j in range(row.size):
-        row[j] *= inv
-
-
-@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _softmax_long(row):
-    m = row[0]
-    for j in range(1, row.size):
-        m = row[j] if row[j] > m else m
-    _exp_shifted(row, m)
-    s = _Z
-    for j in range(row.size):
-        s += row[j]
-    inv = _ONE / s
-    for j in range(row.size):
-        row[j] *= inv
-
-
-@njit(inline="always", cache=True, nogil=True)
-def _softmax_row(row):
-    """Softmax of one row in place (`VECTOR_EXP_MIN`). Two functions rather than one with both
-    paths: that one ran 10-value rows in 12.5-17.0 us per 256 instead of 10.6."""
-    if row.size < VECTOR_EXP_MIN:
-        _softmax_short(row)
-    else:
-        _softmax_long(row)
+def _softmax_rows(out, r0, r1):
+    """Softmax of rows r0..r1 of the C-contiguous 2-D `out`, in place: each row less its
+    maximum, then one `_exp_shifted` over all the rows' values back to back, then each row over
+    its sum. One vector loop over the rows together: a 10-class head alone gives a loop of 10
+    values, mostly its scalar tail (256 rows of 10 on an Intel Xeon, one thread: libm's expf
+    per value 7.1 us, the vector loop row by row 12.4 us). A row's values take the same
+    operations whichever rows it is with (the exp is elementwise, with no contraction in its
+    vector body or tail), so results do not depend on the batch."""
+    width = out.shape[1]
+    for i in range(r0, r1):
+        row = out[i]
+        m = row[0]
+        for j in range(1, width):
+            m = row[j] if row[j] > m else m
+        for j in range(width):
+            row[j] -= m
+    _exp_shifted(out.reshape(out.size)[r0 * width : r1 * width], _Z)
+    for i in range(r0, r1):
+        row = out[i]
+        s = _Z
+        for j in range(width):
+            s += row[j]
+        inv = _ONE / s
+        for j in range(width):
+            row[j] *= inv
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def activate(x, act):
-    """In place: x = act(x) on a 2-D array; softmax (4) works on each row."""
+    """In place: x = act(x) on a C-contiguous 2-D array; softmax (4) works on each row, in
+    tasks of SOFTMAX_ROWS rows (`_softmax_rows`)."""
+    if act == 4:
+        rows = x.shape[0]
+        for t in prange((rows + SOFTMAX_ROWS - 1) // SOFTMAX_ROWS):
+            _softmax_rows(x, t * SOFTMAX_ROWS, min(rows, (t + 1) * SOFTMAX_ROWS))
+        return
     for r in prange(x.shape[0]):
         row = x[r]
-        if act == 4:
-            _softmax_row(row)
-        elif act == 1:
+        if act == 1:
             for j in range(row.size):
                 v = row[j]
                 row[j] = v if v > _Z else _Z
