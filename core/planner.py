@@ -344,19 +344,22 @@ def relative(variants: tuple[str, ...], rounds: Rounds, b: int) -> dict[str, flo
     }
 
 
+def _relative_at_each(variants: tuple[str, ...], rounds: Rounds) -> dict[str, list[float]]:
+    """Each variant's `relative` time at each batch size."""
+    at = [relative(variants, rounds, b) for b in range(len(rounds[variants[0]]))]
+    return {v: [times[v] for times in at] for v in variants}
+
+
 def scores(variants: tuple[str, ...], rounds: Rounds) -> dict[str, float]:
     """Each variant's geometric mean, over the batch sizes, of its `relative` time (1.0: the
     fastest in every round at every batch size)."""
-    count = len(rounds[variants[0]])
-    at = [relative(variants, rounds, b) for b in range(count)]
-    return {v: math.exp(sum(math.log(at[b][v]) for b in range(count)) / count) for v in variants}
+    at = _relative_at_each(variants, rounds)
+    return {v: math.exp(sum(map(math.log, at[v])) / len(at[v])) for v in variants}
 
 
 def worst(variants: tuple[str, ...], rounds: Rounds) -> dict[str, float]:
     """Each variant's largest `relative` time over the batch sizes."""
-    count = len(rounds[variants[0]])
-    at = [relative(variants, rounds, b) for b in range(count)]
-    return {v: max(at[b][v] for b in range(count)) for v in variants}
+    return {v: max(times) for v, times in _relative_at_each(variants, rounds).items()}
 
 
 def pick(variants: tuple[str, ...], rounds: Rounds) -> str:

@@ -132,9 +132,10 @@ def _softmax_rows(out, r0, r1):
     maximum, then one `_exp_shifted` over all the rows' values back to back, then each row over
     its sum. One vector loop over the rows together: a 10-class head alone gives a loop of 10
     values, mostly its scalar tail (256 rows of 10 on an Intel Xeon, one thread: libm's expf
-    per value 7.1 us, the vector loop row by row 12.4 us). A row's values take the same
-    operations whichever rows it is with (the exp is elementwise, with no contraction in its
-    vector body or tail), so results do not depend on the batch."""
+    per value 7.1 us, the vector loop row by row 12.4 us; mlp_tanh's 100 -> 10 layer at 256
+    rows on two threads: the softmax added 6.2 us by expf, 2.5 us so). A row's values take the
+    same operations whichever rows it is with (the exp is elementwise, with no contraction in
+    its vector body or tail), so results do not depend on the batch."""
     width = out.shape[1]
     for i in range(r0, r1):
         row = out[i]

@@ -65,7 +65,7 @@ WINOGRAD: dict[str, Transform] = {  # variant: its transform
     # stride-2 convs with kernels of 4-6 a side, as 3x3 stride-1 convs over the input's four
     # 2x2 phases (`view_kernel`)
     "winograd4_phases": F4X4_3X3,
-    "winograd_phases": F2X2_3X3,  # fewer transformed weights read per tile at few tiles
+    "winograd_phases": F2X2_3X3,  # the same by F(2x2, 3x3)
     # stride-1 convs with kernels other than 3x3, as sums of 3x3 convs over shifted inputs
     # (`split_views`)
     "winograd4_split": F4X4_3X3,
