@@ -184,10 +184,10 @@ def conv_runs(x, wk, bias, tiles, out, kh, kw, sh, sw, act, per, ways, at, narro
     wf = wk.reshape(wk.size)
     of = out.reshape(out.size)
     for t in prange(N * runs * ways):
-        n = t // (runs * ways)
-        p0 = t // ways % runs * per
-        c0 = t % ways * part
-        c1 = min(COp, c0 + part)
+        n, run, c0, c1 = row_task(t, ways, runs, part, COp)
+        if c0 >= c1:  # a range past the channels
+            continue
+        p0 = run * per
         cnt = min(OH * OW - p0, per)
         tile = tiles[numba.get_thread_id()]
         oy, ox = p0 // OW, p0 % OW
