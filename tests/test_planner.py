@@ -416,8 +416,9 @@ def test_pick_keeps_the_default_unless_clearly_faster():
 
 
 def test_a_tie_goes_to_the_variant_whose_worst_batch_size_loses_least():
-    """Scores within SWITCH_MARGIN tie; then a variant whose slowest batch size (relative to
-    the fastest there) is better by the margin replaces the choice."""
+    """Scores within SWITCH_MARGIN tie; when the choice loses more than the margin at some
+    batch size (relative to the fastest there), the tied variant whose slowest batch size
+    loses least replaces it."""
     from convserve.core import planner
 
     # at 1 / 8 / 32 images: the default loses 20 % at one image, direct 6 % and 14 % above
@@ -429,8 +430,14 @@ def test_a_tie_goes_to_the_variant_whose_worst_batch_size_loses_least():
         {"winograd": 1.2 / 1.01, "direct": 1.14}
     )
     assert planner.pick(("winograd", "direct"), rounds) == "direct"
-    # a worst batch size better by less than the margin does not move the default
+    # a worst batch size better by less than the margin still decides a tie
     rounds["direct"] = _rounds([1.01, 1.06, 1.17])
+    assert planner.pick(("winograd", "direct"), rounds) == "direct"
+    # equal worst cases keep the default
+    rounds = {"winograd": _rounds([1.1, 1.0, 1.0]), "direct": _rounds([1.0, 1.05, 1.1])}
+    assert planner.pick(("winograd", "direct"), rounds) == "winograd"
+    # a worse worst case does not move it
+    rounds["direct"] = _rounds([1.0, 1.02, 1.12])
     assert planner.pick(("winograd", "direct"), rounds) == "winograd"
     # without a tie the score decides, whatever the worst batch size
     rounds = {"winograd": _rounds([1.3, 1.0, 1.0]), "direct": _rounds([1.0, 1.25, 1.25])}
