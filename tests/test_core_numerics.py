@@ -627,6 +627,41 @@ def test_dense_strips_in_groups_pairs_and_single_strips(units):
         np.testing.assert_array_equal(plans["strips"].run(x[i : i + 1])[0], whole[i])
 
 
+@pytest.mark.parametrize("units", [48, 80, 112, 183, 300])
+def test_one_row_splits_its_units_at_any_16_with_the_same_bits(units):
+    """One row in blocks of 64 units goes to 1-5 threads' parts of whole 16s, a part starting
+    or ending inside a block (`kdense._one_row`, AVX-512): every activation, on both turns,
+    matches float64 and is bit-identical to the row in a batch of nine, where whole blocks go
+    through other micro-kernels (tanh and sigmoid stored the same way there:
+    `elementwise._store_curved`)."""
+    from convserve.core import aligned
+    from convserve.core.kernels import dense as kdense
+    from convserve.core.layers.dense import pack_dense
+
+    rng = np.random.default_rng(units)
+    inputs = 566
+    kernel = (rng.standard_normal((inputs, units)) / np.sqrt(inputs)).astype(np.float32)
+    bias = rng.standard_normal(units).astype(np.float32)
+    wk, b = pack_dense(kernel, bias)
+    wk = aligned.on_cache_line(wk)
+    x = rng.standard_normal((9, inputs)).astype(np.float32)
+    tiles = aligned.zeros((5, kdense.tile_floats()))
+    sums = x.astype(np.float64) @ kernel + bias
+    expected = {0: sums, 1: np.maximum(sums, 0), 2: np.tanh(sums), 3: 1 / (1 + np.exp(-sums))}
+    for act, want in expected.items():
+        for turn in (0, 1):
+            odd = np.full(1, turn, np.int64)
+            batch = np.empty((9, units), np.float32)
+            rows, splits = kdense.dense_tasks(9, -(-b.size // 64), 2, False)
+            kdense.dense(x, wk, b, tiles, batch, act, rows, splits, K_CHUNK, 64, odd)
+            np.testing.assert_allclose(batch, want, atol=TOLERANCE)
+            for splits in range(1, 6):
+                one = np.empty((1, units), np.float32)
+                kdense.dense(x[4:5].copy(), wk, b, tiles, one, act, 1, splits, 0, 64, odd)
+                where = f"activation {act}, turn {turn}, {splits} parts"
+                np.testing.assert_array_equal(one[0], batch[4], err_msg=where)
+
+
 @pytest.mark.parametrize("inputs", [1024, 3072])
 def test_dense_rows_4_kb_apart_go_in_one_pass_over_many_rows(inputs):
     """Inputs a multiple of 1,024 (rows 4 KB apart): `passes` takes tasks of more than

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import numba
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
-from convserve.core.kernels.elementwise import _softmax_rows, _store_row
+from convserve.core.kernels.elementwise import _softmax_rows, _store_curved, _store_row
 from convserve.core.kernels.gemm import REGISTER_VECTORS, WIDE, _conv_row
 from convserve.core.kernels.ir import (
     SEGMENTS,
+    _mk1x1,
+    _mk1x2,
+    _mk1x3,
+    _mk1x4,
     _mk1x4s,
     _mk1x8,
     _mk2x2s,
@@ -80,6 +84,20 @@ def dense_tasks(n: int, blocks: int, threads: int, whole_rows: bool) -> tuple[in
 def tile_floats() -> int:
     """Per-thread scratch of `dense`: one 64-unit block of a task's outputs."""
     return MAX_TASK_ROWS * 64
+
+
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _store_units(tile, bias, of, o, U, n, count, act):
+    """of[o + i*U + j] = act(tile[i*64 + j] + bias[j]) for n rows i and j < count: the stores
+    of every path but the one for at most 16 units. tanh and sigmoid by `_store_curved`, so
+    that a row's values are the same bits whichever path and part of a block it went through
+    (`_one_row` splits blocks between threads); one loop of rows each way (a call in the
+    loop of the others slowed them: wide_dense at 8 images, 124-136 us against 119-120)."""
+    if act == 2 or act == 3:
+        _store_curved(tile, 0, bias, of, o, 0, count, act, 0, n, 64, U)
+    else:
+        for i in range(n):
+            _store_row(tile, i * 64, bias, of, o + i * U, 0, count, act)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -185,9 +203,7 @@ def _strip_groups(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse):
                 _strips_call(R, nv, xf, (r0 + i) * K, K, wf, c * K, tile, i * 64)
                 i += R
         last = min(c + 16 * nv, U)
-        for i in range(n):
-            o = (r0 + i) * U + c
-            _store_row(tile, i * 64, bias[c:], of, o, 0, last - c, 0 if act == 4 else act)
+        _store_units(tile, bias[c:], of, r0 * U + c, U, n, last - c, 0 if act == 4 else act)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -220,9 +236,7 @@ def _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse):
             # in wide_dense's and vgg_cifar's dense layers at 7-12 rows on two threads (Zen 3)
             _conv_row(xf, r0 * K, K, 0, 1, K, wf, c * K, 16, tile, 0, 64, n, 16)
         last = min(c + w, U)
-        for i in range(n):
-            o = (r0 + i) * U + c
-            _store_row(tile, i * 64, bias[c:], of, o, 0, last - c, 0 if act == 4 else act)
+        _store_units(tile, bias[c:], of, r0 * U + c, U, n, last - c, 0 if act == 4 else act)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -249,9 +263,52 @@ def _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, rev
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _one_row(xf, wf, bias, tile, of, r, K, U, u0, u1, act, reverse):
+    """Row r's units u0..u1-1 (multiples of 16) on weights in blocks of 64, with AVX-512: each
+    block's part in one call of all its vectors (a last block of 48 units in one pass, not
+    a pass of 32 and one of 16: one row's chains of fused multiply-adds wait on themselves,
+    so each pass takes at least K of their latencies), and two whole blocks a call (eight
+    chains in flight, two weight streams; on Zen 5, 784 x 1024 units: 19.7 us instead of
+    22.3; 400 x 128 on one thread: 1.60 instead of 2.47). Starting and ending at any 16, a
+    part of a block reads its units' columns of the block's rows. `reverse`: the last block
+    first (`dense`). mlp_tanh at one image on an Intel Xeon, its 784 -> 300 layer on two
+    threads: 128 and 176 units, the last 48 in two passes, before; the forward pass took
+    12.9-13.2 us against 13.9-14.4."""
+    Up = bias.size
+    b0 = u0 // 64
+    steps = (u1 + 63) // 64 - b0
+    j = 0
+    while j < steps:
+        b = b0 + (steps - 1 - j if reverse else j)
+        w = min(64, Up - 64 * b)  # block b: K rows of w units from wf[64 * b * K]
+        c = max(u0, 64 * b)
+        width = min(u1, 64 * b + w) - c
+        nxt = b - 1 if reverse else b + 1  # pairs with block b when both are whole
+        pair = j + 1 < steps and width == 64 and min(64, Up - 64 * nxt) == 64
+        pair = pair and max(u0, 64 * nxt) == 64 * nxt and min(u1, 64 * nxt + 64) == 64 * nxt + 64
+        if pair:
+            c = 64 * min(b, nxt)
+            _mk1x8(xf, r * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K)
+            width = 128
+            j += 2
+        else:
+            off = 64 * b * K + c - 64 * b
+            if width == 64:
+                _mk1x4(xf, r * K, K, 0, 1, K, wf, off, w, tile, 0, 64, 0)
+            elif width == 48:
+                _mk1x3(xf, r * K, K, 0, 1, K, wf, off, w, tile, 0, 64, 0)
+            elif width == 32:
+                _mk1x2(xf, r * K, K, 0, 1, K, wf, off, w, tile, 0, 64, 0)
+            else:
+                _mk1x1(xf, r * K, K, 0, 1, K, wf, off, w, tile, 0, 64, 0)
+            j += 1
+        _store_units(tile, bias[c:], of, r * U + c, U, 1, min(width, U - c), act)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, reverse):
-    """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64; units past
-    out.shape[1] are computed on zero columns and dropped). Weights in blocks of 64 units: per
+    """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64, of 16 for
+    one row with AVX-512; units past out.shape[1] are computed on zero columns and dropped). Weights in blocks of 64 units: per
     block, per pass of `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as
     a pixel, SIX rows a call (the last 1-9 rows in one call or two; a single row over two blocks
     a call); with `reverse`, the same calls, the last block first (`dense`). In blocks of 16
@@ -283,22 +340,12 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, re
     if block == 16:
         _strip_rows(xf, wf, bias, tile, of, r0, n, K, U, c0, c1, act, reverse)
         return
-    # one row: two full blocks a call, eight chains of fused multiply-adds in flight instead
-    # of four, and two weight streams (on Zen 5, 784 x 1024 units: 19.7 us instead of 22.3;
-    # 400 x 128 on one thread: 1.60 instead of 2.47). Eight accumulators of 16 floats fill
-    # AVX2's whole register file: not there.
-    pairs = (c1 - c0) // 128 if WIDE and n == 1 else 0
-    steps = pairs + (c1 - c0 - 128 * pairs + 63) // 64
+    if WIDE and n == 1:  # (eight accumulators of 16 floats fill AVX2's whole register file)
+        _one_row(xf, wf, bias, tile, of, r0, K, U, c0, c1, 0 if act == 4 else act, reverse)
+        return
+    steps = (c1 - c0 + 63) // 64
     for j in range(steps):
-        k = steps - 1 - j if reverse else j
-        if k < pairs:
-            c = c0 + 128 * k
-            _mk1x8(xf, r0 * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K)
-            _store_row(
-                tile, 0, bias[c:], of, r0 * U + c, 0, min(128, U - c), 0 if act == 4 else act
-            )
-            continue
-        c = c0 + 128 * pairs + 64 * (k - pairs)
+        c = c0 + 64 * (steps - 1 - j if reverse else j)
         w = min(64, Up - c)  # weight block of units c..c+w-1: K rows of w floats from wf[c*K]
         for k0 in range(0, K, chunk):
             kc = min(chunk, K - k0)
@@ -314,9 +361,7 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, re
                 t = (bulk + first) * 64
                 _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, t, 64, 4, w, more)
         last = min(c + 64, U)
-        for i in range(n):
-            o = (r0 + i) * U + c
-            _store_row(tile, i * 64, bias[c:], of, o, 0, last - c, 0 if act == 4 else act)
+        _store_units(tile, bias[c:], of, r0 * U + c, U, n, last - c, 0 if act == 4 else act)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -338,7 +383,8 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
     equal run of it: whole blocks, and where a run starts or ends inside a block, some of that
     block's rows. So 19 strips of 16 units (300 units) go as 9.5 and 9.5, not 10 and 9 (with
     AVX-512, strips are split as blocks of 64 units are, in groups of four strips, so that no
-    part is left single strips: `_strip_groups`).
+    part is left single strips: `_strip_groups`). A single row in blocks of 64 with AVX-512
+    splits at any 16 units (`_one_row`): mlp_tanh's 300 units went as 128 and 176.
     tiles: (threads, >= rows*64).
     Every output is one in-order chain of fused multiply-adds over K (four, added at the end,
     for at most 16 units), whatever the batch size or the task it falls in, so a row's result is
@@ -359,6 +405,12 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
         lo = s * width * slots // splits  # this part's run of (block, slot) cells
         hi = (s + 1) * width * slots // splits
         tile = tiles[numba.get_thread_id()]
+        if r1 - r0 == 1 and WIDE and block == 64:  # one row: parts of whole 16s (`_one_row`)
+            u0 = s * (Up // 16) // splits * 16
+            u1 = (s + 1) * (Up // 16) // splits * 16
+            if u0 < u1:
+                _dense_block(xf, wf, bias, tile, out, r0, r1, u0, u1, act, 0, 64, reverse)
+            lo = hi
         while lo < hi:
             b = lo // slots
             first = lo - b * slots

@@ -259,6 +259,7 @@ def _microkernel(
 
 _mk1x1 = _microkernel(1, 1)
 _mk1x2 = _microkernel(1, 2)
+_mk1x3 = _microkernel(1, 3)  # one row over a dense layer's last block of 48 units
 _mk1x4 = _microkernel(1, 4)
 _mk1x8 = _microkernel(1, 8, blocks=2)
 _mk1x4s = _microkernel(1, 4, blocks=4)  # one row over four 16-unit blocks
