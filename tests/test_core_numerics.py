@@ -628,12 +628,12 @@ def test_dense_strips_in_groups_pairs_and_single_strips(units):
 
 
 @pytest.mark.parametrize("units", [48, 80, 112, 183, 300])
-def test_one_row_splits_its_units_at_any_16_with_the_same_bits(units):
-    """One row in blocks of 64 units goes to 1-5 threads' parts of whole 16s, a part starting
-    or ending inside a block (`kdense._one_row`, AVX-512): every activation, on both turns,
-    matches float64 and is bit-identical to the row in a batch of nine, where whole blocks go
-    through other micro-kernels (tanh and sigmoid stored the same way there:
-    `elementwise._store_curved`)."""
+def test_few_rows_split_their_units_at_any_16_with_the_same_bits(units):
+    """One row, and 3, 7 and 8 rows (up to FEW_ROWS), in blocks of 64 units go to 1-5
+    threads' parts of whole 16s, a part starting or ending inside a block (with AVX-512;
+    `kdense._one_row` for one row): every activation, on both turns, matches float64 and is
+    bit-identical to the rows in a batch of nine, where whole blocks go through other
+    micro-kernels (tanh and sigmoid stored the same way there: `elementwise._store_curved`)."""
     from convserve.core import aligned
     from convserve.core.kernels import dense as kdense
     from convserve.core.layers.dense import pack_dense
@@ -660,6 +660,10 @@ def test_one_row_splits_its_units_at_any_16_with_the_same_bits(units):
                 kdense.dense(x[4:5].copy(), wk, b, tiles, one, act, 1, splits, 0, 64, odd)
                 where = f"activation {act}, turn {turn}, {splits} parts"
                 np.testing.assert_array_equal(one[0], batch[4], err_msg=where)
+                for n in (3, 7, 8):  # up to FEW_ROWS rows in parts of 16s too
+                    few = np.empty((n, units), np.float32)
+                    kdense.dense(x[:n].copy(), wk, b, tiles, few, act, n, splits, K_CHUNK, 64, odd)
+                    np.testing.assert_array_equal(few, batch[:n], err_msg=f"{where}, {n} rows")
 
 
 @pytest.mark.parametrize("inputs", [1024, 3072])

@@ -64,6 +64,12 @@ SIX = 6  # rows per micro-kernel call on 64 units (the widest block with all its
 # first two layers at 256 rows took 0.88-1.02x the time in four runs, medians 0.94-1.00x per
 # layer; 64 and 96 KB ran alike (AMD Zen 3, one process per run, old and new interleaved).
 ROW_BLOCK_BYTES = 128 * 1024
+# Most rows of a task whose parts (`dense`) are ranges of whole 16 units with all the rows, in
+# blocks of 64 with AVX-512, rather than runs of (block, SIX rows) cells. mlp_tanh's 784 -> 300
+# layer on an Intel Xeon, two threads: at 8 rows 16.4 us against 18.2 (the cells gave the
+# threads 2 1/2 blocks each, the one with the last block of 44 units the slower); at 12 rows
+# (two calls of 6 rows per block either way) no faster.
+FEW_ROWS = 8
 
 
 def dense_tasks(n: int, blocks: int, threads: int, whole_rows: bool) -> tuple[int, int]:
@@ -307,8 +313,9 @@ def _one_row(xf, wf, bias, tile, of, r, K, U, u0, u1, act, reverse):
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, reverse):
-    """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 64, of 16 for
-    one row with AVX-512; units past out.shape[1] are computed on zero columns and dropped). Weights in blocks of 64 units: per
+    """out[r0:r1, c0:c1] = act(x @ W + b) for units c0..c1-1 (c0 a multiple of 16; units past
+    out.shape[1] are computed on zero columns and dropped; a part of a block reads its units'
+    columns of the block's rows). Weights in blocks of 64 units: per
     block, per pass of `k_pass` inputs (0: one pass), the conv micro-kernels with a batch row as
     a pixel, SIX rows a call (the last 1-9 rows in one call or two; a single row over two blocks
     a call); with `reverse`, the same calls, the last block first (`dense`). In blocks of 16
@@ -343,24 +350,30 @@ def _dense_block(xf, wf, bias, tile, out, r0, r1, c0, c1, act, k_pass, block, re
     if WIDE and n == 1:  # (eight accumulators of 16 floats fill AVX2's whole register file)
         _one_row(xf, wf, bias, tile, of, r0, K, U, c0, c1, 0 if act == 4 else act, reverse)
         return
-    steps = (c1 - c0 + 63) // 64
+    b0 = c0 // 64
+    steps = (c1 + 63) // 64 - b0
     for j in range(steps):
-        c = c0 + 64 * (steps - 1 - j if reverse else j)
-        w = min(64, Up - c)  # weight block of units c..c+w-1: K rows of w floats from wf[c*K]
+        blk = b0 + (steps - 1 - j if reverse else j)
+        w = min(64, Up - 64 * blk)  # block blk: K rows of w units from wf[64 * blk * K]
+        c = max(c0, 64 * blk)  # its units c..c+width-1 here
+        width = min(c1, 64 * blk + w) - c
         for k0 in range(0, K, chunk):
             kc = min(chunk, K - k0)
             more = 1 if k0 > 0 else 0
-            b = c * K + k0 * w
+            b = 64 * blk * K + k0 * w + c - 64 * blk
+            if WIDE and 7 <= n <= 8:  # one call per 32 units: each weight read once, not twice
+                _conv_row(xf, r0 * K + k0, K, 0, 1, kc, wf, b, w, tile, 0, 64, n, width, more, 1)
+                continue
             if bulk > 0:
-                _conv_row(xf, r0 * K + k0, K, 0, 1, kc, wf, b, w, tile, 0, 64, bulk, w, more)
+                _conv_row(xf, r0 * K + k0, K, 0, 1, kc, wf, b, w, tile, 0, 64, bulk, width, more)
             if left > 0:
                 a = (r0 + bulk) * K + k0
-                _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, bulk * 64, 64, first, w, more)
+                _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, bulk * 64, 64, first, width, more)
             if left > first:  # the 4 after a first call of 4 or 5
                 a = (r0 + bulk + first) * K + k0
                 t = (bulk + first) * 64
-                _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, t, 64, 4, w, more)
-        last = min(c + 64, U)
+                _conv_row(xf, a, K, 0, 1, kc, wf, b, w, tile, t, 64, 4, width, more)
+        last = min(c + width, U)
         _store_units(tile, bias[c:], of, r0 * U + c, U, n, last - c, 0 if act == 4 else act)
 
 
@@ -383,8 +396,9 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
     equal run of it: whole blocks, and where a run starts or ends inside a block, some of that
     block's rows. So 19 strips of 16 units (300 units) go as 9.5 and 9.5, not 10 and 9 (with
     AVX-512, strips are split as blocks of 64 units are, in groups of four strips, so that no
-    part is left single strips: `_strip_groups`). A single row in blocks of 64 with AVX-512
-    splits at any 16 units (`_one_row`): mlp_tanh's 300 units went as 128 and 176.
+    part is left single strips: `_strip_groups`). With AVX-512, a task of at most FEW_ROWS
+    rows in blocks of 64 splits at any 16 units instead, each part with all the rows:
+    mlp_tanh's 300 units at one row went as 128 and 176 (`_one_row`).
     tiles: (threads, >= rows*64).
     Every output is one in-order chain of fused multiply-adds over K (four, added at the end,
     for at most 16 units), whatever the batch size or the task it falls in, so a row's result is
@@ -405,11 +419,11 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
         lo = s * width * slots // splits  # this part's run of (block, slot) cells
         hi = (s + 1) * width * slots // splits
         tile = tiles[numba.get_thread_id()]
-        if r1 - r0 == 1 and WIDE and block == 64:  # one row: parts of whole 16s (`_one_row`)
-            u0 = s * (Up // 16) // splits * 16
-            u1 = (s + 1) * (Up // 16) // splits * 16
+        if r1 - r0 <= FEW_ROWS and WIDE and block == 64:  # parts of whole 16s
+            u0 = -(-s * (Up // 16) // splits) * 16  # the first parts the larger
+            u1 = -(-(s + 1) * (Up // 16) // splits) * 16
             if u0 < u1:
-                _dense_block(xf, wf, bias, tile, out, r0, r1, u0, u1, act, 0, 64, reverse)
+                _dense_block(xf, wf, bias, tile, out, r0, r1, u0, u1, act, k_pass, 64, reverse)
             lo = hi
         while lo < hi:
             b = lo // slots
