@@ -66,7 +66,7 @@ SIX = 6  # rows per micro-kernel call on 64 units (the widest block with all its
 ROW_BLOCK_BYTES = 128 * 1024
 # Most rows of a task whose parts (`dense`) are ranges of whole 16 units with all the rows, in
 # blocks of 64 with AVX-512, rather than runs of (block, SIX rows) cells. mlp_tanh's 784 -> 300
-# layer on an Intel Xeon, two threads: at 8 rows 16.4 us against 18.2 (the cells gave the
+# layer on an Intel Xeon, two threads: at 8 rows 16.4-17.0 us against 18.2 (the cells gave the
 # threads 2 1/2 blocks each, the one with the last block of 44 units the slower); at 12 rows
 # (two calls of 6 rows per block either way) no faster.
 FEW_ROWS = 8
