@@ -100,7 +100,7 @@ def _store_units(tile, bias, of, o, U, n, count, act):
     (`_one_row` splits blocks between threads); one loop of rows each way (a call in the
     loop of the others slowed them: wide_dense at 8 images, 124-136 us against 119-120)."""
     if act == 2 or act == 3:
-        _store_curved(tile, 0, bias, of, o, 0, count, act, 0, n, 64, U)
+        _store_curved(tile, 64, bias, of, o, U, n, count, act)
     else:
         for i in range(n):
             _store_row(tile, i * 64, bias, of, o + i * U, 0, count, act)
@@ -290,9 +290,7 @@ def _one_row(xf, wf, bias, tile, of, r, K, U, u0, u1, act, reverse):
         c = max(u0, 64 * b)
         width = min(u1, 64 * b + w) - c
         nxt = b - 1 if reverse else b + 1  # pairs with block b when both are whole
-        pair = j + 1 < steps and width == 64 and min(64, Up - 64 * nxt) == 64
-        pair = pair and max(u0, 64 * nxt) == 64 * nxt and min(u1, 64 * nxt + 64) == 64 * nxt + 64
-        if pair:
+        if j + 1 < steps and width == 64 and u0 <= 64 * nxt and 64 * nxt + 64 <= min(u1, Up):
             c = 64 * min(b, nxt)
             _mk1x8(xf, r * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K)
             width = 128

@@ -278,30 +278,30 @@ def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act, average):
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _store_curved(tile, t, bias, of, o, lo, hi, act, b, rows=1, ldt=0, ldo=0):
-    """`_store_row` for tanh and sigmoid (act 2, 3), the same values wherever it is called from:
-    in whole groups of 16 from lo, the last one in the tile (whose rows, like the bias, hold
-    whole 16s past hi), then copied. In `_store_row`'s loop the values past its last whole
-    vector run as scalar code, which the compiler may rearrange otherwise than the vector code
-    (under fastmath), and differently in each kernel it is inlined into: a dense layer's
-    single-row kernel gave a tanh or sigmoid output that differed in its last bit from the
-    same sum's in a batch. Not inlined, and not called from `_store_row`: with the call there,
-    every store around it slowed (the 10-unit softmax layer of mlp_tanh at 64 rows from 6.2 to
-    7.0-8.7 us on an Intel Xeon). `rows` rows, ldt floats apart in the tile and ldo in of."""
-    bb = np.uint64(b)
-    whole = lo + (hi - lo) // 16 * 16
+def _store_curved(tile, ldt, bias, of, o, ldo, rows, count, act):
+    """of[o + r*ldo + j] = act(tile[r*ldt + j] + bias[j]) for `rows` rows r and j < count, for
+    tanh and sigmoid (act 2, 3), the same values wherever it is called from: in whole groups of
+    16, the last one in the tile (whose rows, like the bias, hold whole 16s past count), then
+    copied. In `_store_row`'s loop the values past its last whole vector run as scalar code,
+    which the compiler may rearrange otherwise than the vector code (under fastmath), and
+    differently in each kernel it is inlined into: a dense layer's single-row kernel gave a
+    tanh or sigmoid output that differed in its last bit from the same sum's in a batch. Not
+    inlined, and not called from `_store_row`: with the call there, every store around it
+    slowed (the 10-unit softmax layer of mlp_tanh at 64 rows from 6.2 to 7.0-8.7 us on an
+    Intel Xeon)."""
+    whole = count // 16 * 16
     for r in range(rows):
-        tt = np.uint64(t + r * ldt)
+        tt = np.uint64(r * ldt)
         oo = np.uint64(o + r * ldo)
-        for g in range(lo, whole, 16):
+        for g in range(0, whole, 16):
             for k in range(16):
                 u = np.uint64(g + k)
-                of[oo + u] = _act(tile[tt + u] + bias[bb + u], act)
-        if whole < hi:
+                of[oo + u] = _act(tile[tt + u] + bias[u], act)
+        if whole < count:
             for k in range(16):
                 u = np.uint64(whole + k)
-                tile[tt + u] = _act(tile[tt + u] + bias[bb + u], act)
-            for j in range(whole, hi):
+                tile[tt + u] = _act(tile[tt + u] + bias[u], act)
+            for j in range(whole, count):
                 u = np.uint64(j)
                 of[oo + u] = tile[tt + u]
 
