@@ -5,6 +5,7 @@ of a 1x1 convolution. Weights are packed by the plan (`layers.dense`) in blocks 
 from __future__ import annotations
 
 import numba
+import numpy as np
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _softmax_rows, _store_curved, _store_row
 from convserve.core.kernels.gemm import REGISTER_VECTORS, WIDE, _conv_row
@@ -421,7 +422,7 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
             u0 = -(-s * (Up // 16) // splits) * 16  # the first parts the larger
             u1 = -(-(s + 1) * (Up // 16) // splits) * 16
             if u0 < u1:
-                _dense_block(xf, wf, bias, tile, out, r0, r1, u0, u1, act, k_pass, 64, reverse)
+                _dense_block(xf, wf, bias, tile, out, r0, r1, u0, u1, act, k_pass, block, reverse)
             lo = hi
         while lo < hi:
             b = lo // slots
@@ -453,8 +454,10 @@ def dense_serial(x, wk, bias, tiles, out, act, k_pass, block, turn):
     Up = bias.size
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
+    # A literal 0 would compile every function below a second time, for a constant c0
+    c0 = np.int64(0)
     for r0 in range(0, N, MAX_TASK_ROWS):
         r1 = min(N, r0 + MAX_TASK_ROWS)
-        _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, 0, Up, act, k_pass, block, reverse)
+        _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, c0, Up, act, k_pass, block, reverse)
         if act == 4:
             _softmax_rows(out, r0, r1)
