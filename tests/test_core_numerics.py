@@ -666,6 +666,28 @@ def test_few_rows_split_their_units_at_any_16_with_the_same_bits(units):
                     np.testing.assert_array_equal(few, batch[:n], err_msg=f"{where}, {n} rows")
 
 
+def test_dense_tasks_split_rows_where_a_layer_has_few_units_a_row():
+    """Tasks take ranges of units while a layer has more than UNITS_PER_ROW units (in 64s) per
+    batch row, else groups of rows (each thread's input then stays in its own cache); softmax
+    always by rows; one thread: the fewest tasks of at most MAX_TASK_ROWS rows."""
+    from convserve.core.kernels import dense as kdense
+
+    per = kdense.UNITS_PER_ROW
+    # (n, blocks, softmax): ways; 320 units <= 2 x 256 rows, > 2 x 128 rows; 128 <= 2 x 64
+    cases = {(256, 5, False): 1, (128, 5, False): 2, (64, 2, False): 1, (63, 2, False): 2}
+    cases.update({(8, 16, False): 2, (8, 16, True): 1, (1, 4, False): 2, (1, 1, False): 1})
+    for (n, blocks, softmax), ways in cases.items():
+        assert kdense.dense_tasks(n, blocks, 2, softmax)[1] == ways, (n, blocks, softmax)
+    for n in range(1, 300, 7):
+        for blocks in (1, 2, 5, 16):
+            rows, ways = kdense.dense_tasks(n, blocks, 2, False)
+            assert ways == 1 or 64 * blocks > per * n
+            if ways == 1 and n > kdense.SIX:  # groups of rows: one for each thread
+                assert -(-n // rows) == 2, (n, blocks, rows)
+            rows, ways = kdense.dense_tasks(n, blocks, 1, False)  # one thread: as few as fit
+            assert ways == 1 and -(-n // rows) == -(-n // kdense.MAX_TASK_ROWS)
+
+
 @pytest.mark.parametrize("inputs", [1024, 3072])
 def test_dense_rows_4_kb_apart_go_in_one_pass_over_many_rows(inputs):
     """Inputs a multiple of 1,024 (rows 4 KB apart): `passes` takes tasks of more than
