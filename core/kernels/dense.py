@@ -74,9 +74,9 @@ FEW_ROWS = 8
 # Most units per batch row of a layer whose tasks split the rows rather than the units. Split by
 # rows, each thread reads all the weights (K x units) but only its rows of the input, which the
 # layer before left in its own cache when it split by rows too; split by units, each thread
-# reads half the weights and all the input, half of it from the other core's cache. The cross
-# -core half counted twice, rows win at up to 2 units a row. On an Intel Xeon, two threads, four
-# alternating processes each: mlp_tanh (784 -> 300 -> 100 -> 10; its 100 units split by rows
+# reads half the weights and all the input, half of it from the other core's cache. With a
+# byte from the other core counted twice, rows win at up to 2 units a row. On an Intel Xeon,
+# two threads, four alternating processes each: mlp_tanh (784 -> 300 -> 100 -> 10; its 100 units split by rows
 # from 64 rows, its 300 from 160) at 64 / 128 / 256 rows took 145-148 / 273-280 / 520-524 us
 # against 150-158 / 292-301 / 559-573 by units; wide_dense (1,024 and 512 units) at 256 rows
 # 2,264-2,273 against 2,325-2,368 us; the conv models' dense heads 0.97-1.01x.
@@ -85,9 +85,9 @@ UNITS_PER_ROW = 2
 
 def dense_tasks(n: int, blocks: int, threads: int, whole_rows: bool) -> tuple[int, int]:
     """(rows per task, ranges of 64-unit blocks per task's rows) for `dense` on n rows and
-    `blocks` blocks: at least one task per thread, by ranges of units (each thread then
-    reads only its share of the weights) unless the layer has at most UNITS_PER_ROW units
-    (rounded up to 64) per row, else by groups of rows. `whole_rows` (softmax): no ranges."""
+    `blocks` blocks: at least one task per thread, by ranges of units where the layer has more
+    than UNITS_PER_ROW units (rounded up to 64) a row (each thread then reads only its share of
+    the weights), else by groups of rows. `whole_rows` (softmax): no ranges."""
     groups = -(-n // MAX_TASK_ROWS)
     ways = 1
     by_rows = whole_rows or 64 * blocks <= UNITS_PER_ROW * n
