@@ -627,7 +627,7 @@ def test_dense_strips_in_groups_pairs_and_single_strips(units):
         np.testing.assert_array_equal(plans["strips"].run(x[i : i + 1])[0], whole[i])
 
 
-@pytest.mark.parametrize("units", [48, 80, 112, 183, 300])
+@pytest.mark.parametrize("units", [48, 80, 96, 112, 183, 300])
 def test_few_rows_split_their_units_at_any_16_with_the_same_bits(units):
     """One row, and 3, 7 and 8 rows (up to FEW_ROWS), in blocks of 64 units go to 1-5
     threads' parts of whole 16s, a part starting or ending inside a block (with AVX-512;

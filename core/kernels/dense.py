@@ -16,6 +16,9 @@ from convserve.core.kernels.ir import (
     _mk1x3,
     _mk1x4,
     _mk1x4s,
+    _mk1x5p,
+    _mk1x6p,
+    _mk1x7p,
     _mk1x8,
     _mk2x2s,
     _mk3x2s,
@@ -287,7 +290,8 @@ def _one_row(xf, wf, bias, tile, of, r, K, U, u0, u1, act, reverse):
     a pass of 32 and one of 16: one row's chains of fused multiply-adds wait on themselves,
     so each pass takes at least K of their latencies), and two whole blocks a call (eight
     chains in flight, two weight streams; on Zen 5, 784 x 1024 units: 19.7 us instead of
-    22.3; 400 x 128 on one thread: 1.60 instead of 2.47). Starting and ending at any 16, a
+    22.3; 400 x 128 on one thread: 1.60 instead of 2.47), or a whole block and the layer's
+    narrower last one (`ir._mk1x7p`...: 100 units as 64 + 48 in one pass). Starting and ending at any 16, a
     part of a block reads its units' columns of the block's rows. `reverse`: the last block
     first (`dense`). mlp_tanh at one image on an Intel Xeon, its 784 -> 300 layer on two
     threads: 128 and 176 units, the last 48 in two passes, before; the forward pass took
@@ -301,11 +305,19 @@ def _one_row(xf, wf, bias, tile, of, r, K, U, u0, u1, act, reverse):
         w = min(64, Up - 64 * b)  # block b: K rows of w units from wf[64 * b * K]
         c = max(u0, 64 * b)
         width = min(u1, 64 * b + w) - c
-        nxt = b - 1 if reverse else b + 1  # pairs with block b when both are whole
-        if j + 1 < steps and width == 64 and u0 <= 64 * nxt and 64 * nxt + 64 <= min(u1, Up):
-            c = 64 * min(b, nxt)
-            _mk1x8(xf, r * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K)
-            width = 128
+        lo = min(b, b - 1 if reverse else b + 1)  # the lower of block b and the next one
+        top = min(64, Up - 64 * lo - 64)  # the upper one's units (narrower when it is the last)
+        if j + 1 < steps and u0 <= 64 * lo and 64 * lo + 64 + top <= u1:  # both in the part
+            c = 64 * lo
+            if top == 64:
+                _mk1x8(xf, r * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K)
+            elif top == 48:
+                _mk1x7p(xf, r * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K, 48)
+            elif top == 32:
+                _mk1x6p(xf, r * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K, 32)
+            else:
+                _mk1x5p(xf, r * K, K, 0, 1, K, wf, c * K, 64, tile, 0, 128, 0, 64 * K, 16)
+            width = 64 + top
             j += 2
         else:
             off = 64 * b * K + c - 64 * b

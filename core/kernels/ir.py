@@ -30,7 +30,12 @@ def _close_loop(builder, counter, limit, phis, values, latch, header, exit_block
 
 
 def _microkernel(
-    rows: int, vectors: int, b_steps: bool = False, blocks: int = 1, wraps: bool = False
+    rows: int,
+    vectors: int,
+    b_steps: bool = False,
+    blocks: int = 1,
+    wraps: bool = False,
+    narrow_last: int = 0,
 ):
     """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
     convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
@@ -51,7 +56,9 @@ def _microkernel(
     kernels take no `more`.) With `blocks` > 1, mk takes `b_split` after `more`, and the columns
     come in `blocks` equal groups, each b_split floats after the one before: a dense layer's
     weights are packed in blocks of 64 (or 16) units, and one row over two blocks of 64 (or
-    four of 16) keeps eight (four) accumulators busy instead of four (one).
+    four of 16) keeps eight (four) accumulators busy instead of four (one). With `narrow_last`
+    (two blocks), the second block has that many vectors and rows of its own width: mk takes
+    `ldb2` after `b_split` (a whole 64-unit block and a layer's narrower last one in one call).
 
     With `wraps`, mk takes `col0, row_len, jump` after `more`, and the block's pixels may run
     over the ends of output rows: pixel r is at column col0 + r of a row of row_len pixels,
@@ -80,9 +87,9 @@ def _microkernel(
             more = None
         elif blocks > 1:
             a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args[
-                :-2
+                :12
             ]
-            more, b_split = args[-2], args[-1]
+            more, b_split = args[12], args[13]
             b_step = builder.mul(seg_len, ldb)
         else:
             a_arr, a_off, lda, a_step, segs, seg_len, b_arr, b_off, ldb, c_arr, c_off, ldc = args[
@@ -108,7 +115,15 @@ def _microkernel(
                 for v in range(vectors):
                     old = _vload(builder, cp, builder.add(c_row, ir.Constant(i64, 16 * v)))
                     start[r][v] = builder.select(go_on, old, zero)
-        per_block = vectors // blocks
+        # each vector's (block, place in it); each block's row stride
+        if narrow_last:
+            first = vectors - narrow_last
+            places = [(0, v) for v in range(first)] + [(1, v) for v in range(narrow_last)]
+            ldbs = [ldb, args[14]]
+        else:
+            per_block = vectors // blocks
+            places = [(v // per_block, v % per_block) for v in range(vectors)]
+            ldbs = [ldb] * blocks
         # each pixel's input offset from the block's first: r * lda, plus a jump per row end
         pixel_offsets = [builder.mul(ir.Constant(i64, r), lda) for r in range(rows)]
         if wraps:
@@ -121,20 +136,13 @@ def _microkernel(
                 col = builder.select(ends, ir.Constant(i64, 0), col)
                 wrapped = builder.add(wrapped, builder.zext(ends, i64))
 
-        def step(a_seg, b_seg, k, accs):
-            """`accs` after input k of the segment: one more link of every chain."""
-            b_row = builder.add(b_seg, builder.mul(k, ldb))
-            # with several blocks, each group of vectors comes from b_split after the one before
-            b_rows = [b_row]
-            for _ in range(blocks - 1):
-                b_rows.append(builder.add(b_rows[-1], b_split))
+        def step(a_seg, b_segs, k, accs):
+            """`accs` after input k of the segment: one more link of every chain. b_segs: the
+            segment's first row in each block (each b_split after the one before)."""
+            b_rows = [builder.add(seg, builder.mul(k, stride)) for seg, stride in zip(b_segs, ldbs)]
             bv = [
-                _vload(
-                    builder,
-                    bp,
-                    builder.add(b_rows[v // per_block], ir.Constant(i64, 16 * (v % per_block))),
-                )
-                for v in range(vectors)
+                _vload(builder, bp, builder.add(b_rows[blk], ir.Constant(i64, 16 * v)))
+                for blk, v in places
             ]
             a_k = builder.add(a_seg, k)
             out = []
@@ -172,15 +180,18 @@ def _microkernel(
         s.add_incoming(zero64, entry)
         acc_seg = merge([(start, entry)])
         a_seg = builder.add(a_off, builder.mul(s, a_step))
-        b_seg = builder.add(b_off, builder.mul(s, b_step))
+        b_segs = [builder.add(b_off, builder.mul(s, b_step))]
+        for stride in ldbs[1:]:  # block j: b_split after block j-1, its own segment step
+            start_j = builder.add(b_off, builder.mul(ir.Constant(i64, len(b_segs)), b_split))
+            b_segs.append(builder.add(start_j, builder.mul(s, builder.mul(seg_len, stride))))
         builder.cbranch(builder.icmp_signed(">", even, zero64), pairs, odd)
 
         builder.position_at_end(pairs)
         k = builder.phi(i64)
         k.add_incoming(zero64, outer)
         acc = merge([(acc_seg, outer)])
-        half = step(a_seg, b_seg, k, acc)
-        new = step(a_seg, b_seg, builder.add(k, ir.Constant(i64, 1)), half)
+        half = step(a_seg, b_segs, k, acc)
+        new = step(a_seg, b_segs, builder.add(k, ir.Constant(i64, 1)), half)
         _close_loop(builder, k, even, acc, new, pairs, pairs, odd, step=2)
 
         builder.position_at_end(odd)
@@ -188,7 +199,7 @@ def _microkernel(
         builder.cbranch(builder.icmp_signed("<", even, seg_len), last, seg_end)
 
         builder.position_at_end(last)
-        tail = step(a_seg, b_seg, even, mid)
+        tail = step(a_seg, b_segs, even, mid)
         builder.branch(seg_end)
 
         builder.position_at_end(seg_end)
@@ -212,6 +223,17 @@ def _microkernel(
             return types.void(
                 a, a_off, lda, a_step, segs, seg_len, b, b_off, b_step, ldb, c, c_off, ldc
             ), codegen
+    elif narrow_last:
+
+        @intrinsic
+        def mk(
+            typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more,
+            b_split, ldb2,
+        ):  # fmt: skip
+            return types.void(
+                a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more, b_split,
+                ldb2,
+            ), codegen  # fmt: skip
     elif blocks > 1:
 
         @intrinsic
@@ -262,6 +284,10 @@ _mk1x2 = _microkernel(1, 2)
 _mk1x3 = _microkernel(1, 3)  # one row over a dense layer's last block of 48 units
 _mk1x4 = _microkernel(1, 4)
 _mk1x8 = _microkernel(1, 8, blocks=2)
+# one row over a whole 64-unit block and a layer's last block of 16, 32 or 48 units
+_mk1x5p = _microkernel(1, 5, blocks=2, narrow_last=1)
+_mk1x6p = _microkernel(1, 6, blocks=2, narrow_last=2)
+_mk1x7p = _microkernel(1, 7, blocks=2, narrow_last=3)
 _mk1x4s = _microkernel(1, 4, blocks=4)  # one row over four 16-unit blocks
 _mk2x2s = _microkernel(2, 2, blocks=2)  # two rows over two 16-unit blocks
 _mk1x2s = _microkernel(1, 2, blocks=2)  # one row over two 16-unit blocks
