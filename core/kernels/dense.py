@@ -79,10 +79,11 @@ FEW_ROWS = 8
 # layer before left in its own cache when it split by rows too; split by units, each thread
 # reads half the weights and all the input, half of it from the other core's cache. With a
 # byte from the other core counted twice, rows win at up to 2 units a row. On an Intel Xeon,
-# two threads, four alternating processes each: mlp_tanh (784 -> 300 -> 100 -> 10; its 100 units split by rows
-# from 64 rows, its 300 from 160) at 64 / 128 / 256 rows took 145-148 / 273-280 / 520-524 us
-# against 150-158 / 292-301 / 559-573 by units; wide_dense (1,024 and 512 units) at 256 rows
-# 2,264-2,273 against 2,325-2,368 us; the conv models' dense heads 0.97-1.01x.
+# two threads, four alternating processes each: mlp_tanh (784 -> 300 -> 100 -> 10; its 100
+# units split by rows from 64 rows, its 300 from 160) at 64 / 128 / 256 rows took 145-148 /
+# 273-280 / 520-524 us against 150-158 / 292-301 / 559-573 by units; wide_dense (1,024 and 512
+# units) at 256 rows 2,264-2,273 against 2,325-2,368 us; the conv models' dense heads
+# 0.97-1.01x.
 UNITS_PER_ROW = 2
 
 
@@ -291,9 +292,10 @@ def _one_row(xf, wf, bias, tile, of, r, K, U, u0, u1, act, reverse):
     so each pass takes at least K of their latencies), and two whole blocks a call (eight
     chains in flight, two weight streams; on Zen 5, 784 x 1024 units: 19.7 us instead of
     22.3; 400 x 128 on one thread: 1.60 instead of 2.47), or a whole block and the layer's
-    narrower last one (`ir._mk1x7p`...: 100 units as 64 + 48 in one pass). Starting and ending at any 16, a
-    part of a block reads its units' columns of the block's rows. `reverse`: the last block
-    first (`dense`). mlp_tanh at one image on an Intel Xeon, its 784 -> 300 layer on two
+    narrower last one (`ir._mk1x7p`...: 100 units as 64 + 48 in one pass; 1.69 us a call
+    instead of 1.77 at 300 inputs, Intel Xeon). Starting and ending at any 16, a part of a
+    block reads its units' columns of the block's rows. `reverse`: the last block first
+    (`dense`). mlp_tanh at one image on an Intel Xeon, its 784 -> 300 layer on two
     threads: 128 and 176 units, the last 48 in two passes, before; the forward pass took
     12.9-13.2 us against 13.9-14.4."""
     Up = bias.size
