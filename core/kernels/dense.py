@@ -422,7 +422,8 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
     AVX-512, strips are split as blocks of 64 units are, in groups of four strips, so that no
     part is left single strips: `_strip_groups`). With AVX-512, a task of at most FEW_ROWS
     rows in blocks of 64 splits at any 16 units instead, each part with all the rows:
-    mlp_tanh's 300 units at one row went as 128 and 176 (`_one_row`).
+    mlp_tanh's 300 units (304 packed) at one row go as 160 and 144, not as 2 and 3 blocks of
+    64 (`_one_row`).
     tiles: (threads, >= rows*64).
     Every output is one in-order chain of fused multiply-adds over K (four, added at the end,
     for at most 16 units), whatever the batch size or the task it falls in, so a row's result is
@@ -448,7 +449,7 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
             u1 = -(-(s + 1) * (Up // 16) // splits) * 16
             if u0 < u1:
                 _dense_block(xf, wf, bias, tile, out, r0, r1, u0, u1, act, k_pass, block, reverse)
-            lo = hi
+            lo = hi  # no (block, slot) cells for the loop below; the softmax after it still runs
         while lo < hi:
             b = lo // slots
             first = lo - b * slots
