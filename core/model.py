@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.errors import ModelError
-from convserve.core.inference import InferencePlan, default_plan
+from convserve.core.inference import FLOAT32, InferencePlan, default_plan
 from convserve.core.kernels.elementwise import (
     PARALLEL_SCAN_FLOATS,
     all_finite_f32,
@@ -150,14 +150,18 @@ class Model:
     # -- compute --------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Run a preprocessed float32 NHWC batch; returns float32 (N, outputs)."""
-        if not (  # the usual batch passes these few tests; anything else gets the full check
+        if (  # the usual batch passes these few tests and gets the serial scan straight away
             type(x) is np.ndarray
-            and x.dtype == np.float32
+            and x.dtype is FLOAT32
+            and x.flags.c_contiguous
             and x.shape[1:] == self.architecture.input_shape
-            and x.shape[0] > 0
+            and 0 < x.size < PARALLEL_SCAN_FLOATS
         ):
+            finite = all_finite_f32(x)
+        else:  # anything else gets the full check
             self._check_batch(x, floating_only=True, what="forward input")
-        if not all_finite(x):
+            finite = all_finite(x)
+        if not finite:
             raise ModelError("forward input contains NaN or Inf")
         return self._plan.run(x)  # copies a non-contiguous batch itself
 
