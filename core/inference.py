@@ -238,7 +238,7 @@ class InferencePlan:
                 args = bind_args(call, x, result)
                 call[0](*args)
                 # from now on call the compiled code this call picked
-                calls[k] = (_entry_point(call[0], args), list(call[1]), *call[2:])
+                calls[k] = (_entry_point(call[0], args), *call[1:])
         else:  # the hot path: a small model's forward pass takes ~12 us, so each call's own
             # list of arguments gets its input and result in place, and lets go of them after
             for fn, args, in_pos, res_pos in calls:
@@ -292,4 +292,6 @@ class InferencePlan:
             program.raw = step.takes_raw and preprocess
             program.padded = padded.get(k)
             x = step.emit(program, x, out)
-        return program.calls, result_shape, (None if x is RESULT else x)
+        # each call's arguments in a list of its own, for the hot path of `_forward_chunk`
+        calls = [(fn, list(args), in_pos, res_pos) for fn, args, in_pos, res_pos in program.calls]
+        return calls, result_shape, (None if x is RESULT else x)

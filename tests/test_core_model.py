@@ -326,6 +326,26 @@ def test_forward_takes_views_that_are_not_contiguous(reference_model):
         reference_model.forward(y[:, :, ::-1])
 
 
+def test_a_run_keeps_no_reference_to_its_input_or_result(reference_model):
+    """The prepared calls take a run's input and result in and let go of them after: once the
+    caller drops them, they are freed (and a replayed program still gives the same results)."""
+    import gc
+    import weakref
+
+    x = np.random.default_rng(6).random((2, 28, 28, 1), dtype=np.float32)
+    first = reference_model.forward(x)
+    for preprocess in (False, True):
+        batch = x.copy()
+        result = reference_model._plan.run(batch, preprocess=preprocess)  # the hot path
+        result = reference_model._plan.run(batch, preprocess=preprocess)
+        if not preprocess:
+            np.testing.assert_array_equal(result, first)
+        refs = weakref.ref(batch), weakref.ref(result)
+        del batch, result
+        gc.collect()
+        assert refs[0]() is None and refs[1]() is None
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_one_non_finite_value_anywhere_in_a_batch_is_refused(reference_model, bad):
     x = np.full((3, 28, 28, 1), np.finfo(np.float32).max, np.float32)  # finite, however large
