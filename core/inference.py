@@ -259,8 +259,9 @@ class InferencePlan:
         return final.reshape(n, -1).copy()
 
     def _program(self, n: int, preprocess: bool, threads: int):
-        """The kernel calls of a batch of n as (kernel, args, input position, result position);
-        `INPUT` and `RESULT` stand for the call's input and its freshly allocated result."""
+        """The kernel calls of a batch of n as (kernel, args, input position, result position),
+        each call's args in a list of its own; `INPUT` and `RESULT` stand for the call's input and
+        its freshly allocated result."""
         bufs = self._buffers_for(n)
         program = Program(
             n,

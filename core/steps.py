@@ -21,7 +21,9 @@ from convserve.core.threads import SERIAL_MAX_WORK
 INPUT = object()  # placeholders in a prepared program: the call's input and its result
 RESULT = object()
 
-Call = tuple[Any, tuple, int, int]  # (kernel, args, input position, result position)
+# (kernel, args, input position, result position); the args a tuple as steps add them, a list
+# of the call's own once `InferencePlan` has built its program
+Call = tuple[Any, tuple | list, int, int]
 
 
 @dataclass(frozen=True)
