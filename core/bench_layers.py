@@ -109,7 +109,7 @@ def worker(name: str, batch: int) -> dict[str, Any]:
     from convserve.core.architecture import parse_architecture
     from convserve.core.bench import random_weights
     from convserve.core.inference import bind_args
-    from convserve.core.layers.dense import DenseStep
+    from convserve.core.layers.dense import DenseChainStep, DenseStep
     from convserve.core.model import Model
 
     doc = _document(name)
@@ -123,7 +123,7 @@ def worker(name: str, batch: int) -> dict[str, Any]:
     conv = arch.layers[0]
     oh, ow, _ = conv.output_shape
     macs = batch * oh * ow * FILTERS * conv.kernel_size[0] * conv.kernel_size[1] * CHANNELS
-    dense_steps = sum(1 for s in plan.steps if isinstance(s, DenseStep))
+    dense_steps = sum(1 for s in plan.steps if isinstance(s, (DenseStep, DenseChainStep)))
     timed = calls[
         : len(calls) - dense_steps
     ]  # padding copy, conv, separate pool: not the dense head

@@ -184,6 +184,7 @@ def test_random_architectures_cover_every_option(cases):
         "PixelsPoolConv",
         "PoolStep",
         "DenseStep",
+        "DenseChainStep",
         "Activate",
     } <= kinds
     assert "WinogradConv+pool" in {

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from convserve.core import aligned
 from convserve.core.activations import CODES, RELU, SOFTMAX
 from convserve.core.kernels import dense as kdense
 from convserve.core.layers import base
@@ -58,24 +60,124 @@ class DenseStep(Step):
     def tile_floats(self) -> int:
         return kdense.tile_floats()
 
-    def emit(self, program: Program, x: Any, out: Any) -> Any:
-        n, tiles = program.n, program.tiles
+    def split(self, n: int, threads: int) -> tuple[int, int]:
+        """(rows per task, parts per group of rows) of `kdense.dense` at n rows on `threads`
+        threads (`kdense.dense_tasks`); (0, 1) where the layer runs on the calling thread alone
+        (`kdense.dense_serial`): a parallel region costs a few microseconds, not worth it for
+        little work, nor for one task."""
         blocks = (self.bias.size + 63) // 64
-        rows, ways = kdense.dense_tasks(n, blocks, program.threads, self.act == SOFTMAX)
-        # a parallel region costs a few microseconds: not for little work, nor for one task
+        rows, ways = kdense.dense_tasks(n, blocks, threads, self.act == SOFTMAX)
         if n * self.wk.size < DENSE_SERIAL_MAX_WORK or (rows >= n and ways == 1):
-            program.add(
-                kdense.dense_serial,
-                *(x, self.wk, self.bias, tiles, out, self.act, self.k_pass, self.block),
-                program.turn,
-            )
-            return out
-        program.add(
-            kdense.dense,
-            *(x, self.wk, self.bias, tiles, out, self.act, rows, ways, self.k_pass, self.block),
-            program.turn,
-        )
+            return 0, 1
+        return rows, ways
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        rows, ways = self.split(program.n, program.threads)
+        common = (x, self.wk, self.bias, program.tiles, out, self.act)
+        if rows == 0:
+            program.add(kdense.dense_serial, *common, self.k_pass, self.block, program.turn)
+        else:
+            program.add(kdense.dense, *common, rows, ways, self.k_pass, self.block, program.turn)
         return out
+
+
+@dataclass(kw_only=True)
+class DenseChainStep(Step):
+    """Consecutive dense layers in one kernel call (`kdense.dense_chain`), each computed as its
+    `DenseStep` would compute it alone, so with the same bits. `wk` and `bias` hold every
+    layer's packed arrays one after another, each from a cache line (`starts`: where, in
+    floats); the layers' own arrays are views of them."""
+
+    ROWS: ClassVar[bool] = True
+    READS_INPUT_ONLY: ClassVar[bool] = True
+
+    layers: tuple[DenseStep, ...]
+    wk: np.ndarray
+    bias: np.ndarray
+    starts: tuple[tuple[int, int], ...]  # per layer: its weights' and its bias's first float
+
+    @classmethod
+    def of(cls, layers: list[DenseStep]) -> DenseChainStep:
+        """The chain of `layers` (in order, each reading the one before's output)."""
+        starts, w_end, b_end = [], 0, 0
+        for layer in layers:
+            starts.append((w_end, b_end))
+            w_end = round_up(w_end + layer.wk.size, 16)
+            b_end = round_up(b_end + layer.bias.size, 16)
+        wk, bias = aligned.zeros(w_end), aligned.zeros(b_end)
+        views = []
+        for layer, (w0, b0) in zip(layers, starts):
+            w, b = wk[w0 : w0 + layer.wk.size], bias[b0 : b0 + layer.bias.size]
+            w[...], b[...] = layer.wk.ravel(), layer.bias
+            views.append(dataclasses.replace(layer, wk=w, bias=b))
+        return cls(
+            shape=layers[-1].shape, layers=tuple(views), wk=wk, bias=bias, starts=tuple(starts)
+        )
+
+    def tile_floats(self) -> int:
+        return kdense.tile_floats()
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        n = program.n
+        table = np.zeros((len(self.layers), len(kdense.CHAIN_COLUMNS)), np.int64)
+        claims = len(self.layers)  # the counters: first a done count per layer
+        scratch = 0  # floats of the layers' outputs before the last one's
+        for k, (layer, (w0, b0)) in enumerate(zip(self.layers, self.starts)):
+            rows, ways = layer.split(n, program.threads)
+            tasks = 1 if rows == 0 else -(-n // rows) * ways
+            units = layer.shape[0]
+            row = dict(
+                units=units,
+                weights_at=w0,
+                weights=layer.wk.size,
+                bias_at=b0,
+                bias=layer.bias.size,
+                act=layer.act,
+                k_pass=layer.k_pass,
+                block=layer.block,
+                rows=rows,
+                splits=ways,
+                tasks=tasks,
+                claims_at=claims,
+                output_at=scratch,
+            )
+            table[k] = [row[column] for column in kdense.CHAIN_COLUMNS]
+            claims += tasks
+            if k < len(self.layers) - 1:
+                scratch += round_up(n * units, 16)
+        one_thread = all(layer.split(n, program.threads)[0] == 0 for layer in self.layers)
+        acts = self._activations(scratch)
+        counters = np.zeros(claims, np.int64)
+        args = (x, self.wk, self.bias, acts, out, table, program.tiles, counters)
+        if one_thread:
+            program.add(kdense.dense_chain_serial, *args, program.turn)
+        else:
+            program.add(kdense.dense_chain, *args, program.threads, program.turn)
+        return out
+
+    def _activations(self, floats: int) -> np.ndarray:
+        """Scratch for the outputs of the layers but the last: a view of one array, sized for
+        the largest batch so far (an `InferencePlan` runs one batch at a time)."""
+        floats = max(floats, 16)
+        held = getattr(self, "_held", None)
+        if held is None or held.size < floats:
+            held = self._held = aligned.empty(floats)
+        return held[:floats]
+
+
+def chain_dense_steps(steps: list[Step]) -> list[Step]:
+    """`steps` with every run of two or more consecutive `DenseStep`s as one `DenseChainStep`."""
+    chained: list[Step] = []
+    run: list[DenseStep] = []
+    for step in [*steps, None]:
+        if isinstance(step, DenseStep):
+            run.append(step)
+            continue
+        chained += [DenseChainStep.of(run)] if len(run) > 1 else run
+        run = []
+        if step is not None:
+            chained.append(step)
+    return chained
 
 
 @dataclass(frozen=True, kw_only=True)
