@@ -590,8 +590,8 @@ def dense_chain(x, wk, bias, acts, out, table, tiles, counters, parts, turn):
     """Consecutive dense layers in one parallel region, each as `dense` (or `dense_serial`)
     would compute it, so with the same bits: a parallel region and a kernel call from Python
     cost microseconds, which at a few rows is much of a layer's time (mlp_tanh's three layers
-    on an Intel Xeon, one process, interleaved: 0.91-0.94x the time of three kernels at 8
-    images, 0.92-0.97x at one, 0.98x at 64 and 256). x: the first layer's input (N, K) C-contiguous; wk, bias: every layer's packed
+    on an Intel Xeon, one process, interleaved: 0.90-0.94x the time of three kernels at 8
+    images, 0.91-0.97x at one, 0.97-0.99x at 64 and 256). x: the first layer's input (N, K) C-contiguous; wk, bias: every layer's packed
     weights and bias (`layers.dense.pack_dense`) one after another; acts: scratch for the
     layers' outputs but the last; out: (N, units of the last); table: a row per layer
     (CHAIN_COLUMNS); counters: int64, a done count per layer, then the claim flags of every
