@@ -564,24 +564,30 @@ def compile_candidates(
     in 13.2 s), and the first plan was cached on the fourth (Intel Xeon, 2 threads). With this:
     the first start took 54 s instead of 41 (53 s compiling), planned in 0.92 s and cached the
     plan; the second started in 0.57 s; with the kernels compiled and no plan cached, a start
-    takes 1.4-1.5 s."""
+    takes 1.4-1.5 s. Last, the whole model with its default variants, the same way: steps of
+    several layers (`layers.dense.DenseChainStep`) have kernels of their own, which took numba
+    12 s to compile on an Intel Xeon."""
     start = time.perf_counter()
     threads = numba.get_num_threads()
+    runners = [
+        _block_runner(arch, block, weights, variant)
+        for block, variants in _choices(arch)
+        for variant in variants
+    ]
+    runners.append(InferencePlan(arch, weights))
     try:
-        for block, variants in _choices(arch):
-            for variant in variants:
-                runner = _block_runner(arch, block, weights, variant)
-                shape = runner.architecture.input_shape
-                per_image = 0.0  # seconds a run took per image, once compiled
-                for n in batches:
-                    if n * per_image > COMPILE_RUN_SECONDS:
-                        break  # a large layer: its larger batches compile within the clock
-                    numba.set_num_threads(1 if one_thread(n, parallel_min_batch) else threads)
-                    x = np.zeros((n, *shape), np.float32)
-                    runner.run(x)  # compiles or loads the kernels
-                    ran = time.perf_counter()
-                    runner.run(x)
-                    per_image = (time.perf_counter() - ran) / n
+        for runner in runners:
+            shape = runner.architecture.input_shape
+            per_image = 0.0  # seconds a run took per image, once compiled
+            for n in batches:
+                if n * per_image > COMPILE_RUN_SECONDS:
+                    break  # a large layer: its larger batches compile within the clock
+                numba.set_num_threads(1 if one_thread(n, parallel_min_batch) else threads)
+                x = np.zeros((n, *shape), np.float32)
+                runner.run(x)  # compiles or loads the kernels
+                ran = time.perf_counter()
+                runner.run(x)
+                per_image = (time.perf_counter() - ran) / n
     finally:
         numba.set_num_threads(threads)
     return time.perf_counter() - start

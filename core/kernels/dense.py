@@ -603,11 +603,3 @@ def dense_chain(x, wk, bias, acts, out, table, tiles, counters, parts, turn):
     reverse = turn[0] & 1
     for part in prange(parts):
         _chain_part(part, parts, x, wk, bias, acts, out, table, tiles, counters, reverse)
-
-
-@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def dense_chain_serial(x, wk, bias, acts, out, table, tiles, counters, turn):
-    """`dense_chain` on the calling thread only: for layers that all run as `dense_serial`."""
-    for i in range(counters.size):
-        counters[i] = 0
-    _chain_part(0, 1, x, wk, bias, acts, out, table, tiles, counters, turn[0] & 1)

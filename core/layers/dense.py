@@ -145,14 +145,20 @@ class DenseChainStep(Step):
             claims += tasks
             if k < len(self.layers) - 1:
                 scratch += round_up(n * units, 16)
-        one_thread = all(layer.split(n, program.threads)[0] == 0 for layer in self.layers)
         acts = self._activations(scratch)
+        if not table[:, kdense.CHAIN_COLUMNS.index("rows")].any():
+            # every layer on the calling thread: their own serial kernels one after another (a
+            # serial chain kernel saved 0.4 us on lenet5's head at one image, and took numba
+            # 4.5 s more to compile on a machine's first start)
+            at = kdense.CHAIN_COLUMNS.index("output_at")
+            for k, layer in enumerate(self.layers):
+                if k == len(self.layers) - 1:
+                    return layer.emit(program, x, out)
+                o, units = table[k, at], layer.shape[0]
+                x = layer.emit(program, x, acts[o : o + n * units].reshape(n, units))
         counters = np.zeros(claims, np.int64)
         args = (x, self.wk, self.bias, acts, out, table, program.tiles, counters)
-        if one_thread:
-            program.add(kdense.dense_chain_serial, *args, program.turn)
-        else:
-            program.add(kdense.dense_chain, *args, program.threads, program.turn)
+        program.add(kdense.dense_chain, *args, program.threads, program.turn)
         return out
 
     def _activations(self, floats: int) -> np.ndarray:
