@@ -27,28 +27,25 @@ def _element(context, builder, signature, args):
     return builder.gep(_array_data(context, builder, signature, args, 0), [args[1]])
 
 
-@intrinsic
-def atomic_add(typingctx, counters, index, value):
-    """counters[index] += value atomically; returns the value before."""
-    sig = types.int64(counters, types.intp, types.int64)
+def _read_modify_write(op: str):
+    """An intrinsic (counters, index, value) that applies LLVM's `atomicrmw` `op` to
+    counters[index] and value, and returns the value before."""
 
-    def codegen(context, builder, signature, args):
-        ptr = _element(context, builder, signature, args)
-        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+    @intrinsic
+    def rmw(typingctx, counters, index, value):
+        sig = types.int64(counters, types.intp, types.int64)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            ptr = _element(context, builder, signature, args)
+            return builder.atomic_rmw(op, ptr, args[2], "seq_cst")
+
+        return sig, codegen
+
+    return rmw
 
 
-@intrinsic
-def atomic_swap(typingctx, counters, index, value):
-    """counters[index] = value atomically; returns the value before."""
-    sig = types.int64(counters, types.intp, types.int64)
-
-    def codegen(context, builder, signature, args):
-        ptr = _element(context, builder, signature, args)
-        return builder.atomic_rmw("xchg", ptr, args[2], "seq_cst")
-
-    return sig, codegen
+atomic_add = _read_modify_write("add")  # counters[index] += value
+atomic_swap = _read_modify_write("xchg")  # counters[index] = value
 
 
 @intrinsic
