@@ -170,10 +170,23 @@ class InferencePlan:
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Compile (or load from numba's cache) every kernel the model can need and allocate
         the buffers, by running each batch size once (plus 1, 8 and BATCH_CHUNK, which between
-        them reach every kernel: small steps run serial versions)."""
-        for n in sorted({1, 8, BATCH_CHUNK, *batch_sizes}):
-            self.run(np.zeros((n, *self.architecture.input_shape), np.float32))
-            self.run(np.zeros((n, *self.architecture.input_shape), np.float32), preprocess=True)
+        them reach every kernel: small steps run serial versions), and 1 and 8 images on one
+        thread too, as a server runs small batches (`threads.threads_by_batch`): there a chain
+        of dense layers that runs in one parallel region on every thread runs its layers' own
+        serial kernels instead (`layers.dense.DenseChainStep`)."""
+        threads = numba.get_num_threads()
+        passes = [(threads, sorted({1, 8, BATCH_CHUNK, *batch_sizes}))]
+        if threads > 1:
+            passes.append((1, [1, 8]))
+        try:
+            for count, sizes in passes:
+                numba.set_num_threads(count)
+                for n in sizes:
+                    x = np.zeros((n, *self.architecture.input_shape), np.float32)
+                    self.run(x)
+                    self.run(x, preprocess=True)
+        finally:
+            numba.set_num_threads(threads)
 
     # -- internals ------------------------------------------------------------------------
     def _writes_into_next(self, k: int) -> bool:

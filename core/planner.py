@@ -564,9 +564,8 @@ def compile_candidates(
     in 13.2 s), and the first plan was cached on the fourth (Intel Xeon, 2 threads). With this:
     the first start took 54 s instead of 41 (53 s compiling), planned in 0.92 s and cached the
     plan; the second started in 0.57 s; with the kernels compiled and no plan cached, a start
-    takes 1.4-1.5 s. Last, the whole model with its default variants, the same way: steps of
-    several layers (`layers.dense.DenseChainStep`) have kernels of their own, which took numba
-    12 s to compile on an Intel Xeon."""
+    takes 1.4-1.5 s. Last, the whole model with its default variants, the same way: a step of
+    several layers (`layers.dense.DenseChainStep`) may run kernels its layers alone do not."""
     start = time.perf_counter()
     threads = numba.get_num_threads()
     runners = [

@@ -133,3 +133,46 @@ def test_a_single_dense_layer_stays_a_step_of_its_own():
     plan = InferencePlan(parse_architecture(doc), _weights(doc, rng))
     kinds = [type(step) for step in plan.steps]
     assert DenseStep in kinds and DenseChainStep not in kinds
+
+
+def test_warm_up_compiles_what_small_batches_on_one_thread_run():
+    """A server runs small batches on one thread (`threads.threads_by_batch`), where a chain
+    runs its layers' own serial kernels: after `warmup`, batches of 1-15 images on one thread
+    need no kernel compiled for them (a Docker image's build would otherwise miss them)."""
+    import importlib
+    import pkgutil
+
+    import convserve.core.kernels as kernels_package
+    from convserve.core import Model
+
+    modules = [
+        importlib.import_module(f"{kernels_package.__name__}.{info.name}")
+        for info in pkgutil.iter_modules(kernels_package.__path__)
+    ]
+    dispatchers = [
+        value
+        for module in modules
+        for value in vars(module).values()
+        if hasattr(value, "signatures") and hasattr(value, "py_func")
+    ]
+    rng = np.random.default_rng(3)
+    doc = _document(rng)
+    doc["layers"] = [
+        {"type": "flatten"},
+        {"type": "dense", "units": 300, "activation": "relu"},
+        {"type": "dense", "units": 10, "activation": "softmax"},
+    ]
+    doc["labels"] = [str(i) for i in range(10)]
+    model = Model(doc, _weights(doc, rng), plan=False)
+    model.warmup((1, 64))
+    model.forward(np.zeros((1, *model.input_shape), np.float32))  # (the input's NaN scan)
+    before = {id(d): len(d.signatures) for d in dispatchers}
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        for n in range(1, 16):
+            model.forward(rng.standard_normal((n, *model.input_shape)).astype(np.float32))
+    finally:
+        numba.set_num_threads(threads)
+    grown = [d.py_func.__name__ for d in dispatchers if len(d.signatures) != before[id(d)]]
+    assert not grown

@@ -443,8 +443,7 @@ def _dense_task(xf, wf, bias, tile, out, act, rows, splits, k_pass, block, rever
         _softmax_rows(out, r0, r1)
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
-def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
+def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn) -> None:
     """out = act(x @ W + b), in passes of `k_pass` inputs (0: one pass; see
     K_CHUNK). On an odd `turn[0]` each task goes through its blocks of weights from the last
     (the caller counts its runs there): the blocks it read last in the run before are the
@@ -469,45 +468,55 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn):
     tiles: (threads, >= rows*64).
     Every output is one in-order chain of fused multiply-adds over K (four, added at the end,
     for at most 16 units), whatever the batch size or the task it falls in, so a row's result is
-    bit-identical alone and in any batch."""
-    N = x.shape[0]
-    groups = (N + rows - 1) // rows
-    reverse = turn[0] & 1
-    xf = x.reshape(x.size)
-    wf = wk.reshape(wk.size)
-    for t in prange(groups * splits):
-        tile = tiles[numba.get_thread_id()]
-        _dense_task(xf, wf, bias, tile, out, act, rows, splits, k_pass, block, reverse, t)
-
-
-@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _dense_all_rows(xf, wf, bias, tile, out, act, k_pass, block, reverse):
-    """All of `out` on the calling thread, in groups of MAX_TASK_ROWS rows."""
-    N = out.shape[0]
-    # A literal 0 would compile every function below a second time, for a constant c0
-    c0 = np.int64(0)
-    for r0 in range(0, N, MAX_TASK_ROWS):
-        r1 = min(N, r0 + MAX_TASK_ROWS)
-        _dense_rows(xf, wf, bias, tile, out, r0, r1, c0, bias.size, act, k_pass, block, reverse)
-        if act == 4:
-            _softmax_rows(out, r0, r1)
+    bit-identical alone and in any batch.
+    One layer on every numba thread: `dense_chain` with a table of one row (as
+    `layers.dense.DenseStep` emits it), so that one parallel dense kernel is compiled."""
+    tasks = chain_tasks(x.shape[0], rows, splits)
+    row = chain_row(
+        units=out.shape[1],
+        weights_at=0,
+        weights=wk.size,
+        bias_at=0,
+        bias=bias.size,
+        act=act,
+        k_pass=k_pass,
+        block=block,
+        rows=rows,
+        splits=splits,
+        tasks=tasks,
+        claims_at=1,
+        output_at=0,
+    )
+    table = np.array([row], np.int64)
+    counters = np.zeros(1 + tasks, np.int64)
+    parts = numba.get_num_threads()
+    dense_chain(x, wk, bias, NO_SCRATCH, out, table, tiles, counters, parts, turn)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def dense_serial(x, wk, bias, tiles, out, act, k_pass, block, turn):
     """`dense` on the calling thread only, for layers too small to pay for a parallel region
     (the same micro-kernel calls, so the same results)."""
+    N = x.shape[0]
     reverse = turn[0] & 1
-    _dense_all_rows(
-        x.reshape(x.size), wk.reshape(wk.size), bias, tiles[0], out, act, k_pass, block, reverse
-    )
+    Up = bias.size
+    xf = x.reshape(x.size)
+    wf = wk.reshape(wk.size)
+    # A literal 0 would compile every function below a second time, for a constant c0
+    c0 = np.int64(0)
+    for r0 in range(0, N, MAX_TASK_ROWS):
+        r1 = min(N, r0 + MAX_TASK_ROWS)
+        _dense_rows(xf, wf, bias, tiles[0], out, r0, r1, c0, Up, act, k_pass, block, reverse)
+        if act == 4:
+            _softmax_rows(out, r0, r1)
 
 
 # The columns of `dense_chain`'s table, one row per layer: its units; where its
 # packed weights and bias start in the chain's arrays, and how many floats they take; its
 # activation, `k_pass` and `block` (as `dense` takes them); its tasks as `dense` splits them
-# (`rows` 0: one task of all rows, as `dense_serial` runs them), their count, and where their
-# claim flags start in the counters; where its output starts in the scratch of activations.
+# (a layer `dense_serial` would run: groups of MAX_TASK_ROWS rows, one part each, the same
+# calls), their count, and where their claim flags start in the counters; where its output
+# starts in the scratch of activations.
 CHAIN_COLUMNS = (
     "units",
     "weights_at",
@@ -538,6 +547,17 @@ CHAIN_COLUMNS = (
     _CLAIMS_AT,
     _OUTPUT_AT,
 ) = range(len(CHAIN_COLUMNS))
+NO_SCRATCH = np.zeros(16, np.float32)  # the scratch of a chain of one layer, which needs none
+
+
+def chain_row(**columns: int) -> list[int]:
+    """A row of `dense_chain`'s table from its CHAIN_COLUMNS, by name."""
+    return [columns[name] for name in CHAIN_COLUMNS]
+
+
+def chain_tasks(n: int, rows: int, splits: int) -> int:
+    """A layer's tasks at n rows, `rows` to a group of rows, `splits` parts a group."""
+    return -(-n // rows) * splits
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -573,10 +593,7 @@ def _chain_part(part, parts, x, wk, bias, acts, out, table, tiles, counters, rev
             t = (first + j) % tasks
             if atomic_swap(counters, claims + t, 1) == 0:
                 tile = tiles[numba.get_thread_id()]
-                if rows == 0:
-                    _dense_all_rows(src, wf, b, tile, dst, act, k_pass, block, reverse)
-                else:
-                    _dense_task(src, wf, b, tile, dst, act, rows, splits, k_pass, block, reverse, t)
+                _dense_task(src, wf, b, tile, dst, act, rows, splits, k_pass, block, reverse, t)
                 atomic_add(counters, layer, 1)
         if layer < layers - 1:
             while atomic_load(counters, layer) < tasks:
@@ -602,4 +619,6 @@ def dense_chain(x, wk, bias, acts, out, table, tiles, counters, parts, turn):
         counters[i] = 0
     reverse = turn[0] & 1
     for part in prange(parts):
-        _chain_part(part, parts, x, wk, bias, acts, out, table, tiles, counters, reverse)
+        # an int64 as the parallel loop's own typing passes it (its index is unsigned there):
+        # otherwise numba compiles `_chain_part` and all below it twice (12 s more)
+        _chain_part(np.int64(part), parts, x, wk, bias, acts, out, table, tiles, counters, reverse)

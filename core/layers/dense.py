@@ -17,6 +17,8 @@ from convserve.core.threads import DENSE_SERIAL_MAX_WORK
 from convserve.core.training import kernels as K
 from convserve.core.training.layers import activate, activation_grad
 
+_TASKS, _OUTPUT_AT = (kdense.CHAIN_COLUMNS.index(c) for c in ("tasks", "output_at"))
+
 
 def round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
@@ -71,13 +73,48 @@ class DenseStep(Step):
             return 0, 1
         return rows, ways
 
-    def emit(self, program: Program, x: Any, out: Any) -> Any:
-        rows, ways = self.split(program.n, program.threads)
-        common = (x, self.wk, self.bias, program.tiles, out, self.act)
+    def chain_row(
+        self,
+        n: int,
+        threads: int,
+        starts: tuple[int, int] = (0, 0),
+        claims_at: int = 1,
+        output_at: int = 0,
+    ) -> list[int]:
+        """This layer's row of `kdense.dense_chain`'s table at n rows on `threads` threads, its
+        weights and bias at `starts` in the chain's arrays. A layer `kdense.dense_serial` would
+        run goes as its groups of MAX_TASK_ROWS rows, one task each: the same micro-kernel calls,
+        and no serial path for numba to compile into the chain kernel too (2.4 s more on an
+        Intel Xeon)."""
+        rows, ways = self.split(n, threads)
         if rows == 0:
+            rows, ways = kdense.MAX_TASK_ROWS, 1
+        return kdense.chain_row(
+            units=self.shape[0],
+            weights_at=starts[0],
+            weights=self.wk.size,
+            bias_at=starts[1],
+            bias=self.bias.size,
+            act=self.act,
+            k_pass=self.k_pass,
+            block=self.block,
+            rows=rows,
+            splits=ways,
+            tasks=kdense.chain_tasks(n, rows, ways),
+            claims_at=claims_at,
+            output_at=output_at,
+        )
+
+    def emit(self, program: Program, x: Any, out: Any) -> Any:
+        """`kdense.dense_serial`, or `kdense.dense_chain` as a chain of this layer alone."""
+        if self.split(program.n, program.threads)[0] == 0:
+            common = (x, self.wk, self.bias, program.tiles, out, self.act)
             program.add(kdense.dense_serial, *common, self.k_pass, self.block, program.turn)
-        else:
-            program.add(kdense.dense, *common, rows, ways, self.k_pass, self.block, program.turn)
+            return out
+        table = np.array([self.chain_row(program.n, program.threads)], np.int64)
+        counters = np.zeros(1 + table[0, _TASKS], np.int64)
+        args = (x, self.wk, self.bias, kdense.NO_SCRATCH, out, table, program.tiles, counters)
+        program.add(kdense.dense_chain, *args, program.threads, program.turn)
         return out
 
 
@@ -118,43 +155,23 @@ class DenseChainStep(Step):
         return kdense.tile_floats()
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
-        n = program.n
-        table = np.zeros((len(self.layers), len(kdense.CHAIN_COLUMNS)), np.int64)
+        n, rows = program.n, []
         claims = len(self.layers)  # the counters: first a done count per layer
         scratch = 0  # floats of the layers' outputs before the last one's
-        for k, (layer, (w0, b0)) in enumerate(zip(self.layers, self.starts)):
-            rows, ways = layer.split(n, program.threads)
-            tasks = 1 if rows == 0 else -(-n // rows) * ways
-            units = layer.shape[0]
-            row = dict(
-                units=units,
-                weights_at=w0,
-                weights=layer.wk.size,
-                bias_at=b0,
-                bias=layer.bias.size,
-                act=layer.act,
-                k_pass=layer.k_pass,
-                block=layer.block,
-                rows=rows,
-                splits=ways,
-                tasks=tasks,
-                claims_at=claims,
-                output_at=scratch,
-            )
-            table[k] = [row[column] for column in kdense.CHAIN_COLUMNS]
-            claims += tasks
-            if k < len(self.layers) - 1:
-                scratch += round_up(n * units, 16)
-        acts = self._activations(scratch)
-        if not table[:, kdense.CHAIN_COLUMNS.index("rows")].any():
+        for layer, starts in zip(self.layers, self.starts):
+            rows.append(layer.chain_row(n, program.threads, starts, claims, scratch))
+            claims += rows[-1][_TASKS]
+            scratch += round_up(n * layer.shape[0], 16)
+        table = np.array(rows, np.int64)
+        acts = self._activations(scratch - round_up(n * self.layers[-1].shape[0], 16))
+        if all(layer.split(n, program.threads)[0] == 0 for layer in self.layers):
             # every layer on the calling thread: their own serial kernels one after another (a
             # serial chain kernel saved 0.4 us on lenet5's head at one image, and took numba
             # 4.5 s more to compile on a machine's first start)
-            at = kdense.CHAIN_COLUMNS.index("output_at")
             for k, layer in enumerate(self.layers):
                 if k == len(self.layers) - 1:
                     return layer.emit(program, x, out)
-                o, units = table[k, at], layer.shape[0]
+                o, units = table[k, _OUTPUT_AT], layer.shape[0]
                 x = layer.emit(program, x, acts[o : o + n * units].reshape(n, units))
         counters = np.zeros(claims, np.int64)
         args = (x, self.wk, self.bias, acts, out, table, program.tiles, counters)
