@@ -38,6 +38,15 @@ def _document(rng: np.random.Generator) -> dict:
     }
 
 
+def _dense_model(rng: np.random.Generator, *layers: tuple[int, str]) -> dict:
+    """`_document`'s input, then dense layers of (units, activation)."""
+    doc = _document(rng)
+    dense = [{"type": "dense", "units": u, "activation": a} for u, a in layers]
+    doc["layers"] = [{"type": "flatten"}, *dense]
+    doc["labels"] = [str(i) for i in range(layers[-1][0])]
+    return doc
+
+
 def _weights(doc: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     out = {}
     for name, shape in parse_architecture(doc).weight_shapes().items():
@@ -95,14 +104,7 @@ def test_parts_run_one_after_another_in_any_order():
     so no part waits on work no thread will do: each order of three parts on the calling
     thread gives the chain's bits."""
     rng = np.random.default_rng(5)
-    doc = _document(rng)
-    doc["layers"] = [
-        {"type": "flatten"},
-        {"type": "dense", "units": 200, "activation": "relu"},
-        {"type": "dense", "units": 90, "activation": "tanh"},
-        {"type": "dense", "units": 10, "activation": "softmax"},
-    ]
-    doc["labels"] = [str(i) for i in range(10)]
+    doc = _dense_model(rng, (200, "relu"), (90, "tanh"), (10, "softmax"))
     weights = _weights(doc, rng)
     arch = parse_architecture(doc)
     plan = InferencePlan(arch, weights)
@@ -127,9 +129,7 @@ def test_parts_run_one_after_another_in_any_order():
 def test_a_single_dense_layer_stays_a_step_of_its_own():
     """Only runs of two or more dense layers are chained."""
     rng = np.random.default_rng(9)
-    doc = _document(rng)
-    doc["layers"] = [{"type": "flatten"}, {"type": "dense", "units": 5, "activation": "relu"}]
-    doc["labels"] = [str(i) for i in range(5)]
+    doc = _dense_model(rng, (5, "relu"))
     plan = InferencePlan(parse_architecture(doc), _weights(doc, rng))
     kinds = [type(step) for step in plan.steps]
     assert DenseStep in kinds and DenseChainStep not in kinds
@@ -156,13 +156,7 @@ def test_warm_up_compiles_what_small_batches_on_one_thread_run():
         if hasattr(value, "signatures") and hasattr(value, "py_func")
     ]
     rng = np.random.default_rng(3)
-    doc = _document(rng)
-    doc["layers"] = [
-        {"type": "flatten"},
-        {"type": "dense", "units": 300, "activation": "relu"},
-        {"type": "dense", "units": 10, "activation": "softmax"},
-    ]
-    doc["labels"] = [str(i) for i in range(10)]
+    doc = _dense_model(rng, (300, "relu"), (10, "softmax"))
     model = Model(doc, _weights(doc, rng), plan=False)
     model.warmup((1, 64))
     model.forward(np.zeros((1, *model.input_shape), np.float32))  # (the input's NaN scan)
