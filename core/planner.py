@@ -568,14 +568,15 @@ def compile_candidates(
     several layers (`layers.dense.DenseChainStep`) may run kernels its layers alone do not."""
     start = time.perf_counter()
     threads = numba.get_num_threads()
-    runners = [
-        _block_runner(arch, block, weights, variant)
-        for block, variants in _choices(arch)
-        for variant in variants
-    ]
-    runners.append(InferencePlan(arch, weights))
+
+    def runners() -> Iterator[InferencePlan]:  # one at a time: each packs weights of its own
+        for block, variants in _choices(arch):
+            for variant in variants:
+                yield _block_runner(arch, block, weights, variant)
+        yield InferencePlan(arch, weights)
+
     try:
-        for runner in runners:
+        for runner in runners():
             shape = runner.architecture.input_shape
             per_image = 0.0  # seconds a run took per image, once compiled
             for n in batches:

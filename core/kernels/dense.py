@@ -598,8 +598,7 @@ def _chain_part(part, parts, x, wk, bias, acts, out, table, tiles, counters, rev
         if layer < layers - 1:
             while atomic_load(counters, layer) < tasks:
                 spin_pause()
-            o = row[_OUTPUT_AT]
-            src = acts[o : o + N * row[_UNITS]]
+            src = dst.reshape(dst.size)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -608,7 +607,8 @@ def dense_chain(x, wk, bias, acts, out, table, tiles, counters, parts, turn):
     would compute it, so with the same bits: a parallel region and a kernel call from Python
     cost microseconds, which at a few rows is much of a layer's time (mlp_tanh's three layers
     on an Intel Xeon, one process, interleaved: 0.90-0.94x the time of three kernels at 8
-    images, 0.91-0.97x at one, 0.97-0.99x at 64 and 256). x: the first layer's input (N, K) C-contiguous; wk, bias: every layer's packed
+    images, 0.91-0.97x at one, 0.97-0.99x at 64 and 256).
+    x: the first layer's input (N, K) C-contiguous; wk, bias: every layer's packed
     weights and bias (`layers.dense.pack_dense`) one after another; acts: scratch for the
     layers' outputs but the last; out: (N, units of the last); table: a row per layer
     (CHAIN_COLUMNS); counters: int64, a done count per layer, then the claim flags of every

@@ -76,19 +76,17 @@ class DenseStep(Step):
     def chain_row(
         self,
         n: int,
-        threads: int,
+        split: tuple[int, int],
         starts: tuple[int, int] = (0, 0),
         claims_at: int = 1,
         output_at: int = 0,
     ) -> list[int]:
-        """This layer's row of `kdense.dense_chain`'s table at n rows on `threads` threads, its
-        weights and bias at `starts` in the chain's arrays. A layer `kdense.dense_serial` would
-        run goes as its groups of MAX_TASK_ROWS rows, one task each: the same micro-kernel calls,
-        and no serial path for numba to compile into the chain kernel too (2.4 s more on an
-        Intel Xeon)."""
-        rows, ways = self.split(n, threads)
-        if rows == 0:
-            rows, ways = kdense.MAX_TASK_ROWS, 1
+        """This layer's row of `kdense.dense_chain`'s table at n rows split as `split` says
+        (`split`), its weights and bias at `starts` in the chain's arrays. A layer
+        `kdense.dense_serial` would run goes as its groups of MAX_TASK_ROWS rows, one task each:
+        the same micro-kernel calls, and no serial path for numba to compile into the chain
+        kernel too (2.4 s more on an Intel Xeon)."""
+        rows, ways = split if split[0] else (kdense.MAX_TASK_ROWS, 1)
         return kdense.chain_row(
             units=self.shape[0],
             weights_at=starts[0],
@@ -107,11 +105,12 @@ class DenseStep(Step):
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         """`kdense.dense_serial`, or `kdense.dense_chain` as a chain of this layer alone."""
-        if self.split(program.n, program.threads)[0] == 0:
+        split = self.split(program.n, program.threads)
+        if split[0] == 0:
             common = (x, self.wk, self.bias, program.tiles, out, self.act)
             program.add(kdense.dense_serial, *common, self.k_pass, self.block, program.turn)
             return out
-        table = np.array([self.chain_row(program.n, program.threads)], np.int64)
+        table = np.array([self.chain_row(program.n, split)], np.int64)
         counters = np.zeros(1 + table[0, _TASKS], np.int64)
         args = (x, self.wk, self.bias, kdense.NO_SCRATCH, out, table, program.tiles, counters)
         program.add(kdense.dense_chain, *args, program.threads, program.turn)
@@ -156,15 +155,16 @@ class DenseChainStep(Step):
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         n, rows = program.n, []
+        splits = [layer.split(n, program.threads) for layer in self.layers]
         claims = len(self.layers)  # the counters: first a done count per layer
         scratch = 0  # floats of the layers' outputs before the last one's
-        for layer, starts in zip(self.layers, self.starts):
-            rows.append(layer.chain_row(n, program.threads, starts, claims, scratch))
+        for layer, split, starts in zip(self.layers, splits, self.starts):
+            rows.append(layer.chain_row(n, split, starts, claims, scratch))
             claims += rows[-1][_TASKS]
             scratch += round_up(n * layer.shape[0], 16)
         table = np.array(rows, np.int64)
         acts = self._activations(scratch - round_up(n * self.layers[-1].shape[0], 16))
-        if all(layer.split(n, program.threads)[0] == 0 for layer in self.layers):
+        if not any(rows_per_task for rows_per_task, _ in splits):
             # every layer on the calling thread: their own serial kernels one after another (a
             # serial chain kernel saved 0.4 us on lenet5's head at one image, and took numba
             # 4.5 s more to compile on a machine's first start)
