@@ -111,6 +111,25 @@ EVERYDAY: dict[str, dict[str, Any]] = {
     ),
     # the classic multilayer perceptron on MNIST: 300 and 100 tanh units (LeCun et al. 1998)
     "mlp_tanh": _model("mlp_tanh", [28, 28, 1], []),
+    # a 128x128 RGB input downsampled by four stride-2 3x3 convs of 16 to 64 channels, as in
+    # the stems of small mobile classifiers
+    "strided_rgb128": _model(
+        "strided_rgb128",
+        [128, 128, 3],
+        [
+            _conv(16, 3, strides=2),
+            _conv(32, 3, strides=2),
+            _conv(64, 3, strides=2),
+            _conv(64, 3, strides=2),
+        ],
+    ),  # fmt: skip
+    # wide 1x1 convs (128 and 256 channels) after a stride-2 stem, as MobileNet's pointwise
+    # layers
+    "pointwise_wide": _model(
+        "pointwise_wide",
+        [32, 32, 3],
+        [_conv(64, 3, strides=2), _conv(128, 1), _conv(128, 1), _pool(), _conv(256, 1)],
+    ),
     # downsampling by 5x5 stride-2 `same` convs only, as in DCGAN's discriminator
     "strided5": _model(
         "strided5",
