@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 from convserve.core.architecture import parse_architecture
-from convserve.core.bench_models import load_bench_model
+from convserve.core.bench_models import BENCH_MODEL_NAMES, load_bench_model
 from convserve.core.errors import ModelError
 from convserve.core.model import Model
 
+from tests import reference_numpy as ref
 from tests.conftest import random_weights
 
 
@@ -129,3 +130,15 @@ def test_what_the_bench_cannot_run_is_one_clear_line(tmp_path, content, message)
     assert message in done.stderr.strip().splitlines()[-1]
     with pytest.raises(ModelError, match=message):
         parse_architecture(load_bench_model(spec)[0])
+
+
+@pytest.mark.parametrize("name", BENCH_MODEL_NAMES)
+def test_every_benchmark_model_runs_and_matches_the_reference(name):
+    """Each model the benchmark runs by default is a valid document, and the core's forward pass
+    on it (the heuristic's kernels) matches the NumPy reference on a few images."""
+    doc, weights = load_bench_model(name)
+    weights = weights or random_weights(doc, seed=3)
+    arch = parse_architecture(doc)
+    x = np.random.default_rng(4).standard_normal((3, *arch.input_shape)).astype(np.float32)
+    got = Model(doc, weights, plan=False).forward(x)
+    np.testing.assert_allclose(got, ref.forward(doc, weights, x), atol=1e-4, rtol=1e-5)
