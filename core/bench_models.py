@@ -122,7 +122,7 @@ EVERYDAY: dict[str, dict[str, Any]] = {
             _conv(64, 3, strides=2),
             _conv(64, 3, strides=2),
         ],
-    ),  # fmt: skip
+    ),
     # wide 1x1 convs (128 and 256 channels) after a stride-2 stem, as MobileNet's pointwise
     # layers
     "pointwise_wide": _model(
