@@ -129,7 +129,10 @@ def test_statistics_compute_counts_stay_equal_over_good_bad_batched_and_streamed
     for name in ("queue", "compute_input", "compute_infer", "compute_output", "success", "fail"):
         assert getattr(s, name).ns > getattr(b, name).ns, name
     executions = after.execution_count - before.execution_count
-    assert 0 < executions < 1 + 32 + 4  # the 32 single-image requests shared batches
+    # one per batch run, whatever it held: at most one per successful request (the 32
+    # single-image ones share batches only when they meet in the queue, which a quiet, fast
+    # machine may not give; an execution per image would be 46, with the failures 39)
+    assert 0 < executions <= 1 + 32 + 4
     assert sum(bs.compute_infer.count for bs in after.batch_stats) == after.execution_count
     for bs in after.batch_stats:
         assert bs.compute_input.count == bs.compute_infer.count == bs.compute_output.count
