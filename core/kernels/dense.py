@@ -471,24 +471,9 @@ def dense(x, wk, bias, tiles, out, act, rows, splits, k_pass, block, turn) -> No
     bit-identical alone and in any batch.
     One layer on every numba thread: `dense_chain` with a table of one row (as
     `layers.dense.DenseStep` emits it), so that one parallel dense kernel is compiled."""
-    tasks = chain_tasks(x.shape[0], rows, splits)
-    row = chain_row(
-        units=out.shape[1],
-        weights_at=0,
-        weights=wk.size,
-        bias_at=0,
-        bias=bias.size,
-        act=act,
-        k_pass=k_pass,
-        block=block,
-        rows=rows,
-        splits=splits,
-        tasks=tasks,
-        claims_at=1,
-        output_at=0,
-    )
+    row = chain_row(x.shape[0], out.shape[1], wk.size, bias.size, act, k_pass, block, rows, splits)
     table = np.array([row], np.int64)
-    counters = np.zeros(1 + tasks, np.int64)
+    counters = np.zeros(1 + row[_TASKS], np.int64)
     parts = numba.get_num_threads()
     dense_chain(x, wk, bias, NO_SCRATCH, out, table, tiles, counters, parts, turn)
 
@@ -550,14 +535,40 @@ CHAIN_COLUMNS = (
 NO_SCRATCH = np.zeros(16, np.float32)  # the scratch of a chain of one layer, which needs none
 
 
-def chain_row(**columns: int) -> list[int]:
-    """A row of `dense_chain`'s table from its CHAIN_COLUMNS, by name."""
+def chain_row(
+    n: int,
+    units: int,
+    weights: int,
+    bias: int,
+    act: int,
+    k_pass: int,
+    block: int,
+    rows: int,
+    splits: int,
+    weights_at: int = 0,
+    bias_at: int = 0,
+    claims_at: int = 1,
+    output_at: int = 0,
+) -> list[int]:
+    """A layer's row of `dense_chain`'s table (CHAIN_COLUMNS) at n rows: `rows` to a group of
+    rows, `splits` parts a group, a task each; the defaults place a chain of this layer alone."""
+    tasks = -(-n // rows) * splits
+    columns = {
+        "units": units,
+        "weights_at": weights_at,
+        "weights": weights,
+        "bias_at": bias_at,
+        "bias": bias,
+        "act": act,
+        "k_pass": k_pass,
+        "block": block,
+        "rows": rows,
+        "splits": splits,
+        "tasks": tasks,
+        "claims_at": claims_at,
+        "output_at": output_at,
+    }
     return [columns[name] for name in CHAIN_COLUMNS]
-
-
-def chain_tasks(n: int, rows: int, splits: int) -> int:
-    """A layer's tasks at n rows, `rows` to a group of rows, `splits` parts a group."""
-    return -(-n // rows) * splits
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)

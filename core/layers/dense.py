@@ -88,20 +88,9 @@ class DenseStep(Step):
         kernel too (2.4 s more on an Intel Xeon)."""
         rows, ways = split if split[0] else (kdense.MAX_TASK_ROWS, 1)
         return kdense.chain_row(
-            units=self.shape[0],
-            weights_at=starts[0],
-            weights=self.wk.size,
-            bias_at=starts[1],
-            bias=self.bias.size,
-            act=self.act,
-            k_pass=self.k_pass,
-            block=self.block,
-            rows=rows,
-            splits=ways,
-            tasks=kdense.chain_tasks(n, rows, ways),
-            claims_at=claims_at,
-            output_at=output_at,
-        )
+            n, self.shape[0], self.wk.size, self.bias.size, self.act, self.k_pass, self.block,
+            rows, ways, *starts, claims_at, output_at,
+        )  # fmt: skip
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
         """`kdense.dense_serial`, or `kdense.dense_chain` as a chain of this layer alone."""
@@ -163,7 +152,7 @@ class DenseChainStep(Step):
             claims += rows[-1][_TASKS]
             scratch += round_up(n * layer.shape[0], 16)
         table = np.array(rows, np.int64)
-        acts = self._activations(scratch - round_up(n * self.layers[-1].shape[0], 16))
+        acts = self._activations(rows[-1][_OUTPUT_AT])  # the outputs before the last layer's
         if not any(rows_per_task for rows_per_task, _ in splits):
             # every layer on the calling thread: their own serial kernels one after another (a
             # serial chain kernel saved 0.4 us on lenet5's head at one image, and took numba
