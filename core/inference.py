@@ -226,7 +226,9 @@ class InferencePlan:
             self._padded = {
                 k: aligned.zeros((n, *step.padding.shape))
                 for k, step in enumerate(self.steps)
-                if step.padding is not None and (step.padding.needs_pad or step.takes_raw)
+                if step.padding is not None
+                and (step.padding.needs_pad or step.takes_raw)
+                and not (step.pads_rows and not (k and self._into_next[k - 1]))
             }
             self._buffers, self._capacity = bufs, n
             self._programs.clear()

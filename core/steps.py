@@ -87,13 +87,19 @@ class Program:
         per channel repeated along an input row."""
         return self._affine if self.raw else self._identity
 
+    def copies_input(self, step: Step, x: Any) -> bool:
+        """Whether `pad` would copy `step`'s input `x`: it has padding or preprocessing to
+        apply, and the step before did not write it padded."""
+        p = step.padding
+        return p is not None and (self.raw or p.needs_pad) and x is not self.padded
+
     def pad(self, step: Step, x: Any) -> Any:
         """Append the padding copy of `step`'s input when it needs one; returns what the conv
         kernel reads."""
+        if not self.copies_input(step, x):
+            return x
         p = step.padding
         buf = self.padded
-        if p is None or not (self.raw or p.needs_pad) or x is buf:  # the step before wrote it
-            return x
         kernel = (
             padding.pad_input_serial
             if self.n * np.prod(p.shape) < SERIAL_MAX_WORK
@@ -119,6 +125,12 @@ class Step:
     shape: tuple[int, ...] | None
     takes_raw: bool = False  # may apply the model's preprocessing itself (a first conv)
     padding: Padding | None = None
+
+    @property
+    def pads_rows(self) -> bool:
+        """Its kernel pads the input rows each task reads itself: where a padding copy would
+        be needed, it reads the unpadded input and has no padding buffer."""
+        return False
 
     def tile_floats(self) -> int:
         """Per-thread scratch floats the step's kernels need."""

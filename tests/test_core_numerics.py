@@ -47,6 +47,12 @@ def _kind(step) -> str:
     return type(step).__name__ + ("+pool" if getattr(step, "pool", False) else "")
 
 
+def _kernels(model, n: int) -> list[str]:
+    """The names of the kernels a batch of n runs, in order."""
+    plan = model._plan
+    return [call[0].__name__ for call in plan._program(n, True, plan.threads)[0]]
+
+
 def _valid(doc: dict) -> bool:
     try:
         parse_architecture(doc)
@@ -377,6 +383,62 @@ def test_direct_convolutions_with_weights_in_chunks(channels, kernel, stride, po
     whole = model.forward(x)
     for i in range(3):
         np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], whole[i])
+
+
+@pytest.mark.parametrize(
+    "size,channels,kernel,stride,padding,act",
+    [
+        ((96, 90), 3, 3, 2, "same", "relu"),
+        ((75, 80), 4, 5, 1, "same", "linear"),
+        ((80, 84), 3, 3, 3, "valid", "tanh"),
+        ((72, 72), 16, 1, 1, "valid", "relu"),
+    ],
+)
+def test_convs_over_large_inputs_pad_their_own_rows(
+    size, channels, kernel, stride, padding, act, monkeypatch
+):
+    """A first conv over a large input (RAW_ROWS_MIN_BYTES an image or more) pads and
+    preprocesses the rows each task reads (`direct.conv_raw`): the NumPy reference with the
+    model's scale, mean and std, the same bits as the padding copy of the whole batch, and
+    each image the same alone and in a batch."""
+    from convserve.core.layers import conv2d
+
+    h, w = size
+    doc = {
+        "name": "large",
+        "input": {
+            "shape": [h, w, channels],
+            "scale": 1 / 255,
+            "mean": [0.1 * (c + 1) for c in range(channels)],
+            "std": [0.2 + 0.05 * c for c in range(channels)],
+        },
+        "labels": ["a", "b", "c"],
+        "layers": [
+            {
+                "type": "conv2d",
+                "filters": 32,
+                "kernel_size": kernel,
+                "strides": stride,
+                "padding": padding,
+                "activation": act,
+            },
+            {"type": "conv2d", "filters": 16, "kernel_size": 3, "strides": 2, "activation": "relu"},
+            {"type": "flatten"},
+            {"type": "dense", "units": 3, "activation": "linear"},
+        ],
+    }
+    weights = _weights(doc, h + kernel)
+    x = np.random.default_rng(h).uniform(0, 255, (5, h, w, channels)).astype(np.float32)
+    model = Model(doc, weights, winograd=False, plan=False)
+    assert _kernels(model, 5)[0] == "conv_raw", _kernels(model, 5)
+    assert_forward_matches_reference(model, doc, weights, x, rtol=1e-5)
+    rows = model.forward(x)
+    for i in range(5):
+        np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], rows[i])
+    monkeypatch.setattr(conv2d, "RAW_ROWS_MIN_BYTES", 1 << 40)
+    copied = Model(doc, weights, winograd=False, plan=False)
+    assert _kernels(copied, 5)[:2] == ["pad_input", "conv"], _kernels(copied, 5)
+    np.testing.assert_array_equal(copied.forward(x), rows)
 
 
 @pytest.mark.parametrize("channels,filters", [(8, 16), (16, 64), (20, 70), (37, 32), (64, 20)])

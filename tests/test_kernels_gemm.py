@@ -55,6 +55,48 @@ def test_gemm_rows_match_float64_on_every_register_file(seed):
         np.testing.assert_array_equal(got, results[0], err_msg=f"{way} (vectors, strips)")
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_gemm_rows_ending_in_bias_and_activation_give_the_pass_after_them_bit_for_bit(seed):
+    """`_conv_row` with a bias (the micro-kernels' `epilogue`): its last pass stores act(sum +
+    bias) for ReLU and linear, the same bits as the plain sums followed by that addition and
+    max in float32, on every register file, for a range of columns from any 16 (the bias read
+    from there too)."""
+    rng = np.random.default_rng(900 + seed)
+    count = int(rng.choice([1, 2, 3, 5, 6, 7, 8, 12, 13, 29]))
+    width = 16 * int(rng.integers(1, 9))
+    k = int(rng.integers(1, 300))
+    passes = int(rng.integers(1, 4)) if k >= 3 else 1
+    c0 = 16 * int(rng.integers(0, 3))  # the range's first column, and its bias's
+    a = rng.standard_normal(count * k).astype(np.float32)
+    b = rng.standard_normal(k * width).astype(np.float32)
+    bias = rng.standard_normal(c0 + width).astype(np.float32)
+    bounds = np.linspace(0, k, passes + 1).astype(int)
+    for vectors in REGISTER_FILES:
+        for narrow in (0, 1):
+            sums = _row(a, b, count, width, k, k, vectors, narrow, False, passes)
+            for act in (0, 1):
+                tile = np.full(count * width, np.nan, np.float32)
+                for p in range(passes):
+                    k0, k1 = bounds[p], bounds[p + 1]
+                    more = 1 if p else 0
+                    if p < passes - 1:
+                        gemm._conv_row(
+                            a, k0, k, 0, 1, k1 - k0, b, k0 * width, width, tile, 0, width,
+                            count, width, more, narrow, vectors,
+                        )  # fmt: skip
+                    else:
+                        gemm._conv_row(
+                            a, k0, k, 0, 1, k1 - k0, b, k0 * width, width, tile, 0, width,
+                            count, width, more, narrow, vectors, bias=bias, act=act, bias_at=c0,
+                        )  # fmt: skip
+                expected = sums + bias[c0:]
+                if act == 1:
+                    expected = np.where(expected > 0, expected, np.float32(0))
+                np.testing.assert_array_equal(
+                    tile.reshape(count, width), expected, err_msg=f"{vectors}, {narrow}, {act}"
+                )
+
+
 def _run(a, b, count, width, k, lda, segs, a_step, col0, row_len, jump, vectors, narrow, strips):
     """`_conv_row` over a run of `count` conv pixels on rows of row_len (first at column col0;
     pixel i's inputs: `segs` segments of k, a_step apart, from its own start, which moves on

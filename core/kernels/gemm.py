@@ -38,6 +38,32 @@ from convserve.core.kernels.ir import (
     _mk10x1,
     _mk11x1,
     _mk12x1,
+    _mkf1x1,
+    _mkf1x2,
+    _mkf1x4,
+    _mkf2x1,
+    _mkf2x2,
+    _mkf2x4,
+    _mkf3x1,
+    _mkf3x2,
+    _mkf3x4,
+    _mkf4x1,
+    _mkf4x2,
+    _mkf4x4,
+    _mkf5x1,
+    _mkf5x2,
+    _mkf5x4,
+    _mkf6x1,
+    _mkf6x2,
+    _mkf6x4,
+    _mkf7x1,
+    _mkf7x2,
+    _mkf8x1,
+    _mkf8x2,
+    _mkf9x1,
+    _mkf10x1,
+    _mkf11x1,
+    _mkf12x1,
     _mkw2x1,
     _mkw2x2,
     _mkw2x4,
@@ -161,6 +187,121 @@ def _mk_call(R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
             _mk4x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
         else:
             _mk1x1(xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _mk_fused(
+    R, nv, xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+):
+    """`_mk_call` that ends in act(sum + bias[bias_off + j]) (`ir._microkernel`'s
+    `epilogue`): the last call of a conv's outputs, storing into the layer's output."""
+    if nv == 4:
+        if R == 6:
+            _mkf6x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 5:
+            _mkf5x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 4:
+            _mkf4x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 3:
+            _mkf3x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 2:
+            _mkf2x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        else:
+            _mkf1x4(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+    elif nv == 2:
+        if R == 8:
+            _mkf8x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 7:
+            _mkf7x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 6:
+            _mkf6x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 5:
+            _mkf5x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 4:
+            _mkf4x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 3:
+            _mkf3x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 2:
+            _mkf2x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        else:
+            _mkf1x2(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+    else:
+        if R == 12:
+            _mkf12x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 11:
+            _mkf11x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 10:
+            _mkf10x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 9:
+            _mkf9x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 8:
+            _mkf8x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 7:
+            _mkf7x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 6:
+            _mkf6x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 5:
+            _mkf5x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 4:
+            _mkf4x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 3:
+            _mkf3x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        elif R == 2:
+            _mkf2x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
+        else:
+            _mkf1x1(
+                xf, o, lda, a_step, kh, seg, wf, c, ldb, tile, t, ldc, more, bias, bias_off, act
+            )
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -338,6 +479,9 @@ def _conv_row(
     col0=0,
     row_len=None,
     jump=0,
+    bias=None,
+    act=0,
+    bias_at=0,
 ):
     """tile[t_off + i*ldc + j] = output i < count (its A rows from xf[a_off + i*lda]) for the
     columns j < width (a multiple of 16) of B, which start at wf[b_off], rows ldb apart, each
@@ -359,7 +503,11 @@ def _conv_row(
     further at each row end. Blocks then run over row ends (`_mk_wrapped`), so rows shorter
     than a block still fill blocks. (Its default is None, not 0: numba prunes the branches on
     `row_len is None` where it is left out, so the wrapping blocks are compiled only into the
-    callers of runs.)"""
+    callers of runs.)
+
+    With `bias` (None, pruned the same way, where left out) the outputs are act(sum +
+    bias[bias_at + j]), act 1 ReLU or linear (`_mk_fused`): the tile is then the layer's
+    output. Not with `row_len` or B in strips."""
     c = 0
     while c < width:
         nv, lo, hi = _block_shape(count, width - c, narrow, vectors, strip != 16)
@@ -377,7 +525,12 @@ def _conv_row(
             t = t_off + i * ldc + c
             b = b_off + c // 16 * strip
             o = a_off + i * lda + jumps
-            if row_len is not None and col + R > row_len:
+            if bias is not None:
+                _mk_fused(
+                    R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, bias,
+                    bias_at + c, act,
+                )  # fmt: skip
+            elif row_len is not None and col + R > row_len:
                 _wrapped_call(
                     R, nv, xf, o, lda, a_step, kh, seg, wf, b, ldb, tile, t, ldc, more, col,
                     row_len, jump, strip,

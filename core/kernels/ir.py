@@ -36,6 +36,7 @@ def _microkernel(
     blocks: int = 1,
     wraps: bool = False,
     narrow_last: int = 0,
+    epilogue: bool = False,
 ):
     """An intrinsic computing a block of `rows` output pixels x `vectors`*16 output channels of a
     convolution straight from the (padded) NHWC input, with no patch copy ("implicit GEMM"):
@@ -65,7 +66,13 @@ def _microkernel(
     counted on into the next rows, and its inputs start at a_off + r*lda + q*jump, q the rows
     it wrapped past (jump: one conv row's input step less row_len * lda). A conv whose rows are
     shorter than a block then still fills it: 16 pixels of a 4x4 output in calls of 6, 5 and
-    5 instead of four of 4, so each weight is read for more pixels."""
+    5 instead of four of 4, so each weight is read for more pixels.
+
+    With `epilogue`, mk takes `bias, bias_off, act` after `more` and stores act(C[r, j] +
+    bias[bias_off + j]), act 1 ReLU, else linear: a conv's bias and activation applied to the
+    accumulators in registers as its last call stores them straight into the layer's output,
+    where a pass over a scratch tile would read and write every output once more. The sum then
+    the addition, in that order, as the pass does: the same bits."""
 
     def codegen(context, builder, signature, args):
         if b_steps:
@@ -97,6 +104,7 @@ def _microkernel(
             ]
             more = args[12]
             b_step = builder.mul(seg_len, ldb)
+        biases = _epilogue_bias(context, builder, signature, args, vectors) if epilogue else None
         ap = context.make_array(signature.args[0])(context, builder, a_arr).data
         bp = context.make_array(signature.args[6])(context, builder, b_arr).data
         cp = _array_data(context, builder, signature, args, 10 if more is None else 9)
@@ -207,6 +215,11 @@ def _microkernel(
         _close_loop(builder, s, segs, acc_seg, final, seg_end, outer, done)
 
         builder.position_at_end(done)
+        if biases is not None:
+            relu = builder.icmp_signed("==", args[15], ir.Constant(args[15].type, 1))
+            final = [
+                [_bias_act(builder, acc, b, relu) for acc, b in zip(row, biases)] for row in final
+            ]
         for r in range(rows):
             c_row = builder.add(c_off, builder.mul(ir.Constant(i64, r), ldc))
             for v in range(vectors):
@@ -257,6 +270,17 @@ def _microkernel(
             return types.void(
                 a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more, b_split
             ), codegen
+    elif epilogue:
+
+        @intrinsic
+        def mk(
+            typingctx, a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more,
+            bias, bias_off, act,
+        ):  # fmt: skip
+            return types.void(
+                a, a_off, lda, a_step, segs, seg_len, b, b_off, ldb, c, c_off, ldc, more, bias,
+                bias_off, act,
+            ), codegen  # fmt: skip
     elif wraps:
 
         @intrinsic
@@ -324,6 +348,33 @@ _mk9x1 = _microkernel(9, 1)
 _mk10x1 = _microkernel(10, 1)
 _mk11x1 = _microkernel(11, 1)
 _mk12x1 = _microkernel(12, 1)
+# the same blocks ending in the bias and activation, stored in the output (`epilogue`)
+_mkf1x4 = _microkernel(1, 4, epilogue=True)
+_mkf2x4 = _microkernel(2, 4, epilogue=True)
+_mkf3x4 = _microkernel(3, 4, epilogue=True)
+_mkf4x4 = _microkernel(4, 4, epilogue=True)
+_mkf5x4 = _microkernel(5, 4, epilogue=True)
+_mkf6x4 = _microkernel(6, 4, epilogue=True)
+_mkf1x2 = _microkernel(1, 2, epilogue=True)
+_mkf2x2 = _microkernel(2, 2, epilogue=True)
+_mkf3x2 = _microkernel(3, 2, epilogue=True)
+_mkf4x2 = _microkernel(4, 2, epilogue=True)
+_mkf5x2 = _microkernel(5, 2, epilogue=True)
+_mkf6x2 = _microkernel(6, 2, epilogue=True)
+_mkf7x2 = _microkernel(7, 2, epilogue=True)
+_mkf8x2 = _microkernel(8, 2, epilogue=True)
+_mkf1x1 = _microkernel(1, 1, epilogue=True)
+_mkf2x1 = _microkernel(2, 1, epilogue=True)
+_mkf3x1 = _microkernel(3, 1, epilogue=True)
+_mkf4x1 = _microkernel(4, 1, epilogue=True)
+_mkf5x1 = _microkernel(5, 1, epilogue=True)
+_mkf6x1 = _microkernel(6, 1, epilogue=True)
+_mkf7x1 = _microkernel(7, 1, epilogue=True)
+_mkf8x1 = _microkernel(8, 1, epilogue=True)
+_mkf9x1 = _microkernel(9, 1, epilogue=True)
+_mkf10x1 = _microkernel(10, 1, epilogue=True)
+_mkf11x1 = _microkernel(11, 1, epilogue=True)
+_mkf12x1 = _microkernel(12, 1, epilogue=True)
 # the same blocks over the ends of output rows (`wraps`; one pixel never wraps)
 _mkw2x4 = _microkernel(2, 4, wraps=True)
 _mkw3x4 = _microkernel(3, 4, wraps=True)
@@ -389,6 +440,24 @@ def _add_as_written(builder, a, b):
 
 def _vstore(builder, value, ptr, offset):
     builder.store(value, builder.bitcast(builder.gep(ptr, [offset]), _V16.as_pointer()), align=4)
+
+
+def _epilogue_bias(context, builder, signature, args, vectors):
+    """The bias vectors of an `epilogue` micro-kernel's columns: bias[bias_off + 16v]."""
+    bias = _array_data(context, builder, signature, args, 13)
+    return [
+        _vload(builder, bias, builder.add(args[14], ir.Constant(ir.IntType(64), 16 * v)))
+        for v in range(vectors)
+    ]
+
+
+def _bias_act(builder, acc, bias, relu):
+    """acc + bias, then max(., 0) where `relu` (an i1): `elementwise._store_row`'s values. The
+    addition keeps its place after the sum (`_add_as_written`)."""
+    total = _add_as_written(builder, acc, bias)
+    zero = ir.Constant(_V16, [0.0] * 16)
+    positive = builder.select(builder.fcmp_ordered(">", total, zero), total, zero)
+    return builder.select(relu, positive, total)
 
 
 def _segmented_kernel(rows: int, segments: int, in_turn: bool = False):

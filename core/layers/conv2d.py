@@ -57,6 +57,13 @@ PATCH_MAX_BYTES = 4 << 20
 # 41.3 us against 45.1 on one thread; the strided net's 3x3/2 64 -> 128 layer (8x8 outputs) in
 # the model at 8 images, 241-244 us against 255-260 on two threads
 RUN_ROWS_UNDER = 2 * gemm.PEAK_BLOCK[0]
+# From this many bytes of padded input an image, an unpadded conv's tasks pad and preprocess
+# the input rows they read (`direct.conv_raw`) rather than read a padding copy of the batch.
+# On an Intel Xeon (AVX-512), 3x3/2 over 128x128x3 (200 KB an image) took 0.80-0.83x the
+# time of copy and conv at 32 images, 0.91x at 8, 0.89-0.96x at one; over 32x32x3 (14 KB) the
+# rows cost more than a copy that stays in cache: 5x5/2 1.10x at 1 and 8 images, 3x3/1 and
+# 3x3/2 0.95-1.10x
+RAW_ROWS_MIN_BYTES = 64 * 1024
 RUN_PIXELS = 24
 WINOGRAD: dict[str, Transform] = {  # variant: its transform
     "winograd": F2X2_3X3,
@@ -237,15 +244,27 @@ class DirectConv(Step):
             return RUN_PIXELS * cop
         if self.patches:
             return direct.PATCH_GROUP * (self.wk.size // cop + cop) + 16
+        if self.pads_rows:
+            ci = self.padding.shape[2]
+            return direct.raw_tile_floats(self.shape[1], cop, self.window, self.strides[1], ci)
         if self.pool is None or self.tiles_2x2:
             return (4 if self.pool else 1) * self.shape[1] * cop
         ph, cols = self.pool[0], self.pool[7]
         return (cols + ph * self.shape[1] + 4) * cop  # `direct.conv_pool`'s rows
 
     def emit(self, program: Program, x: Any, out: Any) -> Any:
+        narrow = int(self.narrow)
+        if self.pads_rows and program.copies_input(self, x):
+            ways = self._row_splits(program)
+            p = self.padding
+            program.add(
+                direct.conv_raw, x, *program.scale_shift, int(program.raw), self.wk, self.bias,
+                program.tiles, out, *self.window, *self.strides, self.act, ways, program.at,
+                narrow, (p.pt, p.pl),
+            )  # fmt: skip
+            return out
         x = program.pad(self, x)
         args = (x, self.wk, self.bias, program.tiles, out, *self.window, *self.strides, self.act)
-        narrow = int(self.narrow)
         if self.patches:  # groups of pixels, at least one task per thread
             pixels = program.n * self.shape[0] * self.shape[1]
             if pixels <= direct.PATCH_GROUP:
@@ -266,17 +285,29 @@ class DirectConv(Step):
             per, parts = self._runs(program.n, program.threads)
             program.add(direct.conv_runs, *args, per, parts, program.at, narrow)
             return out
-        # a row splits into pieces of 8 conv pixels at least: a shorter piece runs its
-        # micro-kernel calls on fewer pixels than the thread it frees gains (lenet5's 6 -> 16
-        # conv at one image on Zen 5: its 10-pixel rows whole 4.0-6.3 us, in 6 + 4 4.7-6.9,
-        # 6-16 % faster in each of 3 processes)
-        row_pixels = self.shape[1] * (2 if self.pool else 1)
-        ways = splits(program.n * self.shape[0], max(1, row_pixels // 8), program.threads)
+        ways = self._row_splits(program)
         if self.pool:
             program.add(direct.conv_pool2, *args, self.average, ways, program.at, narrow)
         else:
             program.add(direct.conv, *args, ways, program.at, narrow)
         return out
+
+    @property
+    def pads_rows(self) -> bool:
+        """Runs by `direct.conv_raw` where its input needs a padding copy: no pool, no patches,
+        no runs, and RAW_ROWS_MIN_BYTES of padded input an image or more."""
+        plain = self.pool is None and not self.patches and not self.by_runs
+        large = self.padding is not None and 4 * np.prod(self.padding.shape) >= RAW_ROWS_MIN_BYTES
+        return plain and bool(large)
+
+    def _row_splits(self, program: Program) -> int:
+        """Pieces a conv row (two with a fused pool) splits into for `direct.conv`,
+        `conv_raw` and `conv_pool2`: of 8 conv pixels at least: a shorter piece runs its
+        micro-kernel calls on fewer pixels than the thread it frees gains (lenet5's 6 -> 16
+        conv at one image on Zen 5: its 10-pixel rows whole 4.0-6.3 us, in 6 + 4 4.7-6.9,
+        6-16 % faster in each of 3 processes)."""
+        row_pixels = self.shape[1] * (2 if self.pool else 1)
+        return splits(program.n * self.shape[0], max(1, row_pixels // 8), program.threads)
 
     def _runs(self, n: int, threads: int) -> tuple[int, int]:
         """(pixels a task, ranges of output channels) of `direct.conv_runs` for a batch of n:
