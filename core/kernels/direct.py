@@ -188,30 +188,38 @@ def _input_rows(x, scale, shift, pre, dst, d0, n, iy0, ix0, rows, span):
     """dst[d0:] = `rows` rows of `span` pixels of image n of the unpadded NHWC input x from row
     iy0, column ix0, zeros where they fall outside it: the padded input's cells a conv task
     reads (`conv_raw`), times scale plus shift per (column, channel) when `pre`, as
-    `padding.pad_input` writes them. Views indexed from 0, as there: a computed flat index
-    with numba's negative-index check keeps a loop scalar."""
+    `padding.pad_input` writes them. Unsigned flat indices: on an Intel Xeon, copies through
+    views of the rows took 3.4x as long (13.3 us against 3.9 for 192 rows of 128 x 3)."""
     H, W, C = x.shape[1], x.shape[2], x.shape[3]
     xf = x.reshape(x.size)
     c0 = min(max(ix0, 0), ix0 + span)  # the columns inside the image: [c0, c1)
     c1 = max(min(ix0 + span, W), c0)
+    width = span * C
+    lo = (c0 - ix0) * C  # a row's floats before the image's, and up to its end
+    hi = (c1 - ix0) * C
+    z = np.float32(0.0)
     for r in range(rows):
-        row = dst[d0 + r * span * C : d0 + (r + 1) * span * C]
+        d = np.uint64(d0 + r * width)
         iy = iy0 + r
         if iy < 0 or iy >= H or c0 == c1:
-            row[:] = 0.0
+            for j in range(width):
+                dst[d + np.uint64(j)] = z
             continue
-        row[: (c0 - ix0) * C] = 0.0
-        row[(c1 - ix0) * C :] = 0.0
-        src = xf[((n * H + iy) * W + c0) * C : ((n * H + iy) * W + c1) * C]
-        inside = row[(c0 - ix0) * C : (c1 - ix0) * C]
+        for j in range(lo):
+            dst[d + np.uint64(j)] = z
+        for j in range(hi, width):
+            dst[d + np.uint64(j)] = z
+        src = np.uint64(((n * H + iy) * W + c0) * C)
+        inside = d + np.uint64(lo)
         if pre == 0:
-            for j in range(src.size):
-                inside[j] = src[j]
+            for j in range(hi - lo):
+                u = np.uint64(j)
+                dst[inside + u] = xf[src + u]
         else:
-            a = scale[c0 * C : c1 * C]
-            b = shift[c0 * C : c1 * C]
-            for j in range(src.size):
-                inside[j] = src[j] * a[j] + b[j]
+            at = np.uint64(c0 * C)
+            for j in range(hi - lo):
+                u = np.uint64(j)
+                dst[inside + u] = xf[src + u] * scale[at + u] + shift[at + u]
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
