@@ -441,6 +441,35 @@ def test_convs_over_large_inputs_pad_their_own_rows(
     np.testing.assert_array_equal(copied.forward(x), rows)
 
 
+def test_a_conv_after_a_pool_step_pads_its_own_rows_of_a_large_input():
+    """A conv whose large input comes from a separate pooling step (not written padded by the
+    step before) pads its own rows too (`direct.conv_raw`, no padding buffer): the NumPy
+    reference, and each image the same alone and in a batch."""
+    doc = {
+        "name": "inner",
+        "input": {"shape": [96, 96, 8], "scale": 1.0, "mean": [0.0] * 8, "std": [1.0] * 8},
+        "labels": ["a", "b", "c"],
+        "layers": [
+            {"type": "conv2d", "filters": 16, "kernel_size": 3, "padding": "same",
+             "activation": "relu"},
+            {"type": "max_pooling2d", "pool_size": 3, "strides": 2},
+            {"type": "conv2d", "filters": 32, "kernel_size": 3, "strides": 2, "padding": "same",
+             "activation": "linear"},
+            {"type": "flatten"},
+            {"type": "dense", "units": 3, "activation": "linear"},
+        ],
+    }  # fmt: skip
+    weights = _weights(doc, 96)
+    model = Model(doc, weights, plan=False)
+    kernels = _kernels(model, 3)
+    assert kernels[:4] == ["pad_input", "conv_wino", "pool2d", "conv_raw"], kernels
+    x = np.random.default_rng(96).standard_normal((3, 96, 96, 8)).astype(np.float32)
+    assert_forward_matches_reference(model, doc, weights, x, rtol=1e-5)
+    rows = model.forward(x)
+    for i in range(3):
+        np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], rows[i])
+
+
 @pytest.mark.parametrize("channels,filters", [(8, 16), (16, 64), (20, 70), (37, 32), (64, 20)])
 def test_winograd_convolutions_match_numpy_reference(channels, filters):
     """3x3 stride-1 layers with 8 or more input channels run as Winograd F(2x2, 3x3): whole and

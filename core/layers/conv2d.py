@@ -59,10 +59,10 @@ PATCH_MAX_BYTES = 4 << 20
 RUN_ROWS_UNDER = 2 * gemm.PEAK_BLOCK[0]
 # From this many bytes of padded input an image, an unpadded conv's tasks pad and preprocess
 # the input rows they read (`direct.conv_raw`) rather than read a padding copy of the batch.
-# On an Intel Xeon (AVX-512), 3x3/2 over 128x128x3 (200 KB an image) took 0.80-0.83x the
-# time of copy and conv at 32 images, 0.91x at 8, 0.89-0.96x at one; over 32x32x3 (14 KB) the
-# rows cost more than a copy that stays in cache: 5x5/2 1.10x at 1 and 8 images, 3x3/1 and
-# 3x3/2 0.95-1.10x
+# On an Intel Xeon (AVX-512), 3x3/2 over 128x128x3 (200 KB an image) took 0.78-0.82x the
+# time of copy and conv at 32 images, 0.91-0.92x at 8, 0.89-0.96x at one; over 32x32x3 (14 KB)
+# the rows cost about as much as a copy that stays in cache or more: 5x5/2 1.10-1.34x at 1 and
+# 8 images, 3x3 stems 0.87-1.18x
 RAW_ROWS_MIN_BYTES = 64 * 1024
 RUN_PIXELS = 24
 WINOGRAD: dict[str, Transform] = {  # variant: its transform
