@@ -17,7 +17,7 @@ from convserve.core import runtime
 from convserve.core.kernels import dense, ir
 from numba import njit, types
 
-ARRAYS = {"a", "b", "c"}  # the intrinsics' array parameters; every other one is an int64
+ARRAYS = {"a", "b", "c", "bias"}  # the intrinsics' array parameters; every other one is an int64
 _LABEL = re.compile(r"^(\.LBB\d+_\d+):")
 _VECTOR_STACK = re.compile(r"%[xyz]mm\d+.*\(%rsp\)|\(%rsp\).*%[xyz]mm\d+")
 

@@ -100,6 +100,25 @@ def _conv_pixels(
             )  # fmt: skip
 
 
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _pixels_out(
+    xf, a_off, lda, row, kh, kw, CI, wf, COp, ldb, tile, of, o, CO, count, narrow, bias, act,
+    fused,
+):  # fmt: skip
+    """of[o + i*CO + j] = act(conv sum + bias[j]) of `count` pixels (`_conv_pixels`'s from
+    xf[a_off]): with `fused` in the micro-kernels' last calls (act ReLU or linear, CO = COp,
+    weights not in strips), else through the tile (its first count * COp floats) and a pass."""
+    if fused:
+        _conv_pixels(
+            xf, a_off, lda, row, kh, kw, CI, wf, COp, ldb, of, o, count, narrow, bias=bias,
+            act=act,
+        )  # fmt: skip
+        return
+    _conv_pixels(xf, a_off, lda, row, kh, kw, CI, wf, COp, ldb, tile, 0, count, narrow)
+    for i in range(count):
+        _store_row(tile, i * COp, bias, of, o + i * CO, 0, CO, act)
+
+
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def conv_pool2(x, wk, bias, tiles, out, kh, kw, sh, sw, act, average, splits, at, narrow):
     """Valid conv + bias + activation + 2x2/2 max pool (average pool with `average`; floor) on
@@ -172,15 +191,10 @@ def conv(x, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at, narrow):
         tile = tiles[numba.get_thread_id()]
         a_off = ((n * H + oy * sh) * W + ox0 * sw) * CI
         o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
-        if fused:
-            _conv_pixels(
-                xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, of, o, cnt, narrow,
-                bias=bias, act=act,
-            )  # fmt: skip
-            continue
-        _conv_pixels(xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, tile, 0, cnt, narrow)
-        for i in range(cnt):
-            _store_row(tile, i * COp, bias, of, o + i * CO, 0, CO, act)
+        _pixels_out(
+            xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, tile, of, o, CO, cnt, narrow,
+            bias, act, fused,
+        )  # fmt: skip
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -250,17 +264,10 @@ def conv_raw(
         span = (cnt - 1) * sw + kw
         _input_rows(x, scale, shift, pre, tile, rows_at, n, oy * sh - pt, ox0 * sw - pl, kh, span)
         o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
-        if fused:
-            _conv_pixels(
-                tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, of, o, cnt, narrow,
-                bias=bias, act=act,
-            )  # fmt: skip
-            continue
-        _conv_pixels(
-            tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, tile, 0, cnt, narrow
-        )
-        for i in range(cnt):
-            _store_row(tile, i * COp, bias, of, o + i * CO, 0, CO, act)
+        _pixels_out(
+            tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, tile, of, o, CO, cnt,
+            narrow, bias, act, fused,
+        )  # fmt: skip
 
 
 def raw_tile_floats(
