@@ -200,6 +200,15 @@ class InferencePlan:
             return False
         return p.pt + shape[0] <= p.shape[0] and p.pl + shape[1] <= p.shape[1]
 
+    def _reads_padded(self, k: int) -> bool:
+        """Whether step k reads a zero-bordered buffer of its own: it pads or preprocesses its
+        input, and either the step before writes into that buffer or the step has no way to
+        pad the rows it reads itself (`Step.pads_rows`)."""
+        step = self.steps[k]
+        if step.padding is None or not (step.padding.needs_pad or step.takes_raw):
+            return False
+        return not step.pads_rows or (k > 0 and self._into_next[k - 1])
+
     def _first_reads_input(self) -> bool:
         """Whether preprocessed input can skip the `Preprocess` step (then a plain copy): the
         steps after it up to the first that computes are views, and that one only reads its
@@ -226,9 +235,7 @@ class InferencePlan:
             self._padded = {
                 k: aligned.zeros((n, *step.padding.shape))
                 for k, step in enumerate(self.steps)
-                if step.padding is not None
-                and (step.padding.needs_pad or step.takes_raw)
-                and not (step.pads_rows and not (k and self._into_next[k - 1]))
+                if self._reads_padded(k)
             }
             self._buffers, self._capacity = bufs, n
             self._programs.clear()

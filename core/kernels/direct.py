@@ -10,6 +10,12 @@ The input is already padded (see `padding.py`). There is no patch copy ("implici
 NHWC the (kx, ci) part of a pixel's receptive field is contiguous, so the micro-kernel walks
 kernel rows as segments straight in the input.
 
+An unpooled conv with ReLU or no activation, channels a multiple of 16 and weights in rows
+ends each micro-kernel block in its bias and activation and stores it into the output itself
+(`gemm._conv_row`'s `bias`); other convs store their sums in a per-thread tile, and a pass adds
+bias and activation on the way to the output. `conv_raw` is `conv` on an unpadded input: each
+task pads (and preprocesses) the input rows it reads, in place of a padding copy of the batch.
+
 The output may be the interior of a larger, zero-bordered buffer: `at` = (y0, x0, OH, OW)
 places the OH x OW outputs at row y0, column x0 of `out`, so a conv writes straight into the
 padded input of the conv after it and that layer's padding copy is skipped.
