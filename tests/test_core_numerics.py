@@ -392,15 +392,18 @@ def test_direct_convolutions_with_weights_in_chunks(channels, kernel, stride, po
         ((75, 80), 4, 5, 1, "same", "linear"),
         ((80, 84), 3, 3, 3, "valid", "tanh"),
         ((72, 72), 16, 1, 1, "valid", "relu"),
+        ((300, 14), 2, 15, 1, "same", "relu"),  # every window crosses an edge
+        ((64, 250), 3, 4, 2, "same", "linear"),  # an even kernel: one column on each side
     ],
 )
 def test_convs_over_large_inputs_pad_their_own_rows(
     size, channels, kernel, stride, padding, act, monkeypatch
 ):
     """A first conv over a large input (RAW_ROWS_MIN_BYTES an image or more) pads and
-    preprocesses the rows each task reads (`direct.conv_raw`): the NumPy reference with the
-    model's scale, mean and std, the same bits as the padding copy of the whole batch, and
-    each image the same alone and in a batch."""
+    preprocesses the rows each task reads (`direct.conv_raw`), or on preprocessed input reads
+    the windows inside the image straight from it: the NumPy reference with the model's scale,
+    mean and std, the same bits as the padding copy of the whole batch from raw pixels and
+    from preprocessed input, and each image the same alone and in a batch."""
     from convserve.core.layers import conv2d
 
     h, w = size
@@ -433,12 +436,14 @@ def test_convs_over_large_inputs_pad_their_own_rows(
     assert _kernels(model, 5)[0] == "conv_raw", _kernels(model, 5)
     assert_forward_matches_reference(model, doc, weights, x, rtol=1e-5)
     rows = model.forward(x)
+    probabilities = model.predict(x)
     for i in range(5):
         np.testing.assert_array_equal(model.forward(x[i : i + 1])[0], rows[i])
     monkeypatch.setattr(conv2d, "RAW_ROWS_MIN_BYTES", 1 << 40)
     copied = Model(doc, weights, winograd=False, plan=False)
     assert _kernels(copied, 5)[:2] == ["pad_input", "conv"], _kernels(copied, 5)
     np.testing.assert_array_equal(copied.forward(x), rows)
+    np.testing.assert_array_equal(copied.predict(x), probabilities)
 
 
 def test_a_conv_after_a_pool_step_pads_its_own_rows_of_a_large_input():
