@@ -118,7 +118,7 @@ def worker(name: str, batch: int) -> dict[str, Any]:
     plan = model._plan
     x = np.random.default_rng(0).standard_normal((batch, *arch.input_shape)).astype(np.float32)
     plan.run(x)
-    calls, result_shape, _ = plan._programs[(batch, False, plan._threads_now())]
+    calls, result_shape, *_ = plan._programs[(batch, False, plan._threads_now())]
     result = np.empty(result_shape, np.float32)
     conv = arch.layers[0]
     oh, ow, _ = conv.output_shape

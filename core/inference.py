@@ -14,6 +14,7 @@ by every call, which allocates only its result.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numba
@@ -250,7 +251,7 @@ class InferencePlan:
         fresh = program is None
         if fresh:
             program = self._programs[key] = self._program(n, preprocess, key[2])
-        calls, result_shape, final = program
+        calls, result_shape, final, _ = program
         self._runs[0] += 1
         if self._flat_input and not preprocess:
             x = x.reshape(n, -1)  # a view: x is C-contiguous
@@ -299,6 +300,7 @@ class InferencePlan:
         x: Any = INPUT
         result_shape = None
         last = len(self.steps) - 1
+        owners: list[int] = []  # the step each call belongs to
         for k, step in enumerate(self.steps):
             if k == 0 and self._flat_input and not preprocess:
                 continue  # the input is used as it is (flattened by `_forward_chunk`)
@@ -316,6 +318,32 @@ class InferencePlan:
             program.raw = step.takes_raw and preprocess
             program.padded = padded.get(k)
             x = step.emit(program, x, out)
+            owners += [k] * (len(program.calls) - len(owners))
         # each call's arguments in a list of its own, for the hot path of `_forward_chunk`
         calls = [(fn, list(args), in_pos, res_pos) for fn, args, in_pos, res_pos in program.calls]
-        return calls, result_shape, (None if x is RESULT else x)
+        return calls, result_shape, (None if x is RESULT else x), owners
+
+    def kernel_times(self, x: np.ndarray, rounds: int = 30) -> list[tuple[int, str, float]]:
+        """Where a forward pass of the preprocessed batch x (at most `chunk` images) spends its
+        time: per kernel call, in order, (the step it belongs to, the kernel's name, the median
+        seconds of `rounds` runs of that call alone). Each call runs on the buffers the pass
+        filled, so on the data it would see, warm as the calls before it left them."""
+        n = x.shape[0]
+        if not 0 < n <= self.chunk:
+            raise ValueError(f"kernel_times takes 1 to {self.chunk} images, not {n}")
+        self.run(x)  # builds the program and fills the buffers
+        calls, result_shape, _, owners = self._programs[(n, False, self._threads_now())]
+        if self._flat_input:
+            x = x.reshape(n, -1)
+        result = None if result_shape is None else np.empty(result_shape, np.float32)
+        times = []
+        for call, step in zip(calls, owners):
+            args = bind_args(call, x, result)
+            seconds = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                call[0](*args)
+                seconds.append(time.perf_counter() - start)
+            name = getattr(call[0], "__name__", type(call[0]).__name__)
+            times.append((step, name, float(np.median(seconds))))
+        return times
