@@ -71,8 +71,9 @@ def random_weights(doc: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
     return weights
 
 
-def ort_session(model_bytes: bytes, threads: int = 2):
-    """An ONNX Runtime CPU session with `threads` intra-op threads."""
+def ort_session(model_bytes: bytes, threads: int = 2, profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session with `threads` intra-op threads; with `profile_prefix`, its
+    profiler on, writing to a file of that prefix (`end_profiling` returns its name)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -80,6 +81,9 @@ def ort_session(model_bytes: bytes, threads: int = 2):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 

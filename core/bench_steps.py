@@ -33,7 +33,15 @@ WARMUP_RUNS = 20
 TIMED_RUNS = 100
 
 
-def _median_us(seconds: list[float]) -> float:
+def _pass_us(run) -> float:
+    """Median microseconds of a call of `run`, after WARMUP_RUNS calls, over TIMED_RUNS."""
+    for _ in range(WARMUP_RUNS):
+        run()
+    seconds = []
+    for _ in range(TIMED_RUNS):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
     return statistics.median(seconds) * 1e6
 
 
@@ -46,48 +54,27 @@ def _ours(doc: dict[str, Any], weights: dict[str, np.ndarray], x: np.ndarray) ->
     if x.shape[0] > plan.chunk:
         return {"error": f"--batch must be at most {plan.chunk} for this model (one chunk)"}
     model.warmup((x.shape[0],))
-    for _ in range(WARMUP_RUNS):
-        plan.run(x)
-    passes = []
-    for _ in range(TIMED_RUNS):
-        start = time.perf_counter()
-        plan.run(x)
-        passes.append(time.perf_counter() - start)
+    total = _pass_us(lambda: plan.run(x))
     rows = []
     for step, kernel, seconds in plan.kernel_times(x):
         shape = plan.steps[step].shape
         output = "x".join(map(str, shape)) if shape else "in place"
-        rows.append([f"{step}: {type(plan.steps[step]).__name__} -> {output}", kernel])
-        rows[-1].append(seconds * 1e6)
-    return {"total_us": _median_us(passes), "rows": rows, "runtime": runtime.describe()}
+        label = f"{step}: {type(plan.steps[step]).__name__} -> {output}"
+        rows.append([label, kernel, seconds * 1e6])
+    return {"total_us": total, "rows": rows, "runtime": runtime.describe()}
 
 
 def _ort(doc: dict[str, Any], weights: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
-    import onnxruntime as ort
     from convserve.core.bench import ort_session
     from convserve.core.interop.onnx_export import onnx_model
 
-    session = ort_session(onnx_model(doc, weights))
-    runs = []
-    for _ in range(WARMUP_RUNS):
-        session.run(["output"], {"input": x})
-    for _ in range(TIMED_RUNS):
-        start = time.perf_counter()
-        session.run(["output"], {"input": x})
-        runs.append(time.perf_counter() - start)
+    graph = onnx_model(doc, weights)
+    session = ort_session(graph)
+    total = _pass_us(lambda: session.run(["output"], {"input": x}))
     # a second session with its profiler on, for the nodes' times (profiling adds a little to
     # each run, so the run time above comes from a session without it)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = session.get_session_options().intra_op_num_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = os.path.join(tmp, "ort")
-        profiled = ort.InferenceSession(
-            onnx_model(doc, weights), options, providers=["CPUExecutionProvider"]
-        )
+        profiled = ort_session(graph, profile_prefix=os.path.join(tmp, "ort"))
         for _ in range(WARMUP_RUNS + TIMED_RUNS):
             profiled.run(["output"], {"input": x})
         with open(profiled.end_profiling()) as f:
@@ -97,11 +84,12 @@ def _ort(doc: dict[str, Any], weights: dict[str, np.ndarray], x: np.ndarray) -> 
         name = event.get("name", "")
         if event.get("cat") == "Node" and name.endswith("_kernel_time"):
             key = (name[: -len("_kernel_time")], event.get("args", {}).get("op_name", "?"))
-            nodes.setdefault(key, []).append(event["dur"] * 1e-6)
+            nodes.setdefault(key, []).append(event["dur"])  # microseconds
     rows = [
-        [name, op, _median_us(times[WARMUP_RUNS:] or times)] for (name, op), times in nodes.items()
+        [name, op, statistics.median(times[WARMUP_RUNS:] or times)]
+        for (name, op), times in nodes.items()
     ]
-    return {"total_us": _median_us(runs), "rows": rows}
+    return {"total_us": total, "rows": rows}
 
 
 def worker(engine: str, model: str, batch: int) -> dict[str, Any]:

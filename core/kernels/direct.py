@@ -275,31 +275,26 @@ def conv_raw(
         tile = tiles[numba.get_thread_id()]
         iy0 = oy * sh - pt
         o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
+        # [p0, p1) straight from x (none unless the rows need neither padding nor
+        # preprocessing); [ox0, p0) and [p1, ox1) from padded and preprocessed copies
+        p0 = p1 = ox1
         if pre == 0 and iy0 >= 0 and iy0 + kh <= H:
-            p0 = min(max(ox0, inner0), ox1)  # [ox0, p0) cross the left edge, [p1, ox1) the right
+            p0 = min(max(ox0, inner0), ox1)
             p1 = max(min(ox1, inner1), p0)
-            if p1 > p0:
-                a_off = ((n * H + iy0) * W + p0 * sw - pl) * CI
+        if p1 > p0:
+            a_off = ((n * H + iy0) * W + p0 * sw - pl) * CI
+            _pixels_out(
+                xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, tile, of,
+                o + (p0 - ox0) * CO, CO, p1 - p0, narrow, bias, act, fused,
+            )  # fmt: skip
+        for e0, e1 in ((ox0, p0), (p1, ox1)):
+            if e1 > e0:
+                span = (e1 - e0 - 1) * sw + kw
+                _input_rows(x, scale, shift, pre, tile, rows_at, n, iy0, e0 * sw - pl, kh, span)
                 _pixels_out(
-                    xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, tile, of,
-                    o + (p0 - ox0) * CO, CO, p1 - p0, narrow, bias, act, fused,
+                    tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, tile, of,
+                    o + (e0 - ox0) * CO, CO, e1 - e0, narrow, bias, act, fused,
                 )  # fmt: skip
-            for e0, e1 in ((ox0, p0), (p1, ox1)):
-                if e1 > e0:
-                    span = (e1 - e0 - 1) * sw + kw
-                    _input_rows(x, scale, shift, 0, tile, rows_at, n, iy0, e0 * sw - pl, kh, span)
-                    _pixels_out(
-                        tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, tile, of,
-                        o + (e0 - ox0) * CO, CO, e1 - e0, narrow, bias, act, fused,
-                    )  # fmt: skip
-            continue
-        cnt = ox1 - ox0
-        span = (cnt - 1) * sw + kw
-        _input_rows(x, scale, shift, pre, tile, rows_at, n, iy0, ox0 * sw - pl, kh, span)
-        _pixels_out(
-            tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, tile, of, o, CO, cnt,
-            narrow, bias, act, fused,
-        )  # fmt: skip
 
 
 def raw_tile_floats(
