@@ -354,6 +354,63 @@ def test_direct_runs_over_short_rows_on_random_shapes(seed, monkeypatch):
     np.testing.assert_array_equal(other.run(x[:1]), whole[:1], err_msg=where + ", other layout")
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_direct_1x1_convs_between_plain_buffers_run_each_image_as_one_row(seed, monkeypatch):
+    """A 1x1 stride-1 conv whose input and output are plain buffers of whole images runs
+    `conv` over each image's pixels as one row (at = (0, 0, 1, pixels)) where its stores are
+    fused (filters a multiple of 16, ReLU or linear) and the batch gives every thread a
+    piece; else by rows or runs. Either way: the NumPy reference, the same bits whatever the
+    batch, and the same bits as by rows or runs."""
+    from convserve.core.layers import conv2d
+
+    rng = np.random.default_rng(2600 + seed)
+    side = int(rng.integers(2, 21))
+    channels = int(rng.choice([3, 16, 40]))
+    filters = int(rng.choice([16, 48, 64, 136, 200]))
+    act = str(rng.choice(["relu", "linear", "tanh"]))
+    after = str(rng.choice(["dense", "conv1x1", "conv3x3"]))  # conv3x3: a bordered output
+    layers = [
+        {"type": "conv2d", "filters": int(rng.choice([16, 24, 128])), "kernel_size": 3,
+         "padding": "same", "activation": "relu"},
+        {"type": "conv2d", "filters": filters, "kernel_size": 1, "activation": act},
+    ]  # fmt: skip
+    if after != "dense":
+        size, padding = (1, "valid") if after == "conv1x1" else (3, "same")
+        layers.append({"type": "conv2d", "filters": 16, "kernel_size": size, "padding": padding,
+                       "activation": "relu"})  # fmt: skip
+    layers += [{"type": "flatten"}, {"type": "dense", "units": 3, "activation": "linear"}]
+    doc = {"name": "rows", "input": {"shape": [side, side + 1, channels], "scale": 1.0,
+           "mean": [0.0] * channels, "std": [1.0] * channels}, "labels": ["a", "b", "c"],
+           "layers": layers}  # fmt: skip
+    arch = parse_architecture(doc)
+    weights = random_weights(doc, seed=seed)
+    plan_of = {k: "direct" for k in range(len(arch.layers)) if arch.layers[k].type == "conv2d"}
+    where = f"{side}x{side + 1}x{channels} -> {filters} {act}, then {after}"
+    n = BATCH_CHUNK + 3
+    x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
+    plan = InferencePlan(arch, weights, plan_of)
+    whole = plan.run(x)
+    np.testing.assert_allclose(
+        whole, ref.forward(doc, weights, x), atol=TOLERANCE, rtol=1e-5, err_msg=where
+    )
+    for start, stop in ((0, 1), (1, 3), (2, 9), (1, BATCH_CHUNK + 2)):
+        assert np.array_equal(plan.run(x[start:stop]), whole[start:stop]), where
+    pixels = side * (side + 1)
+    for batch in (1, BATCH_CHUNK):
+        calls = plan._programs[(batch, False, plan.threads)][0]
+        long_rows = [c for c in calls if c[1][-2] == (0, 0, 1, pixels)]
+        fused = filters % 16 == 0 and act != "tanh"
+        pieces = batch * (pixels // conv2d.IMAGE_ROW_PIECE_PIXELS) >= plan.threads
+        # the 1x1 conv, and a 1x1 conv of 16 filters with ReLU after it
+        expected = int(fused and after != "conv3x3" and pieces) + int(after == "conv1x1" and pieces)
+        assert len(long_rows) == expected, f"{where}, {batch} images"
+        for call in long_rows:
+            assert call[0].__name__ == "conv" and call[1][0].shape[1] == 1, where
+    monkeypatch.setattr(conv2d, "IMAGE_ROW_PIECE_PIXELS", 10**9)  # by rows or runs
+    rows = InferencePlan(arch, weights, plan_of)
+    np.testing.assert_array_equal(rows.run(x), whole, err_msg=where + ", by rows")
+
+
 def test_direct_runs_split_the_channels_when_an_image_has_few_runs():
     """A 4x4 output of 128 channels at one image: one run of its 16 pixels, the channels in
     two ranges of 64 (a task per thread, each reading half the weights); at 8 images a run
