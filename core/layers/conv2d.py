@@ -71,9 +71,9 @@ RUN_PIXELS = 24
 # of a piece's pixels before the next block. Rows of W pixels switch blocks every W pixels
 # (and read weights past L1 from L2 again); runs (`conv_runs`) every 24. On an Intel Xeon
 # (AVX-512), two threads, per call in the model: 128 -> 256 over 8x8 (pointwise_wide) at 32
-# images 404-410 us against 433-462 by runs, at one 14.3-14.8 against 19.9-20.2; 192 -> 384
-# over 8x8 859-869 against 935-962 and 28-30 against 40; alone, 128 -> 128 over 16x16 at 32
-# images 0.91-0.94x the time of rows, 64 -> 128 alike.
+# images 404-410 us against 433-462 by runs, at 8 94-97 against 102-106, at one 14.5-15.1
+# against 15.2-15.4; 192 -> 384 over 8x8 at 32 images 859-869 against 935-962; alone,
+# 128 -> 128 over 16x16 at 32 images 0.91-0.94x the time of rows, 64 -> 128 alike.
 IMAGE_ROW_PIECE_PIXELS = 32
 WINOGRAD: dict[str, Transform] = {  # variant: its transform
     "winograd": F2X2_3X3,
