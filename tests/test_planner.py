@@ -414,7 +414,8 @@ def test_direct_1x1_convs_between_plain_buffers_run_each_image_as_one_row(seed, 
 def test_direct_runs_split_the_channels_when_an_image_has_few_runs():
     """A 4x4 output of 128 channels at one image: one run of its 16 pixels, the channels in
     two ranges of 64 (a task per thread, each reading half the weights); at 8 images a run
-    per image, all channels; a 8x8 output of 64 channels at one image: four runs of 16."""
+    per image, all channels; a 8x8 output of 64 channels: at one image two runs of 32, at 8
+    a run per image."""
     from convserve.core.layers.conv2d import DirectConv
 
     def runs(shape, filters, n, threads):
@@ -424,8 +425,9 @@ def test_direct_runs_split_the_channels_when_an_image_has_few_runs():
 
     assert runs((4, 4, 128), 128, 1, 2) == (16, 2)
     assert runs((4, 4, 128), 128, 8, 2) == (16, 1)
-    assert runs((8, 8, 64), 64, 1, 2) == (16, 1)
-    assert runs((8, 8, 64), 64, 8, 2) == (22, 1)
+    assert runs((8, 8, 64), 64, 1, 2) == (32, 1)
+    assert runs((8, 8, 64), 64, 8, 2) == (64, 1)
+    assert runs((11, 11, 64), 64, 8, 2) == (61, 1)  # 121 pixels in two runs
     assert runs((4, 4, 128), 128, 1, 1) == (16, 1)
     assert runs((3, 5, 40), 48, 1, 4) == (4, 1)  # 15 pixels in 4 runs: a task per thread
 

@@ -64,16 +64,24 @@ RUN_ROWS_UNDER = 2 * gemm.PEAK_BLOCK[0]
 # the rows cost about as much as a copy that stays in cache or more: 5x5/2 1.10-1.34x at 1 and
 # 8 images, 3x3 stems 0.87-1.18x
 RAW_ROWS_MIN_BYTES = 64 * 1024
-RUN_PIXELS = 24
+# Most pixels a run of `conv_runs` takes: each chunk of weights serves all of a run's pixels
+# before the next, so longer runs read the weights from L2 less often. On an Intel Xeon
+# (AVX-512), two threads, per call in the model against runs of 24: the strided net's 3x3/2
+# 64 -> 128 layer (8x8 outputs) at 32 images 860-864 us against 882-892, strided_rgb128's
+# 3x3/2 64 -> 64 one at 8 images 104-106 against 109-112 (alone at 32: 0.87-0.93x and
+# 0.93-0.94x); at one image alike
+RUN_PIXELS = 64
 # A 1x1 stride-1 conv whose input and output are plain (N, H, W, C) arrays reads and writes
 # each image's pixels as one contiguous row: `direct.conv` then runs it as one long row an
 # image, in pieces of at least this many pixels, each 64-channel block of weights over all
-# of a piece's pixels before the next block. Rows of W pixels switch blocks every W pixels
-# (and read weights past L1 from L2 again); runs (`conv_runs`) every 24. On an Intel Xeon
-# (AVX-512), two threads, per call in the model: 128 -> 256 over 8x8 (pointwise_wide) at 32
-# images 404-410 us against 433-462 by runs, at 8 94-97 against 102-106, at one 14.5-15.1
-# against 15.2-15.4; 192 -> 384 over 8x8 at 32 images 859-869 against 935-962; alone,
-# 128 -> 128 over 16x16 at 32 images 0.91-0.94x the time of rows, 64 -> 128 alike.
+# of a piece's pixels before the next block, the micro-kernels storing bias and activation
+# straight into the output. Rows of W pixels switch blocks every W pixels (and read weights
+# past L1 from L2 again); runs (`conv_runs`) pass their sums through a tile. On an Intel Xeon
+# (AVX-512), two threads: per call in the model, 128 -> 256 over 8x8 (pointwise_wide) at 32
+# images 404-410 us against 433-462 by runs of 24 pixels, at 8 94-97 against 102-106, at one
+# 14.5-15.1 against 15.2-15.4; alone against runs of 64 (RUN_PIXELS), 0.93-0.99x the time at
+# 32 images, 0.93-0.95x at 8; alone, 128 -> 128 over 16x16 at 32 images 0.91-0.94x the time
+# of rows, 64 -> 128 alike.
 IMAGE_ROW_PIECE_PIXELS = 32
 WINOGRAD: dict[str, Transform] = {  # variant: its transform
     "winograd": F2X2_3X3,
