@@ -326,7 +326,7 @@ class DirectConv(Step):
         padding border, not the caller's input or result); bias and ReLU or no activation
         stored by the micro-kernels (`direct.conv`'s fused stores: real channels a multiple
         of 16, weights in rows), so no per-task tile of the long row; and at least one piece
-        a thread (fewer: `conv_runs` splits the channels instead)."""
+        a thread (fewer: by rows, or by runs, which then split the channels)."""
         oh, ow, co = self.shape
         plain = isinstance(x, np.ndarray) and isinstance(out, np.ndarray)
         return (
