@@ -394,6 +394,7 @@ def test_direct_convolutions_with_weights_in_chunks(channels, kernel, stride, po
         ((72, 72), 16, 1, 1, "valid", "relu"),
         ((300, 14), 2, 15, 1, "same", "relu"),  # every window crosses an edge
         ((64, 250), 3, 4, 2, "same", "linear"),  # an even kernel: one column on each side
+        ((65, 130), 3, 5, 2, "same", "relu"),  # edge columns on both sides, 2 padding rows on top
     ],
 )
 def test_convs_over_large_inputs_pad_their_own_rows(

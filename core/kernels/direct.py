@@ -47,6 +47,9 @@ CHUNK_TAPS_ROWS = 256
 # On an Intel Xeon (AVX-512) 64 ran 0.88-0.94x the time of 128 on a 5x5/2 layer of 64 -> 128
 # channels at 32 images.
 PATCH_K_ROWS = 64
+# Rows of one edge column a `conv_raw` edge task takes: a micro-kernel row of 12 pixels fills
+# the widest block of 16 channels (`gemm._block_shape`).
+EDGE_ROWS = 12
 # Output pixels a `conv_patches` task takes (fewer when the batch has too few for every thread)
 PATCH_GROUP = 24
 
@@ -242,6 +245,28 @@ def _input_rows(x, scale, shift, pre, dst, d0, n, iy0, ix0, rows, span):
                 dst[inside + u] = xf[src + u] * scale[at + u] + shift[at + u]
 
 
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _window_patches(xf, dst, d0, n, H, W, C, iy0, sh, rows, ix0, kh, kw):
+    """dst[d0:] = the kh x kw x C windows of `rows` conv pixels in one column of image n, pixel
+    r reading the input rows from iy0 + r*sh (inside the image) and the columns from ix0, each
+    window contiguous, zeros where a column falls outside the image."""
+    width = kw * C
+    z = np.float32(0.0)
+    lo = min(kw, max(0, -ix0)) * C  # a window row's floats before the image's, and up to its end
+    hi = max(lo, min(kw, W - ix0) * C)
+    d = np.uint64(d0)
+    for r in range(rows):
+        for ky in range(kh):
+            src = np.uint64(((n * H + iy0 + r * sh + ky) * W + ix0) * C + lo)
+            for j in range(lo):
+                dst[d + np.uint64(j)] = z
+            for j in range(hi - lo):
+                dst[d + np.uint64(lo + j)] = xf[src + np.uint64(j)]
+            for j in range(hi, width):
+                dst[d + np.uint64(j)] = z
+            d += np.uint64(width)
+
+
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def conv_raw(
     x, scale, shift, pre, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at, narrow, pads
@@ -251,10 +276,15 @@ def conv_raw(
     row from there. pads = (top, left) padding. Where `conv` would read a padded copy of the
     whole batch, which for a large input (32 images of 128 x 128 x 3: 6.3 MB) leaves the
     caches and comes back: the copy took about a quarter of the copy and the conv's time.
-    Without `pre`, a task whose kernel rows lie inside the image copies only the windows of its
-    pixels that cross the left or right edge and reads the others straight from x
-    (strided_rgb128's 3x3/2 stem over 128 x 128 x 3 at 32 images: 0.93-0.96x the time). The
-    same values in the same order: the same bits. tiles: (threads, >= `raw_tile_floats`)."""
+
+    Without `pre`, a row whose kernel rows lie inside the image reads its pixels straight from
+    x where their windows lie inside it too (strided_rgb128's 3x3/2 stem over 128 x 128 x 3 at
+    32 images: 0.93-0.96x the time). The pixels of those rows whose windows cross the left or
+    right edge go in tasks of their own, EDGE_ROWS rows of one edge column a task: their
+    windows copied side by side, one micro-kernel row over them. (With a copy and a call of one
+    pixel a row instead, that stem at 32 images took 755-788 us against 649-683, on an Intel
+    Xeon.) The same values in the same order: the same bits. tiles: (threads, >=
+    `raw_tile_floats`)."""
     N, H, W, CI = x.shape
     COp = wk.size // (kh * kw * CI)
     ldb = wk.shape[1]
@@ -267,42 +297,70 @@ def conv_raw(
     # the output columns whose windows lie inside the image's: [inner0, inner1)
     inner0 = min(OW, (pl + sw - 1) // sw)
     inner1 = max(inner0, min(OW, (W + pl - kw) // sw + 1))
+    # the output rows whose kernel rows lie inside the image's: [r0, r1)
+    r0 = min(OH, (pt + sh - 1) // sh)
+    r1 = max(r0, min(OH, (H + pt - kh) // sh + 1))
+    # tasks per image: its rows' (splits a row), then its edge columns' groups of rows
+    groups = 0
+    if pre == 0 and (inner0 > 0 or inner1 < OW):
+        groups = (r1 - r0 + EDGE_ROWS - 1) // EDGE_ROWS
+    row_tasks = OH * splits
+    window = kh * kw * CI
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
     of = out.reshape(out.size)
-    for t in prange(N * OH * splits):
-        n, oy, ox0, ox1 = row_task(t, splits, OH, per, OW)
+    for t in prange(N * (row_tasks + groups)):
+        n = t // (row_tasks + groups)
+        u = t % (row_tasks + groups)
         tile = tiles[numba.get_thread_id()]
+        if u >= row_tasks:  # EDGE_ROWS rows from r0 + g * EDGE_ROWS, each edge column
+            ya = r0 + (u - row_tasks) * EDGE_ROWS
+            rows = min(r1, ya + EDGE_ROWS) - ya
+            at_patches = rows * COp
+            for k in range(inner0 + OW - inner1):
+                e = k if k < inner0 else inner1 + k - inner0
+                _window_patches(
+                    xf, tile, at_patches, n, H, W, CI, ya * sh - pt, sh, rows, e * sw - pl, kh, kw
+                )  # fmt: skip
+                _conv_pixels(
+                    tile, at_patches, window, kw * CI, kh, kw, CI, wf, COp, ldb, tile, 0, rows,
+                    narrow,
+                )  # fmt: skip
+                for r in range(rows):
+                    o = ((n * Hb + y0 + ya + r) * Wb + x0 + e) * CO
+                    _store_row(tile, r * COp, bias, of, o, 0, CO, act)
+            continue
+        oy = u // splits
+        ox0 = min(OW, (u % splits) * per)
+        ox1 = min(OW, ox0 + per)
         iy0 = oy * sh - pt
         o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
-        # [p0, p1) straight from x (none unless the rows need neither padding nor
-        # preprocessing); [ox0, p0) and [p1, ox1) from padded and preprocessed copies
-        p0 = p1 = ox1
-        if pre == 0 and iy0 >= 0 and iy0 + kh <= H:
+        if pre == 0 and r0 <= oy < r1:  # inside rows: the edge tasks take their edge columns
             p0 = min(max(ox0, inner0), ox1)
             p1 = max(min(ox1, inner1), p0)
-        if p1 > p0:
-            a_off = ((n * H + iy0) * W + p0 * sw - pl) * CI
-            _pixels_out(
-                xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, tile, of,
-                o + (p0 - ox0) * CO, CO, p1 - p0, narrow, bias, act, fused,
-            )  # fmt: skip
-        for e0, e1 in ((ox0, p0), (p1, ox1)):
-            if e1 > e0:
-                span = (e1 - e0 - 1) * sw + kw
-                _input_rows(x, scale, shift, pre, tile, rows_at, n, iy0, e0 * sw - pl, kh, span)
+            if p1 > p0:
+                a_off = ((n * H + iy0) * W + p0 * sw - pl) * CI
                 _pixels_out(
-                    tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, tile, of,
-                    o + (e0 - ox0) * CO, CO, e1 - e0, narrow, bias, act, fused,
+                    xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, tile, of,
+                    o + (p0 - ox0) * CO, CO, p1 - p0, narrow, bias, act, fused,
                 )  # fmt: skip
+            continue
+        if ox1 > ox0:  # the whole part from a padded (and preprocessed) copy of its rows
+            span = (ox1 - ox0 - 1) * sw + kw
+            _input_rows(x, scale, shift, pre, tile, rows_at, n, iy0, ox0 * sw - pl, kh, span)
+            _pixels_out(
+                tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, tile, of, o, CO,
+                ox1 - ox0, narrow, bias, act, fused,
+            )  # fmt: skip
 
 
 def raw_tile_floats(
     out_cols: int, channels: int, kernel: tuple[int, int], stride: int, ci: int
 ) -> int:
-    """Per-thread floats `conv_raw` needs for rows of `out_cols` pixels: their sums, then the
-    kernel rows of input they read."""
-    return out_cols * channels + kernel[0] * ((out_cols - 1) * stride + kernel[1]) * ci
+    """Per-thread floats `conv_raw` needs: for rows of `out_cols` pixels their sums, then the
+    kernel rows of input they read; for an edge task EDGE_ROWS pixels' sums and windows."""
+    rows = out_cols * channels + kernel[0] * ((out_cols - 1) * stride + kernel[1]) * ci
+    return max(rows, EDGE_ROWS * (channels + kernel[0] * kernel[1] * ci))
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
