@@ -313,7 +313,7 @@ def conv_raw(
         n = t // (row_tasks + groups)
         u = t % (row_tasks + groups)
         tile = tiles[numba.get_thread_id()]
-        if u >= row_tasks:  # EDGE_ROWS rows from r0 + g * EDGE_ROWS, each edge column
+        if u >= row_tasks:  # inside rows from r0 + (u - row_tasks) * EDGE_ROWS, each edge column
             ya = r0 + (u - row_tasks) * EDGE_ROWS
             rows = min(r1, ya + EDGE_ROWS) - ya
             at_patches = rows * COp
