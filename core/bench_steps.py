@@ -50,10 +50,11 @@ def _ours(doc: dict[str, Any], weights: dict[str, np.ndarray], x: np.ndarray) ->
     from convserve.core.model import Model
 
     model = Model(doc, weights, plan=True)
-    plan = model._plan  # the core's own benchmark: the plan's steps and kernel calls
-    if x.shape[0] > plan.chunk:
-        return {"error": f"--batch must be at most {plan.chunk} for this model (one chunk)"}
-    model.warmup((x.shape[0],))
+    if x.shape[0] > model._plan.chunk:
+        chunk = model._plan.chunk
+        return {"error": f"--batch must be at most {chunk} for this model (one chunk)"}
+    model.warmup((x.shape[0],))  # plans: the kernel variants may change here
+    plan = model._plan  # the core's own benchmark: the planned steps and kernel calls
     total = _pass_us(lambda: plan.run(x))
     rows = []
     for step, kernel, seconds in plan.kernel_times(x):
@@ -61,7 +62,12 @@ def _ours(doc: dict[str, Any], weights: dict[str, np.ndarray], x: np.ndarray) ->
         output = "x".join(map(str, shape)) if shape else "in place"
         label = f"{step}: {type(plan.steps[step]).__name__} -> {output}"
         rows.append([label, kernel, seconds * 1e6])
-    return {"total_us": total, "rows": rows, "runtime": runtime.describe()}
+    return {
+        "total_us": total,
+        "rows": rows,
+        "runtime": runtime.describe(),
+        "plan": {str(layer): variant for layer, variant in model.kernel_plan.items()},
+    }
 
 
 def _ort(doc: dict[str, Any], weights: dict[str, np.ndarray], x: np.ndarray) -> dict[str, Any]:
@@ -110,6 +116,16 @@ def _table(header: tuple[str, str], runs: list[dict[str, Any]], total: float) ->
         us = statistics.median(run["rows"][i][2] for run in runs)
         lines.append(f"| {label} | {kind} | {us:,.1f} | {us / total:.1%} |")
     return lines
+
+
+def _same_plan(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The runs of the plan most of them chose (the first such when tied) and how many runs
+    chose another: runs of different plans make different kernel calls, so their tables
+    cannot be merged row by row. Each process plans unless the plan cache holds its plan."""
+    keys = [json.dumps(run["plan"], sort_keys=True) for run in runs]
+    chosen = max(keys, key=keys.count)
+    kept = [run for run, key in zip(runs, keys) if key == chosen]
+    return kept, len(runs) - len(kept)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(result["error"])
             results[engine].append(result)
         print(f"  round {rep + 1} of {args.repeats} done", flush=True)
-    ours = results["ours"]
+    ours, others = _same_plan(results["ours"])
     total = statistics.median(run["total_us"] for run in ours)
     print(f"\nours: {ours[0]['runtime']}")
     print(f"{args.model}, {args.batch} images; medians over {args.repeats} processes per engine")
+    plan = ", ".join(f"{layer}: {variant}" for layer, variant in ours[0]["plan"].items())
+    print(f"ours: the planned kernel variants (layer: variant): {plan or 'no choices'}")
+    if others:
+        print(f"  ({others} of our processes planned otherwise; left out of the table)")
     print(f"\nours: forward pass {total:,.1f} us; its kernel calls, each alone:")
     print("\n".join(_table(("step", "kernel"), ours, total)))
     if "ort" in results:

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 from convserve.core.bench_models import load_bench_model
+from convserve.core.bench_steps import _same_plan as bench_steps_same_plan
 from convserve.core.model import Model
 
 from tests.conftest import random_weights
@@ -60,6 +61,33 @@ def test_bench_steps_prints_our_kernel_calls_and_ort_nodes():
     ort_nodes = re.findall(r"^\| (\S+) \| (\w+) \| ([\d,.]+) \| [\d.]+% \|$", out, re.M)
     assert "Conv" in {op for _, op, _ in ort_nodes}, out
     assert re.search(r"ONNX Runtime: run [\d,.]+ us \(ORT / ours: [\d.]+x\)", out), out
+
+
+def test_bench_steps_times_the_planned_variants(monkeypatch):
+    """Ours is the model as planned at warm-up, not the heuristic plan it starts with: a plan
+    that puts lenet5's second conv on Winograd shows a Winograd step there."""
+    from convserve.core import bench_steps, planner
+
+    doc, _ = load_bench_model("lenet5")
+    weights = random_weights(doc)
+    default = Model(doc, weights, plan=False).kernel_plan
+    assert default[2] == "direct"  # the heuristic's choice, which the plan below replaces
+    monkeypatch.setattr(
+        planner, "plan_for", lambda *args, **kwargs: {**default, 2: "winograd4_split"}
+    )
+    x = np.random.default_rng(1).standard_normal((2, 28, 28, 1)).astype(np.float32)
+    result = bench_steps._ours(doc, weights, x)
+    assert result["plan"]["2"] == "winograd4_split"
+    labels = [label for label, _, _ in result["rows"]]
+    # (labels name steps: the pooling layer after the first conv is fused into its step)
+    assert any(": WinogradConv" in label for label in labels), labels
+    assert not any(": DirectConv" in label for label in labels), labels
+
+
+def test_bench_steps_tables_only_runs_of_one_plan():
+    runs = [{"plan": {"1": "direct"}}, {"plan": {"1": "winograd"}}, {"plan": {"1": "direct"}}]
+    kept, others = bench_steps_same_plan(runs)
+    assert kept == [runs[0], runs[2]] and others == 1
 
 
 @pytest.mark.parametrize(
