@@ -22,7 +22,14 @@ import numpy as np
 from convserve.core import aligned
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.architecture import Architecture
+from convserve.core.errors import ModelError
 from convserve.core.kernels import dense as kdense
+from convserve.core.kernels.elementwise import (
+    PARALLEL_SCAN_FLOATS,
+    SIGNS,
+    all_finite_f32,
+    all_finite_f32_parallel,
+)
 from convserve.core.layers.dense import chain_dense_steps
 from convserve.core.layers.fusion import blocks
 from convserve.core.steps import INPUT, RESULT, Call, Preprocess, Program, Step
@@ -47,6 +54,12 @@ def bind_args(call: Call, x: np.ndarray, result: np.ndarray | None) -> Any:
     if res_pos >= 0:
         args[res_pos] = result
     return args
+
+
+def _check_finite(finite: bool, what: str) -> None:
+    """Raise ModelError naming `what` unless `finite`."""
+    if not finite:
+        raise ModelError(f"{what} contains NaN or Inf")
 
 
 def _entry_point(dispatcher: Any, args: Any) -> Any:
@@ -137,6 +150,7 @@ class InferencePlan:
         # rows of whole cache lines, so that every thread's scratch starts on one
         self._tiles = aligned.zeros((self.threads, -(-tile // 16) * 16))
         self._turn = np.zeros(1, np.int64)  # runs so far (`Program.turn`)
+        self._scan_flags = np.zeros(self.threads * 8, np.uint64)  # `Program.scan_flags`
         self._runs = memoryview(self._turn)  # the same count: a cheaper increment than numpy's
         self._capacity = 0  # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
@@ -146,26 +160,33 @@ class InferencePlan:
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------
-    def run(self, x: np.ndarray, preprocess: bool = False) -> np.ndarray:
-        """`x`: (N, H, W, C) batch, checked by the caller. With `preprocess=False` it is float32
-        and already preprocessed; with `preprocess=True` it holds raw pixels (any real dtype) and
-        the model's `(p * scale - mean) / std` is applied inside the first kernel.
+    def run(self, x: np.ndarray, preprocess: bool = False, check: str | None = None) -> np.ndarray:
+        """`x`: (N, H, W, C) batch, its shape checked by the caller. With `preprocess=False` it
+        is float32 and already preprocessed; with `preprocess=True` it holds raw pixels (any real
+        dtype) and the model's `(p * scale - mean) / std` is applied inside the first kernel.
+        With `check` (the input's name in the message), a NaN or infinity in x raises
+        ModelError: found by the first kernel where it reads the batch itself
+        (`Program.scans_input`), else by a scan before the pass (of x as given where it is
+        not float32: a cast could overflow).
         Returns a new float32 (N, outputs) array."""
         n = x.shape[0]
         with self._lock:
             if x.dtype is not FLOAT32 or not x.flags.c_contiguous:
+                if check is not None and x.dtype is not FLOAT32:  # before the cast can overflow
+                    _check_finite(bool(np.isfinite(x).all()), check)
+                    check = None
                 if self._input is None or self._input.shape[0] < n:
                     self._input = aligned.empty(x.shape)
                 buf = self._input[:n]
                 np.copyto(buf, x, casting="unsafe")
                 x = buf
             if n <= self.chunk:
-                return self._forward_chunk(x, preprocess, None)
+                return self._forward_chunk(x, preprocess, None, check)
             # large batches run in chunks, so that activations stay in cache between layers
             result = np.empty((n, self.architecture.num_outputs), np.float32)
             for start in range(0, n, self.chunk):
                 stop = min(n, start + self.chunk)
-                self._forward_chunk(x[start:stop], preprocess, result[start:stop])
+                self._forward_chunk(x[start:stop], preprocess, result[start:stop], check)
             return result
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
@@ -243,7 +264,7 @@ class InferencePlan:
         return [None if b is None else b[:n] for b in self._buffers]
 
     def _forward_chunk(
-        self, x: np.ndarray, preprocess: bool, result: np.ndarray | None
+        self, x: np.ndarray, preprocess: bool, result: np.ndarray | None, check: str | None
     ) -> np.ndarray:
         n = x.shape[0]
         key = (n, preprocess, self._threads_now())
@@ -251,7 +272,10 @@ class InferencePlan:
         fresh = program is None
         if fresh:
             program = self._programs[key] = self._program(n, preprocess, key[2])
-        calls, result_shape, final, _ = program
+        calls, result_shape, final, _, scans = program
+        if check is not None and not scans:
+            small = x.size < PARALLEL_SCAN_FLOATS
+            _check_finite(all_finite_f32(x) if small else all_finite_f32_parallel(x), check)
         self._runs[0] += 1
         if self._flat_input and not preprocess:
             x = x.reshape(n, -1)  # a view: x is C-contiguous
@@ -275,6 +299,8 @@ class InferencePlan:
                     args[in_pos] = INPUT
                 if res_pos >= 0:
                     args[res_pos] = RESULT
+        if check is not None and scans:
+            _check_finite(not np.bitwise_or.reduce(self._scan_flags) & SIGNS, check)
         if result_shape is not None:
             return result
         if result is not None:  # the last step worked in place: copy out
@@ -283,9 +309,10 @@ class InferencePlan:
         return final.reshape(n, -1).copy()
 
     def _program(self, n: int, preprocess: bool, threads: int):
-        """The kernel calls of a batch of n as (kernel, args, input position, result position),
-        each call's args in a list of its own; `INPUT` and `RESULT` stand for the call's input and
-        its freshly allocated result."""
+        """(calls, result shape, final buffer, each call's step, whether its first kernel
+        scans the input for NaN and infinity (`Program.scans_input`)) of a batch of n; calls
+        as (kernel, args, input position, result position), each call's args in a list of its
+        own; `INPUT` and `RESULT` stand for the call's input and its freshly allocated result."""
         bufs = self._buffers_for(n)
         program = Program(
             n,
@@ -294,6 +321,7 @@ class InferencePlan:
             (self._row_scale, self._row_shift),
             self._identity,
             self._turn,
+            self._scan_flags,
         )
         # one view per buffer: a step that wrote into the next one's is recognised by identity
         padded = {k: buf[:n] for k, buf in self._padded.items()}
@@ -321,7 +349,8 @@ class InferencePlan:
             owners += [k] * (len(program.calls) - len(owners))
         # each call's arguments in a list of its own, for the hot path of `_forward_chunk`
         calls = [(fn, list(args), in_pos, res_pos) for fn, args, in_pos, res_pos in program.calls]
-        return calls, result_shape, (None if x is RESULT else x), owners
+        final = None if x is RESULT else x
+        return calls, result_shape, final, owners, program.scans_input
 
     def kernel_times(self, x: np.ndarray, rounds: int = 30) -> list[tuple[int, str, float]]:
         """Where a forward pass of the preprocessed batch x (at most `chunk` images) spends its
@@ -332,7 +361,7 @@ class InferencePlan:
         if not 0 < n <= self.chunk:
             raise ValueError(f"kernel_times takes 1 to {self.chunk} images, not {n}")
         self.run(x)  # builds the program and fills the buffers
-        calls, result_shape, _, owners = self._programs[(n, False, self._threads_now())]
+        calls, result_shape, _, owners, _ = self._programs[(n, False, self._threads_now())]
         if self._flat_input:
             x = x.reshape(n, -1)
         result = None if result_shape is None else np.empty(result_shape, np.float32)

@@ -150,20 +150,16 @@ class Model:
     # -- compute --------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Run a preprocessed float32 NHWC batch; returns float32 (N, outputs)."""
-        if (  # the usual batch passes these few tests and gets the serial scan straight away
+        if not (  # the usual batch passes these few tests; anything else gets the full check
             type(x) is np.ndarray
             and x.dtype is FLOAT32
             and x.flags.c_contiguous
             and x.shape[1:] == self.architecture.input_shape
-            and 0 < x.size < PARALLEL_SCAN_FLOATS
+            and x.size > 0
         ):
-            finite = all_finite_f32(x)
-        else:  # anything else gets the full check
             self._check_batch(x, floating_only=True, what="forward input")
-            finite = all_finite(x)
-        if not finite:
-            raise ModelError("forward input contains NaN or Inf")
-        return self._plan.run(x)  # copies a non-contiguous batch itself
+        # copies a non-contiguous batch itself; a NaN or infinity in x raises ModelError
+        return self._plan.run(x, check="forward input")
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Classify raw pixels: uint8 or float, (N, H, W, C) or one (H, W, C) image.
@@ -180,9 +176,9 @@ class Model:
         )
         if single:
             images = images[None]
-        if images.dtype.kind == "f" and not all_finite(images):
-            raise ModelError("predict input contains NaN or Inf")
-        return self._plan.run(images, preprocess=True)  # preprocessing runs inside the first kernel
+        # preprocessing runs inside the first kernel; a NaN or infinity raises ModelError
+        check = "predict input" if images.dtype.kind == "f" else None
+        return self._plan.run(images, preprocess=True, check=check)
 
     def activations(
         self, images: np.ndarray, layers: list[int] | None = None

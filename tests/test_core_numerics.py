@@ -447,6 +447,63 @@ def test_convs_over_large_inputs_pad_their_own_rows(
     np.testing.assert_array_equal(copied.predict(x), probabilities)
 
 
+@pytest.mark.parametrize(
+    "size,kernel,stride,padding",
+    [
+        ((97, 130), 3, 2, "same"),
+        ((97, 130), 2, 3, "same"),  # every third row and column is read by no window
+    ],
+)
+def test_a_first_conv_over_a_large_input_finds_nan_and_inf_anywhere_in_it(
+    size, kernel, stride, padding
+):
+    """`forward` and `predict` leave the finiteness scan of a large batch to the first conv's
+    tasks (`direct.conv_raw`, each output row scanning the input rows it owns): a NaN or an
+    infinity anywhere raises ModelError, in the first or a later chunk of a batch, also in rows
+    and columns no window reads; the model then runs finite batches as before."""
+    h, w = size
+    doc = {
+        "name": "large",
+        "input": {"shape": [h, w, 3], "scale": 1.0, "mean": [0.0], "std": [1.0]},
+        "layers": [
+            {
+                "type": "conv2d",
+                "filters": 16,
+                "kernel_size": kernel,
+                "strides": stride,
+                "padding": padding,
+                "activation": "relu",
+            },
+            {"type": "flatten"},
+            {"type": "dense", "units": 3, "activation": "linear"},
+        ],
+    }
+    weights = _weights(doc, h)
+    model = Model(doc, weights, winograd=False, plan=False)
+    n = model._plan.chunk + 3  # two chunks
+    x = np.random.default_rng(w).standard_normal((n, h, w, 3)).astype(np.float32)
+    plan = model._plan
+    assert plan._program(n, False, plan.threads)[4]  # the first kernel scans
+    assert _kernels(model, n)[0] == "conv_raw"
+    expected = model.forward(x)
+    rng = np.random.default_rng(h)
+    corners = [(0, 0, 0, 0), (n - 1, h - 1, w - 1, 2), (1, h - 1, 0, 1), (n - 2, 0, w - 1, 0)]
+    randoms = [tuple(int(rng.integers(d)) for d in x.shape) for _ in range(12)]
+    for where in corners + randoms:
+        for value in (np.nan, np.inf, -np.inf):
+            bad = x.copy()
+            bad[where] = value
+            with pytest.raises(ModelError, match="forward input contains NaN or Inf"):
+                model.forward(bad)
+            with pytest.raises(ModelError, match="forward input contains NaN or Inf"):
+                model.forward(bad[where[0] : where[0] + 1])
+            with pytest.raises(ModelError, match="predict input contains NaN or Inf"):
+                model.predict(bad)  # raw pixels: preprocessed in the first kernel
+    np.testing.assert_array_equal(model.forward(x), expected)
+    pixels = np.random.default_rng(1).integers(0, 256, x.shape).astype(np.uint8)
+    np.testing.assert_array_equal(model.predict(pixels), model.predict(pixels.astype(np.float32)))
+
+
 def test_a_conv_after_a_pool_step_pads_its_own_rows_of_a_large_input():
     """A conv whose large input comes from a separate pooling step (not written padded by the
     step before) pads its own rows too (`direct.conv_raw`, no padding buffer): the NumPy

@@ -39,7 +39,7 @@ from convserve.core.layers import base
 from convserve.core.layers.base import NO_PADS, PADDINGS, Layer
 from convserve.core.layers.dense import round_up
 from convserve.core.layers.pooling import AveragePooling2D, MaxPooling2D
-from convserve.core.steps import Activate, Padding, Program, Step
+from convserve.core.steps import INPUT, Activate, Padding, Program, Step
 from convserve.core.threads import splits
 from convserve.core.training import kernels as K
 from convserve.core.training.layers import activate, activation_grad
@@ -275,11 +275,15 @@ class DirectConv(Step):
         if self.pads_rows and program.copies_input(self, x):
             ways = self._row_splits(program)
             p = self.padding
+            # the caller's input: its tasks scan it for NaN and infinity as they read it
+            # (`direct.conv_raw`), so the pass need not scan it first
+            scan = x is INPUT
             program.add(
                 direct.conv_raw, x, *program.scale_shift, int(program.raw), self.wk, self.bias,
                 program.tiles, out, *self.window, *self.strides, self.act, ways, program.at,
-                narrow, (p.pt, p.pl),
+                narrow, (p.pt, p.pl), int(scan), program.scan_flags,
             )  # fmt: skip
+            program.scans_input = program.scans_input or scan
             return out
         x = program.pad(self, x)
         args = (x, self.wk, self.bias, program.tiles, out, *self.window, *self.strides, self.act)
