@@ -300,7 +300,7 @@ class InferencePlan:
                 if res_pos >= 0:
                     args[res_pos] = RESULT
         if check is not None and scans:
-            _check_finite(not np.bitwise_or.reduce(self._scan_flags) & SIGNS, check)
+            _check_finite(not self._scan_flags[0] & SIGNS, check)  # (all threads' flags)
         if result_shape is not None:
             return result
         if result is not None:  # the last step worked in place: copy out

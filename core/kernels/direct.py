@@ -293,11 +293,11 @@ def conv_raw(
     for NaN and infinity in the input rows it owns (from its first kernel row to the next
     output row's; the first and the last rows reach the image's edges, so every row is
     scanned once) just before its conv reads them, and ORs `elementwise._exponent_or` of them
-    into found[8 * thread] (found: threads * 8 uint64, zeroed here; a NaN or infinity sets a
-    bit of `elementwise.SIGNS`). A scan of the whole batch before the pass read a large input
-    from memory twice: on an Intel Xeon, strided_rgb128's `Model.forward` took 0.94-0.98x the
-    time with the rows scanned here at 32 images, 0.91-0.97x at 256 (3 alternating processes
-    each; alike at 1 and 8)."""
+    into found[8 * thread] (found: threads * 8 uint64, zeroed here), and in the end all of them
+    into found[0] (a NaN or infinity sets a bit of `elementwise.SIGNS` there). A scan of the
+    whole batch before the pass read a large input from memory twice: on an Intel Xeon,
+    strided_rgb128's `Model.forward` took 0.94-0.98x the time with the rows scanned here at 32
+    images, 0.91-0.97x at 256 (3 alternating processes each; alike at 1 and 8)."""
     N, H, W, CI = x.shape
     COp = wk.size // (kh * kw * CI)
     ldb = wk.shape[1]
@@ -375,6 +375,9 @@ def conv_raw(
                 tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, tile, of, o, CO,
                 ox1 - ox0, narrow, bias, act, fused,
             )  # fmt: skip
+    if scan:  # every thread's flags in found[0], one number for the caller to test
+        for i in range(8, found.size, 8):
+            found[0] |= found[i]
 
 
 def raw_tile_floats(
