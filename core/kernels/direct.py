@@ -331,11 +331,11 @@ def conv_raw(
         tile = tiles[numba.get_thread_id()]
         if scan and u < row_tasks and u % splits == 0:  # the input rows this output row owns
             oy = u // splits
-            ya = 0 if oy == 0 else min(H, max(0, oy * sh - pt))
-            yb = H if oy == OH - 1 else min(H, max(ya, (oy + 1) * sh - pt))
-            if yb > ya:
-                rows = xf[(n * H + ya) * W * CI : (n * H + yb) * W * CI]
-                found[8 * numba.get_thread_id()] |= _exponent_or(rows)
+            own0 = 0 if oy == 0 else min(H, max(0, oy * sh - pt))
+            own1 = H if oy == OH - 1 else min(H, max(own0, (oy + 1) * sh - pt))
+            if own1 > own0:
+                owned = xf[(n * H + own0) * W * CI : (n * H + own1) * W * CI]
+                found[8 * numba.get_thread_id()] |= _exponent_or(owned)
         if u >= row_tasks:  # inside rows from r0 + (u - row_tasks) * EDGE_ROWS, each edge column
             ya = r0 + (u - row_tasks) * EDGE_ROWS
             rows = min(r1, ya + EDGE_ROWS) - ya
