@@ -24,12 +24,7 @@ from convserve.core import runtime as _runtime  # noqa: F401  (must precede numb
 from convserve.core.architecture import Architecture
 from convserve.core.errors import ModelError
 from convserve.core.kernels import dense as kdense
-from convserve.core.kernels.elementwise import (
-    PARALLEL_SCAN_FLOATS,
-    SIGNS,
-    all_finite_f32,
-    all_finite_f32_parallel,
-)
+from convserve.core.kernels.elementwise import SIGNS, finite_f32
 from convserve.core.layers.dense import chain_dense_steps
 from convserve.core.layers.fusion import blocks
 from convserve.core.steps import INPUT, RESULT, Call, Preprocess, Program, Step
@@ -150,7 +145,9 @@ class InferencePlan:
         # rows of whole cache lines, so that every thread's scratch starts on one
         self._tiles = aligned.zeros((self.threads, -(-tile // 16) * 16))
         self._turn = np.zeros(1, np.int64)  # runs so far (`Program.turn`)
-        self._scan_flags = np.zeros(self.threads * 8, np.uint64)  # `Program.scan_flags`
+        # `Program.scan_wanted` and `Program.scan_flags`
+        self._scan_wanted = np.zeros(1, np.int64)
+        self._scan_flags = np.zeros(self.threads * 8, np.uint64)
         self._runs = memoryview(self._turn)  # the same count: a cheaper increment than numpy's
         self._capacity = 0  # batch size the activation buffers are allocated for
         self._buffers: list[np.ndarray | None] = []
@@ -273,9 +270,10 @@ class InferencePlan:
         if fresh:
             program = self._programs[key] = self._program(n, preprocess, key[2])
         calls, result_shape, final, _, scans = program
-        if check is not None and not scans:
-            small = x.size < PARALLEL_SCAN_FLOATS
-            _check_finite(all_finite_f32(x) if small else all_finite_f32_parallel(x), check)
+        if scans:  # the first kernel scans the input on this run only when asked to
+            self._scan_wanted[0] = check is not None
+        elif check is not None:
+            _check_finite(finite_f32(x), check)
         self._runs[0] += 1
         if self._flat_input and not preprocess:
             x = x.reshape(n, -1)  # a view: x is C-contiguous
@@ -321,6 +319,7 @@ class InferencePlan:
             (self._row_scale, self._row_shift),
             self._identity,
             self._turn,
+            self._scan_wanted,
             self._scan_flags,
         )
         # one view per buffer: a step that wrote into the next one's is recognised by identity

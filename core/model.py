@@ -9,11 +9,7 @@ import numpy as np
 from convserve.core.architecture import Architecture, parse_architecture
 from convserve.core.errors import ModelError
 from convserve.core.inference import FLOAT32, InferencePlan, default_plan
-from convserve.core.kernels.elementwise import (
-    PARALLEL_SCAN_FLOATS,
-    all_finite_f32,
-    all_finite_f32_parallel,
-)
+from convserve.core.kernels.elementwise import finite_f32
 from convserve.core.limits import Limits, check_limits
 from convserve.core.modelfile import one_line, read_model_file, write_model_file
 
@@ -54,9 +50,7 @@ def check_weights(architecture: Architecture, weights: dict[str, Any]) -> dict[s
 def all_finite(x: np.ndarray) -> bool:
     """No NaN or infinity in a float array (a compiled scan for C-contiguous float32)."""
     if x.dtype == np.float32 and x.flags.c_contiguous:
-        if x.size >= PARALLEL_SCAN_FLOATS:
-            return bool(all_finite_f32_parallel(x))
-        return bool(all_finite_f32(x))
+        return finite_f32(x)
     return bool(np.isfinite(x).all())
 
 

@@ -63,6 +63,7 @@ class Program:
         affine: tuple,
         identity: tuple,
         turn: np.ndarray,
+        scan_wanted: np.ndarray,
         scan_flags: np.ndarray,
     ):
         self.n, self.threads, self.tiles = n, threads, tiles
@@ -76,10 +77,11 @@ class Program:
         # where the current step writes its (rows, columns) outputs in `out`: (y0, x0, rows,
         # columns); `out` is larger than that when it is the next conv's padding buffer
         self.at: tuple[int, int, int, int] = (0, 0, 0, 0)
-        # a kernel that reads the caller's input (as float32) looks for NaN and infinity in it
-        # as it goes, ORing what it finds into these flags (threads * 8 uint64s, one a cache
-        # line; `kernels.direct.conv_raw`), and sets `scans_input`; else the caller scans first
-        self.scan_flags = scan_flags
+        # a kernel that reads the caller's input (as float32) can look for NaN and infinity in
+        # it as it goes, on the runs whose caller sets scan_wanted[0] (one int64), ORing what it
+        # finds into scan_flags (threads * 8 uint64s, one a cache line;
+        # `kernels.direct.conv_raw`); its step sets `scans_input`, else the caller scans first
+        self.scan_wanted, self.scan_flags = scan_wanted, scan_flags
         self.scans_input = False
 
     def add(self, fn: Any, *args: Any) -> None:

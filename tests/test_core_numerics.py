@@ -14,6 +14,7 @@ from convserve.core.architecture import parse_architecture
 from convserve.core.inference import InferencePlan, default_plan
 from convserve.core.kernels import pool as kpool
 from convserve.core.kernels.dense import K_CHUNK
+from convserve.core.kernels.elementwise import SIGNS
 from convserve.core.presets import PRESET_NAMES, preset
 
 from tests import reference_numpy as ref
@@ -499,7 +500,12 @@ def test_a_first_conv_over_a_large_input_finds_nan_and_inf_anywhere_in_it(
                 model.forward(bad[where[0] : where[0] + 1])
             with pytest.raises(ModelError, match="predict input contains NaN or Inf"):
                 model.predict(bad)  # raw pixels: preprocessed in the first kernel
+    # a run that asks for no check scans nothing: the last NaN's flag stays as it was
+    assert plan._scan_flags[0] & SIGNS
+    plan.run(x)
+    assert plan._scan_flags[0] & SIGNS
     np.testing.assert_array_equal(model.forward(x), expected)
+    assert not plan._scan_flags[0] & SIGNS
     pixels = np.random.default_rng(1).integers(0, 256, x.shape).astype(np.uint8)
     np.testing.assert_array_equal(model.predict(pixels), model.predict(pixels.astype(np.float32)))
 

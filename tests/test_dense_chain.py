@@ -112,7 +112,16 @@ def test_parts_run_one_after_another_in_any_order():
     n = 40
     x = rng.standard_normal((n, *arch.input_shape)).astype(np.float32)
     expected = plan.run(x)
-    program = Program(n, 3, plan._tiles, (None, None), (None, None), plan._turn, plan._scan_flags)
+    program = Program(
+        n,
+        3,
+        plan._tiles,
+        (None, None),
+        (None, None),
+        plan._turn,
+        plan._scan_wanted,
+        plan._scan_flags,
+    )
     chain.emit(program, x.reshape(n, -1), np.empty((n, 10), np.float32))
     ((_, args, _, _),) = program.calls
     x2, wk, bias, acts, _, table, tiles, counters, _, turn = args

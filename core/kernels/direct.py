@@ -50,6 +50,8 @@ PATCH_K_ROWS = 64
 # Rows of one edge column a `conv_raw` edge task takes: a micro-kernel row of 12 pixels fills
 # the widest block of 16 channels (`gemm._block_shape`).
 EDGE_ROWS = 12
+# `conv_raw`'s `wanted` where it reads no caller's input: no scan
+NO_SCAN = np.zeros(1, np.int64)
 # Output pixels a `conv_patches` task takes (fewer when the batch has too few for every thread)
 PATCH_GROUP = 24
 
@@ -272,7 +274,7 @@ def _window_patches(xf, dst, d0, n, H, W, C, iy0, sh, rows, ix0, kh, kw):
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True, nogil=True)
 def conv_raw(
     x, scale, shift, pre, wk, bias, tiles, out, kh, kw, sh, sw, act, splits, at, narrow, pads,
-    scan, found,
+    wanted, found,
 ):  # fmt: skip
     """`conv` on the unpadded input: each task copies the input rows its pixels read, padded
     and preprocessed (`_input_rows`: x * scale + shift when `pre`), into its tile and runs its
@@ -289,7 +291,7 @@ def conv_raw(
     Xeon.) The same values in the same order: the same bits. tiles: (threads, >=
     `raw_tile_floats`).
 
-    With `scan` (float32 x, the caller's input), the first task of each output row also looks
+    With wanted[0] set (x the caller's input), the first task of each output row also looks
     for NaN and infinity in the input rows it owns (from its first kernel row to the next
     output row's; the first and the last rows reach the image's edges, so every row is
     scanned once) just before its conv reads them, and ORs `elementwise._exponent_or` of them
@@ -322,6 +324,7 @@ def conv_raw(
     xf = x.reshape(x.size)
     wf = wk.reshape(wk.size)
     of = out.reshape(out.size)
+    scan = wanted[0] != 0
     if scan:
         for i in range(found.size):
             found[i] = 0

@@ -249,6 +249,14 @@ def all_finite_f32_parallel(x):
     return acc & SIGNS == 0
 
 
+def finite_f32(x) -> bool:
+    """`all_finite_f32` of the C-contiguous float32 x, on all threads from PARALLEL_SCAN_FLOATS
+    floats on."""
+    if x.size >= PARALLEL_SCAN_FLOATS:
+        return bool(all_finite_f32_parallel(x))
+    return bool(all_finite_f32(x))
+
+
 @njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _store_pooled(tile, i0, i1, COp, bias, of, o, CO, act, average):
     """of[o + co] = act(max of a 2x2 window + bias[co]) for co < CO, the window's conv outputs at

@@ -275,13 +275,14 @@ class DirectConv(Step):
         if self.pads_rows and program.copies_input(self, x):
             ways = self._row_splits(program)
             p = self.padding
-            # the caller's input: its tasks scan it for NaN and infinity as they read it
+            # the caller's input: its tasks can scan it for NaN and infinity as they read it
             # (`direct.conv_raw`), so the pass need not scan it first
             scan = x is INPUT
             program.add(
                 direct.conv_raw, x, *program.scale_shift, int(program.raw), self.wk, self.bias,
                 program.tiles, out, *self.window, *self.strides, self.act, ways, program.at,
-                narrow, (p.pt, p.pl), int(scan), program.scan_flags,
+                narrow, (p.pt, p.pl), program.scan_wanted if scan else direct.NO_SCAN,
+                program.scan_flags,
             )  # fmt: skip
             program.scans_input = program.scans_input or scan
             return out
