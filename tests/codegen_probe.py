@@ -87,7 +87,7 @@ def main() -> None:
     registers, lanes = runtime.vector_registers()
     report = {"registers": registers, "lanes": lanes, "kernels": {}, "callers": caller_facts()}
     for name, kernel in sorted(vars(ir).items()):
-        if not name.startswith("_mk") or not hasattr(kernel, "_defn"):
+        if not name.startswith(("_mk", "_slide")) or not hasattr(kernel, "_defn"):
             continue
         call, signature = wrapper(kernel)
         call.compile(signature)

@@ -387,19 +387,26 @@ def test_direct_convolutions_with_weights_in_chunks(channels, kernel, stride, po
 
 
 @pytest.mark.parametrize(
-    "size,channels,kernel,stride,padding,act",
+    "size,channels,kernel,stride,padding,act,filters",
     [
-        ((96, 90), 3, 3, 2, "same", "relu"),
-        ((75, 80), 4, 5, 1, "same", "linear"),
-        ((80, 84), 3, 3, 3, "valid", "tanh"),
-        ((72, 72), 16, 1, 1, "valid", "relu"),
-        ((300, 14), 2, 15, 1, "same", "relu"),  # every window crosses an edge
-        ((64, 250), 3, 4, 2, "same", "linear"),  # an even kernel: one column on each side
-        ((65, 130), 3, 5, 2, "same", "relu"),  # edge columns on both sides, 2 padding rows on top
+        ((96, 90), 3, 3, 2, "same", "relu", 32),
+        ((75, 80), 4, 5, 1, "same", "linear", 32),
+        ((80, 84), 3, 3, 3, "valid", "tanh", 32),
+        ((72, 72), 16, 1, 1, "valid", "relu", 32),
+        ((300, 14), 2, 15, 1, "same", "relu", 32),  # every window crosses an edge
+        ((64, 250), 3, 4, 2, "same", "linear", 32),  # an even kernel: one column on each side
+        ((65, 130), 3, 5, 2, "same", "relu", 32),  # edge columns on both sides, 2 rows on top
+        # 16 filters over 3 channels: the sliding-window micro-kernels (`direct._slid_pixels`)
+        ((96, 90), 3, 3, 2, "same", "relu", 16),
+        ((70, 101), 3, 3, 1, "valid", "linear", 16),
+        ((72, 72), 3, 5, 1, "same", "relu", 16),
+        ((65, 130), 3, 5, 2, "same", "linear", 16),
+        ((131, 77), 3, 7, 2, "same", "relu", 16),
+        ((80, 84), 3, 3, 2, "valid", "tanh", 16),  # not fused: the generic micro-kernels
     ],
 )
 def test_convs_over_large_inputs_pad_their_own_rows(
-    size, channels, kernel, stride, padding, act, monkeypatch
+    size, channels, kernel, stride, padding, act, filters, monkeypatch
 ):
     """A first conv over a large input (RAW_ROWS_MIN_BYTES an image or more) pads and
     preprocesses the rows each task reads (`direct.conv_raw`), or on preprocessed input reads
@@ -421,7 +428,7 @@ def test_convs_over_large_inputs_pad_their_own_rows(
         "layers": [
             {
                 "type": "conv2d",
-                "filters": 32,
+                "filters": filters,
                 "kernel_size": kernel,
                 "strides": stride,
                 "padding": padding,

@@ -117,11 +117,14 @@ def segmented_kernels(vectors: int, monkeypatch) -> set[str]:
 
 # The rest, read off their callers: one dense row over two 64-unit blocks, or a whole one and
 # a layer's narrower last one (AVX-512 only), dense weights in strips of 16 units
-# (`dense._strip_rows`, offered on every register file), and the first-layer kernels
-# (`first_layer.conv1_pixels_pool2`). (The 3-8 rows over strips of `dense._strip_groups`,
+# (`dense._strip_rows`, offered on every register file), the first-layer kernels
+# (`first_layer.conv1_pixels_pool2`) and the sliding-window rows of RGB first layers
+# (`direct._slid_pixels`, AVX-512 only). (The 3-8 rows over strips of `dense._strip_groups`,
 # AVX-512 only, are checked in their caller: below.)
+SLIDERS = {"_slide3s1", "_slide3s2", "_slide5s1", "_slide5s2", "_slide7s2"}
 OTHERS = {
-    32: {"_mk1x8", "_mk1x5p", "_mk1x6p", "_mk1x7p", "_mk1x4s", "_mk2x2s", "_mkt6x2", "_mkt8x2"},
+    32: {"_mk1x8", "_mk1x5p", "_mk1x6p", "_mk1x7p", "_mk1x4s", "_mk2x2s", "_mkt6x2", "_mkt8x2"}
+    | SLIDERS,
     8: {"_mk1x4s", "_mk2x2s", "_mkt6x1", "_mkt4x1"},
 }
 # The largest blocks of each register file: the enumeration must reach them.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from convserve.core.kernels import dense, first_layer, gemm
+from convserve.core.kernels import dense, direct, first_layer, gemm, ir
 from convserve.core.layers.conv2d import in_strips
 from convserve.core.layers.dense import pack_dense
 
@@ -287,3 +287,71 @@ def test_first_layer_pixel_blocks_match_float64_with_either_register_file(filter
         np.testing.assert_allclose(out, expected, atol=1e-4 * size, err_msg=f"wide {wide}")
         results.append(out)
     np.testing.assert_array_equal(results[1], results[0])
+
+
+SLIDES = [(3, 1), (3, 2), (5, 1), (5, 2), (7, 2)]  # (kernel width, stride) of `ir._slider`s
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_sliding_window_rows_match_float64_and_give_the_generic_rows_bits(seed):
+    """`direct._slid_pixels` (16 filters over 3 channels, `ir._slider`): a row of 1-60 pixels
+    of a kernel kh x kw at stride sw, bias and ReLU or linear, against float64; the same bits
+    as `direct._pixels_out`'s generic micro-kernels; every pixel written once its row has a
+    block, none where it has not or the shape has no sliding kernel (then False)."""
+    rng = np.random.default_rng(seed)
+    kw, sw = SLIDES[seed % len(SLIDES)]
+    kh = int(rng.integers(1, 8))
+    count = int(rng.integers(1, 61))
+    act = int(rng.integers(0, 2))
+    width = (count - 1) * sw + kw + int(rng.integers(0, 4))  # input columns, some left over
+    row = width * 3 + int(rng.integers(0, 5))  # rows may be further apart than a row
+    a_off = int(rng.integers(0, 7))
+    xf = rng.standard_normal(a_off + kh * row).astype(np.float32)
+    wk = rng.standard_normal((kh * kw * 3, 16)).astype(np.float32)
+    bias = rng.standard_normal(16).astype(np.float32)
+    o = int(rng.integers(0, 5))
+    windows = np.stack(
+        [xf[a_off + ky * row : a_off + ky * row + width * 3].reshape(width, 3) for ky in range(kh)]
+    ).astype(np.float64)
+    kernel = wk.reshape(kh, kw, 3, 16).astype(np.float64)
+    expected = (
+        np.stack(
+            [
+                np.einsum("yxc,yxco->o", windows[:, i * sw : i * sw + kw], kernel)
+                for i in range(count)
+            ]
+        )
+        + bias
+    )
+    if act == 1:
+        expected = np.maximum(expected, 0)
+    slid = np.full(o + count * 16 + 5, np.nan, np.float32)
+    block = getattr(ir, f"SLIDE_{kw}S{sw}")  # pixels a call
+    done = direct._slid_pixels(
+        xf, a_off, row, kh, kw, sw, 3, wk.ravel(), 16, slid, o, 16, count, bias, act
+    )  # fmt: skip
+    assert done == (count >= block)
+    got = slid[o : o + count * 16].reshape(count, 16)
+    if not done:
+        assert np.isnan(slid).all()
+        return
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.sqrt(kh * kw * 3))
+    generic = np.full_like(slid, np.nan)
+    direct._pixels_out(
+        xf, a_off, sw * 3, row, kh, kw, 3, wk.ravel(), 16, 16, np.zeros(4096, np.float32),
+        generic, o, 16, count, 0, bias, act, True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(got, generic[o : o + count * 16].reshape(count, 16))
+    assert np.isnan(slid[:o]).all() and np.isnan(slid[o + count * 16 :]).all()  # no more
+
+
+def test_sliding_window_rows_only_take_their_shapes():
+    """Shapes without a sliding kernel are left to the generic micro-kernels: 1 or 4 input
+    channels, a 7-wide kernel at stride 1, a 3-wide one at stride 3."""
+    xf = np.ones(4096, np.float32)
+    wk = np.ones(4096, np.float32)
+    out = np.zeros(4096, np.float32)
+    bias = np.zeros(16, np.float32)
+    for kw, sw, ci in [(3, 1, 1), (3, 2, 4), (7, 1, 3), (3, 3, 3)]:
+        assert not direct._slid_pixels(xf, 0, 300, 3, kw, sw, ci, wk, 16, out, 0, 16, 30, bias, 1)
+    assert not out.any()

@@ -31,7 +31,19 @@ import numba
 import numpy as np
 from convserve.core import runtime as _runtime  # noqa: F401  (must precede numba)
 from convserve.core.kernels.elementwise import _exponent_or, _store_pooled, _store_row
-from convserve.core.kernels.gemm import _conv_row
+from convserve.core.kernels.gemm import WIDE, _conv_row
+from convserve.core.kernels.ir import (
+    SLIDE_3S1,
+    SLIDE_3S2,
+    SLIDE_5S1,
+    SLIDE_5S2,
+    SLIDE_7S2,
+    _slide3s1,
+    _slide3s2,
+    _slide5s1,
+    _slide5s2,
+    _slide7s2,
+)
 from convserve.core.kernels.pool import _scale_into
 from convserve.core.kernels.tasks import row_task
 from numba import njit, prange
@@ -109,6 +121,61 @@ def _conv_pixels(
                 b0 + (ky * kw + x0) * CI * ldb, ldb, tile, t0, COp, count, c1 - c0, more, narrow,
                 strip=strip, col0=col0, row_len=row_len, jump=jump,
             )  # fmt: skip
+
+
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _slide_calls(kernel, block, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act):
+    """`kernel` (an `ir._slider` of `block` pixels) over all `count` >= block pixels: blocks
+    from the first, the last one ending at the row's end (over pixels a block before it
+    computed: the same values again)."""
+    done = 0
+    while done < count:
+        at = min(done, count - block)
+        kernel(xf, a_off + at * step, row, kh, wf, 0, ldb, of, o + at * CO, CO, bias, act)
+        done = at + block
+
+
+@njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _slid_pixels(xf, a_off, row, kh, kw, sw, CI, wf, ldb, of, o, CO, count, bias, act):
+    """Whether the sliding-window micro-kernels (`ir._slider`) stored act(conv sum + bias) of
+    all `count` pixels of a conv row at of[o + i*CO]: pixel i's window from xf[a_off +
+    i*sw*CI], input rows `row` apart, weights of 16 filters in rows ldb apart. Not where none
+    fits: 3 input channels and a kernel 3 or 5 wide at stride 1 or 2, or 7 wide at stride 2,
+    and at least one block of pixels. The same bits as `_pixels_out`.
+
+    Small kernels over few channels leave `_pixels_out`'s micro-kernels far from their peak:
+    27 multiply-adds a pixel and channel vector (3x3 over RGB) in calls whose shapes come at
+    run time (kernel-row loops of 9 inputs, arguments through three calls), and one broadcast
+    input per multiply-add. On an Intel Xeon (AVX-512), one thread, strided_rgb128's 3x3/2
+    stem of 3 -> 16 channels (128 x 128 images) took 47-48 us an image through them; the same
+    rows calling its micro-kernels straight, 25-28 us; these kernels, 36-37 us in the layer
+    (two threads: 20.9 against 28.2)."""
+    if CI != 3:
+        return False
+    step = sw * CI
+    if kw == 3 and sw == 1 and count >= SLIDE_3S1:
+        _slide_calls(
+            _slide3s1, SLIDE_3S1, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
+        )
+    elif kw == 3 and sw == 2 and count >= SLIDE_3S2:
+        _slide_calls(
+            _slide3s2, SLIDE_3S2, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
+        )
+    elif kw == 5 and sw == 1 and count >= SLIDE_5S1:
+        _slide_calls(
+            _slide5s1, SLIDE_5S1, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
+        )
+    elif kw == 5 and sw == 2 and count >= SLIDE_5S2:
+        _slide_calls(
+            _slide5s2, SLIDE_5S2, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
+        )
+    elif kw == 7 and sw == 2 and count >= SLIDE_7S2:
+        _slide_calls(
+            _slide7s2, SLIDE_7S2, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
+        )
+    else:
+        return False
+    return True
 
 
 @njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
@@ -308,6 +375,8 @@ def conv_raw(
     pt, pl = pads
     per = (OW + splits - 1) // splits
     fused = act <= 1 and CO == COp and ldb == COp  # as in `conv`
+    # 16 filters over RGB pixels: rows by the sliding-window micro-kernels (`_slid_pixels`)
+    slide = fused and COp == 16 and WIDE
     rows_at = per * COp  # the input rows after the sums
     # the output columns whose windows lie inside the image's: [inner0, inner1)
     inner0 = min(OW, (pl + sw - 1) // sw)
@@ -363,20 +432,23 @@ def conv_raw(
         o = ((n * Hb + y0 + oy) * Wb + x0 + ox0) * CO
         if pre == 0 and r0 <= oy < r1:  # inside rows: the edge tasks take their edge columns
             p0 = min(max(ox0, inner0), ox1)
-            p1 = max(min(ox1, inner1), p0)
-            if p1 > p0:
-                a_off = ((n * H + iy0) * W + p0 * sw - pl) * CI
-                _pixels_out(
-                    xf, a_off, sw * CI, W * CI, kh, kw, CI, wf, COp, ldb, tile, of,
-                    o + (p0 - ox0) * CO, CO, p1 - p0, narrow, bias, act, fused,
-                )  # fmt: skip
+            first = p0 - ox0
+            count = max(min(ox1, inner1), p0) - p0
+            src, a_off, row = xf, ((n * H + iy0) * W + p0 * sw - pl) * CI, W * CI
+        else:  # the whole part from a padded (and preprocessed) copy of its rows
+            first, count = 0, ox1 - ox0
+            span = (count - 1) * sw + kw
+            if count > 0:
+                _input_rows(x, scale, shift, pre, tile, rows_at, n, iy0, ox0 * sw - pl, kh, span)
+            src, a_off, row = tile, rows_at, span * CI
+        if slide and _slid_pixels(
+            src, a_off, row, kh, kw, sw, CI, wf, ldb, of, o + first * CO, CO, count, bias, act
+        ):  # fmt: skip
             continue
-        if ox1 > ox0:  # the whole part from a padded (and preprocessed) copy of its rows
-            span = (ox1 - ox0 - 1) * sw + kw
-            _input_rows(x, scale, shift, pre, tile, rows_at, n, iy0, ox0 * sw - pl, kh, span)
+        if count > 0:
             _pixels_out(
-                tile, rows_at, sw * CI, span * CI, kh, kw, CI, wf, COp, ldb, tile, of, o, CO,
-                ox1 - ox0, narrow, bias, act, fused,
+                src, a_off, sw * CI, row, kh, kw, CI, wf, COp, ldb, tile, of, o + first * CO, CO,
+                count, narrow, bias, act, fused,
             )  # fmt: skip
     if scan:  # every thread's flags in found[0], one number for the caller to test
         for i in range(8, found.size, 8):
