@@ -148,8 +148,8 @@ def _slid_pixels(xf, a_off, row, kh, kw, sw, CI, wf, ldb, of, o, CO, count, bias
     run time (kernel-row loops of 9 inputs, arguments through three calls), and one broadcast
     input per multiply-add. On an Intel Xeon (AVX-512), one thread, strided_rgb128's 3x3/2
     stem of 3 -> 16 channels (128 x 128 images) took 47-48 us an image through them; the same
-    rows calling its micro-kernels straight, 25-28 us; these kernels, 36-37 us in the layer
-    (two threads: 20.9 against 28.2)."""
+    rows calling its micro-kernels straight, 24-28 us; these kernels, 36-37 us in the layer
+    (two threads: 21-24 us against 27-29)."""
     if CI != 3:
         return False
     step = sw * CI

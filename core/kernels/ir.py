@@ -489,7 +489,8 @@ def _slider(rows: int, kw: int, sw: int, ci: int):
 # spills from 14, 12, 10, 8 and 6 pixels on (in that order), its Zen 4 one 7x7/2 from 6. On
 # an Intel Xeon (Sapphire Rapids order), a 3x3/2 conv over a 128 x 128 image on one thread
 # took 30.7-34.1 us with 16 pixels a call, 35.9-37.3 with 10 and 36.6-38.1 with 8 (generic
-# micro-kernels: 47-48); on two threads 20.9 us with 16 and with 10.
+# micro-kernels: 47-48); on two threads 20.9 us with 16 and with 10 (21-24 in later runs
+# with 10, against 27-29).
 SLIDE_3S1 = 12
 SLIDE_3S2 = 10
 SLIDE_5S1 = 8
