@@ -124,10 +124,12 @@ def _conv_pixels(
 
 
 @njit(inline="always", fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _slide_calls(kernel, block, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act):
-    """`kernel` (an `ir._slider` of `block` pixels) over all `count` >= block pixels: blocks
-    from the first, the last one ending at the row's end (over pixels a block before it
-    computed: the same values again)."""
+def _slide_calls(kernel, block, row_args):
+    """`kernel` (an `ir._slider` of `block` pixels) over all count >= block pixels of a row,
+    row_args = (xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act) (`_slid_pixels`
+    with step = sw * CI): blocks from the first, the last one ending at the row's end (over
+    pixels a block before it computed: the same values again)."""
+    xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act = row_args
     done = 0
     while done < count:
         at = min(done, count - block)
@@ -152,27 +154,17 @@ def _slid_pixels(xf, a_off, row, kh, kw, sw, CI, wf, ldb, of, o, CO, count, bias
     (two threads: 21-24 us against 27-29)."""
     if CI != 3:
         return False
-    step = sw * CI
+    row_args = (xf, a_off, sw * CI, row, kh, wf, ldb, of, o, CO, count, bias, act)
     if kw == 3 and sw == 1 and count >= SLIDE_3S1:
-        _slide_calls(
-            _slide3s1, SLIDE_3S1, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
-        )
+        _slide_calls(_slide3s1, SLIDE_3S1, row_args)
     elif kw == 3 and sw == 2 and count >= SLIDE_3S2:
-        _slide_calls(
-            _slide3s2, SLIDE_3S2, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
-        )
+        _slide_calls(_slide3s2, SLIDE_3S2, row_args)
     elif kw == 5 and sw == 1 and count >= SLIDE_5S1:
-        _slide_calls(
-            _slide5s1, SLIDE_5S1, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
-        )
+        _slide_calls(_slide5s1, SLIDE_5S1, row_args)
     elif kw == 5 and sw == 2 and count >= SLIDE_5S2:
-        _slide_calls(
-            _slide5s2, SLIDE_5S2, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
-        )
+        _slide_calls(_slide5s2, SLIDE_5S2, row_args)
     elif kw == 7 and sw == 2 and count >= SLIDE_7S2:
-        _slide_calls(
-            _slide7s2, SLIDE_7S2, xf, a_off, step, row, kh, wf, ldb, of, o, CO, count, bias, act
-        )
+        _slide_calls(_slide7s2, SLIDE_7S2, row_args)
     else:
         return False
     return True

@@ -111,9 +111,7 @@ def _microkernel(
         i64 = ir.IntType(64)
         vec = ir.VectorType(ir.FloatType(), 16)
         vptr = vec.as_pointer()
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32"
-        )
+        fma = _fma16(builder)
         zero = ir.Constant(vec, [0.0] * 16)
         start = [[zero] * vectors for _ in range(rows)]
         if more is not None:  # C as it is (a valid location: the results go there) or zero
@@ -433,9 +431,7 @@ def _slider(rows: int, kw: int, sw: int, ci: int):
         cp = _array_data(context, builder, signature, args, 7)
         biasp = _array_data(context, builder, signature, args, 10)
         i64 = ir.IntType(64)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
-        )
+        fma = _fma16(builder)
         zero = ir.Constant(_V16, [0.0] * 16)
         entry = builder.block
         kernel_row = builder.function.append_basic_block("slide_kernel_row")
@@ -527,6 +523,13 @@ def _broadcast(builder, ptr, offset):
     )
 
 
+def _fma16(builder):
+    """The declaration of LLVM's fused multiply-add of 16 floats in the builder's module."""
+    return cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
+    )
+
+
 def _add_as_written(builder, a, b):
     """a + b, kept in the order written: numba's fastmath pass gives `fast` (which lets LLVM
     reassociate a sum) only to instructions without flags, so this one gets `contract`, which
@@ -584,9 +587,7 @@ def _segmented_kernel(rows: int, segments: int, in_turn: bool = False):
         bp = _array_data(context, builder, signature, args, 4)
         cp = _array_data(context, builder, signature, args, 7)
         i64 = ir.IntType(64)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
-        )
+        fma = _fma16(builder)
         part = builder.sdiv(k_len, ir.Constant(i64, segments))
 
         def step(kk, accs):
@@ -739,9 +740,7 @@ def _fma_chains(chains: int):
         p = _array_data(context, builder, signature, args, 0)
         steps = args[1]
         i64 = ir.IntType(64)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V16, [_V16, _V16, _V16]), "llvm.fma.v16f32"
-        )
+        fma = _fma16(builder)
         scale = _vload(builder, p, ir.Constant(i64, 0))
         shift = _vload(builder, p, ir.Constant(i64, 16))
         start = [_vload(builder, p, ir.Constant(i64, 32 + 16 * i)) for i in range(chains)]
