@@ -183,6 +183,7 @@ def worker(engine: str, model: str, batches: list[int], outputs_path: str) -> di
         result["weight_bytes"] = sum(w.nbytes for w in weights.values())
         result["read_gbps"] = read_gbps(result["weight_bytes"])
         result["plan"] = m.kernel_plan
+        result["chunk"] = m.batch_chunk
         fn = m.forward
         result["runtime"] = runtime.describe()
     else:
@@ -270,11 +271,13 @@ def report(
     peaks: list[float] | None = None,
     reads: dict[str, tuple[int, list[float]]] | None = None,
     fma_peaks: list[float] | None = None,
+    chunks: dict[str, int] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """The result table as markdown lines, and the same figures as a JSON-ready dict. `peaks`:
     the micro-kernel ceiling (GFLOP/s) each of our processes measured; `reads`: per model, the
     weights' bytes and the rate (GB/s) at which each of our processes read that many;
-    `fma_peaks`: the machine's multiply-add peak each of our processes measured."""
+    `fma_peaks`: the machine's multiply-add peak each of our processes measured; `chunks`: per
+    model, the most images our pass runs at once (`Model.batch_chunk`)."""
     engines = list(next(iter(ms.values())))
     has_ort, has_unplanned = "ort" in engines, "unplanned" in engines
     peak = statistics.median(peaks) if peaks else None
@@ -340,6 +343,8 @@ def report(
             lines.append("| " + " | ".join(row) + " |")
             cells.append(cell)
     summary: dict[str, Any] = {"cells": cells, "plans": plans, "batches": batches}
+    if chunks:
+        summary["chunks"] = chunks
     if peaks:
         summary["peak_gflops"] = {"min": min(peaks), "max": max(peaks), "median": peak}
     if fma_peaks:
@@ -374,7 +379,8 @@ def report(
         reached = sum(1 for c in cells if c["ratio"] >= 1.2)
         lines.append(f"cells at 1.2x ORT or better: {reached} of {len(cells)}")
     for model, plan in plans.items():
-        lines.append(f"{model}: kernel plan {plan}")
+        chunk = f", chunks of {chunks[model]} images" if chunks and model in chunks else ""
+        lines.append(f"{model}: kernel plan {plan}{chunk}")
     return lines, summary
 
 
@@ -430,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     reads: dict[str, tuple[int, list[float]]] = {}
     diffs: dict[str, float] = {}
     plans: dict[str, dict[str, Any]] = {}
+    chunks: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for number, model in enumerate(models):
             for rep in range(args.repeats):
@@ -455,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"ours: {res['runtime']}")
                     if engine == "ours":
                         plans[model] = res["plan"]
+                        chunks[model] = res["chunk"]
                     for n in batches:
                         rates.setdefault((model, engine, n), []).append(res["img_s"][str(n)])
                     print(
@@ -468,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
     flops = {m: flops_per_image(docs[m], {int(k): v for k, v in plans[m].items()}) for m in models}
     ms = _median_table(rates, models, engines, batches)
-    lines, summary = report(ms, flops, plans, calib, batches, peaks, reads, fma_peaks)
+    lines, summary = report(ms, flops, plans, calib, batches, peaks, reads, fma_peaks, chunks)
     print(f"\nmedian over {args.repeats} processes per engine; ms per batch")
     print("\n".join(lines))
     for model, d in diffs.items():

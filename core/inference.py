@@ -6,9 +6,10 @@ packed for the kernels (conv + 2x2/2 max pool in one kernel, a standalone activa
 the layer before it, the model's preprocessing into the first convolution); dropout and flatten
 cost nothing (flatten is a view: NHWC is already H, W, C order). A conv followed by a conv that
 reads a zero-bordered input writes its output straight into that border's interior, so the
-second conv needs no padding copy (`_writes_into_next`). Batches above BATCH_CHUNK
-images run in chunks; one set of activation buffers, sized for the largest chunk seen, is reused
-by every call, which allocates only its result.
+second conv needs no padding copy (`_writes_into_next`). Batches above the plan's chunk
+(BATCH_CHUNK images unless the planner found larger chunks faster) run in chunks; one set of
+activation buffers, sized for the largest chunk seen, is reused by every call, which allocates
+only its result.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from convserve.core.layers.fusion import blocks
 from convserve.core.steps import INPUT, RESULT, Call, Preprocess, Program, Step
 from convserve.core.threads import thread_count_reader
 
-BATCH_CHUNK = 32  # larger batches run through the network in chunks of this many images
+BATCH_CHUNK = 32  # larger batches run through the network in chunks of this many images, by
+# default (the planner may choose larger ones: `planner.measure_chunk`)
 # ... unless the model has only dense layers (steps on rows, `Step.ROWS`): their activations are
 # small, and a dense task that shares its weights among more rows runs faster
 ROWS_CHUNK = kdense.MAX_TASK_ROWS
@@ -118,8 +120,10 @@ class InferencePlan:
         architecture: Architecture,
         weights: dict[str, np.ndarray],
         plan: Plan | None = None,
+        chunk: int | None = None,
     ):
-        """`plan`: the kernel variant per layer (default: `default_plan`)."""
+        """`plan`: the kernel variant per layer (default: `default_plan`). `chunk`: the most
+        images a pass runs at once (default: `default_chunk`); larger batches run in chunks."""
         self.architecture = architecture
         self.weights = weights
         arch = architecture
@@ -137,7 +141,7 @@ class InferencePlan:
             step.align_arrays()
         self._into_next = [self._writes_into_next(k) for k in range(len(self.steps))]
         self._flat_input = self._first_reads_input()
-        self.chunk = ROWS_CHUNK if all(step.ROWS for step in self.steps) else BATCH_CHUNK
+        self.chunk = self.default_chunk if chunk is None else chunk
         self.threads = numba.config.NUMBA_NUM_THREADS
         self._threads_now = thread_count_reader()
         # per-thread scratch; 512 floats at least: the first-layer kernels' 2x8x32 block
@@ -157,6 +161,11 @@ class InferencePlan:
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------
+    @property
+    def default_chunk(self) -> int:
+        """ROWS_CHUNK for a model of dense layers only (steps on rows), else BATCH_CHUNK."""
+        return ROWS_CHUNK if all(step.ROWS for step in self.steps) else BATCH_CHUNK
+
     def run(self, x: np.ndarray, preprocess: bool = False, check: str | None = None) -> np.ndarray:
         """`x`: (N, H, W, C) batch, its shape checked by the caller. With `preprocess=False` it
         is float32 and already preprocessed; with `preprocess=True` it holds raw pixels (any real
@@ -179,7 +188,8 @@ class InferencePlan:
                 x = buf
             if n <= self.chunk:
                 return self._forward_chunk(x, preprocess, None, check)
-            # large batches run in chunks, so that activations stay in cache between layers
+            # large batches run in chunks: a bound on the activations' memory, and on the
+            # data a layer leaves for the next (`planner.measure_chunk` times the sizes)
             result = np.empty((n, self.architecture.num_outputs), np.float32)
             for start in range(0, n, self.chunk):
                 stop = min(n, start + self.chunk)

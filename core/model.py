@@ -95,13 +95,20 @@ class Model:
         twin._planning, twin._plan_cache = self._planning, self._plan_cache
         twin._batch_size = self._batch_size
         twin._parallel_min_batch = self._parallel_min_batch
-        twin._plan = InferencePlan(self.architecture, self.weights, self._plan.plan)
+        twin._plan = InferencePlan(
+            self.architecture, self.weights, self._plan.plan, self._plan.chunk
+        )
         return twin
 
     @property
     def kernel_plan(self) -> dict[int, str]:
         """The kernel variant each layer with a choice runs: {layer index: variant}."""
         return dict(self._plan.plan)
+
+    @property
+    def batch_chunk(self) -> int:
+        """The most images one pass runs at once: larger batches run in chunks of this many."""
+        return self._plan.chunk
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -205,7 +212,7 @@ class Model:
             from convserve.core.planner import plan_for
 
             largest = max(self._batch_size, *batch_sizes)  # planning stays within the limits
-            chosen = plan_for(
+            chosen, chunk = plan_for(
                 self.architecture,
                 self.weights,
                 self._plan_cache,
@@ -214,8 +221,9 @@ class Model:
                 parallel_min_batch=self._parallel_min_batch,
             )
             if chosen != self._plan.plan:
-                self._plan = InferencePlan(self.architecture, self.weights, chosen)
+                self._plan = InferencePlan(self.architecture, self.weights, chosen, chunk)
                 self._layer_outputs = None
+            self._plan.chunk = chunk
             self._planning = False  # planned once: later warm-ups keep it
         self._plan.warmup(tuple(batch_sizes))
 

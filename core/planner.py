@@ -20,8 +20,10 @@ Then the whole model is timed the same way with that choice, the default plan an
 fastest variant at the largest batch; the faster of the two plans built from the layers'
 timings is kept unless the default beats it by SWITCH_MARGIN (`whole_model_choice`: they won
 their layers' timings, so a disturbed whole-model round alone does not undo them).
-Last, a layer whose variant reads many weights is timed in the whole model against its variants
-with far fewer (`in_model_pass`): alone it had the caches to itself.
+Then a layer whose variant reads many weights is timed in the whole model against its variants
+with far fewer (`in_model_pass`): alone it had the caches to itself. Last, for a model that runs
+batches larger than its default chunk, the whole model is timed in larger chunks, doubling while
+they win (`measure_chunk`).
 Before the clock starts, every candidate runs once at each timing batch (`compile_candidates`):
 this compiles its kernels into numba's disk cache on a machine's first start, and loads them
 on later ones. The timing then gets PLAN_SECONDS of wall time; layers not reached by then keep
@@ -36,7 +38,7 @@ batch size would break batch invariance.
 
 The cache: one JSON file per key in `plan_cache_dir()`. The key hashes the CPU (model name and
 flags from /proc/cpuinfo, LLVM's host CPU name and features, NUMBA_CPU_FEATURES, numba's thread
-count), the shapes of the layers that have a choice, and the code (the sources of the kernel and
+count), the shapes of the layers that have a choice, the batch and chunk sizes timed, and the code (the sources of the kernel and
 layer packages, `cache_stamp.package_stamp`, and of this module). Failing to read or write the cache (a read-only
 root, a full disk) never fails model loading: the plan is then timed again or kept in memory.
 """
@@ -70,14 +72,16 @@ from convserve.core.threads import one_thread
 
 log = logging.getLogger("convserve.planner")
 
-PLAN_SECONDS = 2.0  # most wall time timing one model's variants may take (compiling aside)
+# most wall time timing one model's variants may take (compiling aside; its chunk may take up to
+# CHUNK_SECONDS more)
+PLAN_SECONDS = 2.0
 ROUNDS = 5  # interleaved timing rounds per candidate and batch size
 ROUND_SECONDS = 0.004  # calls of one candidate per round: at least one, then until this long
 SWITCH_MARGIN = 0.03  # another variant replaces the default only when this much faster
 COMPILE_RUN_SECONDS = 0.05  # `compile_candidates` skips a batch whose run would take longer
 NOISE_LIMIT = 2.0  # a plan timed with calls this much slower in the median than the fastest
 # (a busy machine) is used but not cached
-FORMAT = 3  # of the cache files; part of the key
+FORMAT = 4  # of the cache files; part of the key
 WHOLE_MODEL = -1  # the timings' key of the whole model's candidate plans
 # The packed weights from which a layer's variant is timed in the model against variants that
 # read at most half as many (`in_model_pass`): about what stays in a core's L2 cache beside
@@ -87,10 +91,21 @@ IN_MODEL_MIN_BYTES = 256 * 1024
 # in the model too (`in_model_pass`): alone, its weights may stay in cache where in the model
 # they stream from L3, which some variants read better than others
 NEAR_TIE = 1.10
+# The largest chunk of images a pass may run at once that `measure_chunk` tries (it doubles the
+# default chunk up to the largest batch the model runs, at most this)
+MAX_CHUNK = 256
+# A chunk twice as large replaces the current one when its pass at that size is this much faster
+# (`measure_chunk`): a larger chunk costs only memory, so a small but steady gain decides
+CHUNK_MARGIN = 0.01
+# Seconds `measure_chunk` gets at least, after the layers' timing: what that leaves of
+# PLAN_SECONDS, else this (cifar10's and rgb64's layers took all of it on a busy Intel Xeon,
+# where timing 32 against 64 images took 0.1-0.2 s, 64 against 128 0.2-0.4)
+CHUNK_SECONDS = 0.5
 Rounds = dict[str, list[list[float]]]  # candidate -> per batch size, each round's fastest call
 CACHE_SUBDIR = "convserve-plans"
 
-_memo: dict[str, Plan] = {}  # key -> plan, so every instance of a model in a process agrees
+# key -> (plan, chunk), so every instance of a model in a process agrees
+_memo: dict[str, tuple[Plan, int]] = {}
 _memo_lock = threading.Lock()
 
 
@@ -160,14 +175,28 @@ def timing_batches(largest: int, chunk: int = BATCH_CHUNK) -> tuple[int, ...]:
     return tuple(sorted({1, min(8, top), top}))
 
 
+def chunk_sizes(largest: int, chunk: int = BATCH_CHUNK) -> tuple[int, ...]:
+    """The chunk sizes (`InferencePlan.chunk`) `measure_chunk` may try for a model run on
+    batches of up to `largest` images whose default chunk is `chunk`: the default, then twice
+    the one before, up to `largest` and MAX_CHUNK (the last one may be smaller than twice)."""
+    top = min(largest, MAX_CHUNK)
+    sizes = [chunk]
+    while sizes[-1] < top:
+        sizes.append(min(2 * sizes[-1], top))
+    return tuple(sizes)
+
+
 def plan_key(
-    arch: Architecture, batches: tuple[int, ...] = (1,), parallel_min_batch: int = 0
+    arch: Architecture,
+    batches: tuple[int, ...] = (1,),
+    parallel_min_batch: int = 0,
+    chunks: tuple[int, ...] = (BATCH_CHUNK,),
 ) -> str:
     """The cache key of a model's plan timed at `batches` (those below `parallel_min_batch` on
-    one thread) on this machine with this code."""
+    one thread), its chunk chosen among `chunks`, on this machine with this code."""
     shapes = [_block_shape(block) for block, _ in _choices(arch)]
     single = [n for n in batches if one_thread(n, parallel_min_batch)]  # timed on one thread
-    text = json.dumps([FORMAT, cpu_identity(), code_stamp(), shapes, batches, single])
+    text = json.dumps([FORMAT, cpu_identity(), code_stamp(), shapes, batches, single, chunks])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -185,17 +214,23 @@ def plan_cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(base) / CACHE_SUBDIR
 
 
-def read_cached(directory: Path, key: str, arch: Architecture) -> Plan | None:
-    """The cached plan under `key`, if a readable file holds one that fits `arch`."""
+def read_cached(
+    directory: Path, key: str, arch: Architecture, chunks: tuple[int, ...] = (BATCH_CHUNK,)
+) -> tuple[Plan, int] | None:
+    """The cached plan and chunk under `key`, if a readable file holds a plan that fits `arch`
+    and a chunk among `chunks`."""
     try:
         data = json.loads((directory / f"{key}.json").read_text())
         plan = {int(k): str(v) for k, v in data["plan"].items()}
+        chunk = data["chunk"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     allowed = {block.layer.index: variants for block, variants in _choices(arch)}
     if any(plan.get(i) not in variants for i, variants in allowed.items()):
         return None  # a damaged or foreign file: plan again
-    return {**default_plan(arch), **{i: plan[i] for i in allowed}}
+    if type(chunk) is not int or chunk not in chunks:
+        return None
+    return {**default_plan(arch), **{i: plan[i] for i in allowed}}, chunk
 
 
 def write_cached(directory: Path, key: str, record: dict[str, Any]) -> bool:
@@ -521,6 +556,47 @@ def _weight_bytes(arch: Architecture, block: Block, weights: dict, variant: str)
     return sum(step.weight_bytes() for step in runner.steps)
 
 
+def measure_chunk(
+    arch: Architecture,
+    weights: dict,
+    plan: Plan,
+    chunks: tuple[int, ...],
+    deadline: float,
+    parallel_min_batch: int = 0,
+) -> tuple[int, dict[str, Rounds], float]:
+    """(chunk, timings, noise as in `time_block`): the most images a pass of `plan` runs at
+    once (`InferencePlan.chunk`). From the first of `chunks` (the default), the whole model
+    runs a batch of the next size in chunks of the current one and in one piece, timed as
+    `time_block` times a layer, and the larger chunk is kept while it is faster by
+    CHUNK_MARGIN; the first that is not, or the deadline, ends the search.
+
+    Each chunk pays the pass's fixed costs again (a parallel region per kernel call, the
+    first touch of each layer's weights and buffers), and a larger chunk's activations leave
+    the caches sooner: which wins depends on the model and the machine's caches. On an Intel
+    Xeon (AVX-512, 2 MB of L2 a core), 2 threads, 256 images: lenet5 in chunks of 32 / 64 /
+    128 / 256 took 1,717 / 1,516 / 1,429 / 1,385 us, cifar10 21.4 / 20.9 / 21.3 / 23.2 ms,
+    strided_rgb128 28.9 / 28.5 / 29.7 / 31.9 ms; at 64 images pointwise_wide took 4.37 ms in
+    one piece against 4.50 in two chunks (medians of 5 rounds).
+    Timings go under "chunk <size>"."""
+    chunk = chunks[0]
+    timings: dict[str, Rounds] = {}
+    noise = 1.0
+    for larger in chunks[1:]:
+        runners = {str(c): InferencePlan(arch, weights, plan, chunk=c) for c in (chunk, larger)}
+        measured = time_runners(
+            runners, arch.input_shape, deadline, (larger,), parallel_min_batch=parallel_min_batch
+        )
+        if measured is None:
+            break
+        timings[f"chunk {larger}"], pass_noise = measured
+        noise = max(noise, pass_noise)
+        times = relative(tuple(runners), measured[0], 0)
+        if times[str(larger)] > times[str(chunk)] * (1 - CHUNK_MARGIN):
+            break
+        chunk = larger
+    return chunk, timings, noise
+
+
 def plan_for(
     arch: Architecture,
     weights: dict,
@@ -529,26 +605,28 @@ def plan_for(
     largest_batch: int = BATCH_CHUNK,
     chunk: int = BATCH_CHUNK,
     parallel_min_batch: int = 0,
-) -> Plan:
-    """The timed plan for `arch`, run on batches of up to `largest_batch` images in chunks of
-    `chunk` (`InferencePlan.chunk`), those below `parallel_min_batch` on one thread, on this
-    machine: from this process's memo, the disk cache in `plan_cache_dir(cache_dir)`, or by
-    timing (then cached when complete)."""
-    if not _choices(arch):
-        return default_plan(arch)
+) -> tuple[Plan, int]:
+    """The timed plan for `arch` and the chunk to run it in (`InferencePlan.chunk`), run on
+    batches of up to `largest_batch` images, by default in chunks of `chunk`, those below
+    `parallel_min_batch` on one thread, on this machine: from this process's memo, the disk
+    cache in `plan_cache_dir(cache_dir)`, or by timing (then cached when complete)."""
+    chunks = chunk_sizes(largest_batch, chunk)
+    if not _choices(arch) and len(chunks) == 1:
+        return default_plan(arch), chunk
     seconds = PLAN_SECONDS if seconds is None else seconds
     batches = timing_batches(largest_batch, chunk)
-    key = plan_key(arch, batches, parallel_min_batch)
+    key = plan_key(arch, batches, parallel_min_batch, chunks)
     with _memo_lock:  # one model planned at a time: concurrent timings would disturb each other
         if key in _memo:
-            return dict(_memo[key])
+            plan, chosen = _memo[key]
+            return dict(plan), chosen
         directory = plan_cache_dir(cache_dir)
         with _directory_lock(directory):  # other processes (server workers) wait, then read
-            plan = _cached_or_timed(
-                arch, weights, directory, key, seconds, batches, parallel_min_batch
+            plan, chosen = _cached_or_timed(
+                arch, weights, directory, key, seconds, batches, parallel_min_batch, chunks
             )
-        _memo[key] = plan
-        return dict(plan)
+        _memo[key] = plan, chosen
+        return dict(plan), chosen
 
 
 def compile_candidates(
@@ -619,31 +697,49 @@ def _cached_or_timed(
     seconds: float,
     batches: tuple[int, ...],
     parallel_min_batch: int,
-) -> Plan:
-    plan = read_cached(directory, key, arch)
-    if plan is None:
-        if seconds > 0:
-            took = compile_candidates(arch, weights, batches, parallel_min_batch)
-            if took > 1.0:  # a first start on this machine: say where the time went
-                log.info("kernel variants of %s compiled in %.1f s", arch.name, took)
-        start = time.perf_counter()
-        plan, timings, noise = measure_plan(arch, weights, seconds, batches, parallel_min_batch)
-        took = time.perf_counter() - start
-        if noise is None:
-            note = " (out of time: the rest keeps the defaults; not cached)"
-        elif noise > NOISE_LIMIT:
-            note = f" (a busy machine, median call {noise:.1f}x the fastest: not cached)"
-        else:
-            note = ""
-        log.info("kernel plan for %s in %.2f s%s: %s", arch.name, took, note, plan)
-        if not note:
-            record = {
-                "noise": noise,
-                "model": arch.name,
-                "plan": plan,
-                "seconds": {str(key): rounds for key, rounds in timings.items()},
-                "batches": batches,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            write_cached(directory, key, record)
-    return plan
+    chunks: tuple[int, ...],
+) -> tuple[Plan, int]:
+    cached = read_cached(directory, key, arch, chunks)
+    if cached is not None:
+        return cached
+    if seconds > 0:
+        took = compile_candidates(arch, weights, batches, parallel_min_batch)
+        if took > 1.0:  # a first start on this machine: say where the time went
+            log.info("kernel variants of %s compiled in %.1f s", arch.name, took)
+    start = time.perf_counter()
+    plan, timings, noise = measure_plan(arch, weights, seconds, batches, parallel_min_batch)
+    chunk = chunks[0]
+    if noise is not None:  # the time left, or CHUNK_SECONDS, chooses the chunk
+        deadline = max(start + seconds, time.perf_counter() + CHUNK_SECONDS)
+        chunk, chunk_timings, chunk_noise = measure_chunk(
+            arch, weights, plan, chunks, deadline, parallel_min_batch
+        )
+        timings.update(chunk_timings)
+        noise = max(noise, chunk_noise)
+    took = time.perf_counter() - start
+    if noise is None:
+        note = " (out of time: the rest keeps the defaults; not cached)"
+    elif noise > NOISE_LIMIT:
+        note = f" (a busy machine, median call {noise:.1f}x the fastest: not cached)"
+    else:
+        note = ""
+    log.info(
+        "kernel plan for %s in %.2f s%s: %s, chunks of %d images",
+        arch.name,
+        took,
+        note,
+        plan,
+        chunk,
+    )
+    if not note:
+        record = {
+            "noise": noise,
+            "model": arch.name,
+            "plan": plan,
+            "chunk": chunk,
+            "seconds": {str(key): rounds for key, rounds in timings.items()},
+            "batches": batches,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_cached(directory, key, record)
+    return plan, chunk

@@ -73,7 +73,7 @@ def test_bench_steps_times_the_planned_variants(monkeypatch):
     default = Model(doc, weights, plan=False).kernel_plan
     assert default[2] == "direct"  # the heuristic's choice, which the plan below replaces
     monkeypatch.setattr(
-        planner, "plan_for", lambda *args, **kwargs: {**default, 2: "winograd4_split"}
+        planner, "plan_for", lambda *args, **kwargs: ({**default, 2: "winograd4_split"}, 32)
     )
     x = np.random.default_rng(1).standard_normal((2, 28, 28, 1)).astype(np.float32)
     result = bench_steps._ours(doc, weights, x)

@@ -565,7 +565,8 @@ def test_a_plan_is_timed_cached_and_read_back(tmp_path, fresh_planner, monkeypat
     doc = preset("cifar10")
     arch = parse_architecture(doc)
     weights = random_weights(doc)
-    plan = planner.plan_for(arch, weights, tmp_path, seconds=60)
+    plan, chunk = planner.plan_for(arch, weights, tmp_path, seconds=60)
+    assert chunk == BATCH_CHUNK  # batches of up to BATCH_CHUNK images: no larger chunk to try
     choices = {b.layer.index: b.layer.inference_variants(b) for b in blocks(arch.layers, True)}
     assert set(plan) == set(default_plan(arch))
     assert all(plan[i] in choices[i] for i in plan)
@@ -574,6 +575,7 @@ def test_a_plan_is_timed_cached_and_read_back(tmp_path, fresh_planner, monkeypat
     assert [f.name for f in files] == [f"{key}.json"]
     record = json.loads(files[0].read_text())
     assert {int(k): v for k, v in record["plan"].items()} == plan
+    assert record["chunk"] == chunk
     timed = {int(k) for k in record["seconds"] if k.lstrip("-").isdigit()} - {planner.WHOLE_MODEL}
     # the four convs and the first dense layer (2304 inputs; the last, of 10 units, has a single
     # kernel)
@@ -584,11 +586,11 @@ def test_a_plan_is_timed_cached_and_read_back(tmp_path, fresh_planner, monkeypat
 
     monkeypatch.setattr(planner, "measure_plan", no_timing)
     planner._memo.clear()
-    assert planner.plan_for(arch, weights, tmp_path) == plan  # from disk
+    assert planner.plan_for(arch, weights, tmp_path) == (plan, chunk)  # from disk
     # the model uses it: its warm-up takes the cached plan
     planner._memo.clear()
     model = Model(doc, weights, plan_cache=tmp_path)
-    model.warmup((1, BATCH_CHUNK + 8))
+    model.warmup((1, BATCH_CHUNK))
     assert model.kernel_plan == plan
     assert model.replica().kernel_plan == plan
 
@@ -600,8 +602,12 @@ def test_a_damaged_cache_file_is_replanned(tmp_path, fresh_planner):
     key = planner.plan_key(arch, planner.timing_batches(BATCH_CHUNK))
     (tmp_path / f"{key}.json").write_text('{"plan": {"0": "no such kernel"}}')
     assert planner.read_cached(tmp_path, key, arch) is None
-    plan = planner.plan_for(arch, random_weights(doc), tmp_path, seconds=60)
-    assert planner.read_cached(tmp_path, key, arch) == plan
+    plan, chunk = planner.plan_for(arch, random_weights(doc), tmp_path, seconds=60)
+    assert planner.read_cached(tmp_path, key, arch) == (plan, chunk)
+    record = json.loads((tmp_path / f"{key}.json").read_text())
+    for bad in (BATCH_CHUNK + 1, "32", None, True):  # a chunk this key does not try
+        (tmp_path / f"{key}.json").write_text(json.dumps({**record, "chunk": bad}))
+        assert planner.read_cached(tmp_path, key, arch) is None
 
 
 def test_the_key_follows_shapes_cpu_and_code_not_names(fresh_planner, monkeypatch):
@@ -620,6 +626,7 @@ def test_the_key_follows_shapes_cpu_and_code_not_names(fresh_planner, monkeypatc
     more["layers"][3]["filters"] = 96
     assert planner.plan_key(parse_architecture(more)) != key
     assert planner.plan_key(parse_architecture(doc), (1, 8)) != key
+    assert planner.plan_key(parse_architecture(doc), (1,), 0, (32, 64)) != key
     monkeypatch.setattr(planner, "code_stamp", lambda: "another version")
     assert planner.plan_key(parse_architecture(doc)) != key
     monkeypatch.undo()
@@ -665,6 +672,73 @@ def test_a_dense_only_model_is_timed_at_the_rows_it_runs_at_once(tmp_path, fresh
         assert [r["batches"] for r in records] == [[1, 8, timed]]
 
 
+def test_chunk_sizes_double_up_to_the_largest_batch(fresh_planner):
+    from convserve.core.inference import ROWS_CHUNK
+
+    sizes = fresh_planner.chunk_sizes
+    assert fresh_planner.MAX_CHUNK == 256
+    assert sizes(1000) == (BATCH_CHUNK, 64, 128, 256)
+    assert sizes(100) == (BATCH_CHUNK, 64, 100)
+    assert sizes(64) == (BATCH_CHUNK, 64)
+    assert sizes(20) == sizes(BATCH_CHUNK) == (BATCH_CHUNK,)
+    assert sizes(1000, ROWS_CHUNK) == (ROWS_CHUNK,)
+
+
+def test_the_chunk_doubles_while_the_larger_one_wins(fresh_planner, monkeypatch):
+    """`measure_chunk` times the whole model at each next chunk size, in chunks of the current
+    size against one piece, keeps the larger while it is faster by CHUNK_MARGIN, and stops at
+    the first that is not, or at the deadline (keeping the chunk it had)."""
+    planner = fresh_planner
+    doc = preset("lenet5")
+    arch = parse_architecture(doc)
+    weights = random_weights(doc)
+    per_image = {}  # seconds an image in a pass run in chunks of each size
+    asked = []
+
+    def time_runners(runners, shape, deadline, batches, seed=0, parallel_min_batch=0):
+        assert {r.chunk for r in runners.values()} == {int(name) for name in runners}
+        asked.append((tuple(runners), batches))
+        if deadline < 0:
+            return None
+        (n,) = batches
+        return {v: [[per_image[int(v)] * n] * planner.ROUNDS] for v in runners}, 1.0
+
+    monkeypatch.setattr(planner, "time_runners", time_runners)
+    sizes = (32, 64, 128, 256)
+    plan = default_plan(arch)
+    per_image.update({32: 1.0, 64: 0.9, 128: 0.9 * (1 - planner.CHUNK_MARGIN / 2), 256: 0.5})
+    chunk, timings, noise = planner.measure_chunk(arch, weights, plan, sizes, 1e18)
+    assert (chunk, noise) == (64, 1.0)  # 128 wins by less than the margin; 256 is not tried
+    assert asked == [(("32", "64"), (64,)), (("64", "128"), (128,))]
+    assert set(timings) == {"chunk 64", "chunk 128"}
+    per_image.update({128: 0.8, 256: 0.7})
+    assert planner.measure_chunk(arch, weights, plan, sizes, 1e18)[0] == 256
+    asked.clear()
+    assert planner.measure_chunk(arch, weights, plan, sizes, -1.0) == (32, {}, 1.0)
+    assert len(asked) == 1
+
+
+def test_a_model_run_on_larger_batches_gets_a_timed_chunk(tmp_path, fresh_planner):
+    """A model that runs batches of up to 64 images is timed whole in chunks of BATCH_CHUNK and
+    of 64; the chunk chosen is cached with the plan, and the model and its replicas run in it.
+    Images come out the same, to the bit, whatever the chunk."""
+    doc = preset("lenet5")
+    weights = random_weights(doc)
+    model = Model(doc, weights, batch_size=64, plan_cache=tmp_path)
+    model.warmup((1, 64))
+    (record,) = [json.loads(f.read_text()) for f in tmp_path.glob("*.json")]
+    assert "chunk 64" in record["seconds"]
+    assert record["chunk"] == model.batch_chunk == model.replica().batch_chunk
+    assert model.batch_chunk in (BATCH_CHUNK, 64)
+    x = np.random.default_rng(3).standard_normal((100, 28, 28, 1)).astype(np.float32)
+    y = model.forward(x)
+    np.testing.assert_allclose(y, ref.forward(doc, weights, x), atol=TOLERANCE)
+    for chunk in (7, BATCH_CHUNK, 64, 100):
+        other = InferencePlan(model.architecture, model.weights, model.kernel_plan, chunk)
+        assert other.chunk == chunk
+        assert np.array_equal(other.run(x), y), chunk
+
+
 def test_an_unwritable_cache_does_not_fail_loading(tmp_path, fresh_planner):
     blocker = tmp_path / "a file"
     blocker.write_text("not a directory")
@@ -684,7 +758,7 @@ def test_out_of_time_keeps_the_defaults_and_writes_nothing(tmp_path, fresh_plann
     arch = parse_architecture(doc)
     plan, timings, noise = planner.measure_plan(arch, random_weights(doc), seconds=0.0)
     assert (plan, timings, noise) == (default_plan(arch), {}, None)
-    assert planner.plan_for(arch, random_weights(doc), tmp_path, seconds=0.0) == plan
+    assert planner.plan_for(arch, random_weights(doc), tmp_path, seconds=0.0) == (plan, BATCH_CHUNK)
     assert list(tmp_path.glob("*.json")) == []
 
 
@@ -714,7 +788,7 @@ def test_out_of_time_midway_keeps_the_layers_timed(tmp_path, fresh_planner, monk
     variants = planner._choices(arch)[0][1]
     assert noise is None and list(timings) == [first]
     assert plan == {**default, first: variants[-1]} != default
-    assert planner.plan_for(arch, weights, tmp_path, seconds=60) == plan
+    assert planner.plan_for(arch, weights, tmp_path, seconds=60) == (plan, BATCH_CHUNK)
     assert list(tmp_path.glob("*.json")) == []
 
     real_time_runners = planner.time_runners  # `first_layer_only` stays in place
@@ -736,7 +810,7 @@ def test_a_plan_timed_on_a_busy_machine_is_used_but_not_cached(
     monkeypatch.setattr(planner, "NOISE_LIMIT", 0.5)  # every timing counts as disturbed
     doc = preset("lenet5")
     arch = parse_architecture(doc)
-    plan = planner.plan_for(arch, random_weights(doc), tmp_path, seconds=60)
+    plan, _ = planner.plan_for(arch, random_weights(doc), tmp_path, seconds=60)
     choices = {block.layer.index: variants for block, variants in planner._choices(arch)}
     assert plan[0] in choices[0]
     assert list(tmp_path.glob("*.json")) == []
@@ -956,7 +1030,7 @@ def test_batches_below_parallel_min_batch_are_timed_on_one_thread(fresh_planner,
 
     def plan_for(arch, weights, cache_dir=None, **options):
         asked.update(options)
-        return default_plan(arch)
+        return default_plan(arch), BATCH_CHUNK
 
     monkeypatch.setattr(planner, "plan_for", plan_for)
     model = Model(doc, random_weights(doc), parallel_min_batch=16)
