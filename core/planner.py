@@ -38,9 +38,10 @@ batch size would break batch invariance.
 
 The cache: one JSON file per key in `plan_cache_dir()`. The key hashes the CPU (model name and
 flags from /proc/cpuinfo, LLVM's host CPU name and features, NUMBA_CPU_FEATURES, numba's thread
-count), the shapes of the layers that have a choice, the batch and chunk sizes timed, and the code (the sources of the kernel and
-layer packages, `cache_stamp.package_stamp`, and of this module). Failing to read or write the cache (a read-only
-root, a full disk) never fails model loading: the plan is then timed again or kept in memory.
+count), the shapes of the layers that have a choice, the batch and chunk sizes timed, and the
+code (the sources of the kernel and layer packages, `cache_stamp.package_stamp`, and of this
+module). Failing to read or write the cache (a read-only root, a full disk) never fails model
+loading: the plan is then timed again or kept in memory.
 """
 
 from __future__ import annotations
