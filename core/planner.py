@@ -69,6 +69,7 @@ from convserve.core.inference import BATCH_CHUNK, InferencePlan, Plan, default_p
 from convserve.core.kernels import cache_stamp
 from convserve.core.layers.flatten import Flatten
 from convserve.core.layers.fusion import Block, blocks
+from convserve.core.limits import image_activation_bytes
 from convserve.core.threads import one_thread
 
 log = logging.getLogger("convserve.planner")
@@ -98,6 +99,12 @@ MAX_CHUNK = 256
 # A chunk twice as large replaces the current one when its pass at that size is this much faster
 # (`measure_chunk`): a larger chunk costs only memory, so a small but steady gain decides
 CHUNK_MARGIN = 0.01
+# The most activation memory a chunk `measure_chunk` tries may hold: images x the bytes of one
+# image's widest layer (`limits.image_activation_bytes`), so that timing (two plans at once) and
+# running a large chunk stay small beside the memory the model needs anyway (a 224 x 224 image
+# through 64 channels holds 13 MB: it stays at the default chunk). The chunks the planner chose
+# on an Intel Xeon held 6-28 MB
+CHUNK_MAX_BYTES = 64 * 2**20
 # Seconds `measure_chunk` gets at least, after the layers' timing: what that leaves of
 # PLAN_SECONDS, else this (cifar10's and rgb64's layers took all of it on a busy Intel Xeon,
 # where timing 32 against 64 images took 0.1-0.2 s, 64 against 128 0.2-0.4)
@@ -176,13 +183,14 @@ def timing_batches(largest: int, chunk: int = BATCH_CHUNK) -> tuple[int, ...]:
     return tuple(sorted({1, min(8, top), top}))
 
 
-def chunk_sizes(largest: int, chunk: int = BATCH_CHUNK) -> tuple[int, ...]:
+def chunk_sizes(largest: int, chunk: int = BATCH_CHUNK, image_bytes: int = 0) -> tuple[int, ...]:
     """The chunk sizes (`InferencePlan.chunk`) `measure_chunk` may try for a model run on
     batches of up to `largest` images whose default chunk is `chunk`: the default, then twice
-    the one before, up to `largest` and MAX_CHUNK (the last one may be smaller than twice)."""
+    the one before, up to `largest` and MAX_CHUNK (the last one may be smaller than twice),
+    while a chunk's images of `image_bytes` each hold at most CHUNK_MAX_BYTES."""
     top = min(largest, MAX_CHUNK)
     sizes = [chunk]
-    while sizes[-1] < top:
+    while sizes[-1] < top and min(2 * sizes[-1], top) * image_bytes <= CHUNK_MAX_BYTES:
         sizes.append(min(2 * sizes[-1], top))
     return tuple(sizes)
 
@@ -611,7 +619,7 @@ def plan_for(
     batches of up to `largest_batch` images, by default in chunks of `chunk`, those below
     `parallel_min_batch` on one thread, on this machine: from this process's memo, the disk
     cache in `plan_cache_dir(cache_dir)`, or by timing (then cached when complete)."""
-    chunks = chunk_sizes(largest_batch, chunk)
+    chunks = chunk_sizes(largest_batch, chunk, image_activation_bytes(arch))
     if not _choices(arch) and len(chunks) == 1:
         return default_plan(arch), chunk
     seconds = PLAN_SECONDS if seconds is None else seconds

@@ -682,6 +682,12 @@ def test_chunk_sizes_double_up_to_the_largest_batch(fresh_planner):
     assert sizes(64) == (BATCH_CHUNK, 64)
     assert sizes(20) == sizes(BATCH_CHUNK) == (BATCH_CHUNK,)
     assert sizes(1000, ROWS_CHUNK) == (ROWS_CHUNK,)
+    # at most CHUNK_MAX_BYTES of activations a chunk: 1 MB an image stops at 64 images, 13 MB
+    # (a 224 x 224 image through 64 channels) at the default
+    assert fresh_planner.CHUNK_MAX_BYTES == 64 * 2**20
+    assert sizes(1000, BATCH_CHUNK, 2**20) == (BATCH_CHUNK, 64)
+    assert sizes(1000, BATCH_CHUNK, 13 * 2**20) == (BATCH_CHUNK,)
+    assert sizes(100, BATCH_CHUNK, 2**16) == (BATCH_CHUNK, 64, 100)
 
 
 def test_the_chunk_doubles_while_the_larger_one_wins(fresh_planner, monkeypatch):
