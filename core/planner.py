@@ -103,7 +103,7 @@ CHUNK_MARGIN = 0.01
 # image's widest layer (`limits.image_activation_bytes`), so that timing (two plans at once) and
 # running a large chunk stay small beside the memory the model needs anyway (a 224 x 224 image
 # through 64 channels holds 13 MB: it stays at the default chunk). The chunks the planner chose
-# on an Intel Xeon held 6-28 MB
+# on an Intel Xeon held 3-42 MB
 CHUNK_MAX_BYTES = 64 * 2**20
 # Seconds `measure_chunk` gets at least, after the layers' timing: what that leaves of
 # PLAN_SECONDS, else this (cifar10's and rgb64's layers took all of it on a busy Intel Xeon,
