@@ -690,10 +690,10 @@ def test_chunk_sizes_double_up_to_the_largest_batch(fresh_planner):
     assert sizes(100, BATCH_CHUNK, 2**16) == (BATCH_CHUNK, 64, 100)
 
 
-def test_the_chunk_doubles_while_the_larger_one_wins(fresh_planner, monkeypatch):
-    """`measure_chunk` times the whole model at each next chunk size, in chunks of the current
-    size against one piece, keeps the larger while it is faster by CHUNK_MARGIN, and stops at
-    the first that is not, or at the deadline (keeping the chunk it had)."""
+def test_each_larger_chunk_is_timed_against_the_best_so_far(fresh_planner, monkeypatch):
+    """`measure_chunk` times the whole model at each larger chunk size, in chunks of the best so
+    far against one piece; the larger becomes the best when it is faster by CHUNK_MARGIN, and a
+    size that is not does not end the search. The deadline does, keeping the best so far."""
     planner = fresh_planner
     doc = preset("lenet5")
     arch = parse_architecture(doc)
@@ -714,11 +714,13 @@ def test_the_chunk_doubles_while_the_larger_one_wins(fresh_planner, monkeypatch)
     plan = default_plan(arch)
     per_image.update({32: 1.0, 64: 0.9, 128: 0.9 * (1 - planner.CHUNK_MARGIN / 2), 256: 0.5})
     chunk, timings, noise = planner.measure_chunk(arch, weights, plan, sizes, 1e18)
-    assert (chunk, noise) == (64, 1.0)  # 128 wins by less than the margin; 256 is not tried
-    assert asked == [(("32", "64"), (64,)), (("64", "128"), (128,))]
-    assert set(timings) == {"chunk 64", "chunk 128"}
-    per_image.update({128: 0.8, 256: 0.7})
-    assert planner.measure_chunk(arch, weights, plan, sizes, 1e18)[0] == 256
+    assert (chunk, noise) == (256, 1.0)  # 128 wins by less than the margin, 256 by more
+    assert asked == [(("32", "64"), (64,)), (("64", "128"), (128,)), (("64", "256"), (256,))]
+    assert set(timings) == {"chunk 64", "chunk 128", "chunk 256"}
+    per_image.update({64: 1.0, 128: 0.8, 256: 0.85})  # 64 ties, 128 wins, 256 loses
+    asked.clear()
+    assert planner.measure_chunk(arch, weights, plan, sizes, 1e18)[0] == 128
+    assert [names for names, _ in asked] == [("32", "64"), ("32", "128"), ("128", "256")]
     asked.clear()
     assert planner.measure_chunk(arch, weights, plan, sizes, -1.0) == (32, {}, 1.0)
     assert len(asked) == 1
